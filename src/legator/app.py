@@ -1,0 +1,21 @@
+"""The whole control plane: the core app plus every wing's routes and background work."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from legator.core.config import Settings
+from legator.core.http.app import CredentialsSink, create_core_app, print_initial_credentials
+from legator.core.runtime import Core, build_core
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    core: Core | None = None,
+    on_first_start: CredentialsSink = print_initial_credentials,
+) -> FastAPI:
+    core = core or build_core(settings or Settings())
+    app = create_core_app(core, on_first_start=on_first_start)
+    # Wings register here as they land: each adds routers and start/stop hooks on ``core``.
+    return app

@@ -1,0 +1,1 @@
+"""Command-line entry points. Thin: parse, call a service, print."""

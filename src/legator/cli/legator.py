@@ -1,0 +1,388 @@
+"""``legator``: run the control plane and administer it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from legator.cli.common import (
+    EXIT_USAGE,
+    console,
+    err_console,
+    fail,
+    fmt_time,
+    parse_duration,
+    print_json,
+    print_table,
+    read_secret,
+    run_async,
+)
+from legator.cli.offline import backup_database, offline_auth
+from legator.core.auth.permissions import Role
+from legator.core.auth.schemas import UserCreate, UserUpdate
+from legator.core.config import ConfigError, Settings, load_settings
+from legator.core.db import Database, utcnow
+from legator.core.db.migrate import current_revision, head_revision, new_revision, upgrade
+from legator.core.errors import BadRequest
+from legator.core.security import random_password
+from legator.core.version import build_info
+
+app = typer.Typer(
+    name="legator",
+    help="Legator control plane: serve it, and administer users, keys and the database.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+users_app = typer.Typer(
+    help="Users (offline: works on the data dir directly).", no_args_is_help=True
+)
+keys_app = typer.Typer(
+    help="API keys (offline: works on the data dir directly).", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", help="State directory (default: $LEGATOR_DATA_DIR).", show_default=False
+    ),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def settings_or_exit(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+@app.command()
+def serve(
+    addr: Annotated[
+        str | None, typer.Option(help="HOST:PORT to listen on (default :8080).")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Start the control plane (API, web UI, probe hub)."""
+    import uvicorn
+
+    from legator.app import create_app
+    from legator.core.logging import configure_logging
+    from legator.core.runtime import build_core
+
+    settings = settings_or_exit(addr=addr, data_dir=data_dir)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        core = build_core(settings)
+    except (OSError, ValueError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    config = uvicorn.Config(
+        create_app(core=core),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+@app.command()
+def version(json_output: JsonFlag = False) -> None:
+    """Print version, commit and build date."""
+    info = build_info()
+    if json_output:
+        print_json(info)
+    else:
+        console.print(f"legator {info['version']} (commit {info['commit']}, {info['date']})")
+
+
+@app.command()
+def backup(
+    path: Annotated[Path, typer.Argument(help="Where to write the copy (must not exist).")],
+    data_dir: DataDir = None,
+) -> None:
+    """Make a consistent online copy of the database (safe while the server runs)."""
+    settings = settings_or_exit(data_dir=data_dir)
+    try:
+        size = backup_database(settings, path)
+    except BadRequest as exc:
+        fail(exc.message)
+    console.print(f"backup written to {path} ({size:,} bytes)")
+
+
+# ----- db --------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None) -> None:
+    """Apply every pending migration (the server also does this at start)."""
+    settings = settings_or_exit(data_dir=data_dir)
+
+    async def go() -> str | None:
+        db = Database(settings.effective_database_url)
+        try:
+            await upgrade(db)
+            return await current_revision(db)
+        finally:
+            await db.dispose()
+
+    console.print(f"database at revision {run_async(go)}")
+
+
+@db_app.command("current")
+def db_current(data_dir: DataDir = None) -> None:
+    """Show the database's revision and the newest one this build knows."""
+    settings = settings_or_exit(data_dir=data_dir)
+
+    async def go() -> str | None:
+        db = Database(settings.effective_database_url)
+        try:
+            return await current_revision(db)
+        finally:
+            await db.dispose()
+
+    console.print(f"current: {run_async(go) or '(empty)'}   head: {head_revision()}")
+
+
+@db_app.command("revision", hidden=True)
+def db_revision(message: str) -> None:
+    """(Developers) autogenerate a migration from the models."""
+
+    async def go() -> None:
+        db = Database("sqlite+aiosqlite://")
+        try:
+            await new_revision(db, message)
+        finally:
+            await db.dispose()
+
+    run_async(go)
+
+
+# ----- users -----------------------------------------------------------------------------
+
+
+@users_app.command("create")
+def users_create(
+    username: str,
+    role: Annotated[Role, typer.Option(help="admin, operator, viewer or auditor.")] = Role.VIEWER,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a user. Without a password on stdin or a terminal, a random one is printed once."""
+    settings = settings_or_exit(data_dir=data_dir)
+    password = read_secret("Password", from_stdin=password_stdin)
+    generated = password is None
+    password = password or random_password()
+    try:
+        data = UserCreate(username=username, password=password, role=role)
+    except ValueError as exc:
+        fail(str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc), EXIT_USAGE)
+
+    async def go() -> None:
+        async with offline_auth(settings) as auth:
+            await auth.create_user(data, actor="cli")
+
+    run_async(go)
+    console.print(f"user {data.username!r} created with role {role.value}")
+    if generated:
+        console.print(f"password (shown once): {password}", highlight=False)
+
+
+@users_app.command("list")
+def users_list(data_dir: DataDir = None, json_output: JsonFlag = False) -> None:
+    """List users."""
+    settings = settings_or_exit(data_dir=data_dir)
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with offline_auth(settings) as auth:
+            return await auth.list_users()
+
+    users = run_async(go)
+    if json_output:
+        print_json(users)
+        return
+    print_table(
+        "Users",
+        ["username", "role", "disabled", "created", "last login"],
+        [
+            (
+                u.username,
+                u.role,
+                "yes" if u.disabled else "no",
+                fmt_time(u.created_at),
+                fmt_time(u.last_login_at),
+            )
+            for u in users
+        ],
+    )
+
+
+@users_app.command("set-role")
+def users_set_role(username: str, role: Role, data_dir: DataDir = None) -> None:
+    """Change a user's role."""
+    _update_user(username, UserUpdate(role=role), data_dir, f"{username!r} is now {role.value}")
+
+
+@users_app.command("disable")
+def users_disable(username: str, data_dir: DataDir = None) -> None:
+    """Disable a user: their sessions end and their keys stop working."""
+    _update_user(username, UserUpdate(disabled=True), data_dir, f"{username!r} disabled")
+
+
+@users_app.command("enable")
+def users_enable(username: str, data_dir: DataDir = None) -> None:
+    """Enable a disabled user."""
+    _update_user(username, UserUpdate(disabled=False), data_dir, f"{username!r} enabled")
+
+
+@users_app.command("set-password")
+def users_set_password(
+    username: str,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Set a user's password (recovery); their sessions end."""
+    password = read_secret("New password", from_stdin=password_stdin)
+    if password is None:
+        fail("give the password on stdin (--password-stdin) or run on a terminal", EXIT_USAGE)
+    try:
+        update = UserUpdate(password=password)
+    except ValueError:
+        fail("password must be at least 12 characters", EXIT_USAGE)
+    _update_user(username, update, data_dir, f"password of {username!r} changed")
+
+
+def _update_user(username: str, update: UserUpdate, data_dir: Path | None, done: str) -> None:
+    settings = settings_or_exit(data_dir=data_dir)
+
+    async def go() -> None:
+        async with offline_auth(settings) as auth:
+            await auth.update_user(username, update, actor="cli")
+
+    run_async(go)
+    console.print(done)
+
+
+# ----- keys ------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option("--user", help="Owner of the key.")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "cli",
+    expires: Annotated[
+        str | None, typer.Option(help="Lifetime: 90d, 12h, 30m (default: never).")
+    ] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option("--scope", help="Limit the key (repeatable), e.g. inference."),
+    ] = None,
+    data_dir: DataDir = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Create an API key; it is printed once and never again."""
+    from legator.core.auth.permissions import validate_scopes
+
+    settings = settings_or_exit(data_dir=data_dir)
+    expires_at = utcnow() + parse_duration(expires) if expires else None
+    try:
+        scopes = validate_scopes(scope or ["*"])
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with offline_auth(settings) as auth:
+            return await auth.create_key(
+                user, name=name, scopes=scopes, expires_at=expires_at, actor="cli"
+            )
+
+    key, raw = run_async(go)
+    if json_output:
+        print_json({**key.model_dump(mode="json"), "key": raw})
+        return
+    err_console.print(f"key {key.prefix}… for {key.username} (shown once, store it now):")
+    sys.stdout.write(raw + "\n")
+
+
+@keys_app.command("list")
+def keys_list(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's keys.")] = None,
+    data_dir: DataDir = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List API keys (never the keys themselves)."""
+    settings = settings_or_exit(data_dir=data_dir)
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with offline_auth(settings) as auth:
+            return await auth.list_keys(user)
+
+    keys = run_async(go)
+    if json_output:
+        print_json(keys)
+        return
+    now = utcnow()
+    print_table(
+        "API keys",
+        ["id", "prefix", "user", "name", "scopes", "state", "expires", "last used"],
+        [
+            (
+                k.id,
+                k.prefix,
+                k.username,
+                k.name,
+                ",".join(k.scopes),
+                "revoked"
+                if k.revoked_at
+                else ("expired" if k.expires_at and k.expires_at <= now else "active"),
+                fmt_time(k.expires_at),
+                fmt_time(k.last_used_at),
+            )
+            for k in keys
+        ],
+    )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's id or prefix.")], data_dir: DataDir = None
+) -> None:
+    """Revoke an API key at once."""
+    settings = settings_or_exit(data_dir=data_dir)
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with offline_auth(settings) as auth:
+            return await auth.revoke_key(key, actor="cli")
+
+    revoked = run_async(go)
+    console.print(f"key {revoked.prefix}… of {revoked.username} revoked")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

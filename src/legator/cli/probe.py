@@ -1,0 +1,21 @@
+"""`legator-probe`: its own issue implements it; until then it explains itself and exits 2."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="legator-probe",
+    help="The Legator probe agent that runs on each host. (not implemented yet)",
+    add_completion=False,
+)
+
+
+@app.callback(invoke_without_command=True)
+def _root() -> None:
+    typer.echo("legator-probe: not implemented yet", err=True)
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,112 @@
+"""Redacts secrets from anything bound for the audit log or the process log.
+
+Two layers: values under a key that names a secret are replaced whole, and every string is
+scanned for secret-shaped substrings (bearer tokens, Legator keys, JWTs, AWS keys, passwords
+in key=value pairs and URLs, PEM private keys).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+_SECRET_WORDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "token",
+        "apikey",
+        "authorization",
+        "credential",
+        "credentials",
+        "cookie",
+        "privatekey",
+        "signingkey",
+        "accesskey",
+        "sessionid",
+    }
+)
+_SECRET_PAIRS = frozenset(
+    {
+        ("api", "key"),
+        ("private", "key"),
+        ("signing", "key"),
+        ("access", "key"),
+        ("secret", "key"),
+        ("session", "id"),
+        ("client", "secret"),
+        ("auth", "header"),
+    }
+)
+_SPLIT_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_SPLIT_WORDS = re.compile(r"[^a-z0-9]+")
+
+
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (
+        re.compile(
+            r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(-----END \1PRIVATE KEY-----|$)", re.DOTALL
+        ),
+        REDACTED,
+    ),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 " + REDACTED),
+    (re.compile(r"\blgk_[0-9a-fA-F]{8,}"), "lgk_" + REDACTED),
+    (re.compile(r"\bprb_[A-Za-z0-9_-]{8,}"), "prb_" + REDACTED),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), REDACTED),
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),
+    (
+        re.compile(r"(?i)(aws_secret_access_key\s*[=:]\s*)[A-Za-z0-9/+=]{40}"),
+        r"\1" + REDACTED,
+    ),
+    (re.compile(r"\b(sk-(?:ant-)?[A-Za-z0-9_-]{16,})"), REDACTED),
+    (re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{20,})"), REDACTED),
+    (re.compile(r"\b(hf_[A-Za-z0-9]{20,})"), REDACTED),
+    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@"), r"\1" + REDACTED + "@"),
+    (
+        re.compile(
+            r"(?i)\b([\w.-]*(?:pass(?:word|wd)?|secret|token|api[_-]?key|apikey|credential)"
+            r"[\w.-]*)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&;,]+)"
+        ),
+        r"\1\2" + REDACTED,
+    ),
+]
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a field name says its value is a secret (``api_key``, ``clientSecret``,
+    ``password``…), judged by whole words so that ``input_tokens`` is not one."""
+    words = [w for w in _SPLIT_WORDS.split(_SPLIT_CAMEL.sub("_", name).lower()) if w]
+    if words == ["key"] or any(word in _SECRET_WORDS for word in words):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
+
+
+def sanitise_text(text: str) -> str:
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def sanitise(value: Any, *, _depth: int = 0) -> Any:
+    """A redacted copy of ``value`` (dicts, lists, strings; other scalars unchanged)."""
+    if _depth > 32:
+        return REDACTED
+    if isinstance(value, str):
+        return sanitise_text(value)
+    if isinstance(value, dict):
+        return {
+            key: (
+                REDACTED
+                if isinstance(key, str) and is_secret_key(key) and value[key] not in (None, "")
+                else sanitise(item, _depth=_depth + 1)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [sanitise(item, _depth=_depth + 1) for item in value]
+    return value

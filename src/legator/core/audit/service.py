@@ -1,0 +1,250 @@
+"""Writing, querying, exporting and verifying the audit trail."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from legator.core.audit.models import AuditEvent
+from legator.core.audit.sanitiser import sanitise, sanitise_text
+from legator.core.audit.schemas import AuditEventOut, ChainReport
+from legator.core.canonical import canonical_json
+from legator.core.context import current_request_id
+from legator.core.db import Database, new_id, utcnow
+from legator.core.security import constant_time_equal, hmac_sha256_hex
+
+OUTCOMES = ("success", "failure", "denied", "error")
+_PG_CHAIN_LOCK = 0x4C4547  # advisory lock id serialising chain appends on PostgreSQL
+CSV_FIELDS = ("id", "ts", "actor", "action", "target", "outcome", "request_id", "details", "hash")
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"a:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, seq = raw.partition(":")
+        if kind != "a":
+            raise ValueError
+        return int(seq)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidCursor("cursor is not one this server handed out") from None
+
+
+def _chain_material(event: AuditEvent) -> str:
+    return canonical_json(
+        {
+            "id": event.id,
+            "ts": event.ts.isoformat(),
+            "actor": event.actor,
+            "action": event.action,
+            "target": event.target,
+            "outcome": event.outcome,
+            "details": event.details,
+            "request_id": event.request_id,
+            "prev": event.prev_hash or "",
+        }
+    )
+
+
+def to_out(event: AuditEvent) -> AuditEventOut:
+    return AuditEventOut.model_validate(event, from_attributes=True)
+
+
+class AuditService:
+    def __init__(self, db: Database, chain_key: bytes | None = None) -> None:
+        self.db = db
+        self.chain_key = chain_key
+
+    async def record(
+        self,
+        session: AsyncSession,
+        *,
+        actor: str,
+        action: str,
+        target: str = "",
+        outcome: str = "success",
+        details: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> AuditEvent:
+        """Append one event inside the caller's write transaction (atomic with the action)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"audit outcome must be one of {', '.join(OUTCOMES)}")
+        event = AuditEvent(
+            id=new_id(),
+            ts=utcnow(),
+            actor=sanitise_text(actor)[:200],
+            action=action[:100],
+            target=sanitise_text(target)[:500],
+            outcome=outcome,
+            details=sanitise(details or {}),
+            request_id=(request_id if request_id is not None else current_request_id())[:64],
+        )
+        if self.chain_key is not None:
+            if not self.db.is_sqlite:
+                await session.execute(text(f"SELECT pg_advisory_xact_lock({_PG_CHAIN_LOCK})"))
+            last = await session.scalar(
+                select(AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+            )
+            event.prev_hash = last
+            event.hash = hmac_sha256_hex(self.chain_key, _chain_material(event))
+        session.add(event)
+        await session.flush()
+        return event
+
+    async def log(self, **fields: Any) -> AuditEvent:
+        """Append one event in a transaction of its own."""
+        async with self.db.write() as session:
+            return await self.record(session, **fields)
+
+    def _filtered(self, query: Select[Any], flt: AuditFilter) -> Select[Any]:
+        if flt.actor:
+            query = query.where(AuditEvent.actor == flt.actor)
+        if flt.action:
+            query = (
+                query.where(AuditEvent.action.startswith(flt.action[:-1]))
+                if flt.action.endswith("*")
+                else query.where(AuditEvent.action == flt.action)
+            )
+        if flt.target:
+            query = query.where(AuditEvent.target == flt.target)
+        if flt.outcome:
+            query = query.where(AuditEvent.outcome == flt.outcome)
+        if flt.since:
+            query = query.where(AuditEvent.ts >= flt.since)
+        if flt.until:
+            query = query.where(AuditEvent.ts < flt.until)
+        return query
+
+    async def query(
+        self, flt: AuditFilter, *, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[AuditEventOut], str | None]:
+        """Newest first; ``cursor`` continues where the previous page ended."""
+        query = self._filtered(select(AuditEvent), flt).order_by(AuditEvent.seq.desc())
+        if cursor:
+            query = query.where(AuditEvent.seq < _decode_cursor(cursor))
+        async with self.db.session() as session:
+            rows = list((await session.scalars(query.limit(limit + 1))).all())
+        next_cursor = _encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+        return [to_out(row) for row in rows[:limit]], next_cursor
+
+    async def iterate(self, flt: AuditFilter, batch: int = 500) -> AsyncIterator[AuditEvent]:
+        """Oldest first, in batches, for exports."""
+        after = 0
+        while True:
+            query = (
+                self._filtered(select(AuditEvent), flt)
+                .where(AuditEvent.seq > after)
+                .order_by(AuditEvent.seq)
+                .limit(batch)
+            )
+            async with self.db.session() as session:
+                rows = list((await session.scalars(query)).all())
+            for row in rows:
+                yield row
+            if len(rows) < batch:
+                return
+            after = rows[-1].seq
+
+    async def export_ndjson(self, flt: AuditFilter) -> AsyncIterator[str]:
+        async for event in self.iterate(flt):
+            yield to_out(event).model_dump_json() + "\n"
+
+    async def export_csv(self, flt: AuditFilter) -> AsyncIterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(CSV_FIELDS)
+        async for event in self.iterate(flt):
+            out = to_out(event)
+            writer.writerow(
+                [
+                    out.id,
+                    out.ts.isoformat(),
+                    out.actor,
+                    out.action,
+                    out.target,
+                    out.outcome,
+                    out.request_id,
+                    canonical_json(out.details),
+                    out.hash or "",
+                ]
+            )
+            if buffer.tell() > 64 * 1024:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+        yield buffer.getvalue()
+
+    async def verify(self) -> ChainReport:
+        """Walk the chain from its anchor (the oldest hashed event) and recompute every link."""
+        if self.chain_key is None:
+            return ChainReport(
+                chained=False,
+                ok=False,
+                checked=0,
+                unchained=0,
+                message="no LEGATOR_AUDIT_CHAIN_KEY is configured: the log is not chained",
+            )
+        checked = unchained = 0
+        previous: str | None = None
+        anchor: str | None = None
+        async for event in self.iterate(AuditFilter()):
+            if event.hash is None:
+                if anchor is not None:
+                    return self._broken(checked, unchained, anchor, event, "an event has no hash")
+                unchained += 1
+                continue
+            if anchor is None:
+                anchor, previous = event.id, event.prev_hash
+            expected = hmac_sha256_hex(self.chain_key, _chain_material(event))
+            if event.prev_hash != previous or not constant_time_equal(expected, event.hash):
+                return self._broken(checked, unchained, anchor, event, "hash mismatch")
+            previous = event.hash
+            checked += 1
+        return ChainReport(
+            chained=True,
+            ok=True,
+            checked=checked,
+            unchained=unchained,
+            anchor=anchor,
+            message=f"{checked} chained events verified",
+        )
+
+    @staticmethod
+    def _broken(
+        checked: int, unchained: int, anchor: str | None, event: AuditEvent, why: str
+    ) -> ChainReport:
+        return ChainReport(
+            chained=True,
+            ok=False,
+            checked=checked,
+            unchained=unchained,
+            anchor=anchor,
+            first_break=event.id,
+            message=f"chain broken at event {event.id}: {why}",
+        )

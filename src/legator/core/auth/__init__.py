@@ -1,0 +1,1 @@
+"""Identity shared by every wing: users, roles, permissions, API keys and sessions."""

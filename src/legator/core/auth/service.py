@@ -1,0 +1,446 @@
+"""Users, API keys, sessions and authentication. No HTTP here: routers and CLIs call this."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from legator.core.audit.service import AuditService
+from legator.core.auth.models import ApiKey, Session, User
+from legator.core.auth.permissions import Role, permissions_for_role, scoped_permissions
+from legator.core.auth.principal import Principal
+from legator.core.auth.schemas import KeyOut, UserCreate, UserOut, UserUpdate
+from legator.core.db import Database, utcnow
+from legator.core.errors import BadRequest, Conflict, NotFound, TooManyRequests
+from legator.core.security import (
+    hash_password,
+    looks_like_api_key,
+    new_api_key,
+    random_password,
+    sha256_hex,
+    verify_password,
+)
+
+SYSTEM_ACTOR = "system"
+LAST_USED_FLUSH_S = 30.0
+LOGIN_WINDOW_S = 300.0
+LOGIN_MAX_FAILURES = 10
+
+
+@dataclass(frozen=True)
+class InitialCredentials:
+    username: str
+    password: str
+    api_key: str
+
+
+def key_out(key: ApiKey, username: str = "") -> KeyOut:
+    out = KeyOut.model_validate(key, from_attributes=True)
+    out.username = username
+    return out
+
+
+class _LastUsed:
+    """Collects 'key/session was used' marks and writes them in one batch, off the hot path."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, datetime] = {}
+        self.sessions: dict[str, datetime] = {}
+
+    def drain(self) -> tuple[dict[str, datetime], dict[str, datetime]]:
+        keys, sessions = self.keys, self.sessions
+        self.keys, self.sessions = {}, {}
+        return keys, sessions
+
+
+class AuthService:
+    def __init__(self, db: Database, audit: AuditService, *, session_ttl_hours: int = 24) -> None:
+        self.db = db
+        self.audit = audit
+        self.session_ttl = timedelta(hours=session_ttl_hours)
+        self._last_used = _LastUsed()
+        self._login_failures: dict[str, list[float]] = {}
+
+    # ----- users -------------------------------------------------------------------------
+
+    async def count_users(self) -> int:
+        async with self.db.session() as session:
+            return int(await session.scalar(select(func.count()).select_from(User)) or 0)
+
+    async def _user(self, session: AsyncSession, ref: str) -> User:
+        user = await session.scalar(select(User).where((User.id == ref) | (User.username == ref)))
+        if user is None:
+            raise NotFound(f"user {ref!r} does not exist")
+        return user
+
+    async def get_user(self, ref: str) -> UserOut:
+        async with self.db.session() as session:
+            return UserOut.model_validate(await self._user(session, ref))
+
+    async def list_users(self) -> list[UserOut]:
+        async with self.db.session() as session:
+            users = (await session.scalars(select(User).order_by(User.username))).all()
+        return [UserOut.model_validate(user) for user in users]
+
+    async def create_user(self, data: UserCreate, *, actor: str = SYSTEM_ACTOR) -> UserOut:
+        # Hash outside the transaction: argon2 takes tens of milliseconds.
+        password_hash = hash_password(data.password) if data.password else None
+        async with self.db.write() as session:
+            if await session.scalar(select(User.id).where(User.username == data.username)):
+                raise Conflict(f"user {data.username!r} already exists")
+            user = User(
+                username=data.username,
+                role=data.role.value,
+                display_name=data.display_name,
+                email=data.email,
+                password_hash=password_hash,
+            )
+            session.add(user)
+            await session.flush()
+            await self.audit.record(
+                session,
+                actor=actor,
+                action="user.create",
+                target=f"user:{user.username}",
+                details={"role": user.role},
+            )
+            return UserOut.model_validate(user)
+
+    async def update_user(
+        self, ref: str, data: UserUpdate, *, actor: str = SYSTEM_ACTOR
+    ) -> UserOut:
+        password_hash = hash_password(data.password) if data.password else None
+        async with self.db.write() as session:
+            user = await self._user(session, ref)
+            changes: dict[str, Any] = data.model_dump(exclude_unset=True, exclude={"password"})
+            if "role" in changes and changes["role"] is not None:
+                changes["role"] = Role(changes["role"]).value
+            demoted = changes.get("role") not in (None, Role.ADMIN.value)
+            if user.role == Role.ADMIN.value and (changes.get("disabled") or demoted):
+                await self._ensure_another_admin(session, user)
+            for name, value in changes.items():
+                if value is not None:
+                    setattr(user, name, value)
+            if password_hash:
+                user.password_hash = password_hash
+            if user.disabled or password_hash:
+                await session.execute(Session.__table__.delete().where(Session.user_id == user.id))
+            audit_changes = {k: v for k, v in changes.items() if v is not None}
+            if password_hash:
+                audit_changes["password_changed"] = True
+            await self.audit.record(
+                session,
+                actor=actor,
+                action="user.update",
+                target=f"user:{user.username}",
+                details=audit_changes,
+            )
+            return UserOut.model_validate(user)
+
+    async def delete_user(self, ref: str, *, actor: str = SYSTEM_ACTOR) -> None:
+        async with self.db.write() as session:
+            user = await self._user(session, ref)
+            if user.role == Role.ADMIN.value:
+                await self._ensure_another_admin(session, user)
+            await session.delete(user)
+            await self.audit.record(
+                session, actor=actor, action="user.delete", target=f"user:{user.username}"
+            )
+
+    async def _ensure_another_admin(self, session: AsyncSession, user: User) -> None:
+        others = await session.scalar(
+            select(func.count())
+            .select_from(User)
+            .where(User.role == Role.ADMIN.value, User.disabled.is_(False), User.id != user.id)
+        )
+        if not others:
+            raise Conflict("refusing to remove the last enabled admin")
+
+    async def bootstrap_admin(self) -> InitialCredentials | None:
+        """On an empty database, create ``admin`` with a random password and an API key."""
+        password = random_password()
+        password_hash = hash_password(password)
+        raw_key = new_api_key()
+        async with self.db.write() as session:
+            if await session.scalar(select(func.count()).select_from(User)):
+                return None
+            user = User(username="admin", role=Role.ADMIN.value, password_hash=password_hash)
+            session.add(user)
+            await session.flush()
+            session.add(_new_key_row(user.id, "bootstrap", raw_key, ["*"], None))
+            await self.audit.record(
+                session,
+                actor=SYSTEM_ACTOR,
+                action="system.bootstrap",
+                target="user:admin",
+                details={"created": ["user:admin", "api_key:bootstrap"]},
+            )
+        return InitialCredentials("admin", password, raw_key)
+
+    # ----- API keys ----------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        user_ref: str,
+        *,
+        name: str = "default",
+        scopes: Iterable[str] = ("*",),
+        expires_at: datetime | None = None,
+        attributes: dict[str, Any] | None = None,
+        actor: str = SYSTEM_ACTOR,
+    ) -> tuple[KeyOut, str]:
+        """Returns the key's record and the raw key, which is never stored or shown again."""
+        if expires_at is not None and expires_at <= utcnow():
+            raise BadRequest("expiry must be in the future")
+        raw = new_api_key()
+        async with self.db.write() as session:
+            user = await self._user(session, user_ref)
+            if user.disabled:
+                raise BadRequest(f"user {user.username!r} is disabled")
+            key = _new_key_row(user.id, name, raw, list(scopes), expires_at, attributes)
+            session.add(key)
+            await session.flush()
+            await self.audit.record(
+                session,
+                actor=actor,
+                action="api_key.create",
+                target=f"api_key:{key.id}",
+                details={
+                    "owner": user.username,
+                    "name": name,
+                    "prefix": key.prefix,
+                    "scopes": key.scopes,
+                    "expires_at": expires_at.isoformat() if expires_at else None,
+                },
+            )
+            return key_out(key, user.username), raw
+
+    async def list_keys(self, user_ref: str | None = None) -> list[KeyOut]:
+        async with self.db.session() as session:
+            query = select(ApiKey, User.username).join(User).order_by(ApiKey.created_at)
+            if user_ref is not None:
+                user = await self._user(session, user_ref)
+                query = query.where(ApiKey.user_id == user.id)
+            rows = (await session.execute(query)).all()
+        return [key_out(key, username) for key, username in rows]
+
+    async def get_key(self, key_ref: str) -> KeyOut:
+        async with self.db.session() as session:
+            row = (
+                await session.execute(
+                    select(ApiKey, User.username)
+                    .join(User)
+                    .where((ApiKey.id == key_ref) | (ApiKey.prefix == key_ref))
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"API key {key_ref!r} does not exist")
+        return key_out(row[0], row[1])
+
+    async def revoke_key(self, key_ref: str, *, actor: str = SYSTEM_ACTOR) -> KeyOut:
+        async with self.db.write() as session:
+            row = (
+                await session.execute(
+                    select(ApiKey, User.username)
+                    .join(User)
+                    .where((ApiKey.id == key_ref) | (ApiKey.prefix == key_ref))
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"API key {key_ref!r} does not exist")
+            key, username = row
+            if key.revoked_at is None:
+                key.revoked_at = utcnow()
+                await self.audit.record(
+                    session,
+                    actor=actor,
+                    action="api_key.revoke",
+                    target=f"api_key:{key.id}",
+                    details={"owner": username, "prefix": key.prefix},
+                )
+            return key_out(key, username)
+
+    async def authenticate_key(self, raw: str) -> Principal | None:
+        if not looks_like_api_key(raw):
+            return None
+        query = (
+            select(
+                ApiKey.id,
+                ApiKey.scopes,
+                ApiKey.attributes,
+                ApiKey.expires_at,
+                ApiKey.revoked_at,
+                User.id,
+                User.username,
+                User.role,
+                User.disabled,
+            )
+            .join(User)
+            .where(ApiKey.key_hash == sha256_hex(raw))
+        )
+        async with self.db.session() as session:
+            row = (await session.execute(query)).first()
+        if row is None:
+            return None
+        key_id, scopes, attributes, expires_at, revoked_at, user_id, username, role, disabled = row
+        now = utcnow()
+        if revoked_at is not None or disabled or (expires_at is not None and expires_at <= now):
+            return None
+        self._last_used.keys[key_id] = now
+        return Principal(
+            user_id=user_id,
+            username=username,
+            role=role,
+            permissions=scoped_permissions(role, scopes),
+            method="api_key",
+            key_id=key_id,
+            key_attributes=attributes or {},
+        )
+
+    # ----- sessions ----------------------------------------------------------------------
+
+    def _check_login_rate(self, throttle_key: str) -> None:
+        now = time.monotonic()
+        recent = [t for t in self._login_failures.get(throttle_key, []) if now - t < LOGIN_WINDOW_S]
+        self._login_failures[throttle_key] = recent
+        if len(recent) >= LOGIN_MAX_FAILURES:
+            raise TooManyRequests(
+                "too many failed sign-ins; try again in a few minutes",
+                headers={"Retry-After": str(int(LOGIN_WINDOW_S))},
+            )
+
+    async def login(
+        self, username: str, password: str, *, user_agent: str = "", client_ip: str = ""
+    ) -> tuple[str, UserOut] | None:
+        """Returns (session token, user) or None. Failures are audited without the password."""
+        username = username.strip().lower()
+        throttle_key = f"{client_ip}|{username}"
+        self._check_login_rate(throttle_key)
+        async with self.db.session() as session:
+            user = await session.scalar(select(User).where(User.username == username))
+        ok = verify_password(user.password_hash if user else None, password)
+        if not ok or user is None or user.disabled:
+            self._login_failures.setdefault(throttle_key, []).append(time.monotonic())
+            reason = "disabled" if ok and user is not None else "bad_credentials"
+            await self.audit.log(
+                actor=username or "anonymous",
+                action="auth.login",
+                target=f"user:{username}",
+                outcome="failure",
+                details={"reason": reason, "client_ip": client_ip, "user_agent": user_agent},
+            )
+            return None
+        self._login_failures.pop(throttle_key, None)
+        token = secrets.token_urlsafe(32)
+        now = utcnow()
+        async with self.db.write() as session:
+            session.add(
+                Session(
+                    user_id=user.id,
+                    token_hash=sha256_hex(token),
+                    expires_at=now + self.session_ttl,
+                    user_agent=user_agent[:300],
+                    client_ip=client_ip[:64],
+                )
+            )
+            await session.execute(update(User).where(User.id == user.id).values(last_login_at=now))
+            await self.audit.record(
+                session,
+                actor=user.username,
+                action="auth.login",
+                target=f"user:{user.username}",
+                details={"client_ip": client_ip, "user_agent": user_agent},
+            )
+        user.last_login_at = now
+        return token, UserOut.model_validate(user)
+
+    async def authenticate_session(self, token: str) -> Principal | None:
+        if not token or len(token) > 128:
+            return None
+        query = (
+            select(Session.id, Session.expires_at, User.id, User.username, User.role, User.disabled)
+            .join(User)
+            .where(Session.token_hash == sha256_hex(token))
+        )
+        async with self.db.session() as session:
+            row = (await session.execute(query)).first()
+        if row is None:
+            return None
+        session_id, expires_at, user_id, username, role, disabled = row
+        now = utcnow()
+        if disabled or expires_at <= now:
+            return None
+        self._last_used.sessions[session_id] = now
+        return Principal(
+            user_id=user_id,
+            username=username,
+            role=role,
+            permissions=permissions_for_role(role),
+            method="session",
+            session_id=session_id,
+        )
+
+    async def logout(self, principal: Principal) -> None:
+        if principal.session_id is None:
+            return
+        async with self.db.write() as session:
+            await session.execute(
+                Session.__table__.delete().where(Session.id == principal.session_id)
+            )
+            await self.audit.record(
+                session,
+                actor=principal.actor,
+                action="auth.logout",
+                target=f"user:{principal.username}",
+            )
+
+    # ----- housekeeping ------------------------------------------------------------------
+
+    async def flush_last_used(self) -> None:
+        keys, sessions = self._last_used.drain()
+        if not keys and not sessions:
+            return
+        async with self.db.write() as session:
+            for key_id, when in keys.items():
+                await session.execute(
+                    update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when)
+                )
+            for session_id, when in sessions.items():
+                await session.execute(
+                    update(Session).where(Session.id == session_id).values(last_seen_at=when)
+                )
+            await session.execute(Session.__table__.delete().where(Session.expires_at <= utcnow()))
+
+    async def run_housekeeping(self, interval: float = LAST_USED_FLUSH_S) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await self.flush_last_used()
+
+
+def _new_key_row(
+    user_id: str,
+    name: str,
+    raw: str,
+    scopes: list[str],
+    expires_at: datetime | None,
+    attributes: dict[str, Any] | None = None,
+) -> ApiKey:
+    return ApiKey(
+        user_id=user_id,
+        name=name,
+        prefix=raw[:12],
+        key_hash=sha256_hex(raw),
+        scopes=scopes or ["*"],
+        attributes=attributes or {},
+        expires_at=expires_at,
+    )

@@ -1,0 +1,172 @@
+"""Settings: every ``LEGATOR_*`` variable, validated once at start-up."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LEGATOR_"
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; ``str()`` is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, env_ignore_empty=True
+    )
+
+    addr: str = Field(
+        ":8080", description="Listen address, HOST:PORT; ':PORT' means all interfaces."
+    )
+    data_dir: Path | None = Field(None, description="State directory; unset = in-memory SQLite.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; overrides data_dir.")
+    signing_key: SecretStr | None = Field(None, description="Master signing key, 64+ hex chars.")
+    auth: bool = Field(True, description="Require authentication (false only on loopback).")
+    server_url: str | None = Field(None, description="Public URL of this control plane.")
+    trusted_proxies: str = Field("127.0.0.1", description="Proxies whose X-Forwarded-* we trust.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    session_ttl_hours: int = Field(24, ge=1, le=24 * 30)
+    metrics_public: bool = False
+    audit_chain_key: SecretStr | None = None
+    approval_ttl: int = Field(900, ge=30, le=7 * 24 * 3600, description="Approval expiry, seconds.")
+
+    llm_provider: Literal["", "openai", "anthropic", "local"] = ""
+    llm_model: str = ""
+    llm_api_key: SecretStr | None = None
+    llm_base_url: str | None = None
+
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = None
+    oidc_redirect_url: str | None = None
+    oidc_scopes: str = "openid email profile"
+    oidc_default_role: Literal["admin", "operator", "viewer", "auditor"] = "viewer"
+
+    jobs_retry_max_attempts: int = Field(3, ge=1, le=100)
+    jobs_retry_initial_backoff_s: float = Field(5.0, gt=0, le=3600)
+    jobs_retry_max_backoff_s: float = Field(300.0, gt=0, le=86400)
+    jobs_retry_multiplier: float = Field(2.0, ge=1.0, le=10.0)
+
+    @field_validator("addr")
+    @classmethod
+    def _check_addr(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT or :PORT with a port from 1 to 65535")
+        if host.startswith("[") != host.endswith("]"):
+            raise ValueError("IPv6 hosts are written in brackets, like [::1]:8080")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+            return "postgresql+asyncpg://" + value.split("://", 1)[1]
+        if scheme in ("sqlite", "sqlite+aiosqlite"):
+            return "sqlite+aiosqlite://" + value.split("://", 1)[1]
+        raise ValueError("expected a sqlite:/// or postgresql:// URL")
+
+    @field_validator("signing_key")
+    @classmethod
+    def _check_signing_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        raw = value.get_secret_value()
+        if len(raw) < 64 or len(raw) % 2 or not _HEX.match(raw):
+            raise ValueError("expected at least 64 hexadecimal characters (32 bytes)")
+        return value
+
+    @field_validator("server_url", "llm_base_url", "oidc_issuer", "oidc_redirect_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"{item!r} is not an IP address or network") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_auth_binding(self) -> Settings:
+        if not self.auth and not self.is_loopback:
+            raise ValueError(
+                "LEGATOR_AUTH=false is only allowed when LEGATOR_ADDR is a loopback address"
+            )
+        if self.jobs_retry_initial_backoff_s > self.jobs_retry_max_backoff_s:
+            raise ValueError(
+                "LEGATOR_JOBS_RETRY_INITIAL_BACKOFF_S must not exceed "
+                "LEGATOR_JOBS_RETRY_MAX_BACKOFF_S"
+            )
+        return self
+
+    @cached_property
+    def host(self) -> str:
+        host = self.addr.rpartition(":")[0].strip("[]")
+        return host or "0.0.0.0"  # noqa: S104 - ':PORT' means every interface, as documented
+
+    @cached_property
+    def port(self) -> int:
+        return int(self.addr.rpartition(":")[2])
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        if self.data_dir is not None:
+            return f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'legator.db'}"
+        return "sqlite+aiosqlite://"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+
+def _variable_for(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else ""
+    return ENV_PREFIX + field.upper() if field else "configuration"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with CLI overrides; raise ConfigError on bad input."""
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            raise ConfigError(f"{_variable_for(first['loc'])}: {message}") from None
+        raise ConfigError(message) from None

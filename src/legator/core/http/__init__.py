@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every wing: app factory, middleware, errors, auth dependencies."""

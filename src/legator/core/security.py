@@ -1,0 +1,104 @@
+"""Small cryptographic helpers shared by every wing: tokens, hashes, passwords, HMAC."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+API_KEY_PREFIX = "lgk_"
+_password_hasher = PasswordHasher()
+
+
+def random_hex(nbytes: int = 32) -> str:
+    return secrets.token_hex(nbytes)
+
+
+def new_api_key() -> str:
+    """A fresh API key: ``lgk_`` + 64 hex characters."""
+    return API_KEY_PREFIX + secrets.token_hex(32)
+
+
+def looks_like_api_key(value: str) -> bool:
+    body = value[len(API_KEY_PREFIX) :]
+    return (
+        value.startswith(API_KEY_PREFIX)
+        and len(body) == 64
+        and all(c in "0123456789abcdef" for c in body)
+    )
+
+
+def sha256_hex(value: str) -> str:
+    """Digest for high-entropy tokens (API keys, session ids): fast, and safe because the
+    input is random; passwords use argon2 instead."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    return _password_hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    if not password_hash:
+        # Spend the same time as a real check so a missing user is not distinguishable.
+        _password_hasher.hash(password)
+        return False
+    try:
+        return _password_hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def random_password(length: int = 24) -> str:
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def hmac_sha256_hex(key: bytes, message: str | bytes) -> str:
+    data = message.encode() if isinstance(message, str) else message
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def write_private_file(path: Path, content: str) -> None:
+    """Create ``path`` with mode 0600 from the start (no window where it is world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_or_create_signing_key(configured: str | None, data_dir: Path | None) -> bytes:
+    """The master signing key: from settings, else ``<data_dir>/signing.key``, created once.
+
+    Without a data dir (in-memory mode) a fresh key lives only as long as the process.
+    """
+    if configured:
+        return bytes.fromhex(configured)
+    if data_dir is None:
+        return secrets.token_bytes(32)
+    path = data_dir / "signing.key"
+    if path.exists():
+        raw = path.read_text().strip()
+        try:
+            key = bytes.fromhex(raw)
+        except ValueError:
+            raise ValueError(f"{path} does not hold a hex signing key") from None
+        if len(key) < 32:
+            raise ValueError(f"{path} holds a key shorter than 32 bytes")
+        return key
+    key = secrets.token_bytes(32)
+    write_private_file(path, key.hex() + "\n")
+    return key

@@ -1,0 +1,1 @@
+"""Server-rendered pages: sign-in and the landing page (the full UI comes later)."""

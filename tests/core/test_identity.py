@@ -1,0 +1,205 @@
+"""Users, API keys, sessions: the acceptance checks of the foundation."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import httpx
+from sqlalchemy import update
+
+from legator.core.auth.models import ApiKey
+from legator.core.db import Database, utcnow
+from tests.support import LiveServer
+
+
+def _error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["code"] == code
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+def test_me_with_admin_key(api: httpx.Client) -> None:
+    me = api.get("/api/v1/me").json()
+    assert me["username"] == "admin"
+    assert me["role"] == "admin"
+    assert me["method"] == "api_key"
+    assert "users:write" in me["permissions"]
+
+
+def test_missing_and_garbage_credentials_are_401(server: LiveServer) -> None:
+    with server.client() as anon:
+        body = _error(anon.get("/api/v1/me"), 401, "unauthorized")
+        assert "authentication required" in body["message"]
+        _error(
+            anon.get("/api/v1/me", headers={"Authorization": "Bearer nope"}), 401, "unauthorized"
+        )
+        bogus = "lgk_" + "0" * 64
+        _error(anon.get("/api/v1/me", headers={"x-api-key": bogus}), 401, "unauthorized")
+
+
+def test_revoked_key_is_rejected_at_once(api: httpx.Client, server: LiveServer) -> None:
+    created = api.post("/api/v1/keys", json={"name": "short-lived"})
+    assert created.status_code == 201
+    key = created.json()
+    assert key["key"].startswith("lgk_") and len(key["key"]) == 68
+    with server.client(key["key"]) as client:
+        assert client.get("/api/v1/me").status_code == 200
+        revoked = api.delete(f"/api/v1/keys/{key['id']}")
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+        body = _error(client.get("/api/v1/me"), 401, "unauthorized")
+        assert "revoked" in body["message"]
+
+
+def test_expired_key_is_rejected(api: httpx.Client, server: LiveServer) -> None:
+    key = api.post("/api/v1/keys", json={"name": "exp", "expires_in_days": 1}).json()
+    assert key["expires_at"]
+    with server.client(key["key"]) as client:
+        assert client.get("/api/v1/me").status_code == 200
+        asyncio.run(_expire_key(server, key["id"]))
+        body = _error(client.get("/api/v1/me"), 401, "unauthorized")
+        assert "expired" in body["message"]
+
+
+async def _expire_key(server: LiveServer, key_id: str) -> None:
+    """Move the expiry into the past through a second connection, as time would."""
+    assert server.core is not None
+    db = Database(server.core.settings.effective_database_url)
+    try:
+        async with db.write() as session:
+            past = utcnow() - timedelta(seconds=1)
+            await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(expires_at=past))
+    finally:
+        await db.dispose()
+
+
+def test_key_is_shown_once_and_never_listed(api: httpx.Client) -> None:
+    created = api.post("/api/v1/keys", json={"name": "once"}).json()
+    listing = api.get("/api/v1/keys").text
+    assert created["key"] not in listing
+    assert created["prefix"] in listing
+    assert created["key"] not in api.get("/api/v1/audit").text
+
+
+def test_viewer_cannot_create_users(make_user) -> None:  # type: ignore[no-untyped-def]
+    viewer = make_user("viewer")
+    response = viewer.post(
+        "/api/v1/users", json={"username": "mallory", "password": "x" * 20, "role": "admin"}
+    )
+    body = _error(response, 403, "forbidden")
+    assert "users:write" in body["message"]
+
+
+def test_scoped_key_cannot_mint_a_stronger_key(api: httpx.Client, server: LiveServer) -> None:
+    weak = api.post("/api/v1/keys", json={"name": "infer", "scopes": ["inference"]}).json()
+    with server.client(weak["key"]) as client:
+        assert "users:read" not in client.get("/api/v1/me").json()["permissions"]
+        _error(client.post("/api/v1/keys", json={"name": "escalate"}), 403, "forbidden")
+        ok = client.post("/api/v1/keys", json={"name": "same", "scopes": ["inference"]})
+        assert ok.status_code == 201
+
+
+def test_unknown_scope_is_a_validation_error(api: httpx.Client) -> None:
+    body = _error(api.post("/api/v1/keys", json={"scopes": ["root"]}), 422, "validation_error")
+    assert "unknown scope" in body["message"]
+
+
+def test_wrong_password_is_audited_without_the_password(
+    api: httpx.Client, server: LiveServer
+) -> None:
+    secret_attempt = "Sup3r-Secret-Guess-42"
+    with server.client() as anon:
+        response = anon.post(
+            "/api/v1/auth/login", json={"username": "admin", "password": secret_attempt}
+        )
+        _error(response, 401, "unauthorized")
+    events = api.get("/api/v1/audit", params={"action": "auth.login", "outcome": "failure"}).json()
+    assert len(events["events"]) == 1
+    assert events["events"][0]["target"] == "user:admin"
+    assert secret_attempt not in api.get("/api/v1/audit/export").text
+
+
+def test_browser_session_login_cookie_and_csrf_safe_logout(server: LiveServer) -> None:
+    assert server.credentials is not None
+    with server.client() as browser:
+        response = browser.post(
+            "/api/v1/auth/login",
+            json={"username": "admin", "password": server.credentials.password},
+        )
+        assert response.status_code == 200, response.text
+        cookie = response.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Max-Age=86400" in cookie
+        assert "Secure" not in cookie  # plain http on loopback
+        assert browser.get("/api/v1/me").json()["method"] == "session"
+        # A cross-site POST carrying the cookie is refused.
+        forged = browser.post("/api/v1/auth/logout", headers={"Origin": "https://evil.example"})
+        _error(forged, 403, "forbidden")
+        assert browser.get("/api/v1/me").status_code == 200
+        same_site = browser.post("/api/v1/auth/logout", headers={"Origin": server.url})
+        assert same_site.status_code == 204
+        browser.cookies.clear()
+        browser.cookies.set("legator_session", cookie.split(";")[0].split("=", 1)[1])
+        _error(browser.get("/api/v1/me"), 401, "unauthorized")
+
+
+def test_session_cookie_is_secure_behind_https_proxy(server: LiveServer) -> None:
+    assert server.credentials is not None
+    with server.client() as browser:
+        response = browser.post(
+            "/api/v1/auth/login",
+            json={"username": "admin", "password": server.credentials.password},
+            headers={"X-Forwarded-Proto": "https"},
+        )
+        assert "Secure" in response.headers["set-cookie"]
+
+
+def test_login_form_page(server: LiveServer) -> None:
+    assert server.credentials is not None
+    with server.client(follow_redirects=False) as browser:
+        assert browser.get("/").headers["location"] == "/login"
+        page = browser.get("/login")
+        assert page.status_code == 200 and "<form" in page.text
+        bad = browser.post("/login", data={"username": "admin", "password": "nope"})
+        assert bad.status_code == 401 and "Wrong username or password" in bad.text
+        good = browser.post(
+            "/login",
+            data={"username": "admin", "password": server.credentials.password, "next": "//evil"},
+        )
+        assert good.status_code == 303 and good.headers["location"] == "/"
+        assert "admin" in browser.get("/").text
+
+
+def test_user_crud_and_last_admin_protection(api: httpx.Client) -> None:
+    created = api.post(
+        "/api/v1/users",
+        json={"username": "carol", "password": "a long enough pass", "role": "operator"},
+    )
+    assert created.status_code == 201
+    _error(
+        api.post("/api/v1/users", json={"username": "carol", "password": "a long enough pass"}),
+        409,
+        "conflict",
+    )
+    assert api.patch("/api/v1/users/carol", json={"role": "auditor"}).json()["role"] == "auditor"
+    assert [u["username"] for u in api.get("/api/v1/users").json()] == ["admin", "carol"]
+    _error(api.patch("/api/v1/users/admin", json={"role": "viewer"}), 409, "conflict")
+    _error(api.delete("/api/v1/users/admin"), 409, "conflict")
+    assert api.delete("/api/v1/users/carol").status_code == 204
+    _error(api.get("/api/v1/users/carol"), 404, "not_found")
+
+
+def test_disabled_user_keys_stop_working(api: httpx.Client, make_user) -> None:  # type: ignore[no-untyped-def]
+    operator = make_user("operator", "dave")
+    assert operator.get("/api/v1/me").status_code == 200
+    assert api.patch("/api/v1/users/dave", json={"disabled": True}).status_code == 200
+    _error(operator.get("/api/v1/me"), 401, "unauthorized")
+
+
+def test_other_users_keys_are_invisible_without_keys_admin(api: httpx.Client, make_user) -> None:  # type: ignore[no-untyped-def]
+    operator = make_user("operator", "erin")
+    admin_key_id = api.get("/api/v1/me").json()["key_id"]
+    _error(operator.delete(f"/api/v1/keys/{admin_key_id}"), 404, "not_found")
+    _error(operator.get("/api/v1/keys", params={"all": "true"}), 403, "forbidden")
+    assert len(api.get("/api/v1/keys", params={"all": "true"}).json()) >= 2

@@ -1,0 +1,60 @@
+"""The sanitiser: every secret shape is redacted, ordinary text is left alone."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from legator.core.audit.sanitiser import REDACTED, is_secret_key, sanitise, sanitise_text
+
+KEY = "lgk_" + "ab12" * 16
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nabc\n-----END RSA PRIVATE KEY-----"
+SECRETS = [
+    ("Authorization: Bearer abcdefghijklmnopqrstuvwxyz", "abcdefghijklmnopqrstuvwxyz"),
+    (f"key={KEY}", KEY[4:]),
+    (f"token {JWT}", JWT),
+    ("aws AKIAIOSFODNN7EXAMPLE here", "AKIAIOSFODNN7EXAMPLE"),
+    ("aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI"),
+    ("postgres://app:s3cr3tpw@db:5432/x", "s3cr3tpw"),
+    ("login password=hunter2 ok", "hunter2"),
+    ('DB_PASSWORD="two words"', "two words"),
+    ("api_key: sk-abcdefghijklmnopqrstuv", "sk-abcdefghijklmnopqrstuv"),
+    (PEM, "MIIEow"),
+]
+
+
+def test_each_secret_shape_is_redacted() -> None:
+    for text, secret in SECRETS:
+        cleaned = sanitise_text(text)
+        assert secret not in cleaned, text
+        assert REDACTED in cleaned
+
+
+def test_ordinary_text_is_untouched() -> None:
+    for text in ["systemctl restart nginx", "ls -la /var/log", "tokens used: 42", "keyboard"]:
+        assert sanitise_text(text) == text
+
+
+def test_secret_keys_in_structures() -> None:
+    value = {
+        "password": "x",
+        "nested": {"clientSecret": "y", "items": [{"api_key": "z", "input_tokens": 5}]},
+        "empty_token": "",
+    }
+    assert sanitise(value) == {
+        "password": REDACTED,
+        "nested": {"clientSecret": REDACTED, "items": [{"api_key": REDACTED, "input_tokens": 5}]},
+        "empty_token": "",
+    }
+    assert not is_secret_key("monkey") and not is_secret_key("keys") and is_secret_key("x-api-key")
+
+
+@given(
+    prefix=st.text(max_size=40),
+    suffix=st.text(max_size=40),
+    body=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+)
+def test_embedded_keys_never_survive(prefix: str, suffix: str, body: str) -> None:
+    key = "lgk_" + body
+    assert body not in sanitise_text(prefix + " " + key + " " + suffix)

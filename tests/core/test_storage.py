@@ -1,0 +1,149 @@
+"""Storage on SQLite (file and in-memory) and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import text
+
+from legator.core.auth.schemas import UserCreate
+from legator.core.config import load_settings
+from legator.core.db import Database
+from legator.core.db.migrate import current_revision, head_revision, upgrade
+from tests.support import live_server, run_cli
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+async def _pragmas(url: str) -> tuple[str, int, int]:
+    db = Database(url)
+    try:
+        async with db.session() as session:
+            mode = (await session.execute(text("PRAGMA journal_mode"))).scalar_one()
+            fk = (await session.execute(text("PRAGMA foreign_keys"))).scalar_one()
+            busy = (await session.execute(text("PRAGMA busy_timeout"))).scalar_one()
+        return mode, fk, busy
+    finally:
+        await db.dispose()
+
+
+def test_sqlite_runs_wal_with_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:
+    mode, fk, busy = asyncio.run(_pragmas(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"))
+    assert (mode, fk) == ("wal", 1) and busy >= 5000
+
+
+def test_concurrent_writers_do_not_fail(tmp_path: Path) -> None:
+    async def go() -> int:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+        await upgrade(db)
+        from legator.core.audit.service import AuditService
+
+        audit = AuditService(db, b"k")
+        await asyncio.gather(*(audit.log(actor="t", action=f"a{i}") for i in range(200)))
+        report = await audit.verify()
+        await db.dispose()
+        return report.checked
+
+    assert asyncio.run(go()) == 200
+
+
+def test_in_memory_mode_serves(tmp_path: Path) -> None:
+    with live_server(None) as server, server.client(server.admin_key) as api:
+        assert api.post("/api/v1/keys", json={"name": "m"}).status_code == 201
+        assert len(api.get("/api/v1/audit").json()["events"]) == 2
+
+
+def test_migrations_apply_and_report_head(tmp_path: Path) -> None:
+    result = run_cli("legator", "db", "upgrade", "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert head_revision() in result.stdout
+    again = run_cli("legator", "db", "current", "--data-dir", str(tmp_path))
+    assert f"current: {head_revision()}" in again.stdout
+
+
+def test_backup_is_a_consistent_copy_while_writing(tmp_path: Path) -> None:
+    with live_server(tmp_path / "d") as server, server.client(server.admin_key) as api:
+        stop = threading.Event()
+
+        def writer() -> None:
+            while not stop.is_set():
+                api.post("/api/v1/keys", json={"name": "load"})
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            result = run_cli(
+                "legator", "backup", str(tmp_path / "copy.db"), "--data-dir", str(tmp_path / "d")
+            )
+        finally:
+            stop.set()
+            thread.join()
+        assert result.returncode == 0, result.stderr
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert copy.execute("SELECT username FROM users").fetchall() == [("admin",)]
+    assert (tmp_path / "copy.db").stat().st_mode & 0o777 == 0o600
+    refused = run_cli(
+        "legator", "backup", str(tmp_path / "copy.db"), "--data-dir", str(tmp_path / "d")
+    )
+    assert refused.returncode != 0 and "already exists" in refused.stderr
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    name = "legator_test_" + secrets.token_hex(4)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.mark.postgres
+def test_postgresql_migrations_identity_and_chain(pg_url: str, tmp_path: Path) -> None:
+    settings = load_settings(database_url=pg_url)
+
+    async def check_revision() -> str | None:
+        db = Database(settings.effective_database_url)
+        try:
+            await upgrade(db)
+            return await current_revision(db)
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(check_revision()) == head_revision()
+    with (
+        live_server(tmp_path / "d", database_url=pg_url, audit_chain_key="pg-chain") as server,
+        server.client(server.admin_key) as api,
+    ):
+        assert api.get("/api/v1/me").json()["username"] == "admin"
+        for i in range(5):
+            assert api.post("/api/v1/keys", json={"name": f"pg{i}"}).status_code == 201
+        assert api.get("/api/v1/audit/verify").json()["ok"] is True
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    backup = run_cli(
+        "legator", "backup", str(tmp_path / "pg.dump"), env={"LEGATOR_DATABASE_URL": pg_url}
+    )
+    assert backup.returncode == 0, backup.stderr
+    assert (tmp_path / "pg.dump").read_bytes()[:5] == b"PGDMP"
+
+
+def test_user_create_validates(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 12"):
+        UserCreate(username="ok", password="short")

@@ -1,0 +1,197 @@
+"""Test helpers: the real app under uvicorn on a free loopback port, and `legator serve` as
+a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from legator.app import create_app
+from legator.core.auth.service import InitialCredentials
+from legator.core.config import Settings
+from legator.core.runtime import Core, build_core
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """The whole app, in this process, served by uvicorn from a background thread."""
+
+    def __init__(
+        self,
+        data_dir: Path | None,
+        *,
+        customize: Callable[[FastAPI, Core], None] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.data_dir = data_dir
+        self.settings_overrides = settings
+        self.customize = customize
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.credentials: InitialCredentials | None = None
+        self.core: Core | None = None
+        self.app: FastAPI | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop
+
+    @property
+    def admin_key(self) -> str:
+        assert self.credentials is not None, "no first start happened on this data dir"
+        return self.credentials.api_key
+
+    def _remember(self, creds: InitialCredentials) -> None:
+        self.credentials = creds
+
+    def start(self) -> LiveServer:
+        settings = Settings(
+            addr=f"127.0.0.1:{self.port}", data_dir=self.data_dir, **self.settings_overrides
+        )
+        self.core = build_core(settings)
+
+        async def remember_loop() -> None:
+            self.loop = asyncio.get_running_loop()
+
+        self.core.startup_hooks.append(remember_loop)
+        self.app = create_app(core=self.core, on_first_start=self._remember)
+        if self.customize:
+            self.customize(self.app, self.core)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            ws="websockets-sansio",
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the server's own event loop (where its database lives)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=20)
+        self._server = self._thread = None
+
+    def restart(self) -> LiveServer:
+        self.stop()
+        return self.start()
+
+    def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        timeout=120,
+    )
+
+
+class ServerProcess:
+    """`legator serve` as a separate process, the way an operator runs it."""
+
+    def __init__(self, data_dir: Path, **env: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "LEGATOR_DATA_DIR": str(data_dir),
+            "LEGATOR_ADDR": f"127.0.0.1:{self.port}",
+            **env,
+        }
+        self.proc: subprocess.Popen[str] | None = None
+        self.stderr = ""
+
+    def start(self, timeout: float = 30) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [str(BIN / "legator"), "serve"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"legator serve exited: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("legator serve did not become healthy")
+
+    def stop(self) -> str:
+        """Stop cleanly (SIGTERM) and return everything it wrote to stderr."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        self.stderr = err
+        return err
+
+
+def parse_credentials(stderr: str) -> tuple[str, str]:
+    password = re.search(r"admin password: (\S+)", stderr)
+    key = re.search(r"admin API key:\s+(lgk_[0-9a-f]{64})", stderr)
+    assert password and key, f"no credentials in: {stderr!r}"
+    return password.group(1), key.group(1)
+
+
+@contextmanager
+def live_server(data_dir: Path | None, **settings: Any) -> Iterator[LiveServer]:
+    server = LiveServer(data_dir, **settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()
