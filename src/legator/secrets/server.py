@@ -1,0 +1,156 @@
+"""Running legerd: open the store, bind the TCP listener and the unix socket, serve both from
+one uvicorn server, and hand each unix-socket request the peer's credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from legator.secrets.acl import Policy
+from legator.secrets.api import PEER_STATE_KEY, Identifier, create_legerd_app
+from legator.secrets.audit import AuditLog
+from legator.secrets.crypto import load_kek
+from legator.secrets.identity import WhoIs, is_loopback, peer_credentials
+from legator.secrets.service import SecretsService
+from legator.secrets.store import SecretStore
+
+DEFAULT_STATE_DIR = Path("/var/lib/legerd")
+DEFAULT_SOCKET = Path("/run/legerd/legerd.sock")
+DEFAULT_TAILSCALE_SOCKET = Path("/var/run/tailscale/tailscaled.sock")
+
+
+class PeerCredProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus SO_PEERCRED for unix-socket connections.
+
+    ASGI has no field for peer credentials, so they travel in the per-connection copy of the
+    lifespan state that uvicorn puts in every request's ``scope["state"]``.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        cred = peer_credentials(transport.get_extra_info("socket"))
+        if cred is not None:
+            self.app_state = {**self.app_state, PEER_STATE_KEY: cred}
+        super().connection_made(transport)
+
+
+@dataclass
+class LegerdConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    listen: str | None = None
+    socket_path: Path | None = DEFAULT_SOCKET
+    dev: bool = False
+    acl_path: Path | None = None
+    tailscale_socket: Path | None = DEFAULT_TAILSCALE_SOCKET
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "secrets.db"
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "keys" / "main.key"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.log"
+
+
+class ConfigProblem(ValueError):
+    pass
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigProblem(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8573")
+    return host.strip("[]") or "0.0.0.0", int(port_text)  # noqa: S104 - explicit ':PORT'
+
+
+def validate(config: LegerdConfig) -> None:
+    if config.listen is None and config.socket_path is None:
+        raise ConfigProblem("nothing to serve: give --listen and/or --socket")
+    if config.dev and config.listen is not None:
+        host, _ = parse_listen(config.listen)
+        if not is_loopback(host):
+            raise ConfigProblem(
+                f"--dev grants everything to local callers, so it listens on loopback only; "
+                f"--listen {config.listen} is not a loopback address"
+            )
+    if config.listen is not None:
+        parse_listen(config.listen)
+
+
+def open_service(config: LegerdConfig) -> SecretsService:
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    kek = load_kek(config.key_file)
+    store = SecretStore(config.db_path, kek)
+    return SecretsService(store, AuditLog(config.audit_path))
+
+
+def bind_sockets(config: LegerdConfig) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
+    if config.listen is not None:
+        host, port = parse_listen(config.listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host, port))
+        sockets.append(tcp)
+    if config.socket_path is not None:
+        path = config.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_socket():
+            path.unlink()
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(str(path))
+        # Anyone local may connect: each caller is identified by its uid and the ACL decides.
+        os.chmod(path, 0o666)  # noqa: S103
+        sockets.append(unix)
+    for sock in sockets:
+        sock.listen(1024)
+        sock.set_inheritable(True)
+    return sockets
+
+
+def build_app(config: LegerdConfig, service: SecretsService) -> Any:
+    whois = None
+    if config.tailscale_socket is not None and not config.dev:
+        whois = WhoIs(config.tailscale_socket)
+    identifier = Identifier(Policy.load(config.acl_path), whois, config.dev)
+    return create_legerd_app(service, identifier)
+
+
+def serve(config: LegerdConfig, *, log_level: str = "warning") -> None:
+    validate(config)
+    os.umask(0o077)  # database, WAL, key and log: owner only
+    policy = Policy.load(config.acl_path)  # fail before binding on a bad policy file
+    del policy
+    service = open_service(config)
+    sockets = bind_sockets(config)
+    app = build_app(config, service)
+    uv_config = uvicorn.Config(
+        app,
+        http=PeerCredProtocol,
+        lifespan="off",
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+    )
+    server = uvicorn.Server(uv_config)
+    try:
+        asyncio.run(server.serve(sockets=sockets))
+    finally:
+        for sock in sockets:
+            sock.close()
+        if config.socket_path is not None and config.socket_path.is_socket():
+            config.socket_path.unlink()
+        service.audit.close()
+        service.store.close()
