@@ -127,30 +127,46 @@ def build_app(config: LegerdConfig, service: SecretsService) -> Any:
     return create_legerd_app(service, identifier)
 
 
-def serve(config: LegerdConfig, *, log_level: str = "warning") -> None:
-    validate(config)
-    os.umask(0o077)  # database, WAL, key and log: owner only
-    policy = Policy.load(config.acl_path)  # fail before binding on a bad policy file
-    del policy
-    service = open_service(config)
-    sockets = bind_sockets(config)
-    app = build_app(config, service)
-    uv_config = uvicorn.Config(
-        app,
-        http=PeerCredProtocol,
-        lifespan="off",
-        log_config=None,
-        log_level=log_level,
-        access_log=False,
-        server_header=False,
-    )
-    server = uvicorn.Server(uv_config)
-    try:
-        asyncio.run(server.serve(sockets=sockets))
-    finally:
-        for sock in sockets:
+class Legerd:
+    """One legerd instance: the store opened, the sockets bound, uvicorn ready to serve."""
+
+    def __init__(self, config: LegerdConfig, *, log_level: str = "warning") -> None:
+        validate(config)
+        Policy.load(config.acl_path)  # fail before opening anything on a bad policy file
+        self.config = config
+        self.service = open_service(config)
+        self.sockets = bind_sockets(config)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                build_app(config, self.service),
+                http=PeerCredProtocol,
+                lifespan="off",
+                log_config=None,
+                log_level=log_level,
+                access_log=False,
+                server_header=False,
+            )
+        )
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=self.sockets))
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+    def close(self) -> None:
+        for sock in self.sockets:
             sock.close()
-        if config.socket_path is not None and config.socket_path.is_socket():
-            config.socket_path.unlink()
-        service.audit.close()
-        service.store.close()
+        path = self.config.socket_path
+        if path is not None and path.is_socket():
+            path.unlink()
+        self.service.audit.close()
+        self.service.store.close()
+
+
+def serve(config: LegerdConfig, *, log_level: str = "warning") -> None:
+    os.umask(0o077)  # database, WAL, key and log: owner only
+    Legerd(config, log_level=log_level).run()
