@@ -103,6 +103,11 @@ def rotate_kek(
         fail(f"no store at {config.db_path}", 3)
     try:
         old = load_kek(config.key_file, create=False)
+        if new_key_file is None and old.source != str(config.key_file):
+            fail(
+                f"the current key comes from {old.source}; give --new-key-file and "
+                "install that key there yourself"
+            )
         if new_key_file is not None:
             new = Kek(parse_key(new_key_file.read_text(), str(new_key_file)), str(new_key_file))
         else:
@@ -112,11 +117,6 @@ def rotate_kek(
         store = SecretStore(config.db_path, old)
         store.add_kek(new, old)
         if new_key_file is None:
-            if old.source != str(config.key_file):
-                fail(
-                    f"the current key comes from {old.source}; give --new-key-file and "
-                    "install that key there yourself"
-                )
             write_key_file(config.key_file, new.key)
         store.drop_other_keks(new)
         checked = SecretStore(config.db_path, new).verify_all() if new_key_file is None else 0

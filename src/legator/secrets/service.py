@@ -120,6 +120,7 @@ class SecretsService:
         self._check(caller, Action.GET, name, version)
         if update_if_changed and version:
             if self.store.active_version(name) == version:
+                self._audit_read(caller, "get", name, version)
                 raise ValueNotChanged()
             version = 0
         value, served = self.store.get(name, version)
