@@ -34,9 +34,14 @@ class PeerCredProtocol(HttpToolsProtocol):
     """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        cred = peer_credentials(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        cred = peer_credentials(sock)
         if cred is not None:
             self.app_state = {**self.app_state, PEER_STATE_KEY: cred}
+        elif sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Without it a response written in two parts waits for the client's delayed ACK
+            # (40 ms) on sockets handed to uvicorn pre-bound.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
 
 
