@@ -15,7 +15,21 @@ import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class AuditSink(Protocol):
+    def record(
+        self,
+        *,
+        principal: str,
+        action: str,
+        secret: str,
+        version: int,
+        authorized: bool,
+        durable: bool = False,
+        **extra: Any,
+    ) -> None: ...
 
 
 class AuditLog:

@@ -68,6 +68,11 @@ def load_kek(key_file: Path, *, create: bool = True) -> Kek:
     if cred_dir and (Path(cred_dir) / KEK_CREDENTIAL).is_file():
         path = Path(cred_dir) / KEK_CREDENTIAL
         return Kek(parse_key(path.read_text(), f"credential {path}"), f"credential {path}")
+    return load_key_file(key_file, create=create)
+
+
+def load_key_file(key_file: Path, *, create: bool = True) -> Kek:
+    """The KEK in ``key_file`` (hex), created 0600 when absent and ``create`` is true."""
     if key_file.exists():
         mode = key_file.stat().st_mode & 0o777
         if mode & 0o077:

@@ -92,11 +92,12 @@ def validate(config: LegerdConfig) -> None:
         parse_listen(config.listen)
 
 
-def open_service(config: LegerdConfig) -> SecretsService:
+def open_service(config: LegerdConfig) -> tuple[SecretsService, AuditLog]:
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     kek = load_kek(config.key_file)
     store = SecretStore(config.db_path, kek)
-    return SecretsService(store, AuditLog(config.audit_path))
+    audit = AuditLog(config.audit_path)
+    return SecretsService(store, audit), audit
 
 
 def bind_sockets(config: LegerdConfig) -> list[socket.socket]:
@@ -139,7 +140,7 @@ class Legerd:
         validate(config)
         Policy.load(config.acl_path)  # fail before opening anything on a bad policy file
         self.config = config
-        self.service = open_service(config)
+        self.service, self.audit = open_service(config)
         self.sockets = bind_sockets(config)
         self.server = uvicorn.Server(
             uvicorn.Config(
@@ -168,7 +169,7 @@ class Legerd:
         path = self.config.socket_path
         if path is not None and path.is_socket():
             path.unlink()
-        self.service.audit.close()
+        self.audit.close()
         self.service.store.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from legator.secrets.acl import Action
-from legator.secrets.audit import AuditLog
+from legator.secrets.audit import AuditSink
 from legator.secrets.errors import AccessDenied, InvalidRequest, ValueNotChanged
 from legator.secrets.identity import Caller
 from legator.secrets.store import SecretInfo, SecretStore
@@ -55,7 +55,7 @@ class SecretValue:
 
 
 class SecretsService:
-    def __init__(self, store: SecretStore, audit: AuditLog) -> None:
+    def __init__(self, store: SecretStore, audit: AuditSink) -> None:
         self.store = store
         self.audit = audit
 
