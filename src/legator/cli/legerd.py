@@ -12,6 +12,7 @@ from legator.secrets.acl import AclError
 from legator.secrets.crypto import Kek, generate_key, load_kek, parse_key, write_key_file
 from legator.secrets.errors import SecretsError
 from legator.secrets.server import (
+    DEFAULT_ACL,
     DEFAULT_SOCKET,
     DEFAULT_STATE_DIR,
     DEFAULT_TAILSCALE_SOCKET,
@@ -55,7 +56,10 @@ def serve_command(
         False, "--dev", help="Development: loopback only, every local caller may do anything."
     ),
     acl: Path | None = typer.Option(
-        None, "--acl", envvar="LEGERD_ACL", help="Local policy file, e.g. /etc/legerd/acl.json."
+        None,
+        "--acl",
+        envvar="LEGERD_ACL",
+        help=f"Local policy file (default: {DEFAULT_ACL} when it exists).",
     ),
     tailscale_socket: Path = typer.Option(
         DEFAULT_TAILSCALE_SOCKET,
@@ -66,6 +70,8 @@ def serve_command(
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve the setec API on --listen and/or --socket."""
+    if acl is None and DEFAULT_ACL.exists():
+        acl = DEFAULT_ACL
     config = LegerdConfig(
         state_dir=state_dir,
         listen=listen,

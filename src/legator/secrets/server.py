@@ -22,6 +22,7 @@ from legator.secrets.service import SecretsService
 from legator.secrets.store import SecretStore
 
 DEFAULT_STATE_DIR = Path("/var/lib/legerd")
+DEFAULT_ACL = Path("/etc/legerd/acl.json")
 DEFAULT_SOCKET = Path("/run/legerd/legerd.sock")
 DEFAULT_TAILSCALE_SOCKET = Path("/var/run/tailscale/tailscaled.sock")
 
