@@ -128,3 +128,34 @@ def test_sync_copies_deploy_secrets_into_legerd(
         assert all("someone-else" not in i.name and "llm" not in i.name for i in local.list())
     no_key = run_cli(*args)
     assert no_key.returncode == 2 and "LEGATOR_API_KEY" in no_key.stderr
+
+
+def test_secrets_kek_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from legator.core.config import ConfigError, load_settings
+    from legator.secrets.crypto import generate_key
+    from tests.support import live_server
+
+    with pytest.raises(ConfigError, match="LEGATOR_SECRETS_KEK: must be 64 hex"):
+        load_settings(secrets_kek="abc")
+    key = generate_key().hex()
+    vault = tmp_path / "vault"
+    with live_server(tmp_path / "data", secrets_kek=key, secrets_dir=vault) as srv:
+        put = srv.client(srv.admin_key).post(
+            "/api/v1/secrets/put", json={"Name": "k", "Value": b64(b"v")}
+        )
+        assert put.json() == 1
+    assert (tmp_path / "vault" / "secrets.db").exists()
+    assert not (tmp_path / "vault" / "keys").exists()  # the key came from the setting
+    other = generate_key().hex()
+    failed = run_cli(
+        "legator",
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        env={"LEGATOR_SECRETS_KEK": other, "LEGATOR_SECRETS_DIR": str(vault)},
+    )
+    assert failed.returncode == 2
+    assert "secrets store:" in failed.stderr and "not the one" in failed.stderr
+    assert "Traceback" not in failed.stderr

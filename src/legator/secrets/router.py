@@ -17,6 +17,7 @@ from fastapi.responses import Response
 
 from legator.core.auth.permissions import Permission as P
 from legator.core.auth.principal import Principal
+from legator.core.config import ConfigError
 from legator.core.errors import AppError, BadRequest, Forbidden, NotFound
 from legator.core.http.deps import require
 from legator.core.runtime import Core
@@ -212,7 +213,10 @@ def _open_store(core: Core) -> tuple[SecretStore, Path | None]:
 
 
 def install_secrets(app: FastAPI, core: Core) -> None:
-    store, scratch = _open_store(core)
+    try:
+        store, scratch = _open_store(core)
+    except SecretsError as exc:
+        raise ConfigError(f"secrets store: {exc.message}") from None
     app.state.secrets = SecretsService(store, CoreAudit(core))
     app.include_router(router)
 
