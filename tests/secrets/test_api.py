@@ -229,3 +229,26 @@ def test_bad_policy_file_stops_start(tmp_path, shared_dir) -> None:  # type: ign
     policy.write_text(json.dumps([{"principal": "x", "action": ["steal"], "secret": ["*"]}]))
     with pytest.raises(AclError, match="unknown action"):
         Legerd(make_config(tmp_path / "state", shared_dir, None, acl_path=policy))
+
+
+def test_metrics(legerd: LegerdThread, admin: httpx.Client) -> None:
+    admin.post("/api/put", json={"Name": "m", "Value": b64(b"v")})
+    admin.post("/api/get", json={"Name": "missing"})
+    text = admin.get("/metrics").text
+    assert 'legerd_api_calls_total{call="put",status="200"} 1.0' in text
+    assert 'legerd_api_calls_total{call="get",status="404"} 1.0' in text
+    assert "legerd_api_call_seconds_bucket" in text and '"m"' not in text
+    with legerd.tcp(NOBODY_IP) as stranger:
+        assert stranger.get("/metrics").status_code == 500
+
+
+def test_tampered_value_is_a_plain_internal_error(
+    legerd: LegerdThread, admin: httpx.Client
+) -> None:
+    import sqlite3
+
+    admin.post("/api/put", json={"Name": "t", "Value": b64(b"v")})
+    with sqlite3.connect(legerd.config.db_path, isolation_level=None) as db:
+        db.execute("UPDATE versions SET sealed = sealed || x'00'")
+    response = admin.post("/api/get", json={"Name": "t"})
+    assert (response.status_code, response.text) == (500, "internal error\n")

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio.to_thread
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from legator.core.logging import get_logger
 from legator.secrets.acl import Policy
 from legator.secrets.errors import AccessDenied, InvalidRequest, SecretsError
 from legator.secrets.identity import (
@@ -40,6 +49,7 @@ from legator.secrets.wire import (
     value_json,
 )
 
+log = get_logger("legerd")
 PEER_STATE_KEY = "legerd_peer"
 NO_BROWSERS_HEADER = "sec-x-tailscale-no-browsers"
 
@@ -146,14 +156,42 @@ CALLS: dict[str, Handler] = {
 }
 
 
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "legerd_api_calls",
+            "setec API calls by call and HTTP status.",
+            ["call", "status"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "legerd_api_call_seconds",
+            "Time to answer a setec API call.",
+            ["call"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+            registry=self.registry,
+        )
+
+
 def create_legerd_app(
     service: SecretsService,
     identifier: Identifier,
 ) -> Starlette:
+    metrics = Metrics()
+
     async def api_call(request: Request) -> Response:
-        handler = CALLS.get(request.path_params["call"])
+        call = request.path_params["call"]
+        handler = CALLS.get(call)
         if handler is None:
             return text_error(404, "404 page not found")
+        started = time.perf_counter()
+        response = await _answer(request, handler)
+        metrics.calls.labels(call, str(response.status_code)).inc()
+        metrics.seconds.labels(call).observe(time.perf_counter() - started)
+        return response
+
+    async def _answer(request: Request, handler: Handler) -> Response:
         if request.method != "POST":
             return text_error(400, "only POST requests allowed")
         media = request.headers.get("content-type", "").split(";")[0].strip()
@@ -176,7 +214,14 @@ def create_legerd_app(
         except SecretsError as exc:
             if exc.status_code == 304:
                 return NOT_MODIFIED
+            if exc.status_code >= 500:
+                # The detail (e.g. which row failed authentication) is for the operator.
+                log.error("secrets call failed", error=exc.message, principal=caller.principal)
+                return text_error(500, "internal error")
             return text_error(exc.status_code, exc.message)
+        except Exception:  # setec answers any other failure the same way; the trace is logged
+            log.exception("secrets call failed", principal=caller.principal)
+            return text_error(500, "internal error")
 
     async def index(request: Request) -> Response:
         try:
@@ -200,10 +245,19 @@ def create_legerd_app(
             headers={"Content-Security-Policy": "default-src 'none'", "X-Frame-Options": "DENY"},
         )
 
+    async def prometheus(request: Request) -> Response:
+        # Counts only (no secret names); still, only callers legerd can identify may read them.
+        try:
+            await identifier.identify(request)
+        except IdentityError:
+            return text_error(500, "unable to identify caller")
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     return Starlette(
         routes=[
             Route("/api/{call:str}", api_call, methods=methods),
+            Route("/metrics", prometheus, methods=["GET"]),
             Route("/", index, methods=["GET"]),
         ]
     )

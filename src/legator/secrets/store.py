@@ -173,13 +173,13 @@ class SecretStore:
         conn = self._reader()
         if version == 0:
             row = conn.execute(
-                "SELECT v.version, v.sealed FROM secrets s JOIN versions v "
+                "SELECT v.version, CAST(v.sealed AS BLOB) FROM secrets s JOIN versions v "
                 "ON v.name = s.name AND v.version = s.active WHERE s.name = ?",
                 (name,),
             ).fetchone()
         else:
             row = conn.execute(
-                "SELECT version, sealed FROM versions WHERE name = ? AND version = ?",
+                "SELECT version, CAST(sealed AS BLOB) FROM versions WHERE name = ? AND version = ?",
                 (name, version),
             ).fetchone()
         if row is None or row[1] is None:
@@ -197,7 +197,8 @@ class SecretStore:
             else:
                 latest = int(row[0])
                 current = conn.execute(
-                    "SELECT sealed FROM versions WHERE name = ? AND version = ?", (name, latest)
+                    "SELECT CAST(sealed AS BLOB) FROM versions WHERE name = ? AND version = ?",
+                    (name, latest),
                 ).fetchone()
                 unchanged = current is not None and current[0] is not None
                 if unchanged and self._sealer.open(name, latest, current[0]) == value:
@@ -291,7 +292,7 @@ class SecretStore:
         number of values checked."""
         count = 0
         for name, version, sealed in self._reader().execute(
-            "SELECT name, version, sealed FROM versions WHERE sealed IS NOT NULL"
+            "SELECT name, version, CAST(sealed AS BLOB) FROM versions WHERE sealed IS NOT NULL"
         ):
             self._sealer.open(name, version, sealed)
             count += 1
