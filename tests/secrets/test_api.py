@@ -132,6 +132,16 @@ def test_bad_fields_are_rejected(admin: httpx.Client) -> None:
     assert admin.post("/api/get", json={"Name": "a", "Version": "1"}).status_code == 400
     assert admin.post("/api/get", json={"Name": "a", "Version": -1}).status_code == 400
     assert admin.post("/api/put", json={"Name": "x" * 512, "Value": b64(b"v")}).status_code == 200
+    huge = admin.post("/api/get", json={"Name": "a", "Version": 1 << 64})
+    assert huge.status_code == 400 and "at most" in huge.text
+    too_big = admin.post("/api/put", json={"Name": "big", "Value": b64(b"x" * (1 << 20) + b"x")})
+    assert too_big.status_code == 400 and "larger than" in too_big.text
+    body = json.dumps({"Name": "big", "Value": b64(b"x" * (2 << 20))}).encode()
+    streamed = admin.post(
+        "/api/put", content=iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+    )
+    assert streamed.status_code == 400 and "2 MiB" in streamed.text
+    assert admin.post("/api/put", json={"Name": "max", "Value": b64(b"x" * (1 << 20))}).json() == 1
 
 
 def test_acl_from_capability_map(legerd: LegerdThread, admin: httpx.Client) -> None:

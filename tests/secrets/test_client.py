@@ -75,6 +75,10 @@ def test_store_polls_watches_and_caches(
             e for e in dev_legerd.audit_lines if e["action"] == "get" and e["secret"] == "svc/b"
         ]
         assert len(polls) >= 2  # polled, answered 304 (not re-sent) while unchanged
+    # A secret deleted on the server is not served from the cache.
+    client.delete("svc/b")
+    with Client(dev_legerd.url) as c, pytest.raises(SecretNotFound):
+        Store(c, ["svc/a", "svc/b"], cache_file=cache, poll_interval=0).start()
     # The server is gone: a new Store starts from the 0600 cache file.
     dev_legerd.__exit__(None, None, None)
     with Client(dev_legerd.url) as dead:

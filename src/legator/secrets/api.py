@@ -52,6 +52,25 @@ from legator.secrets.wire import (
 log = get_logger("legerd")
 PEER_STATE_KEY = "legerd_peer"
 NO_BROWSERS_HEADER = "sec-x-tailscale-no-browsers"
+# A 1 MiB value is 1.4 MiB of base64; anything much larger is not a setec request.
+MAX_BODY_BYTES = 2 << 20
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def text_error(status: int, message: str) -> Response:
@@ -201,10 +220,15 @@ def create_legerd_app(
             return text_error(403, "access denied")
         try:
             caller = await identifier.identify(request)
-        except IdentityError:
+        except IdentityError as exc:
+            log.warning(
+                "cannot identify caller", client=request.scope.get("client"), error=str(exc)
+            )
             return text_error(500, "unable to identify caller")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await read_body(request))
+        except BodyTooLarge:
+            return text_error(400, "bad request: body larger than 2 MiB")
         except ValueError:
             return text_error(400, "bad request")
         if not isinstance(body, dict):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from legator.core.security import write_private_file
-from legator.secrets.client import Client
+from legator.secrets.client import Client, Unavailable
 from legator.secrets.errors import SecretNotFound, SecretsError
 
 Watcher = Callable[[str, bytes, int], None]
@@ -77,7 +77,9 @@ class Store:
             try:
                 value, version = self.client.get(name)
                 self._values[name] = Cached(value, version)
-            except SecretsError:
+            except Unavailable:
+                # Only an unreachable server falls back to the cache: a denial or a deleted
+                # secret must not be papered over with a stale copy.
                 if name not in cached:
                     raise
                 self._values[name] = cached[name]

@@ -17,6 +17,7 @@ from legator.secrets.store import SecretInfo, SecretStore
 MAX_NAME_BYTES = 512
 RESERVED_PREFIX = "_internal/"
 MAX_VALUE_BYTES = 1 << 20
+MAX_VERSION = (1 << 63) - 1  # SQLite's INTEGER
 
 
 def validate_name(name: object) -> str:
@@ -35,6 +36,8 @@ def validate_name(name: object) -> str:
 def validate_version(version: object, *, allow_zero: bool = True) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise InvalidRequest("bad request: version must be a non-negative integer")
+    if version > MAX_VERSION:
+        raise InvalidRequest(f"bad request: version must be at most {MAX_VERSION}")
     if version == 0 and not allow_zero:
         raise InvalidRequest("invalid version, please specify a version > 0")
     return version
