@@ -76,6 +76,7 @@ def test_versioning_follows_setec(admin: httpx.Client) -> None:
     assert (same.status_code, same.content) == (304, b"")
     assert admin.post("/api/activate", json={"Name": "prod/db", "Version": 2}).json() == {}
     assert admin.post("/api/activate", json={"Name": "prod/db", "Version": 2}).status_code == 200
+    assert admin.post("/api/set-active", json={"Name": "prod/db", "Version": 2}).json() == {}
     changed = admin.post(
         "/api/get", json={"Name": "prod/db", "Version": 1, "UpdateIfChanged": True}
     )

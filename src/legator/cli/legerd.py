@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from legator.cli.common import EXIT_USAGE, fail
+from legator.core.logging import configure_logging
 from legator.secrets.acl import AclError
 from legator.secrets.crypto import Kek, generate_key, load_kek, parse_key, write_key_file
 from legator.secrets.errors import SecretsError
@@ -67,9 +68,14 @@ def serve_command(
         envvar="LEGERD_TAILSCALE_SOCKET",
         help="tailscaled's LocalAPI socket, asked who each TCP caller is.",
     ),
-    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    log_level: str = typer.Option(
+        "warning", "--log-level", help="debug, info, warning or error.", envvar="LEGERD_LOG_LEVEL"
+    ),
 ) -> None:
     """Serve the setec API on --listen and/or --socket."""
+    if log_level not in ("debug", "info", "warning", "error"):
+        fail(f"--log-level {log_level!r}: expected debug, info, warning or error", EXIT_USAGE)
+    configure_logging(log_level, "auto")
     if acl is None and DEFAULT_ACL.exists():
         acl = DEFAULT_ACL
     config = LegerdConfig(

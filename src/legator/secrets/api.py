@@ -172,6 +172,7 @@ CALLS: dict[str, Handler] = {
     "delete": _delete,
     "delete-version": _delete_version,
     "create-version": _create_version,
+    "set-active": _activate,  # the name older setec clients use for activate
 }
 
 
