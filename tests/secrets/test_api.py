@@ -263,3 +263,17 @@ def test_tampered_value_is_a_plain_internal_error(
         db.execute("UPDATE versions SET sealed = sealed || x'00'")
     response = admin.post("/api/get", json={"Name": "t"})
     assert (response.status_code, response.text) == (500, "internal error\n")
+
+
+def test_malformed_capability_grant_is_unidentified(
+    legerd: LegerdThread, tailscale: FakeTailscale
+) -> None:
+    tailscale.identities["127.0.0.7"] = whois_user(
+        "eve@example.com", [{"action": ["get", "teleport"], "secret": ["*"]}]
+    )
+    tailscale.identities["127.0.0.8"] = {"Node": {"Tags": None}, "UserProfile": {}, "CapMap": {}}
+    for ip in ("127.0.0.7", "127.0.0.8"):
+        with legerd.tcp(ip) as caller:
+            response = caller.post("/api/list", content=b"{}")
+        assert (response.status_code, response.text) == (500, "unable to identify caller\n")
+    assert any(call.startswith("127.0.0.7:") for call in tailscale.calls)

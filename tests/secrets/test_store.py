@@ -136,3 +136,25 @@ def test_rotate_kek(tmp_path: Path) -> None:
     reopened.close()
     with pytest.raises(KekError):
         SecretStore(state / "secrets.db", Kek(bytes.fromhex(old_key), "old"))
+
+
+def test_rotate_kek_from_env_needs_a_new_key_file(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    old = generate_key()
+    store = SecretStore(state / "secrets.db", Kek(old, "env"))
+    store.put("a", b"alpha")
+    store.close()
+    env = {"LEGERD_KEK": old.hex()}
+    refused = run_cli("legerd", "rotate-kek", "--state-dir", str(state), env=env)
+    assert refused.returncode == 1 and "--new-key-file" in refused.stderr
+    new = generate_key()
+    new_file = tmp_path / "new.key"
+    new_file.write_text(new.hex())
+    done = run_cli(
+        "legerd", "rotate-kek", "--state-dir", str(state), "--new-key-file", str(new_file), env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert SecretStore(state / "secrets.db", Kek(new, "new")).get("a") == (b"alpha", 1)
+    with pytest.raises(KekError):
+        SecretStore(state / "secrets.db", Kek(old, "old"))
+    assert not (state / "keys").exists()  # nothing written where the key did not come from

@@ -20,7 +20,6 @@ from legator.secrets.errors import (
     InvalidRequest,
     KekError,
     SecretNotFound,
-    StoreCorrupted,
     VersionClaimed,
 )
 
@@ -298,5 +297,3 @@ class SecretStore:
             count += 1
         return count
 
-
-__all__ = ["SecretInfo", "SecretStore", "StoreCorrupted"]
