@@ -296,4 +296,3 @@ class SecretStore:
             self._sealer.open(name, version, sealed)
             count += 1
         return count
-
