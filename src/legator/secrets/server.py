@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from legator.secrets.acl import Policy
+from legator.core.logging import get_logger
+from legator.secrets.acl import AclError, Policy
 from legator.secrets.api import PEER_STATE_KEY, Identifier, create_legerd_app
 from legator.secrets.audit import AuditLog
 from legator.secrets.crypto import load_kek
@@ -21,6 +23,7 @@ from legator.secrets.identity import WhoIs, is_loopback, peer_credentials
 from legator.secrets.service import SecretsService
 from legator.secrets.store import SecretStore
 
+log = get_logger("legerd")
 DEFAULT_STATE_DIR = Path("/var/lib/legerd")
 DEFAULT_ACL = Path("/etc/legerd/acl.json")
 DEFAULT_SOCKET = Path("/run/legerd/legerd.sock")
@@ -126,12 +129,11 @@ def bind_sockets(config: LegerdConfig) -> list[socket.socket]:
     return sockets
 
 
-def build_app(config: LegerdConfig, service: SecretsService) -> Any:
+def build_identifier(config: LegerdConfig) -> Identifier:
     whois = None
     if config.tailscale_socket is not None and not config.dev:
         whois = WhoIs(config.tailscale_socket)
-    identifier = Identifier(Policy.load(config.acl_path), whois, config.dev)
-    return create_legerd_app(service, identifier)
+    return Identifier(Policy.load(config.acl_path), whois, config.dev)
 
 
 class Legerd:
@@ -139,13 +141,13 @@ class Legerd:
 
     def __init__(self, config: LegerdConfig, *, log_level: str = "warning") -> None:
         validate(config)
-        Policy.load(config.acl_path)  # fail before opening anything on a bad policy file
+        self.identifier = build_identifier(config)  # a bad policy file fails before anything
         self.config = config
         self.service, self.audit = open_service(config)
         self.sockets = bind_sockets(config)
         self.server = uvicorn.Server(
             uvicorn.Config(
-                build_app(config, self.service),
+                create_legerd_app(self.service, self.identifier),
                 http=PeerCredProtocol,
                 lifespan="off",
                 log_config=None,
@@ -155,9 +157,30 @@ class Legerd:
             )
         )
 
-    def run(self) -> None:
+    def reload_policy(self) -> bool:
+        """Re-read the policy file (on SIGHUP). A bad file keeps the rules in force."""
         try:
-            asyncio.run(self.server.serve(sockets=self.sockets))
+            self.identifier.policy = Policy.load(self.config.acl_path)
+        except AclError as exc:
+            log.error("policy reload failed; keeping the previous rules", error=str(exc))
+            return False
+        log.warning("policy reloaded", path=str(self.config.acl_path))
+        return True
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+        await self.server.serve(sockets=self.sockets)
+
+    def run(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, to whatever handler
+            # was there before; this one lets close() flush the audit log and remove the socket.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        try:
+            asyncio.run(self.serve())
         finally:
             self.close()
 
