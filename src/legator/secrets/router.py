@@ -125,6 +125,7 @@ def _value(raw: str) -> bytes:
 async def list_secrets(
     body: ListIn, request: Request, principal: Principal = require(P.SECRETS_READ)
 ) -> list[dict[str, Any]]:
+    """Secrets you may see: names, versions and the active version (never values)."""
     infos = await run(service_of(request).list, caller_for(principal))
     return [info_json(i) for i in infos]
 
@@ -133,6 +134,8 @@ async def list_secrets(
 async def get_secret(
     body: GetIn, request: Request, principal: Principal = require(P.SECRETS_READ)
 ) -> Any:
+    """A value (base64) and its version; Version 0 is the active one. With UpdateIfChanged,
+    304 while the active version is still Version."""
     svc = service_of(request)
     try:
         result = await run(
@@ -147,6 +150,7 @@ async def get_secret(
 async def info_secret(
     body: NameIn, request: Request, principal: Principal = require(P.SECRETS_READ)
 ) -> dict[str, Any]:
+    """A secret's versions and active version."""
     return info_json(await run(service_of(request).info, caller_for(principal), body.Name))
 
 
@@ -154,6 +158,7 @@ async def info_secret(
 async def put_secret(
     body: PutIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
 ) -> int:
+    """Store a value; answers the version (the first is active, later ones are not)."""
     svc = service_of(request)
     return await run(svc.put, caller_for(principal), body.Name, _value(body.Value))
 
@@ -162,6 +167,7 @@ async def put_secret(
 async def activate_secret(
     body: VersionIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
 ) -> dict[str, Any]:
+    """Make a version the active one."""
     await run(service_of(request).activate, caller_for(principal), body.Name, body.Version)
     return {}
 
@@ -170,6 +176,7 @@ async def activate_secret(
 async def delete_secret(
     body: NameIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
 ) -> dict[str, Any]:
+    """Delete a secret and all its versions."""
     await run(service_of(request).delete, caller_for(principal), body.Name)
     return {}
 
@@ -178,6 +185,7 @@ async def delete_secret(
 async def delete_secret_version(
     body: VersionIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
 ) -> dict[str, Any]:
+    """Delete one inactive version; its number is never reused."""
     await run(service_of(request).delete_version, caller_for(principal), body.Name, body.Version)
     return {}
 
@@ -186,6 +194,7 @@ async def delete_secret_version(
 async def create_secret_version(
     body: CreateVersionIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
 ) -> dict[str, Any]:
+    """Create exactly this version and make it active; 412 if it was ever used."""
     svc = service_of(request)
     await run(
         svc.create_version, caller_for(principal), body.Name, body.Version, _value(body.Value)
