@@ -7,13 +7,13 @@ well under a millisecond.
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio.to_thread
+import jinja2
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from legator.core.logging import get_logger
 from legator.secrets.acl import Policy
-from legator.secrets.errors import AccessDenied, InvalidRequest, SecretsError
+from legator.secrets.errors import SecretsError
 from legator.secrets.identity import (
     DEV_CALLER,
     Caller,
@@ -50,6 +50,13 @@ from legator.secrets.wire import (
 )
 
 log = get_logger("legerd")
+_INDEX = jinja2.Environment(autoescape=True).from_string(
+    "<!doctype html><html><head><meta charset=utf-8><title>legerd</title></head><body>"
+    "<h1>Secrets visible to {{ principal }}</h1><table><thead><tr><th>Name</th>"
+    "<th>Active version</th><th>Versions</th></tr></thead><tbody>"
+    "{% for s in secrets %}<tr><td>{{ s.name }}</td><td>{{ s.active_version }}</td>"
+    "<td>{{ s.versions | join(', ') }}</td></tr>{% endfor %}</tbody></table></body></html>"
+)
 PEER_STATE_KEY = "legerd_peer"
 NO_BROWSERS_HEADER = "sec-x-tailscale-no-browsers"
 # A 1 MiB value is 1.4 MiB of base64; anything much larger is not a setec request.
@@ -253,20 +260,9 @@ def create_legerd_app(
             caller = await identifier.identify(request)
         except IdentityError:
             return text_error(500, "unable to identify caller")
-        try:
-            visible = service.list(caller)
-        except (AccessDenied, InvalidRequest) as exc:
-            return text_error(exc.status_code, exc.message)
-        rows = "".join(
-            f"<tr><td>{html.escape(i.name)}</td><td>{i.active_version}</td>"
-            f"<td>{', '.join(str(v) for v in i.versions)}</td></tr>"
-            for i in visible
-        )
+        page = _INDEX.render(principal=caller.principal, secrets=service.list(caller))
         return HTMLResponse(
-            "<!doctype html><html><head><meta charset=utf-8><title>legerd</title></head>"
-            f"<body><h1>Secrets visible to {html.escape(caller.principal)}</h1>"
-            "<table><thead><tr><th>Name</th><th>Active version</th><th>Versions</th></tr>"
-            f"</thead><tbody>{rows}</tbody></table></body></html>",
+            page,
             headers={"Content-Security-Policy": "default-src 'none'", "X-Frame-Options": "DENY"},
         )
 
