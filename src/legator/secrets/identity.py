@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import pwd
+import re
 import socket
 import struct
 import time
@@ -69,7 +70,8 @@ def unix_caller(cred: PeerCred, policy: Policy) -> Caller:
     principals = (f"unix:{username}", f"uid:{cred.uid}")
     if cred.uid == 0:
         return Caller(f"unix:{username}", principals, (ALLOW_ALL,), "unix")
-    own = Rule.build(ALL_ACTIONS, [f"leger/{username}/*"])
+    # Escaped, not a pattern: a '*' in a user name must not widen the namespace.
+    own = Rule(ALL_ACTIONS, (re.compile("^" + re.escape(f"leger/{username}/") + ".*$"),))
     return Caller(f"unix:{username}", principals, (own, *policy.rules_for(principals)), "unix")
 
 
