@@ -127,7 +127,7 @@ def test_rotate_kek(tmp_path: Path) -> None:
     old_key = (state / "keys" / "main.key").read_text()
     result = run_cli("legerd", "rotate-kek", "--state-dir", str(state), env=env)
     assert result.returncode == 0, result.stderr
-    assert "2 values verified" in result.stdout
+    assert "2 stored value(s) verified" in result.stdout
     new_key = (state / "keys" / "main.key").read_text()
     assert new_key != old_key
     assert (state / "keys" / "main.key").stat().st_mode & 0o777 == 0o600
@@ -154,6 +154,7 @@ def test_rotate_kek_from_env_needs_a_new_key_file(tmp_path: Path) -> None:
         "legerd", "rotate-kek", "--state-dir", str(state), "--new-key-file", str(new_file), env=env
     )
     assert done.returncode == 0, done.stderr
+    assert "1 stored value(s) verified" in done.stdout
     assert SecretStore(state / "secrets.db", Kek(new, "new")).get("a") == (b"alpha", 1)
     with pytest.raises(KekError):
         SecretStore(state / "secrets.db", Kek(old, "old"))

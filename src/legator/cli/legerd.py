@@ -131,14 +131,16 @@ def rotate_kek(
         if new_key_file is None:
             write_key_file(config.key_file, new.key)
         store.drop_other_keks(new)
-        checked = SecretStore(config.db_path, new).verify_all() if new_key_file is None else 0
+        checked = SecretStore(config.db_path, new).verify_all()
         store.close()
     except SecretsError as exc:
         fail(exc.message)
     except OSError as exc:
         fail(str(exc))
     where = config.key_file if new_key_file is None else new_key_file
-    typer.echo(f"data key re-wrapped under key {new.key_id} ({where}); {checked} values verified")
+    typer.echo(
+        f"data key re-wrapped under key {new.key_id} ({where}); {checked} stored value(s) verified"
+    )
 
 
 def main() -> None:
