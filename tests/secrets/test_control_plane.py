@@ -159,3 +159,7 @@ def test_secrets_kek_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert failed.returncode == 2
     assert "secrets store:" in failed.stderr and "not the one" in failed.stderr
     assert "Traceback" not in failed.stderr
+    nowhere = run_cli(
+        "legator", "serve", env={"LEGATOR_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
+    )
+    assert nowhere.returncode == 2 and "LEGATOR_SECRETS_DIR" in nowhere.stderr

@@ -211,6 +211,13 @@ def _open_store(core: Core) -> tuple[SecretStore, Path | None]:
         settings.data_dir / "secrets" if settings.data_dir else None
     )
     if directory is None:
+        if settings.database_url:
+            # Persistent state elsewhere but nowhere for secrets: a throwaway store would lose
+            # them at the next restart.
+            raise ConfigError(
+                "LEGATOR_SECRETS_DIR: the secrets store needs a directory when "
+                "LEGATOR_DATABASE_URL is set and LEGATOR_DATA_DIR is not"
+            )
         directory = scratch = Path(tempfile.mkdtemp(prefix="legator-secrets-"))
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.secrets_kek is not None:
