@@ -134,7 +134,12 @@ def _ms(text: str) -> float:
 
 
 def wrk(
-    url: str, *, connections: int, duration_s: int = 10, headers: dict[str, str] | None = None
+    url: str,
+    *,
+    connections: int,
+    duration_s: int = 10,
+    headers: dict[str, str] | None = None,
+    script: Path | None = None,
 ) -> dict[str, float]:
     """Drive ``url`` with wrk (a C load generator: a Python client would be the bottleneck on
     two cores). Returns requests/s, p50/p99 latency in ms and the error count."""
@@ -149,6 +154,8 @@ def wrk(
     ]
     for name, value in (headers or {}).items():
         command += ["-H", f"{name}: {value}"]
+    if script is not None:  # a Lua script, e.g. to send POST bodies
+        command += ["-s", str(script)]
     out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
     latency = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.MULTILINE))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))

@@ -6,6 +6,7 @@ set -euo pipefail
 PACKAGES=(
   postgresql-client  # pg_dump for `legator backup` on PostgreSQL
   wrk                # HTTP load generator for bench/
+  systemd            # systemd-analyze verify checks the packaged units (tests/secrets)
 )
 
 missing=()

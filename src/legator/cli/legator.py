@@ -81,10 +81,11 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     try:
         core = build_core(settings)
-    except (OSError, ValueError) as exc:
+        asgi_app = create_app(core=core)
+    except (OSError, ValueError, ConfigError) as exc:
         fail(str(exc), EXIT_USAGE)
     config = uvicorn.Config(
-        create_app(core=core),
+        asgi_app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",

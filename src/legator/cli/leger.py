@@ -1,20 +1,18 @@
-"""`leger`: its own issue implements it; until then it explains itself and exits 2."""
+"""`leger`: the Deploy wing's CLI. For now it has one command group, ``secrets``."""
 
 from __future__ import annotations
 
 import typer
 
+from legator.cli.leger_secrets import app as secrets_app
+
 app = typer.Typer(
     name="leger",
-    help="Leger: deploy Podman quadlets with secrets from legerd. (not implemented yet)",
+    help="Leger: deploy Podman quadlets with secrets from legerd.",
     add_completion=False,
+    no_args_is_help=True,
 )
-
-
-@app.callback(invoke_without_command=True)
-def _root() -> None:
-    typer.echo("leger: not implemented yet", err=True)
-    raise typer.Exit(2)
+app.add_typer(secrets_app, name="secrets")
 
 
 def main() -> None:

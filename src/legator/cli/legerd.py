@@ -1,20 +1,146 @@
-"""`legerd`: its own issue implements it; until then it explains itself and exits 2."""
+"""`legerd`: the setec-compatible encrypted secrets daemon (thin: parse flags, call
+``legator.secrets.server``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from legator.cli.common import EXIT_USAGE, fail
+from legator.core.logging import configure_logging
+from legator.secrets.acl import AclError
+from legator.secrets.crypto import Kek, generate_key, load_kek, parse_key, write_key_file
+from legator.secrets.errors import SecretsError
+from legator.secrets.server import (
+    DEFAULT_ACL,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TAILSCALE_SOCKET,
+    ConfigProblem,
+    LegerdConfig,
+    serve,
+)
+from legator.secrets.store import SecretStore
 
 app = typer.Typer(
     name="legerd",
-    help="legerd: the setec-compatible encrypted secrets daemon. (not implemented yet)",
+    help=(
+        "legerd: the setec-compatible encrypted secrets daemon. Callers are identified by "
+        "Tailscale (TCP) or by their uid (unix socket); an ACL decides what each may do."
+    ),
     add_completion=False,
+    no_args_is_help=True,
+)
+
+StateDir = typer.Option(
+    DEFAULT_STATE_DIR, "--state-dir", envvar="LEGERD_STATE_DIR", help="Database, key, audit log."
 )
 
 
-@app.callback(invoke_without_command=True)
-def _root() -> None:
-    typer.echo("legerd: not implemented yet", err=True)
-    raise typer.Exit(2)
+@app.command("serve")
+def serve_command(
+    state_dir: Path = StateDir,
+    listen: str | None = typer.Option(
+        None,
+        "--listen",
+        envvar="LEGERD_LISTEN",
+        help="TCP HOST:PORT for Tailscale callers (e.g. your tailnet IP:8573). Off by default.",
+    ),
+    socket_path: str = typer.Option(
+        str(DEFAULT_SOCKET),
+        "--socket",
+        envvar="LEGERD_SOCKET",
+        help="Unix socket for local callers (identified by uid); '' to disable.",
+    ),
+    dev: bool = typer.Option(
+        False, "--dev", help="Development: loopback only, every local caller may do anything."
+    ),
+    acl: Path | None = typer.Option(
+        None,
+        "--acl",
+        envvar="LEGERD_ACL",
+        help=f"Local policy file (default: {DEFAULT_ACL} when it exists).",
+    ),
+    tailscale_socket: Path = typer.Option(
+        DEFAULT_TAILSCALE_SOCKET,
+        "--tailscale-socket",
+        envvar="LEGERD_TAILSCALE_SOCKET",
+        help="tailscaled's LocalAPI socket, asked who each TCP caller is.",
+    ),
+    log_level: str = typer.Option(
+        "warning", "--log-level", help="debug, info, warning or error.", envvar="LEGERD_LOG_LEVEL"
+    ),
+) -> None:
+    """Serve the setec API on --listen and/or --socket."""
+    if log_level not in ("debug", "info", "warning", "error"):
+        fail(f"--log-level {log_level!r}: expected debug, info, warning or error", EXIT_USAGE)
+    configure_logging(log_level, "auto")
+    if acl is None and DEFAULT_ACL.exists():
+        acl = DEFAULT_ACL
+    config = LegerdConfig(
+        state_dir=state_dir,
+        listen=listen,
+        socket_path=Path(socket_path) if socket_path else None,
+        dev=dev,
+        acl_path=acl,
+        tailscale_socket=tailscale_socket,
+    )
+    try:
+        serve(config, log_level=log_level)
+    except (ConfigProblem, AclError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    except SecretsError as exc:
+        fail(exc.message)
+    except OSError as exc:
+        fail(f"cannot serve: {exc}")
+
+
+@app.command("rotate-kek")
+def rotate_kek(
+    state_dir: Path = StateDir,
+    new_key_file: Path | None = typer.Option(
+        None,
+        "--new-key-file",
+        help="Read the new key (64 hex) from this file instead of generating one; use this "
+        "when the key comes from $LEGERD_KEK or a systemd credential.",
+    ),
+) -> None:
+    """Re-wrap the data key under a new key-encryption key (values are not re-encrypted).
+
+    Safe to interrupt: the store opens with the old or the new key at every step.
+    """
+    config = LegerdConfig(state_dir=state_dir)
+    if not config.db_path.exists():
+        fail(f"no store at {config.db_path}", 3)
+    try:
+        old = load_kek(config.key_file, create=False)
+        if new_key_file is None and old.source != str(config.key_file):
+            fail(
+                f"the current key comes from {old.source}; give --new-key-file and "
+                "install that key there yourself"
+            )
+        if new_key_file is not None:
+            new = Kek(parse_key(new_key_file.read_text(), str(new_key_file)), str(new_key_file))
+        else:
+            new = Kek(generate_key(), str(config.key_file))
+        if new.key_id == old.key_id:
+            fail("the new key is the same as the current one")
+        store = SecretStore(config.db_path, old)
+        store.add_kek(new, old)
+        if new_key_file is None:
+            write_key_file(config.key_file, new.key)
+        store.drop_other_keks(new)
+        checked = SecretStore(config.db_path, new).verify_all()
+        store.close()
+    except SecretsError as exc:
+        fail(exc.message)
+    except OSError as exc:
+        fail(str(exc))
+    where = config.key_file if new_key_file is None else new_key_file
+    typer.echo(
+        f"data key re-wrapped under key {new.key_id} ({where}); {checked} stored value(s) verified"
+    )
 
 
 def main() -> None:

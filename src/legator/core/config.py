@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     metrics_public: bool = False
     audit_chain_key: SecretStr | None = None
     approval_ttl: int = Field(900, ge=30, le=7 * 24 * 3600, description="Approval expiry, seconds.")
+    secrets_dir: Path | None = Field(
+        None, description="Secrets store directory; unset = <data_dir>/secrets."
+    )
+    secrets_kek: SecretStr | None = Field(
+        None, description="Secrets key-encryption key, 64 hex; unset = a key file."
+    )
 
     llm_provider: Literal["", "openai", "anthropic", "local"] = ""
     llm_model: str = ""
@@ -79,6 +85,15 @@ class Settings(BaseSettings):
         if scheme in ("sqlite", "sqlite+aiosqlite"):
             return "sqlite+aiosqlite://" + value.split("://", 1)[1]
         raise ValueError("expected a sqlite:/// or postgresql:// URL")
+
+    @field_validator("secrets_kek")
+    @classmethod
+    def _check_secrets_kek(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value().strip()
+            if len(raw) != 64 or any(c not in "0123456789abcdefABCDEF" for c in raw):
+                raise ValueError("must be 64 hex characters (a 32-byte key)")
+        return value
 
     @field_validator("signing_key")
     @classmethod

@@ -1,0 +1,121 @@
+"""Access rules, as setec's capability grants: a rule allows some actions on the secrets whose
+names match its patterns. Rules come from the caller's Tailscale capability map or from the
+local policy file, whose entries also name the principals they apply to."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class Action(StrEnum):
+    GET = "get"
+    INFO = "info"
+    PUT = "put"
+    ACTIVATE = "activate"
+    DELETE = "delete"
+    CREATE_VERSION = "create-version"
+
+
+ALL_ACTIONS = frozenset(Action)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    # Only ``*`` is special (any run of characters, ``/`` included), as in setec; fnmatch
+    # would also give meaning to ``?`` and ``[``, which are legal in secret names.
+    return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    actions: frozenset[Action]
+    secrets: tuple[re.Pattern[str], ...]
+
+    @classmethod
+    def build(cls, actions: Iterable[str], secrets: Iterable[str]) -> Rule:
+        return cls(frozenset(Action(a) for a in actions), tuple(_compile(s) for s in secrets))
+
+    def allows(self, action: Action, name: str) -> bool:
+        return action in self.actions and any(p.match(name) for p in self.secrets)
+
+
+ALLOW_ALL = Rule(ALL_ACTIONS, (_compile("*"),))
+
+
+class AclError(ValueError):
+    pass
+
+
+def parse_grant(entry: Any, where: str) -> Rule:
+    """One setec grant ``{"action": [...], "secret": [...]}``."""
+    if not isinstance(entry, dict):
+        raise AclError(f"{where}: a rule must be an object")
+    actions, secrets = entry.get("action"), entry.get("secret")
+    if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
+        raise AclError(f"{where}: 'action' must be a list of strings")
+    unknown = sorted(set(actions) - {a.value for a in Action})
+    if unknown:
+        raise AclError(
+            f"{where}: unknown action(s) {', '.join(unknown)}; "
+            f"known: {', '.join(a.value for a in Action)}"
+        )
+    if not isinstance(secrets, list) or not all(isinstance(s, str) and s for s in secrets):
+        raise AclError(f"{where}: 'secret' must be a list of non-empty patterns")
+    return Rule.build(actions, secrets)
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    principals: tuple[re.Pattern[str], ...]
+    rule: Rule
+
+    def applies_to(self, principals: Iterable[str]) -> bool:
+        return any(p.match(who) for p in self.principals for who in principals)
+
+
+class Policy:
+    """The local policy file: ``[{"principal": ..., "action": [...], "secret": [...]}]``.
+
+    A principal is a Tailscale login name (``alice@example.com``), a node tag
+    (``tag:prod``), a local user on the unix socket (``unix:alice``, ``uid:1000``), or a
+    pattern with ``*``; ``principal`` may be a string or a list.
+    """
+
+    def __init__(self, entries: list[PolicyEntry] | None = None) -> None:
+        self.entries = entries or []
+
+    @classmethod
+    def load(cls, path: Path | None) -> Policy:
+        if path is None:
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AclError(f"{path}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise AclError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(raw, list):
+            raise AclError(f"{path}: the policy must be a JSON list of rules")
+        entries = []
+        for index, entry in enumerate(raw):
+            where = f"{path} rule {index}"
+            rule = parse_grant(entry, where)
+            principal = entry.get("principal")
+            names = [principal] if isinstance(principal, str) else principal
+            if (
+                not isinstance(names, list)
+                or not names
+                or not all(isinstance(n, str) and n for n in names)
+            ):
+                raise AclError(f"{where}: 'principal' must be a string or a list of strings")
+            entries.append(PolicyEntry(tuple(_compile(n) for n in names), rule))
+        return cls(entries)
+
+    def rules_for(self, principals: Iterable[str]) -> list[Rule]:
+        who = list(principals)
+        return [e.rule for e in self.entries if e.applies_to(who)]

@@ -1,0 +1,284 @@
+"""legerd's HTTP surface: setec's ``/api/*`` calls and the HTML index, byte for byte.
+
+Written on Starlette directly (no FastAPI dependency injection): every call has setec's own
+checks (POST, JSON, the anti-browser header) and short plain-text errors, and a get must stay
+well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio.to_thread
+import jinja2
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from legator.core.logging import get_logger
+from legator.secrets.acl import Policy
+from legator.secrets.errors import SecretsError
+from legator.secrets.identity import (
+    DEV_CALLER,
+    Caller,
+    IdentityError,
+    PeerCred,
+    WhoIs,
+    caller_from_whois,
+    is_loopback,
+    unix_caller,
+)
+from legator.secrets.service import SecretsService
+from legator.secrets.wire import (
+    field_bool,
+    field_bytes,
+    field_int,
+    field_str,
+    info_json,
+    value_json,
+)
+
+log = get_logger("legerd")
+_INDEX = jinja2.Environment(autoescape=True).from_string(
+    "<!doctype html><html><head><meta charset=utf-8><title>legerd</title></head><body>"
+    "<h1>Secrets visible to {{ principal }}</h1><table><thead><tr><th>Name</th>"
+    "<th>Active version</th><th>Versions</th></tr></thead><tbody>"
+    "{% for s in secrets %}<tr><td>{{ s.name }}</td><td>{{ s.active_version }}</td>"
+    "<td>{{ s.versions | join(', ') }}</td></tr>{% endfor %}</tbody></table></body></html>"
+)
+PEER_STATE_KEY = "legerd_peer"
+NO_BROWSERS_HEADER = "sec-x-tailscale-no-browsers"
+# A 1 MiB value is 1.4 MiB of base64; anything much larger is not a setec request.
+MAX_BODY_BYTES = 2 << 20
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def text_error(status: int, message: str) -> Response:
+    # Go's http.Error: text/plain, nosniff, the message and a newline.
+    return Response(
+        message + "\n",
+        status_code=status,
+        media_type="text/plain; charset=utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+def json_response(body: Any) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")).encode(), media_type="application/json")
+
+
+NOT_MODIFIED = Response(status_code=304, headers={"Content-Type": "application/json"})
+
+
+class Identifier:
+    def __init__(self, policy: Policy, whois: WhoIs | None, dev: bool) -> None:
+        self.policy = policy
+        self.whois = whois
+        self.dev = dev
+
+    async def identify(self, request: Request) -> Caller:
+        peer: PeerCred | None = request.scope.get("state", {}).get(PEER_STATE_KEY)
+        if peer is not None:
+            return DEV_CALLER if self.dev else unix_caller(peer, self.policy)
+        client = request.scope.get("client")
+        if not client:
+            raise IdentityError("caller has no address and no peer credentials")
+        host, port = client[0], client[1]
+        if self.dev and is_loopback(host):
+            return DEV_CALLER
+        if self.whois is None:
+            raise IdentityError("no Tailscale LocalAPI socket is configured")
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return caller_from_whois(await self.whois.whois(addr), self.policy)
+
+
+Handler = Callable[[SecretsService, Caller, dict[str, Any]], Awaitable[Response]]
+
+
+async def _list(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    return json_response([info_json(i) for i in svc.list(caller)])
+
+
+async def _get(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    result = svc.get(
+        caller,
+        field_str(body, "Name"),
+        field_int(body, "Version"),
+        field_bool(body, "UpdateIfChanged"),
+    )
+    return json_response(value_json(result.value, result.version))
+
+
+async def _info(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    return json_response(info_json(svc.info(caller, field_str(body, "Name"))))
+
+
+async def _put(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    name, value = field_str(body, "Name"), field_bytes(body, "Value")
+    version = await anyio.to_thread.run_sync(svc.put, caller, name, value)
+    return json_response(version)
+
+
+async def _activate(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    name, version = field_str(body, "Name"), field_int(body, "Version")
+    await anyio.to_thread.run_sync(svc.activate, caller, name, version)
+    return json_response({})
+
+
+async def _delete(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    await anyio.to_thread.run_sync(svc.delete, caller, field_str(body, "Name"))
+    return json_response({})
+
+
+async def _delete_version(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    name, version = field_str(body, "Name"), field_int(body, "Version")
+    await anyio.to_thread.run_sync(svc.delete_version, caller, name, version)
+    return json_response({})
+
+
+async def _create_version(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    name, version = field_str(body, "Name"), field_int(body, "Version")
+    value = field_bytes(body, "Value")
+    await anyio.to_thread.run_sync(svc.create_version, caller, name, version, value)
+    return json_response({})
+
+
+CALLS: dict[str, Handler] = {
+    "list": _list,
+    "get": _get,
+    "info": _info,
+    "put": _put,
+    "activate": _activate,
+    "delete": _delete,
+    "delete-version": _delete_version,
+    "create-version": _create_version,
+    "set-active": _activate,  # the name older setec clients use for activate
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "legerd_api_calls",
+            "setec API calls by call and HTTP status.",
+            ["call", "status"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "legerd_api_call_seconds",
+            "Time to answer a setec API call.",
+            ["call"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+            registry=self.registry,
+        )
+
+
+def create_legerd_app(
+    service: SecretsService,
+    identifier: Identifier,
+) -> Starlette:
+    metrics = Metrics()
+
+    async def api_call(request: Request) -> Response:
+        call = request.path_params["call"]
+        handler = CALLS.get(call)
+        if handler is None:
+            return text_error(404, "404 page not found")
+        started = time.perf_counter()
+        response = await _answer(request, handler)
+        metrics.calls.labels(call, str(response.status_code)).inc()
+        metrics.seconds.labels(call).observe(time.perf_counter() - started)
+        return response
+
+    async def _answer(request: Request, handler: Handler) -> Response:
+        if request.method != "POST":
+            return text_error(400, "only POST requests allowed")
+        media = request.headers.get("content-type", "").split(";")[0].strip()
+        if media != "application/json":
+            return text_error(400, "request body must be json")
+        if request.headers.get(NO_BROWSERS_HEADER) != "setec":
+            return text_error(403, "access denied")
+        try:
+            caller = await identifier.identify(request)
+        except IdentityError as exc:
+            log.warning(
+                "cannot identify caller", client=request.scope.get("client"), error=str(exc)
+            )
+            return text_error(500, "unable to identify caller")
+        try:
+            body = json.loads(await read_body(request))
+        except BodyTooLarge:
+            return text_error(400, "bad request: body larger than 2 MiB")
+        except ValueError:
+            return text_error(400, "bad request")
+        if not isinstance(body, dict):
+            return text_error(400, "bad request")
+        try:
+            return await handler(service, caller, body)
+        except SecretsError as exc:
+            if exc.status_code == 304:
+                return NOT_MODIFIED
+            if exc.status_code >= 500:
+                # The detail (e.g. which row failed authentication) is for the operator.
+                log.error("secrets call failed", error=exc.message, principal=caller.principal)
+                return text_error(500, "internal error")
+            return text_error(exc.status_code, exc.message)
+        except Exception:  # setec answers any other failure the same way; the trace is logged
+            log.exception("secrets call failed", principal=caller.principal)
+            return text_error(500, "internal error")
+
+    async def index(request: Request) -> Response:
+        try:
+            caller = await identifier.identify(request)
+        except IdentityError:
+            return text_error(500, "unable to identify caller")
+        page = _INDEX.render(principal=caller.principal, secrets=service.list(caller))
+        return HTMLResponse(
+            page,
+            headers={"Content-Security-Policy": "default-src 'none'", "X-Frame-Options": "DENY"},
+        )
+
+    async def prometheus(request: Request) -> Response:
+        # Counts only (no secret names); still, only callers legerd can identify may read them.
+        try:
+            await identifier.identify(request)
+        except IdentityError:
+            return text_error(500, "unable to identify caller")
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    return Starlette(
+        routes=[
+            Route("/api/{call:str}", api_call, methods=methods),
+            Route("/metrics", prometheus, methods=["GET"]),
+            Route("/", index, methods=["GET"]),
+        ]
+    )

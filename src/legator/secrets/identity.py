@@ -1,0 +1,153 @@
+"""Who is calling: Tailscale identity for TCP peers (LocalAPI ``whois``), the peer's uid for
+callers on legerd's unix socket (``SO_PEERCRED``), everyone-is-trusted in ``--dev`` mode."""
+
+from __future__ import annotations
+
+import ipaddress
+import pwd
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from legator.secrets.acl import ALL_ACTIONS, ALLOW_ALL, AclError, Action, Policy, Rule, parse_grant
+
+# setec reads its grants from this capability (older tailnets prefix it with https://).
+CAP_SECRETS = "tailscale.com/cap/secrets"
+_CAP_NAMES = (CAP_SECRETS, "https://" + CAP_SECRETS)
+
+
+class IdentityError(Exception):
+    """The caller could not be identified (setec answers 500 "unable to identify caller")."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    principal: str  # what the audit log records
+    principals: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+    transport: str = "tailscale"
+
+    def can(self, action: Action, name: str) -> bool:
+        return any(rule.allows(action, name) for rule in self.rules)
+
+
+DEV_CALLER = Caller("dev:local", ("dev:local",), (ALLOW_ALL,), "dev")
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: Any) -> PeerCred | None:
+    """The credentials of the process at the other end of a unix socket, else None."""
+    try:
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+def unix_caller(cred: PeerCred, policy: Policy) -> Caller:
+    """A local user: rules from the policy file for ``unix:<name>``/``uid:<n>``, plus full
+    control of its own namespace ``leger/<name>/*``. Root may do anything: it can read the
+    key and the database anyway."""
+    try:
+        username = pwd.getpwuid(cred.uid).pw_name
+    except KeyError:
+        username = str(cred.uid)
+    principals = (f"unix:{username}", f"uid:{cred.uid}")
+    if cred.uid == 0:
+        return Caller(f"unix:{username}", principals, (ALLOW_ALL,), "unix")
+    # Escaped, not a pattern: a '*' in a user name must not widen the namespace.
+    own = Rule(ALL_ACTIONS, (re.compile("^" + re.escape(f"leger/{username}/") + ".*$"),))
+    return Caller(f"unix:{username}", principals, (own, *policy.rules_for(principals)), "unix")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def caller_from_whois(who: dict[str, Any], policy: Policy) -> Caller:
+    """Turn a LocalAPI ``/localapi/v0/whois`` answer into a caller, as setec does: a tagged
+    node is its tags, otherwise the user's login name."""
+    node = who.get("Node") or {}
+    profile = who.get("UserProfile") or {}
+    tags = [t for t in node.get("Tags") or [] if isinstance(t, str)]
+    login = profile.get("LoginName") or ""
+    if tags:
+        principals: tuple[str, ...] = tuple(tags)
+        display = ",".join(tags)
+    elif login:
+        principals = (login,)
+        display = login
+    else:
+        raise IdentityError("whois answer names neither a user nor tags")
+    rules: list[Rule] = []
+    cap_map = who.get("CapMap") or {}
+    for cap in _CAP_NAMES:
+        for index, grant in enumerate(cap_map.get(cap) or []):
+            try:
+                rules.append(parse_grant(grant, f"capability {cap} grant {index}"))
+            except (AclError, ValueError) as exc:
+                raise IdentityError(str(exc)) from None
+    rules.extend(policy.rules_for(principals))
+    host = node.get("Name") or ""
+    return Caller(display, principals, tuple(rules), f"tailscale:{host}".rstrip(":"))
+
+
+class WhoIs:
+    """A client of tailscaled's LocalAPI on its unix socket, with a short cache per peer
+    address (a keep-alive connection asks once, not on every request)."""
+
+    def __init__(self, socket_path: Path, ttl: float = 5.0) -> None:
+        self.socket_path = socket_path
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            base_url="http://local-tailscaled.sock",
+            timeout=5.0,
+        )
+
+    async def whois(self, addr: str) -> dict[str, Any]:
+        now = time.monotonic()
+        hit = self._cache.get(addr)
+        if hit and hit[0] > now:
+            return hit[1]
+        try:
+            response = await self._client.get("/localapi/v0/whois", params={"addr": addr})
+        except httpx.HTTPError as exc:
+            raise IdentityError(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from None
+        if response.status_code != 200:
+            raise IdentityError(
+                f"whois {addr}: LocalAPI answered {response.status_code} "
+                f"{response.text.strip()[:200]}"
+            )
+        try:
+            body = response.json()
+        except ValueError:
+            raise IdentityError(f"whois {addr}: LocalAPI answered non-JSON") from None
+        if not isinstance(body, dict):
+            raise IdentityError(f"whois {addr}: LocalAPI answered an unexpected shape")
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[addr] = (now + self._ttl, body)
+        return body
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,244 @@
+"""The control plane's secrets: the same store and service as legerd, mounted under
+``/api/v1/secrets/<call>`` with setec's calls and bodies, control-plane authentication
+(SECRETS_READ for list/get/info, SECRETS_WRITE for the rest) and the core audit log."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio.from_thread
+import anyio.to_thread
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+
+from legator.core.auth.permissions import Permission as P
+from legator.core.auth.principal import Principal
+from legator.core.config import ConfigError
+from legator.core.errors import AppError, BadRequest, Forbidden, NotFound
+from legator.core.http.deps import require
+from legator.core.runtime import Core
+from legator.secrets.acl import ALL_ACTIONS, Action, Rule
+from legator.secrets.crypto import Kek, load_key_file, parse_key
+from legator.secrets.errors import (
+    AccessDenied,
+    InvalidRequest,
+    SecretNotFound,
+    SecretsError,
+    ValueNotChanged,
+    VersionClaimed,
+)
+from legator.secrets.identity import Caller
+from legator.secrets.schemas import (
+    CreateVersionIn,
+    GetIn,
+    ListIn,
+    NameIn,
+    PutIn,
+    SecretInfoOut,
+    SecretValueOut,
+    VersionIn,
+)
+from legator.secrets.service import SecretsService
+from legator.secrets.store import SecretStore
+from legator.secrets.wire import field_bytes, info_json, value_json
+
+T = TypeVar("T")
+router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"])
+
+_READ = Rule.build([Action.GET, Action.INFO], ["*"])
+_WRITE = Rule.build(ALL_ACTIONS, ["*"])
+
+
+class VersionAlreadySet(AppError):
+    status_code = 412
+    code = "version_claimed"
+
+
+class CoreAudit:
+    """The service's audit sink, writing to the control plane's audit log. The service runs
+    in a worker thread (its writes fsync), so each record hops back to the event loop."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def record(
+        self,
+        *,
+        principal: str,
+        action: str,
+        secret: str,
+        version: int,
+        authorized: bool,
+        durable: bool = False,
+        **extra: Any,
+    ) -> None:
+        anyio.from_thread.run(
+            lambda: self.core.audit.log(
+                actor=principal,
+                action=f"secrets.{action}",
+                target=secret,
+                outcome="success" if authorized else "denied",
+                details={"version": version, **extra},
+            )
+        )
+
+
+def caller_for(principal: Principal) -> Caller:
+    rules = []
+    if principal.can(P.SECRETS_WRITE):
+        rules.append(_WRITE)
+    if principal.can(P.SECRETS_READ):
+        rules.append(_READ)
+    return Caller(principal.actor, (principal.actor,), tuple(rules), "control-plane")
+
+
+def service_of(request: Request) -> SecretsService:
+    return request.app.state.secrets  # type: ignore[no-any-return]
+
+
+async def run(fn: Callable[..., T], *args: Any) -> T:
+    """Call the service in a worker thread and turn its errors into the control plane's."""
+    try:
+        return await anyio.to_thread.run_sync(fn, *args)
+    except AccessDenied:
+        raise Forbidden("your role may not do this to that secret") from None
+    except SecretNotFound:
+        raise NotFound("no such secret or version") from None
+    except VersionClaimed:
+        raise VersionAlreadySet("that version of the secret was already used") from None
+    except InvalidRequest as exc:
+        raise BadRequest(exc.message) from None
+
+
+def _value(raw: str) -> bytes:
+    try:
+        return field_bytes({"Value": raw}, "Value")
+    except SecretsError as exc:
+        raise BadRequest(exc.message) from None
+
+
+@router.post("/list", response_model=list[SecretInfoOut])
+async def list_secrets(
+    body: ListIn, request: Request, principal: Principal = require(P.SECRETS_READ)
+) -> list[dict[str, Any]]:
+    """Secrets you may see: names, versions and the active version (never values)."""
+    infos = await run(service_of(request).list, caller_for(principal))
+    return [info_json(i) for i in infos]
+
+
+@router.post("/get", response_model=SecretValueOut, responses={304: {"description": "unchanged"}})
+async def get_secret(
+    body: GetIn, request: Request, principal: Principal = require(P.SECRETS_READ)
+) -> Any:
+    """A value (base64) and its version; Version 0 is the active one. With UpdateIfChanged,
+    304 while the active version is still Version."""
+    svc = service_of(request)
+    try:
+        result = await run(
+            svc.get, caller_for(principal), body.Name, body.Version, body.UpdateIfChanged
+        )
+    except ValueNotChanged:
+        return Response(status_code=304)
+    return value_json(result.value, result.version)
+
+
+@router.post("/info", response_model=SecretInfoOut)
+async def info_secret(
+    body: NameIn, request: Request, principal: Principal = require(P.SECRETS_READ)
+) -> dict[str, Any]:
+    """A secret's versions and active version."""
+    return info_json(await run(service_of(request).info, caller_for(principal), body.Name))
+
+
+@router.post("/put", response_model=int)
+async def put_secret(
+    body: PutIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
+) -> int:
+    """Store a value; answers the version (the first is active, later ones are not)."""
+    svc = service_of(request)
+    return await run(svc.put, caller_for(principal), body.Name, _value(body.Value))
+
+
+@router.post("/activate")
+async def activate_secret(
+    body: VersionIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
+) -> dict[str, Any]:
+    """Make a version the active one."""
+    await run(service_of(request).activate, caller_for(principal), body.Name, body.Version)
+    return {}
+
+
+@router.post("/delete")
+async def delete_secret(
+    body: NameIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
+) -> dict[str, Any]:
+    """Delete a secret and all its versions."""
+    await run(service_of(request).delete, caller_for(principal), body.Name)
+    return {}
+
+
+@router.post("/delete-version")
+async def delete_secret_version(
+    body: VersionIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
+) -> dict[str, Any]:
+    """Delete one inactive version; its number is never reused."""
+    await run(service_of(request).delete_version, caller_for(principal), body.Name, body.Version)
+    return {}
+
+
+@router.post("/create-version")
+async def create_secret_version(
+    body: CreateVersionIn, request: Request, principal: Principal = require(P.SECRETS_WRITE)
+) -> dict[str, Any]:
+    """Create exactly this version and make it active; 412 if it was ever used."""
+    svc = service_of(request)
+    await run(
+        svc.create_version, caller_for(principal), body.Name, body.Version, _value(body.Value)
+    )
+    return {}
+
+
+def _open_store(core: Core) -> tuple[SecretStore, Path | None]:
+    """The store in LEGATOR_SECRETS_DIR or <data_dir>/secrets; a throwaway directory when the
+    control plane runs in memory."""
+    settings = core.settings
+    scratch = None
+    directory = settings.secrets_dir or (
+        settings.data_dir / "secrets" if settings.data_dir else None
+    )
+    if directory is None:
+        if settings.database_url:
+            # Persistent state elsewhere but nowhere for secrets: a throwaway store would lose
+            # them at the next restart.
+            raise ConfigError(
+                "LEGATOR_SECRETS_DIR: the secrets store needs a directory when "
+                "LEGATOR_DATABASE_URL is set and LEGATOR_DATA_DIR is not"
+            )
+        directory = scratch = Path(tempfile.mkdtemp(prefix="legator-secrets-"))
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.secrets_kek is not None:
+        raw = settings.secrets_kek.get_secret_value()
+        kek = Kek(parse_key(raw, "LEGATOR_SECRETS_KEK"), "LEGATOR_SECRETS_KEK")
+    else:
+        kek = load_key_file(directory / "keys" / "main.key")
+    return SecretStore(directory / "secrets.db", kek), scratch
+
+
+def install_secrets(app: FastAPI, core: Core) -> None:
+    try:
+        store, scratch = _open_store(core)
+    except SecretsError as exc:
+        raise ConfigError(f"secrets store: {exc.message}") from None
+    app.state.secrets = SecretsService(store, CoreAudit(core))
+    app.include_router(router)
+
+    async def close() -> None:
+        store.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    core.shutdown_hooks.append(close)

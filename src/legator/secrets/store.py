@@ -1,0 +1,298 @@
+"""The encrypted secrets database: SQLite (WAL, synchronous=FULL), one sealed row per version.
+
+It knows versions and encryption, not callers: access control and auditing live in
+``service.py``. Every mutation runs in one ``BEGIN IMMEDIATE`` transaction and calls its
+``before_commit`` hook (the durable audit record) inside it, so a change is never visible
+without its audit entry, and a crash at any point leaves the previous committed state.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from legator.secrets.crypto import Kek, Sealer, generate_key, unwrap_dek, wrap_dek
+from legator.secrets.errors import (
+    InvalidRequest,
+    KekError,
+    SecretNotFound,
+    VersionClaimed,
+)
+
+Hook = Callable[[int], None] | None
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS data_keys (
+    kek_id TEXT PRIMARY KEY,
+    wrapped BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    active INTEGER NOT NULL,
+    latest INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL REFERENCES secrets(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    sealed BLOB,  -- NULL: deleted; the version stays claimed and is never reused
+    PRIMARY KEY (name, version)
+);
+"""
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    name: str
+    versions: list[int] = field(default_factory=list)
+    active_version: int = 0
+
+
+class SecretStore:
+    def __init__(self, path: Path, kek: Kek) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        self._writer.executescript(_SCHEMA)
+        path.chmod(0o600)
+        self._sealer = Sealer(self._load_or_create_dek(kek))
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before put() returns, so an acknowledged put survives
+        # kill -9 and power loss.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def close(self) -> None:
+        self._writer.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # keys
+
+    def _load_or_create_dek(self, kek: Kek) -> bytes:
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT kek_id, wrapped FROM data_keys").fetchall()
+            if not rows:
+                dek = generate_key()
+                conn.execute(
+                    "INSERT INTO data_keys (kek_id, wrapped) VALUES (?, ?)",
+                    (kek.key_id, wrap_dek(kek, dek)),
+                )
+                return dek
+        for kek_id, wrapped in rows:
+            if kek_id == kek.key_id:
+                return unwrap_dek(kek, wrapped)
+        raise KekError(
+            f"the key-encryption key from {kek.source} (id {kek.key_id}) is not the one this "
+            f"store was sealed with (id {', '.join(r[0] for r in rows)})"
+        )
+
+    def add_kek(self, new: Kek, dek_from: Kek) -> None:
+        """Wrap the data key under ``new`` as well (first step of a rotation)."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT wrapped FROM data_keys WHERE kek_id = ?", (dek_from.key_id,)
+            ).fetchone()
+            if row is None:
+                raise KekError(f"no data key is wrapped under the key from {dek_from.source}")
+            dek = unwrap_dek(dek_from, row[0])
+            conn.execute(
+                "INSERT OR REPLACE INTO data_keys (kek_id, wrapped) VALUES (?, ?)",
+                (new.key_id, wrap_dek(new, dek)),
+            )
+
+    def drop_other_keks(self, keep: Kek) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM data_keys WHERE kek_id != ?", (keep.key_id,))
+
+    # reads
+
+    def list(self) -> list[SecretInfo]:
+        conn = self._reader()
+        rows = conn.execute(
+            "SELECT s.name, s.active, v.version FROM secrets s JOIN versions v "
+            "ON v.name = s.name AND v.sealed IS NOT NULL ORDER BY s.name, v.version"
+        ).fetchall()
+        result: dict[str, SecretInfo] = {}
+        for name, active, version in rows:
+            info = result.setdefault(name, SecretInfo(name, [], active))
+            info.versions.append(version)
+        return list(result.values())
+
+    def info(self, name: str) -> SecretInfo:
+        conn = self._reader()
+        row = conn.execute("SELECT active FROM secrets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise SecretNotFound()
+        versions = [
+            v
+            for (v,) in conn.execute(
+                "SELECT version FROM versions WHERE name = ? AND sealed IS NOT NULL "
+                "ORDER BY version",
+                (name,),
+            )
+        ]
+        return SecretInfo(name, versions, row[0])
+
+    def active_version(self, name: str) -> int:
+        conn = self._reader()
+        row = conn.execute("SELECT active FROM secrets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise SecretNotFound()
+        return int(row[0])
+
+    def get(self, name: str, version: int = 0) -> tuple[bytes, int]:
+        """The value of ``version`` (0: the active one) and its version number."""
+        conn = self._reader()
+        if version == 0:
+            row = conn.execute(
+                "SELECT v.version, CAST(v.sealed AS BLOB) FROM secrets s JOIN versions v "
+                "ON v.name = s.name AND v.version = s.active WHERE s.name = ?",
+                (name,),
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT version, CAST(sealed AS BLOB) FROM versions WHERE name = ? AND version = ?",
+                (name, version),
+            ).fetchone()
+        if row is None or row[1] is None:
+            raise SecretNotFound()
+        return self._sealer.open(name, row[0], row[1]), int(row[0])
+
+    # writes
+
+    def put(self, name: str, value: bytes, before_commit: Hook = None) -> int:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT latest FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                version = 1
+                conn.execute("INSERT INTO secrets (name, active, latest) VALUES (?, 1, 1)", (name,))
+            else:
+                latest = int(row[0])
+                current = conn.execute(
+                    "SELECT CAST(sealed AS BLOB) FROM versions WHERE name = ? AND version = ?",
+                    (name, latest),
+                ).fetchone()
+                unchanged = current is not None and current[0] is not None
+                if unchanged and self._sealer.open(name, latest, current[0]) == value:
+                    return latest
+                version = latest + 1
+                conn.execute("UPDATE secrets SET latest = ? WHERE name = ?", (version, name))
+            conn.execute(
+                "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
+                (name, version, self._sealer.seal(name, version, value)),
+            )
+            if before_commit:
+                before_commit(version)
+            return version
+
+    def create_version(
+        self, name: str, version: int, value: bytes, before_commit: Hook = None
+    ) -> None:
+        if version <= 0:
+            raise InvalidRequest("invalid version, please specify a version > 0")
+        with self._transaction() as conn:
+            row = conn.execute("SELECT latest FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO secrets (name, active, latest) VALUES (?, ?, ?)",
+                    (name, version, version),
+                )
+            else:
+                claimed = conn.execute(
+                    "SELECT 1 FROM versions WHERE name = ? AND version = ?", (name, version)
+                ).fetchone()
+                if claimed:
+                    raise VersionClaimed()
+                conn.execute(
+                    "UPDATE secrets SET active = ?, latest = MAX(latest, ?) WHERE name = ?",
+                    (version, version, name),
+                )
+            conn.execute(
+                "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
+                (name, version, self._sealer.seal(name, version, value)),
+            )
+            if before_commit:
+                before_commit(version)
+
+    def activate(self, name: str, version: int, before_commit: Hook = None) -> None:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT active FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise SecretNotFound()
+            if int(row[0]) == version:
+                return
+            live = conn.execute(
+                "SELECT 1 FROM versions WHERE name = ? AND version = ? AND sealed IS NOT NULL",
+                (name, version),
+            ).fetchone()
+            if not live:
+                raise SecretNotFound()
+            conn.execute("UPDATE secrets SET active = ? WHERE name = ?", (version, name))
+            if before_commit:
+                before_commit(version)
+
+    def delete(self, name: str, before_commit: Hook = None) -> None:
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone() is None:
+                raise SecretNotFound()
+            conn.execute("DELETE FROM versions WHERE name = ?", (name,))
+            conn.execute("DELETE FROM secrets WHERE name = ?", (name,))
+            if before_commit:
+                before_commit(0)
+
+    def delete_version(self, name: str, version: int, before_commit: Hook = None) -> None:
+        if version <= 0:
+            raise InvalidRequest("invalid version, please specify a version > 0")
+        with self._transaction() as conn:
+            row = conn.execute("SELECT active FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise SecretNotFound()
+            if int(row[0]) == version:
+                raise InvalidRequest("cannot delete the active version")
+            cur = conn.execute(
+                "UPDATE versions SET sealed = NULL WHERE name = ? AND version = ? "
+                "AND sealed IS NOT NULL",
+                (name, version),
+            )
+            if cur.rowcount == 0:
+                raise SecretNotFound()
+            if before_commit:
+                before_commit(version)
+
+    def verify_all(self) -> int:
+        """Open every stored value; raises StoreCorrupted on the first that fails. Returns the
+        number of values checked."""
+        count = 0
+        for name, version, sealed in self._reader().execute(
+            "SELECT name, version, CAST(sealed AS BLOB) FROM versions WHERE sealed IS NOT NULL"
+        ):
+            self._sealer.open(name, version, sealed)
+            count += 1
+        return count

@@ -1,0 +1,165 @@
+"""The control plane's /api/v1/secrets mount (same service, control-plane auth and audit)
+and `leger secrets sync` from it into a real legerd."""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+from collections.abc import Callable
+
+import httpx
+
+from legator.secrets.client import Client
+from legator.secrets.errors import AccessDenied, VersionClaimed
+from tests.secrets.conftest import LegerdThread
+from tests.support import LiveServer, run_cli
+
+
+def b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+def test_mount_speaks_setec_with_control_plane_auth(
+    server: LiveServer, api: httpx.Client, make_user: Callable[..., httpx.Client]
+) -> None:
+    assert (
+        api.post("/api/v1/secrets/put", json={"Name": "llm/openai", "Value": b64(b"sk-1")}).json()
+        == 1
+    )
+    assert (
+        api.post("/api/v1/secrets/put", json={"Name": "llm/openai", "Value": b64(b"sk-2")}).json()
+        == 2
+    )
+    got = api.post("/api/v1/secrets/get", json={"Name": "llm/openai"})
+    assert got.json() == {"Value": b64(b"sk-1"), "Version": 1}
+    unchanged = api.post(
+        "/api/v1/secrets/get", json={"Name": "llm/openai", "Version": 1, "UpdateIfChanged": True}
+    )
+    assert (unchanged.status_code, unchanged.content) == (304, b"")
+    assert (
+        api.post("/api/v1/secrets/activate", json={"Name": "llm/openai", "Version": 2}).json() == {}
+    )
+    listed = api.post("/api/v1/secrets/list", json={}).json()
+    assert listed == [{"Name": "llm/openai", "Versions": [1, 2], "ActiveVersion": 2}]
+    missing = api.post("/api/v1/secrets/get", json={"Name": "nope"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    bad = api.post("/api/v1/secrets/put", json={"Name": "_internal/x", "Value": b64(b"v")})
+    assert bad.status_code == 400 and "reserved" in bad.json()["error"]["message"]
+    created = api.post(
+        "/api/v1/secrets/create-version",
+        json={"Name": "llm/openai", "Version": 1, "Value": b64(b"x")},
+    )
+    assert created.status_code == 412
+
+    viewer = make_user("viewer")
+    assert viewer.post("/api/v1/secrets/get", json={"Name": "llm/openai"}).status_code == 403
+    assert httpx.post(server.url + "/api/v1/secrets/list", json={}).status_code == 401
+
+    # The same Python client works against the mount.
+    with Client(server.url, api_key=server.admin_key, prefix="/api/v1/secrets") as client:
+        assert client.get("llm/openai") == (b"sk-2", 2)
+        assert client.whoami() == "admin"
+        try:
+            client.create_version("llm/openai", 2, b"y")
+        except VersionClaimed:
+            pass
+        else:
+            raise AssertionError("a claimed version was accepted")
+
+    events = api.get("/api/v1/audit", params={"action": "secrets.*"}).json()
+    items = events["events"]
+    actions = {(e["action"], e["target"], e["actor"]) for e in items}
+    assert ("secrets.put", "llm/openai", "admin") in actions
+    assert ("secrets.get", "llm/openai", "admin") in actions
+    assert "sk-1" not in json.dumps(items) and b64(b"sk-1") not in json.dumps(items)
+
+
+def test_viewer_is_denied_and_audited(
+    api: httpx.Client, make_user: Callable[..., httpx.Client]
+) -> None:
+    viewer = make_user("viewer", "vera")
+    with_key = viewer.headers["Authorization"].split()[1]
+    with Client(str(viewer.base_url), api_key=with_key, prefix="/api/v1/secrets") as client:
+        try:
+            client.list()
+        except AccessDenied:
+            pass
+        else:
+            raise AssertionError("a viewer could list secrets")
+
+
+def test_sync_copies_deploy_secrets_into_legerd(
+    server: LiveServer, api: httpx.Client, dev_legerd: LegerdThread
+) -> None:
+    for name, value in (
+        ("deploy/admin/db-password", b"pw"),
+        ("deploy/admin/api-token", b"tok"),
+        ("deploy/someone-else/db-password", b"theirs"),
+        ("llm/openai", b"not-deploy"),
+    ):
+        assert (
+            api.post("/api/v1/secrets/put", json={"Name": name, "Value": b64(value)}).status_code
+            == 200
+        )
+    env = {"LEGATOR_API_KEY": server.admin_key}
+    args = (
+        "leger",
+        "secrets",
+        "--server",
+        dev_legerd.url or "",
+        "sync",
+        "--control-plane",
+        server.url,
+    )
+    first = run_cli(*args, "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    me = getpass.getuser()
+    assert json.loads(first.stdout) == [
+        {"Name": f"leger/{me}/api-token", "Version": 1},
+        {"Name": f"leger/{me}/db-password", "Version": 1},
+    ]
+    api.post("/api/v1/secrets/put", json={"Name": "deploy/admin/db-password", "Value": b64(b"pw2")})
+    api.post("/api/v1/secrets/activate", json={"Name": "deploy/admin/db-password", "Version": 2})
+    assert run_cli(*args, env=env).returncode == 0
+    with Client(dev_legerd.url) as local:
+        assert local.get(f"leger/{me}/db-password") == (b"pw2", 2)
+        assert local.get(f"leger/{me}/api-token") == (b"tok", 1)
+        assert all("someone-else" not in i.name and "llm" not in i.name for i in local.list())
+    no_key = run_cli(*args)
+    assert no_key.returncode == 2 and "LEGATOR_API_KEY" in no_key.stderr
+
+
+def test_secrets_kek_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from legator.core.config import ConfigError, load_settings
+    from legator.secrets.crypto import generate_key
+    from tests.support import live_server
+
+    with pytest.raises(ConfigError, match="LEGATOR_SECRETS_KEK: must be 64 hex"):
+        load_settings(secrets_kek="abc")
+    key = generate_key().hex()
+    vault = tmp_path / "vault"
+    with live_server(tmp_path / "data", secrets_kek=key, secrets_dir=vault) as srv:
+        put = srv.client(srv.admin_key).post(
+            "/api/v1/secrets/put", json={"Name": "k", "Value": b64(b"v")}
+        )
+        assert put.json() == 1
+    assert (tmp_path / "vault" / "secrets.db").exists()
+    assert not (tmp_path / "vault" / "keys").exists()  # the key came from the setting
+    other = generate_key().hex()
+    failed = run_cli(
+        "legator",
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        env={"LEGATOR_SECRETS_KEK": other, "LEGATOR_SECRETS_DIR": str(vault)},
+    )
+    assert failed.returncode == 2
+    assert "secrets store:" in failed.stderr and "not the one" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    nowhere = run_cli(
+        "legator", "serve", env={"LEGATOR_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
+    )
+    assert nowhere.returncode == 2 and "LEGATOR_SECRETS_DIR" in nowhere.stderr

@@ -1,0 +1,110 @@
+"""Unix-socket callers are identified by SO_PEERCRED; --dev trusts loopback only."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from legator.secrets.server import ConfigProblem, Legerd
+from tests.secrets.conftest import FakeTailscale, LegerdThread, make_config
+
+# Runs as another user with nothing but the standard library: one setec call over the socket.
+_CALL_AS_USER = r"""
+import json, socket, sys
+path, call, body = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(path)
+sock.sendall(
+    f"POST /api/{call} HTTP/1.1\r\nHost: legerd\r\nContent-Type: application/json\r\n"
+    f"Sec-X-Tailscale-No-Browsers: setec\r\nContent-Length: {len(body)}\r\n"
+    "Connection: close\r\n\r\n".encode() + body
+)
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+head, _, payload = data.partition(b"\r\n\r\n")
+print(json.dumps({"status": int(head.split()[1]), "body": payload.decode()}))
+"""
+
+
+# The test's venv lives under root-only directories; the Debian interpreter is reachable.
+OTHER_USER_PYTHON = (
+    "/usr/bin/python3" if Path("/usr/bin/python3").exists() else shutil.which("python3")
+)
+
+
+def call_as(user: str, socket_path: Path, call: str, body: dict[str, object]) -> tuple[int, str]:
+    result = subprocess.run(
+        [OTHER_USER_PYTHON, "-I", "-c", _CALL_AS_USER, str(socket_path), call, json.dumps(body)],
+        user=user,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd="/",
+    )
+    answer = json.loads(result.stdout)
+    return answer["status"], answer["body"]
+
+
+def b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+def test_unix_socket_callers_get_their_own_namespace(legerd: LegerdThread) -> None:
+    sock = legerd.config.socket_path
+    assert sock is not None
+    status, body = call_as(
+        "nobody", sock, "put", {"Name": "leger/nobody/token", "Value": b64(b"t")}
+    )
+    assert (status, body) == (200, "1")
+    status, body = call_as("nobody", sock, "get", {"Name": "leger/nobody/token"})
+    assert status == 200 and json.loads(body)["Value"] == b64(b"t")
+    status, body = call_as("nobody", sock, "put", {"Name": "leger/root/token", "Value": b64(b"t")})
+    assert (status, body) == (403, "access denied\n")
+    status, body = call_as("nobody", sock, "list", {})
+    assert status == 200 and [i["Name"] for i in json.loads(body)] == ["leger/nobody/token"]
+    # root (this test process) may do anything over the socket: it can read the key anyway.
+    with legerd.unix() as root:
+        assert root.post("/api/get", json={"Name": "leger/nobody/token"}).status_code == 200
+        assert root.post("/api/put", json={"Name": "other", "Value": b64(b"o")}).json() == 1
+    principals = {(e["principal"], e["transport"]) for e in legerd.audit_lines}
+    assert ("unix:nobody", "unix") in principals and ("unix:root", "unix") in principals
+
+
+def test_policy_file_applies_to_unix_users(tmp_path, shared_dir, tailscale: FakeTailscale) -> None:  # type: ignore[no-untyped-def]
+    policy = tmp_path / "acl.json"
+    policy.write_text(
+        json.dumps([{"principal": "unix:nobody", "action": ["get"], "secret": ["shared/*"]}])
+    )
+    config = make_config(tmp_path / "state", shared_dir, tailscale, acl_path=policy)
+    with LegerdThread(config) as running:
+        with running.unix() as root:
+            root.post("/api/put", json={"Name": "shared/a", "Value": b64(b"a")})
+        assert call_as("nobody", config.socket_path, "get", {"Name": "shared/a"})[0] == 200
+        assert call_as("nobody", config.socket_path, "info", {"Name": "shared/a"})[0] == 403
+
+
+def test_dev_mode_trusts_loopback_callers(dev_legerd: LegerdThread) -> None:
+    with dev_legerd.tcp("127.0.0.1") as client:
+        assert client.post("/api/put", json={"Name": "any/thing", "Value": b64(b"v")}).json() == 1
+    status, _ = call_as("nobody", dev_legerd.config.socket_path, "get", {"Name": "any/thing"})
+    assert status == 200
+
+
+def test_dev_mode_refuses_a_non_loopback_listener(tmp_path: Path, shared_dir: Path) -> None:
+    config = make_config(tmp_path / "s", shared_dir, None, dev=True, listen="0.0.0.0:8573")
+    with pytest.raises(ConfigProblem, match="loopback"):
+        Legerd(config)
+
+
+def test_without_dev_loopback_callers_need_an_identity(legerd: LegerdThread) -> None:
+    # 127.0.0.1 is unknown to the (fake) tailscaled: no implicit trust outside --dev.
+    with legerd.tcp("127.0.0.1") as client:
+        response = client.post("/api/list", content=b"{}")
+    assert (response.status_code, response.text) == (500, "unable to identify caller\n")
