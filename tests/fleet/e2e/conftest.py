@@ -117,6 +117,7 @@ def spawn_probe(fleet_server: LiveServer, admin: httpx.Client, tmp_path: Path): 
         max_level: str = "diagnose",
         policy: str | None = None,
         start: bool = True,
+        heartbeat_s: float | None = None,
     ) -> ProbeProcess:
         token = admin.post("/api/v1/tokens").json()["token"]
         probe = ProbeProcess(
@@ -125,14 +126,16 @@ def spawn_probe(fleet_server: LiveServer, admin: httpx.Client, tmp_path: Path): 
         done = probe.init(token, hostname=hostname, tags=tags, max_level=max_level)
         assert done.returncode == 0, done.stderr
         probes.append(probe)
+        if heartbeat_s is not None:
+            path = probe.config_dir / "probe.yaml"
+            path.write_text(path.read_text() + f"heartbeat_s: {heartbeat_s}\n")
         if policy:
             applied = admin.post(f"/api/v1/probes/{probe.probe_id}/apply-policy/{policy}")
             assert applied.status_code == 200, applied.text
         if start:
             probe.start()
             wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
-            # the policy pushed on connect has been acknowledged once a ping round-trips
-            time.sleep(0.3)
+            time.sleep(0.3)  # the policy pushed on connect reaches the probe
         return probe
 
     yield _spawn

@@ -212,6 +212,21 @@ class CommandService:
                     "result for an unknown command", probe_id=probe_id, request_id=request_id
                 )
                 return
+            if row.status not in ACTIVE and result.status == "rejected":
+                # A replayed or forged message naming a finished command: keep its result.
+                await self.audit.record(
+                    session,
+                    actor=f"probe:{probe_id}",
+                    action="fleet.command.refused_by_probe",
+                    target=probe_id,
+                    outcome="denied",
+                    details={
+                        "request_id": request_id,
+                        "reason": result.reason,
+                        "error": result.error,
+                    },
+                )
+                return
             row.status = result.status
             row.exit_code = result.exit_code
             row.stdout, row.stderr = result.stdout, result.stderr
