@@ -1,3 +1,4 @@
+# ruff: noqa: S604  (shell=True is a field of the API request here)
 """Commands through the real hub to real probes: modes, streaming, limits, timeouts, loss."""
 
 from __future__ import annotations
