@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from legator.fleet import protocol as p
+import legator.fleet.protocol as p
 from legator.fleet.policy import Policy, evaluate, weakest
 from legator.probe import config as config_mod
 from legator.probe import fileops, inventory, updater
