@@ -152,7 +152,10 @@ def test_compound_never_weaker_than_its_strongest_part(
 @settings(max_examples=300, deadline=None)
 @given(commands(), commands())
 def test_substitution_never_weaker_than_its_content(outer: str, inner: str) -> None:
-    for line in (f"{outer} $({inner})", f"{outer} `{inner}`", f'{outer} "$({inner})"'):
+    lines = [f"{outer} $({inner})", f'{outer} "$({inner})"']
+    if "`" not in inner:  # unescaped backticks do not nest in sh: that is another command
+        lines.append(f"{outer} `{inner}`")
+    for line in lines:
         assert rank(classify(line, shell=True)) >= rank(classify(inner, shell=True)), line
 
 

@@ -49,6 +49,8 @@ class PolicyService:
     def __init__(self, db: Database, audit: AuditService) -> None:
         self.db = db
         self.audit = audit
+        # Read on every dispatch; written rarely (and only through this service).
+        self._cache: dict[str, Policy] = {}
 
     async def seed(self) -> None:
         async with self.db.write() as session:
@@ -73,10 +75,14 @@ class PolicyService:
             return list(await session.scalars(select(Policy).order_by(Policy.name)))
 
     async def get(self, policy_id: str) -> Policy:
+        cached = self._cache.get(policy_id)
+        if cached is not None:
+            return cached
         async with self.db.session() as session:
             policy = await session.get(Policy, policy_id)
         if policy is None:
             raise NotFound(f"no policy with id {policy_id!r}")
+        self._cache[policy_id] = policy
         return policy
 
     async def create(self, body: PolicyIn, *, actor: str) -> Policy:
@@ -95,6 +101,7 @@ class PolicyService:
         return policy
 
     async def update(self, policy_id: str, body: PolicyIn, *, actor: str) -> Policy:
+        self._cache.pop(policy_id, None)
         async with self.db.write() as session:
             policy = await session.get(Policy, policy_id)
             if policy is None:
@@ -118,6 +125,7 @@ class PolicyService:
         return policy
 
     async def delete(self, policy_id: str, *, actor: str) -> None:
+        self._cache.pop(policy_id, None)
         async with self.db.write() as session:
             policy = await session.get(Policy, policy_id)
             if policy is None:

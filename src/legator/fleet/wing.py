@@ -83,6 +83,7 @@ def install_fleet(app: FastAPI, core: Core) -> Fleet:
     async def stop() -> None:
         await fleet.hub.close_all()
         await fleet.registry.flush()
+        await fleet.commands.writer.close()
 
     core.startup_hooks.append(start)
     core.shutdown_hooks.append(stop)

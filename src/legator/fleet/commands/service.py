@@ -16,12 +16,14 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
 from legator.core.db import Database, new_id, utcnow
 from legator.core.errors import AppError, Forbidden, NotFound
 from legator.core.events import InMemoryEventBus
 from legator.core.logging import get_logger
+from legator.fleet.batching import GroupCommitter
 from legator.fleet.hub import Hub, ProbeNotConnected
 from legator.fleet.metrics import FleetMetrics
 from legator.fleet.models import Command, CommandChunk, Probe
@@ -57,6 +59,7 @@ class CommandService:
         self.grace_s = grace_s
         self._started: dict[str, float] = {}
         self._streams: dict[str, set[asyncio.Queue[Any]]] = defaultdict(set)
+        self.writer = GroupCommitter(db)
 
     async def effective_policy(self, probe: Probe) -> tuple[LevelPolicy, str]:
         policy = await self.policies.get(probe.policy_id)
@@ -122,7 +125,8 @@ class CommandService:
             stderr="",
             deadline_at=utcnow() + timedelta(seconds=request.timeout_s + self.grace_s),
         )
-        async with self.db.write() as session:
+
+        async def record(session: AsyncSession) -> None:
             session.add(command)
             await self.audit.record(
                 session,
@@ -131,6 +135,8 @@ class CommandService:
                 target=probe_id,
                 details={**details, "request_id": command.id},
             )
+
+        await self.writer.run(record)
         spec = CommandSpec(
             request_id=command.id,
             command=request.command,
@@ -203,7 +209,7 @@ class CommandService:
         await self._finish(result.request_id, probe_id, result)
 
     async def _finish(self, request_id: str, probe_id: str, result: CommandResult) -> None:
-        async with self.db.write() as session:
+        async def store(session: AsyncSession) -> bool:
             row = await session.scalar(
                 select(Command).where(Command.id == request_id, Command.probe_id == probe_id)
             )
@@ -211,7 +217,7 @@ class CommandService:
                 log.warning(
                     "result for an unknown command", probe_id=probe_id, request_id=request_id
                 )
-                return
+                return False
             if row.status not in ACTIVE and result.status == "rejected":
                 # A replayed or forged message naming a finished command: keep its result.
                 await self.audit.record(
@@ -226,7 +232,7 @@ class CommandService:
                         "error": result.error,
                     },
                 )
-                return
+                return False
             row.status = result.status
             row.exit_code = result.exit_code
             row.stdout, row.stderr = result.stdout, result.stderr
@@ -247,6 +253,10 @@ class CommandService:
                         "error": result.error,
                     },
                 )
+            return True
+
+        if not await self.writer.run(store):
+            return
         started = self._started.pop(request_id, None)
         if started is not None:
             self.metrics.latency.observe(time.monotonic() - started)
