@@ -269,6 +269,11 @@ class ProbeRegistry:
     async def detail(self, probe_id: str) -> ProbeDetail:
         return self._out(await self.get(probe_id), ProbeDetail)  # type: ignore[return-value]
 
+    async def rows(self, *, tag: str | None = None) -> list[Probe]:
+        async with self.db.session() as session:
+            probes = list(await session.scalars(select(Probe).order_by(Probe.hostname)))
+        return [p for p in probes if tag is None or tag in (p.tags or [])]
+
     async def list(
         self, *, status: str | None = None, tag: str | None = None, q: str | None = None
     ) -> list[ProbeOut]:

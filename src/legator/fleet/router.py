@@ -344,7 +344,7 @@ async def fleet_by_tag_command(
     """Run on every probe with ``tag`` (each through the same policy check); results per
     probe."""
     fleet = fleet_of(request)
-    probes = [await fleet.registry.get(p.id) for p in await fleet.registry.list(tag=tag)]
+    probes = await fleet.registry.rows(tag=tag)
     if not probes:
         raise NotFound(f"no probe has the tag {tag!r}")
     return await fleet.commands.fan_out(actor=principal.actor, tag=tag, request=body, probes=probes)

@@ -75,12 +75,19 @@ class CommandService:
         )
 
     async def dispatch(
-        self, *, actor: str, probe_id: str, request: CommandRequest, mode: CommandMode
+        self,
+        *,
+        actor: str,
+        probe_id: str,
+        request: CommandRequest,
+        mode: CommandMode,
+        probe: Probe | None = None,
     ) -> Command:
         """Check policy, record, send. ``wait`` returns once the result is in (or the
         command's timeout passed); the other modes return at once."""
-        async with self.db.session() as session:
-            probe = await session.get(Probe, probe_id)
+        if probe is None or probe.id != probe_id:  # callers may pass the row they hold
+            async with self.db.session() as session:
+                probe = await session.get(Probe, probe_id)
         if probe is None:
             raise NotFound(f"no probe with id {probe_id}")
         policy, policy_name = await self.effective_policy(probe)
@@ -174,7 +181,7 @@ class CommandService:
         async def one(probe: Probe) -> FanOutItem:
             try:
                 result = await self.dispatch(
-                    actor=actor, probe_id=probe.id, request=request, mode="wait"
+                    actor=actor, probe_id=probe.id, request=request, mode="wait", probe=probe
                 )
             except AppError as exc:
                 return FanOutItem(
