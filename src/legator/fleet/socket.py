@@ -91,6 +91,9 @@ async def _handle(fleet: Fleet, probe_id: str, text: str) -> None:
         log.warning(
             "invalid probe payload", probe_id=probe_id, type=envelope.type, error=str(exc)[:300]
         )
+    except Exception:
+        # One bad message must not take the probe's socket down with it.
+        log.exception("probe message handling failed", probe_id=probe_id, type=envelope.type)
 
 
 _pushes: set[asyncio.Future[None]] = set()
