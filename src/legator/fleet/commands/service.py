@@ -166,14 +166,20 @@ class CommandService:
                 CommandResult(request_id=command.id, status="error", error=exc.message),
             )
             raise
-        if waiter is not None:
-            try:
-                await asyncio.wait_for(waiter, request.timeout_s + self.grace_s)
-            except TimeoutError:
-                pass
-            finally:
-                self.hub.forget(command.id)
-        return await self.get(command.id) if waiter is not None else command
+        if waiter is None:
+            return command
+        try:
+            result: CommandResult = await asyncio.wait_for(waiter, request.timeout_s + self.grace_s)
+        except TimeoutError:
+            return await self.get(command.id)
+        finally:
+            self.hub.forget(command.id)
+        # The stored row now holds exactly this result; no need to read it back.
+        command.status, command.exit_code = result.status, result.exit_code
+        command.stdout, command.stderr = result.stdout, result.stderr
+        command.truncated, command.duration_ms = result.truncated, result.duration_ms
+        command.error, command.finished_at = result.error or result.reason, utcnow()
+        return command
 
     async def fan_out(
         self, *, actor: str, tag: str, request: CommandRequest, probes: list[Probe]
