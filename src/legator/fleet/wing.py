@@ -83,7 +83,7 @@ def install_fleet(app: FastAPI, core: Core) -> Fleet:
     async def stop() -> None:
         await fleet.hub.close_all()
         await fleet.registry.flush()
-        await fleet.commands.writer.close()
+        await fleet.commands.close()
 
     core.startup_hooks.append(start)
     core.shutdown_hooks.append(stop)

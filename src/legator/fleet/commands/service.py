@@ -35,6 +35,7 @@ from legator.fleet.schemas import CommandMode, CommandOut, CommandRequest, FanOu
 
 log = get_logger("legator.fleet.commands")
 ACTIVE = ("dispatched", "running")
+RESULT_BATCH = 1000
 _END = object()
 
 
@@ -60,6 +61,9 @@ class CommandService:
         self._started: dict[str, float] = {}
         self._streams: dict[str, set[asyncio.Queue[Any]]] = defaultdict(set)
         self.writer = GroupCommitter(db)
+        self._results: list[tuple[str, CommandResult, asyncio.Future[bool]]] = []
+        self._results_wake = asyncio.Event()
+        self._results_task: asyncio.Task[None] | None = None
 
     async def effective_policy(self, probe: Probe) -> tuple[LevelPolicy, str]:
         policy = await self.policies.get(probe.policy_id)
@@ -222,53 +226,7 @@ class CommandService:
         await self._finish(result.request_id, probe_id, result)
 
     async def _finish(self, request_id: str, probe_id: str, result: CommandResult) -> None:
-        async def store(session: AsyncSession) -> bool:
-            row = await session.scalar(
-                select(Command).where(Command.id == request_id, Command.probe_id == probe_id)
-            )
-            if row is None:
-                log.warning(
-                    "result for an unknown command", probe_id=probe_id, request_id=request_id
-                )
-                return False
-            if row.status not in ACTIVE and result.status == "rejected":
-                # A replayed or forged message naming a finished command: keep its result.
-                await self.audit.record(
-                    session,
-                    actor=f"probe:{probe_id}",
-                    action="fleet.command.refused_by_probe",
-                    target=probe_id,
-                    outcome="denied",
-                    details={
-                        "request_id": request_id,
-                        "reason": result.reason,
-                        "error": result.error,
-                    },
-                )
-                return False
-            row.status = result.status
-            row.exit_code = result.exit_code
-            row.stdout, row.stderr = result.stdout, result.stderr
-            row.truncated = result.truncated
-            row.duration_ms = result.duration_ms
-            row.error = result.error or result.reason
-            row.finished_at = utcnow()
-            if result.status in ("refused", "rejected"):
-                await self.audit.record(
-                    session,
-                    actor=f"probe:{probe_id}",
-                    action="fleet.command.refused_by_probe",
-                    target=probe_id,
-                    outcome="denied",
-                    details={
-                        "request_id": request_id,
-                        "reason": result.reason,
-                        "error": result.error,
-                    },
-                )
-            return True
-
-        if not await self.writer.run(store):
+        if not await self._store(probe_id, result):
             return
         started = self._started.pop(request_id, None)
         if started is not None:
@@ -286,6 +244,99 @@ class CommandService:
                 "exit_code": result.exit_code,
             },
         )
+
+    async def _store(self, probe_id: str, result: CommandResult) -> bool:
+        """Queue a result for the next batch write; True once it is stored."""
+        if self._results_task is None or self._results_task.done():
+            self._results_task = asyncio.create_task(self._results_loop(), name="fleet-results")
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._results.append((probe_id, result, future))
+        self._results_wake.set()
+        return await future
+
+    async def _results_loop(self) -> None:
+        # Results are written in batches: one SELECT and one executemany UPDATE per batch
+        # instead of an ORM load and an UPDATE per command (a fan-out returns thousands).
+        while True:
+            await self._results_wake.wait()
+            self._results_wake.clear()
+            while self._results:
+                batch, self._results = self._results[:RESULT_BATCH], self._results[RESULT_BATCH:]
+                try:
+                    stored = await self._store_batch(batch)
+                except Exception as exc:
+                    log.exception("storing command results failed")
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), ok in zip(batch, stored, strict=True):
+                    if not future.done():
+                        future.set_result(ok)
+
+    async def _store_batch(
+        self, batch: list[tuple[str, CommandResult, asyncio.Future[bool]]]
+    ) -> list[bool]:
+        ids = [result.request_id for _, result, _ in batch]
+        now = utcnow()
+        stored: list[bool] = []
+        updates: list[dict[str, Any]] = []
+        async with self.db.write() as session:
+            found = {
+                row.id: (row.probe_id, row.status)
+                for row in (
+                    await session.execute(
+                        select(Command.id, Command.probe_id, Command.status).where(
+                            Command.id.in_(ids)
+                        )
+                    )
+                ).all()
+            }
+            for probe_id, result, _ in batch:
+                known = found.get(result.request_id or "")
+                if known is None or known[0] != probe_id:
+                    log.warning(
+                        "result for an unknown command",
+                        probe_id=probe_id,
+                        request_id=result.request_id,
+                    )
+                    stored.append(False)
+                    continue
+                if result.status in ("refused", "rejected"):
+                    await self.audit.record(
+                        session,
+                        actor=f"probe:{probe_id}",
+                        action="fleet.command.refused_by_probe",
+                        target=probe_id,
+                        outcome="denied",
+                        details={
+                            "request_id": result.request_id,
+                            "reason": result.reason,
+                            "error": result.error,
+                        },
+                    )
+                if known[1] not in ACTIVE and result.status == "rejected":
+                    # A replayed or forged message naming a finished command: keep its result.
+                    stored.append(False)
+                    continue
+                found[result.request_id or ""] = (probe_id, result.status)
+                updates.append(
+                    {
+                        "id": result.request_id,
+                        "status": result.status,
+                        "exit_code": result.exit_code,
+                        "stdout": result.stdout,
+                        "stderr": result.stderr,
+                        "truncated": result.truncated,
+                        "duration_ms": result.duration_ms,
+                        "error": result.error or result.reason,
+                        "finished_at": now,
+                    }
+                )
+                stored.append(True)
+            if updates:
+                await session.execute(update(Command), updates)
+        return stored
 
     async def on_chunk(self, probe_id: str, chunk: OutputChunk) -> None:
         async with self.db.write() as session:
@@ -390,6 +441,12 @@ class CommandService:
             for queue in self._streams.get(request_id, ()):
                 queue.put_nowait(_END)
         return ids
+
+    async def close(self) -> None:
+        if self._results_task is not None:
+            self._results_task.cancel()
+            await asyncio.gather(self._results_task, return_exceptions=True)
+        await self.writer.close()
 
     async def run_reaper(self, interval_s: float = 5.0) -> None:
         while True:
