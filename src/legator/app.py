@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from legator.core.config import Settings
 from legator.core.http.app import CredentialsSink, create_core_app, print_initial_credentials
 from legator.core.runtime import Core, build_core
+from legator.fleet.wing import install_fleet
 from legator.secrets.router import install_secrets
 
 
@@ -20,4 +21,5 @@ def create_app(
     app = create_core_app(core, on_first_start=on_first_start)
     # Wings register here as they land: each adds routers and start/stop hooks on ``core``.
     install_secrets(app, core)
+    install_fleet(app, core)
     return app

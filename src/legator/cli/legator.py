@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from legator.cli import fleet as fleet_cli
 from legator.cli.common import (
     EXIT_USAGE,
     console,
@@ -46,6 +47,9 @@ keys_app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
+app.add_typer(fleet_cli.tokens_app, name="tokens")
+app.add_typer(fleet_cli.probes_app, name="probes")
+app.command("run")(fleet_cli.run)
 
 DataDir = Annotated[
     Path | None,

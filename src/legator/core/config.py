@@ -59,6 +59,19 @@ class Settings(BaseSettings):
     oidc_scopes: str = "openid email profile"
     oidc_default_role: Literal["admin", "operator", "viewer", "auditor"] = "viewer"
 
+    fleet_token_ttl_s: int = Field(
+        1800, ge=60, le=30 * 86400, description="Enrolment token lifetime, seconds."
+    )
+    fleet_offline_after_s: float = Field(
+        90.0, ge=1, le=86400, description="A probe with no contact this long is offline."
+    )
+    fleet_flush_interval_s: float = Field(
+        2.0, gt=0, le=60, description="How often buffered heartbeats are written."
+    )
+    fleet_command_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="Wait past a command's timeout before marking it lost."
+    )
+
     jobs_retry_max_attempts: int = Field(3, ge=1, le=100)
     jobs_retry_initial_backoff_s: float = Field(5.0, gt=0, le=3600)
     jobs_retry_max_backoff_s: float = Field(300.0, gt=0, le=86400)

@@ -1,0 +1,270 @@
+"""``legator tokens|probes|run``: the fleet over the control plane's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+
+from legator.cli.common import (
+    EXIT_CONFLICT,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    err_console,
+    fail,
+    print_json,
+    print_table,
+)
+
+ServerOpt = Annotated[
+    str,
+    typer.Option("--server", envvar="LEGATOR_SERVER_URL", help="Control plane URL."),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="LEGATOR_API_KEY",
+        help="API key (lgk_…); prefer the "
+        "environment variable, so it stays out of process listings.",
+        show_default=False,
+    ),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+tokens_app = typer.Typer(help="Probe enrolment tokens.", no_args_is_help=True)
+probes_app = typer.Typer(help="Probes: list, show, delete.", no_args_is_help=True)
+
+
+def _client(server: str, key: str | None) -> httpx.Client:
+    if not key:
+        fail("an API key is needed: set LEGATOR_API_KEY or pass --api-key", EXIT_USAGE)
+    return httpx.Client(
+        base_url=server.rstrip("/"),
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=httpx.Timeout(30, read=None),
+    )
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.status_code < 400:
+        return response.json() if response.content else None
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:300]
+    code = {404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT, 422: EXIT_USAGE}.get(
+        response.status_code, EXIT_FAILED
+    )
+    fail(f"{message} (HTTP {response.status_code})", code)
+
+
+def _call(server: str, key: str | None, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        with _client(server, key) as client:
+            return _check(client.request(method, path, **kwargs))
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {server}: {exc}")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    multi_use: Annotated[bool, typer.Option(help="Usable by many probes.")] = False,
+    no_expiry: Annotated[bool, typer.Option(help="Never expires (default 30 minutes).")] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+    api_key: KeyOpt = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Create an enrolment token and print the install command (shown once)."""
+    params = {"multi_use": multi_use, "no_expiry": no_expiry}
+    body = _call(server, api_key, "POST", "/api/v1/tokens", params=params)
+    if json_output:
+        print_json(body)
+        return
+    err_console.print(f"token expires: {body['expires_at'] or 'never'}; install with:")
+    sys.stdout.write(body["install_command"] + "\n")
+
+
+@probes_app.command("list")
+def probes_list(
+    status: Annotated[str | None, typer.Option(help="online, degraded or offline.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only probes with this tag.")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    api_key: KeyOpt = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List probes."""
+    params = {k: v for k, v in {"status": status, "tag": tag}.items() if v}
+    rows = _call(server, api_key, "GET", "/api/v1/probes", params=params)
+    if json_output:
+        print_json(rows)
+        return
+    print_table(
+        "probes",
+        ["id", "hostname", "status", "connected", "policy", "tags", "last seen"],
+        [
+            [
+                p["id"],
+                p["hostname"],
+                p["status"],
+                "yes" if p["connected"] else "no",
+                p["policy_id"],
+                ",".join(p["tags"]),
+                p["last_seen_at"] or "-",
+            ]
+            for p in rows
+        ],
+    )
+
+
+@probes_app.command("show")
+def probes_show(
+    probe_id: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    api_key: KeyOpt = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """A probe's details, metrics and health."""
+    probe = _call(server, api_key, "GET", f"/api/v1/probes/{probe_id}")
+    health = _call(server, api_key, "GET", f"/api/v1/probes/{probe_id}/health")
+    if json_output:
+        print_json({**probe, "health": health})
+        return
+    metrics = probe["metrics"] or {}
+    rows = [
+        ("id", probe["id"]),
+        ("hostname", probe["hostname"]),
+        ("status", probe["status"]),
+        ("connected", probe["connected"]),
+        ("policy", probe["policy_id"]),
+        ("max level", probe["max_level"]),
+        ("tags", ",".join(probe["tags"])),
+        ("version", probe["version"]),
+        ("cpu %", metrics.get("cpu_percent")),
+        ("memory %", metrics.get("memory_percent")),
+        ("disk %", metrics.get("disk_percent")),
+        ("health", f"{health['score']} {'; '.join(health['reasons'])}"),
+    ]
+    print_table(f"probe {probe_id}", ["field", "value"], rows)
+
+
+@probes_app.command("delete")
+def probes_delete(
+    probe_id: str, server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None
+) -> None:
+    """Delete a probe (its key stops working at once)."""
+    _call(server, api_key, "DELETE", f"/api/v1/probes/{probe_id}")
+    err_console.print(f"deleted {probe_id}")
+
+
+def run(
+    argv: Annotated[
+        list[str],
+        typer.Argument(
+            help="PROBE -- COMMAND [ARGS…] (or -- COMMAND with --tag).", show_default=False
+        ),
+    ],
+    tag: Annotated[str | None, typer.Option(help="Run on every probe with this tag.")] = None,
+    shell: Annotated[bool, typer.Option(help="Run through /bin/sh -c.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds before the probe kills it.")] = 60.0,
+    server: ServerOpt = DEFAULT_SERVER,
+    api_key: KeyOpt = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Run a command on a probe and stream its output; the exit code is the command's."""
+    if tag is None:
+        if len(argv) < 2:
+            fail("usage: legator run PROBE -- COMMAND [ARGS…]", EXIT_USAGE)
+        probe_id, command = argv[0], argv[1:]
+    else:
+        probe_id, command = "", argv
+    body = {
+        "command": " ".join(command) if shell else command[0],
+        "args": [] if shell else command[1:],
+        "shell": shell,
+        "timeout_s": timeout,
+    }
+    if tag is not None:
+        result = _call(server, api_key, "POST", f"/api/v1/fleet/by-tag/{tag}/command", json=body)
+        _print_fan_out(result, json_output)
+        return
+    if json_output:
+        result = _call(
+            server,
+            api_key,
+            "POST",
+            f"/api/v1/probes/{probe_id}/command",
+            params={"wait": "true"},
+            json=body,
+        )
+        print_json(result)
+        _exit_like(result)
+    started = _call(
+        server,
+        api_key,
+        "POST",
+        f"/api/v1/probes/{probe_id}/command",
+        params={"stream": "true"},
+        json=body,
+    )
+    final = _follow(server, api_key, started["stream_url"])
+    _exit_like(final)
+
+
+def _follow(server: str, key: str | None, url: str) -> dict[str, Any]:
+    final: dict[str, Any] = {}
+    with _client(server, key) as client, client.stream("GET", url) as response:
+        if response.status_code >= 400:
+            response.read()
+            _check(response)
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "result":
+                    final = data
+                else:
+                    target = sys.stderr if event == "stderr" else sys.stdout
+                    target.write(data["data"])
+                    target.flush()
+    return final
+
+
+def _exit_like(result: dict[str, Any]) -> NoReturn:
+    status = result.get("status")
+    if status in ("completed", "failed"):
+        raise typer.Exit(result.get("exit_code") or 0)
+    fail(f"command {status}: {result.get('error') or ''}".strip())
+
+
+def _print_fan_out(result: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        print_json(result)
+    else:
+        rows = []
+        for item in result["results"]:
+            out = item.get("result") or {}
+            text = (out.get("stdout") or item.get("error") or "").strip().replace("\n", " ⏎ ")
+            rows.append(
+                [
+                    item["hostname"],
+                    item["probe_id"],
+                    out.get("status", "refused"),
+                    out.get("exit_code"),
+                    text[:80],
+                ]
+            )
+        print_table(
+            f"tag {result['tag']} ({result['targets']} probes)",
+            ["hostname", "probe", "status", "exit", "output"],
+            rows,
+        )
+    if not all(item["ok"] for item in result["results"]):
+        raise typer.Exit(EXIT_FAILED)

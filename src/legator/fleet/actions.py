@@ -1,0 +1,167 @@
+"""Signed requests that change a probe: apply a policy, rotate its key, update it, files."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from legator.core.audit.service import AuditService
+from legator.core.db import Database, new_id
+from legator.core.errors import BadRequest, Forbidden, NotFound
+from legator.fleet.commands.service import CommandService
+from legator.fleet.hub import Hub
+from legator.fleet.models import Probe
+from legator.fleet.policies import PolicyService
+from legator.fleet.protocol import (
+    T_FILE_REQUEST,
+    T_POLICY_UPDATE,
+    T_ROTATE_KEY,
+    T_UPDATE,
+    Ack,
+    FileRequest,
+    FileResult,
+    PolicySpec,
+    RotateKey,
+    UpdateSpec,
+)
+from legator.fleet.registry import ProbeRegistry, new_probe_key
+from legator.fleet.schemas import ProbeActionResult, UpdateRequest
+
+
+def path_allowed(path: str, roots: list[str] | tuple[str, ...]) -> bool:
+    """Lexical check on the control plane; the probe repeats it on the resolved path."""
+    if not path.startswith("/"):
+        return False
+    clean = posixpath.normpath(path)
+    return any(
+        root == "/" or clean == root.rstrip("/") or clean.startswith(root.rstrip("/") + "/")
+        for root in roots
+    )
+
+
+class ProbeActions:
+    def __init__(
+        self,
+        db: Database,
+        audit: AuditService,
+        hub: Hub,
+        registry: ProbeRegistry,
+        policies: PolicyService,
+        commands: CommandService,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.hub = hub
+        self.registry = registry
+        self.policies = policies
+        self.commands = commands
+
+    async def policy_spec(self, policy_id: str) -> PolicySpec:
+        policy = await self.policies.get(policy_id)
+        return PolicySpec(
+            policy_id=policy.id,
+            name=policy.name,
+            level=policy.level,  # type: ignore[arg-type]
+            allow=policy.allow,
+            block=policy.block,
+            paths=policy.paths,
+        )
+
+    async def push_policy(self, probe_id: str) -> Ack:
+        probe = await self.registry.get(probe_id)
+        spec = await self.policy_spec(probe.policy_id)
+        return await self._ack(probe_id, T_POLICY_UPDATE, spec)
+
+    async def apply_policy(self, probe_id: str, policy_id: str, *, actor: str) -> ProbeActionResult:
+        spec = await self.policy_spec(policy_id)
+        async with self.db.write() as session:
+            probe = await session.get(Probe, probe_id)
+            if probe is None:
+                raise NotFound(f"no probe with id {probe_id}")
+            previous, probe.policy_id = probe.policy_id, policy_id
+            await self.audit.record(
+                session,
+                actor=actor,
+                action="fleet.policy.apply",
+                target=probe_id,
+                details={"policy_id": policy_id, "previous": previous},
+            )
+        if not self.hub.is_connected(probe_id):
+            return ProbeActionResult(
+                probe_id=probe_id,
+                ok=True,
+                detail={
+                    "policy_id": policy_id,
+                    "delivered": False,
+                    "note": "the probe gets it when it next connects",
+                },
+            )
+        ack = await self._ack(probe_id, T_POLICY_UPDATE, spec)
+        return ProbeActionResult(
+            probe_id=probe_id,
+            ok=ack.ok,
+            error=ack.error,
+            detail={"policy_id": policy_id, "delivered": True, **ack.detail},
+        )
+
+    async def rotate_key(self, probe_id: str, *, actor: str) -> ProbeActionResult:
+        await self.registry.get(probe_id)
+        new_key = new_probe_key()
+        await self.registry.set_pending_key(probe_id, new_key)
+        ack = await self._ack(probe_id, T_ROTATE_KEY, RotateKey(api_key=new_key))
+        if not ack.ok:
+            raise BadRequest(f"probe {probe_id} could not store its new key: {ack.error}")
+        await self.registry.promote_key(probe_id)
+        await self.audit.log(actor=actor, action="fleet.probe.rotate_key", target=probe_id)
+        return ProbeActionResult(probe_id=probe_id, ok=True, detail={"rotated": True})
+
+    async def update(self, probe_id: str, body: UpdateRequest, *, actor: str) -> ProbeActionResult:
+        await self.registry.get(probe_id)
+        spec = UpdateSpec(
+            request_id=new_id(), url=body.url, version=body.version, sha256=body.sha256
+        )
+        ack = await self._ack(probe_id, T_UPDATE, spec, wait_s=120)
+        await self.audit.log(
+            actor=actor,
+            action="fleet.probe.update",
+            target=probe_id,
+            outcome="success" if ack.ok else "failure",
+            details={
+                "url": body.url,
+                "version": body.version,
+                "sha256": body.sha256,
+                "error": ack.error,
+            },
+        )
+        if not ack.ok:
+            raise BadRequest(f"probe {probe_id} refused the update: {ack.error}")
+        return ProbeActionResult(probe_id=probe_id, ok=True, detail={"version": body.version})
+
+    async def file_op(self, probe_id: str, request: dict[str, Any], *, actor: str) -> Any:
+        probe = await self.registry.get(probe_id)
+        policy, name = await self.commands.effective_policy(probe)
+        spec = FileRequest(request_id=new_id(), **request)
+        if not path_allowed(spec.path, policy.paths):
+            raise Forbidden(
+                f"policy {name!r} does not allow files under {spec.path!r} "
+                f"(allowed: {', '.join(policy.paths) or 'none'})"
+            )
+        result = await self.hub.call(
+            probe_id, T_FILE_REQUEST, spec, reply_key=spec.request_id, wait_s=30
+        )
+        assert isinstance(result, FileResult)
+        await self.audit.log(
+            actor=actor,
+            action=f"fleet.file.{spec.op}",
+            target=probe_id,
+            outcome="success" if result.ok else "failure",
+            details={"path": spec.path, "error": result.error},
+        )
+        if not result.ok:
+            raise BadRequest(f"probe {probe_id}: {result.error}")
+        return result.data
+
+    async def _ack(self, probe_id: str, type_: str, payload: Any, *, wait_s: float = 30) -> Ack:
+        reply = await self.hub.call(probe_id, type_, payload, wait_s=wait_s)
+        assert isinstance(reply, Ack)
+        return reply

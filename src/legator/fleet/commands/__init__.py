@@ -1,0 +1,1 @@
+"""Commands: the one dispatch path to probes, results, streams."""

@@ -1,0 +1,457 @@
+"""The one path by which anything runs on a host.
+
+``CommandService.dispatch`` classifies the command, checks it against the probe's policy
+(and the probe's own reported maximum), records it and sends it signed. Every caller (REST,
+fan-out by tag, and later jobs, chat, MCP, deploy) goes through it, so the approval gate can
+be inserted in exactly one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from legator.core.audit.service import AuditService
+from legator.core.db import Database, new_id, utcnow
+from legator.core.errors import AppError, Forbidden, NotFound
+from legator.core.events import InMemoryEventBus
+from legator.core.logging import get_logger
+from legator.fleet.batching import GroupCommitter
+from legator.fleet.hub import Hub, ProbeNotConnected
+from legator.fleet.metrics import FleetMetrics
+from legator.fleet.models import Command, CommandChunk, Probe
+from legator.fleet.policies import PolicyService
+from legator.fleet.policy import Policy as LevelPolicy
+from legator.fleet.policy import evaluate, weakest
+from legator.fleet.protocol import T_COMMAND, CommandResult, CommandSpec, OutputChunk
+from legator.fleet.schemas import CommandMode, CommandOut, CommandRequest, FanOutItem, FanOutResult
+
+log = get_logger("legator.fleet.commands")
+ACTIVE = ("dispatched", "running")
+RESULT_BATCH = 1000
+_END = object()
+
+
+class CommandService:
+    def __init__(
+        self,
+        db: Database,
+        audit: AuditService,
+        events: InMemoryEventBus,
+        hub: Hub,
+        policies: PolicyService,
+        metrics: FleetMetrics,
+        *,
+        grace_s: float,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.events = events
+        self.hub = hub
+        self.policies = policies
+        self.metrics = metrics
+        self.grace_s = grace_s
+        self._started: dict[str, float] = {}
+        self._streams: dict[str, set[asyncio.Queue[Any]]] = defaultdict(set)
+        self.writer = GroupCommitter(db)
+        self._results: list[tuple[str, CommandResult, asyncio.Future[bool]]] = []
+        self._results_wake = asyncio.Event()
+        self._results_task: asyncio.Task[None] | None = None
+
+    async def effective_policy(self, probe: Probe) -> tuple[LevelPolicy, str]:
+        policy = await self.policies.get(probe.policy_id)
+        level = weakest(policy.level, probe.max_level or "remediate")
+        return (
+            LevelPolicy(
+                level=level,
+                allow=tuple(policy.allow),
+                block=tuple(policy.block),
+                paths=tuple(policy.paths),
+            ),
+            policy.name,
+        )
+
+    async def dispatch(
+        self,
+        *,
+        actor: str,
+        probe_id: str,
+        request: CommandRequest,
+        mode: CommandMode,
+        probe: Probe | None = None,
+    ) -> Command:
+        """Check policy, record, send. ``wait`` returns once the result is in (or the
+        command's timeout passed); the other modes return at once."""
+        if probe is None or probe.id != probe_id:  # callers may pass the row they hold
+            async with self.db.session() as session:
+                probe = await session.get(Probe, probe_id)
+        if probe is None:
+            raise NotFound(f"no probe with id {probe_id}")
+        policy, policy_name = await self.effective_policy(probe)
+        decision = evaluate(
+            policy, request.command, request.args, shell=request.shell, requested=request.level
+        )
+        details = {
+            "command": request.command,
+            "args": request.args,
+            "shell": request.shell,
+            "level": decision.required,
+            "policy": policy_name,
+            "mode": mode,
+        }
+        if not decision.allowed:
+            self.metrics.commands.labels("refused_by_policy").inc()
+            await self.audit.log(
+                actor=actor,
+                action="fleet.command.refused",
+                target=probe_id,
+                outcome="denied",
+                details={**details, "reason": decision.reason},
+            )
+            raise Forbidden(
+                f"refused by policy {policy_name!r} on {probe_id}: {decision.reason}",
+                details={"required_level": decision.required, "policy_level": policy.level},
+            )
+        if not self.hub.is_connected(probe_id):
+            raise ProbeNotConnected(f"probe {probe_id} is not connected")
+        command = Command(
+            id=new_id(),
+            probe_id=probe_id,
+            command=request.command,
+            args=request.args,
+            shell=request.shell,
+            level=decision.required,
+            timeout_s=request.timeout_s,
+            mode=mode,
+            status="dispatched",
+            requested_by=actor,
+            stdout="",
+            stderr="",
+            deadline_at=utcnow() + timedelta(seconds=request.timeout_s + self.grace_s),
+        )
+
+        async def record(session: AsyncSession) -> None:
+            session.add(command)
+            await self.audit.record(
+                session,
+                actor=actor,
+                action="fleet.command.dispatch",
+                target=probe_id,
+                details={**details, "request_id": command.id},
+            )
+
+        await self.writer.run(record)
+        spec = CommandSpec(
+            request_id=command.id,
+            command=request.command,
+            args=request.args,
+            shell=request.shell,
+            timeout_s=request.timeout_s,
+            level=decision.required,  # type: ignore[arg-type]
+            env=request.env,
+            stream=mode == "stream",
+        )
+        waiter = self.hub.expect(command.id) if mode == "wait" else None
+        self._started[command.id] = time.monotonic()
+        try:
+            await self.hub.send(probe_id, T_COMMAND, spec)
+        except ProbeNotConnected as exc:
+            self.hub.forget(command.id)
+            await self._finish(
+                command.id,
+                probe_id,
+                CommandResult(request_id=command.id, status="error", error=exc.message),
+            )
+            raise
+        if waiter is None:
+            return command
+        try:
+            result: CommandResult = await asyncio.wait_for(waiter, request.timeout_s + self.grace_s)
+        except TimeoutError:
+            return await self.get(command.id)
+        finally:
+            self.hub.forget(command.id)
+        # The stored row now holds exactly this result; no need to read it back.
+        command.status, command.exit_code = result.status, result.exit_code
+        command.stdout, command.stderr = result.stdout, result.stderr
+        command.truncated, command.duration_ms = result.truncated, result.duration_ms
+        command.error, command.finished_at = result.error or result.reason, utcnow()
+        return command
+
+    async def fan_out(
+        self, *, actor: str, tag: str, request: CommandRequest, probes: list[Probe]
+    ) -> FanOutResult:
+        async def one(probe: Probe) -> FanOutItem:
+            try:
+                result = await self.dispatch(
+                    actor=actor, probe_id=probe.id, request=request, mode="wait", probe=probe
+                )
+            except AppError as exc:
+                return FanOutItem(
+                    probe_id=probe.id, hostname=probe.hostname, ok=False, error=exc.message
+                )
+            out = CommandOut.model_validate(result, from_attributes=True)
+            return FanOutItem(
+                probe_id=probe.id,
+                hostname=probe.hostname,
+                ok=result.status == "completed",
+                result=out,
+            )
+
+        results = await asyncio.gather(*(one(p) for p in probes))
+        return FanOutResult(tag=tag, targets=len(probes), results=list(results))
+
+    # ---- from the probe ----------------------------------------------------------------
+
+    async def on_result(self, probe_id: str, result: CommandResult) -> None:
+        if result.request_id is None:
+            log.warning(
+                "probe refused a message",
+                probe_id=probe_id,
+                reason=result.reason,
+                error=result.error,
+            )
+            await self.events.publish(
+                "probe.rejected",
+                {"probe_id": probe_id, "reason": result.reason, "error": result.error},
+            )
+            return
+        await self._finish(result.request_id, probe_id, result)
+
+    async def _finish(self, request_id: str, probe_id: str, result: CommandResult) -> None:
+        if not await self._store(probe_id, result):
+            return
+        started = self._started.pop(request_id, None)
+        if started is not None:
+            self.metrics.latency.observe(time.monotonic() - started)
+        self.metrics.commands.labels(result.status).inc()
+        self.hub.resolve(request_id, result)
+        for queue in self._streams.get(request_id, ()):
+            queue.put_nowait(_END)
+        await self.events.publish(
+            "command.finished",
+            {
+                "request_id": request_id,
+                "probe_id": probe_id,
+                "status": result.status,
+                "exit_code": result.exit_code,
+            },
+        )
+
+    async def _store(self, probe_id: str, result: CommandResult) -> bool:
+        """Queue a result for the next batch write; True once it is stored."""
+        if self._results_task is None or self._results_task.done():
+            self._results_task = asyncio.create_task(self._results_loop(), name="fleet-results")
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._results.append((probe_id, result, future))
+        self._results_wake.set()
+        return await future
+
+    async def _results_loop(self) -> None:
+        # Results are written in batches: one SELECT and one executemany UPDATE per batch
+        # instead of an ORM load and an UPDATE per command (a fan-out returns thousands).
+        while True:
+            await self._results_wake.wait()
+            self._results_wake.clear()
+            while self._results:
+                batch, self._results = self._results[:RESULT_BATCH], self._results[RESULT_BATCH:]
+                try:
+                    stored = await self._store_batch(batch)
+                except Exception as exc:
+                    log.exception("storing command results failed")
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), ok in zip(batch, stored, strict=True):
+                    if not future.done():
+                        future.set_result(ok)
+
+    async def _store_batch(
+        self, batch: list[tuple[str, CommandResult, asyncio.Future[bool]]]
+    ) -> list[bool]:
+        ids = [result.request_id for _, result, _ in batch]
+        now = utcnow()
+        stored: list[bool] = []
+        updates: list[dict[str, Any]] = []
+        async with self.db.write() as session:
+            found = {
+                row.id: (row.probe_id, row.status)
+                for row in (
+                    await session.execute(
+                        select(Command.id, Command.probe_id, Command.status).where(
+                            Command.id.in_(ids)
+                        )
+                    )
+                ).all()
+            }
+            for probe_id, result, _ in batch:
+                known = found.get(result.request_id or "")
+                if known is None or known[0] != probe_id:
+                    log.warning(
+                        "result for an unknown command",
+                        probe_id=probe_id,
+                        request_id=result.request_id,
+                    )
+                    stored.append(False)
+                    continue
+                if result.status in ("refused", "rejected"):
+                    await self.audit.record(
+                        session,
+                        actor=f"probe:{probe_id}",
+                        action="fleet.command.refused_by_probe",
+                        target=probe_id,
+                        outcome="denied",
+                        details={
+                            "request_id": result.request_id,
+                            "reason": result.reason,
+                            "error": result.error,
+                        },
+                    )
+                if known[1] not in ACTIVE and result.status == "rejected":
+                    # A replayed or forged message naming a finished command: keep its result.
+                    stored.append(False)
+                    continue
+                found[result.request_id or ""] = (probe_id, result.status)
+                updates.append(
+                    {
+                        "id": result.request_id,
+                        "status": result.status,
+                        "exit_code": result.exit_code,
+                        "stdout": result.stdout,
+                        "stderr": result.stderr,
+                        "truncated": result.truncated,
+                        "duration_ms": result.duration_ms,
+                        "error": result.error or result.reason,
+                        "finished_at": now,
+                    }
+                )
+                stored.append(True)
+            if updates:
+                await session.execute(update(Command), updates)
+        return stored
+
+    async def on_chunk(self, probe_id: str, chunk: OutputChunk) -> None:
+        async with self.db.write() as session:
+            owner = await session.scalar(
+                select(Command.status).where(
+                    Command.id == chunk.request_id, Command.probe_id == probe_id
+                )
+            )
+            if owner is None:
+                return
+            session.add(
+                CommandChunk(
+                    command_id=chunk.request_id, seq=chunk.seq, stream=chunk.stream, data=chunk.data
+                )
+            )
+            if owner == "dispatched":
+                await session.execute(
+                    update(Command).where(Command.id == chunk.request_id).values(status="running")
+                )
+        for queue in self._streams.get(chunk.request_id, ()):
+            queue.put_nowait(chunk)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def get(self, request_id: str) -> Command:
+        async with self.db.session() as session:
+            row = await session.get(Command, request_id)
+        if row is None:
+            raise NotFound(f"no command with request id {request_id}")
+        return row
+
+    async def pending(self) -> list[Command]:
+        async with self.db.session() as session:
+            rows = await session.scalars(
+                select(Command).where(Command.status.in_(ACTIVE)).order_by(Command.created_at)
+            )
+            return list(rows)
+
+    async def stream(self, request_id: str, after_seq: int = -1) -> AsyncIterator[Any]:
+        """Chunks after ``after_seq`` (replayed from the database, then live), then the
+        final command row."""
+        await self.get(request_id)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request_id].add(queue)
+        try:
+            async with self.db.session() as session:
+                replay = list(
+                    await session.scalars(
+                        select(CommandChunk)
+                        .where(CommandChunk.command_id == request_id, CommandChunk.seq > after_seq)
+                        .order_by(CommandChunk.seq)
+                    )
+                )
+            last = after_seq
+            for chunk in replay:
+                last = chunk.seq
+                yield OutputChunk(
+                    request_id=request_id, seq=chunk.seq, stream=chunk.stream, data=chunk.data
+                )  # type: ignore[arg-type]
+            row = await self.get(request_id)
+            while row.status in ACTIVE:
+                try:
+                    item = await asyncio.wait_for(queue.get(), 15)
+                except TimeoutError:
+                    yield None  # keep-alive
+                    row = await self.get(request_id)
+                    continue
+                if item is _END:
+                    break
+                if item.seq > last:
+                    last = item.seq
+                    yield item
+            yield await self.get(request_id)
+        finally:
+            self._streams[request_id].discard(queue)
+            if not self._streams[request_id]:
+                self._streams.pop(request_id, None)
+
+    # ---- housekeeping ------------------------------------------------------------------
+
+    async def mark_lost(self) -> list[str]:
+        now = utcnow()
+        async with self.db.write() as session:
+            ids = list(
+                await session.scalars(
+                    select(Command.id).where(Command.status.in_(ACTIVE), Command.deadline_at < now)
+                )
+            )
+            if ids:
+                await session.execute(
+                    update(Command)
+                    .where(Command.id.in_(ids))
+                    .values(
+                        status="lost",
+                        finished_at=now,
+                        error="no result from the probe before the command's timeout",
+                    )
+                )
+        for request_id in ids:
+            self.metrics.commands.labels("lost").inc()
+            self._started.pop(request_id, None)
+            for queue in self._streams.get(request_id, ()):
+                queue.put_nowait(_END)
+        return ids
+
+    async def close(self) -> None:
+        if self._results_task is not None:
+            self._results_task.cancel()
+            await asyncio.gather(self._results_task, return_exceptions=True)
+        await self.writer.close()
+
+    async def run_reaper(self, interval_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.mark_lost()
+            except Exception:
+                log.exception("lost-command pass failed")

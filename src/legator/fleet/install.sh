@@ -1,0 +1,108 @@
+#!/bin/sh
+# Legator probe installer, served by the control plane at /install.sh.
+#   curl -fsSL https://legator.example/install.sh | sudo sh -s -- --server URL --token prb_...
+# Options: --server URL --token T [--tags a,b] [--arch ARCH] [--version V]
+#          [--config-dir DIR] [--max-level observe|diagnose|remediate] [--no-start]
+# LEGATOR_ROOT (default /) installs into another root; used by tests.
+set -eu
+
+SERVER="" TOKEN="" TAGS="" ARCH="$(uname -m)" VERSION="@VERSION@" CONFIG_DIR="" START=1
+MAX_LEVEL="diagnose"
+ROOT="${LEGATOR_ROOT:-}"
+PYTHON="${LEGATOR_PYTHON:-python3}"
+
+die() { echo "legator-install: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --server) SERVER="${2:?--server needs a URL}"; shift 2 ;;
+        --token) TOKEN="${2:?--token needs a value}"; shift 2 ;;
+        --tags) TAGS="${2:-}"; shift 2 ;;
+        --arch) ARCH="${2:?--arch needs a value}"; shift 2 ;;
+        --version) VERSION="${2:?--version needs a value}"; shift 2 ;;
+        --config-dir) CONFIG_DIR="${2:?--config-dir needs a path}"; shift 2 ;;
+        --max-level) MAX_LEVEL="${2:?--max-level needs a level}"; shift 2 ;;
+        --no-start) START=0; shift ;;
+        -h|--help) sed -n '2,7p' "$0" 2>/dev/null || true; exit 0 ;;
+        *) die "unknown option: $1" ;;
+    esac
+done
+
+[ -n "$SERVER" ] || die "--server is required"
+[ -n "$TOKEN" ] || die "--token is required"
+case "$SERVER" in http://*|https://*) ;; *) die "--server must be an http(s) URL" ;; esac
+case "$ARCH" in x86_64|amd64|aarch64|arm64|armv7l|riscv64|ppc64le|s390x) ;; *) die "unsupported architecture: $ARCH" ;; esac
+case "$MAX_LEVEL" in observe|diagnose|remediate) ;; *) die "--max-level must be observe, diagnose or remediate" ;; esac
+[ -n "$CONFIG_DIR" ] || CONFIG_DIR="/etc/legator"
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "python3 >= 3.11 is required"
+"$PYTHON" -c 'import pydantic, websockets, psutil, yaml, typer' 2>/dev/null \
+    || die "python3 needs pydantic, websockets, psutil, pyyaml and typer (e.g. apt install python3-pydantic python3-websockets python3-psutil python3-yaml python3-typer)"
+
+LIB="$ROOT/opt/legator"
+PYZ="$LIB/legator-probe.pyz"
+UNIT="$ROOT/etc/systemd/system/legator-probe.service"
+CONF="$ROOT$CONFIG_DIR"
+
+if [ -z "$ROOT" ] && ! id legator >/dev/null 2>&1; then
+    useradd --system --home-dir /var/lib/legator --shell /usr/sbin/nologin legator
+fi
+mkdir -p "$LIB" "$CONF" "$ROOT/var/lib/legator" "$(dirname "$UNIT")"
+chmod 0750 "$CONF"
+
+echo "downloading legator-probe $VERSION for $ARCH"
+"$PYTHON" - "$SERVER/download/legator-probe-$VERSION.pyz" "$PYZ.new" <<'PY'
+import hashlib, sys, urllib.request
+url, target = sys.argv[1], sys.argv[2]
+with urllib.request.urlopen(url, timeout=60) as response:
+    data = response.read()
+    expected = response.headers.get("X-Checksum-SHA256")
+if expected and hashlib.sha256(data).hexdigest() != expected:
+    sys.exit("checksum mismatch for " + url)
+with open(target, "wb") as handle:
+    handle.write(data)
+PY
+chmod 0755 "$PYZ.new"
+mv -f "$PYZ.new" "$PYZ"
+
+cat > "$UNIT" <<UNIT
+[Unit]
+Description=Legator probe
+Documentation=$SERVER/docs
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart=/usr/bin/env python3 /opt/legator/legator-probe.pyz run --config $CONFIG_DIR/probe.yaml
+Restart=always
+RestartSec=5
+User=root
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectHome=read-only
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictRealtime=yes
+ReadWritePaths=$CONFIG_DIR /var/lib/legator /opt/legator
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+set -- init --server "$SERVER" --token "$TOKEN" --config-dir "$CONF" --max-level "$MAX_LEVEL"
+[ -n "$TAGS" ] && set -- "$@" --tags "$TAGS"
+"$PYTHON" "$PYZ" "$@"
+
+systemctl daemon-reload
+systemctl enable legator-probe.service
+if [ "$START" = 1 ]; then
+    systemctl restart legator-probe.service
+    echo "legator-probe installed and started"
+else
+    echo "legator-probe installed (not started: --no-start)"
+fi

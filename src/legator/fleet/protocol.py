@@ -1,0 +1,254 @@
+"""The probe wire protocol: envelopes, payloads and signing.
+
+Shared by the control plane and the probe, so it stays pure: stdlib, Pydantic and
+``legator.core.canonical`` only. Every control-plane→probe envelope carries
+``sig = HMAC-SHA256(probe_key, id|type|ts|canonical_json(payload))``; the probe key is
+``HMAC-SHA256(master, "legator-probe-signing|" + probe_id)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from legator.core.canonical import canonical_json
+
+PROTOCOL_VERSION = 1
+MAX_SKEW_S = 300.0
+KEY_CONTEXT = "legator-probe-signing|"
+LEVELS = ("observe", "diagnose", "remediate")
+Level = Literal["observe", "diagnose", "remediate"]
+
+# Control plane → probe (always signed).
+T_COMMAND = "command"
+T_POLICY_UPDATE = "policy_update"
+T_ROTATE_KEY = "rotate_key"
+T_UPDATE = "update"
+T_FILE_REQUEST = "file_request"
+T_PING = "ping"
+SIGNED_TYPES = frozenset(
+    {T_COMMAND, T_POLICY_UPDATE, T_ROTATE_KEY, T_UPDATE, T_FILE_REQUEST, T_PING}
+)
+# Probe → control plane (authenticated by the probe's bearer key on the socket).
+T_HELLO = "hello"
+T_HEARTBEAT = "heartbeat"
+T_INVENTORY = "inventory"
+T_COMMAND_RESULT = "command_result"
+T_OUTPUT = "output"
+T_ACK = "ack"
+T_FILE_RESULT = "file_result"
+
+
+def utc_ts() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_ts(value: str) -> float:
+    """Seconds since the epoch of an RFC 3339 timestamp; ValueError if it is not one."""
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise ValueError("timestamp without a timezone")
+    return parsed.timestamp()
+
+
+def derive_probe_key(master: bytes, probe_id: str) -> str:
+    """The per-probe signing key, hex. Both ends hold exactly this value."""
+    return hmac.new(master, (KEY_CONTEXT + probe_id).encode(), hashlib.sha256).hexdigest()
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64)
+    type: str = Field(min_length=1, max_length=64)
+    ts: str = Field(min_length=1, max_length=64)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    sig: str | None = Field(None, max_length=128)
+
+    def material(self) -> bytes:
+        return f"{self.id}|{self.type}|{self.ts}|{canonical_json(self.payload)}".encode()
+
+
+def new_envelope(type_: str, payload: dict[str, Any] | BaseModel) -> Envelope:
+    body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+    return Envelope(id=str(uuid.uuid4()), type=type_, ts=utc_ts(), payload=body)
+
+
+def sign(envelope: Envelope, key_hex: str) -> Envelope:
+    digest = hmac.new(bytes.fromhex(key_hex), envelope.material(), hashlib.sha256).hexdigest()
+    return envelope.model_copy(update={"sig": digest})
+
+
+def signed(type_: str, payload: dict[str, Any] | BaseModel, key_hex: str) -> Envelope:
+    return sign(new_envelope(type_, payload), key_hex)
+
+
+class VerificationError(Exception):
+    """Why an envelope was refused; ``reason`` is a short machine-readable word."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Verifier:
+    """Checks signature, freshness and uniqueness of incoming control-plane envelopes.
+
+    Ids seen within the skew window are remembered; older envelopes are refused as stale,
+    so the replay memory never needs to outlive the window.
+    """
+
+    def __init__(self, key_hex: str, *, max_skew_s: float = MAX_SKEW_S, capacity: int = 100_000):
+        self.key_hex = key_hex
+        self.max_skew_s = max_skew_s
+        self.capacity = capacity
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def verify(self, envelope: Envelope, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if not envelope.sig:
+            raise VerificationError(
+                "unsigned", f"{envelope.type} message {envelope.id} is unsigned"
+            )
+        expected = sign(envelope, self.key_hex).sig or ""
+        if not hmac.compare_digest(expected, envelope.sig):
+            raise VerificationError(
+                "bad_signature", f"{envelope.type} message {envelope.id} has an invalid signature"
+            )
+        try:
+            sent = parse_ts(envelope.ts)
+        except ValueError:
+            raise VerificationError(
+                "bad_timestamp", f"timestamp {envelope.ts!r} is not RFC 3339"
+            ) from None
+        if abs(now - sent) > self.max_skew_s:
+            raise VerificationError(
+                "stale", f"message {envelope.id} is {abs(now - sent):.0f}s off this host's clock"
+            )
+        self._expire(now)
+        if envelope.id in self._seen:
+            raise VerificationError("replayed", f"message id {envelope.id} was already received")
+        self._seen[envelope.id] = now
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        horizon = now - 2 * self.max_skew_s
+        while self._seen:
+            oldest_id, seen_at = next(iter(self._seen.items()))
+            if seen_at >= horizon:
+                break
+            del self._seen[oldest_id]
+
+
+# ---- payloads -------------------------------------------------------------------------------
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Hello(Payload):
+    probe_id: str
+    version: str
+    hostname: str
+    max_level: Level
+    policy_id: str | None = None
+    protocol: int = PROTOCOL_VERSION
+    running: list[str] = Field(default_factory=list)
+
+
+class Heartbeat(Payload):
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    disk_percent: float = 0.0
+    load1: float = 0.0
+    load5: float = 0.0
+    load15: float = 0.0
+    uptime_s: float = 0.0
+    running: int = 0
+
+
+class CommandSpec(Payload):
+    request_id: str
+    command: str = Field(min_length=1, max_length=65536)
+    args: list[str] = Field(default_factory=list)
+    shell: bool = False
+    timeout_s: float = Field(60.0, gt=0, le=86400)
+    level: Level = "observe"
+    env: dict[str, str] = Field(default_factory=dict)
+    stream: bool = False
+
+
+CommandStatus = Literal["completed", "failed", "timeout", "refused", "rejected", "error", "lost"]
+
+
+class CommandResult(Payload):
+    request_id: str | None = None
+    status: CommandStatus
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    duration_ms: int = 0
+    truncated: bool = False
+    error: str | None = None
+    reason: str | None = None
+
+
+class OutputChunk(Payload):
+    request_id: str
+    seq: int = Field(ge=0)
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class PolicySpec(Payload):
+    policy_id: str | None = None
+    name: str = ""
+    level: Level = "observe"
+    allow: list[str] = Field(default_factory=list)
+    block: list[str] = Field(default_factory=list)
+    paths: list[str] = Field(default_factory=list)
+
+
+class RotateKey(Payload):
+    api_key: str
+
+
+class UpdateSpec(Payload):
+    request_id: str
+    url: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class FileRequest(Payload):
+    request_id: str
+    op: Literal["read", "readlines", "search", "stat"]
+    path: str
+    start: int = Field(1, ge=1)
+    end: int | None = Field(None, ge=1)
+    pattern: str | None = None
+    max_bytes: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
+
+
+class FileResult(Payload):
+    request_id: str
+    ok: bool
+    data: Any = None
+    error: str | None = None
+
+
+class Ack(Payload):
+    ref: str  # the id of the envelope acknowledged
+    type: str
+    ok: bool = True
+    error: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)

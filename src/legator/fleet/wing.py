@@ -1,0 +1,93 @@
+"""Wires the fleet wing into the app: services on ``app.state.fleet``, routes, loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.requests import HTTPConnection
+
+from legator.core.runtime import Core
+from legator.fleet.actions import ProbeActions
+from legator.fleet.commands.service import CommandService
+from legator.fleet.hub import Hub
+from legator.fleet.metrics import FleetMetrics
+from legator.fleet.policies import PolicyService
+from legator.fleet.registry import ProbeRegistry
+from legator.fleet.tokens import TokenService
+
+
+@dataclass
+class Fleet:
+    hub: Hub
+    tokens: TokenService
+    policies: PolicyService
+    registry: ProbeRegistry
+    commands: CommandService
+    actions: ProbeActions
+    metrics: FleetMetrics
+
+
+def build_fleet(core: Core) -> Fleet:
+    settings = core.settings
+    metrics = FleetMetrics(core.metrics.registry)
+    hub = Hub(core.signing_key)
+    policies = PolicyService(core.db, core.audit)
+    registry = ProbeRegistry(
+        core.db,
+        core.audit,
+        core.events,
+        hub,
+        metrics,
+        offline_after_s=settings.fleet_offline_after_s,
+        flush_interval_s=settings.fleet_flush_interval_s,
+    )
+    commands = CommandService(
+        core.db,
+        core.audit,
+        core.events,
+        hub,
+        policies,
+        metrics,
+        grace_s=settings.fleet_command_grace_s,
+    )
+    return Fleet(
+        hub=hub,
+        tokens=TokenService(core.db, core.audit, settings.fleet_token_ttl_s),
+        policies=policies,
+        registry=registry,
+        commands=commands,
+        actions=ProbeActions(core.db, core.audit, hub, registry, policies, commands),
+        metrics=metrics,
+    )
+
+
+def fleet_of(conn: HTTPConnection) -> Fleet:
+    return conn.app.state.fleet  # type: ignore[no-any-return]
+
+
+def install_fleet(app: FastAPI, core: Core) -> Fleet:
+    from legator.fleet.installer import router as installer_router
+    from legator.fleet.router import router
+    from legator.fleet.socket import router as socket_router
+
+    fleet = build_fleet(core)
+    app.state.fleet = fleet
+
+    async def start() -> None:
+        await fleet.policies.seed()
+        await fleet.registry.sweep()
+        core.spawn(fleet.registry.run_liveness(), name="fleet-liveness")
+        core.spawn(fleet.commands.run_reaper(), name="fleet-lost-commands")
+
+    async def stop() -> None:
+        await fleet.hub.close_all()
+        await fleet.registry.flush()
+        await fleet.commands.close()
+
+    core.startup_hooks.append(start)
+    core.shutdown_hooks.append(stop)
+    app.include_router(router)
+    app.include_router(socket_router)
+    app.include_router(installer_router)
+    return fleet

@@ -1,0 +1,226 @@
+"""Enrolment and connection with real probe processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from legator.core.security import sha256_hex
+from legator.fleet.protocol import derive_probe_key
+from tests.fleet.e2e.conftest import ProbeProcess, wait_for
+from tests.fleet.e2e.helpers import set_probe
+from tests.support import LiveServer
+
+
+def _register(server: LiveServer, token: str, hostname: str) -> httpx.Response:
+    return httpx.post(
+        server.url + "/api/v1/register",
+        json={"token": token, "hostname": hostname, "os": "linux", "arch": "x86_64"},
+    )
+
+
+def test_token_shape_reuse_and_hashing(fleet_server: LiveServer, admin: httpx.Client) -> None:
+    created = admin.post("/api/v1/tokens")
+    assert created.status_code == 201
+    body = created.json()
+    assert body["token"].startswith("prb_") and body["multi_use"] is False
+    assert body["expires_at"] is not None
+    assert fleet_server.url in body["install_command"] and body["token"] in body["install_command"]
+    first = _register(fleet_server, body["token"], "alpha")
+    assert first.status_code == 201, first.text
+    answer = first.json()
+    assert answer["probe_id"].startswith("prb-") and len(answer["probe_id"]) == 12
+    assert answer["signing_key"] == derive_probe_key(
+        fleet_server.core.signing_key, answer["probe_id"]
+    )
+    again = _register(fleet_server, body["token"], "beta")
+    assert again.status_code == 401 and "token" in again.json()["error"]["message"]
+    db_file = b"".join(p.read_bytes() for p in fleet_server.data_dir.glob("legator.db*"))
+    assert body["token"].encode() not in db_file and answer["api_key"].encode() not in db_file
+    assert sha256_hex(answer["api_key"]).encode() in db_file
+    listed = admin.get("/api/v1/tokens").json()
+    assert listed[0]["used_count"] == 1 and "token" not in listed[0]
+    assert admin.delete(f"/api/v1/tokens/{listed[0]['id']}").status_code == 204
+    assert admin.delete(f"/api/v1/tokens/{listed[0]['id']}").status_code == 404
+
+
+def test_expired_and_multi_use_tokens(fleet_server: LiveServer, admin: httpx.Client) -> None:
+    multi = admin.post("/api/v1/tokens?multi_use=true&no_expiry=true").json()
+    assert multi["expires_at"] is None and multi["multi_use"] is True
+    assert _register(fleet_server, multi["token"], "m1").status_code == 201
+    assert _register(fleet_server, multi["token"], "m2").status_code == 201
+    short = admin.post("/api/v1/tokens").json()
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from legator.core.db import utcnow
+    from legator.fleet.models import EnrolmentToken
+
+    async def expire() -> None:
+        async with fleet_server.core.db.write() as session:
+            await session.execute(
+                update(EnrolmentToken)
+                .where(EnrolmentToken.id == short["id"])
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+
+    fleet_server.call(expire())
+    assert _register(fleet_server, short["token"], "late").status_code == 401
+
+
+def test_concurrent_registration_single_use_token_has_one_winner(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    token = admin.post("/api/v1/tokens").json()["token"]
+    results: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        results.append(_register(fleet_server, token, f"racer-{i}").status_code)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [201, 401, 401, 401, 401, 401]
+
+
+def test_same_hostname_keeps_id_and_gets_a_new_key(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    token = admin.post("/api/v1/tokens?multi_use=true").json()["token"]
+    first = _register(fleet_server, token, "gamma").json()
+    second = _register(fleet_server, token, "gamma").json()
+    assert first["probe_id"] == second["probe_id"] and first["api_key"] != second["api_key"]
+
+    async def try_key(key: str) -> int:
+        ws_url = fleet_server.url.replace("http", "ws") + "/ws/probe"
+        try:
+            async with connect(ws_url, additional_headers={"Authorization": f"Bearer {key}"}):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    assert asyncio.run(try_key(first["api_key"])) == 401
+    assert asyncio.run(try_key("lpk_" + "0" * 64)) == 401
+    assert asyncio.run(try_key(second["api_key"])) == 101
+
+
+def test_probe_init_writes_private_config_and_inventory_arrives(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe
+) -> None:  # type: ignore[no-untyped-def]
+    probe: ProbeProcess = spawn_probe("delta", tags="web,eu", heartbeat_s=0.5)
+    path = probe.config_dir / "probe.yaml"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    config = yaml.safe_load(path.read_text())
+    assert config["probe_id"] == probe.probe_id and config["tags"] == ["web", "eu"]
+    assert config["policy_level"] == "diagnose"
+    detail = wait_for(
+        lambda: (
+            (d := admin.get(f"/api/v1/probes/{probe.probe_id}").json())["inventory"]
+            and d["metrics"]
+            and d
+        )
+    )
+    inventory = detail["inventory"]
+    assert inventory["kernel"] == os.uname().release
+    assert inventory["cpus"]["logical"] == os.cpu_count()
+    assert inventory["memory"]["total"] > 0 and inventory["disks"] and inventory["users"]
+    assert any(pkg["name"] == "bash" for pkg in inventory["packages"])
+    assert 0 <= detail["metrics"]["memory_percent"] <= 100 and detail["metrics"]["uptime_s"] > 0
+    assert detail["status"] in ("online", "degraded") and detail["max_level"] == "diagnose"
+    assert detail["tags"] == ["eu", "web"]
+    health = admin.get(f"/api/v1/probes/{probe.probe_id}/health").json()
+    assert 0 <= health["score"] <= 100 and isinstance(health["reasons"], list)
+    status = probe_status(probe)
+    assert status["probe_id"] == probe.probe_id and status["server_reachable"] is True
+    assert "api_key" not in status
+
+
+def probe_status(probe: ProbeProcess) -> dict:  # type: ignore[type-arg]
+    import json
+    import subprocess
+
+    from tests.support import BIN
+
+    done = subprocess.run(
+        [str(BIN / "legator-probe"), "status", "--json", "--config-dir", str(probe.config_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_offline_detection_and_events(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe
+) -> None:  # type: ignore[no-untyped-def]
+    subscription = fleet_server.core.events.subscribe("probe.*")
+    probe = spawn_probe("epsilon")
+    probe.stop()
+    wait_for(
+        lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["status"] == "offline",
+        timeout=15,
+    )
+    topics = []
+    while not subscription.queue.empty():
+        topics.append(subscription.queue.get_nowait().topic)
+    assert {"probe.registered", "probe.connected", "probe.disconnected", "probe.offline"} <= set(
+        topics
+    )
+    metrics = admin.get("/metrics").text
+    assert 'legator_fleet_probes{status="offline"} 1.0' in metrics
+
+
+def test_auto_init_from_environment(
+    fleet_server: LiveServer, admin: httpx.Client, tmp_path: Path
+) -> None:
+    token = admin.post("/api/v1/tokens").json()["token"]
+    probe = ProbeProcess(fleet_server, tmp_path / "auto", tmp_path / "auto.log")
+    probe.start(
+        LEGATOR_SERVER_URL=fleet_server.url,
+        LEGATOR_TOKEN=token,
+        LEGATOR_TAGS="auto,x",
+        LEGATOR_HOSTNAME="zeta",
+    )
+    try:
+        found = wait_for(
+            lambda: [
+                p
+                for p in admin.get("/api/v1/probes").json()
+                if p["hostname"] == "zeta" and p["connected"]
+            ]
+        )
+        assert found[0]["tags"] == ["auto", "x"]
+    finally:
+        probe.stop()
+
+
+@pytest.mark.parametrize("bad", [{"hostname": "bad host"}, {"tags": ["no spaces"]}])
+def test_register_validates_input(fleet_server: LiveServer, bad: dict) -> None:  # type: ignore[type-arg]
+    body = {"token": "prb_x", "hostname": "ok", **bad}
+    response = httpx.post(fleet_server.url + "/api/v1/register", json=body)
+    assert response.status_code == 422
+
+
+def test_unused_probe_row_is_offline_until_it_connects(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    token = admin.post("/api/v1/tokens").json()["token"]
+    probe_id = _register(fleet_server, token, "eta").json()["probe_id"]
+    assert admin.get(f"/api/v1/probes/{probe_id}").json()["status"] == "offline"
+    set_probe(fleet_server, probe_id, tags=["z"])
+    assert admin.get("/api/v1/fleet/tags").json() == {"z": 1}
