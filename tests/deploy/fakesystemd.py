@@ -6,7 +6,8 @@ command lines and exit codes and records every call to ``$FAKE_SYSTEMD_DIR/calls
 lines with the real Podman (after ``Requires=`` units), ``stop`` the ``ExecStop=`` lines;
 ``is-active`` asks Podman whether the container runs. Two adaptations for this machine:
 ``--cgroups=split`` is dropped (no systemd cgroup to split) and ``--ignore`` of Podman 5's
-``volume/network create`` is replaced by "already exists is fine" (Podman 4.3 lacks the flag).
+``volume/network create`` is replaced by "already exists is fine" (Podman 4.3 lacks the flag);
+a stale ``--cidfile`` left by Podman 4.3 is removed before a start.
 
 ``FAKE_SYSTEMD_MODE=record`` only records and reports every started unit active (for
 benchmarks that measure leger, not Podman).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -110,6 +112,9 @@ def start(unit: str, seen: set[str]) -> str | None:
     if is_active(unit) == "active":
         return None
     ACTIVE.mkdir(parents=True, exist_ok=True)
+    # Podman 4.3 leaves the --cidfile behind when a --rm container exits; Podman 5 and a
+    # fresh systemd runtime directory do not have that stale file.
+    (STATE / "run" / f"{unit.removesuffix('.service')}.cid").unlink(missing_ok=True)
     if not RECORD_ONLY:
         for command in entries.get("ExecStart", []):
             proc = run(expand(command, unit))
@@ -137,9 +142,8 @@ def systemctl(args: list[str]) -> int:
     command, units = args[0], args[1:]
     if command == "daemon-reload":
         quadlet_dir = os.environ.get("LEGER_QUADLET_DIR", "")
-        UNITS.mkdir(parents=True, exist_ok=True)
-        for old in UNITS.iterdir():
-            old.unlink()
+        shutil.rmtree(UNITS, ignore_errors=True)
+        UNITS.mkdir(parents=True)
         generator = os.environ["FAKE_SYSTEMD_GENERATOR"]
         proc = subprocess.run(
             [generator, "-user", str(UNITS)],

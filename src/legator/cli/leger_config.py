@@ -28,7 +28,7 @@ def pull(
 
     config = guard(fetch)
     where.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_private_file(where.state / "config.json", json.dumps(config, indent=2).encode())
+    write_private_file(where.state / "config.json", json.dumps(config, indent=2))
     console.print(
         f"pulled version {config['version']}: services {', '.join(config['services'])}"  # type: ignore[arg-type]
     )

@@ -52,7 +52,7 @@ def load_login(path: Path) -> Login | None:
 
 def save_login(path: Path, login: Login) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_private_file(path, json.dumps(asdict(login), indent=2).encode())
+    write_private_file(path, json.dumps(asdict(login), indent=2))
 
 
 def require_login(path: Path) -> Login:

@@ -128,7 +128,7 @@ class Deployer:
     def _secret_mac(self, value: bytes) -> str:
         key_path = self.layout.state / ".secret-mac-key"
         if not key_path.exists():
-            write_private_file(key_path, random_hex(32).encode())
+            write_private_file(key_path, random_hex(32))
         return hmac.new(key_path.read_bytes(), value, hashlib.sha256).hexdigest()
 
     # ----- checks done before anything changes -------------------------------------------
@@ -250,7 +250,13 @@ class Deployer:
                     raise SystemdError(f"health check failed: {detail}")
         except (SystemdError, PodmanError, OSError) as exc:
             self.progress("rolling back")
-            self._rollback(name, files, old_files, backup, current)
+            try:
+                self._rollback(name, files, old_files, backup, current)
+            except (SystemdError, PodmanError, OSError) as again:
+                raise DeployError(
+                    f"{exc}; the rollback failed too ({again}): restore by hand with "
+                    f"`leger backup restore {backup.id}`"
+                ) from again
             raise RolledBack(
                 f"{exc}; rolled back to the previous state (backup {backup.id})", backup
             ) from exc

@@ -53,7 +53,7 @@ class Deployments:
 
     def save(self, items: dict[str, Deployment]) -> None:
         data = {name: item.model_dump(mode="json") for name, item in sorted(items.items())}
-        write_private_file(self.path, json.dumps(data, indent=2).encode())
+        write_private_file(self.path, json.dumps(data, indent=2))
 
     def get(self, name: str) -> Deployment | None:
         return self.load().get(name)

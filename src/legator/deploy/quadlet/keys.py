@@ -19,7 +19,7 @@ KEYS: dict[str, frozenset[str]] = {
             HealthOnFailure HealthRetries HealthStartPeriod HealthStartupCmd
             HealthStartupInterval HealthStartupRetries HealthStartupSuccess
             HealthStartupTimeout HealthTimeout HostName Image IP IP6 Label LogDriver LogOpt Mask
-            Memory Mount Network NetworkAlias NoNewPrivileges Notify PidsLimit Pod PublishPort
+            Mount Network NetworkAlias NoNewPrivileges Notify PidsLimit Pod PublishPort
             Pull ReadOnly ReadOnlyTmpfs Rootfs RunInit SeccompProfile Secret
             SecurityLabelDisable SecurityLabelFileType SecurityLabelLevel SecurityLabelNested
             SecurityLabelType ServiceName ShmSize StartWithPod StopSignal StopTimeout SubGIDMap
