@@ -33,9 +33,17 @@ def _environment() -> jinja2.Environment:
 
 
 def service_order(spec: ValidSpec) -> list[str]:
-    """Dependencies first (the order services start in)."""
-    graph = {name: set(CATALOG[name].requires(opts)) for name, opts in spec.services.items()}
-    return list(TopologicalSorter(graph).static_order())
+    """Dependencies first (the order services start in), by name within a level."""
+    sorter = TopologicalSorter(
+        {name: set(CATALOG[name].requires(opts)) for name, opts in spec.services.items()}
+    )
+    sorter.prepare()
+    order: list[str] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready())  # sorted: the same spec always gives the same order
+        order += ready
+        sorter.done(*ready)
+    return order
 
 
 def render(spec: ValidSpec, *, version: int, created_at: datetime) -> Rendered:
