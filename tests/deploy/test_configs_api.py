@@ -20,6 +20,7 @@ VARIANTS = [
     {"openwebui": {"database": "postgres"}, "litellm": {"database": "postgres", "cache": True}},
     {"openwebui": {"port": None, "enable_signup": True}, "whisper": {"engine": "openai_whisper"}},
     {"llamacpp": {"gpu_layers": 99, "context": 8192, "memory": "8g", "command": "--verbose"}},
+    {"llamacpp@coder": {"port": 8091}, "llamacpp@chat": {"port": None}},
 ]
 
 
@@ -35,7 +36,8 @@ def test_every_template_passes_the_real_generator(
     assert report.generator == generator
     assert [str(f) for f in report.findings if f.level == "error"] == []
     assert conflicts_dir(tmp_path, check_host_ports=False).ok
-    assert len(report.units) == 2 * len(CATALOG) + 1
+    instances = sum("@" in key for key in variant)
+    assert len(report.units) == 2 * (len(CATALOG) + instances) + 1
 
 
 def test_each_service_alone_with_its_dependencies(tmp_path: Path, generator: str) -> None:
@@ -59,6 +61,8 @@ def test_each_service_alone_with_its_dependencies(tmp_path: Path, generator: str
         ({"jupyter": {"port": 9000}, "whisper": {}}, "services.whisper.port"),
         ({"redis": {"image": "Not An Image"}}, "services.redis.image"),
         ({"llamacpp": {"model_path": "relative.gguf"}}, "services.llamacpp.model_path"),
+        ({"llamacpp@Big!": {}}, "services.llamacpp@Big!"),
+        ({"redis@two": {"port": 7000}, "whisper@x": {"port": 7000}}, "services.whisper@x.port"),
     ],
 )
 def test_spec_errors_name_the_field(services: dict[str, object], field: str) -> None:

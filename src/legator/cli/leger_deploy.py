@@ -121,7 +121,7 @@ def list_cmd(system: bool = SYSTEM_OPTION, as_json: bool = JSON_OPTION) -> None:
     dep = deployer(system)
     rows: list[dict[str, Any]] = []
     for item in dep.deployments.load().values():
-        states = guard(lambda item=item: {u: dep.systemd.state(u) for u in item.services})
+        states = guard(lambda item=item: dep.systemd.states(item.services))
         rows.append({**item.model_dump(exclude={"secrets"}), "states": states})
     if as_json:
         print_json(rows)

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,14 +298,20 @@ class Deployer:
     def _install_secrets(
         self, values: dict[str, bytes], current: Deployment | None
     ) -> dict[str, str]:
+        """Create each missing secret and replace each whose value changed (compared by HMAC:
+        Podman 4.3 cannot show a stored value). Independent Podman calls run in parallel."""
         known = current.secrets if current else {}
         existing = self.podman.secret_names() if values else set()
-        macs: dict[str, str] = {}
-        for secret, value in values.items():
-            mac = self._secret_mac(value)
-            if secret not in existing or known.get(secret) != mac:
-                self.podman.secret_create(secret, value, replace=True)
-            macs[secret] = mac
+        macs = {secret: self._secret_mac(value) for secret, value in values.items()}
+        todo = [s for s in values if s not in existing or known.get(s) != macs[s]]
+
+        def put(secret: str) -> None:
+            if secret in existing:
+                self.podman.secret_remove(secret)
+            self.podman.secret_create(secret, values[secret])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(put, todo))
         return macs
 
     def _rollback(

@@ -72,7 +72,11 @@ class Podman:
         self._run("volume", "rm", "--force", name, check=False)
 
     def volumes_existing(self, names: list[str]) -> list[str]:
-        return [name for name in names if self._exists_rc("volume", name)]
+        if not names:
+            return []
+        out = self._run("volume", "ls", "--format", "{{.Name}}")
+        present = {line.strip() for line in out.splitlines()}
+        return [name for name in names if name in present]
 
     def container_state(self, name: str) -> dict[str, object] | None:
         proc = subprocess.run(

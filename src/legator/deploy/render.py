@@ -11,7 +11,7 @@ import jinja2
 
 from legator.deploy.catalog.registry import CATALOG
 from legator.deploy.manifest import Manifest, build_manifest
-from legator.deploy.spec import ValidSpec
+from legator.deploy.spec import ValidSpec, template_of, unit_name
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,10 @@ def _environment() -> jinja2.Environment:
 def service_order(spec: ValidSpec) -> list[str]:
     """Dependencies first (the order services start in), by name within a level."""
     sorter = TopologicalSorter(
-        {name: set(CATALOG[name].requires(opts)) for name, opts in spec.services.items()}
+        {
+            unit_name(key): set(CATALOG[template_of(key)].requires(opts))
+            for key, opts in spec.services.items()
+        }
     )
     sorter.prepare()
     order: list[str] = []
@@ -52,8 +55,9 @@ def render(spec: ValidSpec, *, version: int, created_at: datetime) -> Rendered:
     secrets: list[str] = []
     common = {"version": version, "network": spec.network}
     files[f"{spec.network}.network"] = env.get_template("network.j2").render(**common).encode()
-    for name, opts in spec.services.items():
-        template = CATALOG[name]
+    for key, opts in spec.services.items():
+        template = CATALOG[template_of(key)]
+        name = unit_name(key)
         needs = template.secrets(opts)
         secrets += [need.name for need in needs]
         context = {
@@ -66,7 +70,7 @@ def render(spec: ValidSpec, *, version: int, created_at: datetime) -> Rendered:
             "container_port": template.container_port,
             "data_path": template.data_path,
         }
-        body = env.get_template(f"{name}.container.j2").render(**context)
+        body = env.get_template(f"{template.name}.container.j2").render(**context)
         files[f"{name}.container"] = body.encode()
         files[f"{name}-data.volume"] = env.get_template("volume.j2").render(**context).encode()
     manifest = build_manifest(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,9 @@ from legator.deploy.catalog.registry import CATALOG
 
 
 class DeploySpec(BaseModel):
-    """What a user saves: ``{"network": "legator", "services": {"redis": {...options}}}``."""
+    """What a user saves: ``{"network": "legator", "services": {"redis": {...options}}}``.
+    A key ``TEMPLATE@INSTANCE`` adds another instance of a service (``llamacpp@coder`` becomes
+    the unit ``llamacpp-coder``), e.g. one llama.cpp backend per model."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,10 +31,22 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
 
+_INSTANCE = re.compile(r"^[a-z0-9]{1,20}$")
+
+
 @dataclass(frozen=True)
 class ValidSpec:
     network: str
-    services: dict[str, ServiceOptions]
+    services: dict[str, ServiceOptions]  # by spec key
+
+
+def template_of(key: str) -> str:
+    return key.split("@", 1)[0]
+
+
+def unit_name(key: str) -> str:
+    """``redis`` -> ``redis``; ``llamacpp@coder`` -> ``llamacpp-coder``."""
+    return key.replace("@", "-", 1)
 
 
 def _field(prefix: str, loc: tuple[int | str, ...]) -> str:
@@ -48,7 +63,13 @@ def validate_spec(raw: dict[str, Any] | DeploySpec) -> ValidSpec:
     errors: list[dict[str, str]] = []
     services: dict[str, ServiceOptions] = {}
     for name, values in spec.services.items():
-        template = CATALOG.get(name)
+        base, _, instance = name.partition("@")
+        template = CATALOG.get(base)
+        if "@" in name and not _INSTANCE.match(instance):
+            errors.append(
+                {"field": f"services.{name}", "message": "instance must be 1-20 of a-z 0-9"}
+            )
+            continue
         if template is None:
             known = ", ".join(sorted(CATALOG))
             errors.append(
@@ -63,7 +84,7 @@ def validate_spec(raw: dict[str, Any] | DeploySpec) -> ValidSpec:
                 for e in exc.errors()
             ]
     for name, opts in services.items():
-        for dep in CATALOG[name].requires(opts):
+        for dep in CATALOG[template_of(name)].requires(opts):
             if dep not in spec.services:
                 errors.append(
                     {

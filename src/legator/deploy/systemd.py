@@ -66,6 +66,13 @@ class Systemd:
         """``active``, ``inactive``, ``failed``, ``activating`` … as ``is-active`` prints."""
         return self.run("is-active", unit, check=False).stdout.strip() or "unknown"
 
+    def states(self, units: Sequence[str]) -> dict[str, str]:
+        """One ``is-active`` call for all units (it prints one state per line, in order)."""
+        if not units:
+            return {}
+        lines = self.run("is-active", *units, check=False).stdout.split()
+        return {unit: lines[i] if i < len(lines) else "unknown" for i, unit in enumerate(units)}
+
     def status(self, units: Sequence[str]) -> Result:
         return self.run("status", "--no-pager", *units, check=False)
 
@@ -77,7 +84,7 @@ class Systemd:
         deadline = time.monotonic() + timeout
         stable_since: float | None = None
         while True:
-            states = {unit: self.state(unit) for unit in units}
+            states = self.states(units)
             now = time.monotonic()
             if any(state == "failed" for state in states.values()):
                 return states
