@@ -99,7 +99,7 @@ def test_first_start_prints_credentials_once_and_restart_keeps_state(tmp_path: P
 
 
 def test_placeholders_exit_2() -> None:
-    for command in ("legator-probe", "leger", "legerd"):
+    for command in ("legator-probe", "legerd"):
         assert run_cli(command, "--help").returncode == 0
         result = run_cli(command)
         assert result.returncode == 2 and "not implemented yet" in result.stderr
