@@ -137,3 +137,20 @@ def test_versions_are_per_user_and_need_permissions(api: httpx.Client, make_user
     assert viewer.get("/api/v1/deploy/catalog").status_code == 200
     denied = viewer.post("/api/v1/deploy/configs", json={"spec": {"services": {"redis": {}}}})
     assert denied.status_code == 403
+
+
+def test_concurrent_saves_get_distinct_versions_and_are_counted(api: httpx.Client) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def save(i: int) -> int:
+        body = {"spec": {"services": {"redis": {"port": 20000 + i}}}}
+        response = api.post("/api/v1/deploy/configs", json=body)
+        assert response.status_code == 201, response.text
+        return int(response.json()["version"])
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        versions = sorted(pool.map(save, range(5)))
+    assert versions == [1, 2, 3, 4, 5]
+    metrics = api.get("/metrics").text
+    assert "legator_deploy_configs_saved_total 5.0" in metrics
+    assert "legator_deploy_render_seconds_count" in metrics

@@ -223,3 +223,36 @@ def test_validate_and_conflicts_cli(tmp_path: Path, leger_env: dict[str, str]) -
     assert invalid.returncode == 1 and "needs Image= or Rootfs=" in invalid.stdout
     status = leger(leger_env, "status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["deployments"] == {}
+
+
+def test_force_and_no_secrets_flags(
+    tmp_path: Path, image: str, leger_env: dict[str, str], suffix: str, cleanup: None
+) -> None:
+    source = app_dir(tmp_path / "src", image, suffix)
+    quadlets = Path(leger_env["LEGER_QUADLET_DIR"])
+    quadlets.mkdir(parents=True)
+    (quadlets / "app.container").write_text("[Container]\nImage=hand/made:1\n")
+    refused = leger(
+        leger_env, "deploy", "install", "app", "--source", str(source), "--no-start", "--no-secrets"
+    )
+    assert refused.returncode == 4 and "not managed by leger" in refused.stderr
+    forced = leger(
+        leger_env,
+        "deploy",
+        "install",
+        "app",
+        "--source",
+        str(source),
+        "--no-start",
+        "--no-secrets",
+        "--force",
+        "--json",
+    )
+    assert forced.returncode == 0, forced.stderr
+    result = json.loads(forced.stdout)
+    assert (
+        result["plan"]["secrets"] == [] and "--force replaces it" in result["plan"]["warnings"][0]
+    )
+    assert (quadlets / "app.container").read_text() == (source / "app.container").read_text()
+    assert podman("secret", "inspect", f"leger-t-{suffix}").returncode != 0  # --no-secrets
+    assert leger(leger_env, "deploy", "remove", "app").returncode == 0

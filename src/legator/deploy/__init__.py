@@ -11,5 +11,5 @@ def install_deploy(app: FastAPI, core: Core) -> None:
     from legator.deploy.configs import ConfigService
     from legator.deploy.router import router
 
-    app.state.deploy_configs = ConfigService(core.db, core.audit)
+    app.state.deploy_configs = ConfigService(core.db, core.audit, core.metrics.registry)
     app.include_router(router)

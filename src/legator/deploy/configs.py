@@ -6,12 +6,14 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from legator.core.audit.service import AuditService
 from legator.core.auth.principal import Principal
 from legator.core.db import Database
-from legator.core.errors import BadRequest, NotFound
+from legator.core.errors import BadRequest, Conflict, NotFound
 from legator.deploy.catalog.registry import CATALOG
 from legator.deploy.diff import affected_services, changed_files, unified
 from legator.deploy.models import DeployConfig
@@ -20,6 +22,7 @@ from legator.deploy.schemas import ConfigDiff, ConfigOut
 from legator.deploy.spec import DeploySpec, SpecError, validate_spec
 
 _CACHE_SIZE = 64
+_SAVE_ATTEMPTS = 3
 
 
 def owner_of(principal: Principal) -> str:
@@ -27,9 +30,21 @@ def owner_of(principal: Principal) -> str:
 
 
 class ConfigService:
-    def __init__(self, db: Database, audit: AuditService) -> None:
+    def __init__(
+        self, db: Database, audit: AuditService, registry: CollectorRegistry | None = None
+    ) -> None:
         self.db = db
         self.audit = audit
+        self.saved = Counter(
+            "legator_deploy_configs_saved",
+            "Deploy configuration versions saved.",
+            registry=registry,
+        )
+        self.render_seconds = Histogram(
+            "legator_deploy_render_seconds",
+            "Time to render a configuration version into quadlets.",
+            registry=registry,
+        )
         # Rendering is deterministic per (owner, version); keep recent ones hot.
         self._rendered: OrderedDict[tuple[str, int], Rendered] = OrderedDict()
 
@@ -39,6 +54,20 @@ class ConfigService:
         except SpecError as exc:
             raise BadRequest(f"invalid configuration: {exc}", details=exc.errors) from None
         owner = owner_of(principal)
+        for attempt in range(_SAVE_ATTEMPTS):
+            try:
+                row = await self._insert(principal, owner, spec, comment)
+                break
+            except IntegrityError:
+                # Two saves raced for the same next version number (unique per owner).
+                if attempt == _SAVE_ATTEMPTS - 1:
+                    raise Conflict("another save is in progress; try again") from None
+        self.saved.inc()
+        return self._out(row)
+
+    async def _insert(
+        self, principal: Principal, owner: str, spec: DeploySpec, comment: str
+    ) -> DeployConfig:
         async with self.db.write() as session:
             latest = await session.scalar(
                 select(func.max(DeployConfig.version)).where(DeployConfig.owner == owner)
@@ -59,7 +88,7 @@ class ConfigService:
                 target=f"deploy-config:{owner}:{row.version}",
                 details={"services": sorted(spec.services)},
             )
-        return self._out(row)
+        return row
 
     async def list(self, principal: Principal) -> list[ConfigOut]:
         async with self.db.session() as session:
@@ -115,7 +144,8 @@ class ConfigService:
         if (hit := self._rendered.get(key)) is not None:
             self._rendered.move_to_end(key)
             return hit
-        result = render(validate_spec(row.spec), version=row.version, created_at=row.created_at)
+        with self.render_seconds.time():
+            result = render(validate_spec(row.spec), version=row.version, created_at=row.created_at)
         self._rendered[key] = result
         if len(self._rendered) > _CACHE_SIZE:
             self._rendered.popitem(last=False)
