@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 import typer
 
-from legator.cli.common import console, fail, print_json, read_secret
+from legator.cli.common import console, err_console, fail, print_json
 from legator.cli.leger_common import JSON_OPTION, guard, scope
-from legator.deploy.client import load_login, login_with_key, save_login
+from legator.deploy.client import load_login, login_with_device, login_with_key, save_login
 
 app = typer.Typer(help="Log in to the Legator control plane.", no_args_is_help=True)
 
@@ -17,24 +19,40 @@ app = typer.Typer(help="Log in to the Legator control plane.", no_args_is_help=T
 def login(
     server: str = typer.Option(..., "--server", help="Control plane URL, e.g. https://legator.lan"),
     api_key_stdin: bool = typer.Option(
-        False,
-        "--api-key-stdin",
-        help="Read the API key from stdin (else $LEGER_API_KEY or a prompt).",
+        False, "--api-key-stdin", help="Read an API key from stdin instead of $LEGER_API_KEY."
+    ),
+    device: bool = typer.Option(
+        False, "--device", help="Use the device-code flow even when an API key is available."
     ),
 ) -> None:
-    """Log in with an API key; it is checked against the server and stored 0600 in
-    ~/.config/leger/auth.json with its expiry."""
+    """Log in with an API key ($LEGER_API_KEY or --api-key-stdin), else with a device code
+    that a signed-in user approves in the control plane. The token is checked against the
+    server and stored 0600 in ~/.config/leger/auth.json with its expiry."""
     if not server.startswith(("http://", "https://")):
         fail("--server must be an http:// or https:// URL", 2)
-    key = os.environ.get("LEGER_API_KEY") if not api_key_stdin else None
-    key = key or read_secret("API key", from_stdin=api_key_stdin, confirm=False)
-    if not key:
-        fail("no API key given: pipe it with --api-key-stdin or set LEGER_API_KEY", 2)
-    result = guard(lambda: login_with_key(server, key))
+    key = None
+    if not device:
+        key = sys.stdin.readline().strip() if api_key_stdin else os.environ.get("LEGER_API_KEY")
+        if api_key_stdin and not key:
+            fail("--api-key-stdin: nothing on stdin", 2)
+    if key:
+        result = guard(lambda: login_with_key(server, key))
+    else:
+
+        def show(user_code: str, expires_in: int) -> None:
+            err_console.print(
+                f"Approve this device in the control plane within {expires_in // 60} minutes:\n"
+                f"  code [bold]{user_code}[/bold]\n"
+                f"  POST {server.rstrip('/')}/api/v1/deploy/device/approve "
+                f'{{"user_code": "{user_code}"}}'
+            )
+
+        result = guard(lambda: login_with_device(server, socket.gethostname(), show))
     save_login(scope(False).auth_file, result)
     expiry = result.expires_at or "never"
     console.print(
-        f"logged in to {result.server} as [bold]{result.username}[/bold] (expires {expiry})"
+        f"logged in to {result.server} as [bold]{result.username}[/bold] via {result.method} "
+        f"(expires {expiry})"
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,3 +129,37 @@ class ControlPlane:
         response = self.http.get(path)
         _raise_for(response)
         return response.content
+
+
+def login_with_device(
+    server: str,
+    client_name: str,
+    show_code: Callable[[str, int], None],
+    *,
+    timeout: float = 15,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Login:
+    """Ask for a device code, show the user code, poll until a user approves it in the control
+    plane, then log in with the API key it hands out."""
+    server = server.rstrip("/")
+    with httpx.Client(base_url=server, timeout=timeout) as http:
+        try:
+            started = http.post("/api/v1/deploy/device/code", json={"client_name": client_name})
+        except httpx.HTTPError as exc:
+            raise AuthError(f"cannot reach {server}: {exc}") from None
+        _raise_for(started)
+        grant = started.json()
+        show_code(grant["user_code"], grant["expires_in"])
+        deadline = time.monotonic() + grant["expires_in"]
+        while time.monotonic() < deadline:
+            sleep(grant["interval"])
+            polled = http.post(
+                "/api/v1/deploy/device/token", json={"device_code": grant["device_code"]}
+            )
+            _raise_for(polled)
+            answer = polled.json()
+            if answer["status"] == "approved":
+                login = login_with_key(server, answer["api_key"], timeout=timeout)
+                login.method = "device_code"
+                return login
+    raise AuthError("the device code expired before anyone approved it")

@@ -9,8 +9,17 @@ from legator.core.auth.principal import Principal
 from legator.core.errors import NotFound
 from legator.core.http.deps import require
 from legator.deploy.configs import ConfigService, catalog_entries
+from legator.deploy.device import DeviceLogins
 from legator.deploy.manifest import MANIFEST_NAME
-from legator.deploy.schemas import CatalogEntry, ConfigCreate, ConfigDiff, ConfigOut
+from legator.deploy.schemas import (
+    CatalogEntry,
+    ConfigCreate,
+    ConfigDiff,
+    ConfigOut,
+    DeviceApprove,
+    DevicePoll,
+    DeviceStart,
+)
 
 router = APIRouter(prefix="/api/v1/deploy", tags=["deploy"])
 
@@ -78,3 +87,29 @@ async def rendered_file(
     if data is None:
         raise NotFound(f"version {rendered.manifest.version} has no file {path!r}")
     return Response(data, media_type="text/plain; charset=utf-8")
+
+
+def _devices(request: Request) -> DeviceLogins:
+    return request.app.state.deploy_devices  # type: ignore[no-any-return]
+
+
+@router.post("/device/code", dependencies=[require(Permission.PUBLIC)])
+async def device_code(body: DeviceStart, request: Request) -> dict[str, object]:
+    """Start a device login: returns a ``device_code`` (keep it secret) and a ``user_code``
+    that a signed-in user approves with ``POST /api/v1/deploy/device/approve``."""
+    return await _devices(request).start(body.client_name)
+
+
+@router.post("/device/approve")
+async def device_approve(
+    body: DeviceApprove, request: Request, principal: Principal = require(Permission.DEPLOY_WRITE)
+) -> dict[str, object]:
+    """Approve a pending device login for yourself; the device then receives an API key of
+    yours that expires in 30 days."""
+    return await _devices(request).approve(principal, body.user_code)
+
+
+@router.post("/device/token", dependencies=[require(Permission.PUBLIC)])
+async def device_token(body: DevicePoll, request: Request) -> dict[str, object]:
+    """Poll: ``{"status": "pending"}`` until approved, then the API key once."""
+    return await _devices(request).poll(body.device_code)

@@ -53,3 +53,17 @@ class ConfigDiff(BaseModel):
 
 class RenderedOut(BaseModel):
     manifest: Manifest
+
+
+class DeviceStart(BaseModel):
+    client_name: str = Field(
+        "", max_length=100, description="Shown to the approver, e.g. a hostname."
+    )
+
+
+class DeviceApprove(BaseModel):
+    user_code: str = Field(min_length=8, max_length=16)
+
+
+class DevicePoll(BaseModel):
+    device_code: str = Field(min_length=20, max_length=100)
