@@ -95,3 +95,4 @@ def test_full_cycle(
     assert podman("secret", "inspect", "postgres-password").returncode != 0
     assert podman("volume", "exists", "systemd-postgres-data").returncode != 0
     assert podman("container", "exists", "postgres").returncode != 0
+    assert podman("network", "exists", "systemd-legator").returncode != 0

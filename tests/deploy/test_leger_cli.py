@@ -256,3 +256,19 @@ def test_force_and_no_secrets_flags(
     assert (quadlets / "app.container").read_text() == (source / "app.container").read_text()
     assert podman("secret", "inspect", f"leger-t-{suffix}").returncode != 0  # --no-secrets
     assert leger(leger_env, "deploy", "remove", "app").returncode == 0
+
+
+def test_failed_first_install_leaves_nothing_behind(
+    tmp_path: Path, image: str, leger_env: dict[str, str], suffix: str, cleanup: None
+) -> None:
+    env = {**leger_env, f"LEGER_SECRET_LEGER_T_{suffix.upper()}": "tok"}
+    source = app_dir(tmp_path / "src", "localhost/leger-no-such-image:1", suffix)
+    result = leger(
+        env, "deploy", "install", "app", "--source", str(source), "--health-timeout", "3"
+    )
+    assert result.returncode == 5, result.stderr
+    assert "rolled back" in result.stderr and "leger-no-such-image" in result.stderr
+    assert not any(Path(env["LEGER_QUADLET_DIR"]).glob("*"))
+    assert json.loads(leger(env, "deploy", "list", "--json").stdout) == []
+    assert podman("volume", "exists", f"leger-t-{suffix}").returncode != 0
+    assert podman("secret", "inspect", f"leger-t-{suffix}").returncode != 0

@@ -72,6 +72,13 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Before:
+    volumes: set[str]  # of the new set, existing before the apply
+    secrets: set[str]  # all Podman secrets before the apply
+    wanted_secrets: set[str]  # the ones the new version needs
+
+
 @dataclass
 class Result:
     plan: Plan
@@ -93,6 +100,14 @@ def service_units(files: dict[str, bytes], order: list[str]) -> list[str]:
 
 def volume_names(files: dict[str, bytes]) -> list[str]:
     return sorted(volume_name(u) for u in _units(files) if u.suffix == ".volume")
+
+
+def network_names(files: dict[str, bytes]) -> list[str]:
+    return sorted(
+        u.get("Network", "NetworkName") or f"systemd-{u.stem}"
+        for u in _units(files)
+        if u.suffix == ".network"
+    )
 
 
 def host_ports(files: dict[str, bytes]) -> list[int]:
@@ -223,6 +238,12 @@ class Deployer:
         current = self.deployments.get(name)
         old_files = self.active_files(name)
         old_volumes = current.volumes if current else []
+        # What existed before, so a rollback removes only what this attempt created.
+        before = _Before(
+            volumes=set(self.podman.volumes_existing(volume_names(files))),
+            secrets=self.podman.secret_names() if values else set(),
+            wanted_secrets=set(values),
+        )
         self.progress("backing up")
         backup = self.backups.create(
             name,
@@ -249,10 +270,10 @@ class Deployer:
                 if unhealthy:
                     detail = ", ".join(f"{u} is {s}" for u, s in unhealthy.items())
                     raise SystemdError(f"health check failed: {detail}")
-        except (SystemdError, PodmanError, OSError) as exc:
+        except (SystemdError, PodmanError, OSError, KeyboardInterrupt) as exc:
             self.progress("rolling back")
             try:
-                self._rollback(name, files, old_files, backup, current)
+                self._rollback(name, files, old_files, backup, current, before)
             except (SystemdError, PodmanError, OSError) as again:
                 raise DeployError(
                     f"{exc}; the rollback failed too ({again}): restore by hand with "
@@ -321,6 +342,7 @@ class Deployer:
         old_files: dict[str, bytes],
         backup: BackupInfo,
         previous: Deployment | None,
+        before: _Before,
     ) -> None:
         new_units = service_units(new_files, [])
         self.systemd.stop(list(reversed(new_units)))
@@ -328,6 +350,11 @@ class Deployer:
         if not old_files:
             shutil.rmtree(self.layout.active / name, ignore_errors=True)
         self.backups.restore_volumes(backup.id)
+        for volume in set(volume_names(new_files)) - before.volumes - set(backup.volumes):
+            self.podman.volume_remove(volume)
+        kept = set(previous.secrets) if previous else set()
+        for secret in before.wanted_secrets - before.secrets - kept:
+            self.podman.secret_remove(secret)
         self.systemd.daemon_reload()
         if previous and previous.started and previous.services:
             self.systemd.start(previous.services)
@@ -351,6 +378,7 @@ class Deployer:
             )
         self.progress("stopping services")
         self.systemd.stop(list(reversed(current.services)))
+        networks = network_names(self.active_files(name))
         for path in current.files:
             (self.layout.quadlets / path).unlink(missing_ok=True)
         shutil.rmtree(self.layout.active / name, ignore_errors=True)
@@ -364,6 +392,8 @@ class Deployer:
         for secret in current.secrets:
             if secret not in still_used:
                 self.podman.secret_remove(secret)
+        for network in networks:
+            self.podman.network_remove(network)  # refused by Podman while another uses it
         if remove_volumes or backup_volumes:
             for volume in current.volumes:
                 self.podman.volume_remove(volume)

@@ -78,6 +78,9 @@ class Podman:
         present = {line.strip() for line in out.splitlines()}
         return [name for name in names if name in present]
 
+    def network_remove(self, name: str) -> None:
+        self._run("network", "rm", name, check=False)
+
     def container_state(self, name: str) -> dict[str, object] | None:
         proc = subprocess.run(
             [self.binary, "container", "inspect", name, "--format", "{{json .State}}"],
