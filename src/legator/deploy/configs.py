@@ -7,7 +7,7 @@ from collections import OrderedDict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from legator.core.audit.service import AuditService
@@ -69,6 +69,13 @@ class ConfigService:
         self, principal: Principal, owner: str, spec: DeploySpec, comment: str
     ) -> DeployConfig:
         async with self.db.write() as session:
+            if session.bind.dialect.name == "postgresql":
+                # Saves by one owner take turns across all replicas (SQLite's BEGIN IMMEDIATE
+                # already serialises writers); released when the transaction ends.
+                await session.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                    {"key": f"deploy-config:{owner}"},
+                )
             latest = await session.scalar(
                 select(func.max(DeployConfig.version)).where(DeployConfig.owner == owner)
             )
