@@ -26,7 +26,7 @@ def app_dir(directory: Path, image: str, suffix: str, *, secret: bool = True) ->
         f"Image={image}",
         f"ContainerName=leger-t-{suffix}",
         "Volume=app-data.volume:/data",
-        f'Exec=sh -c "[ -f /data/m ] || echo one > /data/m; {RUN}"',
+        f'Exec=sh -c "[ -f /data/m ] || echo one > /data/m; echo app-started; {RUN}"',
     ]
     if secret:
         lines.append(f"Secret=leger-t-{suffix},type=env,target=TOKEN")
@@ -84,7 +84,7 @@ def test_install_dry_run_no_start_list_service_and_remove(
     token = podman("exec", f"leger-t-{suffix}", "sh", "-c", "echo $TOKEN").stdout.decode()
     assert token.strip() == "tok-1"
     logs = leger(env, "service", "logs", "app", "-n", "5")
-    assert logs.returncode == 0
+    assert logs.returncode == 0 and "app-started" in logs.stdout  # the service's own output
     assert ["journalctl", "--user", "--no-pager", "-n", "5", "-u", "app.service"] in calls(env)
     assert leger(env, "service", "stop", "app").returncode == 0
     assert leger(env, "service", "status", "app").returncode == 3
@@ -272,3 +272,21 @@ def test_failed_first_install_leaves_nothing_behind(
     assert json.loads(leger(env, "deploy", "list", "--json").stdout) == []
     assert podman("volume", "exists", f"leger-t-{suffix}").returncode != 0
     assert podman("secret", "inspect", f"leger-t-{suffix}").returncode != 0
+
+
+def test_update_refetches_the_source(
+    tmp_path: Path, image: str, leger_env: dict[str, str], suffix: str, cleanup: None
+) -> None:
+    source = app_dir(tmp_path / "src", image, suffix, secret=False)
+    assert leger(leger_env, "deploy", "install", "app", "--source", str(source)).returncode == 0
+    unit = source / "app.container"
+    unit.write_text(unit.read_text() + "Environment=COLOUR=blue\n")
+    dry = json.loads(leger(leger_env, "deploy", "update", "app", "--dry-run", "--json").stdout)
+    assert dry["plan"]["change"] == ["app.container"] and dry["plan"]["stop"] == ["app.service"]
+    result = leger(leger_env, "deploy", "update", "app", "--health-timeout", "5")
+    assert result.returncode == 0, result.stderr
+    colour = podman("exec", f"leger-t-{suffix}", "sh", "-c", "echo $COLOUR").stdout.decode()
+    assert colour.strip() == "blue"
+    assert podman("exec", f"leger-t-{suffix}", "cat", "/data/m").stdout.decode().strip() == "one"
+    assert leger(leger_env, "deploy", "update", "nope").returncode == 3
+    assert leger(leger_env, "deploy", "remove", "app", "--remove-volumes").returncode == 0
