@@ -92,11 +92,8 @@ def status(system: bool = SYSTEM_OPTION, as_json: bool = JSON_OPTION) -> None:
     login = guard(lambda: load_login(where.auth_file))
     dep = deployer(system)
     deployments = dep.deployments.load()
-    services = {
-        unit: guard(lambda unit=unit: dep.systemd.state(unit))
-        for item in deployments.values()
-        for unit in item.services
-    }
+    units = [unit for item in deployments.values() for unit in item.services]
+    services = guard(lambda: dep.systemd.states(units))
     staged = staging.list_staged(where.staged)
     info = {
         # The legerd connection is reported by the secrets issue's adapter; until then the

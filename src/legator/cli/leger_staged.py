@@ -11,7 +11,7 @@ from legator.cli.leger_deploy import HEALTH_OPTION, _report
 from legator.deploy import staging
 from legator.deploy.client import load_login
 from legator.deploy.diff import affected_services, changed_files, unified
-from legator.deploy.installer import Options, Result
+from legator.deploy.installer import Result, apply_staged
 from legator.deploy.sources import resolve
 
 app = typer.Typer(help="Staged updates: stage, list, diff, apply, discard.", no_args_is_help=True)
@@ -109,19 +109,9 @@ def apply_cmd(
 
     def run() -> Result:
         with steps(f"applying {name}", quiet=as_json) as progress:
-            dep = deployer(system, progress)
-            staged = staging.load(dep.layout.staged, name)
-            current = dep.deployments.get(name)
-            opts = Options(
-                start=current.started if current else True,
-                force=force,
-                health_timeout=health_timeout,
+            return apply_staged(
+                deployer(system, progress), name, force=force, health_timeout=health_timeout
             )
-            result = dep.apply(
-                name, staged.manifest, staged.files(), staged.source, staged.directory, opts
-            )
-            staging.discard(dep.layout.staged, name)
-            return result
 
     _report(guard(run), as_json, dry_run=False)
 

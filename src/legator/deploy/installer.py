@@ -27,7 +27,8 @@ from legator.deploy.quadlet.conflicts import find_conflicts, published_ports, vo
 from legator.deploy.quadlet.parse import Unit, parse_unit
 from legator.deploy.secrets_source import SecretSource
 from legator.deploy.sources import Fetched
-from legator.deploy.staging import stage, swap_in
+from legator.deploy.staging import discard, stage, swap_in
+from legator.deploy.staging import load as load_staged
 from legator.deploy.state import Deployment, Deployments, check_name, now
 from legator.deploy.systemd import Systemd, SystemdError
 
@@ -149,7 +150,7 @@ class Deployer:
 
     # ----- checks done before anything changes -------------------------------------------
 
-    def validate(self, files: dict[str, bytes], directory: Path) -> Report:
+    def validate(self, directory: Path) -> Report:
         return validate_dir(directory, user=not self.layout.system)
 
     def plan(self, name: str, manifest: Manifest, files: dict[str, bytes], opts: Options) -> Plan:
@@ -226,7 +227,7 @@ class Deployer:
         opts: Options,
     ) -> Result:
         self.progress("validating")
-        report = self.validate(files, staged_dir)
+        report = self.validate(staged_dir)
         if not report.ok:
             errors = "; ".join(str(f) for f in report.findings if f.level == "error")
             raise DeployError(f"validation failed: {errors}")
@@ -440,3 +441,17 @@ def install(deployer: Deployer, name: str, fetched: Fetched, source: str, opts: 
         return deployer.apply(name, staged.manifest, staged.files(), source, staged.directory, opts)
     finally:
         shutil.rmtree(staged.directory, ignore_errors=True)
+
+
+def apply_staged(deployer: Deployer, name: str, *, force: bool, health_timeout: float) -> Result:
+    """Apply ``staged/NAME`` and discard it once applied (kept when the apply fails)."""
+    staged = load_staged(deployer.layout.staged, name)
+    current = deployer.deployments.get(name)
+    opts = Options(
+        start=current.started if current else True, force=force, health_timeout=health_timeout
+    )
+    result = deployer.apply(
+        name, staged.manifest, staged.files(), staged.source, staged.directory, opts
+    )
+    discard(deployer.layout.staged, name)
+    return result

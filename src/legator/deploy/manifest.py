@@ -53,9 +53,6 @@ class Manifest(BaseModel):
             raise ValueError("a file is listed twice")
         return value
 
-    def entry(self, path: str) -> ManifestFile | None:
-        return next((f for f in self.files if f.path == path), None)
-
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

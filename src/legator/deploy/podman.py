@@ -3,7 +3,6 @@ stable interface; its REST socket is not running on most hosts)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,16 +33,11 @@ class Podman:
         return proc.stdout.decode(errors="replace")
 
     # secrets: the value travels on stdin, never in argv
-    def secret_exists(self, name: str) -> bool:
-        return name in self.secret_names()
-
     def secret_names(self) -> set[str]:
         out = self._run("secret", "ls", "--format", "{{.Name}}")
         return {line.strip() for line in out.splitlines() if line.strip()}
 
-    def secret_create(self, name: str, value: bytes, *, replace: bool = False) -> None:
-        if replace and self.secret_exists(name):
-            self.secret_remove(name)
+    def secret_create(self, name: str, value: bytes) -> None:
         self._run("secret", "create", name, "-", stdin=value)
 
     def secret_remove(self, name: str) -> None:
@@ -80,13 +74,3 @@ class Podman:
 
     def network_remove(self, name: str) -> None:
         self._run("network", "rm", name, check=False)
-
-    def container_state(self, name: str) -> dict[str, object] | None:
-        proc = subprocess.run(
-            [self.binary, "container", "inspect", name, "--format", "{{json .State}}"],
-            capture_output=True,
-            timeout=self.timeout,
-        )
-        if proc.returncode != 0:
-            return None
-        return json.loads(proc.stdout)  # type: ignore[no-any-return]

@@ -7,7 +7,6 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from legator.deploy.manifest import Manifest
 from legator.deploy.spec import DeploySpec
 
 
@@ -49,10 +48,6 @@ class ConfigDiff(BaseModel):
     files_diff: str
     changed_files: list[str]
     affected_services: list[str]
-
-
-class RenderedOut(BaseModel):
-    manifest: Manifest
 
 
 class DeviceStart(BaseModel):

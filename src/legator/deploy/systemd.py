@@ -58,14 +58,6 @@ class Systemd:
         if units:
             self.run("stop", *units, check=False)
 
-    def restart(self, units: Sequence[str]) -> None:
-        if units:
-            self.run("restart", *units)
-
-    def state(self, unit: str) -> str:
-        """``active``, ``inactive``, ``failed``, ``activating`` … as ``is-active`` prints."""
-        return self.run("is-active", unit, check=False).stdout.strip() or "unknown"
-
     def states(self, units: Sequence[str]) -> dict[str, str]:
         """One ``is-active`` call for all units (it prints one state per line, in order)."""
         if not units:
