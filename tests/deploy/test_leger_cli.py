@@ -290,3 +290,19 @@ def test_update_refetches_the_source(
     assert podman("exec", f"leger-t-{suffix}", "cat", "/data/m").stdout.decode().strip() == "one"
     assert leger(leger_env, "deploy", "update", "nope").returncode == 3
     assert leger(leger_env, "deploy", "remove", "app", "--remove-volumes").returncode == 0
+
+
+def test_system_scope_uses_system_systemctl(
+    tmp_path: Path, image: str, leger_env: dict[str, str], suffix: str, cleanup: None
+) -> None:
+    env = {**leger_env, "LEGER_STATE_DIR": str(tmp_path / "var-lib-leger")}
+    source = app_dir(tmp_path / "src", image, suffix, secret=False)
+    result = leger(
+        env, "deploy", "install", "app", "--source", str(source), "--system", "--no-start"
+    )
+    assert result.returncode == 0, result.stderr
+    assert calls(env) == [["systemctl", "daemon-reload"]]
+    assert (tmp_path / "var-lib-leger" / "deployments.json").exists()
+    assert leger(env, "service", "status", "app", "--system").returncode == 3
+    assert calls(env)[-1] == ["systemctl", "status", "--no-pager", "app.service"]
+    assert leger(env, "deploy", "remove", "app", "--system", "--remove-volumes").returncode == 0
