@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from legator.core.config import Settings
 from legator.core.http.app import CredentialsSink, create_core_app, print_initial_credentials
 from legator.core.runtime import Core, build_core
+from legator.deploy import install_deploy
 from legator.fleet.wing import install_fleet
 from legator.secrets.router import install_secrets
 
@@ -22,4 +23,5 @@ def create_app(
     # Wings register here as they land: each adds routers and start/stop hooks on ``core``.
     install_secrets(app, core)
     install_fleet(app, core)
+    install_deploy(app, core)
     return app

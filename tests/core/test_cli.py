@@ -98,13 +98,6 @@ def test_first_start_prints_credentials_once_and_restart_keeps_state(tmp_path: P
         server.stop()
 
 
-def test_placeholders_exit_2() -> None:
-    for command in ():
-        assert run_cli(command, "--help").returncode == 0
-        result = run_cli(command)
-        assert result.returncode == 2 and "not implemented yet" in result.stderr
-
-
 def test_version() -> None:
     info = json.loads(run_cli("legator", "version", "--json").stdout)
     assert set(info) == {"version", "commit", "date"}

@@ -1,0 +1,91 @@
+"""What every leger command group shares: scope, the deployer, progress and exit codes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from legator.cli.common import EXIT_CONFLICT, EXIT_FAILED, EXIT_NOT_FOUND, err_console, fail
+from legator.deploy.backups import BackupError
+from legator.deploy.client import AuthError, load_login
+from legator.deploy.installer import ConflictError, Deployer, DeployError, RolledBack
+from legator.deploy.layout import Layout, layout
+from legator.deploy.manifest import ChecksumMismatch
+from legator.deploy.podman import PodmanError
+from legator.deploy.secrets_source import MissingSecret, default_source
+from legator.deploy.sources import SourceError
+from legator.deploy.staging import StagingError
+from legator.deploy.systemd import SystemdError
+
+T = TypeVar("T")
+EXIT_ROLLED_BACK = 5
+
+SYSTEM_OPTION = typer.Option(
+    False, "--system", help="System scope: /etc/containers/systemd and /var/lib/leger."
+)
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def scope(system: bool) -> Layout:
+    return layout(system)
+
+
+def deployer(system: bool, progress: Callable[[str], None] = lambda _s: None) -> Deployer:
+    where = scope(system)
+    login = load_login(where.auth_file)
+    source = default_source(where.state, login.username if login else None)
+    return Deployer(where, source, progress=progress)
+
+
+def guard(action: Callable[[], T]) -> T:
+    """Run ``action``; turn leger's errors into a message and a meaningful exit code."""
+    try:
+        return action()
+    except RolledBack as exc:
+        fail(str(exc), EXIT_ROLLED_BACK)
+    except ConflictError as exc:
+        fail(str(exc), EXIT_CONFLICT)
+    except (StagingError, BackupError) as exc:
+        code = EXIT_NOT_FOUND if "nothing staged" in str(exc) or "no backup" in str(exc) else 1
+        fail(str(exc), code)
+    except DeployError as exc:
+        code = EXIT_NOT_FOUND if str(exc).startswith("no deployment") else EXIT_FAILED
+        fail(str(exc), code)
+    except (MissingSecret, AuthError, SourceError, ChecksumMismatch) as exc:
+        fail(str(exc), EXIT_FAILED)
+    except (PodmanError, SystemdError) as exc:
+        fail(str(exc), EXIT_FAILED)
+    except ValidationError as exc:
+        fail(f"invalid data: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}", EXIT_FAILED)
+    except ValueError as exc:
+        fail(str(exc), 2)
+
+
+@contextmanager
+def steps(title: str, *, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """A Rich spinner that shows the current step of a long operation (on stderr)."""
+    if quiet:
+        yield lambda _step: None
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(title)
+
+        def update(step: str) -> None:
+            progress.update(task, description=f"{title}: {step}")
+
+        yield update
+
+
+def die(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    fail(message, code)

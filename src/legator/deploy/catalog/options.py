@@ -1,0 +1,87 @@
+"""Typed options for each catalogue service. Unknown fields are errors, so a typo is caught."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ServiceOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="Fully qualified image reference.")
+    port: Port | None = Field(None, description="Host port to publish on; none = internal only.")
+    bind: str = Field("127.0.0.1", description="Host address the published port binds to.")
+    command: str | None = Field(None, description="Override the image's command.")
+    memory: str | None = Field(None, pattern=r"^\d+[kmg]?$", description="Memory limit, e.g. 2g.")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not _IMAGE.match(value):
+            raise ValueError("must be an image reference such as docker.io/library/redis:7")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        if value is not None and ("\n" in value or not value.strip()):
+            raise ValueError("must be one non-empty line")
+        return value
+
+
+class OpenWebUIOptions(ServiceOptions):
+    image: str = "ghcr.io/open-webui/open-webui:main"
+    port: Port | None = 3000
+    database: Literal["sqlite", "postgres"] = "sqlite"
+    enable_signup: bool = False
+
+
+class LiteLLMOptions(ServiceOptions):
+    image: str = "ghcr.io/berriai/litellm:main-stable"
+    port: Port | None = 4000
+    database: Literal["none", "postgres"] = "none"
+    cache: bool = Field(False, description="Use Redis as the response cache.")
+
+
+class PostgresOptions(ServiceOptions):
+    image: str = "docker.io/library/postgres:16"
+    database: str = Field("app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    user: str = Field("app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class RedisOptions(ServiceOptions):
+    image: str = "docker.io/library/redis:7"
+    maxmemory: str = Field("256mb", pattern=r"^\d+(kb|mb|gb)$")
+
+
+class SearXNGOptions(ServiceOptions):
+    image: str = "docker.io/searxng/searxng:latest"
+    port: Port | None = 8888
+    base_url: str = Field("http://localhost:8888/", pattern=r"^https?://\S+$")
+
+
+class WhisperOptions(ServiceOptions):
+    image: str = "docker.io/onerahmet/openai-whisper-asr-webservice:latest"
+    port: Port | None = 9000
+    model: Literal["tiny", "base", "small", "medium", "large-v3"] = "base"
+    engine: Literal["openai_whisper", "faster_whisper"] = "faster_whisper"
+
+
+class JupyterOptions(ServiceOptions):
+    image: str = "quay.io/jupyter/minimal-notebook:latest"
+    port: Port | None = 8889
+
+
+class LlamaCppOptions(ServiceOptions):
+    image: str = "ghcr.io/ggml-org/llama.cpp:server"
+    port: Port | None = 8081
+    model_path: str = Field("/models/model.gguf", pattern=r"^/\S+\.gguf$")
+    context: int = Field(4096, ge=256, le=1_048_576)
+    gpu_layers: int = Field(0, ge=0, le=1000)

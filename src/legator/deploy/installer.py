@@ -1,0 +1,457 @@
+"""Install, update, apply and remove deployments on this host, with rollback.
+
+Order of an apply: validate and collect secrets (nothing has changed yet, so any failure here
+leaves the host as it was) -> back up files and volumes -> stop the affected services -> swap
+the files -> create the Podman secrets -> reload systemd -> start -> health check. A failure
+after the backup rolls the files and volumes back and starts the previous services again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from legator.core.security import random_hex, write_private_file
+from legator.deploy.backups import BackupInfo, Backups
+from legator.deploy.diff import affected_services, changed_files
+from legator.deploy.layout import Layout
+from legator.deploy.manifest import Manifest
+from legator.deploy.podman import Podman, PodmanError
+from legator.deploy.quadlet.check import Report, validate_dir
+from legator.deploy.quadlet.conflicts import find_conflicts, published_ports, volume_name
+from legator.deploy.quadlet.parse import Unit, parse_unit
+from legator.deploy.secrets_source import SecretSource
+from legator.deploy.sources import Fetched
+from legator.deploy.staging import discard, stage, swap_in
+from legator.deploy.staging import load as load_staged
+from legator.deploy.state import Deployment, Deployments, check_name, now
+from legator.deploy.systemd import Systemd, SystemdError
+
+Progress = Callable[[str], None]
+
+
+class DeployError(RuntimeError):
+    """The operation was refused before anything changed."""
+
+
+class ConflictError(DeployError):
+    pass
+
+
+class RolledBack(RuntimeError):
+    """The new version failed and the previous one was restored."""
+
+    def __init__(self, message: str, backup: BackupInfo | None) -> None:
+        super().__init__(message)
+        self.backup = backup
+
+
+@dataclass
+class Options:
+    start: bool = True
+    force: bool = False
+    secrets: bool = True
+    dry_run: bool = False
+    health_timeout: float = 30.0
+
+
+@dataclass
+class Plan:
+    name: str
+    version: int
+    add: list[str] = field(default_factory=list)
+    change: list[str] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    start: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Before:
+    volumes: set[str]  # of the new set, existing before the apply
+    secrets: set[str]  # all Podman secrets before the apply
+    wanted_secrets: set[str]  # the ones the new version needs
+
+
+@dataclass
+class Result:
+    plan: Plan
+    backup: BackupInfo | None
+    states: dict[str, str]
+    applied: bool
+
+
+def _units(files: dict[str, bytes]) -> list[Unit]:
+    return [parse_unit(name, data.decode()) for name, data in sorted(files.items())]
+
+
+def service_units(files: dict[str, bytes], order: list[str]) -> list[str]:
+    """Container services in manifest order (dependencies first), then any others."""
+    containers = {u.stem: u.service_name for u in _units(files) if u.suffix == ".container"}
+    ordered = [containers[name] for name in order if name in containers]
+    return ordered + sorted(set(containers.values()) - set(ordered))
+
+
+def volume_names(files: dict[str, bytes]) -> list[str]:
+    return sorted(volume_name(u) for u in _units(files) if u.suffix == ".volume")
+
+
+def network_names(files: dict[str, bytes]) -> list[str]:
+    return sorted(
+        u.get("Network", "NetworkName") or f"systemd-{u.stem}"
+        for u in _units(files)
+        if u.suffix == ".network"
+    )
+
+
+def host_ports(files: dict[str, bytes]) -> list[int]:
+    return sorted({spec.host for unit in _units(files) for spec in published_ports(unit)})
+
+
+class Deployer:
+    def __init__(
+        self,
+        layout: Layout,
+        secrets: SecretSource,
+        *,
+        podman: Podman | None = None,
+        systemd: Systemd | None = None,
+        progress: Progress = lambda _step: None,
+    ) -> None:
+        self.layout = layout
+        self.secrets = secrets
+        self.podman = podman or Podman()
+        self.systemd = systemd or Systemd(system=layout.system)
+        self.progress = progress
+        self.deployments = Deployments(layout.deployments)
+        self.backups = Backups(layout.backups, self.podman)
+        layout.ensure()
+
+    # ----- reading the current state ---------------------------------------------------------
+
+    def active_files(self, name: str) -> dict[str, bytes]:
+        directory = self.layout.active / name
+        if not directory.exists():
+            return {}
+        return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+    def _secret_mac(self, value: bytes) -> str:
+        key_path = self.layout.state / ".secret-mac-key"
+        if not key_path.exists():
+            write_private_file(key_path, random_hex(32))
+        return hmac.new(key_path.read_bytes(), value, hashlib.sha256).hexdigest()
+
+    # ----- checks done before anything changes -------------------------------------------
+
+    def validate(self, directory: Path) -> Report:
+        return validate_dir(directory, user=not self.layout.system)
+
+    def plan(self, name: str, manifest: Manifest, files: dict[str, bytes], opts: Options) -> Plan:
+        check_name(name)
+        current = self.deployments.get(name)
+        old = self.active_files(name)
+        changed = changed_files(old, files)
+        plan = Plan(name=name, version=manifest.version)
+        plan.add = [f for f in changed if f not in old]
+        plan.change = [f for f in changed if f in old and f in files]
+        plan.remove = [f for f in changed if f not in files]
+        touched = set(affected_services(changed))
+        old_units = service_units(old, current.services if current else [])
+        plan.stop = [u for u in old_units if u.removesuffix(".service") in touched]
+        plan.start = service_units(files, manifest.services) if opts.start else []
+        plan.secrets = [] if not opts.secrets else list(manifest.secrets_required)
+        self._check_ownership(name, files, opts, plan)
+        self._check_conflicts(name, files, opts, plan)
+        return plan
+
+    def _check_ownership(
+        self, name: str, files: dict[str, bytes], opts: Options, plan: Plan
+    ) -> None:
+        owners = {
+            f: other.name
+            for other in self.deployments.load().values()
+            if other.name != name
+            for f in other.files
+        }
+        mine = set(self.active_files(name))
+        for path in files:
+            if path in owners:
+                message = f"{path} belongs to deployment {owners[path]!r}"
+                if not opts.force:
+                    raise ConflictError(message + " (remove it, or use --force)")
+                plan.warnings.append(message + "; --force takes it over")
+            elif path not in mine and (self.layout.quadlets / path).exists():
+                message = f"{self.layout.quadlets / path} exists and is not managed by leger"
+                if not opts.force:
+                    raise ConflictError(message + " (move it away, or use --force)")
+                plan.warnings.append(message + "; --force replaces it")
+
+    def _check_conflicts(
+        self, name: str, files: dict[str, bytes], opts: Options, plan: Plan
+    ) -> None:
+        others = self.deployments.load()
+        units = _units(files)
+        for other in others.values():
+            if other.name != name:
+                units += _units(self.active_files(other.name))
+        own_ports = {port for item in others.values() for port in item.ports}
+        findings = [f for f in find_conflicts(units, own_ports=own_ports) if f.level == "error"]
+        if findings:
+            text = "; ".join(str(f) for f in findings)
+            if not opts.force:
+                raise ConflictError(f"conflicts: {text}")
+            plan.warnings.append(f"conflicts ignored with --force: {text}")
+
+    def collect_secrets(self, manifest: Manifest, opts: Options) -> dict[str, bytes]:
+        if not opts.secrets:
+            return {}
+        # Raises MissingSecret naming the first one absent, before anything has changed.
+        return {name: self.secrets.get(name) for name in manifest.secrets_required}
+
+    # ----- apply ------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        name: str,
+        manifest: Manifest,
+        files: dict[str, bytes],
+        source: str,
+        staged_dir: Path,
+        opts: Options,
+    ) -> Result:
+        self.progress("validating")
+        report = self.validate(staged_dir)
+        if not report.ok:
+            errors = "; ".join(str(f) for f in report.findings if f.level == "error")
+            raise DeployError(f"validation failed: {errors}")
+        plan = self.plan(name, manifest, files, opts)
+        values = self.collect_secrets(manifest, opts)
+        if opts.dry_run:
+            return Result(plan, None, {}, applied=False)
+
+        current = self.deployments.get(name)
+        old_files = self.active_files(name)
+        old_volumes = current.volumes if current else []
+        # What existed before, so a rollback removes only what this attempt created.
+        before = _Before(
+            volumes=set(self.podman.volumes_existing(volume_names(files))),
+            secrets=self.podman.secret_names() if values else set(),
+            wanted_secrets=set(values),
+        )
+        self.progress("backing up")
+        backup = self.backups.create(
+            name,
+            current.version if current else -1,
+            old_files,
+            old_volumes,
+            reason=f"before applying version {manifest.version}",
+            automatic=True,
+        )
+        try:
+            self.progress("stopping affected services")
+            self.systemd.stop(list(reversed(plan.stop)))
+            self.progress("installing files")
+            self._swap(name, old_files, files)
+            macs = self._install_secrets(values, current)
+            self.systemd.daemon_reload()
+            states: dict[str, str] = {}
+            if plan.start:
+                self.progress("starting services")
+                self.systemd.start(plan.start)
+                self.progress("checking health")
+                states = self.systemd.wait_healthy(plan.start, opts.health_timeout)
+                unhealthy = {u: s for u, s in states.items() if s != "active"}
+                if unhealthy:
+                    detail = ", ".join(f"{u} is {s}" for u, s in unhealthy.items())
+                    raise SystemdError(f"health check failed: {detail}")
+        except (SystemdError, PodmanError, OSError, KeyboardInterrupt) as exc:
+            self.progress("rolling back")
+            try:
+                self._rollback(name, files, old_files, backup, current, before)
+            except (SystemdError, PodmanError, OSError) as again:
+                raise DeployError(
+                    f"{exc}; the rollback failed too ({again}): restore by hand with "
+                    f"`leger backup restore {backup.id}`"
+                ) from again
+            raise RolledBack(
+                f"{exc}; rolled back to the previous state (backup {backup.id})", backup
+            ) from exc
+        stamp = now()
+        self.deployments.put(
+            Deployment(
+                name=name,
+                version=manifest.version,
+                source=source,
+                installed_at=current.installed_at if current else stamp,
+                updated_at=stamp,
+                files=sorted(files),
+                services=service_units(files, manifest.services),
+                volumes=volume_names(files),
+                ports=host_ports(files),
+                secrets=macs,
+                started=opts.start,
+            )
+        )
+        return Result(plan, backup, states, applied=True)
+
+    def _swap(self, name: str, old: dict[str, bytes], new: dict[str, bytes]) -> None:
+        active = self.layout.active / name
+        tmp = self.layout.active / f".{name}.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        for path, data in new.items():
+            (tmp / path).write_bytes(data)
+        swap_in(tmp, active)
+        for path in set(old) - set(new):
+            (self.layout.quadlets / path).unlink(missing_ok=True)
+        for path, data in new.items():
+            target = self.layout.quadlets / path
+            partial = target.with_name(f".{path}.tmp")
+            partial.write_bytes(data)
+            partial.replace(target)
+
+    def _install_secrets(
+        self, values: dict[str, bytes], current: Deployment | None
+    ) -> dict[str, str]:
+        """Create each missing secret and replace each whose value changed (compared by HMAC:
+        Podman 4.3 cannot show a stored value). Independent Podman calls run in parallel."""
+        known = current.secrets if current else {}
+        existing = self.podman.secret_names() if values else set()
+        macs = {secret: self._secret_mac(value) for secret, value in values.items()}
+        todo = [s for s in values if s not in existing or known.get(s) != macs[s]]
+
+        def put(secret: str) -> None:
+            if secret in existing:
+                self.podman.secret_remove(secret)
+            self.podman.secret_create(secret, values[secret])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(put, todo))
+        return macs
+
+    def _rollback(
+        self,
+        name: str,
+        new_files: dict[str, bytes],
+        old_files: dict[str, bytes],
+        backup: BackupInfo,
+        previous: Deployment | None,
+        before: _Before,
+    ) -> None:
+        new_units = service_units(new_files, [])
+        self.systemd.stop(list(reversed(new_units)))
+        self._swap(name, new_files, old_files)
+        if not old_files:
+            shutil.rmtree(self.layout.active / name, ignore_errors=True)
+        self.backups.restore_volumes(backup.id)
+        for volume in set(volume_names(new_files)) - before.volumes - set(backup.volumes):
+            self.podman.volume_remove(volume)
+        kept = set(previous.secrets) if previous else set()
+        for secret in before.wanted_secrets - before.secrets - kept:
+            self.podman.secret_remove(secret)
+        self.systemd.daemon_reload()
+        if previous and previous.started and previous.services:
+            self.systemd.start(previous.services)
+
+    # ----- other operations ------------------------------------------------------------------
+
+    def remove(self, name: str, *, remove_volumes: bool, backup_volumes: bool) -> BackupInfo | None:
+        current = self.deployments.get(name)
+        if current is None:
+            raise DeployError(f"no deployment {name!r}")
+        backup = None
+        if backup_volumes:
+            self.progress("backing up")
+            backup = self.backups.create(
+                name,
+                current.version,
+                self.active_files(name),
+                current.volumes,
+                reason="before remove",
+                automatic=False,
+            )
+        self.progress("stopping services")
+        self.systemd.stop(list(reversed(current.services)))
+        networks = network_names(self.active_files(name))
+        for path in current.files:
+            (self.layout.quadlets / path).unlink(missing_ok=True)
+        shutil.rmtree(self.layout.active / name, ignore_errors=True)
+        self.systemd.daemon_reload()
+        still_used = {
+            s
+            for other in self.deployments.load().values()
+            if other.name != name
+            for s in other.secrets
+        }
+        for secret in current.secrets:
+            if secret not in still_used:
+                self.podman.secret_remove(secret)
+        for network in networks:
+            self.podman.network_remove(network)  # refused by Podman while another uses it
+        if remove_volumes or backup_volumes:
+            for volume in current.volumes:
+                self.podman.volume_remove(volume)
+        self.deployments.remove(name)
+        return backup
+
+    def restore(self, backup_id: str) -> BackupInfo:
+        """Put a backup's files and volumes back and restart its services."""
+        info = self.backups.info(backup_id)
+        current = self.deployments.get(info.deployment)
+        files = self.backups.files(backup_id)
+        if current:
+            self.systemd.stop(list(reversed(current.services)))
+        self._swap(info.deployment, self.active_files(info.deployment), files)
+        self.backups.restore_volumes(backup_id)
+        self.systemd.daemon_reload()
+        if files:
+            services = service_units(files, current.services if current else [])
+            stamp = now()
+            self.deployments.put(
+                Deployment(
+                    name=info.deployment,
+                    version=info.version,
+                    source=current.source if current else f"backup:{backup_id}",
+                    installed_at=current.installed_at if current else stamp,
+                    updated_at=stamp,
+                    files=sorted(files),
+                    services=services,
+                    volumes=volume_names(files),
+                    ports=host_ports(files),
+                    secrets=current.secrets if current else {},
+                )
+            )
+            self.systemd.start(services)
+        return info
+
+
+def install(deployer: Deployer, name: str, fetched: Fetched, source: str, opts: Options) -> Result:
+    """Write the fetched files to a private incoming directory (checksums verified), then apply
+    them. Used by ``deploy install`` and ``deploy update``; ``staged apply`` uses staged/."""
+    incoming = deployer.layout.state / ".incoming"
+    staged = stage(incoming, name, fetched)
+    try:
+        return deployer.apply(name, staged.manifest, staged.files(), source, staged.directory, opts)
+    finally:
+        shutil.rmtree(staged.directory, ignore_errors=True)
+
+
+def apply_staged(deployer: Deployer, name: str, *, force: bool, health_timeout: float) -> Result:
+    """Apply ``staged/NAME`` and discard it once applied (kept when the apply fails)."""
+    staged = load_staged(deployer.layout.staged, name)
+    current = deployer.deployments.get(name)
+    opts = Options(
+        start=current.started if current else True, force=force, health_timeout=health_timeout
+    )
+    result = deployer.apply(
+        name, staged.manifest, staged.files(), staged.source, staged.directory, opts
+    )
+    discard(deployer.layout.staged, name)
+    return result

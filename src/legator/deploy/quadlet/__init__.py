@@ -1,0 +1,1 @@
+"""Quadlet unit files: parse, validate per type, find conflicts, run the real generator."""

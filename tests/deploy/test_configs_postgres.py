@@ -1,0 +1,50 @@
+"""Configuration versions on PostgreSQL, where concurrent saves really race."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import asyncpg
+import pytest
+
+from tests.support import live_server
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    name = "legator_deploy_" + secrets.token_hex(4)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.mark.postgres
+def test_concurrent_saves_on_postgresql(pg_url: str) -> None:
+    with live_server(None, database_url=pg_url) as server, server.client(server.admin_key) as api:
+
+        def save(i: int) -> int:
+            body = {"spec": {"services": {"redis": {"port": 21000 + i}}}}
+            response = api.post("/api/v1/deploy/configs", json=body)
+            assert response.status_code == 201, response.text
+            return int(response.json()["version"])
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            versions = sorted(pool.map(save, range(8)))
+        assert versions == list(range(1, 9))
+        latest = api.get("/api/v1/deploy/rendered/latest/manifest.json").json()
+        assert latest["version"] == 8
