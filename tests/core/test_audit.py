@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import io
 import json
+import time
+import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from sqlalchemy import update
+from sqlalchemy import delete, func, select, update
 
 from legator.core.audit.models import AuditEvent
 from legator.core.db import Database
@@ -102,3 +106,60 @@ def test_verify_without_key_says_so(api: httpx.Client) -> None:
     report = api.get("/api/v1/audit/verify").json()
     assert report["chained"] is False
     assert "LEGATOR_AUDIT_CHAIN_KEY" in report["message"]
+
+
+def test_bundle_holds_events_report_and_manifest(api: httpx.Client) -> None:
+    api.post("/api/v1/keys", json={"name": "bundled"})
+    response = api.get("/api/v1/audit/export/bundle")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    assert sorted(archive.namelist()) == ["events.ndjson", "manifest.json", "verification.json"]
+    manifest = json.loads(archive.read("manifest.json"))
+    for entry in manifest["files"]:
+        data = archive.read(entry["name"])
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
+    lines = archive.read("events.ndjson").decode().splitlines()
+    assert manifest["events"] == len(lines) >= 2
+
+
+def test_purge_keeps_the_chain_verifiable_and_is_audited(tmp_path: Path) -> None:
+    with (
+        live_server(tmp_path / "d", audit_chain_key=CHAIN_KEY) as server,
+        server.client(server.admin_key) as api,
+    ):
+        for i in range(3):
+            api.post("/api/v1/keys", json={"name": f"old{i}"})
+        time.sleep(0.05)
+        cutoff = datetime.now(UTC).isoformat()
+        time.sleep(0.05)
+        api.post("/api/v1/keys", json={"name": "new"})
+        response = api.delete("/api/v1/audit", params={"older_than": cutoff})
+        assert response.status_code == 200, response.text
+        assert response.json()["deleted"] == 4  # bootstrap + 3 keys
+        events = api.get("/api/v1/audit").json()["events"]
+        assert [e["action"] for e in events] == ["audit.purge", "api_key.create"]
+        assert events[0]["details"]["deleted"] == 4
+        report = api.get("/api/v1/audit/verify").json()
+        assert report["ok"] is True and report["checked"] == 2, report
+        assert api.delete("/api/v1/audit", params={"older_than": "soon"}).status_code == 400
+        assert server.core is not None
+        asyncio.run(_delete_oldest(server.core.settings.effective_database_url))
+        silent = api.get("/api/v1/audit/verify").json()
+        assert silent["ok"] is False and "no purge" in silent["message"]
+
+
+async def _delete_oldest(url: str) -> None:
+    """Remove the oldest event without a recorded purge, as an intruder would."""
+    db = Database(url)
+    try:
+        async with db.write() as session:
+            oldest = select(func.min(AuditEvent.seq)).scalar_subquery()
+            await session.execute(delete(AuditEvent).where(AuditEvent.seq == oldest))
+    finally:
+        await db.dispose()
+
+
+def test_purge_needs_audit_admin(make_user) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_user("auditor")
+    assert auditor.delete("/api/v1/audit", params={"older_than": "1d"}).status_code == 403

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+import tempfile
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from legator.core.audit.schemas import AuditPage, ChainReport
+from legator.core.audit.schemas import AuditPage, ChainReport, PurgeOut
 from legator.core.audit.service import AuditFilter, InvalidCursor
 from legator.core.auth.permissions import Permission
+from legator.core.auth.principal import Principal
+from legator.core.db import utcnow
 from legator.core.errors import BadRequest
 from legator.core.http.deps import core_of, require
 
@@ -50,6 +55,63 @@ async def list_events(
 async def verify(request: Request) -> ChainReport:
     """Recompute the HMAC chain from its anchor (needs LEGATOR_AUDIT_CHAIN_KEY)."""
     return await core_of(request).audit.verify()
+
+
+@router.get("/export/bundle", dependencies=[require(Permission.AUDIT_READ)])
+async def export_bundle(request: Request) -> StreamingResponse:
+    """A zip for auditors: events.ndjson, verification.json (the chain report) and
+    manifest.json with the SHA-256 of each file."""
+    spool = tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024)  # noqa: SIM115 - closed by the stream
+    await core_of(request).audit.bundle(spool)
+    spool.seek(0)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            while chunk := spool.read(1 << 16):
+                yield chunk
+        finally:
+            spool.close()
+
+    stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+    return StreamingResponse(
+        stream(),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="legator-audit-{stamp}.zip"'},
+    )
+
+
+@router.delete("", response_model=PurgeOut)
+async def purge(
+    request: Request,
+    older_than: str = Query(
+        description="Delete events older than this: a duration (90d, 12h) or an RFC 3339 time."
+    ),
+    principal: Principal = require(Permission.AUDIT_ADMIN),
+) -> PurgeOut:
+    """Retention: delete old events. The purge is itself audited, and the chain stays
+    verifiable from the oldest event left."""
+    cutoff = parse_cutoff(older_than)
+    result = await core_of(request).audit.purge(cutoff, actor=principal.actor)
+    return PurgeOut(deleted=result.deleted, cutoff=result.cutoff, anchor=result.anchor)
+
+
+def parse_cutoff(text: str) -> datetime:
+    match = re.fullmatch(r"(\d+)([dhm])", text.strip())
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        span = {
+            "d": timedelta(days=amount),
+            "h": timedelta(hours=amount),
+            "m": timedelta(minutes=amount),
+        }
+        return utcnow() - span[unit]
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest("older_than must be a duration like 90d or an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise BadRequest("older_than needs a timezone, e.g. 2026-01-01T00:00:00Z")
+    return moment
 
 
 @router.get("/export", dependencies=[require(Permission.AUDIT_READ)])

@@ -33,3 +33,9 @@ class ChainReport(BaseModel):
     first_break: str | None = None
     anchor: str | None = None
     message: str
+
+
+class PurgeOut(BaseModel):
+    deleted: int
+    cutoff: datetime
+    anchor: str

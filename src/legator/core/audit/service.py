@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import hashlib
 import io
+import tempfile
+import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
-from sqlalchemy import Select, select, text
+from sqlalchemy import Select, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.models import AuditEvent
@@ -23,6 +26,7 @@ from legator.core.db import Database, new_id, utcnow
 from legator.core.security import constant_time_equal, hmac_sha256_hex
 
 OUTCOMES = ("success", "failure", "denied", "error")
+PURGE_ACTION = "audit.purge"
 _PG_CHAIN_LOCK = 0x4C4547  # advisory lock id serialising chain appends on PostgreSQL
 CSV_FIELDS = ("id", "ts", "actor", "action", "target", "outcome", "request_id", "details", "hash")
 
@@ -39,6 +43,13 @@ class AuditFilter:
 
 class InvalidCursor(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    deleted: int
+    cutoff: datetime
+    anchor: str
 
 
 def _encode_cursor(seq: int) -> str:
@@ -213,6 +224,7 @@ class AuditService:
         checked = unchained = 0
         previous: str | None = None
         anchor: str | None = None
+        purged_anchors = await self._purge_anchors()
         async for event in self.iterate(AuditFilter()):
             if event.hash is None:
                 if anchor is not None:
@@ -221,6 +233,14 @@ class AuditService:
                 continue
             if anchor is None:
                 anchor, previous = event.id, event.prev_hash
+                if previous is not None and anchor not in purged_anchors:
+                    return self._broken(
+                        0,
+                        unchained,
+                        anchor,
+                        event,
+                        "earlier events are missing and no purge says so",
+                    )
             expected = hmac_sha256_hex(self.chain_key, _chain_material(event))
             if event.prev_hash != previous or not constant_time_equal(expected, event.hash):
                 return self._broken(checked, unchained, anchor, event, "hash mismatch")
@@ -234,6 +254,75 @@ class AuditService:
             anchor=anchor,
             message=f"{checked} chained events verified",
         )
+
+    async def _purge_anchors(self) -> set[str]:
+        """Ids of the events that recorded purges left as the oldest (the chain's new anchor)."""
+        async with self.db.session() as session:
+            details = (
+                await session.scalars(
+                    select(AuditEvent.details).where(AuditEvent.action == PURGE_ACTION)
+                )
+            ).all()
+        return {d["anchor"] for d in details if isinstance(d, dict) and d.get("anchor")}
+
+    async def purge(self, cutoff: datetime, *, actor: str) -> PurgeResult:
+        """Delete events older than ``cutoff``; the purge itself is recorded, naming the oldest
+        event left so that verification can start from it."""
+        async with self.db.write() as session:
+            # Cut by position in the log, not by time alone, so the chain never gets a hole.
+            last = await session.scalar(
+                select(func.max(AuditEvent.seq)).where(AuditEvent.ts < cutoff)
+            )
+            deleted = 0
+            if last is not None:
+                result = await session.execute(delete(AuditEvent).where(AuditEvent.seq <= last))
+                deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
+            oldest = await session.scalar(select(AuditEvent).order_by(AuditEvent.seq).limit(1))
+            event = await self.record(
+                session,
+                actor=actor,
+                action=PURGE_ACTION,
+                target="audit",
+                details={
+                    "older_than": cutoff.isoformat(),
+                    "deleted": deleted,
+                    "anchor": oldest.id if oldest else None,
+                },
+            )
+            anchor = oldest.id if oldest else event.id
+        return PurgeResult(deleted=deleted, cutoff=cutoff, anchor=anchor)
+
+    async def bundle(self, target: BinaryIO) -> int:
+        """Write a zip for auditors: every event (NDJSON), the chain report and a manifest of
+        SHA-256 sums. Returns the number of events."""
+        count = 0
+        with tempfile.TemporaryFile() as events:
+            async for event in self.iterate(AuditFilter()):
+                events.write(to_out(event).model_dump_json().encode() + b"\n")
+                count += 1
+            events.seek(0)
+            report = (await self.verify()).model_dump_json(indent=2).encode()
+            files: list[dict[str, Any]] = []
+            with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                digest = hashlib.sha256()
+                size = 0
+                with archive.open("events.ndjson", "w") as out:
+                    while chunk := events.read(1 << 16):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                files.append({"name": "events.ndjson", "sha256": digest.hexdigest(), "size": size})
+                archive.writestr("verification.json", report)
+                files.append(
+                    {
+                        "name": "verification.json",
+                        "sha256": hashlib.sha256(report).hexdigest(),
+                        "size": len(report),
+                    }
+                )
+                manifest = {"created_at": utcnow().isoformat(), "events": count, "files": files}
+                archive.writestr("manifest.json", canonical_json(manifest))
+        return count
 
     @staticmethod
     def _broken(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from legator.core.auth.principal import Principal
 from legator.core.auth.schemas import KeyOut, UserCreate, UserOut, UserUpdate
 from legator.core.db import Database, utcnow
 from legator.core.errors import BadRequest, Conflict, NotFound, TooManyRequests
+from legator.core.logging import get_logger
 from legator.core.security import (
     hash_password,
     looks_like_api_key,
@@ -30,8 +30,11 @@ from legator.core.security import (
     verify_password,
 )
 
+log = get_logger("legator.auth")
 SYSTEM_ACTOR = "system"
 LAST_USED_FLUSH_S = 30.0
+CREDENTIAL_CACHE_TTL_S = 5.0
+CREDENTIAL_CACHE_MAX = 10_000
 LOGIN_WINDOW_S = 300.0
 LOGIN_MAX_FAILURES = 10
 
@@ -62,6 +65,36 @@ class _LastUsed:
         return keys, sessions
 
 
+class _CredentialCache:
+    """Verified credentials for a few seconds, so that a busy client costs one lookup per
+    TTL instead of one per request. Every change made through this service (revoke, disable,
+    role change, logout, delete) clears it at once; a change made by another process (the
+    offline CLI) takes effect within the TTL."""
+
+    def __init__(self, ttl: float = CREDENTIAL_CACHE_TTL_S) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, datetime | None, Principal]] = {}
+
+    def get(self, digest: str, now: datetime) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        stored_at, expires_at, principal = entry
+        stale = time.monotonic() - stored_at > self.ttl
+        if stale or (expires_at is not None and expires_at <= now):
+            self._entries.pop(digest, None)
+            return None
+        return principal
+
+    def put(self, digest: str, expires_at: datetime | None, principal: Principal) -> None:
+        if len(self._entries) >= CREDENTIAL_CACHE_MAX:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic(), expires_at, principal)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class AuthService:
     def __init__(self, db: Database, audit: AuditService, *, session_ttl_hours: int = 24) -> None:
         self.db = db
@@ -69,6 +102,7 @@ class AuthService:
         self.session_ttl = timedelta(hours=session_ttl_hours)
         self._last_used = _LastUsed()
         self._login_failures: dict[str, list[float]] = {}
+        self._cache = _CredentialCache()
 
     # ----- users -------------------------------------------------------------------------
 
@@ -134,6 +168,7 @@ class AuthService:
                 user.password_hash = password_hash
             if user.disabled or password_hash:
                 await session.execute(Session.__table__.delete().where(Session.user_id == user.id))
+            self._cache.clear()
             audit_changes = {k: v for k, v in changes.items() if v is not None}
             if password_hash:
                 audit_changes["password_changed"] = True
@@ -152,6 +187,7 @@ class AuthService:
             if user.role == Role.ADMIN.value:
                 await self._ensure_another_admin(session, user)
             await session.delete(user)
+            self._cache.clear()
             await self.audit.record(
                 session, actor=actor, action="user.delete", target=f"user:{user.username}"
             )
@@ -260,6 +296,7 @@ class AuthService:
             key, username = row
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
+                self._cache.clear()
                 await self.audit.record(
                     session,
                     actor=actor,
@@ -272,6 +309,12 @@ class AuthService:
     async def authenticate_key(self, raw: str) -> Principal | None:
         if not looks_like_api_key(raw):
             return None
+        digest = sha256_hex(raw)
+        now = utcnow()
+        cached = self._cache.get(digest, now)
+        if cached is not None:
+            self._last_used.keys[cached.key_id or ""] = now
+            return cached
         query = (
             select(
                 ApiKey.id,
@@ -285,18 +328,17 @@ class AuthService:
                 User.disabled,
             )
             .join(User)
-            .where(ApiKey.key_hash == sha256_hex(raw))
+            .where(ApiKey.key_hash == digest)
         )
         async with self.db.session() as session:
             row = (await session.execute(query)).first()
         if row is None:
             return None
         key_id, scopes, attributes, expires_at, revoked_at, user_id, username, role, disabled = row
-        now = utcnow()
         if revoked_at is not None or disabled or (expires_at is not None and expires_at <= now):
             return None
         self._last_used.keys[key_id] = now
-        return Principal(
+        principal = Principal(
             user_id=user_id,
             username=username,
             role=role,
@@ -305,6 +347,8 @@ class AuthService:
             key_id=key_id,
             key_attributes=attributes or {},
         )
+        self._cache.put(digest, expires_at, principal)
+        return principal
 
     # ----- sessions ----------------------------------------------------------------------
 
@@ -366,21 +410,26 @@ class AuthService:
     async def authenticate_session(self, token: str) -> Principal | None:
         if not token or len(token) > 128:
             return None
+        digest = sha256_hex(token)
+        now = utcnow()
+        cached = self._cache.get(digest, now)
+        if cached is not None:
+            self._last_used.sessions[cached.session_id or ""] = now
+            return cached
         query = (
             select(Session.id, Session.expires_at, User.id, User.username, User.role, User.disabled)
             .join(User)
-            .where(Session.token_hash == sha256_hex(token))
+            .where(Session.token_hash == digest)
         )
         async with self.db.session() as session:
             row = (await session.execute(query)).first()
         if row is None:
             return None
         session_id, expires_at, user_id, username, role, disabled = row
-        now = utcnow()
         if disabled or expires_at <= now:
             return None
         self._last_used.sessions[session_id] = now
-        return Principal(
+        principal = Principal(
             user_id=user_id,
             username=username,
             role=role,
@@ -388,10 +437,13 @@ class AuthService:
             method="session",
             session_id=session_id,
         )
+        self._cache.put(digest, expires_at, principal)
+        return principal
 
     async def logout(self, principal: Principal) -> None:
         if principal.session_id is None:
             return
+        self._cache.clear()
         async with self.db.write() as session:
             await session.execute(
                 Session.__table__.delete().where(Session.id == principal.session_id)
@@ -423,8 +475,10 @@ class AuthService:
     async def run_housekeeping(self, interval: float = LAST_USED_FLUSH_S) -> None:
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
+            try:
                 await self.flush_last_used()
+            except Exception:
+                log.exception("could not record key and session use")
 
 
 def _new_key_row(

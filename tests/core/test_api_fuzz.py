@@ -1,0 +1,45 @@
+"""Schemathesis over the OpenAPI schema: whatever a client sends, the server never answers
+with a 5xx and every error keeps the documented shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from legator.app import create_app
+from legator.core.config import Settings
+from tests.support import LiveServer, live_server
+
+STREAMING = ("/api/v1/events",)  # endless by design: exercised by test_events instead
+schema = schemathesis.openapi.from_dict(
+    create_app(Settings(data_dir=Path("/nonexistent"))).openapi()
+).exclude(path=STREAMING)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with live_server(tmp_path_factory.mktemp("fuzz")) as server:
+        yield server
+
+
+@schema.parametrize()
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_no_server_errors(case: schemathesis.Case, fuzz_server: LiveServer) -> None:
+    response = case.call_and_validate(
+        base_url=fuzz_server.url,
+        headers={"Authorization": f"Bearer {fuzz_server.admin_key}"},
+        checks=[not_a_server_error],
+    )
+    content_type = str(response.headers.get("content-type", ""))
+    if response.status_code >= 400 and "application/json" in content_type:
+        error = response.json()["error"]
+        assert error["code"] and error["message"] and error["request_id"]
