@@ -1,3 +1,4 @@
+# ruff: noqa: S604  (shell=True here classifies a line; nothing is executed)
 """The risk classifier: the lists the issue names, compound lines, and monotonicity."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# ruff: noqa: S604  (shell=True here classifies a line; nothing is executed)
 """The risk classifier: low / medium / high / critical, shared by the control plane and the
 probe (pure: stdlib and the level classifier only).
 
@@ -187,7 +188,7 @@ def _container(args: Sequence[str]) -> str:
     verb = verbs[0] if verbs else ""
     if verb in ("ps", "images", "logs", "inspect", "stats", "top", "version", "info", "events"):
         return MEDIUM
-    if verb == "system" and "prune" in verbs or verb in ("rmi", "prune"):
+    if (verb == "system" and "prune" in verbs) or verb in ("rmi", "prune"):
         return CRITICAL if "-a" in args or "--all" in args or "--volumes" in args else HIGH
     return HIGH
 
