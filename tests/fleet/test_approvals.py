@@ -24,7 +24,7 @@ from legator.fleet.approvals.models import Approval
 from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut
 from legator.fleet.gate import Action, GateResult, Target
 from legator.fleet.policy import Policy
-from tests.support import LiveServer
+from tests.support import LiveServer, run_cli
 
 FULL = Policy(level="remediate")
 OBSERVE_ONLY = Policy(level="observe")
@@ -324,3 +324,28 @@ async def _set(url: str, approval_id: str, **values: Any) -> None:
             )
     finally:
         await db.dispose()
+
+
+def test_cli_lists_shows_and_decides(gate_server: LiveServer, recorder: Recorder) -> None:
+    approval = check(gate_server, gate_server.admin_key, "rm -rf /tmp/cli").approval
+    assert approval is not None
+    with gate_server.client(gate_server.admin_key) as api:
+        approver = user_key(api, "clicker")
+    env = {"LEGATOR_URL": gate_server.url, "LEGATOR_API_KEY": approver}
+    listed = run_cli("legator", "approvals", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [a["id"] for a in json.loads(listed.stdout)] == [approval.id]
+    shown = run_cli("legator", "approvals", "show", approval.id, env=env)
+    assert "rm -rf /tmp/cli" in shown.stdout and "risk critical" in shown.stdout
+    approved = run_cli(
+        "legator", "approvals", "approve", approval.id, "-r", "looks fine", "--json", env=env
+    )
+    assert approved.returncode == 0, approved.stderr
+    assert json.loads(approved.stdout)["status"] == "dispatched"
+    assert len(recorder.runs()) == 1
+    assert run_cli("legator", "approvals", "deny", approval.id, env=env).returncode == 4
+    assert run_cli("legator", "approvals", "show", "nope", env=env).returncode == 3
+    no_key = run_cli(
+        "legator", "approvals", "list", env={"LEGATOR_URL": gate_server.url, "LEGATOR_API_KEY": ""}
+    )
+    assert no_key.returncode == 2 and "LEGATOR_API_KEY" in no_key.stderr

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from legator.cli.approvals import app as approvals_app
 from legator.cli.common import (
     EXIT_USAGE,
     console,
@@ -46,6 +47,7 @@ keys_app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
+app.add_typer(approvals_app, name="approvals")
 
 DataDir = Annotated[
     Path | None,
