@@ -6,70 +6,28 @@ import json
 import sys
 from typing import Annotated, Any, NoReturn
 
-import httpx
 import typer
 
 from legator.cli.common import (
-    EXIT_CONFLICT,
     EXIT_FAILED,
-    EXIT_NOT_FOUND,
     EXIT_USAGE,
     err_console,
     fail,
     print_json,
     print_table,
 )
-
-ServerOpt = Annotated[
-    str,
-    typer.Option("--server", envvar="LEGATOR_SERVER_URL", help="Control plane URL."),
-]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        envvar="LEGATOR_API_KEY",
-        help="API key (lgk_…); prefer the "
-        "environment variable, so it stays out of process listings.",
-        show_default=False,
-    ),
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-DEFAULT_SERVER = "http://127.0.0.1:8080"
+from legator.cli.online import (
+    DEFAULT_SERVER,
+    JsonFlag,
+    KeyOpt,
+    ServerOpt,
+    call,
+    check,
+    client,
+)
 
 tokens_app = typer.Typer(help="Probe enrolment tokens.", no_args_is_help=True)
 probes_app = typer.Typer(help="Probes: list, show, delete.", no_args_is_help=True)
-
-
-def _client(server: str, key: str | None) -> httpx.Client:
-    if not key:
-        fail("an API key is needed: set LEGATOR_API_KEY or pass --api-key", EXIT_USAGE)
-    return httpx.Client(
-        base_url=server.rstrip("/"),
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=httpx.Timeout(30, read=None),
-    )
-
-
-def _check(response: httpx.Response) -> Any:
-    if response.status_code < 400:
-        return response.json() if response.content else None
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:300]
-    code = {404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT, 422: EXIT_USAGE}.get(
-        response.status_code, EXIT_FAILED
-    )
-    fail(f"{message} (HTTP {response.status_code})", code)
-
-
-def _call(server: str, key: str | None, method: str, path: str, **kwargs: Any) -> Any:
-    try:
-        with _client(server, key) as client:
-            return _check(client.request(method, path, **kwargs))
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach {server}: {exc}")
 
 
 @tokens_app.command("create")
@@ -82,7 +40,7 @@ def tokens_create(
 ) -> None:
     """Create an enrolment token and print the install command (shown once)."""
     params = {"multi_use": multi_use, "no_expiry": no_expiry}
-    body = _call(server, api_key, "POST", "/api/v1/tokens", params=params)
+    body = call(server, api_key, "POST", "/api/v1/tokens", params=params)
     if json_output:
         print_json(body)
         return
@@ -100,7 +58,7 @@ def probes_list(
 ) -> None:
     """List probes."""
     params = {k: v for k, v in {"status": status, "tag": tag}.items() if v}
-    rows = _call(server, api_key, "GET", "/api/v1/probes", params=params)
+    rows = call(server, api_key, "GET", "/api/v1/probes", params=params)
     if json_output:
         print_json(rows)
         return
@@ -130,8 +88,8 @@ def probes_show(
     json_output: JsonFlag = False,
 ) -> None:
     """A probe's details, metrics and health."""
-    probe = _call(server, api_key, "GET", f"/api/v1/probes/{probe_id}")
-    health = _call(server, api_key, "GET", f"/api/v1/probes/{probe_id}/health")
+    probe = call(server, api_key, "GET", f"/api/v1/probes/{probe_id}")
+    health = call(server, api_key, "GET", f"/api/v1/probes/{probe_id}/health")
     if json_output:
         print_json({**probe, "health": health})
         return
@@ -158,7 +116,7 @@ def probes_delete(
     probe_id: str, server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None
 ) -> None:
     """Delete a probe (its key stops working at once)."""
-    _call(server, api_key, "DELETE", f"/api/v1/probes/{probe_id}")
+    call(server, api_key, "DELETE", f"/api/v1/probes/{probe_id}")
     err_console.print(f"deleted {probe_id}")
 
 
@@ -190,11 +148,11 @@ def run(
         "timeout_s": timeout,
     }
     if tag is not None:
-        result = _call(server, api_key, "POST", f"/api/v1/fleet/by-tag/{tag}/command", json=body)
+        result = call(server, api_key, "POST", f"/api/v1/fleet/by-tag/{tag}/command", json=body)
         _print_fan_out(result, json_output)
         return
     if json_output:
-        result = _call(
+        result = call(
             server,
             api_key,
             "POST",
@@ -204,7 +162,7 @@ def run(
         )
         print_json(result)
         _exit_like(result)
-    started = _call(
+    started = call(
         server,
         api_key,
         "POST",
@@ -218,10 +176,10 @@ def run(
 
 def _follow(server: str, key: str | None, url: str) -> dict[str, Any]:
     final: dict[str, Any] = {}
-    with _client(server, key) as client, client.stream("GET", url) as response:
+    with client(server, key) as http, http.stream("GET", url) as response:
         if response.status_code >= 400:
             response.read()
-            _check(response)
+            check(response)
         event = ""
         for line in response.iter_lines():
             if line.startswith("event: "):

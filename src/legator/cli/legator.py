@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from legator.cli import fleet as fleet_cli
+from legator.cli.approvals import app as approvals_app
 from legator.cli.common import (
     EXIT_USAGE,
     console,
@@ -50,6 +51,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(fleet_cli.tokens_app, name="tokens")
 app.add_typer(fleet_cli.probes_app, name="probes")
 app.command("run")(fleet_cli.run)
+app.add_typer(approvals_app, name="approvals")
 
 DataDir = Annotated[
     Path | None,

@@ -1,0 +1,1 @@
+"""The durable approval queue: risky actions wait here for a human decision."""

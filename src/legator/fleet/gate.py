@@ -1,0 +1,163 @@
+"""The one gate every path goes through before anything runs on a host.
+
+classify (level and risk) → policy of each target → approval mode → allow, queue or deny,
+with a rationale that is returned to the caller, sent in headers and written to the audit
+trail. REST commands, fan-out by tag, jobs, chat, fleet chat, the task runner, MCP and deploy
+all call :meth:`Gate.check`; a test walks the code to make sure nothing dispatches around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from legator.core.audit.service import AuditService
+from legator.core.auth.principal import Principal
+from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut
+from legator.fleet.approvals.service import ApprovalService
+from legator.fleet.policy import REMEDIATE, Policy, evaluate, strongest
+from legator.fleet.risk import CRITICAL, HIGH, classify_risk
+
+Outcome = Literal["allow", "queue", "deny"]
+_MODE_ORDER = [
+    ApprovalMode.NONE,
+    ApprovalMode.MUTATION_GATE,
+    ApprovalMode.EVERY_ACTION,
+    ApprovalMode.TWO_PERSON,
+]
+THRESHOLDS = {
+    ApprovalMode.NONE.value: "never queued",
+    ApprovalMode.MUTATION_GATE.value: "queued at level remediate or risk high/critical",
+    ApprovalMode.EVERY_ACTION.value: "every action is queued",
+    ApprovalMode.TWO_PERSON.value: (
+        "queued at level remediate or risk high/critical; high and critical need two approvers"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A host the action would run on, with the policy that governs it."""
+
+    probe_id: str
+    policy_id: str
+    policy: Policy
+    approval_mode: ApprovalMode = ApprovalMode.MUTATION_GATE
+
+
+@dataclass(frozen=True)
+class Action:
+    """What someone wants to run, and what the dispatcher needs to run it once allowed."""
+
+    kind: str  # the approval dispatcher that runs it (e.g. "command")
+    origin: str  # rest, fanout, job, chat, fleet_chat, task, mcp, deploy
+    command: str
+    args: Sequence[str] = ()
+    shell: bool = False
+    level: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def summary(self) -> str:
+        return " ".join([self.command, *self.args])
+
+
+@dataclass(frozen=True)
+class GateResult:
+    decision: Outcome
+    rationale: dict[str, Any]
+    allowed_targets: list[str]
+    approval: ApprovalOut | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-Legator-Policy-Decision": self.decision,
+            "X-Legator-Risk-Tier": str(self.rationale["risk"]),
+        }
+
+
+def strictest(modes: Sequence[ApprovalMode]) -> ApprovalMode:
+    return max(modes, key=_MODE_ORDER.index, default=ApprovalMode.MUTATION_GATE)
+
+
+def needs_approval(mode: ApprovalMode, level: str, risk: str) -> list[str]:
+    """The reasons this action must wait for a human (empty: it need not)."""
+    if mode is ApprovalMode.NONE:
+        return []
+    if mode is ApprovalMode.EVERY_ACTION:
+        return ["mode every_action"]
+    drivers = []
+    if level == REMEDIATE:
+        drivers.append("level remediate")
+    if risk in (HIGH, CRITICAL):
+        drivers.append(f"risk {risk}")
+    return drivers
+
+
+class Gate:
+    def __init__(self, approvals: ApprovalService, audit: AuditService) -> None:
+        self.approvals = approvals
+        self.audit = audit
+
+    async def check(
+        self, action: Action, targets: Sequence[Target], principal: Principal
+    ) -> GateResult:
+        risk = classify_risk(action.command, action.args, shell=action.shell)
+        denied: dict[str, str] = {}
+        allowed: list[Target] = []
+        levels: list[str] = []
+        for target in targets:
+            verdict = evaluate(
+                target.policy,
+                action.command,
+                action.args,
+                shell=action.shell,
+                requested=action.level,
+            )
+            levels.append(verdict.required)
+            if verdict.allowed:
+                allowed.append(target)
+            else:
+                denied[target.probe_id] = f"policy {target.policy_id}: {verdict.reason}"
+        level = strongest(levels) if levels else REMEDIATE
+        mode = strictest([t.approval_mode for t in allowed])
+        drivers = needs_approval(mode, level, risk) if allowed else []
+        decision: Outcome = "deny" if not allowed else ("queue" if drivers else "allow")
+        rationale: dict[str, Any] = {
+            "decision": decision,
+            "origin": action.origin,
+            "level": level,
+            "risk": risk,
+            "mode": mode.value,
+            "threshold": THRESHOLDS[mode.value],
+            "drivers": drivers if allowed else ["every target's policy refused it"],
+            "policies": {t.probe_id: t.policy_id for t in targets},
+            "targets": [t.probe_id for t in allowed],
+            "denied": denied,
+        }
+        approval = None
+        if decision == "queue":
+            approval = await self.approvals.request(
+                kind=action.kind,
+                summary=action.summary,
+                targets=[t.probe_id for t in allowed],
+                mode=mode,
+                risk=risk,
+                level=level,
+                rationale=rationale,
+                payload={**action.payload, "targets": [t.probe_id for t in allowed]},
+                requester=principal,
+                reason=action.reason,
+            )
+            rationale["approval_id"] = approval.id
+        await self.audit.log(
+            actor=principal.actor,
+            action="gate.decision",
+            target=",".join(t.probe_id for t in targets)[:480],
+            outcome={"allow": "success", "queue": "success", "deny": "denied"}[decision],
+            details={"command": action.summary, **rationale},
+        )
+        return GateResult(decision, rationale, [t.probe_id for t in allowed], approval)
