@@ -36,7 +36,7 @@ class Recorder:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    async def __call__(self, approval: ApprovalOut) -> dict[str, Any]:
+    async def __call__(self, approval: ApprovalOut, _payload: dict[str, Any]) -> dict[str, Any]:
         with self.path.open("a") as handle:
             handle.write(
                 json.dumps({"id": approval.id, "payload_targets": approval.targets}) + "\n"

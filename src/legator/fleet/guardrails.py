@@ -18,8 +18,9 @@ def install_guardrails(app: FastAPI, core: Core) -> Gate:
     app.include_router(approvals_router)
 
     async def start() -> None:
-        # Anything approved before the last stop but not yet run goes out now, once.
-        await approvals.recover()
+        # Anything approved before the last stop but not yet run goes out now, once; in the
+        # background, since its probes may still be reconnecting.
+        core.spawn(approvals.recover(), name="approval-recovery")
         core.spawn(approvals.run_reaper(), name="approval-reaper")
 
     core.startup_hooks.append(start)

@@ -45,6 +45,10 @@ class Policy(Base):
     allow: Mapped[list[str]] = mapped_column(JSON, default=list)
     block: Mapped[list[str]] = mapped_column(JSON, default=list)
     paths: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Which actions wait for a human: none, mutation_gate, every_action or two_person.
+    approval_mode: Mapped[str] = mapped_column(
+        String(16), default="mutation_gate", server_default="mutation_gate"
+    )
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from legator.core.auth.permissions import Permission
@@ -23,6 +23,7 @@ from legator.fleet.schemas import (
     Dispatched,
     FanOutResult,
     Health,
+    PendingApproval,
     PolicyIn,
     PolicyOut,
     ProbeActionResult,
@@ -156,23 +157,35 @@ async def put_tags(
     return await fleet_of(request).registry.set_tags(probe_id, body.tags, actor=principal.actor)
 
 
-@router.post("/probes/{probe_id}/command", response_model=CommandOut | Dispatched)
+@router.post(
+    "/probes/{probe_id}/command",
+    response_model=CommandOut | Dispatched | PendingApproval,
+    responses={202: {"model": PendingApproval, "description": "Waiting for approval."}},
+)
 async def run_command(
     probe_id: str,
     body: CommandRequest,
     request: Request,
+    response: Response,
     wait: bool = False,
     stream: bool = False,
     principal: Principal = require(P.FLEET_COMMAND),
-) -> CommandOut | Dispatched:
+) -> CommandOut | Dispatched | PendingApproval:
     """Run a command: fire-and-forget (default), ``?wait=true`` for the result, or
-    ``?stream=true`` for output at ``/api/v1/commands/{request_id}/stream``."""
+    ``?stream=true`` for output at ``/api/v1/commands/{request_id}/stream``. Every command
+    passes the gate: a risky one answers 202 with the approval it waits for. The decision is
+    in the headers ``X-Legator-Policy-Decision`` and ``X-Legator-Risk-Tier``."""
     if wait and stream:
         raise BadRequest("choose one of wait=true or stream=true")
     mode = "wait" if wait else "stream" if stream else "dispatch"
-    row = await fleet_of(request).commands.dispatch(
-        actor=principal.actor, probe_id=probe_id, request=body, mode=mode
+    verdict, row = await fleet_of(request).commands.run(
+        principal=principal, probe_id=probe_id, request=body, mode=mode
     )
+    response.headers.update(verdict.headers)
+    if row is None:
+        assert verdict.approval is not None
+        response.status_code = 202
+        return PendingApproval(approval_id=verdict.approval.id, rationale=verdict.rationale)
     if mode == "wait":
         return CommandOut.model_validate(row, from_attributes=True)
     url = f"/api/v1/commands/{row.id}/stream" if stream else None
@@ -314,7 +327,10 @@ async def delete_policy(
 
 @router.get("/fleet/summary", response_model=Summary, dependencies=[require(P.FLEET_READ)])
 async def fleet_summary(request: Request) -> Summary:
-    return await fleet_of(request).registry.summary()
+    """Probes by status, connections, tags, commands in flight and approvals waiting."""
+    summary = await fleet_of(request).registry.summary()
+    summary.approvals_pending = await request.app.state.approvals.count_pending()
+    return summary
 
 
 @router.get("/fleet/inventory", dependencies=[require(P.FLEET_READ)])
@@ -339,15 +355,23 @@ async def fleet_by_tag_command(
     tag: str,
     body: CommandRequest,
     request: Request,
+    response: Response,
     principal: Principal = require(P.FLEET_COMMAND),
 ) -> FanOutResult:
-    """Run on every probe with ``tag`` (each through the same policy check); results per
-    probe."""
+    """Run on every probe with ``tag``: one gate decision for the group (202 with one
+    approval listing every target when it must wait), results per probe (a target whose
+    policy refuses the command is reported with the reason)."""
     fleet = fleet_of(request)
     probes = await fleet.registry.rows(tag=tag)
     if not probes:
         raise NotFound(f"no probe has the tag {tag!r}")
-    return await fleet.commands.fan_out(actor=principal.actor, tag=tag, request=body, probes=probes)
+    verdict, outcome = await fleet.commands.fan_out(
+        principal=principal, tag=tag, request=body, probes=probes
+    )
+    response.headers.update(verdict.headers)
+    if verdict.decision == "queue":
+        response.status_code = 202
+    return outcome
 
 
 @router.post("/fleet/cleanup", response_model=CleanupResult)

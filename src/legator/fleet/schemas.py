@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from legator.fleet.approvals.schemas import ApprovalMode
 from legator.fleet.protocol import Level
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
@@ -168,6 +169,10 @@ class PolicyIn(BaseModel):
     allow: list[str] = Field(default_factory=list, max_length=500)
     block: list[str] = Field(default_factory=list, max_length=500)
     paths: list[str] = Field(default_factory=list, max_length=500)
+    approval_mode: ApprovalMode = Field(
+        ApprovalMode.MUTATION_GATE,
+        description="none, mutation_gate, every_action or two_person (see docs/guardrails.md).",
+    )
 
     @field_validator("paths")
     @classmethod
@@ -186,6 +191,7 @@ class PolicyOut(Out):
     allow: list[str]
     block: list[str]
     paths: list[str]
+    approval_mode: str
     builtin: bool
     created_at: datetime
     updated_at: datetime
@@ -216,6 +222,15 @@ class FanOutResult(BaseModel):
     tag: str
     targets: int
     results: list[FanOutItem]
+    decision: Literal["allow", "queue", "deny"] = "allow"
+    approval_id: str | None = None
+    rationale: dict[str, Any] | None = None
+
+
+class PendingApproval(BaseModel):
+    status: Literal["pending_approval"] = "pending_approval"
+    approval_id: str
+    rationale: dict[str, Any]
 
 
 class Summary(BaseModel):
@@ -224,6 +239,7 @@ class Summary(BaseModel):
     connected: int
     tags: dict[str, int]
     commands_pending: int
+    approvals_pending: int = 0
 
 
 class CleanupResult(BaseModel):

@@ -10,6 +10,8 @@ from starlette.requests import HTTPConnection
 from legator.core.runtime import Core
 from legator.fleet.actions import ProbeActions
 from legator.fleet.commands.service import CommandService
+from legator.fleet.gate import Gate
+from legator.fleet.guardrails import install_guardrails
 from legator.fleet.hub import Hub
 from legator.fleet.metrics import FleetMetrics
 from legator.fleet.policies import PolicyService
@@ -28,7 +30,7 @@ class Fleet:
     metrics: FleetMetrics
 
 
-def build_fleet(core: Core) -> Fleet:
+def build_fleet(core: Core, gate: Gate) -> Fleet:
     settings = core.settings
     metrics = FleetMetrics(core.metrics.registry)
     hub = Hub(core.signing_key)
@@ -49,6 +51,7 @@ def build_fleet(core: Core) -> Fleet:
         hub,
         policies,
         metrics,
+        gate,
         grace_s=settings.fleet_command_grace_s,
     )
     return Fleet(
@@ -71,7 +74,9 @@ def install_fleet(app: FastAPI, core: Core) -> Fleet:
     from legator.fleet.router import router
     from legator.fleet.socket import router as socket_router
 
-    fleet = build_fleet(core)
+    # The approval queue and the gate come first: every command passes through them.
+    gate = install_guardrails(app, core)
+    fleet = build_fleet(core, gate)
     app.state.fleet = fleet
 
     async def start() -> None:

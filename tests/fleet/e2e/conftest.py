@@ -88,6 +88,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20, interval: float 
     raise AssertionError("condition not met in time")
 
 
+UNATTENDED = "unattended"
+
+
+def unattended_policy(admin: httpx.Client) -> str:
+    """A remediate policy whose commands need no approval: for tests of execution itself
+    (the approval path has tests of its own)."""
+    for existing in admin.get("/api/v1/policies").json():
+        if existing["name"] == UNATTENDED:
+            return str(existing["id"])
+    created = admin.post(
+        "/api/v1/policies",
+        json={"name": UNATTENDED, "level": "remediate", "paths": ["/"], "approval_mode": "none"},
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
 @pytest.fixture
 def fleet_server(tmp_path: Path) -> Iterator[LiveServer]:
     with live_server(
@@ -129,6 +146,8 @@ def spawn_probe(fleet_server: LiveServer, admin: httpx.Client, tmp_path: Path): 
         if heartbeat_s is not None:
             path = probe.config_dir / "probe.yaml"
             path.write_text(path.read_text() + f"heartbeat_s: {heartbeat_s}\n")
+        if policy == UNATTENDED:
+            policy = unattended_policy(admin)
         if policy:
             applied = admin.post(f"/api/v1/probes/{probe.probe_id}/apply-policy/{policy}")
             assert applied.status_code == 200, applied.text

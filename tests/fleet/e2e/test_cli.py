@@ -21,7 +21,7 @@ def test_fleet_cli(fleet_server: LiveServer, admin: httpx.Client, spawn_probe) -
     plain = run_cli("legator", "tokens", "create", env=env)
     assert plain.stdout.startswith("curl -fsSL ") and "install.sh" in plain.stdout
 
-    probe = spawn_probe("cli-a", tags="blue", max_level="remediate", policy="full-remediate")
+    probe = spawn_probe("cli-a", tags="blue", max_level="remediate", policy="unattended")
     listed = json.loads(run_cli("legator", "probes", "list", "--json", env=env).stdout)
     assert [p["id"] for p in listed] == [probe.probe_id]
     table = run_cli("legator", "probes", "list", env=env)

@@ -10,7 +10,7 @@ import uuid
 
 import httpx
 
-from tests.fleet.e2e.conftest import ProbeProcess, wait_for
+from tests.fleet.e2e.conftest import ProbeProcess, unattended_policy, wait_for
 from tests.support import LiveServer
 
 
@@ -99,7 +99,8 @@ def test_stream_with_replay(admin: httpx.Client, spawn_probe) -> None:  # type: 
     refused = _run(admin, probe, query="stream=true", command=loop, shell=True)
     # a for loop is no known program: remediate, above the default observe-only policy
     assert refused.status_code == 403 and "observe-only" in refused.json()["error"]["message"]
-    assert admin.post(f"/api/v1/probes/{probe.probe_id}/apply-policy/full-remediate").json()["ok"]
+    unattended = unattended_policy(admin)
+    assert admin.post(f"/api/v1/probes/{probe.probe_id}/apply-policy/{unattended}").json()["ok"]
     started = _run(admin, probe, query="stream=true", command=loop, shell=True)
     assert started.status_code == 200, started.text
     url = started.json()["stream_url"]

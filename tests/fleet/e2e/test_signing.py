@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 from legator.fleet.protocol import CommandSpec, new_envelope, sign, signed
-from tests.fleet.e2e.conftest import wait_for
+from tests.fleet.e2e.conftest import unattended_policy, wait_for
 from tests.fleet.e2e.helpers import fleet, record_command, send_raw, set_probe
 from tests.support import LiveServer
 
@@ -85,13 +87,10 @@ def test_policy_refusal_at_each_end(
     assert refused.status_code == 403
     message = refused.json()["error"]["message"]
     assert "observe-only" in message and "diagnose" in message
-    # 2. the probe reported a local ceiling of diagnose; full-remediate cannot lift it
-    assert (
-        admin.post(f"/api/v1/probes/{probe.probe_id}/apply-policy/full-remediate").json()["detail"][
-            "effective_level"
-        ]
-        == "diagnose"
-    )
+    # 2. the probe reported a local ceiling of diagnose; a remediate policy cannot lift it
+    unattended = unattended_policy(admin)
+    applied = admin.post(f"/api/v1/probes/{probe.probe_id}/apply-policy/{unattended}").json()
+    assert applied["detail"]["effective_level"] == "diagnose"
     assert (
         admin.post(
             f"/api/v1/probes/{probe.probe_id}/command?wait=true",
@@ -122,5 +121,8 @@ def test_policy_refusal_at_each_end(
     )
     assert _final(admin, rid)["status"] == "refused"
     assert not os.path.exists("/tmp/legator-x")
-    audit = admin.get("/api/v1/audit", params={"action": "fleet.command.refused"}).json()["events"]
-    assert audit and audit[0]["outcome"] == "denied"
+    audit = admin.get(
+        "/api/v1/audit", params={"action": "gate.decision", "outcome": "denied"}
+    ).json()["events"]
+    assert audit and audit[0]["details"]["decision"] == "deny"
+    assert "observe-only" in json.dumps(audit[-1]["details"]["denied"])

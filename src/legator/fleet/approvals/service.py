@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from legator.core.audit.service import AuditService
 from legator.core.auth.principal import Principal
@@ -26,7 +26,9 @@ from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut, ApprovalS
 from legator.fleet.risk import CRITICAL, HIGH
 
 log = get_logger("legator.approvals")
-Dispatcher = Callable[[ApprovalOut], Awaitable[dict[str, Any]]]
+# Runs an approved action: gets the approval and the payload stored with it (never shown by
+# the API: it may hold environment values).
+Dispatcher = Callable[[ApprovalOut, dict[str, Any]], Awaitable[dict[str, Any]]]
 REAP_INTERVAL_S = 5.0
 S = ApprovalStatus
 
@@ -122,7 +124,9 @@ class ApprovalService:
         return [to_out(row) for row in rows]
 
     async def count_pending(self) -> int:
-        return len(await self.list(S.PENDING, limit=10_000))
+        query = select(func.count()).select_from(Approval).where(Approval.status == S.PENDING)
+        async with self.db.session() as session:
+            return int(await session.scalar(query) or 0)
 
     # ----- decisions ---------------------------------------------------------------------
 
@@ -235,12 +239,12 @@ class ApprovalService:
                 target=f"approval:{row.id}",
                 details={"kind": row.kind, "summary": row.summary, "targets": row.targets},
             )
-            approval = to_out(row)
+            approval, payload = to_out(row), dict(row.payload)
         dispatcher = self._dispatchers.get(approval.kind)
         try:
             if dispatcher is None:
                 raise RuntimeError(f"no dispatcher for {approval.kind!r}")
-            result = await dispatcher(approval)
+            result = await dispatcher(approval, payload)
             outcome = "success"
         except Exception as exc:
             log.exception("approved action failed to dispatch", approval=approval.id)

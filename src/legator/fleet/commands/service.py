@@ -1,9 +1,10 @@
 """The one path by which anything runs on a host.
 
-``CommandService.dispatch`` classifies the command, checks it against the probe's policy
-(and the probe's own reported maximum), records it and sends it signed. Every caller (REST,
-fan-out by tag, and later jobs, chat, MCP, deploy) goes through it, so the approval gate can
-be inserted in exactly one place.
+``CommandService.run`` (one probe) and ``fan_out`` (a tag) put every request through the gate
+(classification, each target's policy and approval mode); an allowed request is executed at
+once, a queued one waits in the approval queue and is executed by ``_run_approved`` when
+approved. ``_execute`` records the command and sends it signed; nothing else sends commands
+(a test walks the code to check).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
+from legator.core.auth.principal import Principal
 from legator.core.db import Database, new_id, utcnow
 from legator.core.errors import AppError, Forbidden, NotFound
 from legator.core.events import InMemoryEventBus
 from legator.core.logging import get_logger
+from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut
 from legator.fleet.batching import GroupCommitter
+from legator.fleet.gate import Action, Gate, GateResult, Target
 from legator.fleet.hub import Hub, ProbeNotConnected
 from legator.fleet.metrics import FleetMetrics
 from legator.fleet.models import Command, CommandChunk, Probe
@@ -34,6 +38,8 @@ from legator.fleet.protocol import T_COMMAND, CommandResult, CommandSpec, Output
 from legator.fleet.schemas import CommandMode, CommandOut, CommandRequest, FanOutItem, FanOutResult
 
 log = get_logger("legator.fleet.commands")
+KIND_COMMAND = "fleet.command"
+RECONNECT_WAIT_S = 30.0
 ACTIVE = ("dispatched", "running")
 RESULT_BATCH = 1000
 _END = object()
@@ -48,10 +54,13 @@ class CommandService:
         hub: Hub,
         policies: PolicyService,
         metrics: FleetMetrics,
+        gate: Gate,
         *,
         grace_s: float,
     ) -> None:
         self.db = db
+        self.gate = gate
+        gate.approvals.register_dispatcher(KIND_COMMAND, self._run_approved)
         self.audit = audit
         self.events = events
         self.hub = hub
@@ -78,7 +87,84 @@ class CommandService:
             policy.name,
         )
 
-    async def dispatch(
+    async def target(self, probe: Probe) -> Target:
+        policy, name = await self.effective_policy(probe)
+        mode = (await self.policies.get(probe.policy_id)).approval_mode
+        return Target(probe.id, name, policy, ApprovalMode(mode))
+
+    async def _probe(self, probe_id: str) -> Probe:
+        async with self.db.session() as session:
+            probe = await session.get(Probe, probe_id)
+        if probe is None:
+            raise NotFound(f"no probe with id {probe_id}")
+        return probe
+
+    # ---- through the gate ------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        principal: Principal,
+        probe_id: str,
+        request: CommandRequest,
+        mode: CommandMode,
+        origin: str = "rest",
+        reason: str = "",
+    ) -> tuple[GateResult, Command | None]:
+        """Gate, then execute: the command row when allowed, None when queued for approval.
+        A denial raises Forbidden carrying the rationale."""
+        probe = await self._probe(probe_id)
+        action = Action(
+            kind=KIND_COMMAND,
+            origin=origin,
+            command=request.command,
+            args=tuple(request.args),
+            shell=request.shell,
+            level=request.level,
+            payload={"request": request.model_dump(mode="json")},
+            reason=reason,
+        )
+        verdict = await self.gate.check(action, [await self.target(probe)], principal)
+        if verdict.decision == "deny":
+            self.metrics.commands.labels("refused_by_policy").inc()
+            raise Forbidden(
+                f"refused: {verdict.rationale['denied'].get(probe_id, 'policy')}",
+                details=verdict.rationale,
+                headers=verdict.headers,
+            )
+        if verdict.decision == "queue":
+            return verdict, None
+        return verdict, await self._execute(
+            actor=principal.actor, probe_id=probe_id, request=request, mode=mode, probe=probe
+        )
+
+    async def _run_approved(self, approval: ApprovalOut, payload: dict[str, Any]) -> dict[str, Any]:
+        """Approval dispatcher: run an approved single command or fan-out, once, on each of
+        its targets (waiting a little for probes that are reconnecting after a restart)."""
+        request = CommandRequest.model_validate(payload["request"])
+        started: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        for probe_id in approval.targets:
+            await self._wait_connected(probe_id, RECONNECT_WAIT_S)
+            try:
+                row = await self._execute(
+                    actor=approval.requester, probe_id=probe_id, request=request, mode="dispatch"
+                )
+                started[probe_id] = row.id
+            except AppError as exc:
+                errors[probe_id] = exc.message
+        return {"request_ids": started, "errors": errors}
+
+    async def _wait_connected(self, probe_id: str, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        with self.events.subscribe("probe.connected") as connected:
+            while not self.hub.is_connected(probe_id):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                await connected.get(wait=remaining)
+
+    async def _execute(
         self,
         *,
         actor: str,
@@ -87,13 +173,11 @@ class CommandService:
         mode: CommandMode,
         probe: Probe | None = None,
     ) -> Command:
-        """Check policy, record, send. ``wait`` returns once the result is in (or the
-        command's timeout passed); the other modes return at once."""
+        """Record and send (only after the gate). ``wait`` returns once the result is in (or
+        the command's timeout passed); the other modes return at once. The policy is checked
+        again here: an approval may be decided after the probe's policy was tightened."""
         if probe is None or probe.id != probe_id:  # callers may pass the row they hold
-            async with self.db.session() as session:
-                probe = await session.get(Probe, probe_id)
-        if probe is None:
-            raise NotFound(f"no probe with id {probe_id}")
+            probe = await self._probe(probe_id)
         policy, policy_name = await self.effective_policy(probe)
         decision = evaluate(
             policy, request.command, request.args, shell=request.shell, requested=request.level
@@ -186,12 +270,54 @@ class CommandService:
         return command
 
     async def fan_out(
-        self, *, actor: str, tag: str, request: CommandRequest, probes: list[Probe]
-    ) -> FanOutResult:
+        self,
+        *,
+        principal: Principal,
+        tag: str,
+        request: CommandRequest,
+        probes: list[Probe],
+        origin: str = "fanout",
+        reason: str = "",
+    ) -> tuple[GateResult, FanOutResult]:
+        """One gate decision for the whole group: refused targets are reported, and a queued
+        fan-out is one approval listing every target."""
+        action = Action(
+            kind=KIND_COMMAND,
+            origin=origin,
+            command=request.command,
+            args=tuple(request.args),
+            shell=request.shell,
+            level=request.level,
+            payload={"request": request.model_dump(mode="json"), "tag": tag},
+            reason=reason,
+        )
+        targets = [await self.target(probe) for probe in probes]
+        verdict = await self.gate.check(action, targets, principal)
+        by_id = {probe.id: probe for probe in probes}
+        refused = [
+            FanOutItem(probe_id=probe_id, hostname=by_id[probe_id].hostname, ok=False, error=why)
+            for probe_id, why in verdict.rationale["denied"].items()
+        ]
+        outcome = FanOutResult(
+            tag=tag,
+            targets=len(probes),
+            results=refused,
+            decision=verdict.decision,
+            approval_id=verdict.approval.id if verdict.approval else None,
+            rationale=verdict.rationale,
+        )
+        if verdict.decision != "allow":
+            return verdict, outcome
+        allowed = [by_id[probe_id] for probe_id in verdict.allowed_targets]
+
         async def one(probe: Probe) -> FanOutItem:
             try:
-                result = await self.dispatch(
-                    actor=actor, probe_id=probe.id, request=request, mode="wait", probe=probe
+                result = await self._execute(
+                    actor=principal.actor,
+                    probe_id=probe.id,
+                    request=request,
+                    mode="wait",
+                    probe=probe,
                 )
             except AppError as exc:
                 return FanOutItem(
@@ -205,8 +331,8 @@ class CommandService:
                 result=out,
             )
 
-        results = await asyncio.gather(*(one(p) for p in probes))
-        return FanOutResult(tag=tag, targets=len(probes), results=list(results))
+        outcome.results += list(await asyncio.gather(*(one(p) for p in allowed)))
+        return verdict, outcome
 
     # ---- from the probe ----------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """deploy: configuration versions and device-code logins
 
 Revision ID: 0005_deploy
-Revises: 0001_core
+Revises: 0002_fleet
 Create Date: 2026-11-24 13:13:51.488633
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 import legator.core.db.base
 
 revision: str = "0005_deploy"
-down_revision: str | Sequence[str] | None = "0001_core"
+down_revision: str | Sequence[str] | None = "0002_fleet"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
