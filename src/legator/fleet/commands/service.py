@@ -465,23 +465,28 @@ class CommandService:
         return stored
 
     async def on_chunk(self, probe_id: str, chunk: OutputChunk) -> None:
-        async with self.db.write() as session:
+        async def store(session: AsyncSession) -> bool:
             owner = await session.scalar(
                 select(Command.status).where(
                     Command.id == chunk.request_id, Command.probe_id == probe_id
                 )
             )
             if owner is None:
-                return
+                return False
             session.add(
                 CommandChunk(
                     command_id=chunk.request_id, seq=chunk.seq, stream=chunk.stream, data=chunk.data
                 )
             )
+            await session.flush()
             if owner == "dispatched":
                 await session.execute(
                     update(Command).where(Command.id == chunk.request_id).values(status="running")
                 )
+            return True
+
+        if not await self.writer.run(store):
+            return
         for queue in self._streams.get(chunk.request_id, ()):
             queue.put_nowait(chunk)
 
