@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from legator.core.config import Settings
 from legator.core.http.app import CredentialsSink, create_core_app, print_initial_credentials
 from legator.core.runtime import Core, build_core
+from legator.gateway import install_gateway
 
 
 def create_app(
@@ -18,4 +19,5 @@ def create_app(
     core = core or build_core(settings or Settings())
     app = create_core_app(core, on_first_start=on_first_start)
     # Wings register here as they land: each adds routers and start/stop hooks on ``core``.
+    install_gateway(app, core)
     return app

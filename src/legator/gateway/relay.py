@@ -1,0 +1,224 @@
+"""Talking to a backend: one JSON call, or a stream relayed event by event as it arrives.
+
+Usage is read from the upstream's own ``usage`` (we ask for it in streams with
+``stream_options.include_usage`` and drop that extra chunk when the client did not ask).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from legator.gateway.errors import UpstreamError
+from legator.gateway.service import Admission
+
+DONE = b"data: [DONE]"
+
+
+def unreachable(adm: Admission, exc: Exception) -> str:
+    return f"model {adm.model.id!r} backend unreachable: {type(exc).__name__}"
+
+
+def died(adm: Admission, exc: Exception) -> str:
+    return f"the backend of model {adm.model.id!r} failed mid-stream: {type(exc).__name__}"
+
+
+def upstream_body(adm: Admission, body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "model": adm.model.upstream_model or adm.model.id}
+
+
+def _upstream_message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:500]
+        if isinstance(error, str):
+            return error[:500]
+        return str(data.get("detail") or data)[:500]
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+
+
+def check_status(response: httpx.Response, model_id: str) -> None:
+    if response.status_code < 400:
+        return
+    message = _upstream_message(response)
+    if response.status_code in (400, 413, 422):
+        # The backend refused the request itself (too long a prompt, bad field): the
+        # client's to fix, so it is theirs as a 400.
+        raise UpstreamError(f"model {model_id!r} rejected the request: {message}", 400)
+    raise UpstreamError(
+        f"model {model_id!r} backend failed with HTTP {response.status_code}: {message}"
+    )
+
+
+async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    registry = adm.gateway.backends
+    request = registry.build(adm.backend, path, upstream_body(adm, body))
+    try:
+        response = await registry.client.send(request)
+    except httpx.HTTPError as exc:
+        raise UpstreamError(unreachable(adm, exc)) from None
+    check_status(response, adm.model.id)
+    try:
+        data = response.json()
+    except ValueError:
+        raise UpstreamError(
+            f"model {adm.model.id!r} backend sent a body that is not JSON"
+        ) from None
+    if not isinstance(data, dict):
+        raise UpstreamError(f"model {adm.model.id!r} backend sent an unexpected body")
+    return data
+
+
+async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> httpx.Response:
+    registry = adm.gateway.backends
+    payload = upstream_body(adm, body)
+    payload["stream"] = True
+    payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    request = registry.build(adm.backend, path, payload)
+    try:
+        response = await registry.client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise UpstreamError(unreachable(adm, exc)) from None
+    if response.status_code >= 400:
+        await response.aread()
+        await response.aclose()
+        check_status(response, adm.model.id)
+    return response
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Each server-sent event's text (without the blank line ending it), as soon as it is whole.
+
+    Hand-written: an SSE client library would re-encode the events we pass through unchanged.
+    """
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, buffer = buffer[:end], buffer[end + 2 :]
+            if event:
+                yield event
+    if buffer.strip():
+        yield buffer.strip()
+
+
+def event_json(event: bytes) -> Any:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return None
+            try:
+                return json.loads(payload)
+            except ValueError:
+                return None
+    return None
+
+
+def has_usage(event: bytes) -> bool:
+    return b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event
+
+
+class StreamState:
+    """What a relayed stream has told us: usage, chunks, whether it ended properly."""
+
+    def __init__(self) -> None:
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.chunks = 0
+        self.done = False
+        self.error: str | None = None
+
+    def take_usage(self, data: Any) -> None:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            self.input_tokens = int(usage.get("prompt_tokens") or 0)
+            self.output_tokens = int(usage.get("completion_tokens") or 0)
+
+    @property
+    def status(self) -> int:
+        if self.error:
+            return 502
+        return 200 if self.done else 499  # 499: the client went away mid-stream
+
+    @property
+    def billed_output(self) -> int:
+        return self.output_tokens or self.chunks
+
+
+async def openai_events(
+    adm: Admission, response: httpx.Response, state: StreamState, client_wants_usage: bool
+) -> AsyncIterator[bytes]:
+    """The upstream's events, untouched, minus the usage-only chunk the client did not ask for."""
+    try:
+        async for event in sse_events(response):
+            if event.startswith(DONE):
+                state.done = True
+                yield DONE + b"\n\n"
+                break
+            if has_usage(event):
+                data = event_json(event)
+                state.take_usage(data)
+                if not client_wants_usage and isinstance(data, dict) and not data.get("choices"):
+                    continue
+            state.chunks += 1
+            yield event + b"\n\n"
+    except httpx.HTTPError as exc:
+        state.error = died(adm, exc)
+    if not state.done:
+        state.error = state.error or f"the backend of model {adm.model.id!r} ended the stream early"
+        error = {"error": {"message": state.error, "type": "server_error", "code": "upstream"}}
+        yield b"data: " + json.dumps(error).encode() + b"\n\n" + DONE + b"\n\n"
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that, however it ends (finished, failed, client gone), closes the upstream
+    response and runs ``on_close`` exactly once: that releases the slot and bills usage."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        upstream: httpx.Response,
+        on_close: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+        self.upstream = upstream
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.upstream.aclose()
+            finally:
+                self.on_close()
+
+
+def stream_response(
+    adm: Admission,
+    upstream: httpx.Response,
+    content: AsyncIterator[bytes],
+    state: StreamState,
+) -> RelayResponse:
+    def close() -> None:
+        adm.finish(state.status, state.input_tokens, state.billed_output)
+
+    return RelayResponse(content, upstream, close)
