@@ -1,4 +1,4 @@
-"""/v1/messages with the official anthropic SDK, through translation, against the scripted upstream."""
+"""/v1/messages with the official anthropic SDK, translated, against the scripted upstream."""
 
 from __future__ import annotations
 
