@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -366,16 +367,22 @@ def main() -> None:
     ]
     lite_cmd = [str(litellm), "--config", str(litellm_config(upstream, work))]
     lite_cmd += ["--host", "127.0.0.1", "--port", str(lite_port), "--num_workers", "1"]
+    lite_key = "sk-" + secrets.token_hex(32)  # LiteLLM also authenticates every request
     with (
         process(up_cmd, upstream + "/"),
         Server(env={"LEGATOR_LOG_LEVEL": "warning"}) as server,
-        process(lite_cmd, f"http://127.0.0.1:{lite_port}/health/liveliness", LITELLM_LOG="ERROR"),
+        process(
+            lite_cmd,
+            f"http://127.0.0.1:{lite_port}/health/liveliness",
+            LITELLM_LOG="ERROR",
+            LITELLM_MASTER_KEY=lite_key,
+        ),
     ):
         heavy_key, light_key = setup_gateway(server, upstream)
         systems = {
             "direct": (upstream + "/v1/chat/completions", "unused", "bench"),
             "legator": (server.url + "/v1/chat/completions", heavy_key, "bench"),
-            "litellm": (f"http://127.0.0.1:{lite_port}/v1/chat/completions", "unused", "bench"),
+            "litellm": (f"http://127.0.0.1:{lite_port}/v1/chat/completions", lite_key, "bench"),
         }
         for name, (url, key, model) in systems.items():
             wrk_post(url, {**PROMPT, "model": model}, connections=4, duration_s=2, key=key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
@@ -16,6 +16,7 @@ from legator.gateway.errors import UpstreamError
 from legator.gateway.openai_api import check_common, gateway_of, read_json
 from legator.gateway.relay import (
     DONE,
+    UPSTREAM_ERRORS,
     StreamState,
     call_json,
     died,
@@ -75,7 +76,7 @@ async def create_message(
 
 async def _events(
     adm: Admission,
-    upstream: httpx.Response,
+    upstream: aiohttp.ClientResponse,
     state: StreamState,
     translator: StreamTranslator,
     stops: list[str],
@@ -94,7 +95,7 @@ async def _events(
             out = translator.feed(data)
             if out:
                 yield out
-    except httpx.HTTPError as exc:
+    except UPSTREAM_ERRORS as exc:
         state.error = died(adm, exc)
     if not state.done and state.error is None:
         state.error = f"the backend of model {adm.model.id!r} ended the stream early"

@@ -10,7 +10,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -18,6 +18,8 @@ from legator.gateway.errors import UpstreamError
 from legator.gateway.service import Admission
 
 DONE = b"data: [DONE]"
+# What a failing upstream connection raises in aiohttp.
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 def unreachable(adm: Admission, exc: Exception) -> str:
@@ -32,42 +34,43 @@ def upstream_body(adm: Admission, body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "model": adm.model.upstream_model or adm.model.id}
 
 
-def _upstream_message(response: httpx.Response) -> str:
+def _upstream_message(raw: bytes, reason: str) -> str:
     try:
-        data = response.json()
-        error = data.get("error") if isinstance(data, dict) else None
-        if isinstance(error, dict):
-            return str(error.get("message") or error)[:500]
-        if isinstance(error, str):
-            return error[:500]
-        return str(data.get("detail") or data)[:500]
+        data = json.loads(raw)
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return raw[:200].decode(errors="replace") or reason
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)[:500]
+    if isinstance(error, str):
+        return error[:500]
+    if isinstance(data, dict):
+        return str(data.get("detail") or data)[:500]
+    return str(data)[:500]
 
 
-def check_status(response: httpx.Response, model_id: str) -> None:
-    if response.status_code < 400:
+def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
+    if status < 400:
         return
-    message = _upstream_message(response)
-    if response.status_code in (400, 413, 422):
+    message = _upstream_message(raw, reason)
+    if status in (400, 413, 422):
         # The backend refused the request itself (too long a prompt, bad field): the
         # client's to fix, so it is theirs as a 400.
         raise UpstreamError(f"model {model_id!r} rejected the request: {message}", 400)
-    raise UpstreamError(
-        f"model {model_id!r} backend failed with HTTP {response.status_code}: {message}"
-    )
+    raise UpstreamError(f"model {model_id!r} backend failed with HTTP {status}: {message}")
 
 
 async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str, Any]:
     registry = adm.gateway.backends
-    request = registry.build(adm.backend, path, upstream_body(adm, body))
     try:
-        response = await registry.client.send(request)
-    except httpx.HTTPError as exc:
+        async with await registry.post(adm.backend, path, upstream_body(adm, body)) as response:
+            raw = await response.read()
+            status, reason = response.status, response.reason or ""
+    except UPSTREAM_ERRORS as exc:
         raise UpstreamError(unreachable(adm, exc)) from None
-    check_status(response, adm.model.id)
+    check_status(status, raw, reason, adm.model.id)
     try:
-        data = response.json()
+        data = json.loads(raw)
     except ValueError:
         raise UpstreamError(
             f"model {adm.model.id!r} backend sent a body that is not JSON"
@@ -77,30 +80,33 @@ async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str
     return data
 
 
-async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> httpx.Response:
+async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
     registry = adm.gateway.backends
     payload = upstream_body(adm, body)
     payload["stream"] = True
     payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    request = registry.build(adm.backend, path, payload)
     try:
-        response = await registry.client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+        response = await registry.post(adm.backend, path, payload)
+    except UPSTREAM_ERRORS as exc:
         raise UpstreamError(unreachable(adm, exc)) from None
-    if response.status_code >= 400:
-        await response.aread()
-        await response.aclose()
-        check_status(response, adm.model.id)
+    if response.status >= 400:
+        try:
+            raw = await response.read()
+        except UPSTREAM_ERRORS:
+            raw = b""
+        finally:
+            response.release()
+        check_status(response.status, raw, response.reason or "", adm.model.id)
     return response
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Each server-sent event's text (without the blank line ending it), as soon as it is whole.
 
     Hand-written: an SSE client library would re-encode the events we pass through unchanged.
     """
     buffer = b""
-    async for chunk in response.aiter_raw():
+    async for chunk in response.content.iter_any():
         buffer += chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
@@ -160,7 +166,10 @@ class StreamState:
 
 
 async def openai_events(
-    adm: Admission, response: httpx.Response, state: StreamState, client_wants_usage: bool
+    adm: Admission,
+    response: aiohttp.ClientResponse,
+    state: StreamState,
+    client_wants_usage: bool,
 ) -> AsyncIterator[bytes]:
     """The upstream's events, untouched, minus the usage-only chunk the client did not ask for."""
     try:
@@ -176,7 +185,7 @@ async def openai_events(
                     continue
             state.chunks += 1
             yield event + b"\n\n"
-    except httpx.HTTPError as exc:
+    except UPSTREAM_ERRORS as exc:
         state.error = died(adm, exc)
     if not state.done:
         state.error = state.error or f"the backend of model {adm.model.id!r} ended the stream early"
@@ -191,7 +200,7 @@ class RelayResponse(StreamingResponse):
     def __init__(
         self,
         content: AsyncIterator[bytes],
-        upstream: httpx.Response,
+        upstream: aiohttp.ClientResponse,
         on_close: Callable[[], None],
     ) -> None:
         super().__init__(
@@ -207,14 +216,15 @@ class RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             try:
-                await self.upstream.aclose()
+                # Back to the pool when the body was read to its end, else closed.
+                self.upstream.release()
             finally:
                 self.on_close()
 
 
 def stream_response(
     adm: Admission,
-    upstream: httpx.Response,
+    upstream: aiohttp.ClientResponse,
     content: AsyncIterator[bytes],
     state: StreamState,
 ) -> RelayResponse:
