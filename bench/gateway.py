@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -184,7 +185,7 @@ def wrk_post(
     command += [f"-d{duration_s}s", "--timeout", "30s", "-s", script.name, url]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
-    latency = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.MULTILINE))
+    latency = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", out, re.MULTILINE))
 
     def ms(text: str) -> float:
         match = re.match(r"([\d.]+)(us|ms|s)", text)
@@ -194,10 +195,12 @@ def wrk_post(
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if "99" not in latency:  # nothing completed: wrk prints no distribution
+        console.print(f"[red]wrk got no responses from {url}[/]\n{out}")
     return {
         "rps": float(rps.group(1)) if rps else 0.0,
-        "p50_ms": ms(latency["50"]),
-        "p99_ms": ms(latency["99"]),
+        "p50_ms": ms(latency["50"]) if "50" in latency else float("nan"),
+        "p99_ms": ms(latency["99"]) if "99" in latency else float("nan"),
         "errors": float(errors + (int(non2xx.group(1)) if non2xx else 0)),
     }
 
@@ -287,9 +290,12 @@ async def fairness(
         workers = [asyncio.create_task(heavy()) for _ in range(8)]
         await asyncio.sleep(2)  # the heavy user builds a queue and a usage record
         contended = []
-        for _ in range(15):
+        rng = random.Random(1)
+        for _ in range(20):
             contended.append(await timed(light_key))
-            await asyncio.sleep(0.2)
+            # A random think time: a fixed one would phase-lock the light user's arrivals
+            # to the heavy user's 100 ms service periods.
+            await asyncio.sleep(rng.uniform(0.1, 0.3))
         stop = True
         await asyncio.gather(*workers)
     return {

@@ -150,3 +150,12 @@ def test_usage_rows_survive_a_clean_shutdown(gw: LiveServer, admin: httpx.Client
     assert len(report["timeline"]) >= 1
     bad = admin.get("/api/v1/gateway/usage", params={"period": "year"})
     assert bad.status_code == 422
+
+
+def test_prometheus_metrics(gw: LiveServer, admin: httpx.Client) -> None:
+    chat(gw, gw.admin_key)
+    text = admin.get("/metrics").text
+    assert 'legator_gateway_requests_total{endpoint="chat",model="echo",status="200"} 1.0' in text
+    assert 'legator_gateway_slots{model="echo"} 1.0' in text
+    assert 'legator_gateway_slots_in_use{model="echo"} 0.0' in text
+    assert 'legator_gateway_tokens_total{direction="output",model="echo"} 2.0' in text

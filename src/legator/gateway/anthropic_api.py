@@ -22,7 +22,7 @@ from legator.gateway.relay import (
     died,
     event_json,
     open_stream,
-    sse_events,
+    sse_batches,
     stream_response,
 )
 from legator.gateway.service import Admission, ClientGone
@@ -83,18 +83,22 @@ async def _events(
 ) -> AsyncIterator[bytes]:
     yield translator.start()
     try:
-        async for event in sse_events(upstream):
-            if event.startswith(DONE):
-                state.done = True
-                break
-            data: Any = event_json(event)
-            if not isinstance(data, dict):
-                continue
-            state.take_usage(data)
-            state.chunks += 1
-            out = translator.feed(data)
+        async for batch in sse_batches(upstream):
+            out = b""
+            for event in batch:
+                if event.startswith(DONE):
+                    state.done = True
+                    break
+                data: Any = event_json(event)
+                if not isinstance(data, dict):
+                    continue
+                state.take_usage(data)
+                state.chunks += 1
+                out += translator.feed(data)
             if out:
                 yield out
+            if state.done:
+                break
     except UPSTREAM_ERRORS as exc:
         state.error = died(adm, exc)
     if not state.done and state.error is None:

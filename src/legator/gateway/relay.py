@@ -100,8 +100,9 @@ async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohtt
     return response
 
 
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Each server-sent event's text (without the blank line ending it), as soon as it is whole.
+async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The server-sent events (without the blank line ending each) completed by each read from
+    the upstream, as soon as that read arrives: events that came in together leave together.
 
     Hand-written: an SSE client library would re-encode the events we pass through unchanged.
     """
@@ -110,15 +111,13 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         buffer += chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event, buffer = buffer[:end], buffer[end + 2 :]
-            if event:
-                yield event
+        events = buffer.split(b"\n\n")
+        buffer = events.pop()
+        batch = [event for event in events if event]
+        if batch:
+            yield batch
     if buffer.strip():
-        yield buffer.strip()
+        yield [buffer.strip()]
 
 
 def event_json(event: bytes) -> Any:
@@ -173,18 +172,28 @@ async def openai_events(
 ) -> AsyncIterator[bytes]:
     """The upstream's events, untouched, minus the usage-only chunk the client did not ask for."""
     try:
-        async for event in sse_events(response):
-            if event.startswith(DONE):
-                state.done = True
-                yield DONE + b"\n\n"
+        async for batch in sse_batches(response):
+            out = bytearray()
+            for event in batch:
+                if event.startswith(DONE):
+                    state.done = True
+                    out += DONE + b"\n\n"
+                    break
+                if has_usage(event):
+                    data = event_json(event)
+                    state.take_usage(data)
+                    if (
+                        not client_wants_usage
+                        and isinstance(data, dict)
+                        and not data.get("choices")
+                    ):
+                        continue
+                state.chunks += 1
+                out += event + b"\n\n"
+            if out:
+                yield bytes(out)
+            if state.done:
                 break
-            if has_usage(event):
-                data = event_json(event)
-                state.take_usage(data)
-                if not client_wants_usage and isinstance(data, dict) and not data.get("choices"):
-                    continue
-            state.chunks += 1
-            yield event + b"\n\n"
     except UPSTREAM_ERRORS as exc:
         state.error = died(adm, exc)
     if not state.done:

@@ -18,6 +18,7 @@ from legator.core.logging import get_logger
 from legator.core.runtime import Core
 from legator.gateway.backends import Backend, BackendRegistry
 from legator.gateway.catalog import Catalog
+from legator.gateway.metrics import GatewayMetrics
 from legator.gateway.models import GatewaySetting
 from legator.gateway.reservations import Reservations
 from legator.gateway.scheduler import (
@@ -84,6 +85,7 @@ class Gateway:
         self.reservations = Reservations(core)
         self.rates: dict[str, deque[tuple[float, int]]] = {}
         self.catalog.listeners.append(self._on_model_change)
+        self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler)
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -204,6 +206,7 @@ class Gateway:
         rate.append((now, row.output_tokens))
         while rate and rate[0][0] < now - RATE_WINDOW_S:
             rate.popleft()
+        self.metrics.observe(row)
         self.recorder.record(row)
 
     def tokens_per_s(self, model_id: str) -> float:
