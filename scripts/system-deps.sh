@@ -6,6 +6,8 @@ set -euo pipefail
 PACKAGES=(
   postgresql-client  # pg_dump for `legator backup` on PostgreSQL
   wrk                # HTTP load generator for bench/
+  g++                # llama-cpp-python (test extra) compiles llama.cpp from source
+  cmake              # ditto
 )
 
 missing=()
