@@ -282,3 +282,27 @@ def test_client_that_disconnects_while_queued_leaves_the_queue(
     time.sleep(0.1)
     assert gateway.scheduler.pools["slow"].in_use == 0
     assert [r["messages"][0]["content"] for r in upstream.requests[-1:]] == ["x"]
+
+
+def test_a_client_gone_mid_stream_frees_the_slot(gw: LiveServer, admin: httpx.Client) -> None:
+    gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    words = " ".join(f"w{i}" for i in range(60))  # 3 s of stream at 50 ms per chunk
+    with gw.client(gw.admin_key) as raw, raw.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "slow",
+            "stream": True,
+            "messages": [{"role": "user", "content": words}],
+        },
+    ) as response:
+        next(response.iter_lines())
+        assert gateway.scheduler.pools["slow"].in_use == 1
+        # Leaving the block closed the connection long before the stream's end.
+    deadline = time.monotonic() + 1.5
+    while gateway.scheduler.pools["slow"].in_use and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert gateway.scheduler.pools["slow"].in_use == 0
+    flush_usage(gw)
+    report = admin.get("/api/v1/gateway/usage/all", params={"period": "hour"}).json()
+    assert report["requests"] == 1
