@@ -74,12 +74,13 @@ def test_streaming_keeps_usage_when_the_client_asks(gw: LiveServer) -> None:
 def test_stream_is_relayed_as_it_arrives(gw: LiveServer) -> None:
     """The slow model sends a chunk every 50 ms: the first must arrive long before the last."""
     stamps = []
-    stream = sdk(gw, gw.admin_key).chat.completions.create(
-        model="slow", messages=[{"role": "user", "content": "a b c d e f g h"}], stream=True
-    )
-    start = time.monotonic()
-    for _ in stream:
-        stamps.append(time.monotonic() - start)
+    with sdk(gw, gw.admin_key) as client:
+        stream = client.chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": "a b c d e f g h"}], stream=True
+        )
+        start = time.monotonic()
+        for _ in stream:
+            stamps.append(time.monotonic() - start)
     assert stamps[-1] - stamps[1] > 0.3
     assert stamps[1] < 0.2
 
@@ -284,19 +285,28 @@ def test_client_that_disconnects_while_queued_leaves_the_queue(
     assert [r["messages"][0]["content"] for r in upstream.requests[-1:]] == ["x"]
 
 
-def test_a_client_gone_mid_stream_frees_the_slot(gw: LiveServer, admin: httpx.Client) -> None:
+def test_a_client_gone_mid_stream_frees_the_slot(
+    gw: LiveServer, admin: httpx.Client, upstream: ScriptedUpstream
+) -> None:
     gateway = gw.app.state.gateway  # type: ignore[union-attr]
     words = " ".join(f"w{i}" for i in range(60))  # 3 s of stream at 50 ms per chunk
-    with gw.client(gw.admin_key) as raw, raw.stream(
-        "POST",
-        "/v1/chat/completions",
-        json={
-            "model": "slow",
-            "stream": True,
-            "messages": [{"role": "user", "content": words}],
-        },
-    ) as response:
-        next(response.iter_lines())
+    with (
+        gw.client(gw.admin_key) as raw,
+        raw.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "slow",
+                "stream": True,
+                "messages": [{"role": "user", "content": words}],
+            },
+        ) as response,
+    ):
+        # Keep the line iterator referenced: once collected, httpx closes the connection.
+        lines = response.iter_lines()
+        first = next(lines)
+        assert response.status_code == 200, first
+        time.sleep(0.2)
         assert gateway.scheduler.pools["slow"].in_use == 1
         # Leaving the block closed the connection long before the stream's end.
     deadline = time.monotonic() + 1.5
