@@ -10,6 +10,8 @@ PACKAGES=(
   podman             # Deploy: real containers, secrets and volume export/import in tests
   runc               # Deploy: the OCI runtime Podman 4.3 needs here (crun fails on cgroups)
   busybox-static     # Deploy: the rootfs of the test image built with `podman import`
+  g++                # llama-cpp-python (test extra) compiles llama.cpp from source
+  cmake              # ditto
 )
 
 missing=()

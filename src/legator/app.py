@@ -9,6 +9,7 @@ from legator.core.http.app import CredentialsSink, create_core_app, print_initia
 from legator.core.runtime import Core, build_core
 from legator.deploy import install_deploy
 from legator.fleet.wing import install_fleet
+from legator.gateway import install_gateway
 from legator.secrets.router import install_secrets
 
 
@@ -24,4 +25,5 @@ def create_app(
     install_secrets(app, core)
     install_fleet(app, core)
     install_deploy(app, core)
+    install_gateway(app, core)
     return app

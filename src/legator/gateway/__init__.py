@@ -1,0 +1,26 @@
+"""The Gateway wing: OpenAI- and Anthropic-compatible inference with a fair scheduler."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from legator.core.runtime import Core
+from legator.gateway.anthropic_api import router as anthropic_router
+from legator.gateway.errors import anthropic_formatter, openai_formatter
+from legator.gateway.openai_api import router as openai_router
+from legator.gateway.router import router as admin_router
+from legator.gateway.service import Gateway
+
+
+def install_gateway(app: FastAPI, core: Core) -> Gateway:
+    gateway = Gateway(core)
+    app.state.gateway = gateway
+    # Most specific prefix first: /v1/messages speaks Anthropic, the rest of /v1 OpenAI.
+    app.state.error_formatters.append(("/v1/messages", anthropic_formatter))
+    app.state.error_formatters.append(("/v1/", openai_formatter))
+    app.include_router(anthropic_router)
+    app.include_router(openai_router)
+    app.include_router(admin_router)
+    core.startup_hooks.append(gateway.start)
+    core.shutdown_hooks.append(gateway.stop)
+    return gateway

@@ -1,0 +1,150 @@
+"""``/v1`` in OpenAI's shape: chat completions, completions, embeddings and the model list."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from legator.core.auth.permissions import Permission
+from legator.core.auth.principal import Principal
+from legator.core.errors import BadRequest
+from legator.core.http.deps import require
+from legator.gateway.errors import UpstreamError
+from legator.gateway.relay import (
+    StreamState,
+    call_json,
+    open_stream,
+    openai_events,
+    stream_response,
+)
+from legator.gateway.service import Admission, ClientGone, Gateway
+
+router = APIRouter(prefix="/v1", tags=["inference (OpenAI)"])
+INFER = require(Permission.GATEWAY_INFER)
+_REQUIRED = {
+    "chat": ("messages", list),
+    "completions": ("prompt", (str, list)),
+    "embeddings": ("input", (str, list)),
+}
+_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def check_common(body: dict[str, Any]) -> tuple[str | None, bool]:
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise BadRequest("model: must be a non-empty string")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream: must be true or false")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("stream_options: must be an object")
+    return model, stream
+
+
+def _usage_of(data: dict[str, Any]) -> tuple[int, int]:
+    usage = data.get("usage") or {}
+    if not isinstance(usage, dict):
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+async def relay_openai(
+    request: Request, principal: Principal, kind: str, body: dict[str, Any]
+) -> Response:
+    field, types = _REQUIRED[kind]
+    model, stream = check_common(body)
+    if field not in body:
+        raise BadRequest(f"{field}: field required")
+    if not isinstance(body[field], types) or (kind == "chat" and not body[field]):
+        raise BadRequest(f"{field}: must be a non-empty {'list' if kind == 'chat' else 'value'}")
+    if kind == "embeddings":
+        stream = False
+    gateway = gateway_of(request)
+    try:
+        adm = await gateway.admit(principal, model, request, endpoint=kind, stream=stream)
+    except ClientGone:
+        return Response(status_code=499)
+    path = _PATHS[kind]
+    if not stream:
+        return await _one_shot(adm, path, body)
+    try:
+        upstream = await open_stream(adm, path, body)
+    except UpstreamError:
+        adm.finish(502)
+        raise
+    except BaseException:
+        adm.finish(499)
+        raise
+    wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    state = StreamState()
+    content = openai_events(adm, upstream, state, wants_usage)
+    return stream_response(adm, upstream, content, state)
+
+
+async def _one_shot(adm: Admission, path: str, body: dict[str, Any]) -> Response:
+    status, tokens_in, tokens_out = 499, 0, 0
+    try:
+        data = await call_json(adm, path, body)
+        tokens_in, tokens_out = _usage_of(data)
+        status = 200
+        return JSONResponse(data)
+    except UpstreamError as exc:
+        status = exc.status
+        raise
+    finally:
+        adm.finish(status, tokens_in, tokens_out)
+
+
+@router.post("/chat/completions", summary="Create a chat completion")
+async def chat_completions(request: Request, principal: Principal = INFER) -> Response:
+    """OpenAI's chat completions; `stream: true` relays server-sent events as they come."""
+    return await relay_openai(request, principal, "chat", await read_json(request))
+
+
+@router.post("/completions", summary="Create a text completion")
+async def completions(request: Request, principal: Principal = INFER) -> Response:
+    return await relay_openai(request, principal, "completions", await read_json(request))
+
+
+@router.post("/embeddings", summary="Create embeddings")
+async def embeddings(request: Request, principal: Principal = INFER) -> Response:
+    return await relay_openai(request, principal, "embeddings", await read_json(request))
+
+
+@router.get("/models", summary="Models this key may use")
+async def list_models(request: Request, principal: Principal = INFER) -> dict[str, Any]:
+    models = gateway_of(request).catalog.visible(principal)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": m.id,
+                "object": "model",
+                "created": int(m.created_at.timestamp()),
+                "owned_by": "legator",
+                "name": m.name or m.id,
+                "context_length": m.context_length,
+                "state": m.state,
+            }
+            for m in models
+        ],
+    }

@@ -1,0 +1,243 @@
+"""Talking to a backend: one JSON call, or a stream relayed event by event as it arrives.
+
+Usage is read from the upstream's own ``usage`` (we ask for it in streams with
+``stream_options.include_usage`` and drop that extra chunk when the client did not ask).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from legator.gateway.errors import UpstreamError
+from legator.gateway.service import Admission
+
+DONE = b"data: [DONE]"
+# What a failing upstream connection raises in aiohttp.
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def unreachable(adm: Admission, exc: Exception) -> str:
+    return f"model {adm.model.id!r} backend unreachable: {type(exc).__name__}"
+
+
+def died(adm: Admission, exc: Exception) -> str:
+    return f"the backend of model {adm.model.id!r} failed mid-stream: {type(exc).__name__}"
+
+
+def upstream_body(adm: Admission, body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "model": adm.model.upstream_model or adm.model.id}
+
+
+def _upstream_message(raw: bytes, reason: str) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw[:200].decode(errors="replace") or reason
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)[:500]
+    if isinstance(error, str):
+        return error[:500]
+    if isinstance(data, dict):
+        return str(data.get("detail") or data)[:500]
+    return str(data)[:500]
+
+
+def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
+    if status < 400:
+        return
+    message = _upstream_message(raw, reason)
+    if status in (400, 413, 422):
+        # The backend refused the request itself (too long a prompt, bad field): the
+        # client's to fix, so it is theirs as a 400.
+        raise UpstreamError(f"model {model_id!r} rejected the request: {message}", 400)
+    raise UpstreamError(f"model {model_id!r} backend failed with HTTP {status}: {message}")
+
+
+async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    registry = adm.gateway.backends
+    try:
+        async with await registry.post(adm.backend, path, upstream_body(adm, body)) as response:
+            raw = await response.read()
+            status, reason = response.status, response.reason or ""
+    except UPSTREAM_ERRORS as exc:
+        raise UpstreamError(unreachable(adm, exc)) from None
+    check_status(status, raw, reason, adm.model.id)
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise UpstreamError(
+            f"model {adm.model.id!r} backend sent a body that is not JSON"
+        ) from None
+    if not isinstance(data, dict):
+        raise UpstreamError(f"model {adm.model.id!r} backend sent an unexpected body")
+    return data
+
+
+async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    registry = adm.gateway.backends
+    payload = upstream_body(adm, body)
+    payload["stream"] = True
+    payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    try:
+        response = await registry.post(adm.backend, path, payload)
+    except UPSTREAM_ERRORS as exc:
+        raise UpstreamError(unreachable(adm, exc)) from None
+    if response.status >= 400:
+        try:
+            raw = await response.read()
+        except UPSTREAM_ERRORS:
+            raw = b""
+        finally:
+            response.release()
+        check_status(response.status, raw, response.reason or "", adm.model.id)
+    return response
+
+
+async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The server-sent events (without the blank line ending each) completed by each read from
+    the upstream, as soon as that read arrives: events that came in together leave together.
+
+    Hand-written: an SSE client library would re-encode the events we pass through unchanged.
+    """
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events = buffer.split(b"\n\n")
+        buffer = events.pop()
+        batch = [event for event in events if event]
+        if batch:
+            yield batch
+    if buffer.strip():
+        yield [buffer.strip()]
+
+
+def event_json(event: bytes) -> Any:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return None
+            try:
+                return json.loads(payload)
+            except ValueError:
+                return None
+    return None
+
+
+def has_usage(event: bytes) -> bool:
+    return b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event
+
+
+class StreamState:
+    """What a relayed stream has told us: usage, chunks, whether it ended properly."""
+
+    def __init__(self) -> None:
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.chunks = 0
+        self.done = False
+        self.error: str | None = None
+
+    def take_usage(self, data: Any) -> None:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            self.input_tokens = int(usage.get("prompt_tokens") or 0)
+            self.output_tokens = int(usage.get("completion_tokens") or 0)
+
+    @property
+    def status(self) -> int:
+        if self.error:
+            return 502
+        return 200 if self.done else 499  # 499: the client went away mid-stream
+
+    @property
+    def billed_output(self) -> int:
+        return self.output_tokens or self.chunks
+
+
+async def openai_events(
+    adm: Admission,
+    response: aiohttp.ClientResponse,
+    state: StreamState,
+    client_wants_usage: bool,
+) -> AsyncIterator[bytes]:
+    """The upstream's events, untouched, minus the usage-only chunk the client did not ask for."""
+    try:
+        async for batch in sse_batches(response):
+            out = bytearray()
+            for event in batch:
+                if event.startswith(DONE):
+                    state.done = True
+                    out += DONE + b"\n\n"
+                    break
+                if has_usage(event):
+                    data = event_json(event)
+                    state.take_usage(data)
+                    if (
+                        not client_wants_usage
+                        and isinstance(data, dict)
+                        and not data.get("choices")
+                    ):
+                        continue
+                state.chunks += 1
+                out += event + b"\n\n"
+            if out:
+                yield bytes(out)
+            if state.done:
+                break
+    except UPSTREAM_ERRORS as exc:
+        state.error = died(adm, exc)
+    if not state.done:
+        state.error = state.error or f"the backend of model {adm.model.id!r} ended the stream early"
+        error = {"error": {"message": state.error, "type": "server_error", "code": "upstream"}}
+        yield b"data: " + json.dumps(error).encode() + b"\n\n" + DONE + b"\n\n"
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that, however it ends (finished, failed, client gone), closes the upstream
+    response and runs ``on_close`` exactly once: that releases the slot and bills usage."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        upstream: aiohttp.ClientResponse,
+        on_close: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+        self.upstream = upstream
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                # Back to the pool when the body was read to its end, else closed.
+                self.upstream.release()
+            finally:
+                self.on_close()
+
+
+def stream_response(
+    adm: Admission,
+    upstream: aiohttp.ClientResponse,
+    content: AsyncIterator[bytes],
+    state: StreamState,
+) -> RelayResponse:
+    def close() -> None:
+        adm.finish(state.status, state.input_tokens, state.billed_output)
+
+    return RelayResponse(content, upstream, close)

@@ -1,0 +1,272 @@
+"""``/api/v1/gateway/…``: catalogue, backends, settings, keys, usage, reservations, live metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from legator.core.auth.permissions import Permission
+from legator.core.auth.principal import Principal
+from legator.core.errors import BadRequest
+from legator.core.http.deps import core_of, require
+from legator.gateway.keys import InferenceKeys
+from legator.gateway.openai_api import gateway_of
+from legator.gateway.reservations import TRANSITIONS
+from legator.gateway.schemas import (
+    CategoryIn,
+    CategoryOut,
+    CategoryUpdate,
+    InferenceKeyCreate,
+    InferenceKeyCreated,
+    InferenceKeyOut,
+    ModelCreate,
+    ModelOut,
+    ModelUpdate,
+    ReservationCreate,
+    ReservationOut,
+    SchedulerSettings,
+    SchedulerSettingsUpdate,
+    UsageReport,
+)
+from legator.gateway.usage import report
+
+router = APIRouter(prefix="/api/v1/gateway", tags=["gateway"])
+P = Permission
+READ = require(P.GATEWAY_READ)
+ADMIN = require(P.GATEWAY_ADMIN)
+LIVE_INTERVAL_S = 2.0
+
+
+def _keys(request: Request) -> InferenceKeys:
+    gateway = gateway_of(request)
+    return InferenceKeys(core_of(request).auth, gateway.catalog)
+
+
+# ----- catalogue ---------------------------------------------------------------------------
+
+
+@router.get("/models", response_model=list[ModelOut])
+async def list_models(request: Request, principal: Principal = READ) -> list[ModelOut]:
+    """The catalogue (admins see every model, others those they may use)."""
+    catalog = gateway_of(request).catalog
+    if principal.can(P.GATEWAY_ADMIN):
+        return sorted(catalog.models.values(), key=lambda m: m.id)
+    return catalog.visible(principal)
+
+
+@router.post("/models", response_model=ModelOut, status_code=status.HTTP_201_CREATED)
+async def create_model(body: ModelCreate, request: Request, principal: Principal = ADMIN) -> Any:
+    """Register a model served by an OpenAI-compatible backend URL."""
+    return await gateway_of(request).catalog.create_model(body, actor=principal.actor)
+
+
+@router.get("/models/{model_id}", response_model=ModelOut, dependencies=[READ])
+async def get_model(model_id: str, request: Request) -> Any:
+    return gateway_of(request).catalog.get_model(model_id)
+
+
+@router.patch("/models/{model_id}", response_model=ModelOut)
+async def update_model(
+    model_id: str, body: ModelUpdate, request: Request, principal: Principal = ADMIN
+) -> Any:
+    return await gateway_of(request).catalog.update_model(model_id, body, actor=principal.actor)
+
+
+@router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_model(model_id: str, request: Request, principal: Principal = ADMIN) -> None:
+    await gateway_of(request).catalog.delete_model(model_id, actor=principal.actor)
+
+
+@router.get("/categories", response_model=list[CategoryOut], dependencies=[READ])
+async def list_categories(request: Request) -> Any:
+    return sorted(gateway_of(request).catalog.categories.values(), key=lambda c: c.name)
+
+
+@router.post("/categories", response_model=CategoryOut, status_code=status.HTTP_201_CREATED)
+async def create_category(body: CategoryIn, request: Request, principal: Principal = ADMIN) -> Any:
+    return await gateway_of(request).catalog.create_category(body, actor=principal.actor)
+
+
+@router.patch("/categories/{name}", response_model=CategoryOut)
+async def update_category(
+    name: str, body: CategoryUpdate, request: Request, principal: Principal = ADMIN
+) -> Any:
+    return await gateway_of(request).catalog.update_category(name, body, actor=principal.actor)
+
+
+@router.delete("/categories/{name}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_category(name: str, request: Request, principal: Principal = ADMIN) -> None:
+    await gateway_of(request).catalog.delete_category(name, actor=principal.actor)
+
+
+@router.get("/backends", dependencies=[ADMIN])
+async def list_backends(request: Request) -> list[dict[str, Any]]:
+    """Each model's backend, whether it is ready and its slots."""
+    gateway = gateway_of(request)
+    out = []
+    for model in sorted(gateway.catalog.models.values(), key=lambda m: m.id):
+        pool = gateway.scheduler.pools.get(model.id)
+        out.append(
+            {
+                "model": model.id,
+                "kind": model.backend_kind,
+                "url": model.backend_url,
+                "ready": model.state == "ready",
+                "slots": model.parallel,
+                "in_use": pool.in_use if pool else 0,
+                "queue_depth": pool.depth if pool else 0,
+            }
+        )
+    return out
+
+
+# ----- settings ----------------------------------------------------------------------------
+
+
+@router.get("/settings", response_model=SchedulerSettings, dependencies=[READ])
+async def get_settings(request: Request) -> Any:
+    """The scheduler's weights and bounds."""
+    return await gateway_of(request).get_settings()
+
+
+@router.patch("/settings", response_model=SchedulerSettings)
+async def update_settings(
+    body: SchedulerSettingsUpdate, request: Request, principal: Principal = ADMIN
+) -> Any:
+    """Change scheduler settings; they apply to the next slot that frees."""
+    return await gateway_of(request).update_settings(body, actor=principal.actor)
+
+
+# ----- keys --------------------------------------------------------------------------------
+
+
+@router.post("/keys", response_model=InferenceKeyCreated, status_code=status.HTTP_201_CREATED)
+async def create_key(
+    body: InferenceKeyCreate, request: Request, principal: Principal = READ
+) -> Any:
+    """Create an inference key (scope `inference`), optionally pinned; the key is shown once."""
+    return await _keys(request).create(body, principal)
+
+
+@router.get("/keys", response_model=list[InferenceKeyOut])
+async def list_keys(
+    request: Request,
+    all_users: bool = Query(False, alias="all", description="Admins: everyone's keys."),
+    principal: Principal = READ,
+) -> Any:
+    return await _keys(request).list(principal, everyone=all_users)
+
+
+@router.delete("/keys/{key_id}", response_model=InferenceKeyOut)
+async def revoke_key(key_id: str, request: Request, principal: Principal = READ) -> Any:
+    """Revoke one of your inference keys (admins: anyone's)."""
+    return await _keys(request).revoke(key_id, principal)
+
+
+# ----- usage -------------------------------------------------------------------------------
+
+PeriodQuery = Query("day", description="hour, day, week or month")
+
+
+@router.get("/usage", response_model=UsageReport)
+async def own_usage(
+    request: Request,
+    period: Literal["hour", "day", "week", "month"] = PeriodQuery,
+    principal: Principal = READ,
+) -> Any:
+    """Your own requests and tokens over the period, by model and over time."""
+    if principal.user_id is None:
+        raise BadRequest("usage is per user; this identity has none")
+    return await report(core_of(request).db, period, user_id=principal.user_id, admin_view=False)
+
+
+@router.get("/usage/all", response_model=UsageReport, dependencies=[ADMIN])
+async def all_usage(
+    request: Request, period: Literal["hour", "day", "week", "month"] = PeriodQuery
+) -> Any:
+    """Totals by user, model and key, and the timeline, for everyone."""
+    return await report(core_of(request).db, period, user_id=None, admin_view=True)
+
+
+# ----- reservations ------------------------------------------------------------------------
+
+
+@router.get("/reservations", response_model=list[ReservationOut])
+async def list_reservations(request: Request, principal: Principal = READ) -> Any:
+    """Admins see all reservations; others their own."""
+    reservations = gateway_of(request).reservations
+    if principal.can(P.GATEWAY_ADMIN):
+        return await reservations.list()
+    return await reservations.list(principal.user_id or "-")
+
+
+@router.post("/reservations", response_model=ReservationOut, status_code=status.HTTP_201_CREATED)
+async def create_reservation(
+    body: ReservationCreate, request: Request, principal: Principal = READ
+) -> Any:
+    """Ask for exclusive use of the gateway over a window (30-minute boundaries, UTC)."""
+    admin = principal.can(P.GATEWAY_ADMIN)
+    if body.user is not None and not admin:
+        raise BadRequest("user: only admins reserve for another user")
+    if body.user is not None:
+        user = await core_of(request).auth.get_user(body.user)
+        user_id, username = user.id, user.username
+    elif principal.user_id is None:
+        raise BadRequest("user: required when authentication is disabled")
+    else:
+        user_id, username = principal.user_id, principal.username
+    return await gateway_of(request).reservations.create(
+        body, principal, user_id=user_id, username=username
+    )
+
+
+@router.post("/reservations/{reservation_id}/cancel", response_model=ReservationOut)
+async def cancel_reservation(
+    reservation_id: str, request: Request, principal: Principal = READ
+) -> Any:
+    """Cancel your pending or approved reservation."""
+    return await gateway_of(request).reservations.transition(
+        reservation_id, "cancel", principal, admin=principal.can(P.GATEWAY_ADMIN)
+    )
+
+
+@router.post("/reservations/{reservation_id}/{action}", response_model=ReservationOut)
+async def decide_reservation(
+    reservation_id: str,
+    action: Literal["approve", "reject", "activate", "deactivate"],
+    request: Request,
+    principal: Principal = ADMIN,
+) -> Any:
+    """Approve, reject, activate now or deactivate (complete) a reservation."""
+    assert action in TRANSITIONS
+    return await gateway_of(request).reservations.transition(
+        reservation_id, action, principal, admin=True
+    )
+
+
+@router.delete("/reservations/{reservation_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_reservation(
+    reservation_id: str, request: Request, principal: Principal = ADMIN
+) -> None:
+    await gateway_of(request).reservations.delete(reservation_id, principal)
+
+
+# ----- live metrics ------------------------------------------------------------------------
+
+
+@router.get("/events", response_class=EventSourceResponse)
+async def live_metrics(
+    request: Request, principal: Principal = READ
+) -> AsyncIterator[ServerSentEvent]:
+    """Every 2 s: queue depth and wait, slots in use, tokens/s per model, active reservation."""
+    gateway = gateway_of(request)
+    admin = principal.can(P.GATEWAY_ADMIN)
+    while not await request.is_disconnected():
+        snapshot = gateway.snapshot(principal, admin=admin)
+        yield ServerSentEvent(data=json.loads(json.dumps(snapshot)), event="gateway.metrics")
+        await asyncio.sleep(LIVE_INTERVAL_S)

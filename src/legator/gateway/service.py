@@ -1,0 +1,243 @@
+"""The gateway's runtime: catalogue, scheduler, backends, usage, reservations and admission
+of one inference request (reservation gate → resolve → slot), plus its accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from starlette.requests import Request
+
+from legator.core.auth.principal import Principal
+from legator.core.errors import ServiceUnavailable, TooManyRequests
+from legator.core.logging import get_logger
+from legator.core.runtime import Core
+from legator.gateway.backends import Backend, BackendRegistry
+from legator.gateway.catalog import Catalog
+from legator.gateway.metrics import GatewayMetrics
+from legator.gateway.models import GatewaySetting
+from legator.gateway.reservations import Reservations
+from legator.gateway.scheduler import (
+    Lease,
+    PoolClosed,
+    QueueFull,
+    QueueTimeout,
+    Scheduler,
+    SchedulerConfig,
+)
+from legator.gateway.schemas import ModelOut, SchedulerSettings, SchedulerSettingsUpdate
+from legator.gateway.usage import UsageRecord, UsageRecorder, recent_tokens_by_user
+
+log = get_logger("legator.gateway")
+SETTINGS_KEY = "scheduler"
+RATE_WINDOW_S = 10.0
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited for a slot."""
+
+
+@dataclass
+class Admission:
+    """One admitted request: its model, backend and slot, and what it will be billed."""
+
+    gateway: Gateway
+    model: ModelOut
+    category: str | None
+    backend: Backend
+    lease: Lease
+    usage: UsageRecord
+    started: float = field(default_factory=time.perf_counter)
+    _done: bool = False
+
+    def finish(self, status: int, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Release the slot and record the row; safe to call more than once."""
+        if self._done:
+            return
+        self._done = True
+        self.lease.release()
+        self.usage.status = status
+        self.usage.input_tokens = max(0, int(input_tokens))
+        self.usage.output_tokens = max(0, int(output_tokens))
+        self.usage.latency_ms = int((time.perf_counter() - self.started) * 1000)
+        self.usage.queued_ms = int(self.lease.queued_s * 1000)
+        self.gateway.account(self.usage)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Gateway:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.catalog = Catalog(core.db, core.audit)
+        self.scheduler = Scheduler()
+        self.backends = BackendRegistry()
+        self.recorder = UsageRecorder(core.db)
+        self.reservations = Reservations(core)
+        self.rates: dict[str, deque[tuple[float, int]]] = {}
+        self.catalog.listeners.append(self._on_model_change)
+        self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler)
+
+    # ----- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.catalog.load()
+        self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
+        await self._seed_usage()
+        await self.reservations.load()
+        self.core.spawn(self.recorder.run(), name="gateway-usage-writer")
+        self.core.spawn(self.reservations.run(), name="gateway-reservations")
+
+    async def stop(self) -> None:
+        await self.recorder.close()
+        await self.backends.close()
+
+    async def _seed_usage(self) -> None:
+        window = timedelta(minutes=self.scheduler.config.window_minutes)
+        now_wall = time.time()
+        now_mono = self.scheduler.clock.now()
+        for user, ts, tokens in await recent_tokens_by_user(self.core.db, window):
+            self.scheduler.usage.add(user, tokens, at=now_mono - (now_wall - ts.timestamp()))
+
+    def _on_model_change(self, model: ModelOut | None, model_id: str) -> None:
+        self.backends.forget(model_id)
+        if model is None:
+            self.scheduler.drop(model_id)
+        elif model_id in self.scheduler.pools:
+            self.scheduler.pool(model_id, model.parallel)
+
+    # ----- settings ----------------------------------------------------------------------
+
+    async def get_settings(self) -> SchedulerSettings:
+        async with self.core.db.session() as session:
+            row = await session.get(GatewaySetting, SETTINGS_KEY)
+        return SchedulerSettings(**(row.value if row else {}))
+
+    async def update_settings(
+        self, changes: SchedulerSettingsUpdate, *, actor: str
+    ) -> SchedulerSettings:
+        updates = changes.model_dump(exclude_none=True)
+        async with self.core.db.write() as session:
+            row = await session.get(GatewaySetting, SETTINGS_KEY)
+            merged = SchedulerSettings(**{**(row.value if row else {}), **updates})
+            if row is None:
+                session.add(GatewaySetting(key=SETTINGS_KEY, value=merged.model_dump()))
+            else:
+                row.value = merged.model_dump()
+            await self.core.audit.record(
+                session,
+                actor=actor,
+                action="gateway.settings.update",
+                target="gateway:settings",
+                details=updates,
+            )
+        self.scheduler.config = SchedulerConfig(**merged.model_dump())
+        return merged
+
+    # ----- admission ---------------------------------------------------------------------
+
+    async def admit(
+        self,
+        principal: Principal,
+        requested: str | None,
+        request: Request,
+        *,
+        endpoint: str,
+        stream: bool,
+    ) -> Admission:
+        self.reservations.check(principal)
+        resolved = self.catalog.resolve(principal, requested)
+        model = resolved.model
+        try:
+            backend = self.backends.get(model)
+        except LookupError as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        if not backend.ready:
+            raise ServiceUnavailable(f"the backend of model {model.id!r} is not ready")
+        user = principal.user_id or principal.username
+        pool = self.scheduler.pool(model.id, model.parallel)
+        try:
+            lease = pool.try_acquire(user) or await self._queue(pool.acquire(user), request)
+        except (QueueFull, QueueTimeout) as exc:
+            raise TooManyRequests(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        except PoolClosed as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        usage = UsageRecord(
+            user_id=principal.user_id,
+            username=principal.username,
+            key_id=principal.key_id,
+            model_id=model.id,
+            category=resolved.category,
+            endpoint=endpoint,
+            stream=stream,
+        )
+        return Admission(self, model, resolved.category, backend, lease, usage)
+
+    async def _queue(self, acquiring: Any, request: Request) -> Lease:
+        """Wait for a slot, leaving the queue if the client disconnects meanwhile."""
+        slot: asyncio.Task[Lease] = asyncio.ensure_future(acquiring)
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not slot.done():
+                slot.cancel()  # the pool removes the waiter or passes a just-handed slot on
+                await asyncio.gather(slot, return_exceptions=True)
+            gone.cancel()
+        if slot.cancelled():
+            raise ClientGone
+        return slot.result()
+
+    def account(self, row: UsageRecord) -> None:
+        tokens = row.input_tokens + row.output_tokens
+        if row.user_id:
+            self.scheduler.usage.add(row.user_id, tokens)
+        now = time.monotonic()
+        rate = self.rates.setdefault(row.model_id, deque())
+        rate.append((now, row.output_tokens))
+        while rate and rate[0][0] < now - RATE_WINDOW_S:
+            rate.popleft()
+        self.metrics.observe(row)
+        self.recorder.record(row)
+
+    def tokens_per_s(self, model_id: str) -> float:
+        rate = self.rates.get(model_id)
+        if not rate:
+            return 0.0
+        horizon = time.monotonic() - RATE_WINDOW_S
+        return sum(n for t, n in rate if t >= horizon) / RATE_WINDOW_S
+
+    def snapshot(self, principal: Principal, *, admin: bool) -> dict[str, Any]:
+        """Live state for the metrics stream; non-admins see only models they may use."""
+        visible = {m.id for m in self.catalog.visible(principal)}
+        models = []
+        for model_id, pool in sorted(self.scheduler.pools.items()):
+            if not admin and model_id not in visible:
+                continue
+            models.append(
+                {
+                    "model": model_id,
+                    "slots": pool.parallel,
+                    "in_use": pool.in_use,
+                    "queue_depth": pool.depth,
+                    "oldest_wait_s": round(pool.oldest_wait(), 3),
+                    "last_wait_s": round(pool.last_wait_s, 3),
+                    "tokens_per_s": round(self.tokens_per_s(model_id), 2),
+                }
+            )
+        active = self.reservations.active
+        reservation = None
+        if active is not None:
+            reservation = {"ends_at": active.ends_at.isoformat()}
+            if admin or active.user_id == principal.user_id:
+                reservation.update(id=active.id, username=active.username)
+        return {"models": models, "reservation": reservation}

@@ -1,0 +1,369 @@
+"""Anthropic Messages ↔ OpenAI chat completions: requests, responses and stream events.
+
+Pure functions and one small state machine; no I/O. Hand-written because no maintained
+library translates in this direction for a proxy (LiteLLM's translators live inside its proxy).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from legator.core.db import new_id
+from legator.core.errors import BadRequest
+
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+_PASSTHROUGH = ("temperature", "top_p", "top_k")
+
+
+def _text_of(blocks: Any, where: str) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    if not isinstance(blocks, list):
+        raise BadRequest(f"{where}: must be a string or a list of blocks")
+    parts = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise BadRequest(f"{where}.{i}: only text blocks are allowed here")
+        parts.append(str(block.get("text", "")))
+    return "\n".join(parts)
+
+
+def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source") or {}
+    if source.get("type") == "base64":
+        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+    elif source.get("type") == "url":
+        url = str(source.get("url", ""))
+    else:
+        raise BadRequest(f"{where}.source: expected type 'base64' or 'url'")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _user_messages(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content: must be a string or a list of blocks")
+    out: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for i, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": str(block.get("text", ""))})
+        elif kind == "image":
+            parts.append(_image_part(block, f"{where}.content.{i}"))
+        elif kind == "tool_result":
+            if not block.get("tool_use_id"):
+                raise BadRequest(f"{where}.content.{i}.tool_use_id: field required")
+            result = block.get("content", "")
+            text = _text_of(result, f"{where}.content.{i}.content") if result else ""
+            if block.get("is_error"):
+                text = f"[error] {text}"
+            out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+        else:
+            raise BadRequest(f"{where}.content.{i}: unsupported block type {kind!r}")
+    if parts:
+        only_text = all(p["type"] == "text" for p in parts)
+        joined = "\n".join(p["text"] for p in parts) if only_text else parts
+        out.append({"role": "user", "content": joined})
+    return out
+
+
+def _assistant_message(content: Any, where: str) -> dict[str, Any]:
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content}
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content: must be a string or a list of blocks")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for i, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(str(block.get("text", "")))
+        elif kind == "tool_use":
+            if not block.get("id") or not block.get("name"):
+                raise BadRequest(f"{where}.content.{i}: tool_use needs id and name")
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {
+                        "name": block["name"],
+                        "arguments": json.dumps(block.get("input") or {}),
+                    },
+                }
+            )
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise BadRequest(f"{where}.content.{i}: unsupported block type {kind!r}")
+    message: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) or None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise BadRequest("tools: must be a list")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not tool.get("name"):
+            raise BadRequest(f"tools.{i}.name: field required")
+        out.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": tool["name"],
+                    "description": tool.get("description", ""),
+                    "parameters": tool.get("input_schema") or {"type": "object"},
+                },
+            }
+        )
+    return out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if not isinstance(choice, dict):
+        raise BadRequest("tool_choice: must be an object")
+    kind = choice.get("type")
+    if kind == "auto":
+        return "auto"
+    if kind == "any":
+        return "required"
+    if kind == "none":
+        return "none"
+    if kind == "tool" and choice.get("name"):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise BadRequest("tool_choice: expected auto, any, none or tool with a name")
+
+
+def messages_to_openai(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat completions request."""
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise BadRequest("max_tokens: field required")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise BadRequest("max_tokens: must be a positive integer")
+    messages = body.get("messages")
+    if messages is None:
+        raise BadRequest("messages: field required")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: must be a non-empty list")
+    out: list[dict[str, Any]] = []
+    if body.get("system"):
+        out.append({"role": "system", "content": _text_of(body["system"], "system")})
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(message, dict) or "content" not in message:
+            raise BadRequest(f"{where}: needs role and content")
+        role = message.get("role")
+        if role == "user":
+            out.extend(_user_messages(message["content"], where))
+        elif role == "assistant":
+            out.append(_assistant_message(message["content"], where))
+        else:
+            raise BadRequest(f"{where}.role: must be 'user' or 'assistant'")
+    request: dict[str, Any] = {"messages": out, "max_tokens": max_tokens}
+    for name in _PASSTHROUGH:
+        if name in body:
+            request[name] = body[name]
+    if "stop_sequences" in body:
+        stops = body["stop_sequences"]
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise BadRequest("stop_sequences: must be a list of strings")
+        request["stop"] = stops
+    if body.get("tools"):
+        request["tools"] = _tools(body["tools"])
+    if body.get("tool_choice"):
+        request["tool_choice"] = _tool_choice(body["tool_choice"])
+    return request
+
+
+def _stop(finish_reason: str | None, text: str, stops: list[str]) -> tuple[str, str | None]:
+    """OpenAI does not say which stop sequence hit; a completion that stopped short of the
+    natural end when sequences were given is reported as ``stop_sequence`` only when the
+    backend echoed it, else as ``end_turn``."""
+    reason = STOP_REASONS.get(finish_reason or "stop", "end_turn")
+    if reason == "end_turn":
+        for stop in stops:
+            if stop and text.endswith(stop):
+                return "stop_sequence", stop
+    return reason, None
+
+
+def _tool_input(arguments: Any) -> dict[str, Any]:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {"_raw": str(arguments)}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def openai_to_message(data: dict[str, Any], model: str, stops: list[str]) -> dict[str, Any]:
+    choices = data.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    text = message.get("content") or ""
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id") or f"toolu_{new_id().replace('-', '')[:24]}",
+                "name": function.get("name", ""),
+                "input": _tool_input(function.get("arguments")),
+            }
+        )
+    reason, sequence = _stop(choice.get("finish_reason"), text, stops)
+    if any(b["type"] == "tool_use" for b in content):
+        reason = "tool_use"
+    usage = data.get("usage") or {}
+    return {
+        "id": "msg_" + new_id().replace("-", ""),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
+        "usage": {
+            "input_tokens": int(usage.get("prompt_tokens") or 0),
+            "output_tokens": int(usage.get("completion_tokens") or 0),
+        },
+    }
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+class StreamTranslator:
+    """OpenAI chunks in, Anthropic events out: message_start, content blocks, message_delta,
+    message_stop (or an error event), emitted as each chunk arrives."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.index = -1
+        self.open: str | None = None  # "text" or "tool:<openai index>"
+        self.finish: str | None = None
+        self.text_tail = ""
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.tool_seen = False
+
+    def start(self) -> bytes:
+        message = {
+            "id": "msg_" + new_id().replace("-", ""),
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
+        return sse("message_start", {"type": "message_start", "message": message})
+
+    def _close(self) -> bytes:
+        if self.open is None:
+            return b""
+        self.open = None
+        return sse("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+    def _begin(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._close()
+        self.index += 1
+        self.open = kind
+        return out + sse(
+            "content_block_start",
+            {"type": "content_block_start", "index": self.index, "content_block": block},
+        )
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        out = b""
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.input_tokens = int(usage.get("prompt_tokens") or 0)
+            self.output_tokens = int(usage.get("completion_tokens") or 0)
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                if self.open != "text":
+                    out += self._begin("text", {"type": "text", "text": ""})
+                self.text_tail = (self.text_tail + text)[-200:]
+                out += sse(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": self.index,
+                        "delta": {"type": "text_delta", "text": text},
+                    },
+                )
+            for call in delta.get("tool_calls") or []:
+                key = f"tool:{call.get('index', 0)}"
+                function = call.get("function") or {}
+                if self.open != key:
+                    self.tool_seen = True
+                    out += self._begin(
+                        key,
+                        {
+                            "type": "tool_use",
+                            "id": call.get("id") or f"toolu_{new_id().replace('-', '')[:24]}",
+                            "name": function.get("name", ""),
+                            "input": {},
+                        },
+                    )
+                if function.get("arguments"):
+                    out += sse(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": self.index,
+                            "delta": {
+                                "type": "input_json_delta",
+                                "partial_json": function["arguments"],
+                            },
+                        },
+                    )
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+        return out
+
+    def end(self, stops: list[str], error: str | None = None) -> bytes:
+        out = self._close()
+        if error is not None:
+            return out + sse(
+                "error", {"type": "error", "error": {"type": "api_error", "message": error}}
+            )
+        reason, sequence = _stop(self.finish, self.text_tail, stops)
+        if self.tool_seen:
+            reason = "tool_use"
+        return (
+            out
+            + sse(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                    "usage": {
+                        "input_tokens": self.input_tokens,
+                        "output_tokens": self.output_tokens,
+                    },
+                },
+            )
+            + sse("message_stop", {"type": "message_stop"})
+        )

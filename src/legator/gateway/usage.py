@@ -1,0 +1,175 @@
+"""Usage accounting: one row per request, written in batches off the request path, and the
+reports built from them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import case, func, insert, select
+
+from legator.core.db import Database, new_id, utcnow
+from legator.core.logging import get_logger
+from legator.gateway.models import GatewayUsage
+from legator.gateway.schemas import UsageReport, UsageTotals
+
+log = get_logger("legator.gateway.usage")
+Period = Literal["hour", "day", "week", "month"]
+PERIODS: dict[str, tuple[timedelta, str]] = {
+    # period -> (how far back, timeline bucket)
+    "hour": (timedelta(hours=1), "minute"),
+    "day": (timedelta(days=1), "hour"),
+    "week": (timedelta(weeks=1), "day"),
+    "month": (timedelta(days=30), "day"),
+}
+_BUCKET_CHARS = {"minute": 16, "hour": 13, "day": 10}  # prefix of an ISO timestamp
+FLUSH_INTERVAL_S = 0.5
+FLUSH_BATCH = 500
+
+
+@dataclass
+class UsageRecord:
+    user_id: str | None
+    username: str
+    key_id: str | None
+    model_id: str
+    category: str | None
+    endpoint: str
+    stream: bool
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_ms: int = 0
+    queued_ms: int = 0
+    status: int = 200
+    ts: datetime = field(default_factory=utcnow)
+    id: str = field(default_factory=new_id)
+
+
+class UsageRecorder:
+    """Rows are appended in memory and written every half second; ``close()`` writes the rest."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._pending: list[UsageRecord] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self.written = 0
+
+    def record(self, row: UsageRecord) -> None:
+        self._pending.append(row)
+        if len(self._pending) >= FLUSH_BATCH:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:FLUSH_BATCH], self._pending[FLUSH_BATCH:]
+            try:
+                async with self.db.write() as session:
+                    await session.execute(insert(GatewayUsage), [vars(r) for r in batch])
+                self.written += len(batch)
+            except Exception:
+                # Keep the rows: the next flush retries them.
+                self._pending[:0] = batch
+                raise
+
+    async def run(self) -> None:
+        while not self._closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL_S)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("writing usage rows failed; retrying")
+                await asyncio.sleep(1)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        await self.flush()
+
+
+def _totals(rows: list[Any]) -> list[UsageTotals]:
+    return [
+        UsageTotals(
+            group=str(r[0] or "-"),
+            requests=int(r[1]),
+            input_tokens=int(r[2] or 0),
+            output_tokens=int(r[3] or 0),
+            errors=int(r[4] or 0),
+        )
+        for r in rows
+    ]
+
+
+async def report(
+    db: Database, period: Period, *, user_id: str | None, admin_view: bool
+) -> UsageReport:
+    span, bucket = PERIODS[period]
+    since = utcnow() - span
+    base = [GatewayUsage.ts >= since]
+    if user_id is not None:
+        base.append(GatewayUsage.user_id == user_id)
+    aggregates = (
+        func.count(),
+        func.sum(GatewayUsage.input_tokens),
+        func.sum(GatewayUsage.output_tokens),
+        func.sum(case((GatewayUsage.status >= 400, 1), else_=0)),
+    )
+
+    async def grouped(column: Any) -> list[UsageTotals]:
+        query = select(column, *aggregates).where(*base).group_by(column).order_by(column)
+        return _totals(list((await session.execute(query)).all()))
+
+    async with db.session() as session:
+        total = (await session.execute(select(*aggregates).where(*base))).one()
+        by_model = await grouped(GatewayUsage.model_id)
+        by_user = await grouped(GatewayUsage.username) if admin_view else None
+        by_key = await grouped(GatewayUsage.key_id) if admin_view else None
+        rows = (
+            await session.execute(
+                select(
+                    GatewayUsage.ts, GatewayUsage.input_tokens, GatewayUsage.output_tokens
+                ).where(*base)
+            )
+        ).all()
+    # Buckets are computed here rather than in SQL: SQLite and PostgreSQL truncate dates
+    # with different functions, and a month of rows is small.
+    width = _BUCKET_CHARS[bucket]
+    timeline: dict[str, list[int]] = {}
+    for ts, tokens_in, tokens_out in rows:
+        key = ts.isoformat()[:width]
+        slot = timeline.setdefault(key, [0, 0, 0])
+        slot[0] += 1
+        slot[1] += int(tokens_in or 0)
+        slot[2] += int(tokens_out or 0)
+    return UsageReport(
+        period=period,
+        since=since,
+        requests=int(total[0]),
+        input_tokens=int(total[1] or 0),
+        output_tokens=int(total[2] or 0),
+        by_model=by_model,
+        by_user=by_user,
+        by_key=by_key,
+        timeline=[
+            UsageTotals(group=k, requests=v[0], input_tokens=v[1], output_tokens=v[2], errors=0)
+            for k, v in sorted(timeline.items())
+        ],
+    )
+
+
+async def recent_tokens_by_user(db: Database, window: timedelta) -> list[tuple[str, datetime, int]]:
+    """(user, ts, tokens) of the last window, to seed the scheduler after a restart."""
+    async with db.session() as session:
+        rows = await session.execute(
+            select(
+                GatewayUsage.user_id,
+                GatewayUsage.ts,
+                GatewayUsage.input_tokens + GatewayUsage.output_tokens,
+            ).where(GatewayUsage.ts >= utcnow() - window, GatewayUsage.user_id.is_not(None))
+        )
+        return [(r[0], r[1], int(r[2] or 0)) for r in rows.all()]

@@ -1,0 +1,205 @@
+"""A scripted OpenAI-compatible server for exact-output and failure cases.
+
+The request's ``model`` picks the behaviour: ``echo`` (default), ``slow`` (50 ms per chunk,
+0.5 s per answer), ``die`` (the connection drops mid-stream), ``fail500``, ``tools``.
+Every request body it received is kept in ``requests`` so tests can check what the gateway sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.support import free_port
+
+TOOL_ARGS = '{"city": "Paris"}'
+
+
+def reply_text(body: dict[str, Any]) -> str:
+    messages = body.get("messages") or []
+    last = messages[-1]["content"] if messages else body.get("prompt", "")
+    if isinstance(last, list):
+        last = " ".join(p.get("text", "") for p in last if isinstance(p, dict))
+    return f"echo: {last}"
+
+
+def words(text: str) -> list[str]:
+    parts = text.split(" ")
+    return [p if i == 0 else " " + p for i, p in enumerate(parts)]
+
+
+def usage(body: dict[str, Any], completion: int) -> dict[str, int]:
+    prompt = len(json.dumps(body.get("messages") or body.get("prompt") or "").split())
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    data = {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "scripted",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+class ScriptedUpstream:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.requests: list[dict[str, Any]] = []
+        self.active_streams = 0
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+            ]
+        )
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> ScriptedUpstream:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "scripted upstream did not start"
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    async def models(self, _request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "echo", "object": "model"}]})
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": body.get("model"),
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": [0.5, float(len(text))]}
+                    for i, text in enumerate(inputs)
+                ],
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
+        )
+
+    async def completions(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        text = reply_text(body)
+        return JSONResponse(
+            {
+                "id": "cmpl-scripted",
+                "object": "text_completion",
+                "created": 1,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                "usage": usage(body, len(words(text))),
+            }
+        )
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        mode = body.get("model", "echo")
+        if mode == "fail500":
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if mode == "slow" and not body.get("stream"):
+            await asyncio.sleep(0.5)
+        if body.get("stream"):
+            return StreamingResponse(self._stream(body, mode), media_type="text/event-stream")
+        text = reply_text(body)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish = "stop"
+        if mode == "tools":
+            name = body["tools"][0]["function"]["name"]
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": name, "arguments": TOOL_ARGS},
+                    }
+                ],
+            }
+            finish = "tool_calls"
+        return JSONResponse(
+            {
+                "id": "chatcmpl-scripted",
+                "object": "chat.completion",
+                "created": 1,
+                "model": mode,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": usage(body, len(words(text))),
+            }
+        )
+
+    async def _stream(self, body: dict[str, Any], mode: str) -> AsyncIterator[bytes]:
+        self.active_streams += 1
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            pieces = words(reply_text(body))
+            if mode == "tools":
+                name = body["tools"][0]["function"]["name"]
+                yield chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": name, "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+                for part in ('{"city": ', '"Paris"}'):
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+                yield chunk({}, "tool_calls")
+            else:
+                for i, piece in enumerate(pieces):
+                    if mode == "slow":
+                        await asyncio.sleep(0.05)
+                    if mode == "die" and i == 2:
+                        raise RuntimeError("scripted upstream dies mid-stream")
+                    yield chunk({"content": piece})
+                yield chunk({}, "stop")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                data = {
+                    "id": "chatcmpl-scripted",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": mode,
+                    "choices": [],
+                    "usage": usage(body, len(pieces)),
+                }
+                yield b"data: " + json.dumps(data).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.active_streams -= 1

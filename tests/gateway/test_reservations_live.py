@@ -1,0 +1,161 @@
+"""Reservations, the live metrics stream and usage rows surviving a clean shutdown."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import httpx
+import openai
+import pytest
+
+from legator.core.db import utcnow
+from tests.gateway.conftest import new_key
+from tests.support import LiveServer
+
+
+def window(hours_from_now: int = 1, length_min: int = 60) -> dict[str, str]:
+    start = utcnow().replace(minute=0, second=0, microsecond=0) + timedelta(hours=hours_from_now)
+    return {
+        "starts_at": start.isoformat(),
+        "ends_at": (start + timedelta(minutes=length_min)).isoformat(),
+    }
+
+
+def chat(gw: LiveServer, key: str) -> None:
+    openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "x"}]
+    )
+
+
+def test_reservation_validation(gw: LiveServer, admin: httpx.Client) -> None:
+    good = window()
+    odd = {**good, "starts_at": good["starts_at"].replace(":00:00", ":10:00")}
+    assert "30-minute" in admin.post("/api/v1/gateway/reservations", json=odd).text
+    short = window(length_min=0)
+    assert admin.post("/api/v1/gateway/reservations", json=short).status_code == 400
+    past = window(hours_from_now=-2)
+    assert "future" in admin.post("/api/v1/gateway/reservations", json=past).text
+    first = admin.post("/api/v1/gateway/reservations", json=good).json()
+    assert first["state"] == "pending"
+    # A pending one does not block; an approved one does.
+    second = admin.post("/api/v1/gateway/reservations", json=good)
+    assert second.status_code == 201
+    assert admin.post(f"/api/v1/gateway/reservations/{first['id']}/approve").json()["state"] == (
+        "approved"
+    )
+    assert admin.post("/api/v1/gateway/reservations", json=good).status_code == 409
+    overlapping = admin.post(f"/api/v1/gateway/reservations/{second.json()['id']}/approve")
+    assert overlapping.status_code == 409
+    assert admin.post(f"/api/v1/gateway/reservations/{first['id']}/reject").status_code == 409
+
+
+def test_active_reservation_blocks_everyone_but_the_holder(
+    gw: LiveServer, admin: httpx.Client
+) -> None:
+    holder_key = new_key(admin, "holder")
+    other_key = new_key(admin, "other")
+    service_key = new_key(admin, "svc", service=True)
+    with gw.client(admin.post("/api/v1/keys", json={"user": "holder"}).json()["key"]) as holder:
+        created = holder.post("/api/v1/gateway/reservations", json=window())
+        assert created.status_code == 201
+        rid = created.json()["id"]
+        assert holder.post(f"/api/v1/gateway/reservations/{rid}/approve").status_code == 403
+    events = gw.core.events.subscribe("gateway.reservation.*")  # type: ignore[union-attr]
+    assert admin.post(f"/api/v1/gateway/reservations/{rid}/approve").status_code == 200
+    assert admin.post(f"/api/v1/gateway/reservations/{rid}/activate").json()["state"] == "active"
+    chat(gw, holder_key)
+    chat(gw, service_key)
+    with pytest.raises(openai.InternalServerError) as err:
+        chat(gw, other_key)
+    assert err.value.status_code == 503
+    assert "reserved until" in err.value.message
+    assert admin.post(f"/api/v1/gateway/reservations/{rid}/deactivate").json()["state"] == (
+        "completed"
+    )
+    chat(gw, other_key)
+    topics = []
+    while (event := gw.call(events.get(wait=0.1))) is not None:
+        topics.append(event.topic)
+    assert topics == [
+        "gateway.reservation.approved",
+        "gateway.reservation.active",
+        "gateway.reservation.completed",
+    ]
+
+
+def test_tick_activates_completes_and_cancels(gw: LiveServer, admin: httpx.Client) -> None:
+    from legator.gateway.models import GatewayReservation
+
+    gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    approved = admin.post("/api/v1/gateway/reservations", json=window(length_min=120)).json()
+    admin.post(f"/api/v1/gateway/reservations/{approved['id']}/approve")
+    pending = admin.post("/api/v1/gateway/reservations", json=window(hours_from_now=3)).json()
+
+    async def shift(reservation_id: str, hours: float) -> None:
+        async with gw.core.db.write() as session:  # type: ignore[union-attr]
+            row = await session.get(GatewayReservation, reservation_id)
+            row.starts_at -= timedelta(hours=hours)
+            row.ends_at -= timedelta(hours=hours)
+
+    gw.call(shift(approved["id"], 1.5))  # its window is now under way
+    gw.call(shift(pending["id"], 3.5))  # its start passed without approval
+    gw.call(gateway.reservations.tick())
+    states = {r["id"]: r["state"] for r in admin.get("/api/v1/gateway/reservations").json()}
+    assert states == {approved["id"]: "active", pending["id"]: "cancelled"}
+    gw.call(shift(approved["id"], 2))
+    gw.call(gateway.reservations.tick())
+    assert admin.get("/api/v1/gateway/reservations").json()[0]["state"] == "completed"
+    assert gateway.reservations.active is None
+
+
+def test_users_cancel_only_their_own(gw: LiveServer, admin: httpx.Client) -> None:
+    mine = admin.post("/api/v1/gateway/reservations", json=window()).json()
+    new_key(admin, "mallory")
+    key = admin.post("/api/v1/keys", json={"user": "mallory"}).json()["key"]
+    with gw.client(key) as mallory:
+        assert mallory.get("/api/v1/gateway/reservations").json() == []
+        assert mallory.post(f"/api/v1/gateway/reservations/{mine['id']}/cancel").status_code == 404
+    cancelled = admin.post(f"/api/v1/gateway/reservations/{mine['id']}/cancel")
+    assert cancelled.json()["state"] == "cancelled"
+    assert admin.delete(f"/api/v1/gateway/reservations/{mine['id']}").status_code == 204
+
+
+def test_live_metrics_stream(gw: LiveServer, admin: httpx.Client) -> None:
+    chat(gw, gw.admin_key)
+    viewer_key = new_key(admin, "viewer1", model="slow")
+    with admin.stream("GET", "/api/v1/gateway/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        data = next(line for line in response.iter_lines() if line.startswith("data:"))
+    snapshot = json.loads(data[5:])
+    echo = next(m for m in snapshot["models"] if m["model"] == "echo")
+    assert echo["slots"] == 1 and echo["in_use"] == 0 and echo["queue_depth"] == 0
+    assert echo["tokens_per_s"] > 0
+    # A non-admin sees only the models it may use.
+    login = admin.post("/api/v1/keys", json={"user": "viewer1"}).json()["key"]
+    assert viewer_key
+    with gw.client(login) as viewer, viewer.stream("GET", "/api/v1/gateway/events") as response:
+        data = next(line for line in response.iter_lines() if line.startswith("data:"))
+    assert [m["model"] for m in json.loads(data[5:])["models"]] == ["echo"]
+
+
+def test_usage_rows_survive_a_clean_shutdown(gw: LiveServer, admin: httpx.Client) -> None:
+    for _ in range(5):
+        chat(gw, gw.admin_key)
+    gw.restart()  # no explicit flush: shutdown must write what is pending
+    with gw.client(gw.admin_key) as again:
+        report = again.get("/api/v1/gateway/usage/all", params={"period": "day"}).json()
+    assert report["requests"] == 5
+    assert report["by_user"][0]["group"] == "admin"
+    assert len(report["timeline"]) >= 1
+    bad = admin.get("/api/v1/gateway/usage", params={"period": "year"})
+    assert bad.status_code == 422
+
+
+def test_prometheus_metrics(gw: LiveServer, admin: httpx.Client) -> None:
+    chat(gw, gw.admin_key)
+    text = admin.get("/metrics").text
+    assert 'legator_gateway_requests_total{endpoint="chat",model="echo",status="200"} 1.0' in text
+    assert 'legator_gateway_slots{model="echo"} 1.0' in text
+    assert 'legator_gateway_slots_in_use{model="echo"} 0.0' in text
+    assert 'legator_gateway_tokens_total{direction="output",model="echo"} 2.0' in text
