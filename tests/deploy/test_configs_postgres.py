@@ -6,6 +6,7 @@ import asyncio
 import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -34,8 +35,12 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.mark.postgres
-def test_concurrent_saves_on_postgresql(pg_url: str) -> None:
-    with live_server(None, database_url=pg_url) as server, server.client(server.admin_key) as api:
+def test_concurrent_saves_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    # No data dir, as on a PostgreSQL deployment; the secrets store still needs a directory.
+    with (
+        live_server(None, database_url=pg_url, secrets_dir=tmp_path / "secrets") as server,
+        server.client(server.admin_key) as api,
+    ):
 
         def save(i: int) -> int:
             body = {"spec": {"services": {"redis": {"port": 21000 + i}}}}
