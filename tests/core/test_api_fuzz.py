@@ -40,6 +40,13 @@ def test_no_server_errors(case: schemathesis.Case, fuzz_server: LiveServer) -> N
         checks=[not_a_server_error],
     )
     content_type = str(response.headers.get("content-type", ""))
-    if response.status_code >= 400 and "application/json" in content_type:
-        error = response.json()["error"]
+    if response.status_code < 400 or "application/json" not in content_type:
+        return
+    body = response.json()
+    if case.path == "/v1/messages":  # Anthropic's shape
+        assert body["type"] == "error" and body["error"]["type"] and body["error"]["message"]
+    elif case.path.startswith("/v1/"):  # OpenAI's shape
+        assert body["error"]["message"] and body["error"]["type"]
+    else:
+        error = body["error"]
         assert error["code"] and error["message"] and error["request_id"]
