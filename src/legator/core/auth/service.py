@@ -103,6 +103,7 @@ class AuthService:
         self._last_used = _LastUsed()
         self._login_failures: dict[str, list[float]] = {}
         self._cache = _CredentialCache()
+        self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
 
     # ----- users -------------------------------------------------------------------------
 
@@ -315,6 +316,16 @@ class AuthService:
         if cached is not None:
             self._last_used.keys[cached.key_id or ""] = now
             return cached
+        # One lookup per key at a time: when the cached entry lapses under load, the
+        # concurrent requests of that client share a single query instead of queueing many.
+        pending = self._lookups.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup_key(digest, now))
+            self._lookups[digest] = pending
+            pending.add_done_callback(lambda _f: self._lookups.pop(digest, None))
+        return await asyncio.shield(pending)
+
+    async def _lookup_key(self, digest: str, now: datetime) -> Principal | None:
         query = (
             select(
                 ApiKey.id,
