@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
@@ -19,8 +16,6 @@ from legator.core.config import load_settings
 from legator.core.db import Database
 from legator.core.db.migrate import current_revision, head_revision, upgrade
 from tests.support import live_server, run_cli
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 async def _pragmas(url: str) -> tuple[str, int, int]:
@@ -95,24 +90,6 @@ def test_backup_is_a_consistent_copy_while_writing(tmp_path: Path) -> None:
         "legator", "backup", str(tmp_path / "copy.db"), "--data-dir", str(tmp_path / "d")
     )
     assert refused.returncode != 0 and "already exists" in refused.stderr
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    name = "legator_test_" + secrets.token_hex(4)
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.mark.postgres
