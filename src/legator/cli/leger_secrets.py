@@ -263,3 +263,22 @@ def sync(
     for name, version in copied:
         typer.echo(f"{name}: version {version}")
     typer.echo(f"{len(copied)} secret(s) synced")
+
+
+@app.command()
+def fetch(
+    service: str = typer.Argument(..., help="The container (quadlet name) to fetch for."),
+    system: bool = typer.Option(False, "--system", help="A system-scope deployment."),
+) -> None:
+    """Write the secrets SERVICE's quadlet asks for (``Secret=…,type=env``) to
+    ``$XDG_RUNTIME_DIR/SERVICE.env`` (0600), for units that read an ``EnvironmentFile=``.
+    Values come from legerd first, as at install."""
+    from legator.cli.leger_common import deployer, guard
+    from legator.deploy.envfile import EnvFileError, fetch_env
+
+    runner = deployer(system)
+    try:
+        path, variables = guard(lambda: fetch_env(runner.layout.quadlets, service, runner.secrets))
+    except EnvFileError as exc:
+        fail(str(exc), EXIT_NOT_FOUND if str(exc).startswith("no container") else 1)
+    typer.echo(f"wrote {path} ({', '.join(variables)})")
