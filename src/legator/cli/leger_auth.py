@@ -10,7 +10,13 @@ import typer
 
 from legator.cli.common import console, err_console, fail, print_json
 from legator.cli.leger_common import JSON_OPTION, guard, scope
-from legator.deploy.client import load_login, login_with_device, login_with_key, save_login
+from legator.deploy.client import (
+    load_login,
+    login_with_device,
+    login_with_key,
+    login_with_tailscale,
+    save_login,
+)
 
 app = typer.Typer(help="Log in to the Legator control plane.", no_args_is_help=True)
 
@@ -25,9 +31,10 @@ def login(
         False, "--device", help="Use the device-code flow even when an API key is available."
     ),
 ) -> None:
-    """Log in with an API key ($LEGER_API_KEY or --api-key-stdin), else with a device code
-    that a signed-in user approves in the control plane. The token is checked against the
-    server and stored 0600 in ~/.config/leger/auth.json with its expiry."""
+    """Log in by this host's Tailscale identity when the control plane sees the request come
+    over the tailnet; else with an API key ($LEGER_API_KEY or --api-key-stdin); else with a
+    device code that a signed-in user approves in the control plane. The token is checked
+    against the server and stored 0600 in ~/.config/leger/auth.json with its expiry."""
     if not server.startswith(("http://", "https://")):
         fail("--server must be an http:// or https:// URL", 2)
     key = None
@@ -35,7 +42,14 @@ def login(
         key = sys.stdin.readline().strip() if api_key_stdin else os.environ.get("LEGER_API_KEY")
         if api_key_stdin and not key:
             fail("--api-key-stdin: nothing on stdin", 2)
-    if key:
+    via_tailnet = (
+        None
+        if device or api_key_stdin
+        else guard(lambda: login_with_tailscale(server, socket.gethostname()))
+    )
+    if via_tailnet is not None:
+        result = via_tailnet
+    elif key:
         result = guard(lambda: login_with_key(server, key))
     else:
 

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     session_ttl_hours: int = Field(24, ge=1, le=24 * 30)
     metrics_public: bool = False
     audit_chain_key: SecretStr | None = None
+    tailscale_socket: Path | None = Field(
+        None, description="tailscaled's LocalAPI socket; set to sign leger in by Tailscale."
+    )
     approval_ttl: int = Field(900, ge=30, le=7 * 24 * 3600, description="Approval expiry, seconds.")
     secrets_dir: Path | None = Field(
         None, description="Secrets store directory; unset = <data_dir>/secrets."

@@ -131,6 +131,26 @@ class ControlPlane:
         return response.content
 
 
+def login_with_tailscale(server: str, client_name: str, *, timeout: float = 15) -> Login | None:
+    """Sign in by this host's Tailscale identity; None when the control plane cannot do it for
+    this request (not over the tailnet, Tailscale not configured there, no matching user)."""
+    server = server.rstrip("/")
+    try:
+        response = httpx.post(
+            server + "/api/v1/deploy/auth/tailscale",
+            json={"client_name": client_name},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as exc:
+        raise AuthError(f"cannot reach {server}: {exc}") from None
+    if response.status_code in (401, 403, 404, 503):
+        return None
+    _raise_for(response)
+    login = login_with_key(server, response.json()["api_key"], timeout=timeout)
+    login.method = "tailscale"
+    return login
+
+
 def login_with_device(
     server: str,
     client_name: str,

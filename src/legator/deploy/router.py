@@ -8,6 +8,7 @@ from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import NotFound
 from legator.core.http.deps import require
+from legator.core.http.net import client_ip
 from legator.deploy.configs import ConfigService, catalog_entries
 from legator.deploy.device import DeviceLogins
 from legator.deploy.manifest import MANIFEST_NAME
@@ -91,6 +92,15 @@ async def rendered_file(
 
 def _devices(request: Request) -> DeviceLogins:
     return request.app.state.deploy_devices  # type: ignore[no-any-return]
+
+
+@router.post("/auth/tailscale", dependencies=[require(Permission.PUBLIC)])
+async def tailscale_login(body: DeviceStart, request: Request) -> dict[str, object]:
+    """Sign a host in by its Tailscale identity: over the tailnet, the Tailscale user that
+    tailscaled names for the caller gets a 30-day API key if a Legator user of that login
+    name or e-mail exists. Anywhere else: 401 (or 503 when Tailscale is not configured)."""
+    logins = request.app.state.deploy_tailscale
+    return await logins.login(client_ip(request), body.client_name)  # type: ignore[no-any-return]
 
 
 @router.post("/device/code", dependencies=[require(Permission.PUBLIC)])

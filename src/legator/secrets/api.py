@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from legator.core.auth.tailscale import WhoIs
 from legator.core.logging import get_logger
 from legator.secrets.acl import Policy
 from legator.secrets.errors import SecretsError
@@ -34,7 +35,6 @@ from legator.secrets.identity import (
     Caller,
     IdentityError,
     PeerCred,
-    WhoIs,
     caller_from_whois,
     is_loopback,
     unix_caller,

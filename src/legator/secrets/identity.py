@@ -8,13 +8,10 @@ import pwd
 import re
 import socket
 import struct
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
-
+from legator.core.auth.tailscale import WhoIsError
 from legator.secrets.acl import ALL_ACTIONS, ALLOW_ALL, AclError, Action, Policy, Rule, parse_grant
 
 # setec reads its grants from this capability (older tailnets prefix it with https://).
@@ -22,8 +19,8 @@ CAP_SECRETS = "tailscale.com/cap/secrets"
 _CAP_NAMES = (CAP_SECRETS, "https://" + CAP_SECRETS)
 
 
-class IdentityError(Exception):
-    """The caller could not be identified (setec answers 500 "unable to identify caller")."""
+# The caller could not be identified (setec answers 500 "unable to identify caller").
+IdentityError = WhoIsError
 
 
 @dataclass(frozen=True)
@@ -108,46 +105,3 @@ def caller_from_whois(who: dict[str, Any], policy: Policy) -> Caller:
     rules.extend(policy.rules_for(principals))
     host = node.get("Name") or ""
     return Caller(display, principals, tuple(rules), f"tailscale:{host}".rstrip(":"))
-
-
-class WhoIs:
-    """A client of tailscaled's LocalAPI on its unix socket, with a short cache per peer
-    address (a keep-alive connection asks once, not on every request)."""
-
-    def __init__(self, socket_path: Path, ttl: float = 5.0) -> None:
-        self.socket_path = socket_path
-        self._ttl = ttl
-        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
-            base_url="http://local-tailscaled.sock",
-            timeout=5.0,
-        )
-
-    async def whois(self, addr: str) -> dict[str, Any]:
-        now = time.monotonic()
-        hit = self._cache.get(addr)
-        if hit and hit[0] > now:
-            return hit[1]
-        try:
-            response = await self._client.get("/localapi/v0/whois", params={"addr": addr})
-        except httpx.HTTPError as exc:
-            raise IdentityError(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from None
-        if response.status_code != 200:
-            raise IdentityError(
-                f"whois {addr}: LocalAPI answered {response.status_code} "
-                f"{response.text.strip()[:200]}"
-            )
-        try:
-            body = response.json()
-        except ValueError:
-            raise IdentityError(f"whois {addr}: LocalAPI answered non-JSON") from None
-        if not isinstance(body, dict):
-            raise IdentityError(f"whois {addr}: LocalAPI answered an unexpected shape")
-        if len(self._cache) > 4096:
-            self._cache.clear()
-        self._cache[addr] = (now + self._ttl, body)
-        return body
-
-    async def aclose(self) -> None:
-        await self._client.aclose()

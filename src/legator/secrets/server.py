@@ -14,12 +14,13 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from legator.core.auth.tailscale import WhoIs
 from legator.core.logging import get_logger
 from legator.secrets.acl import AclError, Policy
 from legator.secrets.api import PEER_STATE_KEY, Identifier, create_legerd_app
 from legator.secrets.audit import AuditLog
 from legator.secrets.crypto import load_kek
-from legator.secrets.identity import WhoIs, is_loopback, peer_credentials
+from legator.secrets.identity import is_loopback, peer_credentials
 from legator.secrets.service import SecretsService
 from legator.secrets.store import SecretStore
 
