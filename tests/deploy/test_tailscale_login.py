@@ -74,10 +74,10 @@ def test_refusals(ts_server: LiveServer, tailscale: FakeTailscale) -> None:
         assert denied and denied[0]["actor"] == "tailscale:mallory@example.com"
 
 
-def test_not_configured_is_503(server: LiveServer) -> None:
+def test_not_configured_is_404(server: LiveServer) -> None:
     with server.client() as anon:
         response = anon.post(URL, json={}, headers={"X-Forwarded-For": TAILNET_IP})
-    assert response.status_code == 503 and "LEGATOR_TAILSCALE_SOCKET" in response.text
+    assert response.status_code == 404 and "LEGATOR_TAILSCALE_SOCKET" in response.text
 
 
 def test_leger_falls_back_to_the_api_key_off_the_tailnet(

@@ -98,7 +98,7 @@ def _devices(request: Request) -> DeviceLogins:
 async def tailscale_login(body: DeviceStart, request: Request) -> dict[str, object]:
     """Sign a host in by its Tailscale identity: over the tailnet, the Tailscale user that
     tailscaled names for the caller gets a 30-day API key if a Legator user of that login
-    name or e-mail exists. Anywhere else: 401 (or 503 when Tailscale is not configured)."""
+    name or e-mail exists. Anywhere else: 401 (404 when Tailscale sign-in is not enabled)."""
     logins = request.app.state.deploy_tailscale
     return await logins.login(client_ip(request), body.client_name)  # type: ignore[no-any-return]
 

@@ -10,7 +10,7 @@ from legator.core.audit.service import AuditService
 from legator.core.auth.service import AuthService
 from legator.core.auth.tailscale import WhoIs, WhoIsError, is_tailnet, login_name
 from legator.core.db.base import utcnow
-from legator.core.errors import ServiceUnavailable, Unauthorized
+from legator.core.errors import NotFound, Unauthorized
 
 KEY_TTL = timedelta(days=30)
 
@@ -23,8 +23,8 @@ class TailscaleLogins:
 
     async def login(self, client_ip: str, client_name: str) -> dict[str, object]:
         if self.whois is None:
-            raise ServiceUnavailable(
-                "Tailscale sign-in is not configured here (LEGATOR_TAILSCALE_SOCKET is unset)"
+            raise NotFound(
+                "Tailscale sign-in is not enabled here (LEGATOR_TAILSCALE_SOCKET is unset)"
             )
         if not is_tailnet(client_ip):
             raise Unauthorized("this request did not come over the tailnet")
