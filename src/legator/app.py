@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from legator.brain.wing import install_brain
 from legator.core.config import Settings
 from legator.core.http.app import CredentialsSink, create_core_app, print_initial_credentials
 from legator.core.runtime import Core, build_core
@@ -26,4 +27,5 @@ def create_app(
     install_fleet(app, core)
     install_deploy(app, core)
     install_gateway(app, core)
+    install_brain(app, core)
     return app

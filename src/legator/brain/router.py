@@ -1,0 +1,65 @@
+"""HTTP API of the brain: task runner, probe chat (REST and WebSocket) and fleet chat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from legator.brain.schemas import ChatIn, FleetChatIn, TaskIn
+from legator.brain.service import BrainService
+from legator.core.auth.permissions import Permission as P
+from legator.core.auth.principal import Principal
+from legator.core.http.deps import require
+
+router = APIRouter(prefix="/api/v1", tags=["brain"])
+
+
+def brain_of(request: Request) -> BrainService:
+    return request.app.state.brain  # type: ignore[no-any-return]
+
+
+@router.post("/probes/{probe_id}/task")
+async def run_task(
+    probe_id: str, body: TaskIn, request: Request, principal: Principal = require(P.FLEET_COMMAND)
+) -> dict[str, Any]:
+    """Run an agent loop towards ``goal`` on one probe; returns the transcript. Commands pass
+    the gate; one that needs approval holds the task until it is decided."""
+    return await brain_of(request).run_task(
+        principal, probe_id, body.goal, max_steps=body.max_steps, timeout_s=body.timeout_s
+    )
+
+
+@router.post("/probes/{probe_id}/chat")
+async def probe_chat(
+    probe_id: str, body: ChatIn, request: Request, principal: Principal = require(P.FLEET_COMMAND)
+) -> dict[str, Any]:
+    """One message in a persistent per-probe conversation (omit ``session_id`` to start)."""
+    return await brain_of(request).probe_chat(principal, probe_id, body.message, body.session_id)
+
+
+@router.get("/probes/{probe_id}/chat/sessions")
+async def probe_chat_sessions(
+    probe_id: str, request: Request, principal: Principal = require(P.FLEET_READ)
+) -> list[dict[str, Any]]:
+    rows = await brain_of(request).sessions(principal, probe_id)
+    return [
+        {
+            "id": row.id,
+            "target": row.target,
+            "messages": row.messages,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+        }
+        for row in rows
+    ]
+
+
+@router.post("/fleet/chat")
+async def fleet_chat(
+    body: FleetChatIn, request: Request, principal: Principal = require(P.FLEET_COMMAND)
+) -> dict[str, Any]:
+    """Chat about a probe, a tag or the whole fleet; commands on a tag are one fan-out."""
+    return await brain_of(request).fleet_chat(
+        principal, body.message, probe=body.probe, tag=body.tag, session_id=body.session_id
+    )
