@@ -11,6 +11,7 @@ from legator.core.runtime import Core, build_core
 from legator.deploy import install_deploy
 from legator.fleet.wing import install_fleet
 from legator.gateway import install_gateway
+from legator.mcp.server import install_mcp
 from legator.secrets.router import install_secrets
 
 
@@ -28,4 +29,5 @@ def create_app(
     install_deploy(app, core)
     install_gateway(app, core)
     install_brain(app, core)
+    install_mcp(app, core)
     return app
