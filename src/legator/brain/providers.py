@@ -51,6 +51,7 @@ class ProviderConfig:
     model: str
     api_key: str = ""
     base_url: str | None = None
+    max_tokens: int = 1024
 
 
 class Provider(Protocol):
@@ -78,6 +79,7 @@ class OpenAIProvider:
 
     def __init__(self, config: ProviderConfig, *, max_retries: int = 2) -> None:
         self.model = config.model
+        self.max_tokens = config.max_tokens
         self.client = openai.AsyncOpenAI(
             api_key=config.api_key or "none",
             base_url=config.base_url,
@@ -118,6 +120,20 @@ class OpenAIProvider:
                 out.append({"role": message["role"], "content": message["content"]})
         return out
 
+    @staticmethod
+    def wire_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool["name"],
+                    "description": tool["description"],
+                    "parameters": tool["parameters"],
+                },
+            }
+            for tool in tools
+        ]
+
     async def turn(
         self,
         system: str,
@@ -125,19 +141,7 @@ class OpenAIProvider:
         tools: list[dict[str, Any]],
         on_token: OnToken | None = None,
     ) -> Turn:
-        kwargs: dict[str, Any] = {}
-        if tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": tool["name"],
-                        "description": tool["description"],
-                        "parameters": tool["parameters"],
-                    },
-                }
-                for tool in tools
-            ]
+        kwargs: dict[str, Any] = {"tools": self.wire_tools(tools)} if tools else {}
         result = Turn()
         calls: dict[int, dict[str, str]] = {}
         try:
@@ -146,6 +150,7 @@ class OpenAIProvider:
                 messages=self.wire_messages(system, messages),  # type: ignore[arg-type]
                 stream=True,
                 stream_options={"include_usage": True},
+                max_tokens=self.max_tokens,
                 **kwargs,
             )
             async for chunk in stream:
@@ -184,6 +189,7 @@ class AnthropicProvider:
 
     def __init__(self, config: ProviderConfig, *, max_retries: int = 2) -> None:
         self.model = config.model
+        self.max_tokens = config.max_tokens
         self.client = anthropic.AsyncAnthropic(
             api_key=config.api_key or "none",
             base_url=config.base_url,
@@ -246,7 +252,7 @@ class AnthropicProvider:
         try:
             async with self.client.messages.stream(
                 model=self.model,
-                max_tokens=4096,
+                max_tokens=self.max_tokens,
                 messages=self.wire_messages(messages),  # type: ignore[arg-type]
                 **kwargs,
             ) as stream:
@@ -270,16 +276,24 @@ def config_from_settings(settings: Settings) -> ProviderConfig | None:
     if not settings.llm_provider or not settings.llm_model:
         return None
     key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
-    return ProviderConfig(settings.llm_provider, settings.llm_model, key, settings.llm_base_url)
+    return ProviderConfig(
+        settings.llm_provider,
+        settings.llm_model,
+        key,
+        settings.llm_base_url,
+        settings.brain_max_tokens,
+    )
 
 
-def build_provider(config: ProviderConfig | None) -> Provider:
+def build_provider(config: ProviderConfig | None, gateway: Any = None) -> Provider:
     if config is None:
         raise ServiceUnavailable(NOT_CONFIGURED)
     if config.provider == "openai":
         return OpenAIProvider(config)
     if config.provider == "anthropic":
         return AnthropicProvider(config)
-    raise ServiceUnavailable(
-        f"LLM provider {config.provider!r} is not available in this release; {NOT_CONFIGURED}"
-    )
+    if config.provider == "local" and gateway is not None:
+        from legator.brain.local import LocalProvider
+
+        return LocalProvider(gateway, config.model, config.max_tokens)
+    raise ServiceUnavailable(f"LLM provider {config.provider!r} is not available; {NOT_CONFIGURED}")

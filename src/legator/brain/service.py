@@ -51,7 +51,9 @@ class BrainService:
         self.settings = core.settings
 
     def provider(self) -> Provider:
-        return build_provider(config_from_settings(self.settings))
+        return build_provider(
+            config_from_settings(self.settings), getattr(self.state, "gateway", None)
+        )
 
     def _toolbox(
         self,

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     brain_approval_wait_s: float = Field(
         900.0, gt=0, le=86400, description="How long a chat or task waits for an approval."
     )
+    brain_max_tokens: int = Field(
+        1024, ge=16, le=200_000, description="Most tokens the model may write in one turn."
+    )
     brain_output_chars: int = Field(
         4000, ge=200, le=1_000_000, description="Command output kept per stream for the model."
     )
