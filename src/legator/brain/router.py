@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
 
 from legator.brain.schemas import ChatIn, FleetChatIn, TaskIn
 from legator.brain.service import BrainService
 from legator.core.auth.permissions import Permission as P
 from legator.core.auth.principal import Principal
-from legator.core.http.deps import require
+from legator.core.errors import AppError
+from legator.core.http.deps import _same_origin, require
 
 router = APIRouter(prefix="/api/v1", tags=["brain"])
+ws_router = APIRouter(tags=["brain"])
 
 
 def brain_of(request: Request) -> BrainService:
@@ -63,3 +67,62 @@ async def fleet_chat(
     return await brain_of(request).fleet_chat(
         principal, body.message, probe=body.probe, tag=body.tag, session_id=body.session_id
     )
+
+
+@ws_router.websocket("/ws/chat")
+async def chat_socket(
+    websocket: WebSocket, principal: Principal = require(P.FLEET_COMMAND)
+) -> None:
+    """Streaming chat. Send ``{"message", "probe" | "tag" | neither (whole fleet),
+    "session_id"?}``; receive ``token`` events as the model writes, ``tool`` events
+    (command results, pending approvals), then ``done`` with the transcript, or ``error``."""
+    if principal.method == "session" and not _same_origin(websocket):
+        await websocket.close(code=1008, reason="cross-site WebSocket refused")
+        return
+    await websocket.accept()
+    brain: BrainService = websocket.app.state.brain
+
+    async def on_token(text: str) -> None:
+        await websocket.send_json({"type": "token", "text": text})
+
+    async def emit(kind: str, data: dict[str, Any]) -> None:
+        await websocket.send_json({"type": "tool", "event": kind, "data": _jsonable(data)})
+
+    try:
+        while True:
+            raw = await websocket.receive_json()
+            try:
+                body = FleetChatIn.model_validate(raw)
+                if body.probe and not body.tag:
+                    result = await brain.probe_chat(
+                        principal,
+                        body.probe,
+                        body.message,
+                        body.session_id,
+                        on_token=on_token,
+                        emit=emit,
+                    )
+                else:
+                    result = await brain.fleet_chat(
+                        principal,
+                        body.message,
+                        tag=body.tag,
+                        session_id=body.session_id,
+                        on_token=on_token,
+                        emit=emit,
+                    )
+            except ValidationError as exc:
+                await websocket.send_json({"type": "error", "message": str(exc)})
+                continue
+            except AppError as exc:
+                await websocket.send_json(
+                    {"type": "error", "code": exc.code, "message": exc.message}
+                )
+                continue
+            await websocket.send_json({"type": "done", **_jsonable(result)})
+    except WebSocketDisconnect:
+        return
+
+
+def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(value, default=str))  # type: ignore[no-any-return]
