@@ -37,6 +37,7 @@ class ScriptedLLM:
     def __init__(self, script: list[Step] | None = None) -> None:
         self.script: list[Step] = list(script or [])
         self.requests: list[dict[str, Any]] = []
+        self.keys: list[str] = []  # the API key each request carried
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
@@ -61,7 +62,9 @@ class ScriptedLLM:
         self._server.should_exit = True
         self._thread.join(10)
 
-    def _next(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _next(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        self.keys.append(request.headers.get("x-api-key") or bearer)
         self.requests.append(body)
         if not self.script:
             return {"status": 500, "message": "the script has no more steps"}
@@ -72,7 +75,7 @@ class ScriptedLLM:
 
     async def _openai(self, request: Request) -> Response:
         body = await request.json()
-        step = self._next(body)
+        step = self._next(request, body)
         if "status" in step:
             return JSONResponse(
                 {"error": {"message": step.get("message", "outage"), "type": "server_error"}},
@@ -127,7 +130,7 @@ class ScriptedLLM:
 
     async def _anthropic(self, request: Request) -> Response:
         body = await request.json()
-        step = self._next(body)
+        step = self._next(request, body)
         if "status" in step:
             return JSONResponse(
                 {

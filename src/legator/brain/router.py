@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from legator.brain.dock import ActivateIn, ProfileIn, ProfileOut, ProfilePatch
 from legator.brain.schemas import ChatIn, FleetChatIn, TaskIn
 from legator.brain.service import BrainService
 from legator.core.auth.permissions import Permission as P
@@ -67,6 +68,63 @@ async def fleet_chat(
     return await brain_of(request).fleet_chat(
         principal, body.message, probe=body.probe, tag=body.tag, session_id=body.session_id
     )
+
+
+# ---- Model Dock ---------------------------------------------------------------------------
+
+
+@router.get("/brain/profiles", response_model=list[ProfileOut])
+async def list_profiles(
+    request: Request, principal: Principal = require(P.FLEET_READ)
+) -> list[ProfileOut]:
+    """Model profiles with the features routed to each; keys are masked."""
+    return await brain_of(request).dock.list()
+
+
+@router.post("/brain/profiles", response_model=ProfileOut, status_code=201)
+async def create_profile(
+    body: ProfileIn, request: Request, principal: Principal = require(P.FLEET_ADMIN)
+) -> ProfileOut:
+    """Add a profile; its ``api_key`` goes to the encrypted secrets store, never back out."""
+    return await brain_of(request).dock.create(body, principal)
+
+
+@router.patch("/brain/profiles/{profile_id}", response_model=ProfileOut)
+async def update_profile(
+    profile_id: str,
+    body: ProfilePatch,
+    request: Request,
+    principal: Principal = require(P.FLEET_ADMIN),
+) -> ProfileOut:
+    return await brain_of(request).dock.update(profile_id, body, principal)
+
+
+@router.delete("/brain/profiles/{profile_id}", status_code=204)
+async def delete_profile(
+    profile_id: str, request: Request, principal: Principal = require(P.FLEET_ADMIN)
+) -> Response:
+    """Remove a profile, its routes and its stored key."""
+    await brain_of(request).dock.delete(profile_id, principal)
+    return Response(status_code=204)
+
+
+@router.post("/brain/profiles/{profile_id}/activate", response_model=ProfileOut)
+async def activate_profile(
+    profile_id: str,
+    body: ActivateIn,
+    request: Request,
+    principal: Principal = require(P.FLEET_ADMIN),
+) -> ProfileOut:
+    """Route features (``probe_chat``, ``fleet_chat``, ``task``; default all) to this profile."""
+    return await brain_of(request).dock.activate(profile_id, list(body.features), principal)
+
+
+@router.get("/brain/usage")
+async def brain_usage(
+    request: Request, principal: Principal = require(P.FLEET_READ)
+) -> list[dict[str, Any]]:
+    """Model turns and tokens per profile (``env`` = the LEGATOR_LLM_* fallback) and feature."""
+    return await brain_of(request).dock.usage()
 
 
 @ws_router.websocket("/ws/chat")

@@ -8,8 +8,9 @@ from typing import Any
 from sqlalchemy import select
 
 from legator.brain.agent import Transcript, converse
+from legator.brain.dock import ModelDock
 from legator.brain.models import ChatSession
-from legator.brain.providers import OnToken, Provider, build_provider, config_from_settings
+from legator.brain.providers import OnToken, Provider, build_provider
 from legator.brain.tools import Emit, Toolbox
 from legator.core.auth.principal import Principal
 from legator.core.db.base import utcnow
@@ -49,10 +50,20 @@ class BrainService:
         self.core = core
         self.state = state
         self.settings = core.settings
+        self.dock = ModelDock(core, state)
 
-    def provider(self) -> Provider:
-        return build_provider(
-            config_from_settings(self.settings), getattr(self.state, "gateway", None)
+    async def provider(self, feature: str) -> tuple[str, Provider]:
+        """The provider routed to ``feature`` (Model Dock), else the LEGATOR_LLM_* one."""
+        profile, config = await self.dock.resolve(feature)
+        return profile, build_provider(config, getattr(self.state, "gateway", None))
+
+    async def _account(self, profile: str, feature: str, transcript: Transcript) -> None:
+        await self.dock.account(
+            profile,
+            feature,
+            transcript.input_tokens,
+            transcript.output_tokens,
+            len(transcript.steps),
         )
 
     def _toolbox(
@@ -107,7 +118,7 @@ class BrainService:
         timeout_s: float | None = None,
         emit: Emit | None = None,
     ) -> dict[str, Any]:
-        provider = self.provider()
+        profile, provider = await self.provider("task")
         await self.state.fleet.registry.get(probe_id)  # 404 before any model call
         system = f"{SYSTEM}\n\n{await self._probe_context(probe_id)}"
         messages: list[dict[str, Any]] = [{"role": "user", "content": f"Goal: {goal}"}]
@@ -125,13 +136,20 @@ class BrainService:
             timeout_s=timeout_s or self.settings.brain_task_timeout_s,
             on_step=on_step,
         )
+        await self._account(profile, "task", transcript)
         await self._audit(
             principal,
             "brain.task.finished",
             probe_id,
             {"goal": goal, "status": transcript.status, "error": transcript.error},
         )
-        return {"probe_id": probe_id, "goal": goal, "model": provider.model, **transcript.as_dict()}
+        return {
+            "probe_id": probe_id,
+            "goal": goal,
+            "profile": profile,
+            "model": provider.model,
+            **transcript.as_dict(),
+        }
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -167,8 +185,9 @@ class BrainService:
         session_id: str | None,
         toolbox: Toolbox,
         on_token: OnToken | None,
+        feature: str,
     ) -> dict[str, Any]:
-        provider = self.provider()
+        profile, provider = await self.provider(feature)
         row = await self._session(principal, scope, target, session_id)
         history = trim_history(
             [*(row.messages or []), {"role": "user", "content": message}], HISTORY_TOKEN_BUDGET
@@ -183,6 +202,7 @@ class BrainService:
             timeout_s=self.settings.brain_task_timeout_s,
             on_token=on_token,
         )
+        await self._account(profile, feature, transcript)
         if transcript.status == "completed":
             await self._save(row, messages)
         await self._audit(
@@ -203,10 +223,11 @@ class BrainService:
         on_token: OnToken | None = None,
         emit: Emit | None = None,
     ) -> dict[str, Any]:
-        self.provider()
+        await self.provider("probe_chat")  # 503 before anything else when none is configured
         await self.state.fleet.registry.get(probe_id)
         return await self._chat(
-            principal,
+            feature="probe_chat",
+            principal=principal,
             scope="probe",
             target=probe_id,
             system=f"{SYSTEM}\n\n{await self._probe_context(probe_id)}",
@@ -227,7 +248,7 @@ class BrainService:
         on_token: OnToken | None = None,
         emit: Emit | None = None,
     ) -> dict[str, Any]:
-        self.provider()
+        await self.provider("fleet_chat")
         if probe and tag:
             raise BadRequest("give either a probe or a tag, not both")
         registry = self.state.fleet.registry
@@ -249,7 +270,8 @@ class BrainService:
             f"Use run_on_tag with tag {tag!r} to act on all of them at once." if tag else ""
         )
         return await self._chat(
-            principal,
+            feature="fleet_chat",
+            principal=principal,
             scope="fleet",
             target=target,
             system=system,
