@@ -39,6 +39,8 @@ def test_probe_chat_keeps_a_persistent_session(
     # The probe's context (policy, health) is in the system prompt.
     system = str(llm.requests[0].get("system") or llm.requests[0]["messages"][0]["content"])
     assert pid in system and "observe-only" in system
+    later = str(llm.requests[-1].get("system") or llm.requests[-1]["messages"][0]["content"])
+    assert "Recent commands:" in later and "uptime" in later.split("Recent commands:")[1]
     sessions = admin.get(f"/api/v1/probes/{pid}/chat/sessions").json()
     assert [s["id"] for s in sessions] == [body["session_id"]]
     assert len(sessions[0]["messages"]) == 6

@@ -12,6 +12,7 @@ from legator.brain.dock import ModelDock
 from legator.brain.models import ChatSession
 from legator.brain.providers import OnToken, Provider, build_provider
 from legator.brain.tools import Emit, Toolbox
+from legator.core.audit.service import AuditFilter
 from legator.core.auth.principal import Principal
 from legator.core.db.base import utcnow
 from legator.core.errors import BadRequest, NotFound
@@ -93,11 +94,21 @@ class BrainService:
         probe = await fleet.registry.get(probe_id)
         policy, policy_name = await fleet.commands.effective_policy(probe)
         inventory = json.dumps(detail.inventory, default=str)[:3000]
+        events, _ = await self.core.audit.query(
+            AuditFilter(action="fleet.command.dispatch", target=probe_id), limit=5
+        )
+        recent = "; ".join(
+            f"{e.ts:%Y-%m-%d %H:%M} {e.actor}: "
+            + " ".join([str(e.details.get("command", "")), *map(str, e.details.get("args") or [])])
+            + f" (request {e.details.get('request_id')})"
+            for e in events
+        )
         return (
             f"Target probe: {probe_id} (hostname {detail.hostname}, os {detail.os}, "
             f"status {detail.status}, tags {', '.join(detail.tags) or 'none'}).\n"
             f"Health: {health.score}/100 {'; '.join(health.reasons)}\n"
             f"Policy: {policy_name} (level {policy.level}).\n"
+            f"Recent commands: {recent or 'none'}\n"
             f"Inventory (abridged): {inventory}"
         )
 
