@@ -177,3 +177,28 @@ def test_step_limit_ends_the_task(admin: httpx.Client, spawn_probe, llm: Scripte
     transcript = response.json()
     assert transcript["status"] == "step_limit" and len(transcript["steps"]) == 2
     assert len(llm.requests) == 2
+
+
+def test_undecided_approval_is_cancelled_when_the_task_times_out(
+    admin: httpx.Client, spawn_probe, llm: ScriptedLLM, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    probe = spawn_probe("task-timeout", max_level="remediate", policy="full-remediate")
+    victim = tmp_path / "x"
+    victim.mkdir()
+    command = {"probe": probe.probe_id, "command": "rm", "args": ["-rf", str(victim)]}
+    llm.script = [{"tools": [("run_command", {**command, "reason": "clean"})]}]
+    response = admin.post(
+        f"/api/v1/probes/{probe.probe_id}/task", json={"goal": "clean", "timeout_s": 2}
+    )
+    transcript = response.json()
+    assert transcript["status"] == "time_limit", transcript
+    call = transcript["steps"][0]["tools"][0]
+    assert call["approval"]["status"] == "cancelled"
+    approval = admin.get(f"/api/v1/approvals/{call['approval']['id']}").json()
+    assert approval["status"] == "cancelled"
+    # Approving it now is refused: it can never run behind the finished task's back.
+    late = admin.post(
+        f"/api/v1/approvals/{call['approval']['id']}/decide", json={"decision": "approve"}
+    )
+    assert late.status_code == 409
+    assert victim.exists() and dispatches(admin) == []

@@ -46,6 +46,7 @@ async def converse(
     """Run the loop; ``messages`` is extended in place with every assistant and tool turn."""
     transcript = Transcript()
     deadline = time.monotonic() + timeout_s
+    toolbox.deadline = deadline
     for number in range(1, max_steps + 1):
         if time.monotonic() >= deadline:
             transcript.status = "time_limit"

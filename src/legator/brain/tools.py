@@ -142,6 +142,7 @@ class Toolbox:
         self.output_chars = output_chars
         self.allowed_probes = allowed_probes
         self.emit = emit
+        self.deadline: float | None = None  # monotonic; the conversation's time limit
         self.tools = [*TOOLS, FLEET_TOOL] if fleet_tags else list(TOOLS)
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
@@ -225,7 +226,7 @@ class Toolbox:
     ) -> ToolOutcome:
         record["approval"] = {"id": approval.id, "rationale": approval.rationale}
         await self._emit("approval_pending", record)
-        decided = await self.approvals.wait(approval.id, self.approval_wait_s)
+        decided = await self._wait(approval.id)
         record["approval"]["status"] = decided.status
         if decided.status != "dispatched":
             await self._emit("approval_decided", record)
@@ -233,8 +234,8 @@ class Toolbox:
             text = f"the approval {approval.id} ended as {decided.status}" + (
                 f": {reasons}" if reasons else ""
             )
-            if decided.status == "pending":
-                text = f"the approval {approval.id} is still pending; nothing ran"
+            if decided.status == "cancelled":
+                text = f"nobody decided on approval {approval.id} in time; it was cancelled"
             return ToolOutcome(text + ". The command did not run.", record)
         result = decided.result or {}
         request_id = (result.get("request_ids") or {}).get(probe_id)
@@ -246,6 +247,22 @@ class Toolbox:
         record["result"] = self._command_view(row)
         await self._emit("command_result", record)
         return ToolOutcome(json.dumps(record["result"]), record)
+
+    async def _wait(self, approval_id: str) -> Any:
+        """Wait for the decision within the conversation's limits. An approval nobody decided
+        in time is cancelled, so it cannot run later behind the conversation's back."""
+        wait_s = self.approval_wait_s
+        if self.deadline is not None:
+            wait_s = max(0.0, min(wait_s, self.deadline - time.monotonic()))
+        decided = await self.approvals.wait(approval_id, wait_s)
+        if decided.status == "pending":
+            try:
+                decided = await self.approvals.cancel(
+                    approval_id, self.principal, "the conversation stopped waiting"
+                )
+            except AppError:  # decided in the meantime
+                decided = await self.approvals.wait(approval_id, 5.0)
+        return decided
 
     async def _tool_run_on_tag(self, arguments: dict[str, Any]) -> ToolOutcome:
         tag = str(arguments.get("tag") or "")
@@ -280,7 +297,7 @@ class Toolbox:
             approval = verdict.approval
             record["approval"] = {"id": approval.id, "rationale": approval.rationale}
             await self._emit("approval_pending", record)
-            decided = await self.approvals.wait(approval.id, self.approval_wait_s)
+            decided = await self._wait(approval.id)
             record["approval"]["status"] = decided.status
             if decided.status == "dispatched":
                 for probe_id, request_id in (decided.result or {}).get("request_ids", {}).items():
