@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from legator.brain.wing import install_brain
 from legator.core.config import Settings
 from legator.core.http.app import CredentialsSink, create_core_app, print_initial_credentials
 from legator.core.runtime import Core, build_core
 from legator.deploy import install_deploy
 from legator.fleet.wing import install_fleet
 from legator.gateway import install_gateway
+from legator.mcp.server import install_mcp
 from legator.secrets.router import install_secrets
 
 
@@ -26,4 +28,6 @@ def create_app(
     install_fleet(app, core)
     install_deploy(app, core)
     install_gateway(app, core)
+    install_brain(app, core)
+    install_mcp(app, core)
     return app

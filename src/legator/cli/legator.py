@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from legator.cli import brain as brain_cli
 from legator.cli import fleet as fleet_cli
 from legator.cli.approvals import app as approvals_app
 from legator.cli.common import (
@@ -51,6 +52,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(fleet_cli.tokens_app, name="tokens")
 app.add_typer(fleet_cli.probes_app, name="probes")
 app.command("run")(fleet_cli.run)
+app.command("chat")(brain_cli.chat)
+app.command("task")(brain_cli.task)
 app.add_typer(approvals_app, name="approvals")
 
 DataDir = Annotated[

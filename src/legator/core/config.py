@@ -54,6 +54,19 @@ class Settings(BaseSettings):
     llm_model: str = ""
     llm_api_key: SecretStr | None = None
     llm_base_url: str | None = None
+    brain_max_steps: int = Field(12, ge=1, le=100, description="Task runner: most model turns.")
+    brain_task_timeout_s: float = Field(
+        900.0, gt=0, le=86400, description="Task runner: wall-clock limit of one task."
+    )
+    brain_approval_wait_s: float = Field(
+        900.0, gt=0, le=86400, description="How long a chat or task waits for an approval."
+    )
+    brain_max_tokens: int = Field(
+        1024, ge=16, le=200_000, description="Most tokens the model may write in one turn."
+    )
+    brain_output_chars: int = Field(
+        4000, ge=200, le=1_000_000, description="Command output kept per stream for the model."
+    )
 
     oidc_issuer: str | None = None
     oidc_client_id: str | None = None

@@ -1,0 +1,299 @@
+"""LLM providers behind one small interface: a streamed turn with native tool calling.
+
+Messages are kept in a neutral form (``user``/``assistant``/``tool`` dicts) and translated
+to each API's wire format here, so the chat, fleet chat and task runner never see a vendor
+shape. The official ``openai`` and ``anthropic`` SDKs speak the wire protocols."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anthropic
+import openai
+
+from legator.core.config import Settings
+from legator.core.errors import ServiceUnavailable
+
+OnToken = Callable[[str], Awaitable[None]]
+
+NOT_CONFIGURED = (
+    "no LLM provider is configured: set LEGATOR_LLM_PROVIDER (openai, anthropic or local), "
+    "LEGATOR_LLM_MODEL and, for remote APIs, LEGATOR_LLM_API_KEY (and LEGATOR_LLM_BASE_URL "
+    "for an OpenAI-compatible server such as Ollama, vLLM or llama.cpp)"
+)
+
+
+class ProviderError(Exception):
+    """The model could not be reached or answered with an error."""
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Turn:
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    provider: str
+    model: str
+    api_key: str = ""
+    base_url: str | None = None
+    max_tokens: int = 1024
+
+
+class Provider(Protocol):
+    model: str
+
+    async def turn(
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        on_token: OnToken | None = None,
+    ) -> Turn: ...
+
+
+def _parse_arguments(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw or "{}")
+    except json.JSONDecodeError:
+        return {"_invalid_json": raw}
+    return value if isinstance(value, dict) else {"_invalid_json": raw}
+
+
+class OpenAIProvider:
+    """Any OpenAI-compatible chat completions API (OpenAI, Ollama, vLLM, llama.cpp)."""
+
+    def __init__(self, config: ProviderConfig, *, max_retries: int = 2) -> None:
+        self.model = config.model
+        self.max_tokens = config.max_tokens
+        self.client = openai.AsyncOpenAI(
+            api_key=config.api_key or "none",
+            base_url=config.base_url,
+            max_retries=max_retries,
+        )
+
+    @staticmethod
+    def wire_messages(system: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        for message in messages:
+            if message["role"] == "tool":
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": message["tool_call_id"],
+                        "content": message["content"],
+                    }
+                )
+            elif message["role"] == "assistant" and message.get("tool_calls"):
+                out.append(
+                    {
+                        "role": "assistant",
+                        "content": message.get("content") or None,
+                        "tool_calls": [
+                            {
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {
+                                    "name": call["name"],
+                                    "arguments": json.dumps(call["arguments"]),
+                                },
+                            }
+                            for call in message["tool_calls"]
+                        ],
+                    }
+                )
+            else:
+                out.append({"role": message["role"], "content": message["content"]})
+        return out
+
+    @staticmethod
+    def wire_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool["name"],
+                    "description": tool["description"],
+                    "parameters": tool["parameters"],
+                },
+            }
+            for tool in tools
+        ]
+
+    async def turn(
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        on_token: OnToken | None = None,
+    ) -> Turn:
+        kwargs: dict[str, Any] = {"tools": self.wire_tools(tools)} if tools else {}
+        result = Turn()
+        calls: dict[int, dict[str, str]] = {}
+        try:
+            stream = await self.client.chat.completions.create(
+                model=self.model,
+                messages=self.wire_messages(system, messages),  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=self.max_tokens,
+                **kwargs,
+            )
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    result.input_tokens = chunk.usage.prompt_tokens or 0
+                    result.output_tokens = chunk.usage.completion_tokens or 0
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta
+                if delta.content:
+                    result.text += delta.content
+                    if on_token is not None:
+                        await on_token(delta.content)
+                for part in delta.tool_calls or []:
+                    slot = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                    if part.id:
+                        slot["id"] = part.id
+                    if part.function is not None:
+                        slot["name"] += part.function.name or ""
+                        slot["arguments"] += part.function.arguments or ""
+        except openai.APIError as exc:
+            raise ProviderError(f"OpenAI-compatible provider failed: {exc}") from exc
+        result.tool_calls = [
+            ToolCall(
+                id=slot["id"] or f"call_{index}",
+                name=slot["name"],
+                arguments=_parse_arguments(slot["arguments"]),
+            )
+            for index, slot in sorted(calls.items())
+        ]
+        return result
+
+
+class AnthropicProvider:
+    """Anthropic's native Messages API, with tool_use / tool_result blocks."""
+
+    def __init__(self, config: ProviderConfig, *, max_retries: int = 2) -> None:
+        self.model = config.model
+        self.max_tokens = config.max_tokens
+        self.client = anthropic.AsyncAnthropic(
+            api_key=config.api_key or "none",
+            base_url=config.base_url,
+            max_retries=max_retries,
+        )
+
+    @staticmethod
+    def wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for message in messages:
+            if message["role"] == "tool":
+                block = {
+                    "type": "tool_result",
+                    "tool_use_id": message["tool_call_id"],
+                    "content": message["content"],
+                }
+                # Consecutive tool results travel in one user turn, as the API requires.
+                if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):
+                    out[-1]["content"].append(block)
+                else:
+                    out.append({"role": "user", "content": [block]})
+            elif message["role"] == "assistant":
+                blocks: list[dict[str, Any]] = []
+                if message.get("content"):
+                    blocks.append({"type": "text", "text": message["content"]})
+                for call in message.get("tool_calls") or []:
+                    blocks.append(
+                        {
+                            "type": "tool_use",
+                            "id": call["id"],
+                            "name": call["name"],
+                            "input": call["arguments"],
+                        }
+                    )
+                out.append({"role": "assistant", "content": blocks})
+            else:
+                out.append({"role": "user", "content": message["content"]})
+        return out
+
+    async def turn(
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        on_token: OnToken | None = None,
+    ) -> Turn:
+        kwargs: dict[str, Any] = {}
+        if system:
+            kwargs["system"] = system
+        if tools:
+            kwargs["tools"] = [
+                {
+                    "name": tool["name"],
+                    "description": tool["description"],
+                    "input_schema": tool["parameters"],
+                }
+                for tool in tools
+            ]
+        result = Turn()
+        try:
+            async with self.client.messages.stream(
+                model=self.model,
+                max_tokens=self.max_tokens,
+                messages=self.wire_messages(messages),  # type: ignore[arg-type]
+                **kwargs,
+            ) as stream:
+                async for text in stream.text_stream:
+                    result.text += text
+                    if on_token is not None:
+                        await on_token(text)
+                final = await stream.get_final_message()
+        except anthropic.APIError as exc:
+            raise ProviderError(f"Anthropic provider failed: {exc}") from exc
+        for block in final.content:
+            if block.type == "tool_use":
+                arguments = block.input if isinstance(block.input, dict) else {}
+                result.tool_calls.append(ToolCall(block.id, block.name, dict(arguments)))
+        result.input_tokens = final.usage.input_tokens
+        result.output_tokens = final.usage.output_tokens
+        return result
+
+
+def config_from_settings(settings: Settings) -> ProviderConfig | None:
+    if not settings.llm_provider or not settings.llm_model:
+        return None
+    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
+    return ProviderConfig(
+        settings.llm_provider,
+        settings.llm_model,
+        key,
+        settings.llm_base_url,
+        settings.brain_max_tokens,
+    )
+
+
+def build_provider(config: ProviderConfig | None, gateway: Any = None) -> Provider:
+    if config is None:
+        raise ServiceUnavailable(NOT_CONFIGURED)
+    if config.provider == "openai":
+        return OpenAIProvider(config)
+    if config.provider == "anthropic":
+        return AnthropicProvider(config)
+    if config.provider == "local" and gateway is not None:
+        from legator.brain.local import LocalProvider
+
+        return LocalProvider(gateway, config.model, config.max_tokens)
+    raise ServiceUnavailable(f"LLM provider {config.provider!r} is not available; {NOT_CONFIGURED}")

@@ -1,0 +1,304 @@
+"""Probe chat, fleet chat and the task runner: prompts, sessions, limits and audit."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import select
+
+from legator.brain.agent import Transcript, converse
+from legator.brain.dock import ModelDock
+from legator.brain.models import ChatSession
+from legator.brain.providers import OnToken, Provider, build_provider
+from legator.brain.tools import Emit, Toolbox
+from legator.core.audit.service import AuditFilter
+from legator.core.auth.principal import Principal
+from legator.core.db.base import utcnow
+from legator.core.errors import BadRequest, NotFound
+from legator.core.runtime import Core
+
+SYSTEM = (
+    "You are Legator's operations assistant. You act on hosts only through the tools given; "
+    "every command passes a policy gate and may wait for a human approval or be refused. "
+    "Prefer read-only diagnosis first; propose changes only when the evidence calls for "
+    "them, with a short reason. Answer concisely."
+)
+
+HISTORY_TOKEN_BUDGET = 6000
+
+
+def _tokens(message: dict[str, Any]) -> int:
+    # A rough count (4 characters a token) is enough to keep a history inside its budget.
+    return len(json.dumps(message, default=str)) // 4 + 4
+
+
+def trim_history(messages: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """Drop the oldest exchanges until the history fits, never the last exchange (from the
+    last user message on), and never leaving a tool result without its call."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=0)
+    kept = list(messages)
+    start = 0
+    while start < last_user and sum(_tokens(m) for m in kept[start:]) > budget:
+        start += 1
+        while start < last_user and kept[start]["role"] != "user":
+            start += 1
+    return kept[start:]
+
+
+class BrainService:
+    def __init__(self, core: Core, state: Any) -> None:
+        self.core = core
+        self.state = state
+        self.settings = core.settings
+        self.dock = ModelDock(core, state)
+
+    async def provider(self, feature: str) -> tuple[str, Provider]:
+        """The provider routed to ``feature`` (Model Dock), else the LEGATOR_LLM_* one."""
+        profile, config = await self.dock.resolve(feature)
+        return profile, build_provider(config, getattr(self.state, "gateway", None))
+
+    async def _account(self, profile: str, feature: str, transcript: Transcript) -> None:
+        await self.dock.account(
+            profile,
+            feature,
+            transcript.input_tokens,
+            transcript.output_tokens,
+            len(transcript.steps),
+        )
+
+    def _toolbox(
+        self,
+        principal: Principal,
+        origin: str,
+        *,
+        allowed: set[str] | None = None,
+        fleet_tags: bool = False,
+        emit: Emit | None = None,
+    ) -> Toolbox:
+        return Toolbox(
+            self.state,
+            principal,
+            origin=origin,
+            approval_wait_s=self.settings.brain_approval_wait_s,
+            output_chars=self.settings.brain_output_chars,
+            allowed_probes=allowed,
+            fleet_tags=fleet_tags,
+            emit=emit,
+        )
+
+    async def _probe_context(self, probe_id: str) -> str:
+        fleet = self.state.fleet
+        detail = await fleet.registry.detail(probe_id)
+        health = await fleet.registry.health(probe_id)
+        probe = await fleet.registry.get(probe_id)
+        policy, policy_name = await fleet.commands.effective_policy(probe)
+        inventory = json.dumps(detail.inventory, default=str)[:3000]
+        events, _ = await self.core.audit.query(
+            AuditFilter(action="fleet.command.dispatch", target=probe_id), limit=5
+        )
+        recent = "; ".join(
+            f"{e.ts:%Y-%m-%d %H:%M} {e.actor}: "
+            + " ".join([str(e.details.get("command", "")), *map(str, e.details.get("args") or [])])
+            + f" (request {e.details.get('request_id')})"
+            for e in events
+        )
+        return (
+            f"Target probe: {probe_id} (hostname {detail.hostname}, os {detail.os}, "
+            f"status {detail.status}, tags {', '.join(detail.tags) or 'none'}).\n"
+            f"Health: {health.score}/100 {'; '.join(health.reasons)}\n"
+            f"Policy: {policy_name} (level {policy.level}).\n"
+            f"Recent commands: {recent or 'none'}\n"
+            f"Inventory (abridged): {inventory}"
+        )
+
+    async def _audit(self, principal: Principal, action: str, target: str, details: Any) -> None:
+        await self.core.audit.log(
+            actor=principal.actor, action=action, target=target, details=details
+        )
+
+    # ---- task runner ---------------------------------------------------------------------
+
+    async def run_task(
+        self,
+        principal: Principal,
+        probe_id: str,
+        goal: str,
+        *,
+        max_steps: int | None = None,
+        timeout_s: float | None = None,
+        emit: Emit | None = None,
+    ) -> dict[str, Any]:
+        profile, provider = await self.provider("task")
+        await self.state.fleet.registry.get(probe_id)  # 404 before any model call
+        system = f"{SYSTEM}\n\n{await self._probe_context(probe_id)}"
+        messages: list[dict[str, Any]] = [{"role": "user", "content": f"Goal: {goal}"}]
+        toolbox = self._toolbox(principal, "task", allowed={probe_id}, emit=emit)
+
+        async def on_step(step: dict[str, Any]) -> None:
+            await self._audit(principal, "brain.task.step", probe_id, {"goal": goal, **step})
+
+        transcript = await converse(
+            provider,
+            system,
+            messages,
+            toolbox,
+            max_steps=max_steps or self.settings.brain_max_steps,
+            timeout_s=timeout_s or self.settings.brain_task_timeout_s,
+            on_step=on_step,
+        )
+        await self._account(profile, "task", transcript)
+        await self._audit(
+            principal,
+            "brain.task.finished",
+            probe_id,
+            {"goal": goal, "status": transcript.status, "error": transcript.error},
+        )
+        return {
+            "probe_id": probe_id,
+            "goal": goal,
+            "profile": profile,
+            "model": provider.model,
+            **transcript.as_dict(),
+        }
+
+    # ---- chat ----------------------------------------------------------------------------
+
+    async def _session(
+        self, principal: Principal, scope: str, target: str, session_id: str | None
+    ) -> ChatSession:
+        if session_id is None:
+            return ChatSession(scope=scope, target=target, owner=principal.actor, messages=[])
+        async with self.core.db.session() as session:
+            row = await session.get(ChatSession, session_id)
+        if row is None or row.owner != principal.actor or row.target != target:
+            raise NotFound(f"no chat session {session_id} for {target}")
+        return row
+
+    async def _save(self, row: ChatSession, messages: list[dict[str, Any]]) -> None:
+        async with self.core.db.write() as session:
+            stored = await session.get(ChatSession, row.id) if row.id else None
+            if stored is None:
+                row.messages = messages
+                session.add(row)
+            else:
+                stored.messages = messages
+                stored.updated_at = utcnow()
+
+    async def _chat(
+        self,
+        principal: Principal,
+        *,
+        scope: str,
+        target: str,
+        system: str,
+        message: str,
+        session_id: str | None,
+        toolbox: Toolbox,
+        on_token: OnToken | None,
+        feature: str,
+    ) -> dict[str, Any]:
+        profile, provider = await self.provider(feature)
+        row = await self._session(principal, scope, target, session_id)
+        history = trim_history(
+            [*(row.messages or []), {"role": "user", "content": message}], HISTORY_TOKEN_BUDGET
+        )
+        messages = list(history)
+        transcript: Transcript = await converse(
+            provider,
+            system,
+            messages,
+            toolbox,
+            max_steps=self.settings.brain_max_steps,
+            timeout_s=self.settings.brain_task_timeout_s,
+            on_token=on_token,
+        )
+        await self._account(profile, feature, transcript)
+        if transcript.status == "completed":
+            await self._save(row, messages)
+        await self._audit(
+            principal,
+            f"brain.{scope}_chat",
+            target,
+            {"session": row.id, "status": transcript.status, "steps": len(transcript.steps)},
+        )
+        return {"session_id": row.id, "target": target, **transcript.as_dict()}
+
+    async def probe_chat(
+        self,
+        principal: Principal,
+        probe_id: str,
+        message: str,
+        session_id: str | None = None,
+        *,
+        on_token: OnToken | None = None,
+        emit: Emit | None = None,
+    ) -> dict[str, Any]:
+        await self.provider("probe_chat")  # 503 before anything else when none is configured
+        await self.state.fleet.registry.get(probe_id)
+        return await self._chat(
+            feature="probe_chat",
+            principal=principal,
+            scope="probe",
+            target=probe_id,
+            system=f"{SYSTEM}\n\n{await self._probe_context(probe_id)}",
+            message=message,
+            session_id=session_id,
+            toolbox=self._toolbox(principal, "chat", allowed={probe_id}, emit=emit),
+            on_token=on_token,
+        )
+
+    async def fleet_chat(
+        self,
+        principal: Principal,
+        message: str,
+        *,
+        probe: str | None = None,
+        tag: str | None = None,
+        session_id: str | None = None,
+        on_token: OnToken | None = None,
+        emit: Emit | None = None,
+    ) -> dict[str, Any]:
+        await self.provider("fleet_chat")
+        if probe and tag:
+            raise BadRequest("give either a probe or a tag, not both")
+        registry = self.state.fleet.registry
+        if probe:
+            rows = [await registry.get(probe)]
+            target = probe
+        elif tag:
+            rows = await registry.rows(tag=tag)
+            if not rows:
+                raise NotFound(f"no probe has the tag {tag!r}")
+            target = f"tag:{tag}"
+        else:
+            rows = await registry.rows()
+            target = "all"
+        listing = "\n".join(
+            f"- {p.id} {p.hostname} status={p.status} tags={','.join(p.tags or [])}" for p in rows
+        )
+        system = f"{SYSTEM}\n\nThis conversation covers {target}. Probes:\n{listing}\n" + (
+            f"Use run_on_tag with tag {tag!r} to act on all of them at once." if tag else ""
+        )
+        return await self._chat(
+            feature="fleet_chat",
+            principal=principal,
+            scope="fleet",
+            target=target,
+            system=system,
+            message=message,
+            session_id=session_id,
+            toolbox=self._toolbox(
+                principal, "fleet_chat", allowed={p.id for p in rows}, fleet_tags=True, emit=emit
+            ),
+            on_token=on_token,
+        )
+
+    async def sessions(self, principal: Principal, target: str) -> list[ChatSession]:
+        async with self.core.db.session() as session:
+            rows = await session.scalars(
+                select(ChatSession)
+                .where(ChatSession.owner == principal.actor, ChatSession.target == target)
+                .order_by(ChatSession.updated_at.desc())
+            )
+            return list(rows)

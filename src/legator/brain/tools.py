@@ -1,0 +1,359 @@
+"""The tools a model may call, and their execution through the fleet's services.
+
+``run_command`` goes through ``CommandService.run`` (the one gate): allowed commands run and
+return their result; queued ones wait for the human decision and then read the result of the
+command the approval queue dispatched (once); denials are returned to the model as text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from legator.core.auth.principal import Principal
+from legator.core.errors import AppError
+from legator.fleet.schemas import CommandRequest
+
+Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+FINISHED = {"completed", "failed", "timeout", "refused", "rejected", "error", "lost"}
+
+_STR = {"type": "string"}
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "name": "run_command",
+        "description": (
+            "Run a command on a probe (host). It passes the fleet's policy gate: it may run, "
+            "wait for a human approval, or be refused. Give the reason you need it."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "probe": {**_STR, "description": "probe id"},
+                "command": {**_STR, "description": "program, or a shell line when shell=true"},
+                "args": {"type": "array", "items": _STR},
+                "shell": {"type": "boolean"},
+                "reason": _STR,
+            },
+            "required": ["probe", "command", "reason"],
+        },
+    },
+    {
+        "name": "read_file",
+        "description": "Read a file on a probe (within its policy's paths).",
+        "parameters": {
+            "type": "object",
+            "properties": {"probe": _STR, "path": _STR},
+            "required": ["probe", "path"],
+        },
+    },
+    {
+        "name": "search_files",
+        "description": "Search a file on a probe for a regular expression.",
+        "parameters": {
+            "type": "object",
+            "properties": {"probe": _STR, "path": _STR, "pattern": _STR},
+            "required": ["probe", "path", "pattern"],
+        },
+    },
+    {
+        "name": "get_inventory",
+        "description": "A probe's inventory: OS, kernel, CPUs, memory, disks, services.",
+        "parameters": {"type": "object", "properties": {"probe": _STR}, "required": ["probe"]},
+    },
+    {
+        "name": "get_health",
+        "description": "A probe's health score (0-100) with reasons.",
+        "parameters": {"type": "object", "properties": {"probe": _STR}, "required": ["probe"]},
+    },
+    {
+        "name": "list_probes",
+        "description": "List probes, optionally only those with a tag.",
+        "parameters": {"type": "object", "properties": {"tag": _STR}},
+    },
+    {
+        "name": "get_command_result",
+        "description": "The status and output of an earlier command by its request id.",
+        "parameters": {
+            "type": "object",
+            "properties": {"request_id": _STR},
+            "required": ["request_id"],
+        },
+    },
+]
+
+
+FLEET_TOOL: dict[str, Any] = {
+    "name": "run_on_tag",
+    "description": (
+        "Run one command on every probe with a tag (a fan-out). One policy decision covers "
+        "the group; it may run, wait for one approval, or be refused per probe."
+    ),
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "tag": _STR,
+            "command": _STR,
+            "args": {"type": "array", "items": _STR},
+            "shell": {"type": "boolean"},
+            "reason": _STR,
+        },
+        "required": ["tag", "command", "reason"],
+    },
+}
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n…[truncated: {len(text) - limit} more characters]"
+
+
+@dataclass
+class ToolOutcome:
+    """What the model sees (``content``) and what the transcript keeps (``record``)."""
+
+    content: str
+    record: dict[str, Any]
+
+
+class Toolbox:
+    def __init__(
+        self,
+        state: Any,
+        principal: Principal,
+        *,
+        origin: str,
+        approval_wait_s: float,
+        output_chars: int,
+        allowed_probes: set[str] | None = None,
+        fleet_tags: bool = False,
+        emit: Emit | None = None,
+    ) -> None:
+        self.fleet = state.fleet
+        self.approvals = state.approvals
+        self.principal = principal
+        self.origin = origin
+        self.approval_wait_s = approval_wait_s
+        self.output_chars = output_chars
+        self.allowed_probes = allowed_probes
+        self.emit = emit
+        self.deadline: float | None = None  # monotonic; the conversation's time limit
+        self.tools = [*TOOLS, FLEET_TOOL] if fleet_tags else list(TOOLS)
+
+    async def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.emit is not None:
+            await self.emit(kind, data)
+
+    def _probe(self, arguments: dict[str, Any]) -> str:
+        probe = str(arguments.get("probe") or "")
+        if not probe:
+            raise ValueError("the 'probe' argument is required")
+        if self.allowed_probes is not None and probe not in self.allowed_probes:
+            raise ValueError(f"probe {probe} is not in this conversation's targets")
+        return probe
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
+        handler = getattr(self, f"_tool_{name}", None)
+        if handler is None or name not in {tool["name"] for tool in self.tools}:
+            return ToolOutcome(f"error: there is no tool named {name!r}", {"error": "unknown"})
+        if "_invalid_json" in arguments:
+            return ToolOutcome("error: the arguments were not a JSON object", {"error": "json"})
+        try:
+            outcome: ToolOutcome = await handler(arguments)
+        except AppError as exc:
+            outcome = ToolOutcome(f"error: {exc.message}", {"error": exc.message})
+        except (ValueError, TypeError) as exc:
+            outcome = ToolOutcome(f"error: {exc}", {"error": str(exc)})
+        return outcome
+
+    # ---- commands ------------------------------------------------------------------------
+
+    def _command_view(self, row: Any) -> dict[str, Any]:
+        return {
+            "request_id": row.id,
+            "status": row.status,
+            "exit_code": row.exit_code,
+            "stdout": truncate(row.stdout or "", self.output_chars),
+            "stderr": truncate(row.stderr or "", self.output_chars),
+            "error": row.error,
+        }
+
+    async def _finished(self, request_id: str, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        row = await self.fleet.commands.get(request_id)
+        while row.status not in FINISHED and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            row = await self.fleet.commands.get(request_id)
+        return row
+
+    async def _tool_run_command(self, arguments: dict[str, Any]) -> ToolOutcome:
+        probe_id = self._probe(arguments)
+        request = CommandRequest(
+            command=str(arguments.get("command") or ""),
+            args=[str(a) for a in arguments.get("args") or []],
+            shell=bool(arguments.get("shell", False)),
+        )
+        record: dict[str, Any] = {"probe": probe_id, "command": request.command}
+        if request.args:
+            record["args"] = request.args
+        try:
+            verdict, row = await self.fleet.commands.run(
+                principal=self.principal,
+                probe_id=probe_id,
+                request=request,
+                mode="wait",
+                origin=self.origin,
+                reason=str(arguments.get("reason") or "")[:500],
+            )
+        except AppError as exc:
+            record.update(decision="deny", error=exc.message, rationale=exc.details)
+            await self._emit("command_denied", record)
+            return ToolOutcome(f"refused by policy: {exc.message}", record)
+        record["decision"] = verdict.decision
+        if row is None:
+            return await self._await_approval(verdict.approval, probe_id, request, record)
+        record["result"] = self._command_view(row)
+        await self._emit("command_result", record)
+        return ToolOutcome(json.dumps(record["result"]), record)
+
+    async def _await_approval(
+        self, approval: Any, probe_id: str, request: CommandRequest, record: dict[str, Any]
+    ) -> ToolOutcome:
+        record["approval"] = {"id": approval.id, "rationale": approval.rationale}
+        await self._emit("approval_pending", record)
+        decided = await self._wait(approval.id)
+        record["approval"]["status"] = decided.status
+        if decided.status != "dispatched":
+            await self._emit("approval_decided", record)
+            reasons = "; ".join(d.reason for d in decided.decisions if d.reason)
+            text = f"the approval {approval.id} ended as {decided.status}" + (
+                f": {reasons}" if reasons else ""
+            )
+            if decided.status == "cancelled":
+                text = f"nobody decided on approval {approval.id} in time; it was cancelled"
+            return ToolOutcome(text + ". The command did not run.", record)
+        result = decided.result or {}
+        request_id = (result.get("request_ids") or {}).get(probe_id)
+        if request_id is None:
+            error = (result.get("errors") or {}).get(probe_id, "not dispatched")
+            record["error"] = error
+            return ToolOutcome(f"approved, but it could not run: {error}", record)
+        row = await self._finished(request_id, request.timeout_s + 30)
+        record["result"] = self._command_view(row)
+        await self._emit("command_result", record)
+        return ToolOutcome(json.dumps(record["result"]), record)
+
+    async def _wait(self, approval_id: str) -> Any:
+        """Wait for the decision within the conversation's limits. An approval nobody decided
+        in time is cancelled, so it cannot run later behind the conversation's back."""
+        wait_s = self.approval_wait_s
+        if self.deadline is not None:
+            wait_s = max(0.0, min(wait_s, self.deadline - time.monotonic()))
+        decided = await self.approvals.wait(approval_id, wait_s)
+        if decided.status == "pending":
+            try:
+                decided = await self.approvals.cancel(
+                    approval_id, self.principal, "the conversation stopped waiting"
+                )
+            except AppError:  # decided in the meantime
+                decided = await self.approvals.wait(approval_id, 5.0)
+        return decided
+
+    async def _tool_run_on_tag(self, arguments: dict[str, Any]) -> ToolOutcome:
+        tag = str(arguments.get("tag") or "")
+        probes = await self.fleet.registry.rows(tag=tag)
+        if not tag or not probes:
+            raise ValueError(f"no probe has the tag {tag!r}")
+        if self.allowed_probes is not None and any(p.id not in self.allowed_probes for p in probes):
+            raise ValueError(f"the tag {tag!r} reaches probes outside this conversation")
+        request = CommandRequest(
+            command=str(arguments.get("command") or ""),
+            args=[str(a) for a in arguments.get("args") or []],
+            shell=bool(arguments.get("shell", False)),
+        )
+        record: dict[str, Any] = {"tag": tag, "command": request.command}
+        verdict, outcome = await self.fleet.commands.fan_out(
+            principal=self.principal,
+            tag=tag,
+            request=request,
+            probes=probes,
+            origin="fleet_chat",
+            reason=str(arguments.get("reason") or "")[:500],
+        )
+        record["decision"] = verdict.decision
+        results: dict[str, Any] = {}
+        for item in outcome.results:
+            if item.result is not None:
+                row = await self.fleet.commands.get(item.result.request_id)
+                results[item.probe_id] = self._command_view(row)
+            else:
+                results[item.probe_id] = {"error": item.error}
+        if verdict.decision == "queue":
+            approval = verdict.approval
+            record["approval"] = {"id": approval.id, "rationale": approval.rationale}
+            await self._emit("approval_pending", record)
+            decided = await self._wait(approval.id)
+            record["approval"]["status"] = decided.status
+            if decided.status == "dispatched":
+                for probe_id, request_id in (decided.result or {}).get("request_ids", {}).items():
+                    row = await self._finished(request_id, request.timeout_s + 30)
+                    results[probe_id] = self._command_view(row)
+                for probe_id, error in (decided.result or {}).get("errors", {}).items():
+                    results[probe_id] = {"error": error}
+        record["results"] = results
+        await self._emit("command_result", record)
+        text = json.dumps({"decision": verdict.decision, **record.get("approval", {}), **results})
+        return ToolOutcome(text, record)
+
+    async def _tool_get_command_result(self, arguments: dict[str, Any]) -> ToolOutcome:
+        row = await self.fleet.commands.get(str(arguments.get("request_id") or ""))
+        if self.allowed_probes is not None and row.probe_id not in self.allowed_probes:
+            raise ValueError("that command ran on a probe outside this conversation")
+        view = self._command_view(row)
+        return ToolOutcome(json.dumps(view), {"request_id": row.id, "status": row.status})
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    async def _file(self, probe_id: str, request: dict[str, Any]) -> ToolOutcome:
+        data = await self.fleet.actions.file_op(probe_id, request, actor=self.principal.actor)
+        text = data if isinstance(data, str) else json.dumps(data, default=str)
+        return ToolOutcome(truncate(text, self.output_chars), {"probe": probe_id, **request})
+
+    async def _tool_read_file(self, arguments: dict[str, Any]) -> ToolOutcome:
+        probe_id = self._probe(arguments)
+        return await self._file(probe_id, {"op": "read", "path": str(arguments.get("path"))})
+
+    async def _tool_search_files(self, arguments: dict[str, Any]) -> ToolOutcome:
+        probe_id = self._probe(arguments)
+        request = {
+            "op": "search",
+            "path": str(arguments.get("path")),
+            "pattern": str(arguments.get("pattern")),
+        }
+        return await self._file(probe_id, request)
+
+    async def _tool_get_inventory(self, arguments: dict[str, Any]) -> ToolOutcome:
+        probe_id = self._probe(arguments)
+        detail = await self.fleet.registry.detail(probe_id)
+        text = json.dumps(detail.inventory, default=str)
+        return ToolOutcome(truncate(text, self.output_chars), {"probe": probe_id})
+
+    async def _tool_get_health(self, arguments: dict[str, Any]) -> ToolOutcome:
+        probe_id = self._probe(arguments)
+        health = await self.fleet.registry.health(probe_id)
+        return ToolOutcome(health.model_dump_json(), {"probe": probe_id})
+
+    async def _tool_list_probes(self, arguments: dict[str, Any]) -> ToolOutcome:
+        tag = arguments.get("tag") or None
+        probes = await self.fleet.registry.list(tag=str(tag) if tag else None)
+        rows = [
+            {"id": p.id, "hostname": p.hostname, "status": p.status, "tags": p.tags}
+            for p in probes
+            if self.allowed_probes is None or p.id in self.allowed_probes
+        ]
+        return ToolOutcome(json.dumps(rows), {"tag": tag, "count": len(rows)})

@@ -1,0 +1,76 @@
+"""Model Dock: profiles with keys in the secrets store (masked everywhere), per-feature
+routing with the environment as fallback, usage per profile and feature."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.brain.llm_server import ScriptedLLM
+from tests.support import LiveServer
+
+KEY = "sk-dock-secret-0123456789"
+
+
+def test_profiles_route_features_and_keep_keys_secret(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe, llm: ScriptedLLM, provider: str
+) -> None:  # type: ignore[no-untyped-def]
+    probe = spawn_probe("dock-a")
+    base_url = f"{llm.url}/v1" if provider == "openai" else llm.url
+    created = admin.post(
+        "/api/v1/brain/profiles",
+        json={
+            "name": "scripted",
+            "provider": provider,
+            "model": "dock-model",
+            "base_url": base_url,
+            "api_key": KEY,
+        },
+    )
+    assert created.status_code == 201, created.text
+    profile = created.json()
+    assert profile["api_key"] == "sk-…6789" and profile["features"] == []
+    assert admin.post("/api/v1/brain/profiles", json={**created.json()}).status_code == 422
+    bad = admin.post(
+        "/api/v1/brain/profiles",
+        json={"name": "x", "provider": "openai", "model": "m", "base_url": "ftp://x"},
+    )
+    assert bad.status_code == 422 and "base_url" in bad.text
+    activated = admin.post(
+        f"/api/v1/brain/profiles/{profile['id']}/activate", json={"features": ["task"]}
+    )
+    assert activated.json()["features"] == ["task"]
+
+    llm.script = [{"text": "done by the dock"}, {"text": "done by the environment"}]
+    task = admin.post(f"/api/v1/probes/{probe.probe_id}/task", json={"goal": "x"}).json()
+    assert task["profile"] == "scripted" and task["model"] == "dock-model"
+    assert llm.keys[-1] == KEY and llm.requests[-1]["model"] == "dock-model"
+    chat = admin.post(f"/api/v1/probes/{probe.probe_id}/chat", json={"message": "y"}).json()
+    assert chat["answer"] == "done by the environment"
+    assert llm.keys[-1] == "sk-test"  # probe chat is not routed: the LEGATOR_LLM_* fallback
+
+    usage = {(u["profile"], u["feature"]): u for u in admin.get("/api/v1/brain/usage").json()}
+    assert usage[("scripted", "task")]["requests"] == 1
+    assert usage[("env", "probe_chat")]["requests"] == 1
+    assert usage[("scripted", "task")]["output_tokens"] > 0
+
+    # The key is in the secrets store, encrypted, and in no response or audit event.
+    listing = admin.get("/api/v1/brain/profiles").text
+    audit = admin.get("/api/v1/audit", params={"limit": 1000}).text
+    assert KEY not in listing and KEY not in audit
+    assert KEY.encode() not in b"".join(
+        p.read_bytes()
+        for p in (fleet_server.data_dir or fleet_server.core.settings.data_dir).rglob("*")
+        if p.is_file()
+    )
+
+    patched = admin.patch(
+        f"/api/v1/brain/profiles/{profile['id']}", json={"api_key": "sk-rotated-key-99998888"}
+    )
+    assert patched.json()["api_key"] == "sk-…8888"
+    llm.script = [{"text": "rotated"}]
+    admin.post(f"/api/v1/probes/{probe.probe_id}/task", json={"goal": "x"})
+    assert llm.keys[-1] == "sk-rotated-key-99998888"
+
+    assert admin.delete(f"/api/v1/brain/profiles/{profile['id']}").status_code == 204
+    assert admin.get("/api/v1/brain/profiles").json() == []
+    assert admin.delete(f"/api/v1/brain/profiles/{profile['id']}").status_code == 404

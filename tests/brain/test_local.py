@@ -1,0 +1,105 @@
+"""Probe chat through the ``local`` provider: the gateway's own model (a real llama.cpp
+server, llama-cpp-python, on a tiny random-weight GGUF) called in-process with the brain's
+service identity. The text is gibberish; the plumbing (admission, usage, tools offered,
+session) is what is checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fleet.e2e.conftest import ProbeProcess, wait_for
+from tests.gateway.conftest import register
+from tests.gateway.tiny_gguf import tiny_gguf
+from tests.support import LiveServer, free_port, live_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def llama_url(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path / "llama.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(tiny_gguf()),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "8192",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama.cpp server did not start"
+            time.sleep(0.2)
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def local_server(tmp_path: Path, llama_url: str) -> Iterator[LiveServer]:
+    with (
+        live_server(
+            tmp_path / "data",
+            llm_provider="local",
+            llm_model="tiny",
+            brain_max_tokens=16,
+            brain_max_steps=2,
+        ) as server,
+        server.client(server.admin_key) as api,
+    ):
+        register(api, "tiny", llama_url, name="Tiny llama", context_length=8192)
+        yield server
+
+
+def test_probe_chat_through_the_local_gateway_model(
+    local_server: LiveServer, tmp_path: Path
+) -> None:
+    with local_server.client(local_server.admin_key) as admin:
+        token = admin.post("/api/v1/tokens").json()["token"]
+        probe = ProbeProcess(local_server, tmp_path / "cfg", tmp_path / "probe.log")
+        assert probe.init(token, hostname="local-a").returncode == 0
+        probe.start()
+        try:
+            wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
+            response = admin.post(
+                f"/api/v1/probes/{probe.probe_id}/chat", json={"message": "hello"}, timeout=120
+            )
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["status"] in ("completed", "step_limit"), body["error"]
+            assert body["steps"] and body["usage"]["output_tokens"] >= 1
+            local_server.call(local_server.app.state.gateway.recorder.flush())  # type: ignore[union-attr]
+            usage = admin.get("/api/v1/gateway/usage/all", params={"period": "hour"}).json()
+            assert usage["requests"] == len(body["steps"])
+            # Attributed to the brain's service identity, not to the chatting user.
+            assert [row["group"] for row in usage["by_user"]] == ["legator-brain"]
+            assert usage["by_user"][0]["input_tokens"] == body["usage"]["input_tokens"]
+        finally:
+            probe.stop()

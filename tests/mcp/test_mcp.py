@@ -1,0 +1,149 @@
+"""The MCP server driven by the official ``mcp`` SDK client over streamable HTTP, with real
+probes: authentication, per-tool permissions, the gate on run_command, approvals, resources."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from tests.fleet.e2e.conftest import wait_for
+from tests.support import LiveServer
+
+
+def with_session(
+    server: LiveServer, key: str, work: Callable[[ClientSession], Awaitable[Any]]
+) -> Any:
+    async def main() -> Any:
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {key}"})
+        async with (
+            http,
+            streamable_http_client(f"{server.url}/mcp", http_client=http) as streams,
+            ClientSession(streams[0], streams[1]) as session,
+        ):
+            await session.initialize()
+            return await work(session)
+
+    return asyncio.run(main())
+
+
+def payload(result: Any) -> Any:
+    assert not result.is_error, result.content
+    if result.structured_content is not None:
+        data = result.structured_content
+        # Non-object results travel wrapped as {"result": …}.
+        return data["result"] if isinstance(data, dict) and set(data) == {"result"} else data
+    return json.loads(result.content[0].text)
+
+
+def error_text(result: Any) -> str:
+    assert result.is_error, result
+    return " ".join(getattr(c, "text", "") for c in result.content)
+
+
+def test_tools_resources_and_the_gate(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    probe = spawn_probe("mcp-a", tags="web", max_level="remediate", policy="full-remediate")
+    pid = probe.probe_id
+    victim = tmp_path / "x"
+    victim.mkdir()
+
+    async def work(session: ClientSession) -> dict[str, Any]:
+        tools = {t.name for t in (await session.list_tools()).tools}
+        out: dict[str, Any] = {"tools": tools}
+        out["probes"] = payload(await session.call_tool("list_probes", {"tag": "web"}))
+        out["info"] = payload(await session.call_tool("probe_info", {"probe_id": pid}))
+        out["uptime"] = payload(
+            await session.call_tool("run_command", {"probe_id": pid, "command": "uptime"})
+        )
+        out["rm"] = payload(
+            await session.call_tool(
+                "run_command",
+                {"probe_id": pid, "command": f"rm -rf {victim}", "shell": True, "reason": "x"},
+            )
+        )
+        out["pending"] = payload(await session.call_tool("list_approvals", {}))
+        out["summary"] = payload(await session.call_tool("fleet_summary", {}))
+        out["decided"] = payload(
+            await session.call_tool(
+                "decide_approval",
+                {"approval_id": out["rm"]["approval_id"], "decision": "approve"},
+            )
+        )
+        out["audit"] = payload(
+            await session.call_tool("query_audit", {"action": "fleet.command.*", "limit": 10})
+        )
+        out["missing"] = await session.call_tool("probe_info", {"probe_id": "prb-nope0000"})
+        inventory = await session.read_resource(f"legator://probes/{pid}/inventory")
+        out["inventory"] = json.loads(inventory.contents[0].text)
+        return out
+
+    out = with_session(fleet_server, fleet_server.admin_key, work)
+    assert {
+        "list_probes",
+        "probe_info",
+        "run_command",
+        "read_file",
+        "fleet_summary",
+        "list_approvals",
+        "decide_approval",
+        "query_audit",
+    } <= out["tools"]
+    assert [p["id"] for p in out["probes"]] == [pid]
+    assert out["info"]["hostname"] == "mcp-a" and "score" in out["info"]["health"]
+    assert out["uptime"]["status"] == "completed" and "load average" in out["uptime"]["stdout"]
+    # rm -rf ends as a pending approval; nothing ran until it was approved.
+    assert out["rm"]["status"] == "pending_approval"
+    assert (
+        out["rm"]["rationale"]["origin"] == "mcp" and out["rm"]["rationale"]["risk"] == "critical"
+    )
+    assert [a["id"] for a in out["pending"]] == [out["rm"]["approval_id"]]
+    assert out["summary"]["approvals_pending"] == 1
+    assert out["decided"]["status"] == "dispatched"
+    assert any(e["action"] == "fleet.command.dispatch" for e in out["audit"])
+    assert "no probe" in error_text(out["missing"])
+    assert "os" in out["inventory"]
+    wait_for(lambda: not victim.exists())
+    events = admin.get("/api/v1/audit", params={"action": "fleet.command.dispatch"}).json()
+    assert len(events["events"]) == 2
+
+
+def test_auth_and_per_tool_permissions(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe
+) -> None:  # type: ignore[no-untyped-def]
+    probe = spawn_probe("mcp-b")
+    no_key = httpx.post(
+        f"{fleet_server.url}/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers={"accept": "application/json, text/event-stream"},
+    )
+    assert no_key.status_code == 401
+    created = admin.post(
+        "/api/v1/users",
+        json={"username": "vera", "password": "correct horse battery", "role": "viewer"},
+    )
+    assert created.status_code == 201, created.text
+    key = admin.post("/api/v1/keys", json={"name": "mcp", "user": "vera"}).json()["key"]
+
+    async def work(session: ClientSession) -> tuple[Any, Any, Any]:
+        probes = await session.call_tool("list_probes", {})
+        run = await session.call_tool(
+            "run_command", {"probe_id": probe.probe_id, "command": "uptime"}
+        )
+        decide = await session.call_tool(
+            "decide_approval", {"approval_id": "x", "decision": "approve"}
+        )
+        return probes, run, decide
+
+    probes, run, decide = with_session(fleet_server, key, work)
+    assert [p["id"] for p in payload(probes)] == [probe.probe_id]
+    assert "fleet:command" in error_text(run)
+    assert "approvals:decide" in error_text(decide)
