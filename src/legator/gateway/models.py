@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from legator.core.db.base import Base, UTCDateTime, new_id, utcnow
@@ -24,7 +24,27 @@ class GatewayModel(Base):
     parallel: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(32), default="ready")
     categories: Mapped[list[str]] = mapped_column(JSON, default=list)
+    model_path: Mapped[str] = mapped_column(String(1000), default="")
+    gguf: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    runtime_args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class GatewayRuntime(Base):
+    """A managed backend (process or container) as last seen: what reconciliation starts from."""
+
+    __tablename__ = "gateway_runtimes"
+
+    model_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="stopped")
+    port: Mapped[int | None] = mapped_column(Integer)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    pid_started: Mapped[float | None] = mapped_column(Float)
+    container: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import BadRequest
 from legator.core.http.deps import core_of, require
+from legator.gateway import system
+from legator.gateway.gguf import Estimate, GGUFInfo, estimate
 from legator.gateway.keys import InferenceKeys
 from legator.gateway.openai_api import gateway_of
 from legator.gateway.reservations import TRANSITIONS
@@ -21,6 +24,7 @@ from legator.gateway.schemas import (
     CategoryIn,
     CategoryOut,
     CategoryUpdate,
+    EstimateRequest,
     InferenceKeyCreate,
     InferenceKeyCreated,
     InferenceKeyOut,
@@ -33,6 +37,7 @@ from legator.gateway.schemas import (
     SchedulerSettingsUpdate,
     UsageReport,
 )
+from legator.gateway.supervisor import BackendStatus
 from legator.gateway.usage import report
 
 router = APIRouter(prefix="/api/v1/gateway", tags=["gateway"])
@@ -79,7 +84,11 @@ async def update_model(
 
 @router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_model(model_id: str, request: Request, principal: Principal = ADMIN) -> None:
-    await gateway_of(request).catalog.delete_model(model_id, actor=principal.actor)
+    """Delete a model; a managed model's backend is stopped first."""
+    gateway = gateway_of(request)
+    gateway.catalog.get_model(model_id)
+    await gateway.supervisor.forget_model(model_id)
+    await gateway.catalog.delete_model(model_id, actor=principal.actor)
 
 
 @router.get("/categories", response_model=list[CategoryOut], dependencies=[READ])
@@ -104,25 +113,90 @@ async def delete_category(name: str, request: Request, principal: Principal = AD
     await gateway_of(request).catalog.delete_category(name, actor=principal.actor)
 
 
-@router.get("/backends", dependencies=[ADMIN])
-async def list_backends(request: Request) -> list[dict[str, Any]]:
-    """Each model's backend, whether it is ready and its slots."""
+def _backends(request: Request) -> list[dict[str, Any]]:
     gateway = gateway_of(request)
     out = []
     for model in sorted(gateway.catalog.models.values(), key=lambda m: m.id):
         pool = gateway.scheduler.pools.get(model.id)
+        managed = gateway.supervisor.status(model.id) if model.managed else None
         out.append(
             {
                 "model": model.id,
                 "kind": model.backend_kind,
                 "url": model.backend_url,
                 "ready": model.state == "ready",
+                "state": managed.state if managed else model.state,
+                "error": managed.error if managed else "",
                 "slots": model.parallel,
                 "in_use": pool.in_use if pool else 0,
                 "queue_depth": pool.depth if pool else 0,
             }
         )
     return out
+
+
+@router.get("/backends", dependencies=[ADMIN])
+async def list_backends(request: Request) -> list[dict[str, Any]]:
+    """Each model's backend, its state (managed: starting/ready/failed/stopped) and slots."""
+    return _backends(request)
+
+
+@router.post("/backends/{model_id}/start", response_model=BackendStatus)
+async def start_backend(
+    model_id: str,
+    request: Request,
+    wait: bool = Query(False, description="Answer once the backend is ready or has failed."),
+    principal: Principal = ADMIN,
+) -> Any:
+    """Launch a managed backend; it becomes ready once its health check answers 200."""
+    return await gateway_of(request).supervisor.start_backend(
+        model_id, actor=principal.actor, wait=wait
+    )
+
+
+@router.post("/backends/{model_id}/stop", response_model=BackendStatus)
+async def stop_backend(model_id: str, request: Request, principal: Principal = ADMIN) -> Any:
+    """Stop a managed backend: its queued requests get 503, its slots go away."""
+    return await gateway_of(request).supervisor.stop_backend(model_id, actor=principal.actor)
+
+
+@router.get("/backends/{model_id}/logs", response_class=PlainTextResponse, dependencies=[ADMIN])
+async def backend_logs(
+    model_id: str, request: Request, tail: int = Query(200, ge=1, le=10_000)
+) -> str:
+    """The last lines of a managed backend's output."""
+    return await gateway_of(request).supervisor.logs(model_id, tail)
+
+
+@router.post("/estimate", response_model=Estimate, dependencies=[READ])
+async def estimate_model(body: EstimateRequest, request: Request) -> Any:
+    """Memory to serve a GGUF model with `parallel` slots of `context` tokens, and whether it
+    fits the detected GPUs or RAM."""
+    model = gateway_of(request).catalog.get_model(body.model_id)
+    if not model.gguf:
+        raise BadRequest(f"model {model.id!r} has no GGUF metadata (an external backend?)")
+    found = await asyncio.to_thread(system.gpus)
+    return estimate(
+        model.id,
+        GGUFInfo(**model.gguf),
+        context=body.context or model.context_length,
+        parallel=body.parallel or model.parallel,
+        gpu_free_bytes=sum(g.memory_free_bytes for g in found),
+        ram_available_bytes=system.ram_available(),
+    )
+
+
+@router.get("/system", dependencies=[ADMIN])
+async def system_state(request: Request) -> dict[str, Any]:
+    """Disk of the data directory, backends and their health, queues, slots, GPUs, RAM."""
+    gateway = gateway_of(request)
+    found = await asyncio.to_thread(system.gpus)
+    return {
+        "disk": (await asyncio.to_thread(system.disk, gateway.supervisor.root)).model_dump(),
+        "ram_available_bytes": system.ram_available(),
+        "gpus": [g.model_dump() for g in found],
+        "backends": _backends(request),
+    }
 
 
 # ----- settings ----------------------------------------------------------------------------

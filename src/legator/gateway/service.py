@@ -30,6 +30,7 @@ from legator.gateway.scheduler import (
     SchedulerConfig,
 )
 from legator.gateway.schemas import ModelOut, SchedulerSettings, SchedulerSettingsUpdate
+from legator.gateway.supervisor import Supervisor
 from legator.gateway.usage import UsageRecord, UsageRecorder, recent_tokens_by_user
 
 log = get_logger("legator.gateway")
@@ -86,11 +87,14 @@ class Gateway:
         self.rates: dict[str, deque[tuple[float, int]]] = {}
         self.catalog.listeners.append(self._on_model_change)
         self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler)
+        self.supervisor = Supervisor(core, self.catalog, self.scheduler, self.backends)
 
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.catalog.load()
+        await self.supervisor.reconcile()
+        self.core.spawn(self.supervisor.monitor(), name="gateway-backend-monitor")
         self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
         await self._seed_usage()
         await self.reservations.load()
@@ -98,6 +102,7 @@ class Gateway:
         self.core.spawn(self.reservations.run(), name="gateway-reservations")
 
     async def stop(self) -> None:
+        await self.supervisor.shutdown()
         await self.recorder.close()
         await self.backends.close()
 
