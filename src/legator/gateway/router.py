@@ -17,6 +17,8 @@ from legator.core.errors import BadRequest
 from legator.core.http.deps import core_of, require
 from legator.gateway import system
 from legator.gateway.gguf import Estimate, GGUFInfo, estimate
+from legator.gateway.hub import client as hub
+from legator.gateway.hub.downloads import DownloadOut, DownloadRequest
 from legator.gateway.keys import InferenceKeys
 from legator.gateway.openai_api import gateway_of
 from legator.gateway.reservations import TRANSITIONS
@@ -344,3 +346,54 @@ async def live_metrics(
         snapshot = gateway.snapshot(principal, admin=admin)
         yield ServerSentEvent(data=json.loads(json.dumps(snapshot)), event="gateway.metrics")
         await asyncio.sleep(LIVE_INTERVAL_S)
+
+
+# ----- hub ---------------------------------------------------------------------------------
+
+
+@router.get("/hub/search", response_model=list[hub.HubModel], dependencies=[ADMIN])
+async def hub_search(
+    q: str | None = Query(None, max_length=200, description="Text to search for."),
+    task: str | None = Query(None, pattern=r"^[a-z0-9-]{1,64}$", description="Pipeline tag."),
+    gguf: bool = Query(True, description="Only repositories with GGUF files."),
+    limit: int = Query(20, ge=1, le=100),
+    offset: int = Query(0, ge=0, le=1000),
+) -> Any:
+    """Search the hub (HF_ENDPOINT, HF_TOKEN) for models."""
+    return await asyncio.to_thread(hub.search, q, task=task, gguf=gguf, limit=limit, offset=offset)
+
+
+@router.get("/hub/files", response_model=list[hub.HubFile], dependencies=[ADMIN])
+async def hub_files(
+    repo: str = Query(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"),
+    revision: str = Query("main", pattern=r"^[A-Za-z0-9._/-]{1,100}$"),
+) -> Any:
+    """Files of a hub repository with their sizes."""
+    return await asyncio.to_thread(hub.files, repo, revision)
+
+
+@router.get("/downloads", response_model=list[DownloadOut], dependencies=[ADMIN])
+async def list_downloads(request: Request) -> Any:
+    """Downloads with progress (bytes done/total, rate, ETA)."""
+    return await gateway_of(request).downloads.list()
+
+
+@router.post("/downloads", response_model=DownloadOut, status_code=status.HTTP_202_ACCEPTED)
+async def create_download(
+    body: DownloadRequest, request: Request, principal: Principal = ADMIN
+) -> Any:
+    """Fetch a GGUF in the background; it is registered as a model once complete.
+    409 when the same file is already downloading or downloaded; 507 when the disk would
+    pass 95% (space promised to running downloads included)."""
+    return await gateway_of(request).downloads.create(body, actor=principal.actor)
+
+
+@router.get("/downloads/{download_id}", response_model=DownloadOut, dependencies=[ADMIN])
+async def get_download(download_id: str, request: Request) -> Any:
+    return await gateway_of(request).downloads.get(download_id)
+
+
+@router.post("/downloads/{download_id}/cancel", response_model=DownloadOut)
+async def cancel_download(download_id: str, request: Request, principal: Principal = ADMIN) -> Any:
+    """Stop a download and delete its partial file."""
+    return await gateway_of(request).downloads.cancel(download_id, actor=principal.actor)

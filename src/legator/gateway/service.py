@@ -18,6 +18,7 @@ from legator.core.logging import get_logger
 from legator.core.runtime import Core
 from legator.gateway.backends import Backend, BackendRegistry
 from legator.gateway.catalog import Catalog
+from legator.gateway.hub.downloads import Downloads
 from legator.gateway.metrics import GatewayMetrics
 from legator.gateway.models import GatewaySetting
 from legator.gateway.reservations import Reservations
@@ -88,6 +89,7 @@ class Gateway:
         self.catalog.listeners.append(self._on_model_change)
         self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler)
         self.supervisor = Supervisor(core, self.catalog, self.scheduler, self.backends)
+        self.downloads = Downloads(core, self.catalog, self.supervisor.root.parent / "models")
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -95,6 +97,7 @@ class Gateway:
         await self.catalog.load()
         await self.supervisor.reconcile()
         self.core.spawn(self.supervisor.monitor(), name="gateway-backend-monitor")
+        await self.downloads.start()
         self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
         await self._seed_usage()
         await self.reservations.load()
@@ -102,6 +105,7 @@ class Gateway:
         self.core.spawn(self.reservations.run(), name="gateway-reservations")
 
     async def stop(self) -> None:
+        await self.downloads.stop()
         await self.supervisor.shutdown()
         await self.recorder.close()
         await self.backends.close()
