@@ -57,7 +57,7 @@ class FakeHub:
         limit = int(request.query_params.get("limit") or 1000)
         found = [
             {
-                "_id": hashlib.md5(r.id.encode()).hexdigest()[:24],
+                "_id": hashlib.sha256(r.id.encode()).hexdigest()[:24],
                 "id": r.id,
                 "modelId": r.id,
                 "downloads": r.downloads,
@@ -87,7 +87,7 @@ class FakeHub:
                     "type": "file",
                     "path": path,
                     "size": len(data),
-                    "oid": hashlib.sha1(data).hexdigest(),
+                    "oid": hashlib.sha1(data, usedforsecurity=False).hexdigest(),
                     "lfs": {
                         "oid": hashlib.sha256(data).hexdigest(),
                         "size": len(data),
