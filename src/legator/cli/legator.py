@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from legator.cli import fleet as fleet_cli
+from legator.cli import models as models_cli
 from legator.cli.approvals import app as approvals_app
 from legator.cli.common import (
     EXIT_USAGE,
@@ -52,6 +53,8 @@ app.add_typer(fleet_cli.tokens_app, name="tokens")
 app.add_typer(fleet_cli.probes_app, name="probes")
 app.command("run")(fleet_cli.run)
 app.add_typer(approvals_app, name="approvals")
+app.add_typer(models_cli.models_app, name="models")
+app.add_typer(models_cli.backends_app, name="backends")
 
 DataDir = Annotated[
     Path | None,
