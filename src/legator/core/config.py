@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     gateway_podman_image: str = Field(
         "ghcr.io/ggml-org/llama.cpp:server", description="Podman runtime's llama.cpp image."
     )
+    gateway_podman_flavour: Literal["llama-server", "llama-cpp-python"] = Field(
+        "llama-server", description="What the podman image's entrypoint runs."
+    )
 
     llm_provider: Literal["", "openai", "anthropic", "local"] = ""
     llm_model: str = ""

@@ -28,6 +28,7 @@ from legator.gateway.backends import Backend, BackendRegistry, ExternalBackend
 from legator.gateway.catalog import Catalog
 from legator.gateway.models import GatewayRuntime
 from legator.gateway.runtimes.base import Handle, Launch, Runtime, RuntimeError_
+from legator.gateway.runtimes.podman import PodmanRuntime, podman_available
 from legator.gateway.runtimes.process import ProcessRuntime
 from legator.gateway.scheduler import Scheduler
 from legator.gateway.schemas import ModelOut, ModelUpdate
@@ -112,6 +113,10 @@ class Supervisor:
         self.live: dict[str, Live] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
+        if podman_available():
+            self.runtimes["podman"] = PodmanRuntime(
+                settings.gateway_podman_image, settings.gateway_podman_flavour
+            )
         for kind in self.runtimes:
             registry.factories[kind] = self._backend_for
 
