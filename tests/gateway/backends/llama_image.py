@@ -93,7 +93,7 @@ def build(workdir: Path) -> str:
             'ENTRYPOINT ["/opt/py/bin/python3", "-m", "llama_cpp.server"]',
             str(archive),
             image,
-        ],  # fmt: skip
+        ],
         check=True,
         capture_output=True,
     )

@@ -94,7 +94,7 @@ def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: P
                 "/opt/py/bin/python3",
                 "-c",
                 "print(open('/run/secrets/sovereign-llamacpp-tiny-key').read())",
-            )  # fmt: skip
+            )
         )["api_key"]
         assert len(key) == 64
         assert key not in json.dumps(info)
