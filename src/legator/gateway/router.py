@@ -13,7 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
-from legator.core.errors import BadRequest
+from legator.core.errors import BadRequest, Conflict
 from legator.core.http.deps import core_of, require
 from legator.gateway import system
 from legator.gateway.gguf import Estimate, GGUFInfo, estimate
@@ -85,10 +85,27 @@ async def update_model(
 
 
 @router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_model(model_id: str, request: Request, principal: Principal = ADMIN) -> None:
-    """Delete a model; a managed model's backend is stopped first."""
+async def delete_model(
+    model_id: str,
+    request: Request,
+    force: bool = Query(False, description="Also revoke the keys pinned to this model."),
+    principal: Principal = ADMIN,
+) -> None:
+    """Delete a model; a managed model's backend is stopped first. Refused (409, with the
+    keys listed) while keys are pinned to it, unless `force`: then those keys are revoked."""
     gateway = gateway_of(request)
     gateway.catalog.get_model(model_id)
+    keys = _keys(request)
+    pinned = await keys.pinned_to(model_id)
+    if pinned and not force:
+        listed = [{"id": k.id, "prefix": k.prefix, "name": k.name} for k in pinned]
+        raise Conflict(
+            f"{len(pinned)} key(s) are pinned to model {model_id!r}: "
+            f"{[k.prefix for k in pinned]}; revoke them or delete with force=true",
+            details={"keys": listed},
+        )
+    for key in pinned:
+        await core_of(request).auth.revoke_key(key.id, actor=principal.actor)
     await gateway.supervisor.forget_model(model_id)
     await gateway.catalog.delete_model(model_id, actor=principal.actor)
 
