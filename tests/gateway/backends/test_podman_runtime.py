@@ -16,7 +16,9 @@ import openai
 import pytest
 
 from tests.gateway.backends.conftest import register_managed, wait_state
+from tests.gateway.backends.fake_hub import FakeHub
 from tests.gateway.backends.llama_image import build
+from tests.gateway.backends.test_hub import REPO, hub, wait_download  # noqa: F401 (fixture)
 from tests.support import LiveServer, live_server
 
 pytestmark = pytest.mark.slow
@@ -122,3 +124,24 @@ def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: P
             == 1
         )
         assert "sovereign-llamacpp-tiny-key" not in podman("secret", "ls")
+
+
+def test_pull_then_serve_with_podman(pgw: LiveServer, hub: FakeHub) -> None:  # noqa: F811
+    """Acceptance: from an empty data dir, pull from the hub and serve it in Podman."""
+    headers = {"Authorization": f"Bearer {pgw.admin_key}"}
+    with httpx.Client(base_url=pgw.url, headers=headers, timeout=120) as admin:
+        created = admin.post(
+            "/api/v1/gateway/downloads",
+            json={"repo": REPO, "model_id": "tiny", "backend_kind": "podman"},
+        )
+        assert created.status_code == 202, created.text
+        assert wait_download(admin, created.json()["id"])["state"] == "completed"
+        admin.patch("/api/v1/gateway/models/tiny", json={"runtime_args": {"chat_format": "chatml"}})
+        started = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
+        assert started.json()["state"] == "ready", started.text
+        client = openai.OpenAI(base_url=pgw.url + "/v1", api_key=pgw.admin_key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+        )
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        assert admin.post("/api/v1/gateway/backends/tiny/stop").json()["state"] == "stopped"

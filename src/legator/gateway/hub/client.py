@@ -73,6 +73,8 @@ def search(
         ]
     except HfHubHTTPError as exc:
         raise ServiceUnavailable(f"hub search failed: {_reason(exc)}") from None
+    except Exception as exc:  # the library's network layer differs between its versions
+        raise ServiceUnavailable(f"cannot reach the hub at {endpoint()}: {exc}") from None
 
 
 def files(repo: str, revision: str = "main") -> list[HubFile]:
@@ -96,6 +98,8 @@ def files(repo: str, revision: str = "main") -> list[HubFile]:
         raise NotFound(f"repository {repo!r} does not exist on {endpoint()}") from None
     except HfHubHTTPError as exc:
         raise ServiceUnavailable(f"hub listing failed: {_reason(exc)}") from None
+    except Exception as exc:  # the library's network layer differs between its versions
+        raise ServiceUnavailable(f"cannot reach the hub at {endpoint()}: {exc}") from None
 
 
 def _reason(exc: HfHubHTTPError) -> Any:
