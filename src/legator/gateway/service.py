@@ -16,6 +16,7 @@ from legator.core.auth.principal import Principal
 from legator.core.errors import ServiceUnavailable, TooManyRequests
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
+from legator.gateway import backend_metrics
 from legator.gateway.backends import Backend, BackendRegistry
 from legator.gateway.catalog import Catalog
 from legator.gateway.hub.downloads import Downloads
@@ -90,6 +91,7 @@ class Gateway:
         self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler)
         self.supervisor = Supervisor(core, self.catalog, self.scheduler, self.backends)
         self.downloads = Downloads(core, self.catalog, self.supervisor.root.parent / "models")
+        backend_metrics.install(core.metrics.registry, self.supervisor, self.downloads)
 
     # ----- lifecycle ---------------------------------------------------------------------
 

@@ -92,6 +92,10 @@ def test_start_chat_stop_with_openai_sdk(
         chat(gw)
     assert after.value.status_code == 503
     assert "tiny" not in gw.app.state.gateway.scheduler.pools  # type: ignore[union-attr]
+    metrics = admin.get("/metrics").text
+    assert (
+        'legator_gateway_backend_state{kind="process",model="tiny",state="stopped"} 1.0' in metrics
+    )
     logs = admin.get("/api/v1/gateway/backends/tiny/logs", params={"tail": 50})
     assert logs.status_code == 200 and logs.text
 

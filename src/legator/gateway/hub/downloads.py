@@ -163,6 +163,11 @@ class Downloads:
         (t0, b0), (t1, b1) = samples[0], samples[-1]
         return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
+    @property
+    def progress(self) -> dict[str, int]:
+        """Bytes received so far by each running download."""
+        return dict(self._done)
+
     async def list(self) -> list[DownloadOut]:
         async with self.core.db.session() as session:
             rows = (
