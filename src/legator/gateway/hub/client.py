@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
@@ -15,6 +17,7 @@ from pydantic import BaseModel
 from legator.core.errors import NotFound, ServiceUnavailable
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+REACH_TIMEOUT_S = 5.0
 
 
 class HubModel(BaseModel):
@@ -49,10 +52,22 @@ def file_url(repo: str, filename: str, revision: str) -> str:
     return hf_hub_url(repo, filename, revision=revision, endpoint=endpoint())
 
 
+def _check_reachable() -> None:
+    """Fail fast when the hub cannot be reached at all: the library would retry a refused or
+    unresolvable connection five times with back-off (about 23 s) before giving up."""
+    url = urlsplit(endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ServiceUnavailable(f"cannot reach the hub at {endpoint()}: {exc}") from None
+
+
 def search(
     q: str | None, *, task: str | None, gguf: bool, limit: int, offset: int
 ) -> list[HubModel]:
     """Blocking; run in a thread. The hub pages by cursor, so ``offset`` skips results."""
+    _check_reachable()
     try:
         found = api().list_models(
             search=q or None,
@@ -79,6 +94,7 @@ def search(
 
 def files(repo: str, revision: str = "main") -> list[HubFile]:
     """Blocking; every file of ``repo`` with its size."""
+    _check_reachable()
     try:
         entries = api().list_repo_tree(repo, recursive=True, revision=revision)
         out = []
