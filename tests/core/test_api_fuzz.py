@@ -3,6 +3,7 @@ with a 5xx and every error keeps the documented shape."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from schemathesis.checks import not_a_server_error
 
 from legator.app import create_app
 from legator.core.config import Settings
+from tests.gateway.backends.fake_hub import FakeHub
 from tests.support import LiveServer, live_server
 
 STREAMING = ("/api/v1/events",)  # endless by design: exercised by test_events instead
@@ -28,8 +30,20 @@ schema = schemathesis.openapi.from_dict(
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with live_server(tmp_path_factory.mktemp("fuzz")) as server:
-        yield server
+    # The gateway's hub endpoints talk to HF_ENDPOINT: point them at the local fake hub (the
+    # real one is unreachable here, and an unreachable upstream is rightly a 503).
+    hub = FakeHub().start()
+    old = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = hub.url
+    try:
+        with live_server(tmp_path_factory.mktemp("fuzz")) as server:
+            yield server
+    finally:
+        hub.stop()
+        if old is None:
+            os.environ.pop("HF_ENDPOINT", None)
+        else:
+            os.environ["HF_ENDPOINT"] = old
 
 
 @schema.parametrize()

@@ -10,6 +10,7 @@ import typer
 
 from legator.cli import brain as brain_cli
 from legator.cli import fleet as fleet_cli
+from legator.cli import models as models_cli
 from legator.cli.approvals import app as approvals_app
 from legator.cli.common import (
     EXIT_USAGE,
@@ -55,6 +56,8 @@ app.command("run")(fleet_cli.run)
 app.command("chat")(brain_cli.chat)
 app.command("task")(brain_cli.task)
 app.add_typer(approvals_app, name="approvals")
+app.add_typer(models_cli.models_app, name="models")
+app.add_typer(models_cli.backends_app, name="backends")
 
 DataDir = Annotated[
     Path | None,

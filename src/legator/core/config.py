@@ -50,6 +50,20 @@ class Settings(BaseSettings):
         None, description="Secrets key-encryption key, 64 hex; unset = a key file."
     )
 
+    gateway_llama_server: str = Field(
+        "auto",
+        description="Process runtime: 'auto', 'llama-server', 'llama-cpp-python' or a path.",
+    )
+    gateway_start_timeout_s: float = Field(
+        120.0, ge=1, le=3600, description="Seconds a managed backend has to answer health."
+    )
+    gateway_podman_image: str = Field(
+        "ghcr.io/ggml-org/llama.cpp:server", description="Podman runtime's llama.cpp image."
+    )
+    gateway_podman_flavour: Literal["llama-server", "llama-cpp-python"] = Field(
+        "llama-server", description="What the podman image's entrypoint runs."
+    )
+
     llm_provider: Literal["", "openai", "anthropic", "local"] = ""
     llm_model: str = ""
     llm_api_key: SecretStr | None = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -11,6 +13,7 @@ from legator.core.audit.service import AuditService
 from legator.core.auth.principal import Principal
 from legator.core.db import Database
 from legator.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from legator.gateway.gguf import GGUFError, GGUFInfo, read_metadata
 from legator.gateway.models import GatewayCategory, GatewayModel
 from legator.gateway.schemas import (
     CategoryIn,
@@ -20,6 +23,16 @@ from legator.gateway.schemas import (
     ModelOut,
     ModelUpdate,
 )
+
+
+def _model_file_info(path: str) -> GGUFInfo:
+    file = Path(path)
+    if not file.is_file():
+        raise BadRequest(f"model_path: {path} is not a file")
+    try:
+        return read_metadata(file)
+    except GGUFError as exc:
+        raise BadRequest(f"model_path: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -63,10 +76,18 @@ class Catalog:
 
     async def create_model(self, data: ModelCreate, *, actor: str) -> ModelOut:
         self._check_categories(data.categories)
+        fields = data.model_dump()
+        fields["backend_url"] = fields["backend_url"] or ""
+        if data.backend_kind != "external":
+            # A managed model starts unavailable: it is ready once its backend is healthy.
+            fields["gguf"] = (
+                await asyncio.to_thread(_model_file_info, data.model_path)
+            ).model_dump()
+            fields["state"] = "unavailable"
         async with self.db.write() as session:
             if await session.get(GatewayModel, data.id):
                 raise Conflict(f"model {data.id!r} already exists")
-            row = GatewayModel(**data.model_dump())
+            row = GatewayModel(**fields)
             session.add(row)
             await session.flush()
             await self.audit.record(

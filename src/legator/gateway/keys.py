@@ -81,3 +81,13 @@ class InferenceKeys:
         if SCOPE not in key.scopes or not (own or principal.can(Permission.GATEWAY_ADMIN)):
             raise NotFound(f"inference key {key_id!r} does not exist")
         return _out(await self.auth.revoke_key(key.id, actor=principal.actor))
+
+    async def pinned_to(self, model_id: str) -> list[KeyOut]:
+        """Live (unrevoked) keys pinned to ``model_id``."""
+        keys = await self.auth.list_keys(None)
+        return [
+            k
+            for k in keys
+            if k.revoked_at is None
+            and ((k.attributes or {}).get("gateway") or {}).get("model") == model_id
+        ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from legator.core.db.base import Base, UTCDateTime, new_id, utcnow
@@ -24,7 +24,27 @@ class GatewayModel(Base):
     parallel: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(32), default="ready")
     categories: Mapped[list[str]] = mapped_column(JSON, default=list)
+    model_path: Mapped[str] = mapped_column(String(1000), default="")
+    gguf: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    runtime_args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class GatewayRuntime(Base):
+    """A managed backend (process or container) as last seen: what reconciliation starts from."""
+
+    __tablename__ = "gateway_runtimes"
+
+    model_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="stopped")
+    port: Mapped[int | None] = mapped_column(Integer)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    pid_started: Mapped[float | None] = mapped_column(Float)
+    container: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
@@ -80,4 +100,25 @@ class GatewaySetting(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[Any] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class GatewayDownload(Base):
+    """A model file being fetched from a hub; survives restarts so transfers resume."""
+
+    __tablename__ = "gateway_downloads"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    repo: Mapped[str] = mapped_column(String(200))
+    filename: Mapped[str] = mapped_column(String(500))
+    revision: Mapped[str] = mapped_column(String(100), default="main")
+    dest: Mapped[str] = mapped_column(String(1000))
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    done_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    model_id: Mapped[str | None] = mapped_column(String(100))
+    backend_kind: Mapped[str] = mapped_column(String(32), default="process")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

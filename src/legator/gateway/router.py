@@ -8,12 +8,17 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
-from legator.core.errors import BadRequest
+from legator.core.errors import BadRequest, Conflict
 from legator.core.http.deps import core_of, require
+from legator.gateway import system
+from legator.gateway.gguf import Estimate, GGUFInfo, estimate
+from legator.gateway.hub import client as hub
+from legator.gateway.hub.downloads import DownloadOut, DownloadRequest
 from legator.gateway.keys import InferenceKeys
 from legator.gateway.openai_api import gateway_of
 from legator.gateway.reservations import TRANSITIONS
@@ -21,6 +26,7 @@ from legator.gateway.schemas import (
     CategoryIn,
     CategoryOut,
     CategoryUpdate,
+    EstimateRequest,
     InferenceKeyCreate,
     InferenceKeyCreated,
     InferenceKeyOut,
@@ -33,6 +39,7 @@ from legator.gateway.schemas import (
     SchedulerSettingsUpdate,
     UsageReport,
 )
+from legator.gateway.supervisor import BackendStatus
 from legator.gateway.usage import report
 
 router = APIRouter(prefix="/api/v1/gateway", tags=["gateway"])
@@ -78,8 +85,29 @@ async def update_model(
 
 
 @router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_model(model_id: str, request: Request, principal: Principal = ADMIN) -> None:
-    await gateway_of(request).catalog.delete_model(model_id, actor=principal.actor)
+async def delete_model(
+    model_id: str,
+    request: Request,
+    force: bool = Query(False, description="Also revoke the keys pinned to this model."),
+    principal: Principal = ADMIN,
+) -> None:
+    """Delete a model; a managed model's backend is stopped first. Refused (409, with the
+    keys listed) while keys are pinned to it, unless `force`: then those keys are revoked."""
+    gateway = gateway_of(request)
+    gateway.catalog.get_model(model_id)
+    keys = _keys(request)
+    pinned = await keys.pinned_to(model_id)
+    if pinned and not force:
+        listed = [{"id": k.id, "prefix": k.prefix, "name": k.name} for k in pinned]
+        raise Conflict(
+            f"{len(pinned)} key(s) are pinned to model {model_id!r}: "
+            f"{[k.prefix for k in pinned]}; revoke them or delete with force=true",
+            details={"keys": listed},
+        )
+    for key in pinned:
+        await core_of(request).auth.revoke_key(key.id, actor=principal.actor)
+    await gateway.supervisor.forget_model(model_id)
+    await gateway.catalog.delete_model(model_id, actor=principal.actor)
 
 
 @router.get("/categories", response_model=list[CategoryOut], dependencies=[READ])
@@ -104,25 +132,90 @@ async def delete_category(name: str, request: Request, principal: Principal = AD
     await gateway_of(request).catalog.delete_category(name, actor=principal.actor)
 
 
-@router.get("/backends", dependencies=[ADMIN])
-async def list_backends(request: Request) -> list[dict[str, Any]]:
-    """Each model's backend, whether it is ready and its slots."""
+def _backends(request: Request) -> list[dict[str, Any]]:
     gateway = gateway_of(request)
     out = []
     for model in sorted(gateway.catalog.models.values(), key=lambda m: m.id):
         pool = gateway.scheduler.pools.get(model.id)
+        managed = gateway.supervisor.status(model.id) if model.managed else None
         out.append(
             {
                 "model": model.id,
                 "kind": model.backend_kind,
                 "url": model.backend_url,
                 "ready": model.state == "ready",
+                "state": managed.state if managed else model.state,
+                "error": managed.error if managed else "",
                 "slots": model.parallel,
                 "in_use": pool.in_use if pool else 0,
                 "queue_depth": pool.depth if pool else 0,
             }
         )
     return out
+
+
+@router.get("/backends", dependencies=[ADMIN])
+async def list_backends(request: Request) -> list[dict[str, Any]]:
+    """Each model's backend, its state (managed: starting/ready/failed/stopped) and slots."""
+    return _backends(request)
+
+
+@router.post("/backends/{model_id}/start", response_model=BackendStatus)
+async def start_backend(
+    model_id: str,
+    request: Request,
+    wait: bool = Query(False, description="Answer once the backend is ready or has failed."),
+    principal: Principal = ADMIN,
+) -> Any:
+    """Launch a managed backend; it becomes ready once its health check answers 200."""
+    return await gateway_of(request).supervisor.start_backend(
+        model_id, actor=principal.actor, wait=wait
+    )
+
+
+@router.post("/backends/{model_id}/stop", response_model=BackendStatus)
+async def stop_backend(model_id: str, request: Request, principal: Principal = ADMIN) -> Any:
+    """Stop a managed backend: its queued requests get 503, its slots go away."""
+    return await gateway_of(request).supervisor.stop_backend(model_id, actor=principal.actor)
+
+
+@router.get("/backends/{model_id}/logs", response_class=PlainTextResponse, dependencies=[ADMIN])
+async def backend_logs(
+    model_id: str, request: Request, tail: int = Query(200, ge=1, le=10_000)
+) -> str:
+    """The last lines of a managed backend's output."""
+    return await gateway_of(request).supervisor.logs(model_id, tail)
+
+
+@router.post("/estimate", response_model=Estimate, dependencies=[READ])
+async def estimate_model(body: EstimateRequest, request: Request) -> Any:
+    """Memory to serve a GGUF model with `parallel` slots of `context` tokens, and whether it
+    fits the detected GPUs or RAM."""
+    model = gateway_of(request).catalog.get_model(body.model_id)
+    if not model.gguf:
+        raise BadRequest(f"model {model.id!r} has no GGUF metadata (an external backend?)")
+    found = await asyncio.to_thread(system.gpus)
+    return estimate(
+        model.id,
+        GGUFInfo(**model.gguf),
+        context=body.context or model.context_length,
+        parallel=body.parallel or model.parallel,
+        gpu_free_bytes=sum(g.memory_free_bytes for g in found),
+        ram_available_bytes=system.ram_available(),
+    )
+
+
+@router.get("/system", dependencies=[ADMIN])
+async def system_state(request: Request) -> dict[str, Any]:
+    """Disk of the data directory, backends and their health, queues, slots, GPUs, RAM."""
+    gateway = gateway_of(request)
+    found = await asyncio.to_thread(system.gpus)
+    return {
+        "disk": (await asyncio.to_thread(system.disk, gateway.supervisor.root)).model_dump(),
+        "ram_available_bytes": system.ram_available(),
+        "gpus": [g.model_dump() for g in found],
+        "backends": _backends(request),
+    }
 
 
 # ----- settings ----------------------------------------------------------------------------
@@ -270,3 +363,54 @@ async def live_metrics(
         snapshot = gateway.snapshot(principal, admin=admin)
         yield ServerSentEvent(data=json.loads(json.dumps(snapshot)), event="gateway.metrics")
         await asyncio.sleep(LIVE_INTERVAL_S)
+
+
+# ----- hub ---------------------------------------------------------------------------------
+
+
+@router.get("/hub/search", response_model=list[hub.HubModel], dependencies=[ADMIN])
+async def hub_search(
+    q: str | None = Query(None, max_length=200, description="Text to search for."),
+    task: str | None = Query(None, pattern=r"^[a-z0-9-]{1,64}$", description="Pipeline tag."),
+    gguf: bool = Query(True, description="Only repositories with GGUF files."),
+    limit: int = Query(20, ge=1, le=100),
+    offset: int = Query(0, ge=0, le=1000),
+) -> Any:
+    """Search the hub (HF_ENDPOINT, HF_TOKEN) for models."""
+    return await asyncio.to_thread(hub.search, q, task=task, gguf=gguf, limit=limit, offset=offset)
+
+
+@router.get("/hub/files", response_model=list[hub.HubFile], dependencies=[ADMIN])
+async def hub_files(
+    repo: str = Query(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"),
+    revision: str = Query("main", pattern=r"^[A-Za-z0-9._/-]{1,100}$"),
+) -> Any:
+    """Files of a hub repository with their sizes."""
+    return await asyncio.to_thread(hub.files, repo, revision)
+
+
+@router.get("/downloads", response_model=list[DownloadOut], dependencies=[ADMIN])
+async def list_downloads(request: Request) -> Any:
+    """Downloads with progress (bytes done/total, rate, ETA)."""
+    return await gateway_of(request).downloads.list()
+
+
+@router.post("/downloads", response_model=DownloadOut, status_code=status.HTTP_202_ACCEPTED)
+async def create_download(
+    body: DownloadRequest, request: Request, principal: Principal = ADMIN
+) -> Any:
+    """Fetch a GGUF in the background; it is registered as a model once complete.
+    409 when the same file is already downloading or downloaded; 507 when the disk would
+    pass 95% (space promised to running downloads included)."""
+    return await gateway_of(request).downloads.create(body, actor=principal.actor)
+
+
+@router.get("/downloads/{download_id}", response_model=DownloadOut, dependencies=[ADMIN])
+async def get_download(download_id: str, request: Request) -> Any:
+    return await gateway_of(request).downloads.get(download_id)
+
+
+@router.post("/downloads/{download_id}/cancel", response_model=DownloadOut)
+async def cancel_download(download_id: str, request: Request, principal: Principal = ADMIN) -> Any:
+    """Stop a download and delete its partial file."""
+    return await gateway_of(request).downloads.cancel(download_id, actor=principal.actor)

@@ -47,9 +47,29 @@ class ModelBase(BaseModel):
         return sorted({_slug(v) for v in value})
 
 
+class RuntimeArgs(BaseModel):
+    """Per-model llama.cpp overrides for managed backends (bounded: they become argv)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_gpu_layers: int = Field(0, ge=0, le=999, description="`-ngl`: layers offloaded to GPU.")
+    threads: int | None = Field(None, ge=1, le=256)
+    jinja: bool = Field(True, description="`--jinja`: use the model's chat template.")
+    chat_format: str | None = Field(
+        None, pattern=r"^[a-z0-9._-]{1,64}$", description="llama-cpp-python only."
+    )
+
+
+BACKEND_KINDS = ("external", "process", "podman")
+
+
 class ModelCreate(ModelBase):
     id: str = Field(..., description="Stable id clients send as `model`.")
-    backend_kind: Literal["external"] = "external"
+    backend_kind: Literal["external", "process", "podman"] = "external"
+    model_path: str = Field(
+        "", max_length=1000, description="Managed runtimes: absolute path of the GGUF file."
+    )
+    runtime_args: RuntimeArgs = Field(default_factory=RuntimeArgs)
 
     @field_validator("id")
     @classmethod
@@ -60,6 +80,11 @@ class ModelCreate(ModelBase):
     def _needs_url(self) -> ModelCreate:
         if self.backend_kind == "external" and not self.backend_url:
             raise ValueError("an external backend needs backend_url")
+        if self.backend_kind != "external":
+            if not self.model_path.startswith("/"):
+                raise ValueError(f"a {self.backend_kind} backend needs an absolute model_path")
+            if self.backend_url:
+                raise ValueError("backend_url is set by the runtime of a managed backend")
         return self
 
 
@@ -74,6 +99,7 @@ class ModelUpdate(BaseModel):
     parallel: int | None = Field(None, ge=1, le=1024)
     state: Literal["ready", "disabled", "unavailable"] | None = None
     categories: list[str] | None = Field(None, max_length=32)
+    runtime_args: RuntimeArgs | None = None
 
     @field_validator("backend_url")
     @classmethod
@@ -99,8 +125,15 @@ class ModelOut(BaseModel):
     parallel: int
     state: str
     categories: list[str]
+    model_path: str = ""
+    gguf: dict[str, Any] | None = None
+    runtime_args: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
     updated_at: datetime
+
+    @property
+    def managed(self) -> bool:
+        return self.backend_kind != "external"
 
 
 class CategoryIn(BaseModel):
@@ -252,3 +285,13 @@ class ReservationOut(BaseModel):
 
     def user_id_matches(self, principal: Any) -> bool:
         return bool(principal.user_id) and principal.user_id == self.user_id
+
+
+class EstimateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    parallel: int | None = Field(None, ge=1, le=1024, description="Default: the model's.")
+    context: int | None = Field(
+        None, ge=1, le=10_000_000, description="Tokens per slot; default: the model's."
+    )

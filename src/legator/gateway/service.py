@@ -16,8 +16,10 @@ from legator.core.auth.principal import Principal
 from legator.core.errors import ServiceUnavailable, TooManyRequests
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
+from legator.gateway import backend_metrics
 from legator.gateway.backends import Backend, BackendRegistry
 from legator.gateway.catalog import Catalog
+from legator.gateway.hub.downloads import Downloads
 from legator.gateway.metrics import GatewayMetrics
 from legator.gateway.models import GatewaySetting
 from legator.gateway.reservations import Reservations
@@ -30,6 +32,7 @@ from legator.gateway.scheduler import (
     SchedulerConfig,
 )
 from legator.gateway.schemas import ModelOut, SchedulerSettings, SchedulerSettingsUpdate
+from legator.gateway.supervisor import Supervisor
 from legator.gateway.usage import UsageRecord, UsageRecorder, recent_tokens_by_user
 
 log = get_logger("legator.gateway")
@@ -86,11 +89,17 @@ class Gateway:
         self.rates: dict[str, deque[tuple[float, int]]] = {}
         self.catalog.listeners.append(self._on_model_change)
         self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler)
+        self.supervisor = Supervisor(core, self.catalog, self.scheduler, self.backends)
+        self.downloads = Downloads(core, self.catalog, self.supervisor.root.parent / "models")
+        backend_metrics.install(core.metrics.registry, self.supervisor, self.downloads)
 
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.catalog.load()
+        await self.supervisor.reconcile()
+        self.core.spawn(self.supervisor.monitor(), name="gateway-backend-monitor")
+        await self.downloads.start()
         self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
         await self._seed_usage()
         await self.reservations.load()
@@ -98,6 +107,8 @@ class Gateway:
         self.core.spawn(self.reservations.run(), name="gateway-reservations")
 
     async def stop(self) -> None:
+        await self.downloads.stop()
+        await self.supervisor.shutdown()
         await self.recorder.close()
         await self.backends.close()
 

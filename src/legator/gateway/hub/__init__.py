@@ -1,0 +1,1 @@
+"""Models from a Hugging Face hub: search, file listings and resumable downloads."""

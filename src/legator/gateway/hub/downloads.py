@@ -1,0 +1,413 @@
+"""Background model downloads: progress, cancel, resume after a restart, disk guards.
+
+The transfer itself is a ranged GET written by hand instead of ``hf_hub_download``: we need
+byte-level progress for the API and the CLI's bar, cancellation, a destination outside the
+HF cache, and resuming a ``.part`` file that a previous control plane left behind. URLs and
+metadata still come from ``huggingface_hub`` (``hub.client``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
+
+from legator.core.errors import AppError, BadRequest, Conflict, NotFound
+from legator.core.logging import get_logger
+from legator.core.runtime import Core
+from legator.gateway.catalog import Catalog
+from legator.gateway.gguf import GGUFError, read_metadata
+from legator.gateway.hub import client
+from legator.gateway.models import GatewayDownload
+from legator.gateway.schemas import ModelCreate
+
+log = get_logger("legator.gateway.downloads")
+ACTIVE = ("queued", "running")
+SAVE_EVERY_S = 1.0
+RETRIES = 5
+PART = ".part"
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9._:-]+")
+
+
+class InsufficientStorage(AppError):
+    status_code = 507
+    code = "insufficient_storage"
+
+
+class DownloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str = Field(..., description="Hub repository, owner/name.")
+    file: str | None = Field(None, max_length=500, description="Default: the repo's only GGUF.")
+    revision: str = Field("main", pattern=r"^[A-Za-z0-9._/-]{1,100}$")
+    model_id: str | None = Field(None, description="Register the model under this id when done.")
+    backend_kind: Literal["process", "podman"] = "process"
+
+    @field_validator("repo")
+    @classmethod
+    def _check_repo(cls, value: str) -> str:
+        if not _REPO.match(value) or ".." in value:
+            raise ValueError("expected owner/name")
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _check_file(cls, value: str | None) -> str | None:
+        if value is not None and (
+            value.startswith("/") or ".." in value.split("/") or "\\" in value or not value
+        ):
+            raise ValueError("a relative path inside the repository")
+        return value
+
+
+class DownloadOut(BaseModel):
+    id: str
+    repo: str
+    filename: str
+    revision: str
+    state: str
+    total_bytes: int
+    done_bytes: int
+    percent: float
+    rate_bytes_s: float
+    eta_s: float | None
+    error: str
+    model_id: str | None
+    warning: str = ""
+
+
+def _model_id_from(filename: str) -> str:
+    stem = Path(filename).name.removesuffix(".gguf").removesuffix(".GGUF")
+    slug = _SLUG_BAD.sub("-", stem).strip("-._:")[:100].lower()
+    return slug or "model"
+
+
+class Downloads:
+    def __init__(self, core: Core, catalog: Catalog, models_dir: Path) -> None:
+        self.core = core
+        self.catalog = catalog
+        self.models_dir = models_dir
+        self.refuse_percent = 95.0
+        self.warn_percent = 90.0
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._done: dict[str, int] = {}
+        self._rates: dict[str, deque[tuple[float, int]]] = {}
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume what was in flight; delete partial files nothing will continue."""
+        async with self.core.db.session() as session:
+            active = (
+                await session.scalars(
+                    select(GatewayDownload).where(GatewayDownload.state.in_(ACTIVE))
+                )
+            ).all()
+        keep = {Path(row.dest + PART) for row in active}
+        for part in await asyncio.to_thread(lambda: list(self.models_dir.rglob("*" + PART))):
+            if part not in keep:
+                log.info("removing abandoned partial download", path=str(part))
+                part.unlink(missing_ok=True)
+        for row in active:
+            log.info("resuming download", id=row.id, repo=row.repo, file=row.filename)
+            self._launch(row.id)
+
+    async def stop(self) -> None:
+        """Interrupt transfers without changing their state: the next start resumes them."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _launch(self, download_id: str) -> None:
+        task = asyncio.ensure_future(self._run(download_id))
+        self._tasks[download_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(download_id, None))
+
+    # ----- API -------------------------------------------------------------------------------
+
+    def _out(self, row: GatewayDownload, warning: str = "") -> DownloadOut:
+        done = self._done.get(row.id, row.done_bytes) if row.state in ACTIVE else row.done_bytes
+        rate = self._rate(row.id) if row.state == "running" else 0.0
+        remaining = max(0, row.total_bytes - done)
+        return DownloadOut(
+            id=row.id,
+            repo=row.repo,
+            filename=row.filename,
+            revision=row.revision,
+            state=row.state,
+            total_bytes=row.total_bytes,
+            done_bytes=done,
+            percent=round(done / row.total_bytes * 100, 2) if row.total_bytes else 0.0,
+            rate_bytes_s=round(rate, 1),
+            eta_s=round(remaining / rate, 1) if rate > 0 and row.state == "running" else None,
+            error=row.error,
+            model_id=row.model_id,
+            warning=warning,
+        )
+
+    def _rate(self, download_id: str) -> float:
+        samples = self._rates.get(download_id)
+        if not samples or len(samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = samples[0], samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    @property
+    def progress(self) -> dict[str, int]:
+        """Bytes received so far by each running download."""
+        return dict(self._done)
+
+    async def list(self) -> list[DownloadOut]:
+        async with self.core.db.session() as session:
+            rows = (
+                await session.scalars(
+                    select(GatewayDownload).order_by(GatewayDownload.created_at.desc())
+                )
+            ).all()
+        return [self._out(r) for r in rows]
+
+    async def get(self, download_id: str) -> DownloadOut:
+        async with self.core.db.session() as session:
+            row = await session.get(GatewayDownload, download_id)
+        if row is None:
+            raise NotFound(f"download {download_id!r} does not exist")
+        return self._out(row)
+
+    async def create(self, req: DownloadRequest, *, actor: str) -> DownloadOut:
+        listing = await asyncio.to_thread(client.files, req.repo, req.revision)
+        filename = req.file or self._only_gguf(req.repo, listing)
+        entry = next((f for f in listing if f.path == filename), None)
+        if entry is None:
+            raise NotFound(f"{req.repo} has no file {filename!r}")
+        if not entry.gguf:
+            raise BadRequest(f"{filename}: only .gguf files can be served by llama.cpp")
+        model_id = req.model_id or _model_id_from(filename)
+        if model_id in self.catalog.models:
+            raise Conflict(f"model {model_id!r} already exists; choose another model_id")
+        dest = self.models_dir / req.repo.replace("/", "__") / req.revision / filename
+        if await asyncio.to_thread(dest.exists):
+            raise Conflict(f"{req.repo}/{filename} is already downloaded at {dest}")
+        async with self.core.db.write() as session:
+            active = (
+                await session.scalars(
+                    select(GatewayDownload).where(GatewayDownload.state.in_(ACTIVE))
+                )
+            ).all()
+            if any(r.dest == str(dest) for r in active):
+                raise Conflict(f"{req.repo}/{filename} is already being downloaded")
+            if any(r.model_id == model_id for r in active):
+                raise Conflict(f"a download for model {model_id!r} is already running")
+            promised = sum(
+                max(0, r.total_bytes - self._done.get(r.id, r.done_bytes)) for r in active
+            )
+            warning = self._disk_guard(entry.size, promised)
+            row = GatewayDownload(
+                repo=req.repo,
+                filename=filename,
+                revision=req.revision,
+                dest=str(dest),
+                total_bytes=entry.size,
+                model_id=model_id,
+                backend_kind=req.backend_kind,
+                sha256=entry.sha256,
+            )
+            session.add(row)
+            await session.flush()
+            await self.core.audit.record(
+                session,
+                actor=actor,
+                action="gateway.download.create",
+                target=f"download:{row.id}",
+                details={"repo": req.repo, "file": filename, "bytes": entry.size},
+            )
+            out = self._out(row, warning)
+        self._launch(out.id)
+        return out
+
+    @staticmethod
+    def _only_gguf(repo: str, listing: list[client.HubFile]) -> str:
+        ggufs = [f.path for f in listing if f.gguf]
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if not ggufs:
+            raise BadRequest(f"{repo} has no .gguf file")
+        raise BadRequest(f"{repo} has several .gguf files; choose one with file: {ggufs}")
+
+    def _disk_guard(self, size: int, promised: int) -> str:
+        usage = shutil.disk_usage(self._existing_parent())
+        projected = (usage.used + promised + size) / usage.total * 100
+        if projected >= self.refuse_percent:
+            raise InsufficientStorage(
+                f"the download would fill the disk to {projected:.1f}% "
+                f"(refused at {self.refuse_percent:g}%; {promised} bytes are promised to "
+                "other downloads)"
+            )
+        if projected >= self.warn_percent:
+            log.warning("disk nearly full after download", projected_percent=round(projected, 1))
+            return f"the disk will be {projected:.1f}% full after this download"
+        return ""
+
+    def _existing_parent(self) -> Path:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        return self.models_dir
+
+    async def cancel(self, download_id: str, *, actor: str) -> DownloadOut:
+        async with self.core.db.write() as session:
+            row = await session.get(GatewayDownload, download_id)
+            if row is None:
+                raise NotFound(f"download {download_id!r} does not exist")
+            if row.state not in ACTIVE:
+                raise Conflict(f"download {download_id!r} is already {row.state}")
+            row.state = "cancelled"
+            await self.core.audit.record(
+                session, actor=actor, action="gateway.download.cancel", target=f"download:{row.id}"
+            )
+        task = self._tasks.get(download_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(Path(row.dest + PART).unlink, missing_ok=True)
+        return await self.get(download_id)
+
+    # ----- transfer --------------------------------------------------------------------------
+
+    async def _set(self, download_id: str, **fields: Any) -> GatewayDownload | None:
+        async with self.core.db.write() as session:
+            row = await session.get(GatewayDownload, download_id)
+            if row is None or row.state not in ACTIVE:
+                return None  # cancelled meanwhile
+            for key, value in fields.items():
+                setattr(row, key, value)
+            await session.flush()
+            session.expunge(row)
+        return row
+
+    async def _run(self, download_id: str) -> None:
+        row = await self._set(download_id, state="running")
+        if row is None:
+            return
+        dest = Path(row.dest)
+        part = Path(row.dest + PART)
+        expected_sha = row.sha256 or ""
+        try:
+            await asyncio.to_thread(part.parent.mkdir, parents=True, exist_ok=True)
+            url = client.file_url(row.repo, row.filename, row.revision)
+            for attempt in range(RETRIES + 1):
+                try:
+                    await self._transfer(download_id, url, part, row.total_bytes)
+                    break
+                except (httpx.HTTPError, OSError) as exc:
+                    if attempt == RETRIES or (
+                        isinstance(exc, httpx.HTTPStatusError)
+                        and exc.response.status_code in (401, 403, 404)
+                    ):
+                        raise
+                    log.info("download interrupted; resuming", id=download_id, error=str(exc))
+                    await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
+            size = (await asyncio.to_thread(part.stat)).st_size
+            if row.total_bytes and size != row.total_bytes:
+                raise OSError(f"got {size} bytes, expected {row.total_bytes}")
+            if expected_sha and await asyncio.to_thread(_sha256, part) != expected_sha:
+                raise OSError("sha256 of the downloaded file does not match the hub's")
+            await asyncio.to_thread(part.replace, dest)
+            model_id = await self._register(row, dest)
+            await self._set(
+                download_id, state="completed", done_bytes=size, error="", model_id=model_id
+            )
+            await self.core.events.publish(
+                "gateway.download.completed", {"id": download_id, "model": model_id}
+            )
+        except asyncio.CancelledError:
+            done = self._done.get(download_id)
+            if done is not None:
+                await asyncio.shield(self._set(download_id, done_bytes=done))
+            raise
+        except Exception as exc:
+            log.warning("download failed", id=download_id, error=str(exc))
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+            await self._set(download_id, state="failed", error=str(exc)[:2000])
+            await self.core.events.publish(
+                "gateway.download.failed", {"id": download_id, "error": str(exc)[:500]}
+            )
+        finally:
+            self._done.pop(download_id, None)
+            self._rates.pop(download_id, None)
+
+    async def _transfer(self, download_id: str, url: str, part: Path, total: int) -> None:
+        have = await asyncio.to_thread(_size, part)
+        if total and have >= total:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        token = client.token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        rates = self._rates.setdefault(download_id, deque(maxlen=20))
+        timeout = httpx.Timeout(30.0, read=60.0)
+        async with (
+            httpx.AsyncClient(follow_redirects=True, timeout=timeout) as http,
+            http.stream("GET", url, headers=headers) as response,
+        ):
+            response.raise_for_status()
+            if have and response.status_code != 206:
+                have = 0  # the server ignored the range: start over
+            mode = "ab" if have else "wb"
+            done = have
+            saved = time.monotonic()
+            with part.open(mode) as sink:
+                async for chunk in response.aiter_bytes():
+                    sink.write(chunk)
+                    done += len(chunk)
+                    self._done[download_id] = done
+                    now = time.monotonic()
+                    rates.append((now, done))
+                    if now - saved >= SAVE_EVERY_S:
+                        sink.flush()
+                        saved = now
+                        if await self._set(download_id, done_bytes=done) is None:
+                            raise asyncio.CancelledError
+        if total and done < total:
+            raise httpx.ReadError(f"connection closed at {done} of {total} bytes")
+
+    async def _register(self, row: GatewayDownload, dest: Path) -> str | None:
+        if not row.model_id or row.model_id in self.catalog.models:
+            return None
+        try:
+            info = await asyncio.to_thread(read_metadata, dest)
+        except GGUFError as exc:
+            raise OSError(str(exc)) from None
+        context = min(4096, info.context_length or 4096)
+        await self.catalog.create_model(
+            ModelCreate(
+                id=row.model_id,
+                name=info.name or row.model_id,
+                source_repo=row.repo,
+                backend_kind=row.backend_kind,  # type: ignore[arg-type]
+                model_path=str(dest),
+                context_length=context,
+            ),
+            actor="system:gateway",
+        )
+        return row.model_id
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()

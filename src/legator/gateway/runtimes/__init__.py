@@ -1,0 +1,1 @@
+"""Managed backend runtimes: ``process`` (a supervised llama.cpp server) and ``podman``."""

@@ -1,0 +1,60 @@
+"""The contract every managed runtime meets: launch, stop, liveness, logs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from legator.gateway.schemas import ModelOut, RuntimeArgs
+
+
+class RuntimeError_(Exception):
+    """A runtime could not do what it was asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    model: ModelOut
+    port: int
+    api_key: str
+    workdir: Path  # private (0700) per-backend directory: key file, config, logs
+
+    @property
+    def args(self) -> RuntimeArgs:
+        return RuntimeArgs(**self.model.runtime_args)
+
+    @property
+    def total_context(self) -> int:
+        # llama.cpp splits -c across the -np slots: each slot gets the model's context.
+        return self.model.context_length * self.model.parallel
+
+
+@dataclass(frozen=True)
+class Handle:
+    """How to find a launched backend again, also after a control-plane restart."""
+
+    pid: int | None = None
+    pid_started: float | None = None
+    container: str | None = None
+
+
+class Runtime(ABC):
+    kind: str
+    health_path: str = "/health"
+
+    @abstractmethod
+    async def start(self, launch: Launch) -> Handle: ...
+
+    @abstractmethod
+    async def stop(self, handle: Handle) -> None: ...
+
+    @abstractmethod
+    async def alive(self, handle: Handle) -> bool: ...
+
+    @abstractmethod
+    async def logs(self, handle: Handle, workdir: Path, tail: int) -> str: ...
+
+    async def orphans(self, known: set[str]) -> list[Handle]:
+        """Backends this runtime runs that the control plane does not know of."""
+        return []

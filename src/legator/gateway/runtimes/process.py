@@ -1,0 +1,179 @@
+"""``process``: a supervised llama.cpp server on the host.
+
+Either llama.cpp's ``llama-server`` (key through ``--api-key-file``) or llama-cpp-python's
+``python -m llama_cpp.server`` (everything, key included, in a 0600 JSON config file). Either
+way the key never appears in the process arguments. The server runs in its own session so a
+crash of the control plane leaves it adoptable; reconciliation decides what happens to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from legator.core.security import write_private_file
+from legator.gateway.runtimes.base import Handle, Launch, Runtime, RuntimeError_
+
+STOP_GRACE_S = 10.0
+
+
+def _python_server_config(launch: Launch) -> dict[str, object]:
+    args = launch.args
+    model: dict[str, object] = {
+        "model": launch.model.model_path,
+        "model_alias": launch.model.id,
+        "n_ctx": launch.total_context,
+        "n_gpu_layers": args.n_gpu_layers,
+    }
+    if args.threads:
+        model["n_threads"] = args.threads
+    if args.chat_format:
+        model["chat_format"] = args.chat_format
+    return {
+        "host": "127.0.0.1",
+        "port": launch.port,
+        "api_key": launch.api_key,
+        "models": [model],
+    }
+
+
+class ProcessRuntime(Runtime):
+    kind = "process"
+
+    def __init__(self, server: str = "auto") -> None:
+        self.server = server
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def flavour(self) -> tuple[str, str | None]:
+        """('llama-server', path) or ('llama-cpp-python', None)."""
+        choice = self.server
+        if choice == "llama-cpp-python":
+            return "llama-cpp-python", None
+        if choice in ("auto", "llama-server"):
+            found = shutil.which("llama-server")
+            if found:
+                return "llama-server", found
+            if choice == "llama-server":
+                raise RuntimeError_("llama-server is not on PATH")
+            return "llama-cpp-python", None
+        if not os.access(choice, os.X_OK):
+            raise RuntimeError_(f"LEGATOR_GATEWAY_LLAMA_SERVER: {choice} is not executable")
+        return "llama-server", choice
+
+    @property
+    def health_path(self) -> str:  # type: ignore[override]
+        # llama-cpp-python has no /health; its model list answers only once the model loaded.
+        return "/health" if self.flavour()[0] == "llama-server" else "/v1/models"
+
+    def command(self, launch: Launch) -> list[str]:
+        flavour, exe = self.flavour()
+        if flavour == "llama-cpp-python":
+            config = launch.workdir / "server.json"
+            write_private_file(config, json.dumps(_python_server_config(launch)))
+            return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config)]
+        key_file = launch.workdir / "api_key"
+        write_private_file(key_file, launch.api_key)
+        args = launch.args
+        command = [
+            str(exe),
+            "-m", launch.model.model_path,
+            "--alias", launch.model.id,
+            "--host", "127.0.0.1",
+            "--port", str(launch.port),
+            "-c", str(launch.total_context),
+            "-np", str(launch.model.parallel),
+            "-ngl", str(args.n_gpu_layers),
+            "--api-key-file", str(key_file),
+        ]  # fmt: skip
+        if args.threads:
+            command += ["-t", str(args.threads)]
+        if args.jinja:
+            command.append("--jinja")
+        return command
+
+    async def start(self, launch: Launch) -> Handle:
+        command = self.command(launch)
+        child = await asyncio.to_thread(self._spawn, command, launch.workdir)
+        self.children[child.pid] = child
+        return Handle(pid=child.pid, pid_started=psutil.Process(child.pid).create_time())
+
+    @staticmethod
+    def _spawn(command: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+        # Popen rather than asyncio's subprocess API: the server must outlive this event loop
+        # (and this control plane, if it crashes) to be adopted by the next one.
+        with (workdir / "server.log").open("ab") as sink:
+            try:
+                return subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise RuntimeError_(f"could not run {command[0]}: {exc}") from None
+
+    def _process(self, handle: Handle) -> psutil.Process | None:
+        if handle.pid is None:
+            return None
+        child = self.children.get(handle.pid)
+        if child is not None and child.poll() is not None:
+            self.children.pop(handle.pid, None)  # reaped
+            return None
+        try:
+            proc = psutil.Process(handle.pid)
+            # The pid alone could have been reused by an unrelated process since.
+            if handle.pid_started is not None and abs(proc.create_time() - handle.pid_started) > 1:
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+    async def alive(self, handle: Handle) -> bool:
+        return self._process(handle) is not None
+
+    async def stop(self, handle: Handle) -> None:
+        proc = self._process(handle)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            proc.terminate()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE_S
+        while loop.time() < deadline and self._process(handle) is not None:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        if self._process(handle) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.sleep(0.1)
+            self._process(handle)
+
+    async def logs(self, handle: Handle, workdir: Path, tail: int) -> str:
+        return tail_file(workdir / "server.log", tail)
+
+
+def tail_file(path: Path, lines: int) -> str:
+    if not path.is_file():
+        return ""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 256 * 1024))
+        data = fh.read().decode("utf-8", "replace")
+    return "\n".join(data.splitlines()[-lines:])

@@ -1,0 +1,402 @@
+"""Managed backends: launch through a runtime, declare ready only once health answers 200,
+watch them, and reconcile the database with what actually runs when the control plane starts.
+
+State of one backend: ``starting → ready``; ``starting → failed`` (died or no health within
+the start timeout); ``ready → failed`` (died or stopped answering); any → ``stopped``.
+The model is ``ready`` in the catalogue (and has scheduler slots) exactly while its backend is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import BaseModel
+
+from legator.core.db.base import utcnow
+from legator.core.errors import BadRequest, Conflict, ServiceUnavailable
+from legator.core.logging import get_logger
+from legator.core.runtime import Core
+from legator.core.security import random_hex
+from legator.gateway.backends import Backend, BackendRegistry, ExternalBackend
+from legator.gateway.catalog import Catalog
+from legator.gateway.models import GatewayRuntime
+from legator.gateway.runtimes.base import Handle, Launch, Runtime, RuntimeError_
+from legator.gateway.runtimes.podman import PodmanRuntime, podman_available
+from legator.gateway.runtimes.process import ProcessRuntime
+from legator.gateway.scheduler import Scheduler
+from legator.gateway.schemas import ModelOut, ModelUpdate
+
+log = get_logger("legator.gateway.supervisor")
+SYSTEM = "system:gateway"
+MONITOR_INTERVAL_S = 2.0
+HEALTH_TIMEOUT_S = 2.0
+MISSES_TO_FAIL = 2  # consecutive failed health checks: 2 x (2 s + 2 s) stays under 10 s
+ACTIVE = ("starting", "ready")
+
+
+class BackendStatus(BaseModel):
+    model: str
+    kind: str
+    state: str
+    port: int | None = None
+    pid: int | None = None
+    container: str | None = None
+    error: str = ""
+    started_at: str | None = None
+
+
+@dataclass
+class Live:
+    model_id: str
+    kind: str
+    port: int
+    api_key: str
+    handle: Handle
+    workdir: Path
+    state: str = "starting"
+    error: str = ""
+    misses: int = 0
+    started_at: Any = field(default_factory=utcnow)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class ManagedBackend(Backend):
+    """Requests go to the backend's loopback port with its per-backend key."""
+
+    def __init__(self, model: ModelOut, live: Live | None) -> None:
+        super().__init__(model)
+        self.live = live
+
+    @property
+    def base_url(self) -> str:
+        return (self.live.base_url if self.live else "http://127.0.0.1:0") + "/v1"
+
+    @property
+    def ready(self) -> bool:
+        return self.live is not None and self.live.state == "ready" and super().ready
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.live.api_key}"} if self.live else {}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Supervisor:
+    def __init__(
+        self, core: Core, catalog: Catalog, scheduler: Scheduler, registry: BackendRegistry
+    ) -> None:
+        self.core = core
+        self.catalog = catalog
+        self.scheduler = scheduler
+        self.registry = registry
+        settings = core.settings
+        self.start_timeout_s = settings.gateway_start_timeout_s
+        base = settings.data_dir or Path(tempfile.mkdtemp(prefix="legator-backends-"))
+        self.root = base / "gateway" / "backends"
+        self.runtimes: dict[str, Runtime] = {
+            "process": ProcessRuntime(settings.gateway_llama_server)
+        }
+        self.live: dict[str, Live] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+        if podman_available():
+            self.runtimes["podman"] = PodmanRuntime(
+                settings.gateway_podman_image, settings.gateway_podman_flavour
+            )
+        for kind in self.runtimes:
+            registry.factories[kind] = self._backend_for
+
+    def add_runtime(self, runtime: Runtime) -> None:
+        self.runtimes[runtime.kind] = runtime
+        self.registry.factories[runtime.kind] = self._backend_for
+
+    def _backend_for(self, model: ModelOut) -> Backend:
+        if not model.managed:
+            return ExternalBackend(model)
+        return ManagedBackend(model, self.live.get(model.id))
+
+    def runtime(self, kind: str) -> Runtime:
+        runtime = self.runtimes.get(kind)
+        if runtime is None:
+            raise ServiceUnavailable(f"the {kind!r} runtime is not available on this host")
+        return runtime
+
+    # ----- status ----------------------------------------------------------------------------
+
+    def status(self, model_id: str) -> BackendStatus:
+        model = self.catalog.get_model(model_id)
+        live = self.live.get(model_id)
+        if live is None:
+            return BackendStatus(model=model_id, kind=model.backend_kind, state="stopped")
+        return BackendStatus(
+            model=model_id,
+            kind=live.kind,
+            state=live.state,
+            port=live.port,
+            pid=live.handle.pid,
+            container=live.handle.container,
+            error=live.error,
+            started_at=live.started_at.isoformat(),
+        )
+
+    async def _save(self, live: Live) -> None:
+        async with self.core.db.write() as session:
+            row = await session.get(GatewayRuntime, live.model_id)
+            if row is None:
+                row = GatewayRuntime(model_id=live.model_id, kind=live.kind)
+                session.add(row)
+            row.kind = live.kind
+            row.state = live.state
+            row.port = live.port
+            row.pid = live.handle.pid
+            row.pid_started = live.handle.pid_started
+            row.container = live.handle.container
+            row.error = live.error[:2000]
+            row.started_at = live.started_at
+
+    async def _set_model_state(self, model_id: str, state: str) -> None:
+        model = self.catalog.models.get(model_id)
+        if model is None or model.state == state or model.state == "disabled":
+            return
+        await self.catalog.update_model(model_id, ModelUpdate(state=state), actor=SYSTEM)  # type: ignore[arg-type]
+
+    async def _publish(self, live: Live, state: str) -> None:
+        await self.core.events.publish(
+            f"gateway.backend.{state}",
+            {"model": live.model_id, "kind": live.kind, "state": state, "error": live.error},
+        )
+
+    # ----- start / stop ----------------------------------------------------------------------
+
+    async def start_backend(
+        self, model_id: str, *, actor: str, wait: bool = False
+    ) -> BackendStatus:
+        model = self.catalog.get_model(model_id)
+        if not model.managed:
+            raise BadRequest(f"model {model_id!r} has an external backend; nothing to start")
+        if model.state == "disabled":
+            raise Conflict(f"model {model_id!r} is disabled")
+        runtime = self.runtime(model.backend_kind)
+        async with self._lock:
+            current = self.live.get(model_id)
+            if current is not None and current.state in ACTIVE:
+                raise Conflict(f"the backend of {model_id!r} is already {current.state}")
+            if not await asyncio.to_thread(Path(model.model_path).is_file):
+                raise BadRequest(f"model file {model.model_path} is missing")
+            workdir = self.root / model_id
+            workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            workdir.chmod(0o700)
+            launch = Launch(model=model, port=_free_port(), api_key=random_hex(32), workdir=workdir)
+            try:
+                handle = await runtime.start(launch)
+            except RuntimeError_ as exc:
+                raise ServiceUnavailable(f"could not start {model_id!r}: {exc}") from None
+            live = Live(model_id, model.backend_kind, launch.port, launch.api_key, handle, workdir)
+            self.live[model_id] = live
+            self.registry.forget(model_id)
+            await self._save(live)
+        await self.core.audit.log(
+            actor=actor, action="gateway.backend.start", target=f"model:{model_id}"
+        )
+        await self._publish(live, "starting")
+        task = asyncio.ensure_future(self._await_healthy(live, runtime))
+        self._tasks[model_id] = task
+        if wait:
+            await asyncio.shield(task)
+        return self.status(model_id)
+
+    async def _healthy(self, live: Live, runtime: Runtime) -> bool:
+        url = live.base_url + runtime.health_path
+        headers = {"Authorization": f"Bearer {live.api_key}"}
+        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+        try:
+            async with self.registry.session.get(url, headers=headers, timeout=timeout) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _await_healthy(self, live: Live, runtime: Runtime) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout_s
+        while live.state == "starting":
+            if not await runtime.alive(live.handle):
+                await self._fail(live, runtime, "exited during start-up; see its logs")
+                return
+            if await self._healthy(live, runtime):
+                await self._mark_ready(live)
+                return
+            if loop.time() >= deadline:
+                await self._fail(
+                    live, runtime, f"no healthy answer within {self.start_timeout_s:g} s"
+                )
+                return
+            await asyncio.sleep(0.25)
+
+    async def _mark_ready(self, live: Live) -> None:
+        live.state, live.misses = "ready", 0
+        await self._save(live)
+        model = self.catalog.get_model(live.model_id)
+        self.registry.forget(live.model_id)
+        await self._set_model_state(live.model_id, "ready")
+        self.scheduler.pool(model.id, model.parallel)
+        await self._publish(live, "ready")
+        log.info("backend ready", model=live.model_id, kind=live.kind, port=live.port)
+
+    async def _fail(self, live: Live, runtime: Runtime, error: str) -> None:
+        live.state, live.error = "failed", error
+        self.scheduler.drop(live.model_id)  # queued requests get 503 now, not a hang
+        await runtime.stop(live.handle)
+        await self._save(live)
+        await self._set_model_state(live.model_id, "unavailable")
+        self.registry.forget(live.model_id)
+        await self._publish(live, "failed")
+        log.warning("backend failed", model=live.model_id, error=error)
+
+    async def stop_backend(self, model_id: str, *, actor: str) -> BackendStatus:
+        self.catalog.get_model(model_id)
+        live = self.live.get(model_id)
+        if live is None or live.state == "stopped":
+            raise Conflict(f"the backend of {model_id!r} is not running")
+        await self._stop(live)
+        await self.core.audit.log(
+            actor=actor, action="gateway.backend.stop", target=f"model:{model_id}"
+        )
+        return self.status(model_id)
+
+    async def _stop(self, live: Live) -> None:
+        task = self._tasks.pop(live.model_id, None)
+        previous = live.state
+        live.state = "stopped"
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.scheduler.drop(live.model_id)
+        runtime = self.runtimes.get(live.kind)
+        if runtime is not None:
+            await runtime.stop(live.handle)
+        await self._save(live)
+        await self._set_model_state(live.model_id, "unavailable")
+        self.registry.forget(live.model_id)
+        if previous != "stopped":
+            await self._publish(live, "stopped")
+
+    async def logs(self, model_id: str, tail: int) -> str:
+        model = self.catalog.get_model(model_id)
+        live = self.live.get(model_id)
+        runtime = self.runtime(model.backend_kind)
+        handle = live.handle if live else Handle(container=None)
+        return await runtime.logs(handle, self.root / model_id, tail)
+
+    async def forget_model(self, model_id: str) -> None:
+        """Before a model is deleted: stop its backend and drop its files."""
+        live = self.live.pop(model_id, None)
+        if live is not None and live.state != "stopped":
+            await self._stop(live)
+        async with self.core.db.write() as session:
+            row = await session.get(GatewayRuntime, model_id)
+            if row is not None:
+                await session.delete(row)
+        shutil.rmtree(self.root / model_id, ignore_errors=True)
+
+    # ----- monitor ---------------------------------------------------------------------------
+
+    async def monitor(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            for live in list(self.live.values()):
+                if live.state != "ready":
+                    continue
+                try:
+                    await self._check(live)
+                except Exception:  # one backend's trouble must not stop the monitor
+                    log.exception("backend check failed", model=live.model_id)
+
+    async def _check(self, live: Live) -> None:
+        runtime = self.runtimes[live.kind]
+        if not await runtime.alive(live.handle):
+            await self._fail(live, runtime, "the backend exited")
+            return
+        if await self._healthy(live, runtime):
+            live.misses = 0
+            return
+        live.misses += 1
+        if live.misses >= MISSES_TO_FAIL and live.state == "ready":
+            await self._fail(live, runtime, f"no health answer {live.misses} times in a row")
+
+    # ----- reconciliation --------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Adopt what still runs and answers; stop and mark failed what does not; remove
+        orphans; no managed model is ready without a live backend."""
+        from sqlalchemy import select
+
+        async with self.core.db.session() as session:
+            rows = (await session.scalars(select(GatewayRuntime))).all()
+        known: set[str] = set()
+        for row in rows:
+            model = self.catalog.models.get(row.model_id)
+            runtime = self.runtimes.get(row.kind)
+            handle = Handle(pid=row.pid, pid_started=row.pid_started, container=row.container)
+            if row.state not in ACTIVE or runtime is None or model is None:
+                continue
+            known.add(row.container or str(row.pid))
+            live = Live(
+                row.model_id,
+                row.kind,
+                row.port or 0,
+                self._read_key(row.model_id),
+                handle,
+                self.root / row.model_id,
+                state="starting",
+                started_at=row.started_at or utcnow(),
+            )
+            if live.api_key and await runtime.alive(handle) and await self._healthy(live, runtime):
+                self.live[row.model_id] = live
+                await self._mark_ready(live)
+                log.info("adopted running backend", model=row.model_id)
+            else:
+                self.live[row.model_id] = live
+                await self._fail(live, runtime, "not running after a control-plane restart")
+        for runtime in self.runtimes.values():
+            for orphan in await runtime.orphans(known):
+                log.warning("removing orphan backend", container=orphan.container, pid=orphan.pid)
+                await runtime.stop(orphan)
+        for model in list(self.catalog.models.values()):
+            if model.managed and model.id not in self.live:
+                await self._set_model_state(model.id, "unavailable")
+                self.scheduler.drop(model.id)
+
+    def _read_key(self, model_id: str) -> str:
+        workdir = self.root / model_id
+        key_file = workdir / "api_key"
+        if key_file.is_file():
+            return key_file.read_text().strip()
+        config = workdir / "server.json"
+        if config.is_file():
+            import json
+
+            return str(json.loads(config.read_text()).get("api_key", ""))
+        return ""
+
+    async def shutdown(self) -> None:
+        """Stop every managed backend: none outlives a clean control-plane stop."""
+        for live in list(self.live.values()):
+            if live.state != "stopped":
+                try:
+                    await self._stop(live)
+                except Exception:
+                    log.exception("backend stop failed", model=live.model_id)

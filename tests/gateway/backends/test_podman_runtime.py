@@ -1,0 +1,147 @@
+"""The ``podman`` runtime with real Podman and a llama.cpp server image built locally:
+start, chat through the openai SDK, isolation (non-root UID, no capabilities, loopback
+port), the key neither in ``podman inspect`` nor in ``ps``, death detection, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway.backends.conftest import register_managed, wait_state
+from tests.gateway.backends.fake_hub import FakeHub
+from tests.gateway.backends.llama_image import build
+from tests.gateway.backends.test_hub import REPO, hub, wait_download  # noqa: F401 (fixture)
+from tests.support import LiveServer, live_server
+
+pytestmark = pytest.mark.slow
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=1024:20000", "nproc=1024:1024"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+"""
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    old = os.environ.get("CONTAINERS_CONF")
+    os.environ["CONTAINERS_CONF"] = str(conf)
+    try:
+        yield build(tmp_path_factory.mktemp("image"))
+    finally:
+        if old is None:
+            os.environ.pop("CONTAINERS_CONF", None)
+        else:
+            os.environ["CONTAINERS_CONF"] = old
+
+
+@pytest.fixture
+def pgw(tmp_path: Path, image: str) -> Iterator[LiveServer]:
+    with live_server(
+        tmp_path / "data",
+        gateway_podman_image=image,
+        gateway_podman_flavour="llama-cpp-python",
+        gateway_start_timeout_s=90,
+    ) as server:
+        yield server
+
+
+def podman(*args: str) -> str:
+    return subprocess.run(["podman", *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(gguf_file, models / "tiny.gguf")
+    headers = {"Authorization": f"Bearer {pgw.admin_key}"}
+    with httpx.Client(base_url=pgw.url, headers=headers, timeout=120) as admin:
+        register_managed(admin, "tiny", models / "tiny.gguf", kind="podman")
+        status = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
+        body = status.json()
+        assert status.status_code == 200, body
+        logs = admin.get("/api/v1/gateway/backends/tiny/logs").text
+        assert body["state"] == "ready", (body, logs)
+        assert body["container"] == "sovereign-llamacpp-tiny"
+
+        client = openai.OpenAI(base_url=pgw.url + "/v1", api_key=pgw.admin_key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+        )
+        assert reply.choices[0].finish_reason in ("length", "stop")
+
+        info = json.loads(podman("inspect", "sovereign-llamacpp-tiny"))[0]
+        uid = int(info["Config"]["User"].split(":")[0])
+        assert 10000 <= uid <= 65000
+        assert info["HostConfig"]["CapDrop"] and not info["HostConfig"]["CapAdd"]
+        bindings = info["HostConfig"]["PortBindings"]["8080/tcp"]
+        assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
+        assert any(m["Destination"] == "/models" and not m["RW"] for m in info["Mounts"])
+        # The key: not in inspect, not in any process's arguments on this host.
+        key = json.loads(
+            podman(
+                "exec",
+                "sovereign-llamacpp-tiny",
+                "/opt/py/bin/python3",
+                "-c",
+                "print(open('/run/secrets/sovereign-llamacpp-tiny-key').read())",
+            )
+        )["api_key"]
+        assert len(key) == 64
+        assert key not in json.dumps(info)
+        assert key not in subprocess.run(["ps", "auxww"], capture_output=True, text=True).stdout
+        assert httpx.get(f"http://127.0.0.1:{body['port']}/v1/models").status_code == 401
+
+        # Killing the container: failed within 10 s, requests get 503.
+        podman("kill", "sovereign-llamacpp-tiny")
+        took = wait_state(admin, "tiny", "failed", timeout=10)
+        assert took < 10
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            )
+        assert failed.value.status_code == 503
+        gone = subprocess.run(["podman", "container", "exists", "sovereign-llamacpp-tiny"])
+        assert gone.returncode == 1
+
+        again = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
+        assert again.json()["state"] == "ready"
+        stopped = admin.post("/api/v1/gateway/backends/tiny/stop").json()
+        assert stopped["state"] == "stopped"
+        assert (
+            subprocess.run(["podman", "container", "exists", "sovereign-llamacpp-tiny"]).returncode
+            == 1
+        )
+        assert "sovereign-llamacpp-tiny-key" not in podman("secret", "ls")
+
+
+def test_pull_then_serve_with_podman(pgw: LiveServer, hub: FakeHub) -> None:  # noqa: F811
+    """Acceptance: from an empty data dir, pull from the hub and serve it in Podman."""
+    headers = {"Authorization": f"Bearer {pgw.admin_key}"}
+    with httpx.Client(base_url=pgw.url, headers=headers, timeout=120) as admin:
+        created = admin.post(
+            "/api/v1/gateway/downloads",
+            json={"repo": REPO, "model_id": "tiny", "backend_kind": "podman"},
+        )
+        assert created.status_code == 202, created.text
+        assert wait_download(admin, created.json()["id"])["state"] == "completed"
+        admin.patch("/api/v1/gateway/models/tiny", json={"runtime_args": {"chat_format": "chatml"}})
+        started = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
+        assert started.json()["state"] == "ready", started.text
+        client = openai.OpenAI(base_url=pgw.url + "/v1", api_key=pgw.admin_key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+        )
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        assert admin.post("/api/v1/gateway/backends/tiny/stop").json()["state"] == "stopped"
