@@ -66,6 +66,11 @@ async def podman(
     return (out + err).decode(errors="replace") if merge else out.decode()
 
 
+DEFAULT_IMAGE = "ghcr.io/ggml-org/llama.cpp:server"
+CDI_SPECS = (Path("/etc/cdi/nvidia.yaml"), Path("/var/run/cdi/nvidia.yaml"))
+DRI = Path("/dev/dri")
+
+
 class PodmanRuntime(Runtime):
     kind = "podman"
 
@@ -130,14 +135,20 @@ class PodmanRuntime(Runtime):
             command.append("--jinja")
         return launch.api_key.encode(), command
 
-    def _gpu_args(self, launch: Launch) -> list[str]:
+    def _gpu(self, launch: Launch) -> tuple[list[str], str]:
+        """Device arguments and image: with layers offloaded, an NVIDIA GPU by CDI gets the
+        CUDA variant of the default image, a /dev/dri GPU the Vulkan one (an image the
+        operator chose is kept as it is)."""
         if launch.args.n_gpu_layers <= 0:
-            return []
-        if Path("/etc/cdi/nvidia.yaml").exists() or Path("/var/run/cdi/nvidia.yaml").exists():
-            return ["--device", "nvidia.com/gpu=all"]
-        if Path("/dev/dri").exists():
-            return ["--device", "/dev/dri"]
-        return []
+            return [], self.image
+        variant = ""
+        devices: list[str] = []
+        if any(spec.exists() for spec in CDI_SPECS):
+            devices, variant = ["--device", "nvidia.com/gpu=all"], "-cuda"
+        elif DRI.exists():
+            devices, variant = ["--device", str(DRI)], "-vulkan"
+        image = self.image + variant if self.image == DEFAULT_IMAGE and variant else self.image
+        return devices, image
 
     async def start(self, launch: Launch) -> Handle:
         name = self.name(launch.model.id)
@@ -147,6 +158,7 @@ class PodmanRuntime(Runtime):
         await podman("secret", "create", secret, "-", stdin=payload)
         uid = await self._pick_uid(launch.model.id)
         model_dir = str(Path(launch.model.model_path).parent)
+        devices, image = self._gpu(launch)
         try:
             await podman(
                 "run", "--detach",
@@ -160,8 +172,8 @@ class PodmanRuntime(Runtime):
                 "--publish", f"127.0.0.1:{launch.port}:{INNER_PORT}",
                 "--volume", f"{model_dir}:/models:ro",
                 "--secret", f"{secret},type=mount,mode=0400,uid={uid}",
-                *self._gpu_args(launch),
-                self.image,
+                *devices,
+                image,
                 *command,
             )  # fmt: skip
         except RuntimeError_:
