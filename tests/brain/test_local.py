@@ -5,61 +5,23 @@ session) is what is checked."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.fleet.e2e.conftest import ProbeProcess, wait_for
 from tests.gateway.conftest import register
-from tests.gateway.tiny_gguf import tiny_gguf
-from tests.support import LiveServer, free_port, live_server
+from tests.gateway.llama_server import llama_server
+from tests.support import LiveServer, live_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def llama_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path / "llama.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(tiny_gguf()),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_ctx",
-                "8192",
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama.cpp server did not start"
-            time.sleep(0.2)
-        yield url + "/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with llama_server(tmp_path / "llama.log", n_ctx=8192) as url:
+        yield url
 
 
 @pytest.fixture

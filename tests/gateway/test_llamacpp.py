@@ -4,20 +4,16 @@ protocol, streaming, tools, usage and slots are real."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
-import httpx
 import openai
 import pytest
 
 from tests.gateway.conftest import register
-from tests.gateway.tiny_gguf import tiny_gguf
-from tests.support import LiveServer, free_port, live_server
+from tests.gateway.llama_server import llama_server
+from tests.support import LiveServer, live_server
 
 pytestmark = pytest.mark.slow
 TOOL = {
@@ -36,44 +32,9 @@ TOOL = {
 
 @pytest.fixture(scope="module")
 def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(tiny_gguf()),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_ctx",
-                "512",
-                "--chat_format",
-                "chatml-function-calling",
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama.cpp server did not start"
-            time.sleep(0.2)
-        yield url + "/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with llama_server(log, n_ctx=512, extra=("--chat_format", "chatml-function-calling")) as url:
+        yield url
 
 
 @pytest.fixture
