@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from tests.gateway.backends.fake_hub import FakeHub
 from tests.gateway.backends.llama_image import build
 from tests.gateway.backends.test_hub import REPO, hub, wait_download  # noqa: F401 (fixture)
 from tests.support import LiveServer, live_server
+
+
+def container_exists(name: str) -> bool:
+    return subprocess.run(["podman", "container", "exists", name]).returncode == 0
+
 
 pytestmark = pytest.mark.slow
 CONTAINERS_CONF = """\
@@ -112,8 +118,11 @@ def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: P
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
             )
         assert failed.value.status_code == 503
-        gone = subprocess.run(["podman", "container", "exists", "sovereign-llamacpp-tiny"])
-        assert gone.returncode == 1
+        # The failed backend's container is removed right after it is marked failed.
+        deadline = time.monotonic() + 10
+        while container_exists("sovereign-llamacpp-tiny"):
+            assert time.monotonic() < deadline, "the failed container was not removed"
+            time.sleep(0.1)
 
         again = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
         assert again.json()["state"] == "ready"
