@@ -81,6 +81,12 @@ class FakeHub:
                 status_code=404,
                 headers={"X-Error-Code": "RepoNotFound"},
             )
+        if request.path_params["revision"] != "main":
+            return JSONResponse(
+                {"error": "Invalid rev id"},
+                status_code=404,
+                headers={"X-Error-Code": "RevisionNotFound"},
+            )
         return JSONResponse(
             [
                 {

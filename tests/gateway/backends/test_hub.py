@@ -58,6 +58,11 @@ def test_search_and_files(admin: httpx.Client, hub: FakeHub) -> None:
     assert files[1]["size"] == len(hub.repos[REPO].files["tiny-q8.gguf"])
     missing = admin.get("/api/v1/gateway/hub/files", params={"repo": "acme/nope"})
     assert missing.status_code == 404
+    no_revision = admin.get("/api/v1/gateway/hub/files", params={"repo": REPO, "revision": "v9"})
+    assert no_revision.status_code == 404
+    assert "no revision 'v9'" in no_revision.json()["error"]["message"]
+    unrouted = admin.get("/api/v1/gateway/hub/files", params={"repo": REPO, "revision": "/x"})
+    assert unrouted.status_code == 404
     bad = admin.get("/api/v1/gateway/hub/files", params={"repo": "../etc"})
     assert bad.status_code == 422
 

@@ -113,6 +113,8 @@ def files(repo: str, revision: str = "main") -> list[HubFile]:
     except RepositoryNotFoundError:
         raise NotFound(f"repository {repo!r} does not exist on {endpoint()}") from None
     except HfHubHTTPError as exc:
+        if _reason(exc) == 404:  # a revision or path the repository does not have
+            raise NotFound(f"{repo!r} has no revision {revision!r} on {endpoint()}") from None
         raise ServiceUnavailable(f"hub listing failed: {_reason(exc)}") from None
     except Exception as exc:  # the library's network layer differs between its versions
         raise ServiceUnavailable(f"cannot reach the hub at {endpoint()}: {exc}") from None
