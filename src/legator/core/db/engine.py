@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import StaticPool
 
+from legator.core.db import sqlite_driver
+
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 _WRITE_OPTION = "legator_write"
 
@@ -55,6 +57,8 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         self.in_memory = self.is_sqlite and url.rstrip("/") in ("sqlite+aiosqlite:", "sqlite:")
         kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_sqlite:
+            kwargs["module"] = sqlite_driver.dbapi()
         if self.in_memory:
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
         elif self.is_sqlite:
