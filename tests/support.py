@@ -88,6 +88,7 @@ class LiveServer:
             access_log=False,
             lifespan="on",
             ws="websockets-sansio",
+            ws_per_message_deflate=False,
             server_header=False,
         )
         self._server = uvicorn.Server(config)

@@ -103,6 +103,9 @@ def serve(
         loop="uvloop",
         http="httptools",
         ws="websockets-sansio",
+        # Probe messages are small JSON; compression cost CPU at both ends and a zlib
+        # context per socket (thousands of them) for little gain.
+        ws_per_message_deflate=False,
         proxy_headers=True,
         forwarded_allow_ips=settings.trusted_proxies,
         access_log=False,

@@ -133,7 +133,7 @@ def _sends_commands(node: ast.AST) -> bool:
     """A call to the low-level executor, or the hub sending a command envelope."""
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
         return False
-    if node.func.attr == "_execute":
+    if node.func.attr == "_record_and_send":
         return True
     return node.func.attr == "send" and any(
         isinstance(arg, ast.Name) and arg.id == "T_COMMAND" for arg in node.args
@@ -142,14 +142,14 @@ def _sends_commands(node: ast.AST) -> bool:
 
 def test_no_dispatch_path_skips_the_gate() -> None:
     """Every place that sends a command is inside CommandService, in ``run`` and
-    ``fan_out`` (after the gate), ``_run_approved`` (after an approval) or ``_execute``
+    ``fan_out`` (after the gate), ``_run_approved`` (after an approval) or ``_record_and_send``
     itself. A new caller anywhere else fails this test."""
     allowed = {
         ("fleet/commands/service.py", "run"),
         ("fleet/commands/service.py", "fan_out"),
         ("fleet/commands/service.py", "one"),  # fan_out's per-target helper
         ("fleet/commands/service.py", "_run_approved"),
-        ("fleet/commands/service.py", "_execute"),
+        ("fleet/commands/service.py", "_record_and_send"),
     }
     found = set()
     for path in SRC.rglob("*.py"):

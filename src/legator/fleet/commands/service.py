@@ -3,7 +3,7 @@
 ``CommandService.run`` (one probe) and ``fan_out`` (a tag) put every request through the gate
 (classification, each target's policy and approval mode); an allowed request is executed at
 once, a queued one waits in the approval queue and is executed by ``_run_approved`` when
-approved. ``_execute`` records the command and sends it signed; nothing else sends commands
+approved. ``_record_and_send`` records the command and sends it signed; nothing else sends commands
 (a test walks the code to check).
 """
 
@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
 from legator.core.auth.principal import Principal
+from legator.core.context import current_request_id
 from legator.core.db import Database, new_id, utcnow
 from legator.core.errors import AppError, Forbidden, NotFound
 from legator.core.events import InMemoryEventBus
@@ -43,6 +44,14 @@ RECONNECT_WAIT_S = 30.0
 ACTIVE = ("dispatched", "running")
 RESULT_BATCH = 1000
 _END = object()
+_COMMANDS = Command.__table__
+# Core statements on the hot path: the ORM's unit of work, row loading and bulk UPDATE cost
+# more than the writes themselves.
+_INSERT_COMMAND = insert(_COMMANDS)
+_RESULT_OWNERS = select(_COMMANDS.c.id, _COMMANDS.c.probe_id, _COMMANDS.c.status).where(
+    _COMMANDS.c.id.in_(bindparam("ids", expanding=True))
+)
+_STORE_RESULT = update(_COMMANDS).where(_COMMANDS.c.id == bindparam("command_id"))
 
 
 class CommandService:
@@ -124,7 +133,9 @@ class CommandService:
             payload={"request": request.model_dump(mode="json")},
             reason=reason,
         )
-        verdict = await self.gate.check(action, [await self.target(probe)], principal)
+        verdict = await self.gate.check(
+            action, [await self.target(probe)], principal, record_allow=False
+        )
         if verdict.decision == "deny":
             self.metrics.commands.labels("refused_by_policy").inc()
             raise Forbidden(
@@ -134,8 +145,13 @@ class CommandService:
             )
         if verdict.decision == "queue":
             return verdict, None
-        return verdict, await self._execute(
-            actor=principal.actor, probe_id=probe_id, request=request, mode=mode, probe=probe
+        return verdict, await self._record_and_send(
+            actor=principal.actor,
+            probe_id=probe_id,
+            request=request,
+            mode=mode,
+            probe=probe,
+            decision_audit=verdict.decision_audit,
         )
 
     async def _run_approved(self, approval: ApprovalOut, payload: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +163,7 @@ class CommandService:
         for probe_id in approval.targets:
             await self._wait_connected(probe_id, RECONNECT_WAIT_S)
             try:
-                row = await self._execute(
+                row = await self._record_and_send(
                     actor=approval.requester, probe_id=probe_id, request=request, mode="dispatch"
                 )
                 started[probe_id] = row.id
@@ -164,7 +180,7 @@ class CommandService:
                     return
                 await connected.get(wait=remaining)
 
-    async def _execute(
+    async def _record_and_send(
         self,
         *,
         actor: str,
@@ -172,10 +188,15 @@ class CommandService:
         request: CommandRequest,
         mode: CommandMode,
         probe: Probe | None = None,
+        decision_audit: dict[str, Any] | None = None,
     ) -> Command:
         """Record and send (only after the gate). ``wait`` returns once the result is in (or
         the command's timeout passed); the other modes return at once. The policy is checked
-        again here: an approval may be decided after the probe's policy was tightened."""
+        again here: an approval may be decided after the probe's policy was tightened.
+        ``decision_audit``, the gate's unwritten "allow", is recorded with the dispatch (or
+        on its own when the dispatch does not happen)."""
+        pending_audit = [decision_audit] if decision_audit else []
+        request_id = current_request_id()  # the group commit runs in another task
         if probe is None or probe.id != probe_id:  # callers may pass the row they hold
             probe = await self._probe(probe_id)
         policy, policy_name = await self.effective_policy(probe)
@@ -192,19 +213,23 @@ class CommandService:
         }
         if not decision.allowed:
             self.metrics.commands.labels("refused_by_policy").inc()
-            await self.audit.log(
-                actor=actor,
-                action="fleet.command.refused",
-                target=probe_id,
-                outcome="denied",
-                details={**details, "reason": decision.reason},
-            )
+            refused = {
+                "actor": actor,
+                "action": "fleet.command.refused",
+                "target": probe_id,
+                "outcome": "denied",
+                "details": {**details, "reason": decision.reason},
+                "request_id": request_id,
+            }
+            await self._audit_now([*pending_audit, refused])
             raise Forbidden(
                 f"refused by policy {policy_name!r} on {probe_id}: {decision.reason}",
                 details={"required_level": decision.required, "policy_level": policy.level},
             )
         if not self.hub.is_connected(probe_id):
+            await self._audit_now(pending_audit)
             raise ProbeNotConnected(f"probe {probe_id} is not connected")
+        now = utcnow()
         command = Command(
             id=new_id(),
             probe_id=probe_id,
@@ -218,17 +243,23 @@ class CommandService:
             requested_by=actor,
             stdout="",
             stderr="",
-            deadline_at=utcnow() + timedelta(seconds=request.timeout_s + self.grace_s),
+            truncated=False,
+            created_at=now,
+            deadline_at=now + timedelta(seconds=request.timeout_s + self.grace_s),
         )
+        command_row = {c.name: getattr(command, c.key) for c in _COMMANDS.columns}
 
         async def record(session: AsyncSession) -> None:
-            session.add(command)
+            for fields in pending_audit:
+                await self.audit.record(session, **fields)
+            await (await session.connection()).execute(_INSERT_COMMAND, command_row)
             await self.audit.record(
                 session,
                 actor=actor,
                 action="fleet.command.dispatch",
                 target=probe_id,
                 details={**details, "request_id": command.id},
+                request_id=request_id,
             )
 
         await self.writer.run(record)
@@ -268,6 +299,12 @@ class CommandService:
         command.truncated, command.duration_ms = result.truncated, result.duration_ms
         command.error, command.finished_at = result.error or result.reason, utcnow()
         return command
+
+    async def _audit_now(self, events: list[dict[str, Any]]) -> None:
+        if events:
+            async with self.db.write() as session:
+                for fields in events:
+                    await self.audit.record(session, **fields)
 
     async def fan_out(
         self,
@@ -312,7 +349,7 @@ class CommandService:
 
         async def one(probe: Probe) -> FanOutItem:
             try:
-                result = await self._execute(
+                result = await self._record_and_send(
                     actor=principal.actor,
                     probe_id=probe.id,
                     request=request,
@@ -408,16 +445,9 @@ class CommandService:
         stored: list[bool] = []
         updates: list[dict[str, Any]] = []
         async with self.db.write() as session:
-            found = {
-                row.id: (row.probe_id, row.status)
-                for row in (
-                    await session.execute(
-                        select(Command.id, Command.probe_id, Command.status).where(
-                            Command.id.in_(ids)
-                        )
-                    )
-                ).all()
-            }
+            connection = await session.connection()
+            rows = await connection.execute(_RESULT_OWNERS, {"ids": ids})
+            found = {row.id: (row.probe_id, row.status) for row in rows}
             for probe_id, result, _ in batch:
                 known = found.get(result.request_id or "")
                 if known is None or known[0] != probe_id:
@@ -440,6 +470,7 @@ class CommandService:
                             "reason": result.reason,
                             "error": result.error,
                         },
+                        request_id="",  # from the probe's socket, not an HTTP request
                     )
                 if known[1] not in ACTIVE and result.status == "rejected":
                     # A replayed or forged message naming a finished command: keep its result.
@@ -448,7 +479,7 @@ class CommandService:
                 found[result.request_id or ""] = (probe_id, result.status)
                 updates.append(
                     {
-                        "id": result.request_id,
+                        "command_id": result.request_id,
                         "status": result.status,
                         "exit_code": result.exit_code,
                         "stdout": result.stdout,
@@ -461,7 +492,7 @@ class CommandService:
                 )
                 stored.append(True)
             if updates:
-                await session.execute(update(Command), updates)
+                await connection.execute(_STORE_RESULT, updates)
         return stored
 
     async def on_chunk(self, probe_id: str, chunk: OutputChunk) -> None:
