@@ -174,3 +174,22 @@ def test_result_delivered_after_reconnect(
         timeout=30,
     )
     assert final["exit_code"] == 0
+
+
+def test_decision_and_dispatch_are_audited_with_their_request(  # type: ignore[no-untyped-def]
+    admin: httpx.Client, spawn_probe
+) -> None:
+    """The gate's decision and the dispatch are written together, each command's events
+    under the id of the request that made it."""
+    probe = spawn_probe("cmd-audit")
+    request_ids = []
+    for _ in range(3):
+        done = _run(admin, probe, command="uname")
+        assert done.status_code == 200, done.text
+        request_ids.append(done.headers["x-request-id"])
+    for action in ("gate.decision", "fleet.command.dispatch"):
+        page = admin.get("/api/v1/audit", params={"action": action, "limit": 3}).json()
+        events = page["events"]
+        assert sorted(e["request_id"] for e in events) == sorted(request_ids), action
+    offline = admin.post("/api/v1/probes/prb-00000000/command?wait=true", json={"command": "uname"})
+    assert offline.status_code == 404
