@@ -167,7 +167,11 @@ def test_commands_and_operations_through_the_other_replica(
             json={"command": "for i in 1 2 3; do echo line$i; sleep 0.3; done", "shell": True},
         )
         assert started.status_code == 200, started.text
+        began = time.monotonic()
         lines = sse_lines(via_a, started.json()["stream_url"])
+        # Live, not from the database: without relayed chunks and end, A would only notice
+        # the end at its 15 s keep-alive re-read, and miss the chunks that came meanwhile.
+        assert time.monotonic() - began < 10
         chunks = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
         output = "".join(c["data"] for c in chunks if "seq" in c)
         assert "line1\nline2\nline3\n" in output
