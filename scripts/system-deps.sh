@@ -12,6 +12,7 @@ PACKAGES=(
   busybox-static     # Deploy: the rootfs of the test image built with `podman import`
   g++                # llama-cpp-python (test extra) compiles llama.cpp from source
   cmake              # ditto
+  nats-server        # Fleet: the private NATS servers tests stop and restart (replicas)
 )
 
 missing=()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,15 @@ from legator.core.runtime import Core, build_core
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 10) -> None:
+    """Wait (on the event loop) until ``predicate()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
 
 
 def free_port() -> int:
@@ -137,8 +147,9 @@ def run_cli(
 class ServerProcess:
     """`legator serve` as a separate process, the way an operator runs it."""
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, *, log_path: Path | None = None, **env: str) -> None:
         self.data_dir = data_dir
+        self.log_path = log_path  # where its log lines (stdout) go; unset: discarded
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -151,13 +162,16 @@ class ServerProcess:
         self.stderr = ""
 
     def start(self, timeout: float = 30) -> ServerProcess:
+        log = self.log_path.open("ab") if self.log_path else None
         self.proc = subprocess.Popen(
             [str(BIN / "legator"), "serve"],
             env=self.env,
-            stdout=subprocess.DEVNULL,
+            stdout=log or subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
+        if log is not None:
+            log.close()  # the child has its own copy
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -196,3 +210,36 @@ def live_server(data_dir: Path | None, **settings: Any) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+NATS_URL = "nats://127.0.0.1:4222"  # the machine's NATS server, shared by every test
+
+
+class NatsServer:
+    """A private ``nats-server`` on a free loopback port, for tests that stop and restart it."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NatsServer:
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        self.proc = subprocess.Popen(
+            [binary, "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None

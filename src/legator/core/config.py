@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LEGATOR_"
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}$")
 
 
 class ConfigError(Exception):
@@ -102,6 +104,19 @@ class Settings(BaseSettings):
         30.0, ge=0, le=3600, description="Wait past a command's timeout before marking it lost."
     )
 
+    nats_url: SecretStr | None = Field(
+        None, description="NATS server(s) joining several replicas; unset = one process."
+    )
+    nats_subject_prefix: str = Field(
+        "legator", description="First subject tokens of every cluster message."
+    )
+    nats_presence_interval_s: float = Field(
+        5.0, ge=0.1, le=60, description="How often a replica lists its probes on the bus."
+    )
+    replica_id: str | None = Field(
+        None, description="This replica's name on the bus; unset = hostname plus random."
+    )
+
     jobs_retry_max_attempts: int = Field(3, ge=1, le=100)
     jobs_retry_initial_backoff_s: float = Field(5.0, gt=0, le=3600)
     jobs_retry_max_backoff_s: float = Field(300.0, gt=0, le=86400)
@@ -157,6 +172,36 @@ class Settings(BaseSettings):
             raise ValueError("expected an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("nats_url")
+    @classmethod
+    def _check_nats_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        for server in value.get_secret_value().split(","):
+            scheme, sep, rest = server.strip().partition("://")
+            if not sep or scheme not in ("nats", "tls") or not rest.rpartition("@")[2]:
+                # The value may carry a password: name the rule, never echo the value.
+                raise ValueError(
+                    "expected nats://HOST:PORT or tls://HOST:PORT (several separated by commas)"
+                )
+        return value
+
+    @field_validator("nats_subject_prefix")
+    @classmethod
+    def _check_subject_prefix(cls, value: str) -> str:
+        if not _SUBJECT_PREFIX.match(value):
+            raise ValueError("expected dot-separated tokens of letters, digits, '-' and '_'")
+        return value
+
+    @field_validator("replica_id")
+    @classmethod
+    def _check_replica_id(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not _TOKEN.match(value):
+            raise ValueError("expected 1 to 64 letters, digits, '-' or '_'")
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_proxies(cls, value: str) -> str:
@@ -173,6 +218,11 @@ class Settings(BaseSettings):
         if not self.auth and not self.is_loopback:
             raise ValueError(
                 "LEGATOR_AUTH=false is only allowed when LEGATOR_ADDR is a loopback address"
+            )
+        if self.nats_url is not None and self.signing_key is None:
+            raise ValueError(
+                "LEGATOR_NATS_URL needs LEGATOR_SIGNING_KEY, the same on every replica: "
+                "probe keys and cluster messages are derived from it"
             )
         if self.jobs_retry_initial_backoff_s > self.jobs_retry_max_backoff_s:
             raise ValueError(

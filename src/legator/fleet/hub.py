@@ -1,22 +1,30 @@
 """The WebSocket hub: one socket per probe, signed sends, and replies matched to requests.
 
-This replica's sockets only; routing across replicas (NATS) is not built yet.
+It holds this replica's sockets. With several replicas (``cluster`` set, see
+``fleet/cluster.py``), a send to a probe held by another replica is signed here and routed
+there, a reply with no waiter here goes back to the replica that asked, and ``is_connected``
+covers the probes of every replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from starlette.websockets import WebSocket
 
 from legator.core.errors import ServiceUnavailable
 from legator.core.logging import get_logger
-from legator.fleet.protocol import Envelope, derive_probe_key, signed
+from legator.fleet.protocol import Envelope, OutputChunk, derive_probe_key, signed
+from legator.fleet.schemas import ClusterStatus
+
+if TYPE_CHECKING:
+    from legator.fleet.cluster import FleetCluster
 
 log = get_logger("legator.fleet.hub")
 Handler = Callable[[str, Envelope], Awaitable[None]]
@@ -32,10 +40,15 @@ class Connection:
     websocket: WebSocket
     key_hex: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    since: float = field(default_factory=time.time)
 
     async def send(self, envelope: Envelope) -> None:
         async with self.lock:
             await self.websocket.send_text(envelope.model_dump_json())
+
+    async def close(self, *, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # the socket may already be gone
+            await self.websocket.close(code=code, reason=reason)
 
 
 class Hub:
@@ -43,29 +56,51 @@ class Hub:
         self.master_key = master_key
         self.connections: dict[str, Connection] = {}
         self._waiters: dict[str, asyncio.Future[Any]] = {}
+        self.cluster: FleetCluster | None = None
+        # Called with (key, value) for each reply that came back from another replica.
+        self.remote_reply_hooks: list[Callable[[str, Any], None]] = []
 
     def key_for(self, probe_id: str) -> str:
         return derive_probe_key(self.master_key, probe_id)
 
     def is_connected(self, probe_id: str) -> bool:
-        return probe_id in self.connections
+        return probe_id in self.connections or (
+            self.cluster is not None and self.cluster.holder(probe_id) is not None
+        )
+
+    def not_connected(self, probe_id: str) -> ProbeNotConnected:
+        if self.cluster is not None:
+            return ProbeNotConnected(self.cluster.why_not(probe_id))
+        return ProbeNotConnected(f"probe {probe_id} is not connected")
 
     async def attach(self, probe_id: str, websocket: WebSocket) -> Connection:
         """Register a new socket; an older one for the same probe is closed (replaced)."""
         conn = Connection(probe_id, websocket, self.key_for(probe_id))
         old = self.connections.get(probe_id)
         self.connections[probe_id] = conn
+        if self.cluster is not None:
+            self.cluster.announce(probe_id, up=True, since=conn.since)
         if old is not None:
-            with contextlib.suppress(Exception):  # the old socket may already be gone
-                await old.websocket.close(code=4000, reason="replaced by a newer connection")
+            await old.close(code=4000, reason="replaced by a newer connection")
         return conn
 
     def detach(self, conn: Connection) -> bool:
         """Forget ``conn`` if it is still the current one; True if it was."""
         if self.connections.get(conn.probe_id) is conn:
             del self.connections[conn.probe_id]
+            if self.cluster is not None:
+                self.cluster.announce(conn.probe_id, up=False, since=conn.since)
             return True
         return False
+
+    async def disconnect(self, probe_id: str, *, code: int, reason: str) -> None:
+        """Close the probe's socket, on whichever replica holds it."""
+        conn = self.connections.get(probe_id)
+        if conn is not None:
+            self.detach(conn)
+            await conn.close(code=code, reason=reason)
+        elif self.cluster is not None:
+            await self.cluster.close_remote(probe_id, code=code, reason=reason)
 
     async def send(
         self, probe_id: str, type_: str, payload: dict[str, Any] | BaseModel
@@ -73,7 +108,9 @@ class Hub:
         """Sign ``payload`` with the probe's key and send it."""
         conn = self.connections.get(probe_id)
         if conn is None:
-            raise ProbeNotConnected(f"probe {probe_id} is not connected")
+            envelope = signed(type_, payload, self._remote_key(probe_id))
+            await self._route(probe_id, envelope)
+            return envelope
         envelope = signed(type_, payload, conn.key_hex)
         await self.send_envelope(probe_id, envelope)
         return envelope
@@ -81,20 +118,35 @@ class Hub:
     async def send_envelope(self, probe_id: str, envelope: Envelope) -> None:
         conn = self.connections.get(probe_id)
         if conn is None:
-            raise ProbeNotConnected(f"probe {probe_id} is not connected")
+            await self._route(probe_id, envelope)
+            return
         try:
             await conn.send(envelope)
         except Exception as exc:
             raise ProbeNotConnected(f"probe {probe_id}: send failed ({exc})") from None
+
+    def _remote_key(self, probe_id: str) -> str:
+        if self.cluster is None:
+            raise ProbeNotConnected(f"probe {probe_id} is not connected")
+        return self.key_for(probe_id)
+
+    async def _route(self, probe_id: str, envelope: Envelope) -> None:
+        if self.cluster is None:
+            raise ProbeNotConnected(f"probe {probe_id} is not connected")
+        await self.cluster.route(probe_id, envelope)
 
     def expect(self, key: str) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters[key] = future
         return future
 
-    def resolve(self, key: str, value: Any) -> bool:
+    def resolve(self, key: str, value: Any, *, forward: bool = True) -> bool:
+        """Wake the waiter for ``key``; with none here, the reply may belong to another
+        replica's request (``forward``), and goes there."""
         future = self._waiters.pop(key, None)
         if future is None or future.done():
+            if forward and self.cluster is not None:
+                self.cluster.forward_reply(key, value)
             return False
         future.set_result(value)
         return True
@@ -114,9 +166,8 @@ class Hub:
         """Send a signed request and wait for the reply matched by ``reply_key`` (default:
         the envelope id, which the probe's ``ack`` names in ``ref``)."""
         conn = self.connections.get(probe_id)
-        if conn is None:
-            raise ProbeNotConnected(f"probe {probe_id} is not connected")
-        envelope = signed(type_, payload, conn.key_hex)
+        key_hex = conn.key_hex if conn is not None else self._remote_key(probe_id)
+        envelope = signed(type_, payload, key_hex)
         key = reply_key or envelope.id
         future = self.expect(key)
         try:
@@ -129,8 +180,36 @@ class Hub:
         finally:
             self.forget(key)
 
+    def cluster_status(self) -> ClusterStatus:
+        local = len(self.connections)
+        if self.cluster is None:
+            return ClusterStatus(enabled=False, local_probes=local)
+        return ClusterStatus(enabled=True, local_probes=local, **self.cluster.status())
+
+    # ---- command output across replicas ------------------------------------------------
+
+    def relay_output(self, request_id: str, chunk: OutputChunk | None) -> None:
+        """Offer a command's output chunk (None: its end) to streams on other replicas."""
+        if self.cluster is not None:
+            self.cluster.relay_output(request_id, chunk)
+
+    async def follow(
+        self, request_id: str, deliver: Callable[[OutputChunk | None], None]
+    ) -> Callable[[], None]:
+        """Receive the output other replicas relay for ``request_id``; call the result to stop."""
+        if self.cluster is None:
+            return _nothing
+        return await self.cluster.follow(request_id, deliver)
+
     async def close_all(self) -> None:
+        if self.cluster is not None:
+            self.cluster.leave()
         for conn in list(self.connections.values()):
-            with contextlib.suppress(Exception):  # already closed
-                await conn.websocket.close(code=1012, reason="control plane restarting")
+            await conn.close(code=1012, reason="control plane restarting")
         self.connections.clear()
+        if self.cluster is not None:
+            await self.cluster.close()
+
+
+def _nothing() -> None:
+    return None

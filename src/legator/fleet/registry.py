@@ -317,10 +317,7 @@ class ProbeRegistry:
                 target=probe_id,
                 details={"hostname": probe.hostname},
             )
-        conn = self.hub.connections.get(probe_id)
-        if conn is not None:
-            self.hub.detach(conn)
-            await conn.websocket.close(code=4401, reason="probe deleted")
+        await self.hub.disconnect(probe_id, code=4401, reason="probe deleted")
 
     async def cleanup(self, older_than: timedelta, *, actor: str) -> list[str]:
         horizon = utcnow() - older_than

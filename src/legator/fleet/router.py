@@ -18,6 +18,7 @@ from legator.core.http.deps import core_of, require
 from legator.fleet.protocol import OutputChunk
 from legator.fleet.schemas import (
     CleanupResult,
+    ClusterStatus,
     CommandOut,
     CommandRequest,
     Dispatched,
@@ -331,6 +332,12 @@ async def fleet_summary(request: Request) -> Summary:
     summary = await fleet_of(request).registry.summary()
     summary.approvals_pending = await request.app.state.approvals.count_pending()
     return summary
+
+
+@router.get("/fleet/cluster", response_model=ClusterStatus, dependencies=[require(P.FLEET_READ)])
+async def fleet_cluster(request: Request) -> ClusterStatus:
+    """This replica, its link to NATS and the other replicas it hears from."""
+    return fleet_of(request).hub.cluster_status()
 
 
 @router.get("/fleet/inventory", dependencies=[require(P.FLEET_READ)])

@@ -242,5 +242,23 @@ class Summary(BaseModel):
     approvals_pending: int = 0
 
 
+class ReplicaOut(BaseModel):
+    replica: str
+    probes: int = Field(description="Probes whose socket that replica holds.")
+    last_heard_s: float = Field(description="Seconds since its last message.")
+
+
+class ClusterStatus(BaseModel):
+    enabled: bool = Field(description="False: one process, LEGATOR_NATS_URL unset.")
+    replica: str | None = None
+    nats_url: str | None = Field(None, description="Without credentials.")
+    connected: bool = False
+    down_since: datetime | None = None
+    local_probes: int = Field(description="Probes whose socket this replica holds.")
+    replicas: list[ReplicaOut] = Field(
+        default_factory=list, description="The other replicas heard from recently."
+    )
+
+
 class CleanupResult(BaseModel):
     removed: list[str]

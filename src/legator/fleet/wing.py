@@ -9,6 +9,7 @@ from starlette.requests import HTTPConnection
 
 from legator.core.runtime import Core
 from legator.fleet.actions import ProbeActions
+from legator.fleet.cluster import FleetCluster
 from legator.fleet.commands.service import CommandService
 from legator.fleet.gate import Gate
 from legator.fleet.guardrails import install_guardrails
@@ -34,6 +35,8 @@ def build_fleet(core: Core, gate: Gate) -> Fleet:
     settings = core.settings
     metrics = FleetMetrics(core.metrics.registry)
     hub = Hub(core.signing_key)
+    if core.cluster is not None:
+        hub.cluster = FleetCluster(core.cluster, hub, interval_s=settings.nats_presence_interval_s)
     policies = PolicyService(core.db, core.audit)
     registry = ProbeRegistry(
         core.db,
@@ -84,6 +87,9 @@ def install_fleet(app: FastAPI, core: Core) -> Fleet:
         await fleet.registry.sweep()
         core.spawn(fleet.registry.run_liveness(), name="fleet-liveness")
         core.spawn(fleet.commands.run_reaper(), name="fleet-lost-commands")
+        if fleet.hub.cluster is not None:
+            await fleet.hub.cluster.start()
+            core.spawn(fleet.hub.cluster.run(), name="fleet-cluster-presence")
 
     async def stop() -> None:
         await fleet.hub.close_all()

@@ -1,4 +1,4 @@
-"""Event bus: in-process pub/sub behind a small interface that a NATS adapter can implement."""
+"""Event bus: in-process pub/sub, and its adapter over the cluster bus (NATS)."""
 
 from legator.core.events.bus import Event, EventBus, InMemoryEventBus, Subscription
 

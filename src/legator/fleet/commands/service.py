@@ -82,6 +82,7 @@ class CommandService:
         self._results: list[tuple[str, CommandResult, asyncio.Future[bool]]] = []
         self._results_wake = asyncio.Event()
         self._results_task: asyncio.Task[None] | None = None
+        hub.remote_reply_hooks.append(self._finished_elsewhere)
 
     async def effective_policy(self, probe: Probe) -> tuple[LevelPolicy, str]:
         policy = await self.policies.get(probe.policy_id)
@@ -228,7 +229,7 @@ class CommandService:
             )
         if not self.hub.is_connected(probe_id):
             await self._audit_now(pending_audit)
-            raise ProbeNotConnected(f"probe {probe_id} is not connected")
+            raise self.hub.not_connected(probe_id)
         now = utcnow()
         command = Command(
             id=new_id(),
@@ -398,6 +399,7 @@ class CommandService:
         self.hub.resolve(request_id, result)
         for queue in self._streams.get(request_id, ()):
             queue.put_nowait(_END)
+        self.hub.relay_output(request_id, None)
         await self.events.publish(
             "command.finished",
             {
@@ -407,6 +409,13 @@ class CommandService:
                 "exit_code": result.exit_code,
             },
         )
+
+    def _finished_elsewhere(self, request_id: str, result: Any) -> None:
+        """A command sent from here finished on the replica holding its probe (which stored
+        it): the time it took is measured here, where it started."""
+        started = self._started.pop(request_id, None)
+        if started is not None and isinstance(result, CommandResult):
+            self.metrics.latency.observe(time.monotonic() - started)
 
     async def _store(self, probe_id: str, result: CommandResult) -> bool:
         """Queue a result for the next batch write; True once it is stored."""
@@ -520,6 +529,7 @@ class CommandService:
             return
         for queue in self._streams.get(chunk.request_id, ()):
             queue.put_nowait(chunk)
+        self.hub.relay_output(chunk.request_id, chunk)
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -543,6 +553,9 @@ class CommandService:
         await self.get(request_id)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id].add(queue)
+        unfollow = await self.hub.follow(  # output relayed by the replica holding the probe
+            request_id, lambda item: queue.put_nowait(_END if item is None else item)
+        )
         try:
             async with self.db.session() as session:
                 replay = list(
@@ -573,6 +586,7 @@ class CommandService:
                     yield item
             yield await self.get(request_id)
         finally:
+            unfollow()
             self._streams[request_id].discard(queue)
             if not self._streams[request_id]:
                 self._streams.pop(request_id, None)

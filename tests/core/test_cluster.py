@@ -1,0 +1,255 @@
+"""The cluster bus over the machine's real NATS server (and a private one to stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from legator.core.cluster import (
+    ClusterLink,
+    ClusterUnavailable,
+    Message,
+    NoReply,
+    NoResponder,
+    Sealer,
+    SealError,
+    redact_url,
+)
+from legator.core.config import ConfigError, load_settings
+from legator.core.events.cluster import ClusterEventBus
+from tests.support import NATS_URL, NatsServer, free_port, until
+
+KEY = secrets.token_bytes(32)
+
+
+def make_link(
+    prefix: str, replica: str, *, url: str = NATS_URL, key: bytes = KEY, wait_s: float = 3
+) -> ClusterLink:
+    return ClusterLink(
+        url,
+        prefix=prefix,
+        replica_id=replica,
+        master_key=key,
+        registry=CollectorRegistry(),
+        connect_wait_s=wait_s,
+    )
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "test-" + secrets.token_hex(4)
+
+
+@pytest.fixture
+async def pair(prefix: str) -> AsyncIterator[tuple[ClusterLink, ClusterLink]]:
+    a, b = make_link(prefix, "a"), make_link(prefix, "b")
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def dropped(link: ClusterLink, reason: str) -> float:
+    return link.dropped.labels(reason)._value.get()
+
+
+# ---- sealing -----------------------------------------------------------------------------
+
+
+def test_sealed_messages_open_only_with_the_key_the_subject_and_in_time() -> None:
+    sealer = Sealer(KEY)
+    data = sealer.seal("p.x", "r1", {"secret": "lpk_abc"})
+    assert b"lpk_abc" not in data and b"r1" not in data
+    assert sealer.open("p.x", data) == ("r1", {"secret": "lpk_abc"})
+    with pytest.raises(SealError, match="does not authenticate"):
+        sealer.open("p.y", data)  # moved to another subject
+    with pytest.raises(SealError, match="does not authenticate"):
+        Sealer(secrets.token_bytes(32)).open("p.x", data)
+    tampered = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(SealError):
+        sealer.open("p.x", tampered)
+    with pytest.raises(SealError, match="old"):
+        sealer.open("p.x", data, now=time.time() + 301)
+    with pytest.raises(SealError, match="too short"):
+        sealer.open("p.x", b"abc")
+
+
+def test_urls_are_logged_without_credentials() -> None:
+    assert redact_url("nats://user:pw@n1:4222, tls://tok@n2:4222") == (
+        "nats://***@n1:4222,tls://***@n2:4222"
+    )
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_settings_for_several_replicas() -> None:
+    key = secrets.token_hex(32)
+    settings = load_settings(nats_url="nats://a:4222,nats://b:4222", signing_key=key)
+    assert settings.nats_subject_prefix == "legator" and settings.replica_id is None
+    with pytest.raises(ConfigError, match="LEGATOR_NATS_URL needs LEGATOR_SIGNING_KEY"):
+        load_settings(nats_url="nats://a:4222")
+    with pytest.raises(ConfigError, match=r"^LEGATOR_NATS_URL: expected nats://") as bad:
+        load_settings(nats_url="http://user:hunter2@a:4222", signing_key=key)
+    assert "hunter2" not in str(bad.value)
+    with pytest.raises(ConfigError, match=r"^LEGATOR_REPLICA_ID:"):
+        load_settings(replica_id="a.b")
+    with pytest.raises(ConfigError, match=r"^LEGATOR_NATS_SUBJECT_PREFIX:"):
+        load_settings(nats_subject_prefix="legator.>")
+    assert load_settings(nats_url="").nats_url is None
+
+
+def test_subject_tokens_cannot_widen_a_subject(prefix: str) -> None:
+    link = make_link(prefix, "a")
+    assert link.subject("out", "0b6c-x_y") == f"{prefix}.out.0b6c-x_y"
+    for bad in ("a.b", "*", ">", "a b", ""):
+        with pytest.raises(ValueError, match="subject token"):
+            link.subject("out", bad)
+
+
+# ---- messaging ---------------------------------------------------------------------------
+
+
+async def test_broadcasts_reach_the_other_replicas_not_the_sender(
+    pair: tuple[ClusterLink, ClusterLink],
+) -> None:
+    a, b = pair
+    got: dict[str, list[tuple[str, dict[str, Any]]]] = {"a": [], "b": []}
+    a.on_broadcast("note", lambda origin, body: got["a"].append((origin, body)))
+    b.on_broadcast("note", lambda origin, body: got["b"].append((origin, body)))
+    for n in range(5):
+        a.broadcast("note", {"n": n})
+    await until(lambda: len(got["b"]) == 5)
+    assert got["b"] == [("a", {"n": n}) for n in range(5)]  # in order
+    await asyncio.sleep(0.2)
+    assert got["a"] == []
+
+
+async def test_requests_answers_and_missing_responders(
+    pair: tuple[ClusterLink, ClusterLink],
+) -> None:
+    a, b = pair
+
+    async def echo(message: Message) -> None:
+        await b.respond(message, {"echo": message.body["x"], "from": message.origin})
+
+    async def silent(message: Message) -> None:
+        return None
+
+    await b.subscribe(b.subject("echo"), echo)
+    await b.subscribe(b.subject("silent"), silent)
+    await b.flush()
+    answer = await a.request(a.subject("echo"), {"x": 42}, wait_s=5)
+    assert answer.origin == "b" and answer.body == {"echo": 42, "from": "a"}
+    with pytest.raises(NoResponder):
+        await a.request(a.subject("nobody"), {}, wait_s=5)
+    with pytest.raises(NoReply):
+        await a.request(a.subject("silent"), {}, wait_s=0.3)
+
+
+async def test_messages_larger_than_nats_takes_are_split_and_joined(
+    pair: tuple[ClusterLink, ClusterLink],
+) -> None:
+    a, b = pair
+    received: list[dict[str, Any]] = []
+
+    async def keep(message: Message) -> None:
+        received.append(message.body)
+
+    await b.subscribe(b.subject("big"), keep)
+    await b.flush()
+    blob = secrets.token_hex(1_500_000)  # 3 MB, the server takes 1 MiB per message
+    a.publish(a.subject("big"), {"blob": blob})
+    a.publish(a.subject("big"), {"small": True})
+    await until(lambda: len(received) == 2)
+    assert received[0]["blob"] == blob and received[1] == {"small": True}
+    with pytest.raises(ClusterUnavailable, match="larger than NATS accepts"):
+        await a.request(a.subject("big"), {"blob": blob}, wait_s=1)
+
+
+async def test_a_replica_with_another_key_is_not_heard(prefix: str) -> None:
+    a, stranger = make_link(prefix, "a"), make_link(prefix, "x", key=secrets.token_bytes(32))
+    await a.start()
+    await stranger.start()
+    try:
+        heard: list[str] = []
+        a.on_broadcast("note", lambda origin, _: heard.append(origin))
+        stranger.broadcast("note", {"forged": True})
+        await until(lambda: dropped(a, "unauthenticated") >= 1)
+        assert heard == []
+    finally:
+        await a.close()
+        await stranger.close()
+
+
+async def test_nats_down_at_start_then_up_then_lost_then_back(prefix: str) -> None:
+    nats = NatsServer(free_port())
+    link, peer = make_link(prefix, "a", url=nats.url, wait_s=0.3), None
+    states: list[bool] = []
+    link.on_state(states.append)
+    heard: list[dict[str, Any]] = []
+    link.on_broadcast("note", lambda _, body: heard.append(body))
+    try:
+        started = time.monotonic()
+        await link.start()  # nothing listens there: start goes on without it
+        assert time.monotonic() - started < 2 and not link.connected
+        link.publish(link.subject("x"), {})
+        assert dropped(link, "disconnected") == 1
+        with pytest.raises(ClusterUnavailable, match="unreachable"):
+            await link.request(link.subject("x"), {}, wait_s=1)
+        assert link.status()["connected"] is False and link.status()["down_since"]
+
+        nats.start()
+        await until(lambda: link.connected)
+        assert states == [True] and link.up_gauge._value.get() == 1
+        peer = make_link(prefix, "b", url=nats.url)
+        await peer.start()
+        await link.flush()
+        peer.broadcast("note", {"n": 1})  # the listener made before the first connection works
+        await until(lambda: heard == [{"n": 1}])
+
+        nats.stop()
+        await until(lambda: not link.connected)
+        assert states == [True, False] and link.up_gauge._value.get() == 0
+        link.publish(link.subject("x"), {})  # dropped, not raised and not kept for later
+        assert dropped(link, "disconnected") == 2
+
+        nats.start()
+        await until(lambda: link.connected and peer.connected, timeout=15)
+        assert states == [True, False, True]
+        peer.broadcast("note", {"n": 2})  # subscriptions came back with the connection
+        await until(lambda: heard == [{"n": 1}, {"n": 2}])
+    finally:
+        await link.close()
+        if peer is not None:
+            await peer.close()
+        nats.stop()
+
+
+# ---- events ------------------------------------------------------------------------------
+
+
+async def test_events_reach_every_replica_once(pair: tuple[ClusterLink, ClusterLink]) -> None:
+    a, b = pair
+    bus_a, bus_b = ClusterEventBus(a), ClusterEventBus(b)
+    with (
+        bus_a.subscribe("probe.*") as on_a,
+        bus_b.subscribe("probe.*") as on_b,
+        bus_b.subscribe("command.*") as other_topic,
+    ):
+        event = await bus_a.publish("probe.connected", {"probe_id": "prb-1"})
+        local = await on_a.get(wait=1)
+        remote = await on_b.get(wait=5)
+        assert local == event
+        assert remote is not None and remote.as_dict() == event.as_dict()
+        assert await on_a.get(wait=0.3) is None  # not again from the bus
+        assert await other_topic.get(wait=0.1) is None
+    await bus_a.close()
+    await bus_b.close()
