@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -96,6 +97,7 @@ def serve(
         asgi_app = create_app(core=core)
     except (OSError, ValueError, ConfigError) as exc:
         fail(str(exc), EXIT_USAGE)
+    core.startup_hooks.append(settle_heap)  # last: after every wing has started
     config = uvicorn.Config(
         asgi_app,
         host=settings.host,
@@ -117,6 +119,17 @@ def serve(
     server.run()
     if not server.started:
         raise typer.Exit(1)
+
+
+async def settle_heap() -> None:
+    """Everything built at start-up (routes, schemas, mappers, caches) lives as long as the
+    process: take it out of the cyclic collector's scans, which under load otherwise walked
+    the whole heap again and again (a quarter of the gateway's CPU)."""
+    gc.collect()
+    gc.freeze()
+    # A request allocates thousands of short-lived objects: collect the youngest generation
+    # every 10,000 allocations rather than every 700.
+    gc.set_threshold(10_000, 10, 10)
 
 
 @app.command()
