@@ -33,7 +33,7 @@ import httpx
 from bench.common import Server, console, free_port, percentile, report
 
 DURATION_S = 8
-STREAM_CHUNKS = 32
+STREAM_CHUNKS = int(os.environ.get("GATEWAY_BENCH_CHUNKS", "32"))
 LITELLM_VENV = Path.home() / ".cache" / "legator-bench" / "litellm-venv"
 PROMPT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
 
