@@ -33,9 +33,11 @@ import httpx
 from bench.common import Server, console, free_port, percentile, report
 
 DURATION_S = 8
-STREAM_CHUNKS = int(os.environ.get("GATEWAY_BENCH_CHUNKS", "32"))
+STREAM_CHUNKS = 32  # a stream's length unless the request's max_tokens says otherwise
+LONG_STREAMS = (256, 1024)  # throughput is also measured at these lengths
+MAX_CHUNKS = max(LONG_STREAMS)
 LITELLM_VENV = Path.home() / ".cache" / "legator-bench" / "litellm-venv"
-PROMPT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+PROMPT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": STREAM_CHUNKS}
 
 # ----- the upstream: a minimal OpenAI-compatible ASGI app (no framework: as fast as we can) --
 
@@ -51,15 +53,28 @@ def _chunk(i: int) -> bytes:
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
-_CHUNKS = [_chunk(i) for i in range(STREAM_CHUNKS)]
-_USAGE = {"prompt_tokens": 8, "completion_tokens": STREAM_CHUNKS, "total_tokens": 8 + STREAM_CHUNKS}
-_USAGE_CHUNK = (
-    b"data: "
-    + json.dumps(
-        {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "choices": [], "usage": _USAGE}
-    ).encode()
-    + b"\n\n"
-)
+_CHUNKS = [_chunk(i) for i in range(MAX_CHUNKS)]
+
+
+def _usage(completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": 8,
+        "completion_tokens": completion_tokens,
+        "total_tokens": 8 + completion_tokens,
+    }
+
+
+def _usage_chunk(completion_tokens: int) -> bytes:
+    data = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "choices": [],
+        "usage": _usage(completion_tokens),
+    }
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+_USAGE = _usage(STREAM_CHUNKS)
 _COMPLETION = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -96,13 +111,15 @@ async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": _COMPLETION})
         return
+    count = min(int(request.get("max_tokens") or STREAM_CHUNKS), MAX_CHUNKS)
     headers = [(b"content-type", b"text/event-stream")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    for chunk in _CHUNKS:
+    for chunk in _CHUNKS[:count]:
         if pace:
-            await asyncio.sleep(pace / STREAM_CHUNKS)
+            await asyncio.sleep(pace / count)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    tail = _USAGE_CHUNK if (request.get("stream_options") or {}).get("include_usage") else b""
+    wants_usage = (request.get("stream_options") or {}).get("include_usage")
+    tail = _usage_chunk(count) if wants_usage else b""
     await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
 
@@ -247,7 +264,7 @@ async def streams(
                 except httpx.HTTPError:
                     errors += 1
                     continue
-                if not done or n < STREAM_CHUNKS:
+                if not done or n < body["max_tokens"]:
                     errors += 1
                 else:
                     ttft.append(first * 1000)
@@ -412,6 +429,15 @@ def main() -> None:
                 "wrk_errors": stream_wrk["errors"],
             }
             console.print(name, extra[f"{name}_stream"])
+        for chunks in LONG_STREAMS:
+            for name, (url, key, model) in systems.items():
+                body = {**PROMPT, "model": model, "stream": True, "max_tokens": chunks}
+                result = wrk_post(url, body, connections=64, duration_s=DURATION_S, key=key)
+                extra[f"{name}_stream_{chunks}"] = {
+                    "wrk_chunks_per_s": result["rps"] * chunks,
+                    "wrk_errors": result["errors"],
+                }
+                console.print(name, chunks, "chunks per stream", extra[f"{name}_stream_{chunks}"])
         for name, (url, key, _model) in systems.items():
             body = {**PROMPT, "model": "bench-paced", "stream": True}
             result = asyncio.run(streams(url, body, key, concurrency=1000, total=1000))
@@ -439,6 +465,11 @@ def main() -> None:
     extra["stream_throughput_vs_direct"] = (
         extra["legator_stream"]["wrk_chunks_per_s"] / extra["direct_stream"]["wrk_chunks_per_s"]
     )
+    for chunks in LONG_STREAMS:
+        extra[f"stream_throughput_vs_direct_{chunks}"] = (
+            extra[f"legator_stream_{chunks}"]["wrk_chunks_per_s"]
+            / extra[f"direct_stream_{chunks}"]["wrk_chunks_per_s"]
+        )
     report(
         "gateway",
         "Gateway: direct vs Legator vs LiteLLM (same upstream, one run)",
