@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from legator.cli.common import console, print_json, print_table
+from legator.cli.common import console, print_json, print_listing
 from legator.cli.online import DEFAULT_SERVER, JsonFlag, KeyOpt, ServerOpt, call
 
 app = typer.Typer(help="Review and decide pending approvals (online).", no_args_is_help=True)
@@ -41,25 +41,20 @@ def list_approvals(
 ) -> None:
     """List approvals (pending ones by default; --status all for every one)."""
     params = {} if status == "all" else {"status": status}
-    approvals = call(server, api_key, "GET", "/api/v1/approvals", params=params)
-    if json_output:
-        print_json(approvals)
-        return
-    print_table(
+    print_listing(
+        call(server, api_key, "GET", "/api/v1/approvals", params=params),
+        json_output,
         "Approvals",
         ["id", "status", "risk", "targets", "command", "requester", "expires"],
-        [
-            (
-                a["id"],
-                a["status"],
-                a["risk"],
-                ",".join(a["targets"]),
-                a["summary"],
-                a["requester"],
-                a["expires_at"],
-            )
-            for a in approvals
-        ],
+        lambda a: (
+            a["id"],
+            a["status"],
+            a["risk"],
+            ",".join(a["targets"]),
+            a["summary"],
+            a["requester"],
+            a["expires_at"],
+        ),
     )
 
 

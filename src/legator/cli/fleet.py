@@ -13,7 +13,9 @@ from legator.cli.common import (
     EXIT_USAGE,
     err_console,
     fail,
+    print_fields,
     print_json,
+    print_listing,
     print_table,
 )
 from legator.cli.online import (
@@ -58,25 +60,20 @@ def probes_list(
 ) -> None:
     """List probes."""
     params = {k: v for k, v in {"status": status, "tag": tag}.items() if v}
-    rows = call(server, api_key, "GET", "/api/v1/probes", params=params)
-    if json_output:
-        print_json(rows)
-        return
-    print_table(
+    print_listing(
+        call(server, api_key, "GET", "/api/v1/probes", params=params),
+        json_output,
         "probes",
         ["id", "hostname", "status", "connected", "policy", "tags", "last seen"],
-        [
-            [
-                p["id"],
-                p["hostname"],
-                p["status"],
-                "yes" if p["connected"] else "no",
-                p["policy_id"],
-                ",".join(p["tags"]),
-                p["last_seen_at"] or "-",
-            ]
-            for p in rows
-        ],
+        lambda p: (
+            p["id"],
+            p["hostname"],
+            p["status"],
+            "yes" if p["connected"] else "no",
+            p["policy_id"],
+            ",".join(p["tags"]),
+            p["last_seen_at"] or "-",
+        ),
     )
 
 
@@ -94,7 +91,7 @@ def probes_show(
         print_json({**probe, "health": health})
         return
     metrics = probe["metrics"] or {}
-    rows = [
+    fields = [
         ("id", probe["id"]),
         ("hostname", probe["hostname"]),
         ("status", probe["status"]),
@@ -108,7 +105,7 @@ def probes_show(
         ("disk %", metrics.get("disk_percent")),
         ("health", f"{health['score']} {'; '.join(health['reasons'])}"),
     ]
-    print_table(f"probe {probe_id}", ["field", "value"], rows)
+    print_fields(f"probe {probe_id}", fields)
 
 
 @probes_app.command("delete")

@@ -16,7 +16,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from legator.cli.common import EXIT_FAILED, console, fail, print_json, print_table
+from legator.cli.common import (
+    EXIT_FAILED,
+    console,
+    fail,
+    print_fields,
+    print_json,
+    print_listing,
+)
 from legator.cli.online import (
     DEFAULT_SERVER,
     JsonFlag,
@@ -90,25 +97,20 @@ def list_models(
     server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None, json_output: JsonFlag = False
 ) -> None:
     """Every model with its backend kind and state."""
-    models = call(server, api_key, "GET", "/api/v1/gateway/models")
-    if json_output:
-        print_json(models)
-        return
-    print_table(
+    print_listing(
+        call(server, api_key, "GET", "/api/v1/gateway/models"),
+        json_output,
         "Models",
         ["id", "kind", "state", "context", "parallel", "source", "size (GiB)"],
-        [
-            (
-                m["id"],
-                m["backend_kind"],
-                m["state"],
-                m["context_length"],
-                m["parallel"],
-                m["source_repo"] or m["backend_url"],
-                f"{m['gguf']['file_size'] / GIB:.2f}" if m.get("gguf") else "",
-            )
-            for m in models
-        ],
+        lambda m: (
+            m["id"],
+            m["backend_kind"],
+            m["state"],
+            m["context_length"],
+            m["parallel"],
+            m["source_repo"] or m["backend_url"],
+            f"{m['gguf']['file_size'] / GIB:.2f}" if m.get("gguf") else "",
+        ),
     )
 
 
@@ -129,11 +131,11 @@ def show_model(
     if json_output:
         print_json({"model": model, "estimate": estimate})
         return
-    rows = [(k, v) for k, v in model.items() if k != "gguf"]
-    rows += [(f"gguf.{k}", v) for k, v in (model.get("gguf") or {}).items() if v is not None]
+    fields = [(k, v) for k, v in model.items() if k != "gguf"]
+    fields += [(f"gguf.{k}", v) for k, v in (model.get("gguf") or {}).items() if v is not None]
     if estimate:
-        rows += [(f"estimate.{k}", v) for k, v in estimate.items() if k != "model_id"]
-    print_table(f"Model {model_id}", ["field", "value"], rows)
+        fields += [(f"estimate.{k}", v) for k, v in estimate.items() if k != "model_id"]
+    print_fields(f"Model {model_id}", fields)
 
 
 @models_app.command("rm")
@@ -200,23 +202,18 @@ def list_backends(
     server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None, json_output: JsonFlag = False
 ) -> None:
     """Each model's backend, state, slots and queue."""
-    rows = call(server, api_key, "GET", "/api/v1/gateway/backends")
-    if json_output:
-        print_json(rows)
-        return
-    print_table(
+    print_listing(
+        call(server, api_key, "GET", "/api/v1/gateway/backends"),
+        json_output,
         "Backends",
         ["model", "kind", "state", "slots", "in use", "queued", "error"],
-        [
-            (
-                r["model"],
-                r["kind"],
-                r["state"],
-                r["slots"],
-                r["in_use"],
-                r["queue_depth"],
-                r["error"],
-            )
-            for r in rows
-        ],
+        lambda r: (
+            r["model"],
+            r["kind"],
+            r["state"],
+            r["slots"],
+            r["in_use"],
+            r["queue_depth"],
+            r["error"],
+        ),
     )
