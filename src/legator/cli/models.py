@@ -27,7 +27,6 @@ from legator.cli.common import (
 from legator.cli.online import (
     DEFAULT_SERVER,
     JsonFlag,
-    KeyOpt,
     ServerOpt,
     call,
     check,
@@ -59,7 +58,6 @@ def pull(
         bool, typer.Option("--detach", "-d", help="Start the download and return.")
     ] = False,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
 ) -> None:
     """Download a GGUF from the hub (HF_ENDPOINT on the server) and register it as a model.
     The download runs on the server: interrupting this command does not stop it."""
@@ -68,7 +66,7 @@ def pull(
         body["file"] = file
     if model_id:
         body["model_id"] = model_id
-    download = call(server, api_key, "POST", "/api/v1/gateway/downloads", json=body)
+    download = call(server, "POST", "/api/v1/gateway/downloads", json=body)
     if download.get("warning"):
         console.print(f"[yellow]warning:[/yellow] {download['warning']}")
     if detach:
@@ -85,7 +83,7 @@ def pull(
         task = progress.add_task(download["filename"], total=download["total_bytes"] or None)
         while download["state"] in ("queued", "running"):
             time.sleep(POLL_S)
-            download = call(server, api_key, "GET", f"/api/v1/gateway/downloads/{download['id']}")
+            download = call(server, "GET", f"/api/v1/gateway/downloads/{download['id']}")
             progress.update(task, completed=download["done_bytes"])
     if download["state"] != "completed":
         fail(f"download {download['state']}: {download['error']}", EXIT_FAILED)
@@ -93,12 +91,10 @@ def pull(
 
 
 @models_app.command("list")
-def list_models(
-    server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None, json_output: JsonFlag = False
-) -> None:
+def list_models(server: ServerOpt = DEFAULT_SERVER, json_output: JsonFlag = False) -> None:
     """Every model with its backend kind and state."""
     print_listing(
-        call(server, api_key, "GET", "/api/v1/gateway/models"),
+        call(server, "GET", "/api/v1/gateway/models"),
         json_output,
         "Models",
         ["id", "kind", "state", "context", "parallel", "source", "size (GiB)"],
@@ -118,16 +114,13 @@ def list_models(
 def show_model(
     model_id: str,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """One model, its GGUF metadata and its memory estimate."""
-    model = call(server, api_key, "GET", f"/api/v1/gateway/models/{model_id}")
+    model = call(server, "GET", f"/api/v1/gateway/models/{model_id}")
     estimate = None
     if model.get("gguf"):
-        estimate = call(
-            server, api_key, "POST", "/api/v1/gateway/estimate", json={"model_id": model_id}
-        )
+        estimate = call(server, "POST", "/api/v1/gateway/estimate", json={"model_id": model_id})
     if json_output:
         print_json({"model": model, "estimate": estimate})
         return
@@ -139,9 +132,9 @@ def show_model(
 
 
 @models_app.command("rm")
-def remove_model(model_id: str, server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None) -> None:
+def remove_model(model_id: str, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Delete a model (its backend is stopped first)."""
-    call(server, api_key, "DELETE", f"/api/v1/gateway/models/{model_id}")
+    call(server, "DELETE", f"/api/v1/gateway/models/{model_id}")
     console.print(f"model {model_id} deleted")
 
 
@@ -152,14 +145,12 @@ def start_backend(
         bool, typer.Option("--detach", "-d", help="Return without waiting for health.")
     ] = False,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Launch a model's managed backend and wait until it answers its health check."""
     with console.status(f"starting {model_id}…", spinner="dots"):
         status = call(
             server,
-            api_key,
             "POST",
             f"/api/v1/gateway/backends/{model_id}/start",
             params={"wait": str(not detach).lower()},
@@ -173,9 +164,9 @@ def start_backend(
 
 
 @backends_app.command("stop")
-def stop_backend(model_id: str, server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None) -> None:
+def stop_backend(model_id: str, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Stop a model's managed backend."""
-    status = call(server, api_key, "POST", f"/api/v1/gateway/backends/{model_id}/stop")
+    status = call(server, "POST", f"/api/v1/gateway/backends/{model_id}/stop")
     console.print(f"{model_id}: {status['state']}")
 
 
@@ -184,11 +175,10 @@ def backend_logs(
     model_id: str,
     tail: Annotated[int, typer.Option("--tail", "-n", help="Lines to show.")] = 200,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
 ) -> None:
     """The last lines a managed backend wrote."""
     try:
-        with client(server, api_key) as http:
+        with client(server) as http:
             response = http.get(f"/api/v1/gateway/backends/{model_id}/logs", params={"tail": tail})
     except httpx.HTTPError as exc:
         fail(f"cannot reach {server}: {exc}")
@@ -198,12 +188,10 @@ def backend_logs(
 
 
 @backends_app.command("list")
-def list_backends(
-    server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None, json_output: JsonFlag = False
-) -> None:
+def list_backends(server: ServerOpt = DEFAULT_SERVER, json_output: JsonFlag = False) -> None:
     """Each model's backend, state, slots and queue."""
     print_listing(
-        call(server, api_key, "GET", "/api/v1/gateway/backends"),
+        call(server, "GET", "/api/v1/gateway/backends"),
         json_output,
         "Backends",
         ["model", "kind", "state", "slots", "in use", "queued", "error"],
