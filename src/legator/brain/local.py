@@ -5,12 +5,18 @@ attributed to ``legator-brain`` and no network hop to the control plane itself i
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from starlette.requests import Request
 
-from legator.brain.providers import OnToken, OpenAIProvider, ProviderError, ToolCall, Turn
+from legator.brain.providers import (
+    OnToken,
+    OpenAIProvider,
+    ProviderError,
+    ToolCall,
+    Turn,
+    parse_arguments,
+)
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import AppError
@@ -82,14 +88,12 @@ class LocalProvider:
         turn.output_tokens = tokens_out
         for index, call in enumerate(message.get("tool_calls") or []):
             function = call.get("function") or {}
-            try:
-                arguments = json.loads(function.get("arguments") or "{}")
-            except json.JSONDecodeError:
-                arguments = {"_invalid_json": function.get("arguments")}
-            if not isinstance(arguments, dict):
-                arguments = {"_invalid_json": function.get("arguments")}
             turn.tool_calls.append(
-                ToolCall(call.get("id") or f"call_{index}", function.get("name") or "", arguments)
+                ToolCall(
+                    call.get("id") or f"call_{index}",
+                    function.get("name") or "",
+                    parse_arguments(function.get("arguments")),
+                )
             )
         if turn.text and on_token is not None:
             await on_token(turn.text)

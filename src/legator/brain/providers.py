@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import anthropic
 import openai
@@ -66,7 +66,8 @@ class Provider(Protocol):
     ) -> Turn: ...
 
 
-def _parse_arguments(raw: str) -> dict[str, Any]:
+def parse_arguments(raw: str | None) -> dict[str, Any]:
+    """A tool call's JSON arguments; what is not a JSON object is kept for the model to see."""
     try:
         value = json.loads(raw or "{}")
     except json.JSONDecodeError:
@@ -74,17 +75,64 @@ def _parse_arguments(raw: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"_invalid_json": raw}
 
 
-class OpenAIProvider:
-    """Any OpenAI-compatible chat completions API (OpenAI, Ollama, vLLM, llama.cpp)."""
+class _SdkProvider:
+    """What the SDK-backed providers share: the client, the request's common fields, the
+    token callback and the error wrapping. A subclass says only how its API differs:
+    ``request`` (the API's own fields) and ``stream`` (reading its streamed answer)."""
+
+    sdk: ClassVar[Callable[..., Any]]
+    api_error: ClassVar[type[Exception]]
+    label: ClassVar[str]
 
     def __init__(self, config: ProviderConfig, *, max_retries: int = 2) -> None:
         self.model = config.model
         self.max_tokens = config.max_tokens
-        self.client = openai.AsyncOpenAI(
+        self.client = self.sdk(
             api_key=config.api_key or "none",
             base_url=config.base_url,
             max_retries=max_retries,
         )
+
+    def request(
+        self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def stream(self, request: dict[str, Any], result: Turn, emit: OnToken) -> None:
+        raise NotImplementedError
+
+    async def turn(
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        on_token: OnToken | None = None,
+    ) -> Turn:
+        result = Turn()
+
+        async def emit(text: str) -> None:
+            result.text += text
+            if on_token is not None:
+                await on_token(text)
+
+        request = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            **self.request(system, messages, tools),
+        }
+        try:
+            await self.stream(request, result, emit)
+        except self.api_error as exc:
+            raise ProviderError(f"{self.label} failed: {exc}") from exc
+        return result
+
+
+class OpenAIProvider(_SdkProvider):
+    """Any OpenAI-compatible chat completions API (OpenAI, Ollama, vLLM, llama.cpp)."""
+
+    sdk = openai.AsyncOpenAI
+    api_error = openai.APIError
+    label = "OpenAI-compatible provider"
 
     @staticmethod
     def wire_messages(system: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,67 +182,52 @@ class OpenAIProvider:
             for tool in tools
         ]
 
-    async def turn(
-        self,
-        system: str,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]],
-        on_token: OnToken | None = None,
-    ) -> Turn:
-        kwargs: dict[str, Any] = {"tools": self.wire_tools(tools)} if tools else {}
-        result = Turn()
+    def request(
+        self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "messages": self.wire_messages(system, messages),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if tools:
+            request["tools"] = self.wire_tools(tools)
+        return request
+
+    async def stream(self, request: dict[str, Any], result: Turn, emit: OnToken) -> None:
         calls: dict[int, dict[str, str]] = {}
-        try:
-            stream = await self.client.chat.completions.create(
-                model=self.model,
-                messages=self.wire_messages(system, messages),  # type: ignore[arg-type]
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=self.max_tokens,
-                **kwargs,
-            )
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    result.input_tokens = chunk.usage.prompt_tokens or 0
-                    result.output_tokens = chunk.usage.completion_tokens or 0
-                if not chunk.choices:
-                    continue
-                delta = chunk.choices[0].delta
-                if delta.content:
-                    result.text += delta.content
-                    if on_token is not None:
-                        await on_token(delta.content)
-                for part in delta.tool_calls or []:
-                    slot = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
-                    if part.id:
-                        slot["id"] = part.id
-                    if part.function is not None:
-                        slot["name"] += part.function.name or ""
-                        slot["arguments"] += part.function.arguments or ""
-        except openai.APIError as exc:
-            raise ProviderError(f"OpenAI-compatible provider failed: {exc}") from exc
+        async for chunk in await self.client.chat.completions.create(**request):
+            if chunk.usage is not None:
+                result.input_tokens = chunk.usage.prompt_tokens or 0
+                result.output_tokens = chunk.usage.completion_tokens or 0
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            if delta.content:
+                await emit(delta.content)
+            for part in delta.tool_calls or []:
+                slot = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                if part.id:
+                    slot["id"] = part.id
+                if part.function is not None:
+                    slot["name"] += part.function.name or ""
+                    slot["arguments"] += part.function.arguments or ""
         result.tool_calls = [
             ToolCall(
                 id=slot["id"] or f"call_{index}",
                 name=slot["name"],
-                arguments=_parse_arguments(slot["arguments"]),
+                arguments=parse_arguments(slot["arguments"]),
             )
             for index, slot in sorted(calls.items())
         ]
-        return result
 
 
-class AnthropicProvider:
+class AnthropicProvider(_SdkProvider):
     """Anthropic's native Messages API, with tool_use / tool_result blocks."""
 
-    def __init__(self, config: ProviderConfig, *, max_retries: int = 2) -> None:
-        self.model = config.model
-        self.max_tokens = config.max_tokens
-        self.client = anthropic.AsyncAnthropic(
-            api_key=config.api_key or "none",
-            base_url=config.base_url,
-            max_retries=max_retries,
-        )
+    sdk = anthropic.AsyncAnthropic
+    api_error = anthropic.APIError
+    label = "Anthropic provider"
 
     @staticmethod
     def wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -229,18 +262,14 @@ class AnthropicProvider:
                 out.append({"role": "user", "content": message["content"]})
         return out
 
-    async def turn(
-        self,
-        system: str,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]],
-        on_token: OnToken | None = None,
-    ) -> Turn:
-        kwargs: dict[str, Any] = {}
+    def request(
+        self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        request: dict[str, Any] = {"messages": self.wire_messages(messages)}
         if system:
-            kwargs["system"] = system
+            request["system"] = system
         if tools:
-            kwargs["tools"] = [
+            request["tools"] = [
                 {
                     "name": tool["name"],
                     "description": tool["description"],
@@ -248,28 +277,19 @@ class AnthropicProvider:
                 }
                 for tool in tools
             ]
-        result = Turn()
-        try:
-            async with self.client.messages.stream(
-                model=self.model,
-                max_tokens=self.max_tokens,
-                messages=self.wire_messages(messages),  # type: ignore[arg-type]
-                **kwargs,
-            ) as stream:
-                async for text in stream.text_stream:
-                    result.text += text
-                    if on_token is not None:
-                        await on_token(text)
-                final = await stream.get_final_message()
-        except anthropic.APIError as exc:
-            raise ProviderError(f"Anthropic provider failed: {exc}") from exc
+        return request
+
+    async def stream(self, request: dict[str, Any], result: Turn, emit: OnToken) -> None:
+        async with self.client.messages.stream(**request) as stream:
+            async for text in stream.text_stream:
+                await emit(text)
+            final = await stream.get_final_message()
         for block in final.content:
             if block.type == "tool_use":
                 arguments = block.input if isinstance(block.input, dict) else {}
                 result.tool_calls.append(ToolCall(block.id, block.name, dict(arguments)))
         result.input_tokens = final.usage.input_tokens
         result.output_tokens = final.usage.output_tokens
-        return result
 
 
 def config_from_settings(settings: Settings) -> ProviderConfig | None:

@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from legator.cli.common import console, print_json, print_table
-from legator.cli.online import DEFAULT_SERVER, JsonFlag, KeyOpt, ServerOpt, call
+from legator.cli.common import console, print_json, print_listing
+from legator.cli.online import DEFAULT_SERVER, JsonFlag, ServerOpt, call
 
 app = typer.Typer(help="Review and decide pending approvals (online).", no_args_is_help=True)
 Reason = Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the audit trail).")]
@@ -36,30 +36,24 @@ def list_approvals(
         str | None, typer.Option(help="pending, approved, denied, expired…")
     ] = "pending",
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """List approvals (pending ones by default; --status all for every one)."""
     params = {} if status == "all" else {"status": status}
-    approvals = call(server, api_key, "GET", "/api/v1/approvals", params=params)
-    if json_output:
-        print_json(approvals)
-        return
-    print_table(
+    print_listing(
+        call(server, "GET", "/api/v1/approvals", params=params),
+        json_output,
         "Approvals",
         ["id", "status", "risk", "targets", "command", "requester", "expires"],
-        [
-            (
-                a["id"],
-                a["status"],
-                a["risk"],
-                ",".join(a["targets"]),
-                a["summary"],
-                a["requester"],
-                a["expires_at"],
-            )
-            for a in approvals
-        ],
+        lambda a: (
+            a["id"],
+            a["status"],
+            a["risk"],
+            ",".join(a["targets"]),
+            a["summary"],
+            a["requester"],
+            a["expires_at"],
+        ),
     )
 
 
@@ -67,11 +61,10 @@ def list_approvals(
 def show(
     approval_id: str,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Everything about one approval, with its rationale and decisions."""
-    approval = call(server, api_key, "GET", f"/api/v1/approvals/{approval_id}")
+    approval = call(server, "GET", f"/api/v1/approvals/{approval_id}")
     print_json(approval) if json_output else _show(approval)
 
 
@@ -80,11 +73,10 @@ def _decide(
     decision: str,
     reason: str,
     server: str,
-    api_key: str | None,
     json_output: bool,
 ) -> None:
     body = {"decision": decision, "reason": reason}
-    approval = call(server, api_key, "POST", f"/api/v1/approvals/{approval_id}/decide", json=body)
+    approval = call(server, "POST", f"/api/v1/approvals/{approval_id}/decide", json=body)
     print_json(approval) if json_output else _show(approval)
 
 
@@ -93,11 +85,10 @@ def approve(
     approval_id: str,
     reason: Reason = "",
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Approve: once enough approvers agree, the action runs (exactly once)."""
-    _decide(approval_id, "approve", reason, server, api_key, json_output)
+    _decide(approval_id, "approve", reason, server, json_output)
 
 
 @app.command()
@@ -105,8 +96,7 @@ def deny(
     approval_id: str,
     reason: Reason = "",
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Deny: the action never runs."""
-    _decide(approval_id, "deny", reason, server, api_key, json_output)
+    _decide(approval_id, "deny", reason, server, json_output)

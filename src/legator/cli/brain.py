@@ -11,8 +11,8 @@ from rich.console import Console
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import connect
 
-from legator.cli.common import EXIT_FAILED, EXIT_USAGE, fail, print_json
-from legator.cli.online import DEFAULT_SERVER, JsonFlag, KeyOpt, ServerOpt, check, client
+from legator.cli.common import EXIT_FAILED, fail, print_json
+from legator.cli.online import DEFAULT_SERVER, JsonFlag, ServerOpt, api_key, check, client
 
 console = Console(highlight=False)
 ProbeArg = Annotated[str, typer.Argument(help="Probe id (prb-…).")]
@@ -38,7 +38,6 @@ def task(
     max_steps: Annotated[int | None, typer.Option(help="Most model turns.")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="Wall-clock limit.")] = None,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run an agent task on a probe and print its transcript. Commands that need approval
@@ -49,7 +48,7 @@ def task(
         body["max_steps"] = max_steps
     if timeout_s is not None:
         body["timeout_s"] = timeout_s
-    with client(server, api_key) as http:
+    with client(server) as http:
         transcript = check(http.post(f"/api/v1/probes/{probe}/task", json=body))
     if as_json:
         print_json(transcript)
@@ -74,14 +73,11 @@ def chat(
         str | None, typer.Option("--message", "-m", help="Send one message and exit.")
     ] = None,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
 ) -> None:
     """Chat with a probe: the answer streams as the model writes it, commands and approvals
     show as they happen. One session per run; an empty line or Ctrl-D ends it."""
-    if not api_key:
-        fail("an API key is needed: set LEGATOR_API_KEY or pass --api-key", EXIT_USAGE)
+    headers = {"Authorization": f"Bearer {api_key()}"}
     url = server.rstrip("/").replace("https://", "wss://").replace("http://", "ws://")
-    headers = {"Authorization": f"Bearer {api_key}"}
     session_id: str | None = None
     try:
         with connect(f"{url}/ws/chat", additional_headers=headers, open_timeout=30) as socket:

@@ -69,6 +69,25 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
     console.print(table)
 
 
+def print_listing(
+    items: Sequence[T],
+    json_output: bool,
+    title: str,
+    columns: Sequence[str],
+    row: Callable[[T], Sequence[Any]],
+) -> None:
+    """A listing as JSON (``--json``), or as a table with ``row(item)`` for each item."""
+    if json_output:
+        print_json(items)
+        return
+    print_table(title, columns, (row(item) for item in items))
+
+
+def print_fields(title: str, fields: Iterable[tuple[str, Any]]) -> None:
+    """One object as a two-column table of its fields."""
+    print_table(title, ["field", "value"], fields)
+
+
 def fmt_time(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
 

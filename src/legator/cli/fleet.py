@@ -13,13 +13,14 @@ from legator.cli.common import (
     EXIT_USAGE,
     err_console,
     fail,
+    print_fields,
     print_json,
+    print_listing,
     print_table,
 )
 from legator.cli.online import (
     DEFAULT_SERVER,
     JsonFlag,
-    KeyOpt,
     ServerOpt,
     call,
     check,
@@ -35,12 +36,11 @@ def tokens_create(
     multi_use: Annotated[bool, typer.Option(help="Usable by many probes.")] = False,
     no_expiry: Annotated[bool, typer.Option(help="Never expires (default 30 minutes).")] = False,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Create an enrolment token and print the install command (shown once)."""
     params = {"multi_use": multi_use, "no_expiry": no_expiry}
-    body = call(server, api_key, "POST", "/api/v1/tokens", params=params)
+    body = call(server, "POST", "/api/v1/tokens", params=params)
     if json_output:
         print_json(body)
         return
@@ -53,30 +53,24 @@ def probes_list(
     status: Annotated[str | None, typer.Option(help="online, degraded or offline.")] = None,
     tag: Annotated[str | None, typer.Option(help="Only probes with this tag.")] = None,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """List probes."""
     params = {k: v for k, v in {"status": status, "tag": tag}.items() if v}
-    rows = call(server, api_key, "GET", "/api/v1/probes", params=params)
-    if json_output:
-        print_json(rows)
-        return
-    print_table(
+    print_listing(
+        call(server, "GET", "/api/v1/probes", params=params),
+        json_output,
         "probes",
         ["id", "hostname", "status", "connected", "policy", "tags", "last seen"],
-        [
-            [
-                p["id"],
-                p["hostname"],
-                p["status"],
-                "yes" if p["connected"] else "no",
-                p["policy_id"],
-                ",".join(p["tags"]),
-                p["last_seen_at"] or "-",
-            ]
-            for p in rows
-        ],
+        lambda p: (
+            p["id"],
+            p["hostname"],
+            p["status"],
+            "yes" if p["connected"] else "no",
+            p["policy_id"],
+            ",".join(p["tags"]),
+            p["last_seen_at"] or "-",
+        ),
     )
 
 
@@ -84,17 +78,16 @@ def probes_list(
 def probes_show(
     probe_id: str,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """A probe's details, metrics and health."""
-    probe = call(server, api_key, "GET", f"/api/v1/probes/{probe_id}")
-    health = call(server, api_key, "GET", f"/api/v1/probes/{probe_id}/health")
+    probe = call(server, "GET", f"/api/v1/probes/{probe_id}")
+    health = call(server, "GET", f"/api/v1/probes/{probe_id}/health")
     if json_output:
         print_json({**probe, "health": health})
         return
     metrics = probe["metrics"] or {}
-    rows = [
+    fields = [
         ("id", probe["id"]),
         ("hostname", probe["hostname"]),
         ("status", probe["status"]),
@@ -108,15 +101,13 @@ def probes_show(
         ("disk %", metrics.get("disk_percent")),
         ("health", f"{health['score']} {'; '.join(health['reasons'])}"),
     ]
-    print_table(f"probe {probe_id}", ["field", "value"], rows)
+    print_fields(f"probe {probe_id}", fields)
 
 
 @probes_app.command("delete")
-def probes_delete(
-    probe_id: str, server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None
-) -> None:
+def probes_delete(probe_id: str, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Delete a probe (its key stops working at once)."""
-    call(server, api_key, "DELETE", f"/api/v1/probes/{probe_id}")
+    call(server, "DELETE", f"/api/v1/probes/{probe_id}")
     err_console.print(f"deleted {probe_id}")
 
 
@@ -131,7 +122,6 @@ def run(
     shell: Annotated[bool, typer.Option(help="Run through /bin/sh -c.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds before the probe kills it.")] = 60.0,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Run a command on a probe and stream its output; the exit code is the command's."""
@@ -148,13 +138,12 @@ def run(
         "timeout_s": timeout,
     }
     if tag is not None:
-        result = call(server, api_key, "POST", f"/api/v1/fleet/by-tag/{tag}/command", json=body)
+        result = call(server, "POST", f"/api/v1/fleet/by-tag/{tag}/command", json=body)
         _print_fan_out(result, json_output)
         return
     if json_output:
         result = call(
             server,
-            api_key,
             "POST",
             f"/api/v1/probes/{probe_id}/command",
             params={"wait": "true"},
@@ -164,19 +153,18 @@ def run(
         _exit_like(result)
     started = call(
         server,
-        api_key,
         "POST",
         f"/api/v1/probes/{probe_id}/command",
         params={"stream": "true"},
         json=body,
     )
-    final = _follow(server, api_key, started["stream_url"])
+    final = _follow(server, started["stream_url"])
     _exit_like(final)
 
 
-def _follow(server: str, key: str | None, url: str) -> dict[str, Any]:
+def _follow(server: str, url: str) -> dict[str, Any]:
     final: dict[str, Any] = {}
-    with client(server, key) as http, http.stream("GET", url) as response:
+    with client(server) as http, http.stream("GET", url) as response:
         if response.status_code >= 400:
             response.read()
             check(response)

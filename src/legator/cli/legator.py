@@ -26,6 +26,7 @@ from legator.cli.common import (
     run_async,
 )
 from legator.cli.offline import backup_database, offline_auth
+from legator.cli.online import LegatorGroup
 from legator.core.auth.permissions import Role
 from legator.core.auth.schemas import UserCreate, UserUpdate
 from legator.core.config import ConfigError, Settings, load_settings
@@ -40,6 +41,7 @@ app = typer.Typer(
     help="Legator control plane: serve it, and administer users, keys and the database.",
     no_args_is_help=True,
     rich_markup_mode="rich",
+    cls=LegatorGroup,
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 users_app = typer.Typer(

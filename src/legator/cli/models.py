@@ -16,11 +16,17 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from legator.cli.common import EXIT_FAILED, console, fail, print_json, print_table
+from legator.cli.common import (
+    EXIT_FAILED,
+    console,
+    fail,
+    print_fields,
+    print_json,
+    print_listing,
+)
 from legator.cli.online import (
     DEFAULT_SERVER,
     JsonFlag,
-    KeyOpt,
     ServerOpt,
     call,
     check,
@@ -52,7 +58,6 @@ def pull(
         bool, typer.Option("--detach", "-d", help="Start the download and return.")
     ] = False,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
 ) -> None:
     """Download a GGUF from the hub (HF_ENDPOINT on the server) and register it as a model.
     The download runs on the server: interrupting this command does not stop it."""
@@ -61,7 +66,7 @@ def pull(
         body["file"] = file
     if model_id:
         body["model_id"] = model_id
-    download = call(server, api_key, "POST", "/api/v1/gateway/downloads", json=body)
+    download = call(server, "POST", "/api/v1/gateway/downloads", json=body)
     if download.get("warning"):
         console.print(f"[yellow]warning:[/yellow] {download['warning']}")
     if detach:
@@ -78,7 +83,7 @@ def pull(
         task = progress.add_task(download["filename"], total=download["total_bytes"] or None)
         while download["state"] in ("queued", "running"):
             time.sleep(POLL_S)
-            download = call(server, api_key, "GET", f"/api/v1/gateway/downloads/{download['id']}")
+            download = call(server, "GET", f"/api/v1/gateway/downloads/{download['id']}")
             progress.update(task, completed=download["done_bytes"])
     if download["state"] != "completed":
         fail(f"download {download['state']}: {download['error']}", EXIT_FAILED)
@@ -86,29 +91,22 @@ def pull(
 
 
 @models_app.command("list")
-def list_models(
-    server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None, json_output: JsonFlag = False
-) -> None:
+def list_models(server: ServerOpt = DEFAULT_SERVER, json_output: JsonFlag = False) -> None:
     """Every model with its backend kind and state."""
-    models = call(server, api_key, "GET", "/api/v1/gateway/models")
-    if json_output:
-        print_json(models)
-        return
-    print_table(
+    print_listing(
+        call(server, "GET", "/api/v1/gateway/models"),
+        json_output,
         "Models",
         ["id", "kind", "state", "context", "parallel", "source", "size (GiB)"],
-        [
-            (
-                m["id"],
-                m["backend_kind"],
-                m["state"],
-                m["context_length"],
-                m["parallel"],
-                m["source_repo"] or m["backend_url"],
-                f"{m['gguf']['file_size'] / GIB:.2f}" if m.get("gguf") else "",
-            )
-            for m in models
-        ],
+        lambda m: (
+            m["id"],
+            m["backend_kind"],
+            m["state"],
+            m["context_length"],
+            m["parallel"],
+            m["source_repo"] or m["backend_url"],
+            f"{m['gguf']['file_size'] / GIB:.2f}" if m.get("gguf") else "",
+        ),
     )
 
 
@@ -116,30 +114,27 @@ def list_models(
 def show_model(
     model_id: str,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """One model, its GGUF metadata and its memory estimate."""
-    model = call(server, api_key, "GET", f"/api/v1/gateway/models/{model_id}")
+    model = call(server, "GET", f"/api/v1/gateway/models/{model_id}")
     estimate = None
     if model.get("gguf"):
-        estimate = call(
-            server, api_key, "POST", "/api/v1/gateway/estimate", json={"model_id": model_id}
-        )
+        estimate = call(server, "POST", "/api/v1/gateway/estimate", json={"model_id": model_id})
     if json_output:
         print_json({"model": model, "estimate": estimate})
         return
-    rows = [(k, v) for k, v in model.items() if k != "gguf"]
-    rows += [(f"gguf.{k}", v) for k, v in (model.get("gguf") or {}).items() if v is not None]
+    fields = [(k, v) for k, v in model.items() if k != "gguf"]
+    fields += [(f"gguf.{k}", v) for k, v in (model.get("gguf") or {}).items() if v is not None]
     if estimate:
-        rows += [(f"estimate.{k}", v) for k, v in estimate.items() if k != "model_id"]
-    print_table(f"Model {model_id}", ["field", "value"], rows)
+        fields += [(f"estimate.{k}", v) for k, v in estimate.items() if k != "model_id"]
+    print_fields(f"Model {model_id}", fields)
 
 
 @models_app.command("rm")
-def remove_model(model_id: str, server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None) -> None:
+def remove_model(model_id: str, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Delete a model (its backend is stopped first)."""
-    call(server, api_key, "DELETE", f"/api/v1/gateway/models/{model_id}")
+    call(server, "DELETE", f"/api/v1/gateway/models/{model_id}")
     console.print(f"model {model_id} deleted")
 
 
@@ -150,14 +145,12 @@ def start_backend(
         bool, typer.Option("--detach", "-d", help="Return without waiting for health.")
     ] = False,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Launch a model's managed backend and wait until it answers its health check."""
     with console.status(f"starting {model_id}…", spinner="dots"):
         status = call(
             server,
-            api_key,
             "POST",
             f"/api/v1/gateway/backends/{model_id}/start",
             params={"wait": str(not detach).lower()},
@@ -171,9 +164,9 @@ def start_backend(
 
 
 @backends_app.command("stop")
-def stop_backend(model_id: str, server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None) -> None:
+def stop_backend(model_id: str, server: ServerOpt = DEFAULT_SERVER) -> None:
     """Stop a model's managed backend."""
-    status = call(server, api_key, "POST", f"/api/v1/gateway/backends/{model_id}/stop")
+    status = call(server, "POST", f"/api/v1/gateway/backends/{model_id}/stop")
     console.print(f"{model_id}: {status['state']}")
 
 
@@ -182,11 +175,10 @@ def backend_logs(
     model_id: str,
     tail: Annotated[int, typer.Option("--tail", "-n", help="Lines to show.")] = 200,
     server: ServerOpt = DEFAULT_SERVER,
-    api_key: KeyOpt = None,
 ) -> None:
     """The last lines a managed backend wrote."""
     try:
-        with client(server, api_key) as http:
+        with client(server) as http:
             response = http.get(f"/api/v1/gateway/backends/{model_id}/logs", params={"tail": tail})
     except httpx.HTTPError as exc:
         fail(f"cannot reach {server}: {exc}")
@@ -196,27 +188,20 @@ def backend_logs(
 
 
 @backends_app.command("list")
-def list_backends(
-    server: ServerOpt = DEFAULT_SERVER, api_key: KeyOpt = None, json_output: JsonFlag = False
-) -> None:
+def list_backends(server: ServerOpt = DEFAULT_SERVER, json_output: JsonFlag = False) -> None:
     """Each model's backend, state, slots and queue."""
-    rows = call(server, api_key, "GET", "/api/v1/gateway/backends")
-    if json_output:
-        print_json(rows)
-        return
-    print_table(
+    print_listing(
+        call(server, "GET", "/api/v1/gateway/backends"),
+        json_output,
         "Backends",
         ["model", "kind", "state", "slots", "in use", "queued", "error"],
-        [
-            (
-                r["model"],
-                r["kind"],
-                r["state"],
-                r["slots"],
-                r["in_use"],
-                r["queue_depth"],
-                r["error"],
-            )
-            for r in rows
-        ],
+        lambda r: (
+            r["model"],
+            r["kind"],
+            r["state"],
+            r["slots"],
+            r["in_use"],
+            r["queue_depth"],
+            r["error"],
+        ),
     )

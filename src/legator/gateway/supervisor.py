@@ -63,6 +63,7 @@ class Live:
     state: str = "starting"
     error: str = ""
     misses: int = 0
+    failing: bool = False  # being stopped after a failure: no new requests
     started_at: Any = field(default_factory=utcnow)
 
     @property
@@ -83,7 +84,8 @@ class ManagedBackend(Backend):
 
     @property
     def ready(self) -> bool:
-        return self.live is not None and self.live.state == "ready" and super().ready
+        live = self.live
+        return live is not None and live.state == "ready" and not live.failing and super().ready
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.live.api_key}"} if self.live else {}
@@ -257,9 +259,14 @@ class Supervisor:
         log.info("backend ready", model=live.model_id, kind=live.kind, port=live.port)
 
     async def _fail(self, live: Live, runtime: Runtime, error: str) -> None:
-        live.state, live.error = "failed", error
+        live.failing = True  # new requests get 503 at once
         self.scheduler.drop(live.model_id)  # queued requests get 503 now, not a hang
-        await runtime.stop(live.handle)
+        # `failed` is reported only once the backend is gone, so that a start right after it
+        # cannot meet the old container or process. It is dead or hung: no grace period.
+        await runtime.stop(live.handle, grace_s=0)
+        if live.state == "stopped":  # stopped meanwhile: that stop has done the rest
+            return
+        live.state, live.error = "failed", error
         await self._save(live)
         await self._set_model_state(live.model_id, "unavailable")
         self.registry.forget(live.model_id)

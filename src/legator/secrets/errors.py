@@ -1,5 +1,11 @@
 """The errors of the secrets service. Each carries the HTTP status and the short plain-text
-message that setec sends for it, so the wire format is decided in one place."""
+message that setec sends for it, so the wire format is decided in one place.
+
+They share statuses with ``core.errors`` but are deliberately not ``AppError``s: the core
+HTTP handler sends an ``AppError``'s message to the caller, which for ``StoreCorrupted``
+names the secret and version that failed to decrypt, and every ``except AppError`` in the
+control plane and the CLIs would start catching them. The control-plane mount turns the ones
+a caller may see into core errors with its own messages (``secrets.router.run``)."""
 
 from __future__ import annotations
 

@@ -55,3 +55,20 @@ def test_fleet_cli(fleet_server: LiveServer, admin: httpx.Client, spawn_probe) -
     assert no_key.returncode == 2 and "API key" in no_key.stderr
     assert run_cli("legator", "probes", "delete", probe.probe_id, env=env).returncode == 0
     assert run_cli("legator", "probes", "delete", probe.probe_id, env=env).returncode == 3
+
+
+def test_api_key_flag_is_refused() -> None:
+    """A key in the arguments would show in `ps`: `--api-key` is refused wherever it stands,
+    before any request (nothing listens on port 9), with a pointer to the variable."""
+    env = {"LEGATOR_SERVER_URL": "http://127.0.0.1:9", "LEGATOR_API_KEY": ""}
+    for args in (
+        ["probes", "list", "--api-key", "lgk_" + "0" * 64],
+        ["approvals", "approve", "apr-1", "--api-key=lgk_x"],
+        ["--api-key", "lgk_x", "models", "list"],
+        ["chat", "prb-1", "-m", "hi", "--api-key", "lgk_x"],
+    ):
+        refused = run_cli("legator", *args, env=env)
+        assert refused.returncode == 2 and not refused.stdout, (args, refused.stderr)
+        assert "--api-key is not accepted" in refused.stderr, refused.stderr
+        assert "set LEGATOR_API_KEY" in refused.stderr
+    assert "--api-key" not in run_cli("legator", "probes", "list", "--help").stdout

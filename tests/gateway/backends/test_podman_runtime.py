@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,11 +117,8 @@ def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: P
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
             )
         assert failed.value.status_code == 503
-        # The failed backend's container is removed right after it is marked failed.
-        deadline = time.monotonic() + 10
-        while container_exists("sovereign-llamacpp-tiny"):
-            assert time.monotonic() < deadline, "the failed container was not removed"
-            time.sleep(0.1)
+        # `failed` is reported only once the container is removed.
+        assert not container_exists("sovereign-llamacpp-tiny")
 
         again = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
         assert again.json()["state"] == "ready"

@@ -122,6 +122,13 @@ def test_killed_backend_is_failed_within_10s_and_requests_get_503(
     assert "gateway.backend.failed" in topics
 
 
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_hung_backend_is_failed_within_10s(
     gw: LiveServer, admin: httpx.Client, gguf_file: Path
 ) -> None:
@@ -130,6 +137,8 @@ def test_hung_backend_is_failed_within_10s(
     os.kill(status["pid"], signal.SIGSTOP)  # alive, but no longer answering
     try:
         took = wait_state(admin, "tiny", "failed", timeout=12)
+        # `failed` is reported only once the process is gone (killed: it could not stop).
+        assert gone(status["pid"])
     finally:
         if psutil.pid_exists(status["pid"]):
             os.kill(status["pid"], signal.SIGCONT)

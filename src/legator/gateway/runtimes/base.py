@@ -8,6 +8,8 @@ from pathlib import Path
 
 from legator.gateway.schemas import ModelOut, RuntimeArgs
 
+STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
+
 
 class RuntimeError_(Exception):
     """A runtime could not do what it was asked; the message says why."""
@@ -47,7 +49,8 @@ class Runtime(ABC):
     async def start(self, launch: Launch) -> Handle: ...
 
     @abstractmethod
-    async def stop(self, handle: Handle) -> None: ...
+    async def stop(self, handle: Handle, *, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop and remove it: SIGTERM, then SIGKILL once ``grace_s`` has passed."""
 
     @abstractmethod
     async def alive(self, handle: Handle) -> bool: ...

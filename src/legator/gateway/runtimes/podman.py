@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from legator.gateway.runtimes.base import Handle, Launch, Runtime, RuntimeError_
+from legator.gateway.runtimes.base import STOP_GRACE_S, Handle, Launch, Runtime, RuntimeError_
 from legator.gateway.runtimes.process import _python_server_config
 
 PREFIX = "sovereign-llamacpp-"
@@ -181,14 +181,18 @@ class PodmanRuntime(Runtime):
             raise
         return Handle(container=name)
 
-    async def _remove(self, name: str) -> None:
-        for args in (("rm", "--force", "--time", "10", name), ("secret", "rm", name + "-key")):
+    async def _remove(self, name: str, grace_s: float = STOP_GRACE_S) -> None:
+        removals = (
+            ("rm", "--force", "--time", str(int(grace_s)), name),
+            ("secret", "rm", name + "-key"),
+        )
+        for args in removals:
             with contextlib.suppress(RuntimeError_):  # not there
                 await podman(*args)
 
-    async def stop(self, handle: Handle) -> None:
+    async def stop(self, handle: Handle, *, grace_s: float = STOP_GRACE_S) -> None:
         if handle.container:
-            await self._remove(handle.container)
+            await self._remove(handle.container, grace_s)
 
     async def alive(self, handle: Handle) -> bool:
         if not handle.container:

@@ -21,9 +21,7 @@ from pathlib import Path
 import psutil
 
 from legator.core.security import write_private_file
-from legator.gateway.runtimes.base import Handle, Launch, Runtime, RuntimeError_
-
-STOP_GRACE_S = 10.0
+from legator.gateway.runtimes.base import STOP_GRACE_S, Handle, Launch, Runtime, RuntimeError_
 
 
 def _python_server_config(launch: Launch) -> dict[str, object]:
@@ -144,7 +142,7 @@ class ProcessRuntime(Runtime):
     async def alive(self, handle: Handle) -> bool:
         return self._process(handle) is not None
 
-    async def stop(self, handle: Handle) -> None:
+    async def stop(self, handle: Handle, *, grace_s: float = STOP_GRACE_S) -> None:
         proc = self._process(handle)
         if proc is None:
             return
@@ -155,7 +153,7 @@ class ProcessRuntime(Runtime):
         except PermissionError:
             proc.terminate()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + STOP_GRACE_S
+        deadline = loop.time() + grace_s
         while loop.time() < deadline and self._process(handle) is not None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         if self._process(handle) is not None:
