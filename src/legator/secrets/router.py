@@ -222,8 +222,8 @@ def _open_store(core: Core) -> tuple[SqlStore, Path | None]:
             # A key file per replica would give each its own KEK, and all but the first
             # replica could not open the shared data key.
             raise ConfigError(
-                "LEGATOR_SECRETS_KEK: required with a PostgreSQL LEGATOR_DATABASE_URL, the "
-                "same on every replica: the shared secrets store's data key is wrapped by it"
+                "LEGATOR_SECRETS_KEK: required with a PostgreSQL LEGATOR_DATABASE_URL "
+                "(the same key on every replica)"
             )
         return PgSecretStore(settings.effective_database_url, kek), None
     scratch = None
@@ -251,7 +251,7 @@ def install_secrets(app: FastAPI, core: Core) -> None:
     except SecretsError as exc:
         raise ConfigError(f"secrets store: {exc.message}") from None
     except psycopg.Error as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigError(f"secrets store: cannot open it in PostgreSQL: {detail}") from None
     app.state.secrets = SecretsService(store, CoreAudit(core))
     app.include_router(router)
