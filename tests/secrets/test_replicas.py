@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from legator.secrets.client import Client
+from legator.secrets.crypto import Kek, generate_key
+from legator.secrets.store import SecretStore
 from tests.support import LiveServer, free_port, live_server, run_cli
 
 pytestmark = pytest.mark.postgres
@@ -59,13 +61,21 @@ def test_a_secret_put_through_one_replica_is_read_through_another(
         assert not (data_dir / "secrets").exists()  # nothing on the replicas' disks
 
 
-def test_a_replica_with_another_kek_or_none_fails_clearly(pg_url: str, tmp_path: Path) -> None:
+def test_a_replica_with_another_kek_or_none_fails_clearly(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     kek = secrets.token_hex(32)
+    # A per-replica SQLite store from before the move to PostgreSQL: left alone, and said so.
+    old = SecretStore(tmp_path / "a" / "secrets" / "secrets.db", Kek(generate_key(), "old"))
+    old.put("from-before", b"x")
+    old.close()
     with (
         live_server(tmp_path / "a", database_url=pg_url, secrets_kek=kek) as a,
         a.client(a.admin_key) as api,
     ):
         assert api.post(f"{PREFIX}/put", json={"Name": "k", "Value": b64(b"v")}).json() == 1
+        assert [i["Name"] for i in api.post(f"{PREFIX}/list", json={}).json()] == ["k"]
+    assert "the SQLite store from before is not used" in caplog.text
     env = {"LEGATOR_DATABASE_URL": pg_url, "LEGATOR_ADDR": f"127.0.0.1:{free_port()}"}
     other = run_cli("legator", "serve", env={**env, "LEGATOR_SECRETS_KEK": secrets.token_hex(32)})
     assert other.returncode == 2

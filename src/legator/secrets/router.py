@@ -21,6 +21,7 @@ from legator.core.auth.principal import Principal
 from legator.core.config import ConfigError
 from legator.core.errors import AppError, BadRequest, Forbidden, NotFound
 from legator.core.http.deps import require
+from legator.core.logging import get_logger
 from legator.core.runtime import Core
 from legator.secrets.acl import ALL_ACTIONS, Action, Rule
 from legator.secrets.crypto import Kek, load_key_file, parse_key
@@ -49,6 +50,7 @@ from legator.secrets.store import SecretStore, SqlStore
 from legator.secrets.wire import field_bytes, info_json, value_json
 
 T = TypeVar("T")
+log = get_logger("legator.secrets")
 router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"])
 
 _READ = Rule.build([Action.GET, Action.INFO], ["*"])
@@ -224,6 +226,17 @@ def _open_store(core: Core) -> tuple[SqlStore, Path | None]:
             raise ConfigError(
                 "LEGATOR_SECRETS_KEK: required with a PostgreSQL LEGATOR_DATABASE_URL "
                 "(the same key on every replica)"
+            )
+        legacy = settings.secrets_dir or (
+            settings.data_dir / "secrets" if settings.data_dir else None
+        )
+        if legacy is not None and (legacy / "secrets.db").exists():
+            # Not copied on purpose: each replica's file had its own contents and maybe its
+            # own KEK, so there is no one right merge to do behind the operator's back.
+            log.warning(
+                "secrets store: the store is in PostgreSQL; the SQLite store from before is "
+                "not used and its secrets were not copied",
+                path=str(legacy / "secrets.db"),
             )
         return PgSecretStore(settings.effective_database_url, kek), None
     scratch = None
