@@ -85,3 +85,42 @@ def test_a_replica_with_another_kek_or_none_fails_clearly(
     assert "LEGATOR_SECRETS_KEK: required with a PostgreSQL" in missing.stderr
     for failed in (other, missing):
         assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_rotating_the_kek_replica_by_replica(pg_url: str, tmp_path: Path) -> None:
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    new_file = tmp_path / "new.key"
+    new_file.write_text(new + "\n")
+    new_file.chmod(0o600)
+    env = {"LEGATOR_DATABASE_URL": pg_url, "LEGATOR_SECRETS_KEK": old}
+    rotate = ("legator", "secrets", "rotate-kek")
+    a = LiveServer(tmp_path / "a", database_url=pg_url, secrets_kek=old).start()
+    try:
+        with Client(a.url, api_key=a.admin_key, prefix=PREFIX) as via_a:
+            via_a.put("app/token", b"t0k3n")
+            assert run_cli(*rotate, env=env).returncode == 2  # which step?
+            started = run_cli(*rotate, "--new-key-file", str(new_file), env=env)
+            assert started.returncode == 0, started.stderr
+            assert "1 stored value(s) verified" in started.stdout
+            # Mid-rollout: a replica still on the old key and one on the new key both work.
+            with (
+                live_server(tmp_path / "b", database_url=pg_url, secrets_kek=new) as b,
+                Client(b.url, api_key=a.admin_key, prefix=PREFIX) as via_b,
+            ):
+                assert via_b.get("app/token") == (b"t0k3n", 1)
+                via_b.put("app/token", b"t0k3n-2")
+                assert via_a.get("app/token", 2) == (b"t0k3n-2", 2)
+    finally:
+        a.stop()
+    finished = run_cli(*rotate, "--finish", env={**env, "LEGATOR_SECRETS_KEK": new})
+    assert finished.returncode == 0, finished.stderr
+    assert "2 stored value(s) verified" in finished.stdout
+    with (
+        live_server(tmp_path / "c", database_url=pg_url, secrets_kek=new) as c,
+        c.client(a.admin_key) as api,
+    ):
+        events = api.get("/api/v1/audit", params={"action": "secrets.rotate_kek"}).json()
+        steps = [e["details"]["step"] for e in events["events"]]
+        assert steps == ["finish", "start"] and {e["actor"] for e in events["events"]} == {"cli"}
+    stale = run_cli("legator", "serve", env={**env, "LEGATOR_ADDR": f"127.0.0.1:{free_port()}"})
+    assert stale.returncode == 2 and "not the one this store was sealed with" in stale.stderr
