@@ -243,3 +243,11 @@ def test_rotate_kek_from_env_needs_a_new_key_file(tmp_path: Path) -> None:
     with pytest.raises(KekError):
         SecretStore(state / "secrets.db", Kek(old, "old"))
     assert not (state / "keys").exists()  # nothing written where the key did not come from
+
+
+def test_libpq_url_from_the_control_planes_url() -> None:
+    assert (
+        libpq_url("postgresql+asyncpg://u:p%40ss@db:5433/legator?ssl=require")
+        == "postgresql://u:p%40ss@db:5433/legator?sslmode=require"
+    )
+    assert libpq_url("postgresql+asyncpg://db/x") == "postgresql://db/x"

@@ -52,9 +52,13 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.versions (
 
 
 def libpq_url(database_url: str) -> str:
-    """The control plane's SQLAlchemy URL (``postgresql+asyncpg://…``) as a libpq URL."""
+    """The control plane's SQLAlchemy URL (``postgresql+asyncpg://…``) as a libpq URL; asyncpg's
+    ``ssl=`` takes libpq's name, ``sslmode=`` (the modes have the same names)."""
     url = make_url(database_url).set(drivername="postgresql")
-    return url.render_as_string(hide_password=False)
+    query = dict(url.query)
+    if "ssl" in query and "sslmode" not in query:
+        query["sslmode"] = query.pop("ssl")
+    return url.set(query=query).render_as_string(hide_password=False)
 
 
 def translate_sql(sql: str) -> str:
