@@ -106,7 +106,12 @@ def test_postgresql_migrations_identity_and_chain(pg_url: str, tmp_path: Path) -
 
     assert asyncio.run(check_revision()) == head_revision()
     with (
-        live_server(tmp_path / "d", database_url=pg_url, audit_chain_key="pg-chain") as server,
+        live_server(
+            tmp_path / "d",
+            database_url=pg_url,
+            audit_chain_key="pg-chain",
+            secrets_kek="ab" * 32,
+        ) as server,
         server.client(server.admin_key) as api,
     ):
         assert api.get("/api/v1/me").json()["username"] == "admin"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from tests.support import live_server
 
 @pytest.mark.postgres
 def test_concurrent_saves_on_postgresql(pg_url: str, tmp_path: Path) -> None:
-    # No data dir, as on a PostgreSQL deployment; the secrets store still needs a directory.
+    # No data dir, as on a PostgreSQL deployment: the secrets live in the database too.
+    kek = secrets.token_hex(32)
     with (
-        live_server(None, database_url=pg_url, secrets_dir=tmp_path / "secrets") as server,
+        live_server(None, database_url=pg_url, secrets_kek=kek) as server,
         server.client(server.admin_key) as api,
     ):
 

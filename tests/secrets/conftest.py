@@ -3,14 +3,17 @@ real legerd (store, sockets, uvicorn with the peer-credential protocol) in a thr
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -18,7 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from legator.secrets.crypto import Kek
+from legator.secrets.pgstore import SCHEMA, PgSecretStore, libpq_url, translate_sql
 from legator.secrets.server import Legerd, LegerdConfig
+from legator.secrets.store import SecretStore, SqlStore
 from tests.support import free_port
 
 SETEC_HEADERS = {"Content-Type": "application/json", "Sec-X-Tailscale-No-Browsers": "setec"}
@@ -172,3 +178,41 @@ def legerd(tmp_path: Path, shared_dir: Path, tailscale: FakeTailscale) -> Iterat
 def dev_legerd(tmp_path: Path, shared_dir: Path) -> Iterator[LegerdThread]:
     with LegerdThread(make_config(tmp_path / "state", shared_dir, None, dev=True)) as running:
         yield running
+
+
+@dataclass
+class Backend:
+    """A store backend for the behaviour suite: how to open a store on its database, and
+    raw SQL on that database (SQLite's ``?`` placeholders on both) to tamper with rows."""
+
+    name: str
+    open: Callable[[Kek], SqlStore]
+    raw: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+def _sqlite_backend(path: Path) -> Backend:
+    def raw(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(path, isolation_level=None) as db:
+            return db.execute(sql, params).fetchall()
+
+    return Backend("sqlite", lambda kek: SecretStore(path, kek), raw)
+
+
+def _pg_backend(url: str) -> Backend:
+    def raw(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(
+            libpq_url(url), autocommit=True, options=f"-c search_path={SCHEMA}"
+        ) as db:
+            cur = db.execute(translate_sql(sql), params)  # type: ignore[call-overload]
+            return cur.fetchall() if cur.description else []
+
+    return Backend("postgresql", lambda kek: PgSecretStore(url, kek), raw)
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return _sqlite_backend(tmp_path / "secrets.db")
+    return _pg_backend(request.getfixturevalue("pg_url"))

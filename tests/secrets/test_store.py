@@ -1,16 +1,26 @@
-"""Encryption at rest: envelope keys, associated data, tampering, wrong keys, key rotation."""
+"""Encryption at rest: envelope keys, associated data, tampering, wrong keys, key rotation;
+the behaviour tests run on both backends (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import os
-import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from legator.secrets.crypto import KEK_ENV, Kek, generate_key, load_kek
-from legator.secrets.errors import KekError, SecretNotFound, StoreCorrupted
+from legator.secrets.errors import (
+    InvalidRequest,
+    KekError,
+    SecretNotFound,
+    StoreCorrupted,
+    VersionClaimed,
+)
+from legator.secrets.pgstore import PgSecretStore, libpq_url
 from legator.secrets.store import SecretStore
+from tests.secrets.conftest import Backend
 from tests.support import run_cli
 
 
@@ -22,10 +32,6 @@ def kek(tmp_path: Path) -> Kek:
 @pytest.fixture
 def store(tmp_path: Path, kek: Kek) -> SecretStore:
     return SecretStore(tmp_path / "secrets.db", kek)
-
-
-def raw(db: Path) -> sqlite3.Connection:
-    return sqlite3.connect(db, isolation_level=None)
 
 
 def test_key_file_is_created_private(tmp_path: Path, kek: Kek) -> None:
@@ -62,46 +68,61 @@ def test_values_are_encrypted_at_rest(tmp_path: Path, store: SecretStore) -> Non
             assert b"correct-horse" not in (tmp_path / name).read_bytes()
 
 
-def test_swapped_ciphertexts_fail(tmp_path: Path, store: SecretStore) -> None:
+def test_values_are_encrypted_at_rest_in_postgresql(pg_url: str, kek: Kek) -> None:
+    store = PgSecretStore(pg_url, kek)
+    store.put("db/password", b"correct-horse-battery-staple")
+    store.close()
+    with psycopg.connect(libpq_url(pg_url)) as db:
+        rows = db.execute("SELECT sealed FROM legator_secrets.versions").fetchall()
+        keys = db.execute("SELECT wrapped FROM legator_secrets.data_keys").fetchall()
+    assert len(rows) == 1 and b"correct-horse" not in rows[0][0]
+    assert len(keys) == 1 and kek.key not in keys[0][0]
+
+
+def test_swapped_ciphertexts_fail(backend: Backend, kek: Kek) -> None:
+    store = backend.open(kek)
     store.put("a", b"value-a")
     store.put("b", b"value-b")
     store.put("a", b"value-a2")
-    with raw(tmp_path / "secrets.db") as db:
-        sealed_b = db.execute("SELECT sealed FROM versions WHERE name='b'").fetchone()[0]
-        sealed_a1 = db.execute(
-            "SELECT sealed FROM versions WHERE name='a' AND version=1"
-        ).fetchone()[0]
-        db.execute("UPDATE versions SET sealed=? WHERE name='a' AND version=1", (sealed_b,))
-        db.execute("UPDATE versions SET sealed=? WHERE name='a' AND version=2", (sealed_a1,))
+    sealed_b = backend.raw("SELECT sealed FROM versions WHERE name='b'", ())[0][0]
+    sealed_a1 = backend.raw("SELECT sealed FROM versions WHERE name='a' AND version=1", ())[0][0]
+    backend.raw("UPDATE versions SET sealed=? WHERE name='a' AND version=1", (sealed_b,))
+    backend.raw("UPDATE versions SET sealed=? WHERE name='a' AND version=2", (sealed_a1,))
     with pytest.raises(StoreCorrupted, match="failed authentication"):
         store.get("a", 1)  # another secret's ciphertext
     with pytest.raises(StoreCorrupted, match="failed authentication"):
         store.get("a", 2)  # another version's ciphertext
     assert store.get("b") == (b"value-b", 1)
+    with pytest.raises(StoreCorrupted):
+        store.verify_all()
+    store.close()
 
 
-def test_tampered_row_fails(tmp_path: Path, store: SecretStore) -> None:
+def test_tampered_row_fails(backend: Backend, kek: Kek) -> None:
+    store = backend.open(kek)
     store.put("a", b"value")
-    with raw(tmp_path / "secrets.db") as db:
-        sealed = bytearray(db.execute("SELECT sealed FROM versions").fetchone()[0])
-        sealed[-1] ^= 1
-        db.execute("UPDATE versions SET sealed=?", (bytes(sealed),))
+    sealed = bytearray(backend.raw("SELECT sealed FROM versions", ())[0][0])
+    sealed[-1] ^= 1
+    backend.raw("UPDATE versions SET sealed=?", (bytes(sealed),))
     with pytest.raises(StoreCorrupted):
         store.get("a")
-    with raw(tmp_path / "secrets.db") as db:
-        db.execute("UPDATE versions SET sealed=x'0102'")
+    backend.raw("UPDATE versions SET sealed=?", (b"\x01\x02",))
     with pytest.raises(StoreCorrupted, match="malformed"):
         store.get("a")
+    store.close()
 
 
-def test_wrong_key_is_a_clear_error(tmp_path: Path, store: SecretStore) -> None:
+def test_wrong_key_is_a_clear_error(backend: Backend, kek: Kek) -> None:
+    store = backend.open(kek)
     store.put("a", b"value")
     store.close()
     with pytest.raises(KekError, match="is not the one this store was sealed with"):
-        SecretStore(tmp_path / "secrets.db", Kek(generate_key(), "test key"))
+        backend.open(Kek(generate_key(), "test key"))
+    assert backend.open(kek).get("a") == (b"value", 1)
 
 
-def test_versions(store: SecretStore) -> None:
+def test_versions(backend: Backend, kek: Kek) -> None:
+    store = backend.open(kek)
     assert store.put("s", b"1") == 1
     assert store.put("s", b"1") == 1
     assert store.put("s", b"2") == 2
@@ -110,11 +131,74 @@ def test_versions(store: SecretStore) -> None:
     store.delete_version("s", 1)
     assert store.put("s", b"1") == 3
     assert store.info("s").versions == [2, 3]
+    with pytest.raises(VersionClaimed):
+        store.create_version("s", 1, b"reused")  # deleted, yet never reused
+    store.create_version("s", 7, b"seven")
+    assert store.info("s").active_version == 7 and store.put("s", b"eight") == 8
+    with pytest.raises(InvalidRequest, match="active"):
+        store.delete_version("s", 7)
     store.delete("s")
     with pytest.raises(SecretNotFound):
         store.get("s")
     assert store.put("s", b"again") == 1  # a deleted secret starts afresh
     assert [i.name for i in store.list()] == ["s"]
+    store.close()
+
+
+def test_mutation_rolls_back_when_its_audit_hook_fails(backend: Backend, kek: Kek) -> None:
+    store = backend.open(kek)
+    store.put("s", b"1")
+
+    def failing_audit(version: int) -> None:
+        raise OSError("audit log unavailable")
+
+    for mutate in (
+        lambda: store.put("s", b"2", failing_audit),
+        lambda: store.put("t", b"1", failing_audit),
+        lambda: store.create_version("s", 5, b"5", failing_audit),
+        lambda: store.delete("s", failing_audit),
+    ):
+        with pytest.raises(OSError, match="audit log unavailable"):
+            mutate()
+    assert [(i.name, i.versions, i.active_version) for i in store.list()] == [("s", [1], 1)]
+    assert store.put("s", b"2") == 2  # nothing was claimed by the failed attempts
+    store.close()
+
+
+def test_rotation_in_the_store(backend: Backend, kek: Kek) -> None:
+    store = backend.open(kek)
+    store.put("a", b"alpha")
+    new = Kek(generate_key(), "new key")
+    store.add_kek(new, kek)
+    assert backend.open(kek).get("a") == (b"alpha", 1)  # both open during the rollout
+    assert backend.open(new).get("a") == (b"alpha", 1)
+    store.drop_other_keks(new)
+    store.close()
+    with pytest.raises(KekError):
+        backend.open(kek)
+    rotated = backend.open(new)
+    assert rotated.verify_all() == 1
+    with pytest.raises(KekError, match="no data key"):
+        rotated.add_kek(Kek(generate_key(), "third"), kek)
+    rotated.close()
+
+
+@pytest.mark.postgres
+def test_replicas_starting_together_share_one_data_key(pg_url: str, kek: Kek) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: PgSecretStore(pg_url, kek), range(4)))
+    with psycopg.connect(libpq_url(pg_url)) as db:
+        assert db.execute("SELECT count(*) FROM legator_secrets.data_keys").fetchone() == (1,)
+
+    def put(i: int) -> int:
+        return stores[i % 4].put("shared", f"value {i}".encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = sorted(pool.map(put, range(40)))
+    assert versions == list(range(1, 41))  # no version given twice, none lost
+    assert stores[3].get("shared", 40)[1] == 40
+    for store in stores:
+        store.close()
 
 
 def test_rotate_kek(tmp_path: Path) -> None:
@@ -159,3 +243,11 @@ def test_rotate_kek_from_env_needs_a_new_key_file(tmp_path: Path) -> None:
     with pytest.raises(KekError):
         SecretStore(state / "secrets.db", Kek(old, "old"))
     assert not (state / "keys").exists()  # nothing written where the key did not come from
+
+
+def test_libpq_url_from_the_control_planes_url() -> None:
+    assert (
+        libpq_url("postgresql+asyncpg://u:p%40ss@db:5433/legator?ssl=require")
+        == "postgresql://u:p%40ss@db:5433/legator?sslmode=require"
+    )
+    assert libpq_url("postgresql+asyncpg://db/x") == "postgresql://db/x"

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from legator.secrets.crypto import Kek, generate_key
 from legator.secrets.errors import InvalidRequest, SecretNotFound, VersionClaimed
 from legator.secrets.service import validate_name
-from legator.secrets.store import SecretStore
+from legator.secrets.store import SecretStore, SqlStore
+from tests.secrets.conftest import Backend
 
 KEK = Kek(generate_key(), "test")
 NAMES = ["a", "b/c"]
@@ -87,29 +90,50 @@ def expect(model: dict[str, Model], op: tuple) -> object:  # type: ignore[type-a
     return None
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops)
-def test_store_follows_the_model(sequence: list[tuple]) -> None:  # type: ignore[type-arg]
-    with tempfile.TemporaryDirectory() as tmp:
-        store = SecretStore(Path(tmp) / "s.db", KEK)
-        model: dict[str, Model] = {}
-        for op in sequence:
-            wanted = expect(model, op)
-            try:
-                got: object = getattr(store, "create_version" if op[0] == "create" else op[0])(
-                    *op[1:]
-                )
-            except (VersionClaimed, SecretNotFound, InvalidRequest) as exc:
-                got = type(exc)
-            assert got == wanted, (op, got, wanted)
-        for name, m in model.items():
-            info = store.info(name)
-            assert (info.versions, info.active_version) == (sorted(m.values), m.active)
-            assert store.get(name) == (m.values[m.active], m.active)
-            for version, value in m.values.items():
-                assert store.get(name, version) == (value, version)
-        assert sorted(i.name for i in store.list()) == sorted(model)
-        store.close()
+@pytest.fixture
+def empty_store(backend: Backend) -> Iterator[Callable[[], SqlStore]]:
+    """An empty store for each example: PostgreSQL keeps its store and empties the tables."""
+    if backend.name == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = (Path(tmp) / f"s{i}.db" for i in range(10_000))
+            yield lambda: SecretStore(next(paths), KEK)
+        return
+    store = backend.open(KEK)
+
+    def empty() -> SqlStore:
+        backend.raw("TRUNCATE secrets, versions", ())
+        return store
+
+    yield empty
+    store.close()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(sequence=ops)
+def test_store_follows_the_model(
+    empty_store: Callable[[], SqlStore], sequence: list[tuple]
+) -> None:  # type: ignore[type-arg]
+    store = empty_store()
+    model: dict[str, Model] = {}
+    for op in sequence:
+        wanted = expect(model, op)
+        try:
+            got: object = getattr(store, "create_version" if op[0] == "create" else op[0])(*op[1:])
+        except (VersionClaimed, SecretNotFound, InvalidRequest) as exc:
+            got = type(exc)
+        assert got == wanted, (op, got, wanted)
+    for name, m in model.items():
+        info = store.info(name)
+        assert (info.versions, info.active_version) == (sorted(m.values), m.active)
+        assert store.get(name) == (m.values[m.active], m.active)
+        for version, value in m.values.items():
+            assert store.get(name, version) == (value, version)
+    assert sorted(i.name for i in store.list()) == sorted(model)
+    store.close()
 
 
 @given(

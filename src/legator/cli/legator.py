@@ -50,7 +50,12 @@ users_app = typer.Typer(
 keys_app = typer.Typer(
     help="API keys (offline: works on the data dir directly).", no_args_is_help=True
 )
+secrets_app = typer.Typer(
+    help="The control plane's secrets store (offline: works on the database directly).",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(fleet_cli.tokens_app, name="tokens")
@@ -156,6 +161,80 @@ def backup(
     except BadRequest as exc:
         fail(exc.message)
     console.print(f"backup written to {path} ({size:,} bytes)")
+
+
+# ----- secrets ---------------------------------------------------------------------------
+
+
+@secrets_app.command("rotate-kek")
+def secrets_rotate_kek(
+    new_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--new-key-file", help="The new KEK (64 hex) in a file only its owner can read."
+        ),
+    ] = None,
+    finish: Annotated[
+        bool,
+        typer.Option(
+            "--finish",
+            help="Second step, once every replica runs with the new LEGATOR_SECRETS_KEK: "
+            "drop the old key's wrapping.",
+        ),
+    ] = False,
+) -> None:
+    """Rotate the KEK of the store replicas share in PostgreSQL, in two steps (see
+    docs/secrets.md). With SQLite, use `legerd rotate-kek --state-dir <secrets dir>`."""
+    import psycopg
+
+    from legator.secrets import rotation
+    from legator.secrets.crypto import Kek, load_key_file, parse_key
+    from legator.secrets.errors import SecretsError
+
+    settings = settings_or_exit()
+    if settings.is_sqlite:
+        fail(
+            "LEGATOR_DATABASE_URL: not PostgreSQL; for a SQLite store use "
+            "`legerd rotate-kek --state-dir <secrets dir>`",
+            EXIT_USAGE,
+        )
+    if settings.secrets_kek is None:
+        fail("LEGATOR_SECRETS_KEK: required (the key the store is sealed with now)", EXIT_USAGE)
+    if (new_key_file is None) == (not finish):
+        fail("give either --new-key-file (first step) or --finish (second step)", EXIT_USAGE)
+    try:
+        raw = settings.secrets_kek.get_secret_value()
+        current = Kek(parse_key(raw, "LEGATOR_SECRETS_KEK"), "LEGATOR_SECRETS_KEK")
+        if new_key_file is not None:
+            new = load_key_file(new_key_file, create=False)
+            done = rotation.start(settings.effective_database_url, current, new)
+            console.print(
+                f"data key wrapped under key {done.key_id} as well; {done.verified} stored "
+                "value(s) verified. Now restart every replica with the new "
+                "LEGATOR_SECRETS_KEK, then run `legator secrets rotate-kek --finish` with it."
+            )
+        else:
+            done = rotation.finish(settings.effective_database_url, current)
+            console.print(
+                f"only key {done.key_id} opens the store now; {done.verified} stored value(s) "
+                "verified"
+            )
+    except SecretsError as exc:
+        fail(exc.message)
+    except psycopg.Error as exc:
+        fail(f"PostgreSQL: {' '.join(str(exc).split())}")
+
+    async def record() -> None:
+        async with offline_auth(settings) as auth:
+            await auth.audit.log(
+                actor="cli",
+                action="secrets.rotate_kek",
+                target=done.key_id,
+                outcome="success",
+                details={"step": "finish" if finish else "start", "verified": done.verified},
+            )
+
+    run_async(record)
 
 
 # ----- db --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from legator.secrets.acl import Action
 from legator.secrets.audit import AuditSink
 from legator.secrets.errors import AccessDenied, InvalidRequest, ValueNotChanged
 from legator.secrets.identity import Caller
-from legator.secrets.store import SecretInfo, SecretStore
+from legator.secrets.store import SecretInfo, SqlStore
 
 MAX_NAME_BYTES = 512
 RESERVED_PREFIX = "_internal/"
@@ -58,7 +58,7 @@ class SecretValue:
 
 
 class SecretsService:
-    def __init__(self, store: SecretStore, audit: AuditSink) -> None:
+    def __init__(self, store: SqlStore, audit: AuditSink) -> None:
         self.store = store
         self.audit = audit
 

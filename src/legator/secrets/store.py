@@ -1,19 +1,24 @@
-"""The encrypted secrets database: SQLite (WAL, synchronous=FULL), one sealed row per version.
+"""The encrypted secrets database, one sealed row per version: SQLite (WAL, synchronous=FULL)
+for legerd and a single control plane; ``pgstore.py`` holds the same tables in PostgreSQL for
+replicas that share one database.
 
 It knows versions and encryption, not callers: access control and auditing live in
-``service.py``. Every mutation runs in one ``BEGIN IMMEDIATE`` transaction and calls its
-``before_commit`` hook (the durable audit record) inside it, so a change is never visible
-without its audit entry, and a crash at any point leaves the previous committed state.
+``service.py``. Every mutation runs in one writer-exclusive transaction (``BEGIN IMMEDIATE``
+here) and calls its ``before_commit`` hook (the durable audit record) inside it, so a change
+is never visible without its audit entry, and a crash at any point leaves the previous
+committed state.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from legator.secrets.crypto import Kek, Sealer, generate_key, unwrap_dek, wrap_dek
 from legator.secrets.errors import (
@@ -51,47 +56,23 @@ class SecretInfo:
     active_version: int = 0
 
 
-class SecretStore:
-    def __init__(self, path: Path, kek: Kek) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_lock = threading.Lock()
-        self._local = threading.local()
-        self._writer = self._connect()
-        self._writer.executescript(_SCHEMA)
-        path.chmod(0o600)
-        self._sealer = Sealer(self._load_or_create_dek(kek))
+class SqlStore(ABC):
+    """The store's logic, written once in SQLite's SQL; the PostgreSQL backend's connections
+    translate the two things that differ (``?`` placeholders, ``CAST(… AS BLOB)``)."""
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before put() returns, so an acknowledged put survives
-        # kill -9 and power loss.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=10000")
-        return conn
+    _sealer: Sealer
 
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Any]:
+        """A writer-exclusive transaction; yields an object with ``execute(sql, params)``."""
 
+    @abstractmethod
+    def _reader(self) -> Any:
+        """A connection for reads (its ``execute`` answers a cursor)."""
+
+    @abstractmethod
     def close(self) -> None:
-        self._writer.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock:
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        """Release the connections."""
 
     # keys
 
@@ -123,7 +104,8 @@ class SecretStore:
                 raise KekError(f"no data key is wrapped under the key from {dek_from.source}")
             dek = unwrap_dek(dek_from, row[0])
             conn.execute(
-                "INSERT OR REPLACE INTO data_keys (kek_id, wrapped) VALUES (?, ?)",
+                "INSERT INTO data_keys (kek_id, wrapped) VALUES (?, ?) "
+                "ON CONFLICT (kek_id) DO UPDATE SET wrapped = excluded.wrapped",
                 (new.key_id, wrap_dek(new, dek)),
             )
 
@@ -231,8 +213,9 @@ class SecretStore:
                 if claimed:
                     raise VersionClaimed()
                 conn.execute(
-                    "UPDATE secrets SET active = ?, latest = MAX(latest, ?) WHERE name = ?",
-                    (version, version, name),
+                    "UPDATE secrets SET active = ?, "
+                    "latest = CASE WHEN latest > ? THEN latest ELSE ? END WHERE name = ?",
+                    (version, version, version, name),
                 )
             conn.execute(
                 "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
@@ -296,3 +279,48 @@ class SecretStore:
             self._sealer.open(name, version, sealed)
             count += 1
         return count
+
+
+class SecretStore(SqlStore):
+    """SQLite: one file, one writer connection, one reader connection per thread."""
+
+    def __init__(self, path: Path, kek: Kek) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        self._writer.executescript(_SCHEMA)
+        path.chmod(0o600)
+        self._sealer = Sealer(self._load_or_create_dek(kek))
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before put() returns, so an acknowledged put survives
+        # kill -9 and power loss.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def close(self) -> None:
+        self._writer.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")

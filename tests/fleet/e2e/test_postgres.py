@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,12 @@ from tests.support import live_server
 @pytest.mark.postgres
 def test_fleet_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     with (
-        live_server(tmp_path / "data", database_url=pg_url, fleet_flush_interval_s=0.3) as server,
+        live_server(
+            tmp_path / "data",
+            database_url=pg_url,
+            secrets_kek=secrets.token_hex(32),
+            fleet_flush_interval_s=0.3,
+        ) as server,
         server.client(server.admin_key) as admin,
     ):
         probes = []

@@ -33,6 +33,7 @@ def cluster_settings(pg_url: str, nats_url: str = NATS_URL) -> dict[str, Any]:
     return {
         "database_url": pg_url,
         "signing_key": secrets.token_hex(32),
+        "secrets_kek": secrets.token_hex(32),
         "nats_url": nats_url,
         "nats_subject_prefix": "test-" + secrets.token_hex(4),
         **FAST,
@@ -309,6 +310,7 @@ def test_a_replica_without_nats_degrades_clearly_and_recovers(
         log_path=log_b,
         LEGATOR_DATABASE_URL=pg_url,
         LEGATOR_SIGNING_KEY=shared["signing_key"],
+        LEGATOR_SECRETS_KEK=shared["secrets_kek"],
         LEGATOR_NATS_URL=nats.url,
         LEGATOR_NATS_SUBJECT_PREFIX=shared["nats_subject_prefix"],
         LEGATOR_NATS_PRESENCE_INTERVAL_S="0.5",

@@ -1,0 +1,124 @@
+"""The secrets store in PostgreSQL, for control-plane replicas that share one database.
+
+Same tables, rows and logic as the SQLite store (``store.SqlStore``), in their own schema
+``legator_secrets``. The store creates them itself, as the SQLite store does, because it opens
+(and checks the KEK against the stored data key) while the app is built, before the lifespan
+runs the Alembic migrations; and a schema of its own keeps them out of Alembic's
+autogenerate, which compares only the default schema.
+
+It runs on psycopg (synchronous): the service calls the store from worker threads and the
+audit hook hops back to the event loop inside the transaction, which the async engine would
+deadlock on. Writers, in every replica, are serialised by a transaction-scoped advisory lock:
+the equivalent of SQLite's ``BEGIN IMMEDIATE``, so version numbers and the data key are
+decided by one writer at a time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from legator.secrets.crypto import Kek, Sealer
+from legator.secrets.store import SqlStore
+
+SCHEMA = "legator_secrets"
+_LOCK_ID = 0x6C6567736563  # "legsec": the advisory lock every writer takes
+_CAST = re.compile(r"CAST\(([\w.]+) AS BLOB\)")
+
+_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.data_keys (
+    kek_id TEXT PRIMARY KEY,
+    wrapped BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.secrets (
+    name TEXT PRIMARY KEY,
+    active INTEGER NOT NULL,
+    latest INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.versions (
+    name TEXT NOT NULL REFERENCES {SCHEMA}.secrets(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    sealed BYTEA,
+    PRIMARY KEY (name, version)
+);
+"""
+
+
+def libpq_url(database_url: str) -> str:
+    """The control plane's SQLAlchemy URL (``postgresql+asyncpg://…``) as a libpq URL; asyncpg's
+    ``ssl=`` takes libpq's name, ``sslmode=`` (the modes have the same names)."""
+    url = make_url(database_url).set(drivername="postgresql")
+    query = dict(url.query)
+    if "ssl" in query and "sslmode" not in query:
+        query["sslmode"] = query.pop("ssl")
+    return url.set(query=query).render_as_string(hide_password=False)
+
+
+def translate_sql(sql: str) -> str:
+    return _CAST.sub(r"\1", sql).replace("?", "%s")
+
+
+class _Conn:
+    """A psycopg connection speaking the SQL of ``SqlStore`` (SQLite's placeholders)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> psycopg.Cursor[Any]:
+        return self.conn.execute(translate_sql(sql), params)  # type: ignore[arg-type]
+
+
+class PgSecretStore(SqlStore):
+    """One writer connection behind a lock and one shared autocommit reader (psycopg
+    serialises its operations); both reconnect after the server restarts."""
+
+    def __init__(self, url: str, kek: Kek) -> None:
+        self.url = libpq_url(url)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._writer_conn: psycopg.Connection[Any] | None = None
+        self._reader_conn: psycopg.Connection[Any] | None = None
+        with self._transaction() as conn:
+            # CREATE … IF NOT EXISTS races between replicas starting together: the lock
+            # makes it one at a time.
+            for statement in filter(None, (s.strip() for s in _DDL.split(";"))):
+                conn.execute(statement)
+        self._sealer = Sealer(self._load_or_create_dek(kek))
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        # Autocommit: reads need no transaction, and writes open theirs explicitly.
+        return psycopg.connect(
+            self.url,
+            autocommit=True,
+            options=f"-c search_path={SCHEMA}",
+            connect_timeout=10,
+        )
+
+    def _reader(self) -> _Conn:
+        with self._read_lock:
+            conn = self._reader_conn
+            if conn is None or conn.closed or conn.broken:
+                conn = self._reader_conn = self._connect()
+        return _Conn(conn)
+
+    def close(self) -> None:
+        for conn in (self._writer_conn, self._reader_conn):
+            if conn is not None:
+                conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[_Conn]:
+        with self._write_lock:
+            conn = self._writer_conn
+            if conn is None or conn.closed or conn.broken:
+                conn = self._writer_conn = self._connect()
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+                yield _Conn(conn)
