@@ -147,3 +147,60 @@ def test_auth_and_per_tool_permissions(
     assert [p["id"] for p in payload(probes)] == [probe.probe_id]
     assert "fleet:command" in error_text(run)
     assert "approvals:decide" in error_text(decide)
+
+
+def test_run_command_waits_for_the_approval_and_its_result(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """With ``wait_for_approval_s`` the tool answers with the result once a human approves
+    over REST; a rejection comes back as such, with nothing run; ``get_command`` reads a
+    result later."""
+    probe = spawn_probe("mcp-w", max_level="remediate", policy="full-remediate")
+    pid = probe.probe_id
+    victims = [tmp_path / "approved", tmp_path / "rejected"]
+    for victim in victims:
+        victim.mkdir()
+
+    def decide(decision: str) -> None:
+        pending = wait_for(
+            lambda: admin.get("/api/v1/approvals", params={"status": "pending"}).json()
+        )
+        response = admin.post(
+            f"/api/v1/approvals/{pending[0]['id']}/decide",
+            json={"decision": decision, "reason": "checked"},
+        )
+        assert response.status_code == 200, response.text
+
+    async def run(session: ClientSession, victim: Path, decision: str) -> Any:
+        call = session.call_tool(
+            "run_command",
+            {
+                "probe_id": pid,
+                "command": f"rm -rf {victim} && echo gone",
+                "shell": True,
+                "wait_for_approval_s": 60,
+            },
+        )
+        _, result = await asyncio.gather(asyncio.to_thread(decide, decision), call)
+        return payload(result)
+
+    async def work(session: ClientSession) -> dict[str, Any]:
+        out = {"approved": await run(session, victims[0], "approve")}
+        out["rejected"] = await run(session, victims[1], "deny")
+        out["later"] = payload(
+            await session.call_tool("get_command", {"request_id": out["approved"]["request_id"]})
+        )
+        out["too_long"] = await session.call_tool(
+            "run_command", {"probe_id": pid, "command": "uptime", "wait_for_approval_s": 601}
+        )
+        return out
+
+    out = with_session(fleet_server, fleet_server.admin_key, work)
+    assert out["approved"]["status"] == "completed" and out["approved"]["stdout"] == "gone\n"
+    assert not victims[0].exists()
+    assert out["rejected"]["status"] == "denied" and out["rejected"]["reasons"] == ["checked"]
+    assert victims[1].exists()
+    assert out["later"] == {
+        key: value for key, value in out["approved"].items() if key != "approval_id"
+    }
+    assert "wait_for_approval_s" in error_text(out["too_long"])

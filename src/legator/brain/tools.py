@@ -6,7 +6,6 @@ command the approval queue dispatched (once); denials are returned to the model 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,6 @@ from legator.fleet.schemas import CommandRequest
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 
-FINISHED = {"completed", "failed", "timeout", "refused", "rejected", "error", "lost"}
 
 _STR = {"type": "string"}
 
@@ -183,14 +181,6 @@ class Toolbox:
             "error": row.error,
         }
 
-    async def _finished(self, request_id: str, timeout_s: float) -> Any:
-        deadline = time.monotonic() + timeout_s
-        row = await self.fleet.commands.get(request_id)
-        while row.status not in FINISHED and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            row = await self.fleet.commands.get(request_id)
-        return row
-
     async def _tool_run_command(self, arguments: dict[str, Any]) -> ToolOutcome:
         probe_id = self._probe(arguments)
         request = CommandRequest(
@@ -243,7 +233,7 @@ class Toolbox:
             error = (result.get("errors") or {}).get(probe_id, "not dispatched")
             record["error"] = error
             return ToolOutcome(f"approved, but it could not run: {error}", record)
-        row = await self._finished(request_id, request.timeout_s + 30)
+        row = await self.fleet.commands.wait_finished(request_id, request.timeout_s + 30)
         record["result"] = self._command_view(row)
         await self._emit("command_result", record)
         return ToolOutcome(json.dumps(record["result"]), record)
@@ -301,7 +291,9 @@ class Toolbox:
             record["approval"]["status"] = decided.status
             if decided.status == "dispatched":
                 for probe_id, request_id in (decided.result or {}).get("request_ids", {}).items():
-                    row = await self._finished(request_id, request.timeout_s + 30)
+                    row = await self.fleet.commands.wait_finished(
+                        request_id, request.timeout_s + 30
+                    )
                     results[probe_id] = self._command_view(row)
                 for probe_id, error in (decided.result or {}).get("errors", {}).items():
                     results[probe_id] = {"error": error}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from legator.core.audit.service import AuditFilter
@@ -26,6 +27,7 @@ from legator.fleet.approvals.schemas import ApprovalStatus
 from legator.fleet.schemas import CommandRequest
 
 MCP_PATH = "/mcp"
+MAX_APPROVAL_WAIT_S = 600
 
 
 class ToolDenied(ToolError):
@@ -38,6 +40,19 @@ def _principal(ctx: Context, permission: P) -> Principal:
     if not principal.can(permission):
         raise ToolDenied(f"this key lacks the permission {permission.value}")
     return principal
+
+
+def _command_view(row: Any) -> dict[str, Any]:
+    return {
+        "request_id": row.id,
+        "probe_id": row.probe_id,
+        "status": row.status,
+        "exit_code": row.exit_code,
+        "stdout": row.stdout,
+        "stderr": row.stderr,
+        "truncated": row.truncated,
+        "error": row.error,
+    }
 
 
 async def _call(coro: Any) -> Any:
@@ -80,13 +95,17 @@ def build_server(core: Core, state: Any) -> MCPServer:
         args: list[str] | None = None,
         shell: bool = False,
         reason: str = "",
+        wait_for_approval_s: Annotated[int, Field(ge=0, le=MAX_APPROVAL_WAIT_S)] = 0,
     ) -> dict[str, Any]:
-        """Run a command on a probe through the policy gate: the result when allowed, the
-        pending approval (id, rationale) when a human must decide, an error when refused."""
+        """Run a command on a probe through the policy gate: the result when allowed, an
+        error when refused. When a human must decide, wait up to ``wait_for_approval_s``
+        seconds for the decision (and the result, if approved); still undecided, the answer
+        is the pending approval (id, rationale), whose result ``get_command`` reads later."""
         principal, state = _caller(ctx, P.FLEET_COMMAND)
+        commands = state.fleet.commands
         request = CommandRequest(command=command, args=args or [], shell=shell)
         verdict, row = await _call(
-            state.fleet.commands.run(
+            commands.run(
                 principal=principal,
                 probe_id=probe_id,
                 request=request,
@@ -95,20 +114,27 @@ def build_server(core: Core, state: Any) -> MCPServer:
                 reason=reason[:500],
             )
         )
-        if row is None:
-            return {
-                "status": "pending_approval",
-                "approval_id": verdict.approval.id,
-                "rationale": verdict.rationale,
-            }
-        return {
-            "request_id": row.id,
-            "status": row.status,
-            "exit_code": row.exit_code,
-            "stdout": row.stdout,
-            "stderr": row.stderr,
-            "truncated": row.truncated,
-        }
+        if row is not None:
+            return _command_view(row)
+        approval = verdict.approval
+        pending = {"status": "pending_approval", "approval_id": approval.id}
+        decided = await commands.gate.approvals.wait(approval.id, wait_for_approval_s)
+        if decided.status in (ApprovalStatus.PENDING, ApprovalStatus.APPROVED):
+            return {**pending, "rationale": verdict.rationale}
+        result = decided.result or {}
+        request_id = (result.get("request_ids") or {}).get(probe_id)
+        if decided.status != ApprovalStatus.DISPATCHED or request_id is None:
+            reasons = [d.reason for d in decided.decisions if d.reason]
+            error = (result.get("errors") or {}).get(probe_id)
+            return {**pending, "status": decided.status, "reasons": reasons, "error": error}
+        finished = await commands.wait_finished(request_id, request.timeout_s + 30)
+        return {**_command_view(finished), "approval_id": approval.id}
+
+    @server.tool()
+    async def get_command(ctx: Context, request_id: str) -> dict[str, Any]:
+        """A command's status and result by its request id (e.g. one an approval ran)."""
+        _, state = _caller(ctx, P.FLEET_READ)
+        return _command_view(await _call(state.fleet.commands.get(request_id)))
 
     @server.tool()
     async def read_file(ctx: Context, probe_id: str, path: str) -> str:

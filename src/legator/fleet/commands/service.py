@@ -540,6 +540,16 @@ class CommandService:
             raise NotFound(f"no command with request id {request_id}")
         return row
 
+    async def wait_finished(self, request_id: str, timeout_s: float) -> Command:
+        """The command once it has finished, or as it stands after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self.events.subscribe("command.finished") as finished:
+            row = await self.get(request_id)
+            while row.status in ACTIVE and (remaining := deadline - time.monotonic()) > 0:
+                await finished.get(wait=min(remaining, 1.0))
+                row = await self.get(request_id)
+        return row
+
     async def pending(self) -> list[Command]:
         async with self.db.session() as session:
             rows = await session.scalars(
