@@ -227,13 +227,12 @@ class Toolbox:
             if decided.status == "cancelled":
                 text = f"nobody decided on approval {approval.id} in time; it was cancelled"
             return ToolOutcome(text + ". The command did not run.", record)
-        result = decided.result or {}
-        request_id = (result.get("request_ids") or {}).get(probe_id)
-        if request_id is None:
-            error = (result.get("errors") or {}).get(probe_id, "not dispatched")
+        row, error = await self.fleet.commands.approved_result(
+            decided, probe_id, request.timeout_s + 30
+        )
+        if row is None:
             record["error"] = error
             return ToolOutcome(f"approved, but it could not run: {error}", record)
-        row = await self.fleet.commands.wait_finished(request_id, request.timeout_s + 30)
         record["result"] = self._command_view(row)
         await self._emit("command_result", record)
         return ToolOutcome(json.dumps(record["result"]), record)

@@ -121,14 +121,13 @@ def build_server(core: Core, state: Any) -> MCPServer:
         decided = await commands.gate.approvals.wait(approval.id, wait_for_approval_s)
         if decided.status in (ApprovalStatus.PENDING, ApprovalStatus.APPROVED):
             return {**pending, "rationale": verdict.rationale}
-        result = decided.result or {}
-        request_id = (result.get("request_ids") or {}).get(probe_id)
-        if decided.status != ApprovalStatus.DISPATCHED or request_id is None:
-            reasons = [d.reason for d in decided.decisions if d.reason]
-            error = (result.get("errors") or {}).get(probe_id)
-            return {**pending, "status": decided.status, "reasons": reasons, "error": error}
-        finished = await commands.wait_finished(request_id, request.timeout_s + 30)
-        return {**_command_view(finished), "approval_id": approval.id}
+        reasons = [d.reason for d in decided.decisions if d.reason]
+        if decided.status != ApprovalStatus.DISPATCHED:
+            return {**pending, "status": decided.status, "reasons": reasons}
+        row, error = await commands.approved_result(decided, probe_id, request.timeout_s + 30)
+        if row is None:
+            return {**pending, "status": "error", "reasons": reasons, "error": error}
+        return {**_command_view(row), "approval_id": approval.id}
 
     @server.tool()
     async def get_command(ctx: Context, request_id: str) -> dict[str, Any]:

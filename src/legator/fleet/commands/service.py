@@ -3,8 +3,8 @@
 ``CommandService.run`` (one probe) and ``fan_out`` (a tag) put every request through the gate
 (classification, each target's policy and approval mode); an allowed request is executed at
 once, a queued one waits in the approval queue and is executed by ``_run_approved`` when
-approved. ``_record_and_send`` records the command and sends it signed; nothing else sends commands
-(a test walks the code to check).
+approved. ``_record_and_send`` records the command and sends it signed; nothing else sends
+commands (a test walks the code to check).
 """
 
 from __future__ import annotations
@@ -549,6 +549,17 @@ class CommandService:
                 await finished.get(wait=min(remaining, 1.0))
                 row = await self.get(request_id)
         return row
+
+    async def approved_result(
+        self, approval: ApprovalOut, probe_id: str, timeout_s: float
+    ) -> tuple[Command | None, str]:
+        """For a dispatched approval: the command it ran on ``probe_id`` once finished (or as
+        it stands after ``timeout_s``), else None and why it did not run there."""
+        result = approval.result or {}
+        request_id = (result.get("request_ids") or {}).get(probe_id)
+        if request_id is None:
+            return None, (result.get("errors") or {}).get(probe_id, "not dispatched")
+        return await self.wait_finished(request_id, timeout_s), ""
 
     async def pending(self) -> list[Command]:
         async with self.db.session() as session:
