@@ -161,6 +161,16 @@ async def test_usage_outside_the_window_is_forgotten() -> None:
     assert scheduler.usage.recent("u", 60) == 0
 
 
+async def test_usage_of_a_model_that_never_queues_stays_bounded() -> None:
+    # Nothing ever asks for `recent` here; adding alone must forget what left the window.
+    scheduler, _, clock = make_pool(window_minutes=1)
+    for _ in range(1_000):
+        scheduler.usage.add("u", 10)
+        clock.advance(1)
+    assert len(scheduler.usage._events["u"]) <= 61
+    assert scheduler.usage.recent("u", 60) <= 610
+
+
 async def test_a_freed_slot_cannot_be_taken_by_a_newcomer() -> None:
     _, pool, _ = make_pool()
     holder = await pool.acquire("x")

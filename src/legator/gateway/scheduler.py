@@ -73,25 +73,34 @@ class LoopClock:
 
 
 class UsageWindow:
-    """Each user's tokens over the last ``window`` seconds (a per-user deque of (t, tokens))."""
+    """Each user's tokens over the last ``window_s()`` seconds (a per-user deque of (t, tokens)).
 
-    def __init__(self, clock: Clock) -> None:
+    Adding prunes that user's expired entries too, so a model that never queues (and so never
+    asks for ``recent``) does not keep an hour of requests in memory.
+    """
+
+    def __init__(self, clock: Clock, window_s: Callable[[], float] = lambda: 3600.0) -> None:
         self.clock = clock
+        self.window_s = window_s
         self._events: dict[str, deque[tuple[float, int]]] = {}
         self._totals: dict[str, int] = {}
 
     def add(self, user: str, tokens: int, at: float | None = None) -> None:
         if tokens <= 0:
             return
-        self._events.setdefault(user, deque()).append(
-            (self.clock.now() if at is None else at, tokens)
-        )
+        events = self._events.setdefault(user, deque())
+        events.append((self.clock.now() if at is None else at, tokens))
         self._totals[user] = self._totals.get(user, 0) + tokens
+        self._expire(user, events, self.window_s())
 
     def recent(self, user: str, window_s: float) -> int:
         events = self._events.get(user)
         if not events:
             return 0
+        self._expire(user, events, window_s)
+        return self._totals.get(user, 0)
+
+    def _expire(self, user: str, events: deque[tuple[float, int]], window_s: float) -> None:
         horizon = self.clock.now() - window_s
         while events and events[0][0] < horizon:
             _, tokens = events.popleft()
@@ -99,8 +108,6 @@ class UsageWindow:
         if not events:
             del self._events[user]
             self._totals.pop(user, None)
-            return 0
-        return self._totals[user]
 
 
 def priority(config: SchedulerConfig, wait_s: float, recent_tokens: int) -> float:
@@ -288,7 +295,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None, clock: Clock | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.clock = clock or LoopClock()
-        self.usage = UsageWindow(self.clock)
+        self.usage = UsageWindow(self.clock, lambda: self.config.window_minutes * 60)
         self.pools: dict[str, SlotPool] = {}
 
     def pool(self, model: str, parallel: int) -> SlotPool:
