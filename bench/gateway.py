@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.common import Server, console, free_port, percentile, report
 
 DURATION_S = 8
 STREAM_CHUNKS = 32  # a stream's length unless the request's max_tokens says otherwise
-LONG_STREAMS = (256, 1024)  # throughput is also measured at these lengths
-MAX_CHUNKS = max(LONG_STREAMS)
+STREAM_LENGTHS = (32, 64, 128, 256, 1024)  # streaming throughput is measured at each
+MAX_CHUNKS = max(STREAM_LENGTHS)
 LITELLM_VENV = Path.home() / ".cache" / "legator-bench" / "litellm-venv"
 PROMPT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": STREAM_CHUNKS}
 
@@ -123,11 +124,48 @@ async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
 
-def serve_upstream(port: int) -> None:
+# ----- the floor: a bare relay (uvicorn + aiohttp, nothing else) ------------------------------
+# What any proxy on this stack pays before doing its own work (authentication, admission,
+# accounting, headers, metrics): the gateway's streaming figures are read against it.
+
+_relay: dict[str, Any] = {}
+
+
+async def bare_relay_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    import aiohttp
+
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if "session" not in _relay:
+        connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0)
+        _relay["session"] = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    url = os.environ["BARE_RELAY_UPSTREAM"] + scope["path"]
+    headers = {"content-type": "application/json"}
+    async with _relay["session"].post(url, data=body, headers=headers) as response:
+        content_type = response.headers.get("content-type", "application/json").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [(b"content-type", content_type)],
+            }
+        )
+        async for chunk in response.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def serve(app_name: str, port: int) -> None:
     import uvicorn
 
     uvicorn.run(
-        upstream_app,
+        f"bench.gateway:{app_name}",
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -136,6 +174,10 @@ def serve_upstream(port: int) -> None:
         loop="uvloop",
         backlog=4096,
     )
+
+
+def serve_command(app_name: str, port: int) -> list[str]:
+    return [sys.executable, "-c", f"from bench.gateway import serve; serve({app_name!r}, {port})"]
 
 
 @contextmanager
@@ -184,6 +226,11 @@ def litellm_binary() -> Path:
 # ----- load generators -----------------------------------------------------------------------
 
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def wrk_post(
@@ -379,20 +426,19 @@ def main() -> None:
         raise SystemExit("wrk is not installed: run `make system-deps` (as root) first")
     litellm = litellm_binary()
     work = Path(tempfile.mkdtemp(prefix="legator-bench-gw-"))
-    up_port, lite_port = free_port(), free_port()
+    up_port, lite_port, relay_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
-    up_cmd = [
-        sys.executable,
-        "-c",
-        f"from bench.gateway import serve_upstream; serve_upstream({up_port})",
-    ]
+    up_cmd = serve_command("upstream_app", up_port)
+    relay_cmd = serve_command("bare_relay_app", relay_port)
     lite_cmd = [str(litellm), "--config", str(litellm_config(upstream, work))]
     lite_cmd += ["--host", "127.0.0.1", "--port", str(lite_port), "--num_workers", "1"]
     lite_key = "sk-" + secrets.token_hex(32)  # LiteLLM also authenticates every request
+    relay = f"http://127.0.0.1:{relay_port}"
     with (
-        process(up_cmd, upstream + "/"),
+        process(up_cmd, upstream + "/") as upstream_proc,
+        process(relay_cmd, relay + "/", BARE_RELAY_UPSTREAM=upstream) as relay_proc,
         Server(env={"LEGATOR_LOG_LEVEL": "warning"}) as server,
         process(
             lite_cmd,
@@ -419,25 +465,30 @@ def main() -> None:
                 )
                 rows.append({"case": f"{name} non-stream", "concurrency": connections, **result})
                 console.print(rows[-1])
-        for name, (url, key, model) in systems.items():
-            body = {**PROMPT, "model": model, "stream": True}
-            stream_wrk = wrk_post(url, body, connections=64, duration_s=DURATION_S, key=key)
-            timing = asyncio.run(streams(url, body, key, concurrency=64, total=640))
-            extra[f"{name}_stream"] = {
-                **timing,
-                "wrk_chunks_per_s": stream_wrk["rps"] * STREAM_CHUNKS,
-                "wrk_errors": stream_wrk["errors"],
-            }
-            console.print(name, extra[f"{name}_stream"])
-        for chunks in LONG_STREAMS:
-            for name, (url, key, model) in systems.items():
+        # Streaming throughput, with the bare relay as the floor of any proxy on this stack and
+        # the CPU each process spent per stream.
+        assert server.proc is not None
+        pids = {"legator": server.proc.pid, "bare relay": relay_proc.pid}
+        streaming = {**systems, "bare relay": (relay + "/v1/chat/completions", "unused", "bench")}
+        for chunks in STREAM_LENGTHS:
+            for name, (url, key, model) in streaming.items():
                 body = {**PROMPT, "model": model, "stream": True, "max_tokens": chunks}
+                before = {n: cpu_seconds(pid) for n, pid in pids.items()}
+                before["upstream"] = cpu_seconds(upstream_proc.pid)
                 result = wrk_post(url, body, connections=64, duration_s=DURATION_S, key=key)
-                extra[f"{name}_stream_{chunks}"] = {
-                    "wrk_chunks_per_s": result["rps"] * chunks,
-                    "wrk_errors": result["errors"],
-                }
-                console.print(name, chunks, "chunks per stream", extra[f"{name}_stream_{chunks}"])
+                streams_done = max(1.0, result["rps"] * DURATION_S)
+                entry = {"wrk_chunks_per_s": result["rps"] * chunks, "wrk_errors": result["errors"]}
+                for process_name in (*(n for n in pids if n == name), "upstream"):
+                    pid = pids.get(process_name, upstream_proc.pid)
+                    spent = cpu_seconds(pid) - before[process_name]
+                    entry[f"{process_name}_cpu_ms_per_stream"] = spent / streams_done * 1000
+                if chunks == STREAM_CHUNKS and name in systems:
+                    entry.update(asyncio.run(streams(url, body, key, concurrency=64, total=640)))
+                key_name = f"{name.replace(' ', '_')}_stream" + (
+                    "" if chunks == STREAM_CHUNKS else f"_{chunks}"
+                )
+                extra[key_name] = entry
+                console.print(name, chunks, "chunks per stream", entry)
         for name, (url, key, _model) in systems.items():
             body = {**PROMPT, "model": "bench-paced", "stream": True}
             result = asyncio.run(streams(url, body, key, concurrency=1000, total=1000))
@@ -462,14 +513,13 @@ def main() -> None:
             extra[f"{name}_added_p99_ms_c{c}"] = (
                 by[(name, c)]["p99_ms"] - by[("direct", c)]["p99_ms"]
             )
-    extra["stream_throughput_vs_direct"] = (
-        extra["legator_stream"]["wrk_chunks_per_s"] / extra["direct_stream"]["wrk_chunks_per_s"]
-    )
-    for chunks in LONG_STREAMS:
-        extra[f"stream_throughput_vs_direct_{chunks}"] = (
-            extra[f"legator_stream_{chunks}"]["wrk_chunks_per_s"]
-            / extra[f"direct_stream_{chunks}"]["wrk_chunks_per_s"]
-        )
+    for chunks in STREAM_LENGTHS:
+        tail = "" if chunks == STREAM_CHUNKS else f"_{chunks}"
+        direct = extra[f"direct_stream{tail}"]["wrk_chunks_per_s"]
+        for name in ("legator", "bare_relay"):
+            ratio = extra[f"{name}_stream{tail}"]["wrk_chunks_per_s"] / direct
+            prefix = "" if name == "legator" else "bare_relay_"
+            extra[f"{prefix}stream_throughput_vs_direct{tail}"] = ratio
     report(
         "gateway",
         "Gateway: direct vs Legator vs LiteLLM (same upstream, one run)",
