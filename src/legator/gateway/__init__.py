@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
+from legator.core.http.direct import serve_directly
 from legator.core.runtime import Core
 from legator.gateway.anthropic_api import router as anthropic_router
 from legator.gateway.errors import anthropic_formatter, openai_formatter
@@ -21,6 +23,10 @@ def install_gateway(app: FastAPI, core: Core) -> Gateway:
     app.include_router(anthropic_router)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    # The inference calls are the hot path: served without FastAPI's per-request machinery.
+    for route in (*openai_router.routes, *anthropic_router.routes):
+        if isinstance(route, APIRoute) and route.methods == {"POST"}:
+            serve_directly(app, route)
     core.startup_hooks.append(gateway.start)
     core.shutdown_hooks.append(gateway.stop)
     return gateway

@@ -6,12 +6,13 @@ Usage is read from the upstream's own ``usage`` (we ask for it in streams with
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from legator.gateway.errors import UpstreamError
@@ -146,6 +147,7 @@ class StreamState:
         self.chunks = 0
         self.done = False
         self.error: str | None = None
+        self.client_gone = False
 
     def take_usage(self, data: Any) -> None:
         usage = data.get("usage") if isinstance(data, dict) else None
@@ -155,9 +157,9 @@ class StreamState:
 
     @property
     def status(self) -> int:
-        if self.error:
-            return 502
-        return 200 if self.done else 499  # 499: the client went away mid-stream
+        if self.client_gone or not (self.done or self.error):
+            return 499  # the client went away mid-stream
+        return 502 if self.error else 200
 
     @property
     def billed_output(self) -> int:
@@ -202,33 +204,58 @@ async def openai_events(
         yield b"data: " + json.dumps(error).encode() + b"\n\n" + DONE + b"\n\n"
 
 
-class RelayResponse(StreamingResponse):
-    """A stream that, however it ends (finished, failed, client gone), closes the upstream
-    response and runs ``on_close`` exactly once: that releases the slot and bills usage."""
+_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class RelayResponse(Response):
+    """Relays ``content`` as it comes. However the stream ends (finished, failed, client gone)
+    it closes the upstream response and runs ``on_close`` exactly once: that releases the slot
+    and bills usage.
+
+    Plain ASGI rather than Starlette's StreamingResponse: one task watches for the client
+    leaving (and then closes the upstream, which ends the relay) instead of an anyio task
+    group per stream.
+    """
 
     def __init__(
         self,
         content: AsyncIterator[bytes],
         upstream: aiohttp.ClientResponse,
+        state: StreamState,
         on_close: Callable[[], None],
     ) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = list(_STREAM_HEADERS)
+        self.content = content
         self.upstream = upstream
+        self.state = state
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(self._watch(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.content:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
         finally:
+            watcher.cancel()
             try:
                 # Back to the pool when the body was read to its end, else closed.
                 self.upstream.release()
             finally:
                 self.on_close()
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.state.client_gone = True
+        self.upstream.close()
 
 
 def stream_response(
@@ -240,4 +267,4 @@ def stream_response(
     def close() -> None:
         adm.finish(state.status, state.input_tokens, state.billed_output)
 
-    return RelayResponse(content, upstream, close)
+    return RelayResponse(content, upstream, state, close)

@@ -20,6 +20,7 @@ from legator.core.auth.router import router as auth_router
 from legator.core.auth.service import InitialCredentials
 from legator.core.db.migrate import upgrade
 from legator.core.events.router import router as events_router
+from legator.core.http.direct import DirectRoutes
 from legator.core.http.errors import install_error_handlers
 from legator.core.http.middleware import RequestContextMiddleware
 from legator.core.http.system_router import router as system_router
@@ -91,6 +92,10 @@ def create_core_app(
     )
     app.state.core = core
     install_error_handlers(app)
+    app.state.direct_routes = {}
+    # Added first, so it sits inside the request-context middleware: direct routes still get
+    # the request id, security headers, body limit, metrics and access log.
+    app.add_middleware(DirectRoutes, routes=app.state.direct_routes)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=core.metrics,
