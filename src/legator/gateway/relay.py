@@ -101,9 +101,9 @@ async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohtt
     return response
 
 
-async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-    """The server-sent events (without the blank line ending each) completed by each read from
-    the upstream, as soon as that read arrives: events that came in together leave together.
+async def sse_blocks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The server-sent events completed by each read from the upstream, as one block ending
+    in a blank line, as soon as that read arrives: events that came in together leave together.
 
     Hand-written: an SSE client library would re-encode the events we pass through unchanged.
     """
@@ -112,13 +112,20 @@ async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[by
         buffer += chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        events = buffer.split(b"\n\n")
-        buffer = events.pop()
-        batch = [event for event in events if event]
+        end = buffer.rfind(b"\n\n")
+        if end >= 0:
+            yield buffer[: end + 2]
+            buffer = buffer[end + 2 :]
+    if buffer.strip():
+        yield buffer.strip() + b"\n\n"
+
+
+async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """Like ``sse_blocks``, split into events (without the blank line ending each)."""
+    async for block in sse_blocks(response):
+        batch = [event for event in block.split(b"\n\n") if event]
         if batch:
             yield batch
-    if buffer.strip():
-        yield [buffer.strip()]
 
 
 def event_json(event: bytes) -> Any:
@@ -132,6 +139,12 @@ def event_json(event: bytes) -> Any:
             except ValueError:
                 return None
     return None
+
+
+def may_have_usage(block: bytes) -> bool:
+    """Whether any event in ``block`` has a ``usage`` that is not null."""
+    named = block.count(b'"usage"')
+    return named > 0 and named > block.count(b'"usage":null') + block.count(b'"usage": null')
 
 
 def has_usage(event: bytes) -> bool:
@@ -174,9 +187,16 @@ async def openai_events(
 ) -> AsyncIterator[bytes]:
     """The upstream's events, untouched, minus the usage-only chunk the client did not ask for."""
     try:
-        async for batch in sse_batches(response):
+        async for block in sse_blocks(response):
+            if DONE not in block and not may_have_usage(block):
+                # Most reads carry content deltas only: they leave as they came, in one write.
+                state.chunks += block.count(b"\n\n")
+                yield block
+                continue
             out = bytearray()
-            for event in batch:
+            for event in block.split(b"\n\n"):
+                if not event:
+                    continue
                 if event.startswith(DONE):
                     state.done = True
                     out += DONE + b"\n\n"

@@ -1,0 +1,84 @@
+"""The stream relay, wherever the upstream's reads happen to split its events."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from legator.gateway.relay import StreamState, openai_events
+
+
+def _event(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+DELTAS = [
+    _event({"choices": [{"index": 0, "delta": {"content": f"w{i}"}}], "usage": None})
+    for i in range(5)
+]
+USAGE = _event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}})
+STREAM = b"".join(DELTAS) + USAGE + _event("[DONE]")
+
+
+class _Reads:
+    """An aiohttp response whose body arrives in the given pieces."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.content = SimpleNamespace(iter_any=lambda: self._pieces(pieces))
+
+    @staticmethod
+    async def _pieces(pieces: list[bytes]) -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+
+def _relay(pieces: list[bytes], *, wants_usage: bool) -> tuple[bytes, StreamState]:
+    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"))
+    state = StreamState()
+
+    async def run() -> bytes:
+        out = b""
+        async for block in openai_events(adm, _Reads(pieces), state, wants_usage):  # type: ignore[arg-type]
+            out += block
+        return out
+
+    return asyncio.run(run()), state
+
+
+@st.composite
+def splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.sets(st.integers(1, len(data) - 1), max_size=12)))
+    bounds = [0, *cuts, len(data)]
+    crlf = draw(st.booleans())
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    return [p.replace(b"\n", b"\r\n") for p in pieces] if crlf else pieces
+
+
+@settings(max_examples=200, deadline=None)
+@given(splits(STREAM))
+def test_events_pass_unchanged_and_usage_is_read_however_reads_split(pieces: list[bytes]) -> None:
+    relayed, state = _relay(pieces, wants_usage=False)
+    assert relayed == b"".join(DELTAS) + _event("[DONE]")  # the injected usage chunk is gone
+    assert (state.input_tokens, state.output_tokens, state.chunks) == (7, 5, 5)
+    assert state.done and state.status == 200
+
+    relayed, state = _relay(pieces, wants_usage=True)
+    assert relayed == STREAM.replace(b"\r\n", b"\n")
+    assert state.output_tokens == 5
+
+
+def test_a_stream_cut_short_ends_with_an_error_event_and_done() -> None:
+    relayed, state = _relay([DELTAS[0], DELTAS[1][:10]], wants_usage=False)
+    assert relayed.startswith(DELTAS[0])
+    error = json.loads(relayed.split(b"\n\n")[-3][len(b"data: ") :])
+    assert "ended the stream early" in error["error"]["message"]
+    assert relayed.endswith(_event("[DONE]"))
+    assert state.status == 502
