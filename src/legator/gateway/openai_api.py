@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
@@ -15,7 +15,7 @@ from legator.core.http.deps import require
 from legator.gateway.errors import UpstreamError
 from legator.gateway.relay import (
     StreamState,
-    call_json,
+    call_upstream,
     open_stream,
     openai_events,
     stream_response,
@@ -103,10 +103,10 @@ async def relay_openai(
 async def _one_shot(adm: Admission, path: str, body: dict[str, Any]) -> Response:
     status, tokens_in, tokens_out = 499, 0, 0
     try:
-        data = await call_json(adm, path, body)
+        data, raw = await call_upstream(adm, path, body)
         tokens_in, tokens_out = _usage_of(data)
         status = 200
-        return JSONResponse(data)
+        return Response(raw, media_type="application/json")
     except UpstreamError as exc:
         status = exc.status
         raise

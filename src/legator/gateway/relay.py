@@ -62,6 +62,15 @@ def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
 
 
 async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    data, _raw = await call_upstream(adm, path, body)
+    return data
+
+
+async def call_upstream(
+    adm: Admission, path: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], bytes]:
+    """The backend's JSON answer, parsed (to check it and read its usage) and as it came (to
+    pass on without encoding it again: an embeddings answer can be megabytes)."""
     registry = adm.gateway.backends
     try:
         async with await registry.post(adm.backend, path, upstream_body(adm, body)) as response:
@@ -78,7 +87,7 @@ async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str
         ) from None
     if not isinstance(data, dict):
         raise UpstreamError(f"model {adm.model.id!r} backend sent an unexpected body")
-    return data
+    return data, raw
 
 
 async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
