@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psutil
 
@@ -94,16 +95,19 @@ _COMPLETION = json.dumps(
 ).encode()
 
 
-async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] != "http":
-        return
+async def read_body(receive: Any) -> bytes:
     body = b""
     while True:
         message = await receive()
         body += message.get("body", b"")
         if not message.get("more_body"):
-            break
-    request = json.loads(body or b"{}")
+            return body
+
+
+async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    request = json.loads(await read_body(receive) or b"{}")
     pace = float(request.get("model", "").partition("@")[2] or 0)  # "name@seconds"
     if not request.get("stream"):
         if pace:
@@ -134,14 +138,7 @@ _relay: dict[str, Any] = {}
 async def bare_relay_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
-    import aiohttp
-
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     if "session" not in _relay:
         connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0)
         _relay["session"] = aiohttp.ClientSession(connector=connector, auto_decompress=False)
