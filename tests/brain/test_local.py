@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from legator.brain.local import LocalProvider
+from legator.brain.providers import ProviderError
 from tests.fleet.e2e.conftest import ProbeProcess, wait_for
 from tests.gateway.conftest import register
 from tests.gateway.llama_server import llama_server
+from tests.gateway.scripted_upstream import ScriptedUpstream
 from tests.support import LiveServer, live_server
 
 pytestmark = pytest.mark.slow
@@ -65,3 +69,58 @@ def test_probe_chat_through_the_local_gateway_model(
             assert usage["by_user"][0]["input_tokens"] == body["usage"]["input_tokens"]
         finally:
             probe.stop()
+
+
+# ----- the provider itself, against the gateway's scripted upstream --------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedUpstream]:
+    server = ScriptedUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def scripted_gateway(tmp_path: Path, upstream: ScriptedUpstream) -> Iterator[LiveServer]:
+    with live_server(tmp_path / "data") as server, server.client(server.admin_key) as api:
+        for mode in ("echo", "tools", "die"):
+            register(api, mode, upstream.url, upstream_model=mode)
+        yield server
+
+
+def _turn(server: LiveServer, model: str, tools: list[dict[str, Any]] | None = None) -> Any:
+    provider = LocalProvider(server.app.state.gateway, model, max_tokens=64)  # type: ignore[union-attr]
+    tokens: list[str] = []
+
+    async def on_token(text: str) -> None:
+        tokens.append(text)
+
+    messages = [{"role": "user", "content": "one two three"}]
+    return server.call(provider.turn("be brief", messages, tools or [], on_token)), tokens
+
+
+def test_the_local_provider_streams_tokens_as_the_model_produces_them(
+    scripted_gateway: LiveServer,
+) -> None:
+    turn, tokens = _turn(scripted_gateway, "echo")
+    assert turn.text == "echo: one two three"
+    assert len(tokens) > 1 and "".join(tokens) == turn.text  # token by token, not at the end
+    assert turn.output_tokens == 4 and turn.input_tokens > 0  # the upstream's own usage
+    assert scripted_gateway.app.state.gateway.scheduler.pools["echo"].in_use == 0  # type: ignore[union-attr]
+
+
+def test_the_local_provider_assembles_streamed_tool_calls(scripted_gateway: LiveServer) -> None:
+    weather = {"name": "weather", "description": "the weather", "parameters": {"type": "object"}}
+    turn, _tokens = _turn(scripted_gateway, "tools", [weather])
+    assert [(c.id, c.name, c.arguments) for c in turn.tool_calls] == [
+        ("call_1", "weather", {"city": "Paris"})
+    ]
+
+
+def test_a_stream_that_dies_is_a_provider_error_and_frees_the_slot(
+    scripted_gateway: LiveServer,
+) -> None:
+    with pytest.raises(ProviderError, match="stream"):
+        _turn(scripted_gateway, "die")
+    assert scripted_gateway.app.state.gateway.scheduler.pools["die"].in_use == 0  # type: ignore[union-attr]

@@ -10,16 +10,23 @@ from typing import Any
 from starlette.requests import Request
 
 from legator.brain.providers import (
+    ChatChunkReader,
     OnToken,
     OpenAIProvider,
     ProviderError,
-    ToolCall,
     Turn,
-    parse_arguments,
 )
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import AppError
+from legator.gateway.relay import (
+    DONE,
+    UPSTREAM_ERRORS,
+    StreamState,
+    event_json,
+    open_stream,
+    sse_batches,
+)
 
 SERVICE = Principal(
     user_id=None,
@@ -55,46 +62,57 @@ class LocalProvider:
         tools: list[dict[str, Any]],
         on_token: OnToken | None = None,
     ) -> Turn:
-        from legator.gateway.relay import call_json
-
         body: dict[str, Any] = {
             "model": self.model,
             "messages": OpenAIProvider.wire_messages(system, messages),
-            "stream": False,
             "max_tokens": self.max_tokens,
         }
         if tools:
             body["tools"] = OpenAIProvider.wire_tools(tools)
         try:
             adm = await self.gateway.admit(
-                SERVICE, self.model, _internal_request(), endpoint="chat", stream=False
+                SERVICE, self.model, _internal_request(), endpoint="chat", stream=True
             )
         except AppError as exc:
             raise ProviderError(f"local provider (gateway) refused: {exc.message}") from exc
-        status, tokens_in, tokens_out = 499, 0, 0
+        result = Turn()
+
+        async def emit(text: str) -> None:
+            result.text += text
+            if on_token is not None:
+                await on_token(text)
+
+        reader = ChatChunkReader(result, emit)
+        stream = StreamState()  # the gateway's own accounting of a stream
+        status = 499
         try:
-            data = await call_json(adm, "/chat/completions", body)
-            usage = data.get("usage") or {}
-            tokens_in = int(usage.get("prompt_tokens") or 0)
-            tokens_out = int(usage.get("completion_tokens") or 0)
+            upstream = await open_stream(adm, "/chat/completions", body)
+            try:
+                async for batch in sse_batches(upstream):
+                    for event in batch:
+                        stream.done = stream.done or event.startswith(DONE)
+                        data = event_json(event)
+                        if isinstance(data, dict):
+                            stream.take_usage(data)
+                            stream.chunks += 1
+                            await reader.feed(data)
+            finally:
+                upstream.release()
+            if not stream.done:
+                status = 502
+                raise ProviderError("local provider (gateway): the model's stream ended early")
             status = 200
         except AppError as exc:
             status = getattr(exc, "status", 502)
             raise ProviderError(f"local provider (gateway) failed: {exc.message}") from exc
+        except UPSTREAM_ERRORS as exc:
+            status = 502
+            raise ProviderError(
+                f"local provider (gateway): the model's stream failed: {type(exc).__name__}"
+            ) from exc
         finally:
-            adm.finish(status, tokens_in, tokens_out)
-        message = ((data.get("choices") or [{}])[0]).get("message") or {}
-        turn = Turn(text=message.get("content") or "", input_tokens=tokens_in)
-        turn.output_tokens = tokens_out
-        for index, call in enumerate(message.get("tool_calls") or []):
-            function = call.get("function") or {}
-            turn.tool_calls.append(
-                ToolCall(
-                    call.get("id") or f"call_{index}",
-                    function.get("name") or "",
-                    parse_arguments(function.get("arguments")),
-                )
-            )
-        if turn.text and on_token is not None:
-            await on_token(turn.text)
-        return turn
+            adm.finish(status, stream.input_tokens, stream.billed_output)
+        reader.finish()
+        # A backend that reports no usage in streams is billed by chunks, as the gateway does.
+        result.input_tokens, result.output_tokens = stream.input_tokens, stream.billed_output
+        return result

@@ -195,30 +195,50 @@ class OpenAIProvider(_SdkProvider):
         return request
 
     async def stream(self, request: dict[str, Any], result: Turn, emit: OnToken) -> None:
-        calls: dict[int, dict[str, str]] = {}
+        reader = ChatChunkReader(result, emit)
         async for chunk in await self.client.chat.completions.create(**request):
-            if chunk.usage is not None:
-                result.input_tokens = chunk.usage.prompt_tokens or 0
-                result.output_tokens = chunk.usage.completion_tokens or 0
-            if not chunk.choices:
-                continue
-            delta = chunk.choices[0].delta
-            if delta.content:
-                await emit(delta.content)
-            for part in delta.tool_calls or []:
-                slot = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
-                if part.id:
-                    slot["id"] = part.id
-                if part.function is not None:
-                    slot["name"] += part.function.name or ""
-                    slot["arguments"] += part.function.arguments or ""
-        result.tool_calls = [
+            await reader.feed(chunk.model_dump())
+        reader.finish()
+
+
+class ChatChunkReader:
+    """Builds a ``Turn`` from OpenAI chat-completion chunks (as JSON objects): text emitted as
+    it comes, tool calls assembled from their fragments, usage from the chunk that has it."""
+
+    def __init__(self, result: Turn, emit: OnToken) -> None:
+        self.result = result
+        self.emit = emit
+        self.calls: dict[int, dict[str, str]] = {}
+
+    async def feed(self, chunk: dict[str, Any]) -> None:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.result.input_tokens = int(usage.get("prompt_tokens") or 0)
+            self.result.output_tokens = int(usage.get("completion_tokens") or 0)
+        choices = chunk.get("choices") or []
+        delta = choices[0].get("delta") if choices and isinstance(choices[0], dict) else None
+        if not isinstance(delta, dict):
+            return
+        if delta.get("content"):
+            await self.emit(str(delta["content"]))
+        for part in delta.get("tool_calls") or []:
+            slot = self.calls.setdefault(
+                int(part.get("index") or 0), {"id": "", "name": "", "arguments": ""}
+            )
+            if part.get("id"):
+                slot["id"] = str(part["id"])
+            function = part.get("function") or {}
+            slot["name"] += function.get("name") or ""
+            slot["arguments"] += function.get("arguments") or ""
+
+    def finish(self) -> None:
+        self.result.tool_calls = [
             ToolCall(
                 id=slot["id"] or f"call_{index}",
                 name=slot["name"],
                 arguments=parse_arguments(slot["arguments"]),
             )
-            for index, slot in sorted(calls.items())
+            for index, slot in sorted(self.calls.items())
         ]
 
 
