@@ -288,6 +288,10 @@ class ClusterLink:
         for listener in list(self._listeners):
             if listener.sub is None:
                 await listener.attach(nc)
+        # "Joined" means the server has our subscriptions: a broadcast another replica sends
+        # right after must reach us (a PING/PONG round trip orders it after them).
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
         self._set_up(True)
         log.info("joined the cluster bus", nats=self.safe_url, replica=self.replica_id)
         if not first.done():
