@@ -22,7 +22,6 @@ from legator.core.errors import AppError
 from legator.gateway.relay import (
     DONE,
     UPSTREAM_ERRORS,
-    StreamState,
     event_json,
     open_stream,
     sse_batches,
@@ -83,22 +82,20 @@ class LocalProvider:
                 await on_token(text)
 
         reader = ChatChunkReader(result, emit)
-        stream = StreamState()  # the gateway's own accounting of a stream
-        status = 499
+        status, done, chunks = 499, False, 0
         try:
             upstream = await open_stream(adm, "/chat/completions", body)
             try:
                 async for batch in sse_batches(upstream):
                     for event in batch:
-                        stream.done = stream.done or event.startswith(DONE)
+                        done = done or event.startswith(DONE)
                         data = event_json(event)
                         if isinstance(data, dict):
-                            stream.take_usage(data)
-                            stream.chunks += 1
+                            chunks += 1
                             await reader.feed(data)
             finally:
                 upstream.release()
-            if not stream.done:
+            if not done:
                 status = 502
                 raise ProviderError("local provider (gateway): the model's stream ended early")
             status = 200
@@ -111,8 +108,9 @@ class LocalProvider:
                 f"local provider (gateway): the model's stream failed: {type(exc).__name__}"
             ) from exc
         finally:
-            adm.finish(status, stream.input_tokens, stream.billed_output)
+            # A backend that reports no usage in streams is billed by chunks, as the gateway
+            # bills any stream.
+            result.output_tokens = result.output_tokens or chunks
+            adm.finish(status, result.input_tokens, result.output_tokens)
         reader.finish()
-        # A backend that reports no usage in streams is billed by chunks, as the gateway does.
-        result.input_tokens, result.output_tokens = stream.input_tokens, stream.billed_output
         return result
