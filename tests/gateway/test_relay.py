@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from legator.gateway.relay import StreamState, openai_events
+from legator.gateway.relay import StreamState, openai_events, special_start
 
 
 def _event(data: dict[str, Any] | str) -> bytes:
@@ -73,6 +73,19 @@ def test_events_pass_unchanged_and_usage_is_read_however_reads_split(pieces: lis
     relayed, state = _relay(pieces, wants_usage=True)
     assert relayed == STREAM.replace(b"\r\n", b"\n")
     assert state.output_tokens == 5
+
+
+def test_only_the_tail_from_the_first_event_that_may_end_or_bill_is_looked_into() -> None:
+    quoting = _event({"choices": [{"index": 0, "delta": {"content": "data: [DONE] ends it"}}]})
+    block = DELTAS[0] + quoting + DELTAS[1] + USAGE + _event("[DONE]")
+    assert special_start(DELTAS[0] + DELTAS[1]) == -1  # "usage": null bills nothing
+    assert special_start(DELTAS[0] + USAGE) == len(DELTAS[0])
+    assert special_start(USAGE + DELTAS[0]) == 0
+    assert special_start(block) == len(DELTAS[0])  # a delta quoting [DONE] is looked into
+
+    relayed, state = _relay([block], wants_usage=False)
+    assert relayed == DELTAS[0] + quoting + DELTAS[1] + _event("[DONE]")
+    assert (state.chunks, state.output_tokens, state.done) == (3, 5, True)
 
 
 def test_a_stream_cut_short_ends_with_an_error_event_and_done() -> None:

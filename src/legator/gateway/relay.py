@@ -19,6 +19,7 @@ from legator.gateway.errors import UpstreamError
 from legator.gateway.service import Admission
 
 DONE = b"data: [DONE]"
+USAGE = b'"usage"'
 # What a failing upstream connection raises in aiohttp.
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
@@ -150,10 +151,20 @@ def event_json(event: bytes) -> Any:
     return None
 
 
-def may_have_usage(block: bytes) -> bool:
-    """Whether any event in ``block`` has a ``usage`` that is not null."""
-    named = block.count(b'"usage"')
-    return named > 0 and named > block.count(b'"usage":null') + block.count(b'"usage": null')
+def special_start(block: bytes) -> int:
+    """Where the first event of ``block`` that may end the stream or carry a usage that is not
+    null begins, or -1. The events before it are content deltas, passed on as they came."""
+    cut = block.find(DONE)
+    at = block.find(USAGE)
+    while at >= 0 and (cut < 0 or at < cut):
+        if not block[at + len(USAGE) : at + len(USAGE) + 8].lstrip(b": ").startswith(b"null"):
+            cut = at
+            break
+        at = block.find(USAGE, at + len(USAGE))
+    if cut < 0:
+        return -1
+    end = block.rfind(b"\n\n", 0, cut)
+    return 0 if end < 0 else end + 2
 
 
 def has_usage(event: bytes) -> bool:
@@ -197,13 +208,16 @@ async def openai_events(
     """The upstream's events, untouched, minus the usage-only chunk the client did not ask for."""
     try:
         async for block in sse_blocks(response):
-            if DONE not in block and not may_have_usage(block):
+            start = special_start(block)
+            if start < 0:
                 # Most reads carry content deltas only: they leave as they came, in one write.
                 state.chunks += block.count(b"\n\n")
                 yield block
                 continue
-            out = bytearray()
-            for event in block.split(b"\n\n"):
+            # A stream's last read usually holds all of it: only its tail is looked into.
+            state.chunks += block.count(b"\n\n", 0, start)
+            out = bytearray(block[:start])
+            for event in block[start:].split(b"\n\n"):
                 if not event:
                     continue
                 if event.startswith(DONE):
