@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from legator.core.metrics import LATENCY_BUCKETS
+from legator.core.metrics import LATENCY_BUCKETS, Labelled
 
 if TYPE_CHECKING:
     from legator.gateway.scheduler import Scheduler
@@ -68,10 +68,14 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(_PoolCollector(scheduler))
+        self._requests = Labelled(self.requests)
+        self._tokens = Labelled(self.tokens)
+        self._wait = Labelled(self.wait)
+        self._latency = Labelled(self.latency)
 
     def observe(self, row: UsageRecord) -> None:
-        self.requests.labels(row.model_id, row.endpoint, str(row.status)).inc()
-        self.tokens.labels(row.model_id, "input").inc(row.input_tokens)
-        self.tokens.labels(row.model_id, "output").inc(row.output_tokens)
-        self.wait.labels(row.model_id).observe(row.queued_ms / 1000)
-        self.latency.labels(row.model_id, row.endpoint).observe(row.latency_ms / 1000)
+        self._requests(row.model_id, row.endpoint, str(row.status)).inc()
+        self._tokens(row.model_id, "input").inc(row.input_tokens)
+        self._tokens(row.model_id, "output").inc(row.output_tokens)
+        self._wait(row.model_id).observe(row.queued_ms / 1000)
+        self._latency(row.model_id, row.endpoint).observe(row.latency_ms / 1000)

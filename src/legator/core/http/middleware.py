@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from legator.core.context import request_id_var
 from legator.core.http.errors import error_response
 from legator.core.logging import get_logger
-from legator.core.metrics import Metrics
+from legator.core.metrics import Labelled, Metrics
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _STRICT_CSP = (
@@ -45,7 +45,8 @@ access_log = get_logger("legator.access")
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
-        self.metrics = metrics
+        self.requests = Labelled(metrics.http_requests)
+        self.latency = Labelled(metrics.http_latency)
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,8 +126,8 @@ class RequestContextMiddleware:
                 route = scope.get("route")
                 template = getattr(route, "path", None) or "unmatched"
                 method = scope["method"]
-                self.metrics.http_requests.labels(template, method, str(status)).inc()
-                self.metrics.http_latency.labels(template, method).observe(elapsed)
+                self.requests(template, method, str(status)).inc()
+                self.latency(template, method).observe(elapsed)
                 if path not in _QUIET_PATHS:
                     access_log.info(
                         "request",
