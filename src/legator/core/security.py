@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -19,18 +20,16 @@ def random_hex(nbytes: int = 32) -> str:
     return secrets.token_hex(nbytes)
 
 
+_API_KEY_SHAPE = re.compile(re.escape(API_KEY_PREFIX) + "[0-9a-f]{64}")
+
+
 def new_api_key() -> str:
     """A fresh API key: ``lgk_`` + 64 hex characters."""
     return API_KEY_PREFIX + secrets.token_hex(32)
 
 
 def looks_like_api_key(value: str) -> bool:
-    body = value[len(API_KEY_PREFIX) :]
-    return (
-        value.startswith(API_KEY_PREFIX)
-        and len(body) == 64
-        and all(c in "0123456789abcdef" for c in body)
-    )
+    return _API_KEY_SHAPE.fullmatch(value) is not None
 
 
 def sha256_hex(value: str) -> str:

@@ -89,6 +89,9 @@ def create_core_app(
         openapi_url=None,  # served by system_router under /api/v1 with a declared permission
         docs_url=None,
         redoc_url=None,
+        # FastAPI's own OpenTelemetry hooks: Legator reports through Prometheus and its logs,
+        # and checking for OpenTelemetry providers costs every request a few microseconds.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.core = core
     install_error_handlers(app)
