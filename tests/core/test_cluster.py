@@ -29,7 +29,7 @@ KEY = secrets.token_bytes(32)
 
 
 def make_link(
-    prefix: str, replica: str, *, url: str = NATS_URL, key: bytes = KEY, wait_s: float = 3
+    prefix: str, replica: str, *, url: str = NATS_URL, key: bytes = KEY, wait_s: float = 10
 ) -> ClusterLink:
     return ClusterLink(
         url,
@@ -52,6 +52,8 @@ async def pair(prefix: str) -> AsyncIterator[tuple[ClusterLink, ClusterLink]]:
     await a.start()
     await b.start()
     try:
+        # start() goes on alone when NATS is slow to answer; these tests need both joined.
+        assert a.connected and b.connected, "a replica did not join NATS within 10 s"
         yield a, b
     finally:
         await a.close()
