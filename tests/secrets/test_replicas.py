@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 from pathlib import Path
 
 import pytest
 
 from legator.secrets.client import Client
-from legator.secrets.crypto import Kek, generate_key
+from legator.secrets.crypto import Kek, generate_key, load_key_file
 from legator.secrets.store import SecretStore
 from tests.support import LiveServer, free_port, live_server, run_cli
 
@@ -85,6 +86,57 @@ def test_a_replica_with_another_kek_or_none_fails_clearly(
     assert "LEGATOR_SECRETS_KEK: required with a PostgreSQL" in missing.stderr
     for failed in (other, missing):
         assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_the_sqlite_store_from_before_is_imported_by_the_cli(pg_url: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "a"
+    old = SecretStore(
+        data_dir / "secrets" / "secrets.db",
+        load_key_file(data_dir / "secrets" / "keys" / "main.key"),
+    )
+    old.put("from-before", b"s3cr3t-value")
+    old.put("clash", b"old value")
+    old.close()
+    kek = secrets.token_hex(32)
+    env = {
+        "LEGATOR_DATABASE_URL": pg_url,
+        "LEGATOR_SECRETS_KEK": kek,
+        "LEGATOR_DATA_DIR": str(data_dir),
+    }
+    importing = ("legator", "secrets", "import-sqlite")
+    with (
+        live_server(data_dir, database_url=pg_url, secrets_kek=kek) as a,
+        a.client(a.admin_key) as api,
+    ):
+        assert api.post(f"{PREFIX}/put", json={"Name": "clash", "Value": b64(b"new")}).json() == 1
+        done = run_cli(*importing, "--json", env=env)  # while the replica serves
+        assert done.returncode == 4, done.stderr  # a conflict
+        assert json.loads(done.stdout) == {
+            "imported": ["from-before"],
+            "unchanged": [],
+            "conflicts": ["clash"],
+        }
+        assert "clash" in done.stderr
+        got = api.post(f"{PREFIX}/get", json={"Name": "from-before"}).json()
+        assert base64.b64decode(got["Value"]) == b"s3cr3t-value"
+        clash = api.post(f"{PREFIX}/get", json={"Name": "clash"}).json()
+        assert base64.b64decode(clash["Value"]) == b"new"  # left alone
+        events = api.get("/api/v1/audit", params={"action": "secrets.import"}).json()["events"]
+        assert [(e["actor"], e["details"]["imported"]) for e in events] == [
+            ("cli", ["from-before"])
+        ]
+        assert "s3cr3t" not in json.dumps(events)  # names, never values
+    table = run_cli(*importing, env=env)
+    assert table.returncode == 4 and "1 unchanged, 1 conflict(s)" in table.stdout
+    wrong_key = tmp_path / "wrong.key"
+    wrong_key.write_text(secrets.token_hex(32))
+    wrong_key.chmod(0o600)
+    refused = run_cli(*importing, "--key-file", str(wrong_key), env=env)
+    assert refused.returncode == 1 and "not the one this store was sealed with" in refused.stderr
+    absent = run_cli(*importing, str(tmp_path / "nowhere"), env=env)
+    assert absent.returncode == 2 and "no SQLite secrets store at" in absent.stderr
+    for failed in (refused, absent):
+        assert "Traceback" not in failed.stderr
 
 
 def test_rotating_the_kek_replica_by_replica(pg_url: str, tmp_path: Path) -> None:

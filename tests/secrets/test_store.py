@@ -4,6 +4,7 @@ the behaviour tests run on both backends (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -143,6 +144,55 @@ def test_versions(backend: Backend, kek: Kek) -> None:
     assert store.put("s", b"again") == 1  # a deleted secret starts afresh
     assert [i.name for i in store.list()] == ["s"]
     store.close()
+
+
+def test_import_copies_versions_deletions_and_activation_under_this_stores_key(
+    backend: Backend, kek: Kek, tmp_path: Path
+) -> None:
+    source = SecretStore(tmp_path / "old" / "secrets.db", Kek(generate_key(), "old key"))
+    for value in (b"v1", b"v2", b"v3"):
+        source.put("db/password", value)
+    source.activate("db/password", 3)
+    source.delete_version("db/password", 2)
+    source.put("api/token", b"t0k3n")
+    source.put("clash", b"theirs")
+    target = backend.open(kek)
+    target.put("api/token", b"t0k3n")  # the same secret: here already
+    target.put("clash", b"ours")
+    target.put("only-here", b"h")
+
+    report = target.import_from(source)
+    assert (report.imported, report.unchanged, report.conflicts) == (
+        ["db/password"],
+        ["api/token"],
+        ["clash"],
+    )
+    assert target.info("db/password") == source.info("db/password")
+    assert target.get("db/password") == (b"v3", 3) and target.get("db/password", 1) == (b"v1", 1)
+    with pytest.raises(SecretNotFound):
+        target.get("db/password", 2)
+    again = target.import_from(source)  # an interrupted import is simply run again
+    assert (again.imported, again.unchanged, again.conflicts) == (
+        [],
+        ["api/token", "db/password"],
+        ["clash"],
+    )
+    with pytest.raises(VersionClaimed):
+        target.create_version("db/password", 2, b"reused")  # deleted there, claimed here too
+    assert target.put("db/password", b"v4") == 4
+    assert target.get("clash") == (b"ours", 1) and target.get("only-here") == (b"h", 1)
+    # Sealed under this store's data key: the rows are not the source's bytes.
+    (copied,) = backend.raw(
+        "SELECT sealed FROM versions WHERE name = ? AND version = 1", ("db/password",)
+    )
+    with sqlite3.connect(source.path) as old:
+        (original,) = old.execute(
+            "SELECT sealed FROM versions WHERE name = 'db/password' AND version = 1"
+        ).fetchall()
+    assert bytes(copied[0]) != bytes(original[0])
+
+    source.close()
+    target.close()
 
 
 def test_mutation_rolls_back_when_its_audit_hook_fails(backend: Backend, kek: Kek) -> None:

@@ -14,6 +14,7 @@ from legator.cli import fleet as fleet_cli
 from legator.cli import models as models_cli
 from legator.cli.approvals import app as approvals_app
 from legator.cli.common import (
+    EXIT_CONFLICT,
     EXIT_USAGE,
     console,
     err_console,
@@ -235,6 +236,112 @@ def secrets_rotate_kek(
             )
 
     run_async(record)
+
+
+@secrets_app.command("import-sqlite")
+def secrets_import_sqlite(
+    directory: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The SQLite store's directory (holding secrets.db); default: "
+            "$LEGATOR_SECRETS_DIR or <data dir>/secrets, the one `legator serve` warns of.",
+            show_default=False,
+        ),
+    ] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file",
+            help="The KEK that store was sealed with (64 hex, a 0600 file); default: "
+            "<directory>/keys/main.key.",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Copy the secrets of a SQLite store (one from before the move to PostgreSQL, or another
+    replica's) into the store this control plane uses, versions and all. A secret already
+    there is left alone: listed as unchanged when it holds the same versions, as a conflict
+    (exit 4) when not. Safe to run again."""
+    import psycopg
+
+    from legator.secrets.crypto import load_key_file
+    from legator.secrets.errors import SecretsError
+    from legator.secrets.location import open_store, sqlite_dir
+    from legator.secrets.store import SecretStore
+
+    settings = settings_or_exit()
+    directory = directory or sqlite_dir(settings)
+    if directory is None:
+        fail("give the SQLite store's directory (no LEGATOR_DATA_DIR to default to)", EXIT_USAGE)
+    source_path = directory / "secrets.db"
+    if not source_path.is_file():
+        fail(f"no SQLite secrets store at {source_path}", EXIT_USAGE)
+    try:
+        kek = load_key_file(key_file or directory / "keys" / "main.key", create=False)
+        target, scratch = open_store(settings)
+    except SecretsError as exc:
+        fail(exc.message, EXIT_USAGE)
+    except psycopg.Error as exc:
+        fail(f"PostgreSQL: {' '.join(str(exc).split())}")
+    same_file = isinstance(target, SecretStore) and target.path.resolve() == source_path.resolve()
+    if scratch is not None or same_file:
+        target.close()
+        fail(
+            "the control plane's own store is that file (or lives in memory): point "
+            "LEGATOR_DATABASE_URL or LEGATOR_SECRETS_DIR at the store to import into",
+            EXIT_USAGE,
+        )
+    try:
+        source = SecretStore(source_path, kek)
+        try:
+            report = target.import_from(source)
+        finally:
+            source.close()
+    except SecretsError as exc:
+        fail(exc.message)
+    except psycopg.Error as exc:
+        fail(f"PostgreSQL: {' '.join(str(exc).split())}")
+    finally:
+        target.close()
+
+    async def record() -> None:
+        async with offline_auth(settings) as auth:
+            await auth.audit.log(
+                actor="cli",
+                action="secrets.import",
+                target=str(source_path),
+                outcome="success",
+                details={
+                    "imported": report.imported,
+                    "unchanged": len(report.unchanged),
+                    "conflicts": report.conflicts,
+                },
+            )
+
+    run_async(record)
+    if json_output:
+        print_json(vars(report))
+    else:
+        outcomes = [
+            *((name, "imported") for name in report.imported),
+            *((name, "unchanged (here already)") for name in report.unchanged),
+            *(
+                (name, "conflict: here already with other values, left alone")
+                for name in report.conflicts
+            ),
+        ]
+        print_table("secrets", ["secret", "outcome"], sorted(outcomes))
+        console.print(
+            f"{len(report.imported)} imported, {len(report.unchanged)} unchanged, "
+            f"{len(report.conflicts)} conflict(s) from {source_path}"
+        )
+    if report.conflicts:
+        err_console.print(
+            f"[red]{len(report.conflicts)} secret(s) differ here and were left alone:[/] "
+            + ", ".join(report.conflicts)
+        )
+        raise typer.Exit(EXIT_CONFLICT)
 
 
 # ----- db --------------------------------------------------------------------------------

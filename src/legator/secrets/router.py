@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.from_thread
@@ -21,10 +19,8 @@ from legator.core.auth.principal import Principal
 from legator.core.config import ConfigError
 from legator.core.errors import AppError, BadRequest, Forbidden, NotFound
 from legator.core.http.deps import require
-from legator.core.logging import get_logger
 from legator.core.runtime import Core
 from legator.secrets.acl import ALL_ACTIONS, Action, Rule
-from legator.secrets.crypto import Kek, load_key_file, parse_key
 from legator.secrets.errors import (
     AccessDenied,
     InvalidRequest,
@@ -34,7 +30,7 @@ from legator.secrets.errors import (
     VersionClaimed,
 )
 from legator.secrets.identity import Caller
-from legator.secrets.pgstore import PgSecretStore
+from legator.secrets.location import open_store, warn_of_sqlite_store_left_behind
 from legator.secrets.schemas import (
     CreateVersionIn,
     GetIn,
@@ -46,11 +42,9 @@ from legator.secrets.schemas import (
     VersionIn,
 )
 from legator.secrets.service import SecretsService
-from legator.secrets.store import SecretStore, SqlStore
 from legator.secrets.wire import field_bytes, info_json, value_json
 
 T = TypeVar("T")
-log = get_logger("legator.secrets")
 router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"])
 
 _READ = Rule.build([Action.GET, Action.INFO], ["*"])
@@ -206,61 +200,10 @@ async def create_secret_version(
     return {}
 
 
-def _settings_kek(core: Core) -> Kek | None:
-    if core.settings.secrets_kek is None:
-        return None
-    raw = core.settings.secrets_kek.get_secret_value()
-    return Kek(parse_key(raw, "LEGATOR_SECRETS_KEK"), "LEGATOR_SECRETS_KEK")
-
-
-def _open_store(core: Core) -> tuple[SqlStore, Path | None]:
-    """On PostgreSQL, the store shared by every replica in that database; otherwise the store
-    in LEGATOR_SECRETS_DIR or <data_dir>/secrets, or a throwaway directory when the control
-    plane runs in memory."""
-    settings = core.settings
-    kek = _settings_kek(core)
-    if not settings.is_sqlite:
-        if kek is None:
-            # A key file per replica would give each its own KEK, and all but the first
-            # replica could not open the shared data key.
-            raise ConfigError(
-                "LEGATOR_SECRETS_KEK: required with a PostgreSQL LEGATOR_DATABASE_URL "
-                "(the same key on every replica)"
-            )
-        legacy = settings.secrets_dir or (
-            settings.data_dir / "secrets" if settings.data_dir else None
-        )
-        if legacy is not None and (legacy / "secrets.db").exists():
-            # Not copied on purpose: each replica's file had its own contents and maybe its
-            # own KEK, so there is no one right merge to do behind the operator's back.
-            log.warning(
-                "secrets store: the store is in PostgreSQL; the SQLite store from before is "
-                "not used and its secrets were not copied",
-                path=str(legacy / "secrets.db"),
-            )
-        return PgSecretStore(settings.effective_database_url, kek), None
-    scratch = None
-    directory = settings.secrets_dir or (
-        settings.data_dir / "secrets" if settings.data_dir else None
-    )
-    if directory is None:
-        if settings.database_url:
-            # Persistent state elsewhere but nowhere for secrets: a throwaway store would lose
-            # them at the next restart.
-            raise ConfigError(
-                "LEGATOR_SECRETS_DIR: the secrets store needs a directory when "
-                "LEGATOR_DATABASE_URL is set and LEGATOR_DATA_DIR is not"
-            )
-        directory = scratch = Path(tempfile.mkdtemp(prefix="legator-secrets-"))
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if kek is None:
-        kek = load_key_file(directory / "keys" / "main.key")
-    return SecretStore(directory / "secrets.db", kek), scratch
-
-
 def install_secrets(app: FastAPI, core: Core) -> None:
     try:
-        store, scratch = _open_store(core)
+        store, scratch = open_store(core.settings)
+        warn_of_sqlite_store_left_behind(core.settings)
     except SecretsError as exc:
         raise ConfigError(f"secrets store: {exc.message}") from None
     except psycopg.Error as exc:

@@ -56,6 +56,15 @@ class SecretInfo:
     active_version: int = 0
 
 
+@dataclass
+class ImportReport:
+    """What ``import_from`` did with each of the source's secrets, by name."""
+
+    imported: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # here already, the same versions
+    conflicts: list[str] = field(default_factory=list)  # here already, different: left alone
+
+
 class SqlStore(ABC):
     """The store's logic, written once in SQLite's SQL; the PostgreSQL backend's connections
     translate the two things that differ (``?`` placeholders, ``CAST(… AS BLOB)``)."""
@@ -268,6 +277,52 @@ class SqlStore(ABC):
                 raise SecretNotFound()
             if before_commit:
                 before_commit(version)
+
+    def import_from(self, source: SqlStore) -> ImportReport:
+        """Copy in every secret of ``source`` that this store lacks, as it is there: version
+        numbers, deleted versions (still claimed, never reused), the active version. Values are
+        opened with the source's data key and sealed with this store's. A name this store has
+        already is left alone. One transaction per secret: an interrupted import is run again.
+        """
+        report = ImportReport()
+        heads = source._reader().execute("SELECT name, active, latest FROM secrets ORDER BY name")
+        for name, active, latest in heads.fetchall():
+            rows = source._reader().execute(
+                "SELECT version, CAST(sealed AS BLOB) FROM versions WHERE name = ? "
+                "ORDER BY version",
+                (name,),
+            )
+            values = {
+                int(version): None if sealed is None else source._sealer.open(name, version, sealed)
+                for version, sealed in rows.fetchall()
+            }
+            with self._transaction() as conn:
+                here = conn.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
+                if here is None:
+                    conn.execute(
+                        "INSERT INTO secrets (name, active, latest) VALUES (?, ?, ?)",
+                        (name, active, latest),
+                    )
+                    for version, value in values.items():
+                        sealed = None if value is None else self._sealer.seal(name, version, value)
+                        conn.execute(
+                            "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
+                            (name, version, sealed),
+                        )
+                    report.imported.append(name)
+                    continue
+            same = self._live_values(name) == {v: x for v, x in values.items() if x is not None}
+            same = same and self.active_version(name) == active
+            (report.unchanged if same else report.conflicts).append(name)
+        return report
+
+    def _live_values(self, name: str) -> dict[int, bytes]:
+        rows = self._reader().execute(
+            "SELECT version, CAST(sealed AS BLOB) FROM versions WHERE name = ? "
+            "AND sealed IS NOT NULL",
+            (name,),
+        )
+        return {int(v): self._sealer.open(name, v, sealed) for v, sealed in rows.fetchall()}
 
     def verify_all(self) -> int:
         """Open every stored value; raises StoreCorrupted on the first that fails. Returns the
