@@ -90,6 +90,7 @@ def install_fleet(app: FastAPI, core: Core) -> Fleet:
         if fleet.hub.cluster is not None:
             await fleet.hub.cluster.start()
             core.spawn(fleet.hub.cluster.run(), name="fleet-cluster-presence")
+            core.spawn(fleet.commands.follow_finishes(), name="fleet-finished-elsewhere")
 
     async def stop() -> None:
         await fleet.hub.close_all()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from legator.fleet.hub import ProbeNotConnected
-from legator.fleet.protocol import T_PING, new_envelope, sign
+from legator.fleet.protocol import T_PING, CommandResult, new_envelope, sign
 from tests.fleet.e2e.conftest import ProbeProcess, unattended_policy, wait_for
 from tests.fleet.e2e.helpers import fleet, send_raw
 from tests.support import NATS_URL, LiveServer, NatsServer, ServerProcess
@@ -243,6 +243,52 @@ def test_a_socket_older_than_one_on_another_replica_is_let_go(
         wait_for(lambda: fleet(a).hub.cluster.holder(probe_id) == "replica-b")  # type: ignore[union-attr]
         done = via_a.post(f"/api/v1/probes/{probe_id}/command?wait=true", json={"command": "id"})
         assert done.json()["status"] == "completed"
+
+
+def test_a_waiting_request_hears_of_a_result_another_replica_stored(
+    pair: tuple[LiveServer, LiveServer], probes: Probes
+) -> None:
+    """The probe reconnected to another replica mid-command and delivered its result there:
+    that replica stores it and publishes command.finished, which wakes the request at once
+    (no reply comes back the usual way: that replica did not route the command)."""
+    a, b = pair
+    with a.client(a.admin_key) as via_a:
+        probe_id = probes.spawn("slow", b)
+        wait_connected([via_a], probe_id)
+        answer: dict[str, Any] = {}
+
+        def wait_on_a() -> None:
+            with a.client(a.admin_key) as mine:
+                answer.update(
+                    mine.post(
+                        f"/api/v1/probes/{probe_id}/command?wait=true",
+                        json={"command": "sleep 30", "shell": True, "timeout_s": 60},
+                        timeout=120,
+                    ).json()
+                )
+
+        waiting = threading.Thread(target=wait_on_a, daemon=True)
+        waiting.start()
+        wait_for(lambda: via_a.get("/api/v1/commands/pending").json() != [])
+        (pending,) = via_a.get("/api/v1/commands/pending").json()
+        result = CommandResult(
+            request_id=pending["request_id"], status="completed", exit_code=0, stdout="moved\n"
+        )
+        began = time.monotonic()
+        b.call(_stored_elsewhere(b, probe_id, result))
+        waiting.join(timeout=20)
+        assert not waiting.is_alive() and time.monotonic() - began < 10
+        assert answer["status"] == "completed" and answer["stdout"] == "moved\n"
+
+
+async def _stored_elsewhere(server: LiveServer, probe_id: str, result: CommandResult) -> None:
+    """What the replica a probe moved to does with its result: store it, and say so."""
+    commands = fleet(server).commands
+    assert await commands._store(probe_id, result)
+    await commands.events.publish(
+        "command.finished",
+        {"request_id": result.request_id, "probe_id": probe_id, "status": result.status},
+    )
 
 
 async def _presence(server: LiveServer, origin: str, body: dict[str, Any]) -> None:

@@ -289,11 +289,15 @@ class CommandService:
         if waiter is None:
             return command
         try:
-            result: CommandResult = await asyncio.wait_for(waiter, request.timeout_s + self.grace_s)
+            result: CommandResult | None = await asyncio.wait_for(
+                waiter, request.timeout_s + self.grace_s
+            )
         except TimeoutError:
             return await self.get(command.id)
         finally:
             self.hub.forget(command.id)
+        if result is None:  # finished on another replica, which stored it (follow_finishes)
+            return await self.get(command.id)
         # The stored row now holds exactly this result; no need to read it back.
         command.status, command.exit_code = result.status, result.exit_code
         command.stdout, command.stderr = result.stdout, result.stderr
@@ -409,6 +413,17 @@ class CommandService:
                 "exit_code": result.exit_code,
             },
         )
+
+    async def follow_finishes(self) -> None:
+        """With several replicas: a probe that reconnects to another replica mid-command
+        delivers its result there, which stores it and publishes ``command.finished``; that
+        event, not a reply, wakes a ``?wait=true`` request still waiting here."""
+        with self.events.subscribe("command.finished") as finished:
+            async for event in finished:
+                request_id = event.data.get("request_id")
+                if isinstance(request_id, str):
+                    # A command finished here resolved its waiter before publishing: no-op.
+                    self.hub.resolve(request_id, None, forward=False)
 
     def _finished_elsewhere(self, request_id: str, result: Any) -> None:
         """A command sent from here finished on the replica holding its probe (which stored
