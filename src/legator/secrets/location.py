@@ -14,7 +14,6 @@ from legator.secrets.pgstore import PgSecretStore
 from legator.secrets.store import SecretStore, SqlStore
 
 log = get_logger("legator.secrets")
-IMPORT_HINT = "legator secrets import-sqlite"
 
 
 def settings_kek(settings: Settings) -> Kek | None:
@@ -37,7 +36,7 @@ def warn_of_sqlite_store_left_behind(settings: Settings) -> None:
         # maybe its own KEK; the import command says what it copied and what clashed.
         log.warning(
             "secrets store: the store is in PostgreSQL; the SQLite store from before is not "
-            f"used: `{IMPORT_HINT}` copies its secrets in",
+            "used: `legator secrets import-sqlite` copies its secrets in",
             path=str(legacy / "secrets.db"),
         )
 

@@ -203,12 +203,12 @@ async def create_secret_version(
 def install_secrets(app: FastAPI, core: Core) -> None:
     try:
         store, scratch = open_store(core.settings)
-        warn_of_sqlite_store_left_behind(core.settings)
     except SecretsError as exc:
         raise ConfigError(f"secrets store: {exc.message}") from None
     except psycopg.Error as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigError(f"secrets store: cannot open it in PostgreSQL: {detail}") from None
+    warn_of_sqlite_store_left_behind(core.settings)
     app.state.secrets = SecretsService(store, CoreAudit(core))
     app.include_router(router)
 
