@@ -158,6 +158,61 @@ async def test_requests_answers_and_missing_responders(
         await a.request(a.subject("silent"), {}, wait_s=0.3)
 
 
+class WireTap:
+    """A TCP relay in front of the machine's NATS that keeps what the client wrote."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> WireTap:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        nats_in, nats_out = await asyncio.open_connection("127.0.0.1", 4222)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bool) -> None:
+            while data := await src.read(65536):
+                if keep:
+                    self.sent += data
+                dst.write(data)
+            dst.close()
+
+        await asyncio.gather(
+            pipe(client_in, nats_out, True),
+            pipe(nats_in, client_out, False),
+            return_exceptions=True,
+        )
+
+
+async def test_flush_returns_only_once_the_server_has_the_subscriptions_made_before(
+    prefix: str,
+) -> None:
+    """nats-py's own flush writes its PING ahead of a SUB still queued for its flusher task,
+    so the server could answer before it had the subscription (a request right after then
+    got "no responders", now and then); the link's flush waits for a PING sent after it."""
+    async with WireTap() as tap:
+        link = make_link(prefix, "a", url=f"nats://127.0.0.1:{tap.port}")
+        await link.start()
+        try:
+            await link.subscribe(link.subject("echo"), lambda message: asyncio.sleep(0))
+            await link.flush()
+            sent = bytes(tap.sent)
+            subscribed = sent.find(f"SUB {link.subject('echo')} ".encode())
+            assert 0 <= subscribed < sent.rfind(b"PING\r\n")
+        finally:
+            await link.close()
+
+
 async def test_messages_larger_than_nats_takes_are_split_and_joined(
     pair: tuple[ClusterLink, ClusterLink],
 ) -> None:

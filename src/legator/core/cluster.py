@@ -132,6 +132,16 @@ Handler = Callable[[Message], Awaitable[None]]
 BroadcastHandler = Callable[[str, dict[str, Any]], None]
 
 
+async def settle(nc: NatsClient) -> None:
+    """Return once the server has processed everything sent so far. nats-py's ``flush()``
+    writes its PING straight to the socket, ahead of commands still queued for its flusher
+    task (a subscription just made): the server could answer PONG before it had them, and a
+    request sent next got "no responders". The first round trip lets the queue go out; the
+    second PING is written after it, so its PONG comes after the server processed it."""
+    await nc.flush(timeout=2)
+    await nc.flush(timeout=2)
+
+
 class Listener:
     """A subscription that survives reconnects and may be made before the first connection."""
 
@@ -289,9 +299,9 @@ class ClusterLink:
             if listener.sub is None:
                 await listener.attach(nc)
         # "Joined" means the server has our subscriptions: a broadcast another replica sends
-        # right after must reach us (a PING/PONG round trip orders it after them).
+        # right after must reach us.
         with contextlib.suppress(Exception):
-            await nc.flush(timeout=2)
+            await settle(nc)
         self._set_up(True)
         log.info("joined the cluster bus", nats=self.safe_url, replica=self.replica_id)
         if not first.done():
@@ -329,7 +339,7 @@ class ClusterLink:
         """Wait until the server has everything sent so far (subscriptions included)."""
         if self.connected and self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=2)
+                await settle(self._nc)
 
     async def close(self) -> None:
         self._closed = True
@@ -344,7 +354,7 @@ class ClusterLink:
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 if nc.is_connected:
-                    await nc.flush(timeout=2)
+                    await settle(nc)
             with contextlib.suppress(Exception):
                 await nc.close()
         self._listeners.clear()
