@@ -135,7 +135,9 @@ def test_the_sqlite_store_from_before_is_imported_by_the_cli(pg_url: str, tmp_pa
     assert refused.returncode == 1 and "not the one this store was sealed with" in refused.stderr
     absent = run_cli(*importing, str(tmp_path / "nowhere"), env=env)
     assert absent.returncode == 2 and "no SQLite secrets store at" in absent.stderr
-    for failed in (refused, absent):
+    no_kek = run_cli(*importing, env={**env, "LEGATOR_SECRETS_KEK": ""})
+    assert no_kek.returncode == 2 and "LEGATOR_SECRETS_KEK: required" in no_kek.stderr
+    for failed in (refused, absent, no_kek):
         assert "Traceback" not in failed.stderr
 
 

@@ -280,6 +280,8 @@ def secrets_import_sqlite(
     try:
         kek = load_key_file(key_file or directory / "keys" / "main.key", create=False)
         target, scratch = open_store(settings)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
     except SecretsError as exc:
         fail(exc.message, EXIT_USAGE)
     except psycopg.Error as exc:
