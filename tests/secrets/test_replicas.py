@@ -137,7 +137,14 @@ def test_the_sqlite_store_from_before_is_imported_by_the_cli(pg_url: str, tmp_pa
     assert absent.returncode == 2 and "no SQLite secrets store at" in absent.stderr
     no_kek = run_cli(*importing, env={**env, "LEGATOR_SECRETS_KEK": ""})
     assert no_kek.returncode == 2 and "LEGATOR_SECRETS_KEK: required" in no_kek.stderr
-    for failed in (refused, absent, no_kek):
+    no_key_file = run_cli(*importing, "--key-file", str(tmp_path / "absent.key"), env=env)
+    assert no_key_file.returncode == 2 and "no key file at" in no_key_file.stderr
+    garbage = tmp_path / "garbage"
+    (garbage / "keys").mkdir(parents=True)
+    (garbage / "secrets.db").write_text("not a database")
+    broken = run_cli(*importing, str(garbage), "--key-file", str(wrong_key), env=env)
+    assert broken.returncode == 1 and "not a readable SQLite secrets store" in broken.stderr
+    for failed in (refused, absent, no_kek, no_key_file, broken):
         assert "Traceback" not in failed.stderr
 
 

@@ -263,6 +263,8 @@ def secrets_import_sqlite(
     replica's) into the store this control plane uses, versions and all. A secret already
     there is left alone: listed as unchanged when it holds the same versions, as a conflict
     (exit 4) when not. Safe to run again."""
+    import sqlite3
+
     import psycopg
 
     from legator.secrets.crypto import load_key_file
@@ -277,8 +279,11 @@ def secrets_import_sqlite(
     source_path = directory / "secrets.db"
     if not source_path.is_file():
         fail(f"no SQLite secrets store at {source_path}", EXIT_USAGE)
+    key_file = key_file or directory / "keys" / "main.key"
+    if not key_file.is_file():
+        fail(f"no key file at {key_file}: give the store's KEK with --key-file", EXIT_USAGE)
     try:
-        kek = load_key_file(key_file or directory / "keys" / "main.key", create=False)
+        kek = load_key_file(key_file, create=False)
         target, scratch = open_store(settings)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -302,6 +307,8 @@ def secrets_import_sqlite(
             source.close()
     except SecretsError as exc:
         fail(exc.message)
+    except sqlite3.Error as exc:
+        fail(f"{source_path}: not a readable SQLite secrets store ({exc})")
     except psycopg.Error as exc:
         fail(f"PostgreSQL: {' '.join(str(exc).split())}")
     finally:
