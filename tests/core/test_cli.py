@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import ServerProcess, parse_credentials, run_cli
+from tests.support import ServerProcess, free_port, parse_credentials, run_cli
 
 
 def test_users_and_keys_offline(tmp_path: Path) -> None:
@@ -51,6 +51,16 @@ def test_users_and_keys_offline(tmp_path: Path) -> None:
     assert missing.returncode == 3
     bad_duration = run_cli("legator", "keys", "create", "--user", "ops", "--expires", "soon", *data)
     assert bad_duration.returncode == 2
+
+
+def test_an_unreachable_database_or_unwritable_path_is_a_one_line_error(tmp_path: Path) -> None:
+    nobody_listens = f"postgresql://postgres@127.0.0.1:{free_port()}/legator"
+    refused = run_cli("legator", "db", "current", env={"LEGATOR_DATABASE_URL": nobody_listens})
+    assert refused.returncode == 1 and "database: " in refused.stderr
+    unwritable = run_cli("legator", "backup", "/proc/legator/copy.db", "--data-dir", str(tmp_path))
+    assert unwritable.returncode == 1 and "cannot write /proc/legator/copy.db" in unwritable.stderr
+    for failed in (refused, unwritable):
+        assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
 
 
 def test_offline_commands_need_a_data_dir() -> None:

@@ -14,6 +14,7 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from legator.core.config import ConfigError
 from legator.core.errors import AppError, Conflict, NotFound
@@ -46,6 +47,17 @@ def run_async(factory: Callable[[], Awaitable[T]]) -> T:
         fail(exc.message, EXIT_CONFLICT)
     except AppError as exc:
         fail(exc.message, EXIT_FAILED)
+    except (ConnectionError, SQLAlchemyError) as exc:
+        # The database out of reach or refusing: what the driver said, on one line.
+        fail(f"database: {one_line(exc)}", EXIT_FAILED)
+    except OSError as exc:
+        fail(one_line(exc), EXIT_FAILED)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message without the driver's extra lines (SQL, links to docs)."""
+    text = str(exc).strip().splitlines()
+    return " ".join(text[0].split()) if text else type(exc).__name__
 
 
 def to_jsonable(value: Any) -> Any:

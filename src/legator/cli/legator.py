@@ -161,6 +161,8 @@ def backup(
         size = backup_database(settings, path)
     except BadRequest as exc:
         fail(exc.message)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")
     console.print(f"backup written to {path} ({size:,} bytes)")
 
 
