@@ -20,6 +20,7 @@ from legator.cli.common import (
     err_console,
     fail,
     fmt_time,
+    one_line,
     parse_duration,
     print_json,
     print_table,
@@ -225,7 +226,7 @@ def secrets_rotate_kek(
     except SecretsError as exc:
         fail(exc.message)
     except psycopg.Error as exc:
-        fail(f"PostgreSQL: {' '.join(str(exc).split())}")
+        fail(f"PostgreSQL: {one_line(exc)}")
 
     async def record() -> None:
         async with offline_auth(settings) as auth:
@@ -265,56 +266,20 @@ def secrets_import_sqlite(
     replica's) into the store this control plane uses, versions and all. A secret already
     there is left alone: listed as unchanged when it holds the same versions, as a conflict
     (exit 4) when not. Safe to run again."""
-    import sqlite3
-
     import psycopg
 
-    from legator.secrets.crypto import load_key_file
     from legator.secrets.errors import SecretsError
-    from legator.secrets.location import open_store, sqlite_dir
-    from legator.secrets.store import SecretStore
+    from legator.secrets.importing import import_sqlite_store
 
     settings = settings_or_exit()
-    directory = directory or sqlite_dir(settings)
-    if directory is None:
-        fail("give the SQLite store's directory (no LEGATOR_DATA_DIR to default to)", EXIT_USAGE)
-    source_path = directory / "secrets.db"
-    if not source_path.is_file():
-        fail(f"no SQLite secrets store at {source_path}", EXIT_USAGE)
-    key_file = key_file or directory / "keys" / "main.key"
-    if not key_file.is_file():
-        fail(f"no key file at {key_file}: give the store's KEK with --key-file", EXIT_USAGE)
     try:
-        kek = load_key_file(key_file, create=False)
-        target, scratch = open_store(settings)
+        source_path, report = import_sqlite_store(settings, directory, key_file)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     except SecretsError as exc:
-        fail(exc.message, EXIT_USAGE)
-    except psycopg.Error as exc:
-        fail(f"PostgreSQL: {' '.join(str(exc).split())}")
-    same_file = isinstance(target, SecretStore) and target.path.resolve() == source_path.resolve()
-    if scratch is not None or same_file:
-        target.close()
-        fail(
-            "the control plane's own store is that file (or lives in memory): point "
-            "LEGATOR_DATABASE_URL or LEGATOR_SECRETS_DIR at the store to import into",
-            EXIT_USAGE,
-        )
-    try:
-        source = SecretStore(source_path, kek)
-        try:
-            report = target.import_from(source)
-        finally:
-            source.close()
-    except SecretsError as exc:
         fail(exc.message)
-    except sqlite3.Error as exc:
-        fail(f"{source_path}: not a readable SQLite secrets store ({exc})")
     except psycopg.Error as exc:
-        fail(f"PostgreSQL: {' '.join(str(exc).split())}")
-    finally:
-        target.close()
+        fail(f"PostgreSQL: {one_line(exc)}")
 
     async def record() -> None:
         async with offline_auth(settings) as auth:
