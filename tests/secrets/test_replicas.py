@@ -121,10 +121,17 @@ def test_the_sqlite_store_from_before_is_imported_by_the_cli(pg_url: str, tmp_pa
         assert base64.b64decode(got["Value"]) == b"s3cr3t-value"
         clash = api.post(f"{PREFIX}/get", json={"Name": "clash"}).json()
         assert base64.b64decode(clash["Value"]) == b"new"  # left alone
-        events = api.get("/api/v1/audit", params={"action": "secrets.import"}).json()["events"]
-        assert [(e["actor"], e["details"]["imported"]) for e in events] == [
-            ("cli", ["from-before"])
+        events = api.get("/api/v1/audit", params={"action": "secrets.import*"}).json()["events"]
+        # One event per secret copied (written with it), then the import's summary.
+        assert [(e["actor"], e["action"], e["target"]) for e in events] == [
+            ("cli", "secrets.import.summary", str(data_dir / "secrets" / "secrets.db")),
+            ("cli", "secrets.import", "from-before"),
         ]
+        assert events[1]["details"]["versions"] == [1]
+        assert (events[0]["details"]["imported"], events[0]["details"]["conflicts"]) == (
+            ["from-before"],
+            ["clash"],
+        )
         assert "s3cr3t" not in json.dumps(events)  # names, never values
     table = run_cli(*importing, env=env)
     assert table.returncode == 4 and "1 unchanged, 1 conflict(s)" in table.stdout

@@ -20,7 +20,7 @@ from legator.secrets.errors import (
     VersionClaimed,
 )
 from legator.secrets.pgstore import PgSecretStore, libpq_url
-from legator.secrets.store import SecretStore
+from legator.secrets.store import SecretStore, SourceSecret
 from tests.secrets.conftest import Backend
 from tests.support import run_cli
 
@@ -161,17 +161,24 @@ def test_import_copies_versions_deletions_and_activation_under_this_stores_key(
     target.put("clash", b"ours")
     target.put("only-here", b"h")
 
-    report = target.import_from(source)
+    audited: list[SourceSecret] = []
+    report = target.import_from(source, audited.append)
     assert (report.imported, report.unchanged, report.conflicts) == (
         ["db/password"],
         ["api/token"],
         ["clash"],
     )
+    # The hook (the audit record) is called for the secret copied, and only for it.
+    assert [(s.name, s.versions, s.deleted, s.active) for s in audited] == [
+        ("db/password", [1, 3], [2], 3)
+    ]
+    assert "v1" not in repr(audited)  # a secret being imported never shows its values
     assert target.info("db/password") == source.info("db/password")
     assert target.get("db/password") == (b"v3", 3) and target.get("db/password", 1) == (b"v1", 1)
     with pytest.raises(SecretNotFound):
         target.get("db/password", 2)
-    again = target.import_from(source)  # an interrupted import is simply run again
+    again = target.import_from(source, audited.append)  # an interrupted import is run again
+    assert len(audited) == 1  # nothing copied, nothing recorded
     assert (again.imported, again.unchanged, again.conflicts) == (
         [],
         ["api/token", "db/password"],
@@ -213,6 +220,34 @@ def test_mutation_rolls_back_when_its_audit_hook_fails(backend: Backend, kek: Ke
     assert [(i.name, i.versions, i.active_version) for i in store.list()] == [("s", [1], 1)]
     assert store.put("s", b"2") == 2  # nothing was claimed by the failed attempts
     store.close()
+
+
+def test_an_import_interrupted_by_its_audit_hook_keeps_each_secret_whole(
+    backend: Backend, kek: Kek, tmp_path: Path
+) -> None:
+    source = SecretStore(tmp_path / "old" / "secrets.db", Kek(generate_key(), "old key"))
+    for name in ("a", "b", "c"):
+        source.put(name, name.encode())
+        source.put(name, name.encode() * 2)
+    target = backend.open(kek)
+    audited: list[str] = []
+
+    def audit_until_b(secret: SourceSecret) -> None:
+        if secret.name == "b":
+            raise OSError("audit log unavailable")
+        audited.append(secret.name)
+
+    with pytest.raises(OSError, match="audit log unavailable"):
+        target.import_from(source, audit_until_b)
+    # "a" is in with its record; "b" (its rows written, then its record failed) is not at all.
+    assert audited == ["a"]
+    assert [(i.name, i.versions) for i in target.list()] == [("a", [1, 2])]
+    assert backend.raw("SELECT version FROM versions WHERE name = ?", ("b",)) == []
+    report = target.import_from(source, lambda secret: audited.append(secret.name))
+    assert (report.imported, report.unchanged) == (["b", "c"], ["a"])
+    assert audited == ["a", "b", "c"]
+    source.close()
+    target.close()
 
 
 def test_rotation_in_the_store(backend: Backend, kek: Kek) -> None:

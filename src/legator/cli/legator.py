@@ -269,11 +269,12 @@ def secrets_import_sqlite(
     import psycopg
 
     from legator.secrets.errors import SecretsError
-    from legator.secrets.importing import import_sqlite_store
+    from legator.secrets.importing import open_sqlite_import
+    from legator.secrets.store import ImportReport
 
     settings = settings_or_exit()
     try:
-        source_path, report = import_sqlite_store(settings, directory, key_file)
+        job = open_sqlite_import(settings, directory, key_file)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     except SecretsError as exc:
@@ -281,21 +282,20 @@ def secrets_import_sqlite(
     except psycopg.Error as exc:
         fail(f"PostgreSQL: {one_line(exc)}")
 
-    async def record() -> None:
+    async def run_import() -> ImportReport:
+        # Each secret copied is audited with it, and a finished import once more as a whole.
         async with offline_auth(settings) as auth:
-            await auth.audit.log(
-                actor="cli",
-                action="secrets.import",
-                target=str(source_path),
-                outcome="success",
-                details={
-                    "imported": report.imported,
-                    "unchanged": len(report.unchanged),
-                    "conflicts": report.conflicts,
-                },
-            )
+            return await job.run(auth.audit)
 
-    run_async(record)
+    try:
+        report = run_async(run_import)
+    except SecretsError as exc:
+        fail(exc.message)
+    except psycopg.Error as exc:
+        fail(f"PostgreSQL: {one_line(exc)}")
+    finally:
+        job.close()
+    source_path = job.source_path
     if json_output:
         print_json(vars(report))
     else:

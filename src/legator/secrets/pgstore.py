@@ -22,14 +22,26 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.secrets.crypto import Kek, Sealer
-from legator.secrets.store import SqlStore
+from legator.secrets.store import SourceSecret, SqlStore
 
 SCHEMA = "legator_secrets"
 _LOCK_ID = 0x6C6567736563  # "legsec": the advisory lock every writer takes
 _CAST = re.compile(r"CAST\(([\w.]+) AS BLOB\)")
+
+_IMPORT_LOCK = text("SELECT pg_advisory_xact_lock(:lock)")
+# On the control plane's connections (its search_path), hence the schema spelt out.
+_IMPORT_HERE = text("SELECT 1 FROM legator_secrets.secrets WHERE name = :name")
+_IMPORT_SECRET = text(
+    "INSERT INTO legator_secrets.secrets (name, active, latest) VALUES (:name, :active, :latest)"
+)
+_IMPORT_VERSION = text(
+    "INSERT INTO legator_secrets.versions (name, version, sealed) VALUES (:name, :version, :sealed)"
+)
 
 _DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -112,6 +124,23 @@ class PgSecretStore(SqlStore):
         for conn in (self._writer_conn, self._reader_conn):
             if conn is not None:
                 conn.close()
+
+    async def import_secret_in(self, session: AsyncSession, secret: SourceSecret) -> bool:
+        """``import_secret`` inside the caller's transaction on the control plane's database
+        (the same database: the caller's audit record commits with the rows, or neither
+        does). Takes the writers' advisory lock, as ``_transaction`` does."""
+        await session.execute(_IMPORT_LOCK, {"lock": _LOCK_ID})
+        if await session.scalar(_IMPORT_HERE, {"name": secret.name}) is not None:
+            return False
+        params = {"name": secret.name, "active": secret.active, "latest": secret.latest}
+        await session.execute(_IMPORT_SECRET, params)
+        rows = [
+            {"name": secret.name, "version": version, "sealed": sealed}
+            for version, sealed in self.sealed_versions(secret)
+        ]
+        if rows:
+            await session.execute(_IMPORT_VERSION, rows)
+        return True
 
     @contextmanager
     def _transaction(self) -> Iterator[_Conn]:

@@ -56,6 +56,28 @@ class SecretInfo:
     active_version: int = 0
 
 
+@dataclass(frozen=True)
+class SourceSecret:
+    """One secret of a store being imported, its values opened (``None``: a deleted version,
+    still claimed). Never logged or audited: its repr leaves the values out."""
+
+    name: str
+    active: int
+    latest: int
+    values: dict[int, bytes | None] = field(repr=False)
+
+    @property
+    def versions(self) -> list[int]:
+        return [version for version, value in self.values.items() if value is not None]
+
+    @property
+    def deleted(self) -> list[int]:
+        return [version for version, value in self.values.items() if value is None]
+
+
+ImportHook = Callable[[SourceSecret], None] | None
+
+
 @dataclass
 class ImportReport:
     """What ``import_from`` did with each of the source's secrets, by name."""
@@ -63,6 +85,9 @@ class ImportReport:
     imported: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)  # here already, the same versions
     conflicts: list[str] = field(default_factory=list)  # here already, different: left alone
+
+    def left_alone(self, name: str, *, same: bool) -> None:
+        (self.unchanged if same else self.conflicts).append(name)
 
 
 class SqlStore(ABC):
@@ -278,42 +303,70 @@ class SqlStore(ABC):
             if before_commit:
                 before_commit(version)
 
-    def import_from(self, source: SqlStore) -> ImportReport:
-        """Copy in every secret of ``source`` that this store lacks, as it is there: version
-        numbers, deleted versions (still claimed, never reused), the active version. Values are
-        opened with the source's data key and sealed with this store's. A name this store has
-        already is left alone. One transaction per secret: an interrupted import is run again.
-        """
-        report = ImportReport()
-        heads = source._reader().execute("SELECT name, active, latest FROM secrets ORDER BY name")
+    def exported(self) -> Iterator[SourceSecret]:
+        """Every secret, its values opened, in name order: what ``import_secret`` copies."""
+        heads = self._reader().execute("SELECT name, active, latest FROM secrets ORDER BY name")
         for name, active, latest in heads.fetchall():
-            rows = source._reader().execute(
+            rows = self._reader().execute(
                 "SELECT version, CAST(sealed AS BLOB) FROM versions WHERE name = ? "
                 "ORDER BY version",
                 (name,),
             )
             values = {
-                int(version): None if sealed is None else source._sealer.open(name, version, sealed)
+                int(version): None if sealed is None else self._sealer.open(name, version, sealed)
                 for version, sealed in rows.fetchall()
             }
-            with self._transaction() as conn:
-                here = conn.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
-                if here is None:
-                    conn.execute(
-                        "INSERT INTO secrets (name, active, latest) VALUES (?, ?, ?)",
-                        (name, active, latest),
-                    )
-                    for version, value in values.items():
-                        sealed = None if value is None else self._sealer.seal(name, version, value)
-                        conn.execute(
-                            "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
-                            (name, version, sealed),
-                        )
-                    report.imported.append(name)
-                    continue
-            same = self._live_values(name) == {v: x for v, x in values.items() if x is not None}
-            same = same and self.active_version(name) == active
-            (report.unchanged if same else report.conflicts).append(name)
+            yield SourceSecret(name, int(active), int(latest), values)
+
+    def sealed_versions(self, secret: SourceSecret) -> list[tuple[int, bytes | None]]:
+        """``secret``'s versions sealed under this store's data key (``None``: deleted)."""
+        return [
+            (version, None if value is None else self._sealer.seal(secret.name, version, value))
+            for version, value in secret.values.items()
+        ]
+
+    def import_secret(self, secret: SourceSecret, before_commit: ImportHook = None) -> bool:
+        """Copy in one secret as it is elsewhere, in one transaction with ``before_commit``
+        (its audit record) called inside it; ``False`` when this store has the name already
+        (then nothing is written and the hook is not called)."""
+        with self._transaction() as conn:
+            here = conn.execute("SELECT 1 FROM secrets WHERE name = ?", (secret.name,)).fetchone()
+            if here is not None:
+                return False
+            conn.execute(
+                "INSERT INTO secrets (name, active, latest) VALUES (?, ?, ?)",
+                (secret.name, secret.active, secret.latest),
+            )
+            for version, sealed in self.sealed_versions(secret):
+                conn.execute(
+                    "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
+                    (secret.name, version, sealed),
+                )
+            if before_commit:
+                before_commit(secret)
+            return True
+
+    def holds(self, secret: SourceSecret) -> bool:
+        """Whether this store has ``secret`` with the same live values and active version."""
+        live = {version: value for version, value in secret.values.items() if value is not None}
+        return self._live_values(secret.name) == live and self.active_version(secret.name) == (
+            secret.active
+        )
+
+    def import_from(self, source: SqlStore, before_commit: ImportHook = None) -> ImportReport:
+        """Copy in every secret of ``source`` that this store lacks, as it is there: version
+        numbers, deleted versions (still claimed, never reused), the active version. Values are
+        opened with the source's data key and sealed with this store's. A name this store has
+        already is left alone. One transaction per secret, ``before_commit`` called inside
+        each: an interrupted import leaves every secret copied with its record or not at all,
+        and is run again.
+        """
+        report = ImportReport()
+        for secret in source.exported():
+            if self.import_secret(secret, before_commit):
+                report.imported.append(secret.name)
+            else:
+                report.left_alone(secret.name, same=self.holds(secret))
         return report
 
     def _live_values(self, name: str) -> dict[int, bytes]:
