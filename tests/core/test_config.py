@@ -77,3 +77,60 @@ def test_signing_key_is_generated_once_and_kept(tmp_path: Path) -> None:
     assert load_or_create_signing_key(None, tmp_path) == first
     configured = "ab" * 32
     assert load_or_create_signing_key(configured, tmp_path) == bytes.fromhex(configured)
+
+
+OIDC = {
+    "oidc_issuer": "https://id.example.com/realms/main/",
+    "oidc_client_id": "legator",
+    "oidc_redirect_url": "https://legator.example.com/api/v1/auth/oidc/callback",
+}
+
+
+def test_oidc_is_on_when_issuer_client_and_redirect_are_set() -> None:
+    assert load_settings().oidc_enabled is False
+    settings = load_settings(**OIDC)
+    assert settings.oidc_enabled and settings.oidc_client_secret is None  # a public client
+    assert settings.oidc_issuer == "https://id.example.com/realms/main"
+    with_secret = load_settings(**OIDC, oidc_client_secret="s3cret", oidc_scopes="openid  email")
+    assert with_secret.oidc_scopes == "openid email"
+    loopback = {**OIDC, "oidc_issuer": "http://127.0.0.1:5556/dex"}
+    assert load_settings(**loopback).oidc_enabled
+
+
+@pytest.mark.parametrize(
+    "missing", ["oidc_issuer", "oidc_client_id", "oidc_redirect_url"], ids=lambda m: m
+)
+def test_partial_oidc_settings_name_the_missing_variable(missing: str) -> None:
+    partial = {name: value for name, value in OIDC.items() if name != missing}
+    with pytest.raises(ConfigError) as info:
+        load_settings(**partial)
+    message = str(info.value)
+    assert message.startswith(f"LEGATOR_{missing.upper()}: must be set for single sign-on")
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match=r"^LEGATOR_OIDC_ISSUER: "):
+        load_settings(oidc_client_secret="s3cret")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("oidc_issuer", "http://id.example.com", "https://"),
+        ("oidc_issuer", "id.example.com", "http:// or https://"),
+        ("oidc_redirect_url", "https://legator.example.com/callback", "/api/v1/auth/oidc"),
+        ("oidc_scopes", "email profile", "openid"),
+        ("oidc_default_role", "root", "admin"),
+    ],
+)
+def test_bad_oidc_values_name_the_variable(field: str, value: str, rule: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(**{**OIDC, field: value})
+    assert str(info.value).startswith(f"LEGATOR_{field.upper()}:")
+    assert rule in str(info.value)
+
+
+def test_partial_oidc_env_stops_serve_with_one_line(tmp_path: Path) -> None:
+    env = {"LEGATOR_DATA_DIR": str(tmp_path), "LEGATOR_OIDC_ISSUER": OIDC["oidc_issuer"]}
+    result = run_cli("legator", "serve", env=env)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "LEGATOR_OIDC_CLIENT_ID: must be set" in lines[0], lines

@@ -7,6 +7,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +16,18 @@ ENV_PREFIX = "LEGATOR_"
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}$")
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token characters
+OIDC_CALLBACK_PATH = "/api/v1/auth/oidc/callback"
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):
@@ -84,11 +97,17 @@ class Settings(BaseSettings):
         4000, ge=200, le=1_000_000, description="Command output kept per stream for the model."
     )
 
-    oidc_issuer: str | None = None
-    oidc_client_id: str | None = None
-    oidc_client_secret: SecretStr | None = None
-    oidc_redirect_url: str | None = None
-    oidc_scopes: str = "openid email profile"
+    oidc_issuer: str | None = Field(
+        None, description="Identity provider's issuer URL; set (with the next two) to enable SSO."
+    )
+    oidc_client_id: str | None = Field(None, description="Client id registered at the provider.")
+    oidc_client_secret: SecretStr | None = Field(
+        None, description="Client secret; unset = a public client (PKCE only)."
+    )
+    oidc_redirect_url: str | None = Field(
+        None, description="<server>/api/v1/auth/oidc/callback, as registered at the provider."
+    )
+    oidc_scopes: str = Field("openid email profile", description="Scopes asked for.")
     oidc_default_role: Literal["admin", "operator", "viewer", "auditor"] = "viewer"
 
     fleet_token_ttl_s: int = Field(
@@ -172,6 +191,36 @@ class Settings(BaseSettings):
             raise ValueError("expected an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _check_oidc_issuer(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("http://") and not _is_loopback_url(value):
+            # Discovery and keys fetched over plain HTTP could be swapped by anyone on the path.
+            raise ValueError("must be an https:// URL (http:// only for a loopback provider)")
+        return value
+
+    @field_validator("oidc_redirect_url")
+    @classmethod
+    def _check_oidc_redirect(cls, value: str | None) -> str | None:
+        if value is not None and not urlsplit(value).path.endswith(OIDC_CALLBACK_PATH):
+            raise ValueError(f"expected the server's URL followed by {OIDC_CALLBACK_PATH}")
+        return value
+
+    @field_validator("oidc_client_id", "oidc_client_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("oidc_scopes")
+    @classmethod
+    def _check_oidc_scopes(cls, value: str) -> str:
+        scopes = value.split()
+        if "openid" not in scopes:
+            raise ValueError("must include 'openid' (space-separated scopes)")
+        if any(not _SCOPE.match(scope) for scope in scopes):
+            raise ValueError("expected scopes separated by spaces, without quotes or backslashes")
+        return " ".join(scopes)
+
     @field_validator("nats_url")
     @classmethod
     def _check_nats_url(cls, value: SecretStr | None) -> SecretStr | None:
@@ -224,12 +273,36 @@ class Settings(BaseSettings):
                 "LEGATOR_NATS_URL needs LEGATOR_SIGNING_KEY, the same on every replica: "
                 "probe keys and cluster messages are derived from it"
             )
+        self._check_oidc_complete()
         if self.jobs_retry_initial_backoff_s > self.jobs_retry_max_backoff_s:
             raise ValueError(
                 "LEGATOR_JOBS_RETRY_INITIAL_BACKOFF_S must not exceed "
                 "LEGATOR_JOBS_RETRY_MAX_BACKOFF_S"
             )
         return self
+
+    def _check_oidc_complete(self) -> None:
+        """Single sign-on is on when the issuer, client id and redirect URL are all set; some
+        without the others is a mistake worth stopping for."""
+        required = {
+            "LEGATOR_OIDC_ISSUER": self.oidc_issuer,
+            "LEGATOR_OIDC_CLIENT_ID": self.oidc_client_id,
+            "LEGATOR_OIDC_REDIRECT_URL": self.oidc_redirect_url,
+        }
+        given = [name for name, value in required.items() if value]
+        if self.oidc_client_secret is not None:
+            given.append("LEGATOR_OIDC_CLIENT_SECRET")
+        missing = [name for name, value in required.items() if not value]
+        if given and missing:
+            raise ValueError(
+                f"{missing[0]}: must be set for single sign-on, since {given[0]} is set "
+                "(OIDC needs LEGATOR_OIDC_ISSUER, LEGATOR_OIDC_CLIENT_ID and "
+                "LEGATOR_OIDC_REDIRECT_URL)"
+            )
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id and self.oidc_redirect_url)
 
     @cached_property
     def host(self) -> str:

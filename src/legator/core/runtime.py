@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from legator.core.audit.service import AuditService
+from legator.core.auth.oidc_provider import OidcProvider
+from legator.core.auth.oidc_service import OidcLogins
 from legator.core.auth.service import AuthService
 from legator.core.cluster import ClusterLink
 from legator.core.config import Settings
@@ -32,6 +34,7 @@ class Core:
     metrics: Metrics
     signing_key: bytes
     cluster: ClusterLink | None = None  # set when several replicas share NATS
+    oidc: OidcLogins | None = None  # set when single sign-on is configured
     startup_hooks: list[Hook] = field(default_factory=list)
     shutdown_hooks: list[Hook] = field(default_factory=list)
     background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -77,6 +80,10 @@ def build_core(settings: Settings) -> Core:
         signing_key=signing_key,
         cluster=cluster,
     )
+    if settings.oidc_enabled:
+        provider = OidcProvider(settings)
+        core.oidc = OidcLogins(provider, core.auth, default_role=settings.oidc_default_role)
+        core.shutdown_hooks.append(provider.aclose)
     if cluster is not None:
         # First to start and, hooks running in reverse at shutdown, last to stop.
         core.startup_hooks.append(cluster.start)

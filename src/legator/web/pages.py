@@ -14,16 +14,48 @@ from legator.core.auth.principal import Principal
 from legator.core.auth.router import set_session_cookie
 from legator.core.errors import AppError
 from legator.core.http.deps import SESSION_COOKIE, authenticate, core_of, require
-from legator.core.http.net import client_ip
+from legator.core.http.net import client_ip, is_local_path
 from legator.core.version import build_info
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
 
+# What the login page says when single sign-on came back refused (the reasons of
+# legator.core.auth.oidc_service and oidc_provider); the text never comes from the query.
+SSO_MESSAGES = {
+    "provider_error": "The identity provider did not sign you in.",
+    "bad_state": "That sign-in expired, was already used or was started in another browser. "
+    "Please try again.",
+    "missing_code": "The identity provider did not sign you in.",
+    "token_rejected": "The identity provider refused to complete the sign-in.",
+    "invalid_id_token": "The identity provider's answer could not be verified.",
+    "provider_unavailable": "The identity provider cannot be reached. Try again later.",
+    "disabled": "Your account is disabled.",
+}
+SSO_FALLBACK = "Single sign-on failed. Please try again."
+
+
 def _safe_next(target: str) -> str:
     # Only same-site relative paths: never an open redirect.
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    return target if is_local_path(target) else "/"
+
+
+def _login_page(
+    request: Request, *, next: str, error: str | None = None, username: str = "", status: int = 200
+) -> Response:
+    return templates.TemplateResponse(
+        request,
+        "login.html",
+        {
+            "user": None,
+            "error": error,
+            "username": username,
+            "next": _safe_next(next),
+            "sso": core_of(request).settings.oidc_enabled,
+        },
+        status_code=status,
+    )
 
 
 async def _optional_principal(request: Request) -> Principal | None:
@@ -44,10 +76,9 @@ async def home(request: Request) -> Response:
 
 
 @router.get("/login", response_class=HTMLResponse, dependencies=[require(Permission.PUBLIC)])
-async def login_form(request: Request, next: str = "/") -> Response:
-    return templates.TemplateResponse(
-        request, "login.html", {"user": None, "error": None, "username": "", "next": next}
-    )
+async def login_form(request: Request, next: str = "/", sso_error: str = "") -> Response:
+    error = SSO_MESSAGES.get(sso_error, SSO_FALLBACK) if sso_error else None
+    return _login_page(request, next=next, error=error)
 
 
 @router.post("/login", dependencies=[require(Permission.PUBLIC)])
@@ -64,16 +95,8 @@ async def login_submit(
         client_ip=client_ip(request),
     )
     if result is None:
-        return templates.TemplateResponse(
-            request,
-            "login.html",
-            {
-                "user": None,
-                "error": "Wrong username or password.",
-                "username": username,
-                "next": next,
-            },
-            status_code=401,
+        return _login_page(
+            request, next=next, error="Wrong username or password.", username=username, status=401
         )
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_session_cookie(request, response, result[0])

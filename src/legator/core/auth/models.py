@@ -1,11 +1,11 @@
-"""Tables for users, API keys and browser sessions."""
+"""Tables for users, API keys, browser sessions and single sign-on."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, String
+from sqlalchemy import JSON, Boolean, ForeignKey, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from legator.core.db.base import Base, UTCDateTime, new_id, utcnow
@@ -26,6 +26,9 @@ class User(Base):
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     keys: Mapped[list[ApiKey]] = relationship(back_populates="user", cascade="all, delete")
+    identities: Mapped[list[UserIdentity]] = relationship(
+        back_populates="user", cascade="all, delete"
+    )
 
 
 class ApiKey(Base):
@@ -57,3 +60,35 @@ class Session(Base):
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     user_agent: Mapped[str] = mapped_column(String(300), default="")
     client_ip: Mapped[str] = mapped_column(String(64), default="")
+
+
+class UserIdentity(Base):
+    """A user's account at an OIDC provider: the stable link is (issuer, sub), never the
+    e-mail address or the name, which the provider may let its users change."""
+
+    __tablename__ = "user_identities"
+    __table_args__ = (UniqueConstraint("issuer", "subject", name="uq_user_identities_issuer"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    issuer: Mapped[str] = mapped_column(String(500))
+    subject: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(back_populates="identities")
+
+
+class OidcPending(Base):
+    """A sign-in sent to the provider and not back yet: found by the digest of its ``state``,
+    bound to the browser that started it, deleted when used or expired."""
+
+    __tablename__ = "oidc_pending"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    browser_hash: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[str] = mapped_column(String(128))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    next_path: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -395,6 +395,21 @@ class AuthService:
             )
             return None
         self._login_failures.pop(throttle_key, None)
+        token = await self.open_session(
+            user, user_agent=user_agent, client_ip=client_ip, details={"method": "password"}
+        )
+        return token, UserOut.model_validate(user)
+
+    async def open_session(
+        self,
+        user: User,
+        *,
+        user_agent: str = "",
+        client_ip: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> str:
+        """Start a browser session for a user already authenticated (by password or single
+        sign-on) and audit the sign-in; returns the session token, which is stored hashed."""
         token = secrets.token_urlsafe(32)
         now = utcnow()
         async with self.db.write() as session:
@@ -413,10 +428,10 @@ class AuthService:
                 actor=user.username,
                 action="auth.login",
                 target=f"user:{user.username}",
-                details={"client_ip": client_ip, "user_agent": user_agent},
+                details={**(details or {}), "client_ip": client_ip, "user_agent": user_agent},
             )
         user.last_login_at = now
-        return token, UserOut.model_validate(user)
+        return token
 
     async def authenticate_session(self, token: str) -> Principal | None:
         if not token or len(token) > 128:

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from legator import __version__
 from legator.core.audit.router import router as audit_router
+from legator.core.auth.oidc_router import router as oidc_router
 from legator.core.auth.router import router as auth_router
 from legator.core.auth.service import InitialCredentials
 from legator.core.db.migrate import upgrade
@@ -106,6 +107,7 @@ def create_core_app(
     )
     app.include_router(system_router)
     app.include_router(auth_router)
+    app.include_router(oidc_router)
     app.include_router(audit_router)
     app.include_router(events_router)
     app.include_router(pages_router)

@@ -12,3 +12,13 @@ def client_ip(conn: HTTPConnection) -> str:
 
 def is_https(conn: HTTPConnection) -> bool:
     return conn.url.scheme in ("https", "wss")
+
+
+def is_local_path(target: str) -> bool:
+    """Whether a redirect target stays on this site: an absolute path, never ``//host`` or
+    ``/\\host`` (which browsers read as another site), a scheme, or control characters."""
+    if not target.startswith("/") or len(target) > 2000:
+        return False
+    if target.startswith("//") or "\\" in target:
+        return False
+    return not any(ord(char) < 0x21 or ord(char) == 0x7F for char in target)

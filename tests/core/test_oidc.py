@@ -1,0 +1,383 @@
+"""Single sign-on over OIDC, end to end: the real app under uvicorn against a fake provider
+that speaks the real protocol (tests/core/fake_oidc.py), stepped through redirect by
+redirect with httpx, as a browser would follow them."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+from legator.core.auth.models import OidcPending
+from legator.core.db import utcnow
+from tests.core.fake_oidc import CLIENT_ID, CLIENT_SECRET, FakeProvider, Knobs
+from tests.support import LiveServer, free_port, live_server
+
+CALLBACK = "/api/v1/auth/oidc/callback"
+LOGIN = "/api/v1/auth/oidc/login"
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[FakeProvider]:
+    fake = FakeProvider().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def sso_server(
+    provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    server = LiveServer(
+        tmp_path_factory.mktemp("oidc") / "data",
+        oidc_issuer=provider.issuer,
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
+        oidc_default_role="operator",
+    )
+    server.settings_overrides["oidc_redirect_url"] = server.url + CALLBACK
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def person(provider: FakeProvider) -> dict[str, Any]:
+    """A fresh person at the provider for each test, and a well-behaved provider."""
+    provider.knobs = Knobs()
+    provider.person = {
+        "sub": "sub-" + secrets.token_hex(6),
+        "preferred_username": "Alice Example",
+        "email": "alice@example.com",
+        "email_verified": True,
+        "name": "Alice Example",
+    }
+    return provider.person
+
+
+@pytest.fixture
+def browser(sso_server: LiveServer) -> Iterator[httpx.Client]:
+    with sso_server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def admin(sso_server: LiveServer) -> Iterator[httpx.Client]:
+    with sso_server.client(sso_server.admin_key) as client:
+        yield client
+
+
+def start(browser: httpx.Client, next_path: str | None = None) -> str:
+    """Open the login endpoint; return the provider's authorization URL it redirects to."""
+    params = {"next": next_path} if next_path is not None else {}
+    response = browser.get(LOGIN, params=params)
+    assert response.status_code == 303, response.text
+    return response.headers["location"]
+
+
+def at_provider(authorization_url: str) -> str:
+    """Visit the provider's authorization endpoint; return the callback URL it sends us to."""
+    response = httpx.get(authorization_url)
+    assert response.status_code == 302, response.text
+    return response.headers["location"]
+
+
+def sign_in(browser: httpx.Client, next_path: str | None = None) -> httpx.Response:
+    return browser.get(at_provider(start(browser, next_path)))
+
+
+def sso_error(response: httpx.Response) -> str:
+    assert response.status_code == 303, response.text
+    location = urlsplit(response.headers["location"])
+    assert location.path == "/login", response.headers["location"]
+    return parse_qs(location.query)["sso_error"][0]
+
+
+def last_login_event(admin: httpx.Client) -> dict[str, Any]:
+    events = admin.get("/api/v1/audit", params={"action": "auth.login", "limit": 1}).json()
+    return events["events"][0]  # type: ignore[no-any-return]
+
+
+# ----- the happy path ------------------------------------------------------------------
+
+
+def test_first_sign_in_creates_the_user_with_the_default_role(
+    browser: httpx.Client, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    authorization_url = start(browser, "/fleet?tab=hosts")
+    query = parse_qs(urlsplit(authorization_url).query)
+    assert authorization_url.startswith(provider.issuer + "/authorize?")
+    assert query["code_challenge_method"] == ["S256"]
+    assert query["scope"] == ["openid email profile"]
+    assert query["redirect_uri"][0].endswith(CALLBACK)
+    cookie = browser.cookies.jar
+    pending = next(c for c in cookie if c.name == "legator_oidc")
+    assert pending.path == "/api/v1/auth/oidc"
+
+    done = browser.get(at_provider(authorization_url))
+    assert done.status_code == 303, done.text
+    assert done.headers["location"] == "/fleet?tab=hosts"
+    set_cookie = done.headers.get_list("set-cookie")
+    session = next(c for c in set_cookie if c.startswith("legator_session="))
+    assert "HttpOnly" in session and "samesite=lax" in session.lower()
+    assert any(c.startswith("legator_oidc=") and "Max-Age=0" in c for c in set_cookie)
+
+    me = browser.get("/api/v1/me")
+    assert me.status_code == 200, me.text
+    assert me.json()["username"] == "alice-example"
+    assert me.json()["role"] == "operator"
+    assert me.json()["method"] == "session"
+
+    user = admin.get("/api/v1/users/alice-example").json()
+    assert user["email"] == "alice@example.com" and user["display_name"] == "Alice Example"
+
+    # The token endpoint got the PKCE verifier and the client's credentials (it checks them).
+    exchange = provider.token_requests[-1]
+    assert exchange["grant_type"] == "authorization_code" and exchange["code_verifier"]
+
+    event = last_login_event(admin)
+    assert event["outcome"] == "success" and event["actor"] == "alice-example"
+    assert event["details"]["method"] == "oidc"
+    assert event["details"]["issuer"] == provider.issuer
+    created = admin.get("/api/v1/audit", params={"action": "user.create", "limit": 1}).json()
+    assert created["events"][0]["details"]["via"] == "oidc"
+
+    # The web page is signed in too: the same session cookie.
+    assert browser.get("/").status_code == 200
+    admin.delete("/api/v1/users/alice-example")
+
+
+def test_second_sign_in_reuses_the_user_and_names_stay_unique(
+    sso_server: LiveServer,
+    admin: httpx.Client,
+    provider: FakeProvider,
+    person: dict[str, Any],
+) -> None:
+    person["preferred_username"] = "bob"
+    with sso_server.client() as first, sso_server.client() as again:
+        assert sign_in(first).status_code == 303
+        bob = first.get("/api/v1/me").json()
+        assert sign_in(again).status_code == 303
+        assert again.get("/api/v1/me").json()["user_id"] == bob["user_id"]
+    # A different person asking for the same name gets another one, not Bob's account.
+    provider.person = {**person, "sub": "someone-else-" + secrets.token_hex(4)}
+    with sso_server.client() as other:
+        assert sign_in(other).status_code == 303
+        me = other.get("/api/v1/me").json()
+        assert me["username"] == "bob-2" and me["user_id"] != bob["user_id"]
+    # A user of that name created by hand is never taken over either.
+    provider.person = {"sub": "third-" + secrets.token_hex(4), "email": "Carol@Example.com"}
+    admin.post("/api/v1/users", json={"username": "carol@example.com", "role": "admin"})
+    with sso_server.client() as carol:
+        assert sign_in(carol).status_code == 303
+        me = carol.get("/api/v1/me").json()
+        assert me["username"] == "carol@example.com-2" and me["role"] == "operator"
+
+
+def test_local_next_only(browser: httpx.Client, person: dict[str, Any]) -> None:
+    for evil in ("https://evil.example", "//evil.example", "/\\evil.example", "evil", "/a\nb"):
+        response = browser.get(LOGIN, params={"next": evil})
+        assert response.status_code == 400, evil
+        body = response.json()["error"]
+        assert body["code"] == "bad_request" and "path on this server" in body["message"]
+    assert sign_in(browser).headers["location"] == "/"
+
+
+# ----- refusals ------------------------------------------------------------------------
+
+
+def test_wrong_state_is_refused(
+    browser: httpx.Client, admin: httpx.Client, person: dict[str, Any]
+) -> None:
+    callback = urlsplit(at_provider(start(browser)))
+    code = parse_qs(callback.query)["code"][0]
+    response = browser.get(CALLBACK, params={"code": code, "state": "not-the-state"})
+    assert sso_error(response) == "bad_state"
+    assert browser.get("/api/v1/me").status_code == 401
+    event = last_login_event(admin)
+    assert event["outcome"] == "failure" and event["details"]["reason"] == "bad_state"
+    assert code not in json.dumps(event)  # no code (or token) in the audit log
+
+
+def test_replayed_state_is_refused(browser: httpx.Client, person: dict[str, Any]) -> None:
+    authorization_url = start(browser)
+    binding = browser.cookies["legator_oidc"]
+    callback = at_provider(authorization_url)
+    assert browser.get(callback).status_code == 303
+    # The same callback again, with the same browser cookie, and even a fresh code.
+    browser.cookies.set("legator_oidc", binding, path="/api/v1/auth/oidc")
+    assert sso_error(browser.get(callback)) == "bad_state"
+    browser.cookies.set("legator_oidc", binding, path="/api/v1/auth/oidc")
+    assert sso_error(browser.get(at_provider(authorization_url))) == "bad_state"
+
+
+def test_callback_in_another_browser_is_refused(
+    sso_server: LiveServer, browser: httpx.Client, person: dict[str, Any]
+) -> None:
+    """Login CSRF: a victim's browser fed someone else's callback link is not signed in."""
+    callback = at_provider(start(browser))
+    with sso_server.client() as victim:
+        assert sso_error(victim.get(callback)) == "bad_state"
+        assert victim.get("/api/v1/me").status_code == 401
+    # The link is spent even for the browser that started it.
+    assert sso_error(browser.get(callback)) == "bad_state"
+
+
+def test_expired_state_is_refused(
+    sso_server: LiveServer, browser: httpx.Client, person: dict[str, Any]
+) -> None:
+    callback = at_provider(start(browser))
+    assert sso_server.core is not None
+    db = sso_server.core.db
+
+    async def age() -> None:
+        async with db.write() as session:
+            await session.execute(update(OidcPending).values(expires_at=utcnow()))
+
+    sso_server.call(age())
+    assert sso_error(browser.get(callback)) == "bad_state"
+
+
+def test_provider_denies(
+    browser: httpx.Client, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    provider.knobs.deny = True
+    callback = at_provider(start(browser))
+    assert "error=access_denied" in callback
+    assert sso_error(browser.get(callback)) == "provider_error"
+    event = last_login_event(admin)
+    assert event["outcome"] == "failure" and event["details"]["reason"] == "provider_error"
+    assert "access_denied" in event["details"]["detail"]
+    page = browser.get("/login", params={"sso_error": "provider_error"})
+    assert "did not sign you in" in page.text
+
+
+@pytest.mark.parametrize(
+    ("knobs", "why"),
+    [
+        (Knobs(sign_with_other_key=True), "bad_signature"),
+        (Knobs(claims={"aud": "someone-else"}), "aud"),
+        (Knobs(claims={"nonce": "not-the-nonce"}), "nonce"),
+        (Knobs(claims={"iss": "https://impostor.example"}), "iss"),
+        (
+            Knobs(claims={"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}),
+            "expired",
+        ),
+    ],
+)
+def test_invalid_id_token_is_refused(
+    knobs: Knobs,
+    why: str,
+    browser: httpx.Client,
+    admin: httpx.Client,
+    provider: FakeProvider,
+    person: dict[str, Any],
+) -> None:
+    provider.knobs = knobs
+    users = len(admin.get("/api/v1/users").json())
+    assert sso_error(sign_in(browser)) == "invalid_id_token"
+    assert browser.get("/api/v1/me").status_code == 401
+    event = last_login_event(admin)
+    assert event["details"]["reason"] == "invalid_id_token"
+    assert why in event["details"]["detail"]
+    assert len(admin.get("/api/v1/users").json()) == users  # nobody was created
+
+
+def test_token_endpoint_failure(
+    browser: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    provider.knobs.token_endpoint_down = True
+    assert sso_error(sign_in(browser)) == "provider_unavailable"
+
+
+def test_disabled_user_is_refused(
+    sso_server: LiveServer, admin: httpx.Client, person: dict[str, Any]
+) -> None:
+    person["preferred_username"] = "dora"
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+    assert admin.patch("/api/v1/users/dora", json={"disabled": True}).status_code == 200
+    with sso_server.client() as browser:
+        assert sso_error(sign_in(browser)) == "disabled"
+        assert browser.get("/api/v1/me").status_code == 401
+        assert "disabled" in browser.get("/login", params={"sso_error": "disabled"}).text
+    event = last_login_event(admin)
+    assert event["outcome"] == "failure" and event["actor"] == "dora"
+    assert event["details"]["reason"] == "disabled"
+
+
+def test_login_page_offers_single_sign_on(browser: httpx.Client) -> None:
+    page = browser.get("/login", params={"next": "/fleet"})
+    assert "Sign in with single sign-on" in page.text
+    assert 'href="/api/v1/auth/oidc/login?next=/fleet"' in page.text
+    evil = browser.get("/login", params={"next": "https://evil.example"})
+    assert "evil.example" not in evil.text
+
+
+# ----- configuration -------------------------------------------------------------------
+
+
+def test_not_configured_means_404(api: httpx.Client, server: LiveServer) -> None:
+    with server.client() as browser:
+        for path in (LOGIN, CALLBACK):
+            response = browser.get(path)
+            assert response.status_code == 404
+            assert "LEGATOR_OIDC_ISSUER" in response.json()["error"]["message"]
+        assert "single sign-on" not in browser.get("/login").text
+
+
+def test_unreachable_provider(tmp_path: Path) -> None:
+    issuer = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with (
+        live_server(
+            tmp_path / "data",
+            oidc_issuer=issuer,
+            oidc_client_id=CLIENT_ID,
+            oidc_redirect_url="http://127.0.0.1:1" + CALLBACK,
+        ) as server,
+        server.client() as browser,
+    ):
+        assert sso_error(browser.get(LOGIN)) == "provider_unavailable"
+        page = browser.get("/login", params={"sso_error": "provider_unavailable"})
+        assert "cannot be reached" in page.text
+
+
+@pytest.mark.postgres
+def test_flow_on_postgresql(
+    pg_url: str, tmp_path: Path, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    """The pending sign-in is taken with DELETE … RETURNING: single use on PostgreSQL too."""
+    server = LiveServer(
+        tmp_path / "data",
+        database_url=pg_url,
+        secrets_kek="ab" * 32,
+        oidc_issuer=provider.issuer,
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
+    )
+    server.settings_overrides["oidc_redirect_url"] = server.url + CALLBACK
+    server.start()
+    try:
+        with server.client() as browser:
+            callback = at_provider(start(browser))
+            assert browser.get(callback).status_code == 303
+            assert browser.get("/api/v1/me").json()["role"] == "viewer"
+            assert sso_error(browser.get(callback)) == "bad_state"
+            assert sign_in(browser).status_code == 303  # the same user again
+        with server.client(server.admin_key) as admin:
+            users = [u["username"] for u in admin.get("/api/v1/users").json()]
+            assert users.count("alice-example") == 1
+    finally:
+        server.stop()
