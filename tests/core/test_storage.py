@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -13,7 +15,7 @@ from sqlalchemy import text
 
 from legator.core.auth.schemas import UserCreate
 from legator.core.config import load_settings
-from legator.core.db import Database
+from legator.core.db import Database, new_sorted_id
 from legator.core.db.migrate import current_revision, head_revision, upgrade
 from tests.support import live_server, run_cli
 
@@ -28,6 +30,20 @@ async def _pragmas(url: str) -> tuple[str, int, int]:
         return mode, fk, busy
     finally:
         await db.dispose()
+
+
+def test_sorted_ids_are_uuid7_in_time_order() -> None:
+    before = time.time_ns() // 1_000_000
+    first = new_sorted_id()
+    time.sleep(0.002)
+    ids = [first, *(new_sorted_id() for _ in range(1000))]
+    after = time.time_ns() // 1_000_000
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert all(before <= u.int >> 80 <= after for u in parsed)
+    assert ids[0] < min(ids[1:])  # a later millisecond sorts after, as text too
+    assert len(set(ids)) == len(ids)
+    assert len({u.int & ((1 << 62) - 1) for u in parsed}) == len(ids)  # random bits vary
 
 
 def test_sqlite_runs_wal_with_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from legator.core.db.base import Base, UTCDateTime, new_id, utcnow
+from legator.core.db.base import Base, UTCDateTime, new_id, new_sorted_id, utcnow
 
 
 class GatewayModel(Base):
@@ -64,7 +64,7 @@ class GatewayUsage(Base):
         Index("ix_gateway_usage_ts", "ts"),
     )
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_sorted_id)
     ts: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     user_id: Mapped[str | None] = mapped_column(String(36))
     username: Mapped[str] = mapped_column(String(64), default="")

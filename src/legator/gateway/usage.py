@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from sqlalchemy import case, func, insert, select
 
-from legator.core.db import Database, new_id, utcnow
+from legator.core.db import Database, new_sorted_id, utcnow
 from legator.core.logging import get_logger
 from legator.gateway.models import GatewayUsage
 from legator.gateway.schemas import UsageReport, UsageTotals
@@ -45,7 +45,7 @@ class UsageRecord:
     queued_ms: int = 0
     status: int = 200
     ts: datetime = field(default_factory=utcnow)
-    id: str = field(default_factory=new_id)
+    id: str = field(default_factory=new_sorted_id)
 
 
 class UsageRecorder:
