@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from legator.gateway.relay import StreamState, openai_events, special_start
+from legator.gateway.relay import RelayResponse, StreamState, openai_events, special_start
 
 
 def _event(data: dict[str, Any] | str) -> bytes:
@@ -33,6 +33,10 @@ class _Reads:
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.content = SimpleNamespace(iter_any=lambda: self._pieces(pieces))
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
 
     @staticmethod
     async def _pieces(pieces: list[bytes]) -> AsyncIterator[bytes]:
@@ -95,3 +99,44 @@ def test_a_stream_cut_short_ends_with_an_error_event_and_done() -> None:
     assert "ended the stream early" in error["error"]["message"]
     assert relayed.endswith(_event("[DONE]"))
     assert state.status == 502
+
+
+def _asgi_messages(pieces: list[bytes]) -> tuple[list[dict[str, Any]], int, _Reads]:
+    """What the relay hands the server for a stream read in ``pieces``, and how many times
+    it finished (released the slot and billed)."""
+    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"))
+    upstream, state, finished = _Reads(pieces), StreamState(), []
+    content = openai_events(adm, upstream, state, False)  # type: ignore[arg-type]
+    response = RelayResponse(content, upstream, state, lambda: finished.append(1))  # type: ignore[arg-type]
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(response({"type": "http"}, receive, send))
+    return messages, len(finished), upstream
+
+
+def test_the_last_block_ends_the_body_in_the_same_message() -> None:
+    # One write fewer per stream: the server sends the last block and the end of a chunked
+    # body together.
+    for pieces in (
+        [STREAM],
+        [DELTAS[0], DELTAS[1], b"".join(DELTAS[2:]) + USAGE + _event("[DONE]")],
+    ):
+        messages, finished, upstream = _asgi_messages(pieces)
+        start, *bodies = messages
+        assert start["type"] == "http.response.start"
+        assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
+        assert bodies[-1]["body"].endswith(_event("[DONE]"))
+        assert b"".join(m["body"] for m in bodies) == b"".join(DELTAS) + _event("[DONE]")
+        assert (finished, upstream.released) == (1, 1)
+
+    messages, finished, _upstream = _asgi_messages([DELTAS[0], DELTAS[1][:10]])
+    assert [m["more_body"] for m in messages[1:]] == [True, True, False]  # the cut-off rest too
+    assert b"ended the stream early" in messages[-1]["body"]
+    assert finished == 1

@@ -82,6 +82,7 @@ async def _events(
     stops: list[str],
 ) -> AsyncIterator[bytes]:
     yield translator.start()
+    tail = b""
     try:
         async for batch in sse_batches(upstream):
             out = b""
@@ -95,12 +96,14 @@ async def _events(
                 state.take_usage(data)
                 state.chunks += 1
                 out += translator.feed(data)
+            if state.done:
+                tail = out  # leaves with the end of the stream, in one write
+                break
             if out:
                 yield out
-            if state.done:
-                break
     except UPSTREAM_ERRORS as exc:
         state.error = died(adm, exc)
     if not state.done and state.error is None:
         state.error = f"the backend of model {adm.model.id!r} ended the stream early"
-    yield translator.end(stops, state.error)
+    state.last = True
+    yield tail + translator.end(stops, state.error)

@@ -181,6 +181,9 @@ class StreamState:
         self.done = False
         self.error: str | None = None
         self.client_gone = False
+        # Set by the relayed generator just before it yields its final block, which then
+        # ends the response body in the same write.
+        self.last = False
 
     def take_usage(self, data: Any) -> None:
         usage = data.get("usage") if isinstance(data, dict) else None
@@ -235,15 +238,18 @@ async def openai_events(
                         continue
                 state.chunks += 1
                 out += event + b"\n\n"
+            if state.done:
+                state.last = True
+                yield bytes(out)
+                return
             if out:
                 yield bytes(out)
-            if state.done:
-                break
     except UPSTREAM_ERRORS as exc:
         state.error = died(adm, exc)
     if not state.done:
         state.error = state.error or f"the backend of model {adm.model.id!r} ended the stream early"
         error = {"error": {"message": state.error, "type": "server_error", "code": "upstream"}}
+        state.last = True
         yield b"data: " + json.dumps(error).encode() + b"\n\n" + DONE + b"\n\n"
 
 
@@ -284,8 +290,10 @@ class RelayResponse(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.content:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+                more = not self.state.last
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if not self.state.last:
+                await send({"type": "http.response.body", "body": b""})
         finally:
             watcher.cancel()
             try:
