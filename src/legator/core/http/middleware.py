@@ -6,9 +6,10 @@ and a copy of every body; this is on the hot path of every call.
 
 from __future__ import annotations
 
+import logging
+import random
 import re
 import time
-import uuid
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -40,6 +41,10 @@ _COMMON_HEADERS = [
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 access_log = get_logger("legator.access")
+_access_level = logging.getLogger("legator.access")  # asked before building an entry
+# Request ids only correlate log lines (a client may send its own): they need to be unique,
+# not unpredictable, so they come from a fast generator seeded from the OS, not os.urandom.
+_request_ids = random.Random()  # noqa: S311
 
 
 class RequestContextMiddleware:
@@ -60,7 +65,10 @@ class RequestContextMiddleware:
                 incoming = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 declared_length = int(value)
-        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        if _VALID_REQUEST_ID.match(incoming):
+            request_id = incoming
+        else:
+            request_id = f"{_request_ids.getrandbits(128):032x}"
         token = request_id_var.set(request_id)
         path: str = scope["path"]
         https = scope.get("scheme") in ("https", "wss")
@@ -128,7 +136,7 @@ class RequestContextMiddleware:
                 method = scope["method"]
                 self.requests(template, method, str(status)).inc()
                 self.latency(template, method).observe(elapsed)
-                if path not in _QUIET_PATHS:
+                if path not in _QUIET_PATHS and _access_level.isEnabledFor(logging.INFO):
                     access_log.info(
                         "request",
                         method=method,
