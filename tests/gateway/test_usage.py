@@ -1,0 +1,70 @@
+"""The usage writer on both databases: every row recorded is written, in batches, by close()."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from legator.core.db import Database
+from legator.core.db.migrate import upgrade
+from legator.gateway.models import GatewayUsage
+from legator.gateway.usage import FLUSH_BATCH, UsageRecord, UsageRecorder, report
+
+
+def _row(i: int) -> UsageRecord:
+    return UsageRecord(
+        user_id="user-a" if i % 3 else "user-b",
+        username="a" if i % 3 else "b",
+        key_id="key-1",
+        model_id="m1" if i % 2 else "m2",
+        category=None,
+        endpoint="chat",
+        stream=bool(i % 2),
+        input_tokens=3,
+        output_tokens=i % 7,
+        status=502 if i % 10 == 0 else 200,
+    )
+
+
+async def _write_and_read(url: str) -> None:
+    db = Database(url)
+    try:
+        await upgrade(db)
+        recorder = UsageRecorder(db)
+        writer = asyncio.create_task(recorder.run())
+        rows = [_row(i) for i in range(2 * FLUSH_BATCH + 37)]
+        for row in rows:
+            recorder.record(row)
+        await recorder.close()  # as on a clean shutdown: nothing left in memory
+        await writer
+        assert recorder.written == len(rows)
+        async with db.session() as session:
+            count = await session.scalar(select(func.count()).select_from(GatewayUsage))
+            ids = list(
+                (await session.execute(select(GatewayUsage.id).order_by(GatewayUsage.id))).scalars()
+            )
+        assert count == len(rows)
+        assert set(ids) == {row.id for row in rows}
+        assert all(uuid.UUID(i).version == 7 for i in ids)
+        totals = await report(db, "hour", user_id=None, admin_view=True)
+        assert totals.requests == len(rows)
+        assert totals.output_tokens == sum(row.output_tokens for row in rows)
+        assert {t.group: t.errors for t in totals.by_model} == {
+            "m1": 0,
+            "m2": sum(1 for i in range(len(rows)) if i % 10 == 0),
+        }
+        assert totals.by_user is not None
+        assert {t.group for t in totals.by_user} == {"a", "b"}
+    finally:
+        await db.dispose()
+
+
+def test_every_row_is_written_on_sqlite(tmp_path: Path) -> None:
+    asyncio.run(_write_and_read(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
+
+
+def test_every_row_is_written_on_postgresql(pg_url: str) -> None:
+    asyncio.run(_write_and_read(pg_url))
