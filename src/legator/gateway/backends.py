@@ -69,7 +69,8 @@ class BackendRegistry:
 
     def get(self, model: ModelOut) -> Backend:
         backend = self.backends.get(model.id)
-        if backend is None or backend.model != model:
+        # Identity first: the catalogue hands out the same model object until it changes.
+        if backend is None or (backend.model is not model and backend.model != model):
             factory = self.factories.get(model.backend_kind)
             if factory is None:
                 raise LookupError(f"no runtime for backend kind {model.backend_kind!r}")
