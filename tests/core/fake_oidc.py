@@ -5,21 +5,25 @@ verifier and returns an RS256-signed ID token. Tests turn its knobs to make it m
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import secrets
 import threading
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
 import uvicorn
 from joserfc import jwt
-from joserfc.jwk import RSAKey
+from joserfc.jwk import OctKey, RSAKey
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support import free_port
@@ -48,6 +52,32 @@ class Knobs:
     claims: dict[str, Any] = field(default_factory=dict)  # override ID token claims
     sign_with_other_key: bool = False  # same kid, another key: a bad signature
     token_endpoint_down: bool = False  # the token endpoint answers 503
+    discovery: dict[str, Any] = field(default_factory=dict)  # override discovery fields
+    discovery_status: int = 200  # anything else: the discovery document answers that
+    drip_s: float = 0.0  # > 0: the discovery document comes a few bytes at a time
+    huge: str = ""  # "discovery", "jwks" or "token": that endpoint answers megabytes
+    deep: bool = False  # the discovery document is a deeply nested JSON array
+    extra_key: bool = False  # the key set holds a second signing key (kid "k2")
+    # How the ID token is signed: "" (RS256, kid k1), "none" (no signature), "hs256" (HMAC
+    # with the client secret as the key: the classic algorithm confusion).
+    forge: str = ""
+
+
+def _forged_id_token(how: str, claims: dict[str, Any], key: RSAKey) -> str:
+    if how == "none":
+        header = b64url(json.dumps({"alg": "none", "kid": "k1"}).encode())
+        return f"{header}.{b64url(json.dumps(claims).encode())}."
+    if how == "hs256":
+        secret = OctKey.import_key(CLIENT_SECRET.encode())
+        return jwt.encode({"alg": "HS256", "kid": "k1"}, claims, secret, algorithms=["HS256"])
+    return jwt.encode({"alg": "RS256", "kid": "k1"}, claims, key)
+
+
+async def _megabytes() -> AsyncIterator[bytes]:
+    yield b'{"pad": "'
+    for _ in range(64):
+        yield b"x" * 32768  # 2 MiB in all, chunked: no Content-Length to go by
+    yield b'"}'
 
 
 class FakeProvider:
@@ -56,6 +86,8 @@ class FakeProvider:
         self.issuer = f"http://127.0.0.1:{self.port}"
         self.key = RSAKey.generate_key(2048, parameters={"kid": "k1", "use": "sig"}, private=True)
         self.other_key = RSAKey.generate_key(2048, parameters={"kid": "k1"}, private=True)
+        self.second_key = RSAKey.generate_key(2048, parameters={"kid": "k2"}, private=True)
+        self.hits: Counter[str] = Counter()  # requests per path
         self.person: dict[str, Any] = {}
         self.knobs = Knobs()
         self.grants: dict[str, Grant] = {}
@@ -67,23 +99,44 @@ class FakeProvider:
     # ----- endpoints ---------------------------------------------------------------------
 
     async def discovery(self, _request: Request) -> Response:
-        return JSONResponse(
-            {
-                "issuer": self.issuer,
-                "authorization_endpoint": f"{self.issuer}/authorize",
-                "token_endpoint": f"{self.issuer}/token",
-                "jwks_uri": f"{self.issuer}/jwks",
-                "response_types_supported": ["code"],
-                "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["RS256"],
-                "token_endpoint_auth_methods_supported": ["client_secret_basic"],
-                "code_challenge_methods_supported": ["S256"],
-                "scopes_supported": ["openid", "email", "profile"],
-            }
-        )
+        self.hits["discovery"] += 1
+        if self.knobs.discovery_status != 200:
+            return JSONResponse({"error": "down"}, status_code=self.knobs.discovery_status)
+        if self.knobs.huge == "discovery":
+            return StreamingResponse(_megabytes(), media_type="application/json")
+        if self.knobs.deep:
+            return Response("[" * 100_000 + "]" * 100_000, media_type="application/json")
+        document = {
+            "issuer": self.issuer,
+            "authorization_endpoint": f"{self.issuer}/authorize",
+            "token_endpoint": f"{self.issuer}/token",
+            "jwks_uri": f"{self.issuer}/jwks",
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+            "code_challenge_methods_supported": ["S256"],
+            "scopes_supported": ["openid", "email", "profile"],
+            **self.knobs.discovery,
+        }
+        if self.knobs.drip_s > 0:
+            return StreamingResponse(self._drip(json.dumps(document).encode()))
+        return JSONResponse(document)
+
+    async def _drip(self, body: bytes) -> AsyncIterator[bytes]:
+        step = max(1, len(body) // 20)
+        for start in range(0, len(body), step):
+            await asyncio.sleep(self.knobs.drip_s)
+            yield body[start : start + step]
 
     async def jwks(self, _request: Request) -> Response:
-        return JSONResponse({"keys": [self.key.as_dict(private=False)]})
+        self.hits["jwks"] += 1
+        if self.knobs.huge == "jwks":
+            return StreamingResponse(_megabytes(), media_type="application/json")
+        keys = [self.key.as_dict(private=False)]
+        if self.knobs.extra_key:
+            keys.append(self.second_key.as_dict(private=False))
+        return JSONResponse({"keys": keys})
 
     async def authorize(self, request: Request) -> Response:
         params = dict(request.query_params)
@@ -122,8 +175,11 @@ class FakeProvider:
     async def token(self, request: Request) -> Response:
         form = {key: str(value) for key, value in (await request.form()).items()}
         self.token_requests.append(form)
+        self.hits["token"] += 1
         if self.knobs.token_endpoint_down:
             return Response("upstream unavailable", status_code=503)
+        if self.knobs.huge == "token":
+            return StreamingResponse(_megabytes(), media_type="application/json")
         if not self._client_authenticated(request):
             return JSONResponse({"error": "invalid_client"}, status_code=401)
         if form.get("grant_type") != "authorization_code":
@@ -147,7 +203,7 @@ class FakeProvider:
             **self.knobs.claims,
         }
         key = self.other_key if self.knobs.sign_with_other_key else self.key
-        id_token = jwt.encode({"alg": "RS256", "kid": "k1"}, claims, key)
+        id_token = _forged_id_token(self.knobs.forge, claims, key)
         return JSONResponse(
             {
                 "access_token": access_token,

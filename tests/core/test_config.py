@@ -116,7 +116,22 @@ def test_partial_oidc_settings_name_the_missing_variable(missing: str) -> None:
     [
         ("oidc_issuer", "http://id.example.com", "https://"),
         ("oidc_issuer", "id.example.com", "http:// or https://"),
+        ("oidc_issuer", "http://localhost.evil.example", "https://"),
+        ("oidc_issuer", "http://127.0.0.1@evil.example", "https://"),
+        ("oidc_issuer", "https://user:s3cret@id.example.com", "without user:password@"),
+        ("oidc_issuer", "https://id.example.com/realms/main?x=1", "?query"),
+        ("oidc_issuer", "https://id.example.com/#main", "#fragment"),
         ("oidc_redirect_url", "https://legator.example.com/callback", "/api/v1/auth/oidc"),
+        (
+            "oidc_redirect_url",
+            "https://legator.example.com/api/v1/auth/oidc/callback#x",
+            "/api/v1/auth/oidc",
+        ),
+        (
+            "oidc_redirect_url",
+            "https://u:p@legator.example.com/api/v1/auth/oidc/callback",
+            "user:password@",
+        ),
         ("oidc_scopes", "email profile", "openid"),
         ("oidc_default_role", "root", "admin"),
     ],
@@ -126,6 +141,7 @@ def test_bad_oidc_values_name_the_variable(field: str, value: str, rule: str) ->
         load_settings(**{**OIDC, field: value})
     assert str(info.value).startswith(f"LEGATOR_{field.upper()}:")
     assert rule in str(info.value)
+    assert "s3cret" not in str(info.value)  # a password in the URL is never echoed
 
 
 def test_partial_oidc_env_stops_serve_with_one_line(tmp_path: Path) -> None:

@@ -4,21 +4,35 @@ redirect with httpx, as a browser would follow them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import sqlite3
+import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 from sqlalchemy import update
 
 from legator.core.auth.models import OidcPending
+from legator.core.auth.oidc_provider import (
+    MAX_DOCUMENT_BYTES,
+    OidcError,
+    OidcProvider,
+    ProviderUnavailable,
+    parse_metadata,
+)
+from legator.core.auth.oidc_service import IdentityClaims
+from legator.core.config import load_settings
 from legator.core.db import utcnow
-from tests.core.fake_oidc import CLIENT_ID, CLIENT_SECRET, FakeProvider, Knobs
+from tests.core.fake_oidc import CLIENT_ID, CLIENT_SECRET, FakeProvider, Grant, Knobs
 from tests.support import LiveServer, free_port, live_server
 
 CALLBACK = "/api/v1/auth/oidc/callback"
@@ -54,9 +68,12 @@ def sso_server(
 
 
 @pytest.fixture
-def person(provider: FakeProvider) -> dict[str, Any]:
-    """A fresh person at the provider for each test, and a well-behaved provider."""
+def person(provider: FakeProvider, sso_server: LiveServer) -> dict[str, Any]:
+    """A fresh person at the provider for each test, a well-behaved provider, and a fresh
+    count of attempts per client (every test comes from 127.0.0.1)."""
     provider.knobs = Knobs()
+    assert sso_server.core is not None and sso_server.core.oidc is not None
+    sso_server.core.oidc.attempts.clear()
     provider.person = {
         "sub": "sub-" + secrets.token_hex(6),
         "preferred_username": "Alice Example",
@@ -178,7 +195,11 @@ def test_second_sign_in_reuses_the_user_and_names_stay_unique(
         me = other.get("/api/v1/me").json()
         assert me["username"] == "bob-2" and me["user_id"] != bob["user_id"]
     # A user of that name created by hand is never taken over either.
-    provider.person = {"sub": "third-" + secrets.token_hex(4), "email": "Carol@Example.com"}
+    provider.person = {
+        "sub": "third-" + secrets.token_hex(4),
+        "email": "Carol@Example.com",
+        "email_verified": True,
+    }
     admin.post("/api/v1/users", json={"username": "carol@example.com", "role": "admin"})
     with sso_server.client() as carol:
         assert sign_in(carol).status_code == 303
@@ -324,6 +345,293 @@ def test_login_page_offers_single_sign_on(browser: httpx.Client) -> None:
     assert 'href="/api/v1/auth/oidc/login?next=/fleet"' in page.text
     evil = browser.get("/login", params={"next": "https://evil.example"})
     assert "evil.example" not in evil.text
+
+
+def test_alg_none_and_hmac_with_the_client_secret_are_refused(
+    browser: httpx.Client, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    """Even when the provider's discovery document advertises them."""
+    for forge in ("none", "hs256"):
+        provider.knobs = Knobs(
+            forge=forge,
+            discovery={"id_token_signing_alg_values_supported": ["RS256", "HS256", "none"]},
+        )
+        assert sso_error(sign_in(browser)) == "invalid_id_token", forge
+        assert browser.get("/api/v1/me").status_code == 401
+        assert last_login_event(admin)["details"]["reason"] == "invalid_id_token"
+
+
+# ----- users ---------------------------------------------------------------------------
+
+
+def test_reserved_names_and_unverified_email_never_name_a_user(
+    sso_server: LiveServer, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    """ "admin", "system" (an audit actor), "admin-2" (what a taken "admin" becomes) and an
+    e-mail address the provider does not vouch for are not names anyone gets."""
+    people: list[dict[str, Any]] = [
+        {"preferred_username": "admin"},
+        {"preferred_username": "System"},
+        {"preferred_username": "admin-2"},
+        {"preferred_username": "anonymous"},
+        {"email": "ceo@example.com", "email_verified": False},
+        {"email": "cfo@example.com", "email_verified": "true"},  # a string is not a yes
+    ]
+    for claims in people:
+        provider.person = {"sub": "p-" + secrets.token_hex(6), **claims}
+        with sso_server.client() as browser:
+            assert sign_in(browser).status_code == 303
+            me = browser.get("/api/v1/me").json()
+            assert me["username"].startswith("sso-"), (claims, me["username"])
+            assert me["role"] == "operator"
+
+
+def test_a_user_deleted_behind_the_apps_back_gets_a_new_account(
+    sso_server: LiveServer, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    """The identity link outlives its user only if the row was removed without the
+    cascade; the next sign-in must then not fail with a 500."""
+    person["preferred_username"] = "erin"
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+        first = browser.get("/api/v1/me").json()
+    assert sso_server.data_dir is not None
+    with sqlite3.connect(sso_server.data_dir / "legator.db") as db:  # foreign keys off
+        db.execute("DELETE FROM sessions WHERE user_id = ?", (first["user_id"],))
+        db.execute("DELETE FROM users WHERE id = ?", (first["user_id"],))
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+        again = browser.get("/api/v1/me").json()
+    assert again["username"] == "erin" and again["user_id"] != first["user_id"]
+
+
+@pytest.mark.postgres
+def test_concurrent_first_sign_ins_never_fail(
+    pg_url: str, tmp_path: Path, provider: FakeProvider
+) -> None:
+    """The same person twice at once, and several people wanting one name at once: the
+    unique constraints catch the race, and every sign-in still ends with a user."""
+    server = LiveServer(
+        tmp_path / "data",
+        database_url=pg_url,
+        secrets_kek="ab" * 32,
+        oidc_issuer=provider.issuer,
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
+    )
+    server.settings_overrides["oidc_redirect_url"] = server.url + CALLBACK
+    server.start()
+    try:
+        assert server.core is not None and server.core.oidc is not None
+        logins = server.core.oidc
+        claims = {"preferred_username": "frank"}
+        same = IdentityClaims(provider.issuer, "frank-sub", claims)
+        others = [IdentityClaims(provider.issuer, f"other-{n}", claims) for n in range(8)]
+
+        async def race() -> list[Any]:
+            jobs = [logins._user_for(identity) for identity in [same] * 4 + others]
+            return await asyncio.gather(*jobs)
+
+        users = server.call(race())
+        assert len({user.id for user in users[:4]}) == 1
+        assert len({user.username for user in users[3:]}) == 9  # all different
+    finally:
+        server.stop()
+
+
+# ----- abuse ---------------------------------------------------------------------------
+
+
+def test_one_client_cannot_flood_sign_ins_or_the_audit_log(
+    sso_server: LiveServer, browser: httpx.Client, admin: httpx.Client, person: dict[str, Any]
+) -> None:
+    assert sso_server.core is not None and sso_server.core.oidc is not None
+    attempts = sso_server.core.oidc.attempts
+    attempts.limit = 3
+    try:
+        for _ in range(3):
+            assert browser.get(LOGIN).status_code == 303
+        refused = browser.get(LOGIN)
+        assert refused.status_code == 429 and refused.headers["retry-after"]
+        assert "too many" in refused.json()["error"]["message"]
+        before = admin.get("/api/v1/audit", params={"action": "auth.login"}).json()["events"]
+        for _ in range(5):
+            response = browser.get(CALLBACK, params={"state": secrets.token_urlsafe(8)})
+            assert sso_error(response) == "too_many_attempts"
+        after = admin.get("/api/v1/audit", params={"action": "auth.login"}).json()["events"]
+        assert after[0]["id"] == before[0]["id"]  # nothing written for those
+        page = browser.get("/login", params={"sso_error": "too_many_attempts"})
+        assert "Too many sign-in attempts" in page.text
+    finally:
+        attempts.limit = 60
+        attempts.clear()
+
+
+# ----- the provider, seen from the relying party ---------------------------------------
+
+
+@pytest.fixture
+async def rp(provider: FakeProvider) -> AsyncIterator[OidcProvider]:
+    """A relying party of its own (empty caches) on the fake provider."""
+    provider.knobs = Knobs()
+    provider.hits.clear()
+    settings = load_settings(
+        oidc_issuer=provider.issuer,
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
+        oidc_redirect_url="http://127.0.0.1:1" + CALLBACK,
+    )
+    relying_party = OidcProvider(settings)
+    try:
+        yield relying_party
+    finally:
+        await relying_party.aclose()
+
+
+def id_token(provider: FakeProvider, key: RSAKey, header: dict[str, Any]) -> str:
+    now = int(time.time())
+    claims = {"iss": provider.issuer, "aud": CLIENT_ID, "sub": "s", "iat": now, "exp": now + 60}
+    return jwt.encode({"alg": "RS256", **header}, {**claims, "nonce": "n"}, key)
+
+
+@pytest.mark.parametrize(
+    ("issuer", "field", "url", "allowed"),
+    [
+        ("https://id.example.com", "jwks_uri", "https://keys.example.com/jwks", True),
+        ("https://id.example.com", "jwks_uri", "http://id.example.com/jwks", False),
+        ("https://id.example.com", "token_endpoint", "http://127.0.0.1/token", False),
+        ("http://127.0.0.1:5556", "jwks_uri", "http://127.0.0.1:5557/jwks", True),
+        ("http://127.0.0.1:5556", "jwks_uri", "http://keys.example.com/jwks", False),
+        ("http://127.0.0.1:5556", "token_endpoint", "http://10.0.0.7/token", False),
+        ("https://id.example.com", "token_endpoint", "https://user:pw@id.example.com/t", False),
+        ("https://id.example.com", "authorization_endpoint", "javascript:alert(1)", False),
+    ],
+)
+def test_discovered_endpoints_must_be_https(
+    issuer: str, field: str, url: str, allowed: bool
+) -> None:
+    """Unless the issuer and the endpoint are both on loopback: a loopback http issuer
+    (allowed for development) cannot send us over plain http to another machine."""
+    document = {
+        "issuer": issuer,
+        "authorization_endpoint": issuer + "/authorize",
+        "token_endpoint": issuer + "/token",
+        "jwks_uri": issuer + "/jwks",
+        field: url,
+    }
+    if allowed:
+        assert getattr(parse_metadata(issuer, document), field) == url
+    else:
+        with pytest.raises(ProviderUnavailable, match=field):
+            parse_metadata(issuer, document)
+    with pytest.raises(ProviderUnavailable, match="names issuer"):
+        parse_metadata("https://other.example.com", {**document, field: issuer + "/x"})
+
+
+async def test_a_slow_provider_is_cut_off(rp: OidcProvider, provider: FakeProvider) -> None:
+    """A deadline on the whole call, not only between two bytes: a provider that drips its
+    answer cannot hold a sign-in (and the lock every other sign-in waits on)."""
+    provider.knobs.drip_s = 0.25  # about five seconds for the whole document
+    rp.timeout_s = 1.0
+    started = time.monotonic()
+    with pytest.raises(ProviderUnavailable, match="did not answer within 1 s"):
+        await rp.metadata()
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    ("knobs", "why"),
+    [
+        (Knobs(huge="discovery"), f"larger than {MAX_DOCUMENT_BYTES} bytes"),
+        (Knobs(huge="jwks"), f"larger than {MAX_DOCUMENT_BYTES} bytes"),
+        (Knobs(huge="token"), f"larger than {MAX_DOCUMENT_BYTES} bytes"),
+        (Knobs(deep=True), "is not JSON"),  # json.loads would blow the recursion limit
+    ],
+    ids=["discovery", "jwks", "token", "deep"],
+)
+async def test_huge_or_deep_answers_are_refused(
+    rp: OidcProvider, provider: FakeProvider, knobs: Knobs, why: str
+) -> None:
+    provider.knobs = knobs
+    provider.grants["code"] = Grant(rp.redirect_url, "challenge", "n", {})
+    with pytest.raises(ProviderUnavailable, match=why):
+        await rp.metadata()
+        await rp._key_set()
+        await rp.exchange_code("code", "v" * 43)
+
+
+async def test_a_failing_provider_is_not_asked_again_at_once(
+    rp: OidcProvider, provider: FakeProvider
+) -> None:
+    """Each /login would otherwise send a request to a provider that is down (and queue
+    behind the one before): the failure is remembered for a few seconds."""
+    provider.knobs.discovery_status = 500
+    for _ in range(5):
+        with pytest.raises(ProviderUnavailable, match="HTTP 500"):
+            await rp.metadata()
+    assert provider.hits["discovery"] == 1
+
+
+async def test_unknown_key_ids_refetch_the_keys_once(
+    rp: OidcProvider, provider: FakeProvider
+) -> None:
+    """Tokens naming a key we do not have refetch the key set (the provider may have
+    rotated), but once per JWKS_MIN_REFRESH_S however many arrive at once."""
+    good = id_token(provider, provider.key, {"kid": "k1"})
+    identity = await rp.verify_id_token(good, nonce="n", access_token=None)
+    assert identity.subject == "s" and provider.hits["jwks"] == 1
+    assert rp._keys is not None
+    rp._keys = (rp._keys[0] - 31, rp._keys[1])  # old enough to refresh
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "k9"}, private=True)
+    forged = id_token(provider, stranger, {"kid": "k9"})
+    results = await asyncio.gather(
+        *[rp.verify_id_token(forged, nonce="n", access_token=None) for _ in range(10)],
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, OidcError) and r.reason == "invalid_id_token" for r in results)
+    assert provider.hits["jwks"] == 2
+    assert "unknown key id 'k9'" in str(results[0])
+    with pytest.raises(OidcError):
+        await rp.verify_id_token(forged, nonce="n", access_token=None)
+    assert provider.hits["jwks"] == 2
+
+
+async def test_a_token_without_kid_needs_a_single_key(
+    rp: OidcProvider, provider: FakeProvider
+) -> None:
+    """OIDC Core §10.1: with several keys the token must say which. Refused outright: a
+    missing kid is no sign of rotated keys, so it does not refetch them either."""
+    no_kid = id_token(provider, provider.key, {})
+    assert (await rp.verify_id_token(no_kid, nonce="n", access_token=None)).subject == "s"
+    provider.knobs.extra_key = True
+    rp._keys = None
+    await rp._key_set()
+    assert rp._keys is not None and provider.hits["jwks"] == 2
+    rp._keys = (rp._keys[0] - 31, rp._keys[1])  # old enough that a refresh would happen
+    with pytest.raises(OidcError, match="no 'kid'"):
+        await rp.verify_id_token(no_kid, nonce="n", access_token=None)
+    assert provider.hits["jwks"] == 2
+
+
+async def test_the_authorization_url_opens_no_tls_context(
+    rp: OidcProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/login is public: building the URL must not cost a TLS context (certificates read
+    and parsed, tens of milliseconds of CPU) per request."""
+    await rp.metadata()
+    loads: list[object] = []
+    original = ssl.SSLContext.load_verify_locations
+
+    def counting(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loads.append(args)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    url = await rp.authorization_url(state="s", nonce="n", code_verifier="v" * 43)
+    query = parse_qs(urlsplit(url).query)
+    assert query["code_challenge_method"] == ["S256"] and query["nonce"] == ["n"]
+    assert query["redirect_uri"] == [rp.redirect_url] and query["client_id"] == [CLIENT_ID]
+    assert loads == []
 
 
 # ----- configuration -------------------------------------------------------------------

@@ -20,8 +20,12 @@ _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token char
 OIDC_CALLBACK_PATH = "/api/v1/auth/oidc/callback"
 
 
-def _is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+def is_loopback_url(url: str) -> bool:
+    """Whether a URL's host is ``localhost`` or a loopback address."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:  # a malformed [IPv6] host
+        return False
     if host == "localhost":
         return True
     try:
@@ -194,16 +198,28 @@ class Settings(BaseSettings):
     @field_validator("oidc_issuer")
     @classmethod
     def _check_oidc_issuer(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("http://") and not _is_loopback_url(value):
+        if value is None:
+            return None
+        if value.startswith("http://") and not is_loopback_url(value):
             # Discovery and keys fetched over plain HTTP could be swapped by anyone on the path.
             raise ValueError("must be an https:// URL (http:// only for a loopback provider)")
+        parts = urlsplit(value)
+        if parts.username is not None or parts.query or parts.fragment or "#" in value:
+            # An issuer is a bare URL (OIDC Discovery §3); a password in it would also end up
+            # in every log line that names the discovery URL.
+            raise ValueError("expected a URL without user:password@, ?query or #fragment")
         return value
 
     @field_validator("oidc_redirect_url")
     @classmethod
     def _check_oidc_redirect(cls, value: str | None) -> str | None:
-        if value is not None and not urlsplit(value).path.endswith(OIDC_CALLBACK_PATH):
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if not parts.path.endswith(OIDC_CALLBACK_PATH) or parts.fragment or "#" in value:
             raise ValueError(f"expected the server's URL followed by {OIDC_CALLBACK_PATH}")
+        if parts.username is not None:
+            raise ValueError("expected a URL without user:password@")
         return value
 
     @field_validator("oidc_client_id", "oidc_client_secret", mode="before")

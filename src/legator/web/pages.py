@@ -32,6 +32,7 @@ SSO_MESSAGES = {
     "invalid_id_token": "The identity provider's answer could not be verified.",
     "provider_unavailable": "The identity provider cannot be reached. Try again later.",
     "disabled": "Your account is disabled.",
+    "too_many_attempts": "Too many sign-in attempts from your network. Try again in a few minutes.",
 }
 SSO_FALLBACK = "Single sign-on failed. Please try again."
 

@@ -1,35 +1,41 @@
 """The OpenID Connect provider, as a relying party sees it: its discovery document and keys
 (both cached), the authorization URL, the code exchange and the ID token's validation.
 
-Authlib does the protocol: ``AsyncOAuth2Client`` builds the authorization URL (with the PKCE
-challenge) and exchanges the code; ``CodeIDToken`` checks the ID token's claims. The token's
-signature is checked by joserfc, the JOSE library Authlib itself now runs on (its own
-``authlib.jose`` is deprecated in its favour). No token, code or secret is ever logged.
+Authlib does the protocol: it builds the authorization request (with the PKCE challenge) and
+``CodeIDToken`` checks the ID token's claims. The token's signature is checked by joserfc, the
+JOSE library Authlib itself now runs on. Every call to the provider (discovery, keys, token
+endpoint) goes through one HTTP client, with a deadline on the whole exchange, not only
+between two bytes, and a cap on the size of the answer: a slow or hostile provider can neither
+hold a sign-in open nor fill the memory. No token, code or secret is ever logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from authlib.oidc.core import CodeIDToken
-from joserfc import jwt
-from joserfc.errors import InvalidKeyIdError, JoseError
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key, KeySet
 
-from legator.core.config import Settings
+from legator.core.config import Settings, is_loopback_url
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 CACHE_TTL_S = 3600.0
+FAILURE_TTL_S = 10.0  # a failed discovery or key fetch is remembered (and answered) this long
 JWKS_MIN_REFRESH_S = 30.0  # an unknown key id refetches the keys at most this often
-HTTP_TIMEOUT_S = 10.0
+HTTP_TIMEOUT_S = 10.0  # for one call to the provider, from connecting to the last byte
 ID_TOKEN_LEEWAY_S = 60  # clock skew allowed on exp, nbf and iat
-MAX_DOCUMENT_BYTES = 512 * 1024
+MAX_DOCUMENT_BYTES = 512 * 1024  # discovery document, key set, token endpoint answer
+MAX_KEYS = 50  # keys read from the key set; a provider publishes a handful
 # Signature algorithms accepted on ID tokens: asymmetric ones only, so never "none", and never
 # an HMAC whose key would be the client secret.
 ASYMMETRIC_ALGORITHMS = (
@@ -44,19 +50,6 @@ ASYMMETRIC_ALGORITHMS = (
     "ES512",
     "EdDSA",
 )
-
-
-def _transport_errors() -> tuple[type[Exception], ...]:
-    # Authlib's httpx client runs on httpx2 when that is installed, else on httpx.
-    errors: tuple[type[Exception], ...] = (httpx.HTTPError,)
-    try:
-        import httpx2
-    except ImportError:  # pragma: no cover - depends on what else is installed
-        return errors
-    return (*errors, httpx2.HTTPError)
-
-
-TRANSPORT_ERRORS = _transport_errors()
 
 
 class OidcError(Exception):
@@ -99,11 +92,32 @@ class IdentityClaims:
     claims: dict[str, Any]
 
 
-def _same_scheme_rule(issuer: str, url: str) -> bool:
-    """An https issuer's endpoints must be https too (a loopback http issuer, allowed by the
-    settings for development, may use http)."""
-    scheme = urlsplit(url).scheme
-    return scheme == "https" or (scheme == "http" and issuer.startswith("http://"))
+def _endpoint_allowed(issuer: str, url: str) -> bool:
+    """Endpoints are https. Only a loopback http issuer (the settings allow one, for
+    development) may name http endpoints, and then on a loopback address too: never a
+    plain-text hop to another machine, whatever the discovery document says."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if not parts.hostname or parts.username is not None:
+        return False
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and is_loopback_url(issuer) and is_loopback_url(url)
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(item for item in value if isinstance(item, str)) if isinstance(value, list) else ()
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON in a body, or ValueError (deeply nested arrays included, which would
+    otherwise exhaust the recursion limit)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def parse_metadata(configured_issuer: str, document: Any) -> ProviderMetadata:
@@ -120,11 +134,12 @@ def parse_metadata(configured_issuer: str, document: Any) -> ProviderMetadata:
     urls: dict[str, str] = {}
     for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
         value = document.get(name)
-        if not isinstance(value, str) or not _same_scheme_rule(issuer, value):
+        if not isinstance(value, str) or not _endpoint_allowed(issuer, value):
             raise ProviderUnavailable(f"the discovery document has no usable {name}")
         urls[name] = value
-    methods = document.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
-    advertised = document.get("id_token_signing_alg_values_supported") or ["RS256"]
+    methods = _strings(document.get("token_endpoint_auth_methods_supported"))
+    methods = methods or ("client_secret_basic",)
+    advertised = _strings(document.get("id_token_signing_alg_values_supported")) or ("RS256",)
     algorithms = tuple(alg for alg in ASYMMETRIC_ALGORITHMS if alg in advertised)
     if not algorithms:
         raise ProviderUnavailable(
@@ -132,7 +147,7 @@ def parse_metadata(configured_issuer: str, document: Any) -> ProviderMetadata:
         )
     return ProviderMetadata(
         issuer=issuer,
-        token_auth_methods=tuple(str(m) for m in methods),
+        token_auth_methods=methods,
         algorithms=algorithms,
         **urls,
     )
@@ -147,57 +162,112 @@ class OidcProvider:
         self.client_id: str = settings.oidc_client_id or ""
         self.redirect_url: str = settings.oidc_redirect_url or ""
         self.scopes = settings.oidc_scopes
+        self.timeout_s = HTTP_TIMEOUT_S
         self._secret = settings.oidc_client_secret
-        self._http = httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, follow_redirects=False)
-        self._lock = asyncio.Lock()
-        self._metadata: tuple[float, ProviderMetadata] | None = None
-        self._keys: tuple[float, KeySet] | None = None
+        self._http = httpx.AsyncClient(
+            timeout=HTTP_TIMEOUT_S,
+            follow_redirects=False,
+            # Uncompressed: the size cap then bounds what is held, not what is inflated.
+            headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+        )
+        self._metadata_lock = asyncio.Lock()
+        self._metadata: tuple[float, ProviderMetadata] | None = None  # (expires, metadata)
+        self._metadata_failure: tuple[float, str] | None = None  # (until, why)
+        self._keys_lock = asyncio.Lock()
+        self._keys: tuple[float, KeySet] | None = None  # (fetched at, keys)
+        self._keys_failure: tuple[float, str] | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _get_json(self, url: str, what: str) -> Any:
+    async def _call(self, what: str, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
+        """One call to the provider: the status and the JSON answer (None when the body is not
+        JSON), within ``timeout_s`` in all and MAX_DOCUMENT_BYTES."""
         try:
-            response = await self._http.get(url, headers={"Accept": "application/json"})
+            async with asyncio.timeout(self.timeout_s):
+                async with self._http.stream(method, url, **kwargs) as response:
+                    length = response.headers.get("content-length", "")
+                    if length.isdigit() and int(length) > MAX_DOCUMENT_BYTES:
+                        raise _too_large(what, url)
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_DOCUMENT_BYTES:
+                            raise _too_large(what, url)
+                    status = response.status_code
+        except TimeoutError:
+            raise ProviderUnavailable(
+                f"{what} at {url} did not answer within {self.timeout_s:g} s"
+            ) from None
         except httpx.HTTPError as exc:
             raise ProviderUnavailable(f"{what} at {url}: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise ProviderUnavailable(f"{what} at {url} answered HTTP {response.status_code}")
-        if len(response.content) > MAX_DOCUMENT_BYTES:
-            raise ProviderUnavailable(f"{what} at {url} is larger than {MAX_DOCUMENT_BYTES} bytes")
         try:
-            return response.json()
+            return status, parse_json(bytes(body))
         except ValueError:
-            raise ProviderUnavailable(f"{what} at {url} is not JSON") from None
+            return status, None
+
+    async def _get_json(self, url: str, what: str) -> Any:
+        status, document = await self._call(what, "GET", url)
+        if status != 200:
+            raise ProviderUnavailable(f"{what} at {url} answered HTTP {status}")
+        if document is None:
+            raise ProviderUnavailable(f"{what} at {url} is not JSON")
+        return document
 
     async def metadata(self) -> ProviderMetadata:
-        """The discovery document, fetched once an hour (and again after a failure)."""
+        """The discovery document, fetched once an hour. A failure is remembered for
+        FAILURE_TTL_S: sign-ins meanwhile fail at once instead of each asking again."""
         cached = self._metadata
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        async with self._lock:
+        async with self._metadata_lock:
             cached = self._metadata
             if cached is not None and cached[0] > time.monotonic():
                 return cached[1]
-            document = await self._get_json(self.issuer + DISCOVERY_PATH, "discovery document")
-            metadata = parse_metadata(self.issuer, document)
+            failure = self._metadata_failure
+            if failure is not None and failure[0] > time.monotonic():
+                raise ProviderUnavailable(failure[1])
+            try:
+                url = self.issuer.rstrip("/") + DISCOVERY_PATH
+                metadata = parse_metadata(
+                    self.issuer, await self._get_json(url, "discovery document")
+                )
+            except ProviderUnavailable as exc:
+                self._metadata_failure = (time.monotonic() + FAILURE_TTL_S, str(exc))
+                raise
+            self._metadata_failure = None
             self._metadata = (time.monotonic() + CACHE_TTL_S, metadata)
             return metadata
 
     async def _key_set(self, *, refresh: bool = False) -> KeySet:
         """The provider's signing keys, fetched once an hour, or sooner on ``refresh`` (an
-        unknown key id) but at most every JWKS_MIN_REFRESH_S."""
-        if self._keys is not None:
-            age = time.monotonic() - self._keys[0]
-            if age < CACHE_TTL_S and not (refresh and age >= JWKS_MIN_REFRESH_S):
-                return self._keys[1]
+        unknown key id) but at most every JWKS_MIN_REFRESH_S, however many sign-ins ask at
+        once: a token naming keys that do not exist cannot make us hammer the provider."""
+        async with self._keys_lock:
+            if self._keys is not None:
+                age = time.monotonic() - self._keys[0]
+                if age < CACHE_TTL_S and (not refresh or age < JWKS_MIN_REFRESH_S):
+                    return self._keys[1]
+            failure = self._keys_failure
+            if failure is not None and failure[0] > time.monotonic():
+                raise ProviderUnavailable(failure[1])
+            try:
+                key_set = await self._fetch_keys()
+            except ProviderUnavailable as exc:
+                self._keys_failure = (time.monotonic() + FAILURE_TTL_S, str(exc))
+                raise
+            self._keys_failure = None
+            self._keys = (time.monotonic(), key_set)
+            return key_set
+
+    async def _fetch_keys(self) -> KeySet:
         metadata = await self.metadata()
         document = await self._get_json(metadata.jwks_uri, "key set")
         raw = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(raw, list):
             raise ProviderUnavailable("the provider's key set has no 'keys' list")
         keys: list[Key] = []
-        for entry in raw:
+        for entry in raw[:MAX_KEYS]:
             # Encryption keys, secret (oct) keys and unknown key types are skipped.
             if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
                 continue
@@ -209,60 +279,54 @@ class OidcProvider:
                 continue
         if not keys:
             raise ProviderUnavailable("the provider's key set has no usable signing key")
-        key_set = KeySet(keys)
-        self._keys = (time.monotonic(), key_set)
-        return key_set
-
-    def _client(self, metadata: ProviderMetadata) -> AsyncOAuth2Client:
-        secret = self._secret.get_secret_value() if self._secret is not None else None
-        if secret is None:
-            method = "none"  # a public client: PKCE is its only proof
-        elif "client_secret_basic" in metadata.token_auth_methods:
-            method = "client_secret_basic"
-        else:
-            method = "client_secret_post"
-        return AsyncOAuth2Client(
-            client_id=self.client_id,
-            client_secret=secret,
-            token_endpoint_auth_method=method,
-            scope=self.scopes,
-            redirect_uri=self.redirect_url,
-            code_challenge_method="S256",
-            timeout=HTTP_TIMEOUT_S,
-        )
+        return KeySet(keys)
 
     async def authorization_url(self, *, state: str, nonce: str, code_verifier: str) -> str:
         metadata = await self.metadata()
-        async with self._client(metadata) as client:
-            url, _state = client.create_authorization_url(
-                metadata.authorization_endpoint,
-                state=state,
-                code_verifier=code_verifier,
-                nonce=nonce,
-            )
-        return str(url)
+        url: str = prepare_grant_uri(
+            metadata.authorization_endpoint,
+            client_id=self.client_id,
+            response_type="code",
+            redirect_uri=self.redirect_url,
+            scope=self.scopes,
+            state=state,
+            nonce=nonce,
+            code_challenge=create_s256_code_challenge(code_verifier),
+            code_challenge_method="S256",
+        )
+        return url
 
     async def exchange_code(self, code: str, code_verifier: str) -> dict[str, Any]:
         """The token endpoint's answer for an authorization code (with the PKCE verifier)."""
         metadata = await self.metadata()
-        try:
-            async with self._client(metadata) as client:
-                token = await client.fetch_token(
-                    metadata.token_endpoint,
-                    grant_type="authorization_code",
-                    code=code,
-                    code_verifier=code_verifier,
-                )
-        except OAuthError as exc:
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self.redirect_url,
+            "code_verifier": code_verifier,
+        }
+        auth: httpx.BasicAuth | None = None
+        secret = self._secret.get_secret_value() if self._secret is not None else None
+        if secret is None:
+            form["client_id"] = self.client_id  # a public client: PKCE is its only proof
+        elif "client_secret_basic" in metadata.token_auth_methods:
+            auth = httpx.BasicAuth(self.client_id, secret)
+        else:
+            form |= {"client_id": self.client_id, "client_secret": secret}
+        status, answer = await self._call(
+            "token endpoint", "POST", metadata.token_endpoint, data=form, auth=auth
+        )
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if isinstance(error, str):
             # The provider's error code only: its description may echo what we sent.
             raise OidcError(
-                "token_rejected", f"the token endpoint refused the code: {str(exc.error)[:100]}"
-            ) from None
-        except TRANSPORT_ERRORS as exc:
-            raise ProviderUnavailable(f"token endpoint: {type(exc).__name__}") from None
-        except ValueError:
-            raise ProviderUnavailable("the token endpoint answered something not JSON") from None
-        return dict(token)
+                "token_rejected", f"the token endpoint refused the code: {error[:100]!r}"
+            )
+        if status != 200:
+            raise ProviderUnavailable(f"the token endpoint answered HTTP {status}")
+        if not isinstance(answer, dict):
+            raise ProviderUnavailable("the token endpoint answered something not a JSON object")
+        return answer
 
     async def verify_id_token(
         self, id_token: object, *, nonce: str, access_token: str | None
@@ -273,12 +337,8 @@ class OidcProvider:
             raise OidcError("invalid_id_token", "the token endpoint returned no ID token")
         metadata = await self.metadata()
         try:
-            try:
-                token = jwt.decode(id_token, await self._key_set(), algorithms=metadata.algorithms)
-            except InvalidKeyIdError:
-                # The provider may have rotated its keys since we fetched them.
-                keys = await self._key_set(refresh=True)
-                token = jwt.decode(id_token, keys, algorithms=metadata.algorithms)
+            keys = await self._signing_keys(id_token)
+            token = jwt.decode(id_token, keys, algorithms=metadata.algorithms)
             claims = CodeIDToken(
                 token.claims,
                 token.header,
@@ -297,3 +357,34 @@ class OidcProvider:
         if not isinstance(subject, str) or not 0 < len(subject) <= 255:
             raise OidcError("invalid_id_token", "ID token refused: 'sub' is not 1-255 characters")
         return IdentityClaims(issuer=metadata.issuer, subject=subject, claims=dict(claims))
+
+    async def _signing_keys(self, id_token: str) -> KeySet:
+        """The keys to check ``id_token`` with. A ``kid`` we do not know refetches the key set
+        (the provider may have rotated its keys), at most every JWKS_MIN_REFRESH_S; no
+        ``kid`` is accepted only when the provider has a single key (OIDC Core §10.1)."""
+        kid = jws.extract_compact(id_token.encode()).headers().get("kid")
+        keys = await self._key_set()
+        if kid is None:
+            if len(keys.keys) != 1:
+                raise OidcError(
+                    "invalid_id_token",
+                    "ID token refused: no 'kid' in its header and the provider has several keys",
+                )
+            return keys
+        if not isinstance(kid, str) or not 0 < len(kid) <= 256:
+            raise OidcError("invalid_id_token", "ID token refused: its 'kid' is not a string")
+        if not _has_kid(keys, kid):
+            keys = await self._key_set(refresh=True)
+            if not _has_kid(keys, kid):
+                raise OidcError(
+                    "invalid_id_token", f"ID token refused: unknown key id {kid[:64]!r}"
+                )
+        return keys
+
+
+def _has_kid(keys: KeySet, kid: str) -> bool:
+    return any(key.kid == kid for key in keys.keys)
+
+
+def _too_large(what: str, url: str) -> ProviderUnavailable:
+    return ProviderUnavailable(f"{what} at {url} is larger than {MAX_DOCUMENT_BYTES} bytes")

@@ -52,7 +52,7 @@ async def oidc_login(
     if not is_local_path(next):
         raise BadRequest("'next' must be a path on this server, such as /fleet")
     try:
-        started = await logins.start(next)
+        started = await logins.start(next, client_ip=client_ip(request))
     except OidcError as exc:
         return _to_login_page(exc.reason, next)
     response = RedirectResponse(started.redirect_url, status_code=303)

@@ -4,8 +4,11 @@ password sign-in opens. No HTTP here: the router turns results into redirects an
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
+import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,14 +28,25 @@ from legator.core.security import constant_time_equal, sha256_hex
 log = get_logger("legator.auth.oidc")
 PENDING_TTL = timedelta(minutes=10)
 MAX_PENDING = 10_000  # sign-ins in flight; more is someone filling the table
+# Sign-ins one client (an IPv4 address, an IPv6 /64) may start, and failed callbacks it may
+# send, per PENDING_TTL: one client alone can neither fill MAX_PENDING nor the audit log.
+MAX_ATTEMPTS_PER_CLIENT = 60
+CREATE_ATTEMPTS = 5  # tries at creating a user when concurrent first sign-ins collide
+# Names a provider's user never gets: the first admin's, and the actors the audit log uses
+# for the system itself, so that no one can sign in as something that looks like them.
+RESERVED_USERNAMES = frozenset(
+    {"admin", "administrator", "root", "system", "cli", "anonymous", "leger-device-login"}
+)
 
 # Why a sign-in failed: short codes for the audit log and the login page.
 BAD_STATE = "bad_state"
 PROVIDER_ERROR = "provider_error"
 MISSING_CODE = "missing_code"
 DISABLED = "disabled"
+TOO_MANY = "too_many_attempts"
 
 _NOT_USERNAME = re.compile(r"[^a-z0-9._@-]+")
+_NUMBERED = re.compile(r"-[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -68,14 +82,78 @@ class Callback:
 
 
 def username_candidate(identity: IdentityClaims) -> str:
-    """A valid username from preferred_username, else the e-mail address, else the subject."""
-    for source in (identity.claims.get("preferred_username"), identity.claims.get("email")):
+    """A valid username from preferred_username, else the e-mail address when the provider
+    vouches for it, else the subject. Never a reserved name: a provider's user calling
+    itself "admin" or "system" gets the subject-based name instead."""
+    claims = identity.claims
+    email = claims.get("email") if claims.get("email_verified") is True else None
+    for source in (claims.get("preferred_username"), email):
         if isinstance(source, str):
             name = _NOT_USERNAME.sub("-", source.strip().lower())
             name = name.lstrip("._@-")[:64]
-            if USERNAME_RE.match(name):
+            if USERNAME_RE.match(name) and not _reserved(name):
                 return name
     return "sso-" + sha256_hex(f"{identity.issuer}|{identity.subject}")[:12]
+
+
+def _reserved(name: str) -> bool:
+    # "admin-2" is what a taken name becomes: it would pass for the first admin's too.
+    return _NUMBERED.sub("", name) in RESERVED_USERNAMES
+
+
+def client_key(client_ip: str) -> str:
+    """Whom to count attempts against: the address, or its /64 for IPv6 (one machine
+    commonly holds a whole /64)."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return client_ip
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class AttemptLimiter:
+    """At most ``limit`` attempts per client in a sliding ``window_s``, kept in memory (per
+    replica) for at most ``max_clients`` clients: past that, new clients are refused until
+    some are forgotten."""
+
+    def __init__(self, limit: int, window_s: float, *, max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._seen: dict[str, deque[float]] = {}
+
+    def _recent(self, client: str, now: float) -> deque[float] | None:
+        times = self._seen.get(client)
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def over(self, client: str) -> bool:
+        """Whether ``client`` has used up its attempts."""
+        times = self._recent(client, time.monotonic())
+        return times is not None and len(times) >= self.limit
+
+    def count(self, client: str) -> bool:
+        """Count an attempt; False (and not counted) when ``client`` is over the limit."""
+        now = time.monotonic()
+        times = self._recent(client, now)
+        if times is None:
+            if len(self._seen) >= self.max_clients:
+                cutoff = now - self.window_s
+                for stale in [c for c, t in self._seen.items() if not t or t[-1] <= cutoff]:
+                    del self._seen[stale]
+                if len(self._seen) >= self.max_clients:
+                    return False
+            times = self._seen[client] = deque()
+        if len(times) >= self.limit:
+            return False
+        times.append(now)
+        return True
+
+    def clear(self) -> None:
+        self._seen.clear()
 
 
 class OidcLogins:
@@ -85,12 +163,18 @@ class OidcLogins:
         self.db = auth.db
         self.audit = auth.audit
         self.default_role = default_role
+        self.attempts = AttemptLimiter(MAX_ATTEMPTS_PER_CLIENT, PENDING_TTL.total_seconds())
 
     # ----- the way out -------------------------------------------------------------------
 
-    async def start(self, next_path: str) -> SignInStart:
+    async def start(self, next_path: str, *, client_ip: str = "") -> SignInStart:
         """A new sign-in: its state, nonce and PKCE verifier are kept here, single use, for
         ten minutes; the browser gets the provider's URL and a token to hold in a cookie."""
+        if not self.attempts.count(client_key(client_ip)):
+            raise TooManyRequests(
+                "too many single sign-ins from this address; try again in a few minutes",
+                headers={"Retry-After": "60"},
+            )
         state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(64)  # 86 characters, within RFC 7636's 43-128
         browser = secrets.token_urlsafe(32)
@@ -126,10 +210,17 @@ class OidcLogins:
 
     async def finish(self, callback: Callback) -> SignedIn:
         """Check the callback and open a session; every refusal is audited and raised as
-        an OidcError."""
+        an OidcError. A client past MAX_ATTEMPTS_PER_CLIENT is refused before anything is
+        looked at, and that refusal is not audited: it would be one row per request."""
+        client = client_key(callback.client_ip)
+        if self.attempts.over(client):
+            # Not even a warning: that too would be one line per request.
+            log.debug("single sign-on refused", reason=TOO_MANY, client_ip=callback.client_ip)
+            raise OidcError(TOO_MANY, "too many failed sign-ins from this address")
         try:
             return await self._finish(callback)
         except OidcError as exc:
+            self.attempts.count(client)
             username = exc.username
             log.warning("single sign-on refused", reason=exc.reason, detail=str(exc))
             await self.audit.log(
@@ -214,13 +305,17 @@ class OidcLogins:
     async def _user_for(self, identity: IdentityClaims) -> User:
         """The user linked to (issuer, sub), created at the first sign-in. Never linked by
         name or e-mail: whoever controls those at the provider could take an account over."""
-        try:
-            return await self._find_or_create(identity)
-        except IntegrityError:
-            # A concurrent first sign-in of the same person created the link: use it.
-            return await self._find_or_create(identity)
+        for attempt in range(CREATE_ATTEMPTS - 1):
+            try:
+                return await self._find_or_create(identity, retry=attempt > 0)
+            except IntegrityError:
+                # A concurrent first sign-in created the link (use it now), or took the
+                # username this one chose (choose again, at random among the free ones, so
+                # that several people racing for one name do not collide again).
+                continue
+        return await self._find_or_create(identity, retry=True)
 
-    async def _find_or_create(self, identity: IdentityClaims) -> User:
+    async def _find_or_create(self, identity: IdentityClaims, *, retry: bool = False) -> User:
         now = utcnow()
         async with self.db.write() as session:
             link = await session.scalar(
@@ -230,15 +325,19 @@ class OidcLogins:
                 )
             )
             if link is not None:
-                link.last_login_at = now
                 user = await session.get(User, link.user_id)
-                assert user is not None  # the link is deleted with its user
-                return user
+                if user is not None:
+                    link.last_login_at = now
+                    return user
+                # The link outlived its user (it is deleted with it, so only if something
+                # removed the user behind the application's back): start afresh.
+                await session.delete(link)
+                await session.flush()
             claims = identity.claims
             email = claims.get("email") if claims.get("email_verified") is True else None
             name = claims.get("name")
             user = User(
-                username=await _free_username(session, username_candidate(identity)),
+                username=await _free_username(session, username_candidate(identity), retry),
                 role=self.default_role,
                 display_name=name[:200] if isinstance(name, str) else "",
                 email=email if isinstance(email, str) and len(email) <= 320 else None,
@@ -270,13 +369,14 @@ class OidcLogins:
             return user
 
 
-async def _free_username(session: AsyncSession, wanted: str) -> str:
-    """``wanted``, or ``wanted-2``, ``wanted-3``… when taken (cut to fit 64 characters)."""
+async def _free_username(session: AsyncSession, wanted: str, retry: bool = False) -> str:
+    """``wanted``, or ``wanted-2``, ``wanted-3``… when taken (cut to fit 64 characters); on
+    a ``retry`` after a collision, any free one of those."""
     candidates = [wanted] + [f"{wanted[: 64 - len(str(n)) - 1]}-{n}" for n in range(2, 21)]
     taken = set(
         (await session.scalars(select(User.username).where(User.username.in_(candidates)))).all()
     )
-    for candidate in candidates:
-        if candidate not in taken:
-            return candidate
+    free = [candidate for candidate in candidates if candidate not in taken]
+    if free:
+        return secrets.choice(free) if retry else free[0]
     return f"{wanted[:55]}-{secrets.token_hex(4)}"
