@@ -95,6 +95,8 @@ def test_oidc_is_on_when_issuer_client_and_redirect_are_set() -> None:
     assert with_secret.oidc_scopes == "openid email"
     loopback = {**OIDC, "oidc_issuer": "http://127.0.0.1:5556/dex"}
     assert load_settings(**loopback).oidc_enabled
+    assert settings.oidc_create_users is True
+    assert load_settings(**OIDC, oidc_create_users="false").oidc_create_users is False
 
 
 @pytest.mark.parametrize(
@@ -134,6 +136,7 @@ def test_partial_oidc_settings_name_the_missing_variable(missing: str) -> None:
         ),
         ("oidc_scopes", "email profile", "openid"),
         ("oidc_default_role", "root", "admin"),
+        ("oidc_create_users", "maybe", "valid boolean"),
     ],
 )
 def test_bad_oidc_values_name_the_variable(field: str, value: str, rule: str) -> None:

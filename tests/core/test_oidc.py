@@ -37,6 +37,7 @@ from tests.support import LiveServer, free_port, live_server
 
 CALLBACK = "/api/v1/auth/oidc/callback"
 LOGIN = "/api/v1/auth/oidc/login"
+LINK = "/api/v1/auth/oidc/link"
 
 
 @pytest.fixture(scope="module")
@@ -435,6 +436,257 @@ def test_concurrent_first_sign_ins_never_fail(
         users = server.call(race())
         assert len({user.id for user in users[:4]}) == 1
         assert len({user.username for user in users[3:]}) == 9  # all different
+    finally:
+        server.stop()
+
+
+# ----- linking an existing user --------------------------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+def local_user(admin: httpx.Client, role: str = "auditor") -> str:
+    """A user created by an admin, with a password; returns its (fresh) name."""
+    name = "local-" + secrets.token_hex(4)
+    body = {"username": name, "password": PASSWORD, "role": role}
+    response = admin.post("/api/v1/users", json=body)
+    assert response.status_code == 201, response.text
+    return name
+
+
+def password_sign_in(client: httpx.Client, username: str) -> None:
+    body = {"username": username, "password": PASSWORD}
+    response = client.post("/api/v1/auth/login", json=body)
+    assert response.status_code == 200, response.text
+
+
+def start_link(browser: httpx.Client) -> str:
+    """Open the link endpoint; return the provider's authorization URL it redirects to."""
+    response = browser.get(LINK)
+    assert response.status_code == 303, response.text
+    return response.headers["location"]
+
+
+def home_error(response: httpx.Response) -> str:
+    """The reason a refused link lands on the home page with."""
+    assert response.status_code == 303, response.text
+    location = urlsplit(response.headers["location"])
+    assert location.path == "/", response.headers["location"]
+    return parse_qs(location.query)["sso_error"][0]
+
+
+def last_event(admin: httpx.Client, action: str) -> dict[str, Any]:
+    events = admin.get("/api/v1/audit", params={"action": action, "limit": 1}).json()
+    return events["events"][0]  # type: ignore[no-any-return]
+
+
+def user_count(admin: httpx.Client) -> int:
+    return len(admin.get("/api/v1/users").json())
+
+
+def test_a_local_user_links_and_then_signs_in_through_the_provider(
+    sso_server: LiveServer, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    name = local_user(admin)
+    users = user_count(admin)
+    with sso_server.client() as browser:
+        password_sign_in(browser, name)
+        me = browser.get("/api/v1/me").json()
+        page = browser.get("/")
+        assert 'href="/api/v1/auth/oidc/link"' in page.text and "Link single sign-on" in page.text
+
+        authorization_url = start_link(browser)
+        assert authorization_url.startswith(provider.issuer + "/authorize?")
+        done = browser.get(at_provider(authorization_url))
+        assert done.status_code == 303 and done.headers["location"] == "/", done.text
+        assert not any(
+            c.startswith("legator_session=") for c in done.headers.get_list("set-cookie")
+        )
+        page = browser.get("/")
+        assert f"linked to {provider.issuer}" in page.text
+        assert "/api/v1/auth/oidc/link" not in page.text
+        logout = browser.post("/api/v1/auth/logout", headers={"Origin": sso_server.url})
+        assert logout.status_code == 204
+        assert browser.get("/api/v1/me").status_code == 401
+
+    # Through the provider now: the same user, the same role, and nobody new.
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+        again = browser.get("/api/v1/me").json()
+        assert again["user_id"] == me["user_id"] and again["username"] == name
+        assert again["role"] == "auditor"
+    assert user_count(admin) == users
+    assert admin.get(f"/api/v1/users/{name}").json()["sso_issuers"] == [provider.issuer]
+    listed = {u["username"]: u for u in admin.get("/api/v1/users").json()}
+    assert listed[name]["sso_issuers"] == [provider.issuer]
+    assert person["sub"] not in json.dumps(listed[name])  # the issuer only, not the sub
+
+    event = last_event(admin, "auth.identity.link")
+    assert event["outcome"] == "success" and event["actor"] == name
+    assert event["target"] == f"user:{name}"
+    assert event["details"]["issuer"] == provider.issuer
+    assert event["details"]["subject"] == person["sub"] and not event["details"]["unchanged"]
+    assert provider.token_requests[-1]["code"] not in json.dumps(event)  # never audited
+
+    # Linking what is already yours changes nothing, and says so.
+    with sso_server.client() as browser:
+        password_sign_in(browser, name)
+        assert browser.get(at_provider(start_link(browser))).headers["location"] == "/"
+    assert last_event(admin, "auth.identity.link")["details"]["unchanged"] is True
+    assert admin.get(f"/api/v1/users/{name}").json()["sso_issuers"] == [provider.issuer]
+
+
+def test_an_identity_linked_to_someone_else_is_refused(
+    sso_server: LiveServer, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    person["preferred_username"] = "gina-" + secrets.token_hex(3)
+    with sso_server.client() as first:
+        assert sign_in(first).status_code == 303  # creates gina, linked to this identity
+        gina = first.get("/api/v1/me").json()
+    name = local_user(admin)
+    with sso_server.client() as browser:
+        password_sign_in(browser, name)
+        refused = browser.get(at_provider(start_link(browser)))
+        assert home_error(refused) == "linked_to_another_user"
+        assert browser.get("/api/v1/me").json()["username"] == name  # still signed in as before
+        page = browser.get("/", params={"sso_error": "linked_to_another_user"})
+        assert "already linked to another user" in page.text
+    assert admin.get(f"/api/v1/users/{name}").json()["sso_issuers"] == []
+    event = last_event(admin, "auth.identity.link")
+    assert event["outcome"] == "failure" and event["actor"] == name
+    assert event["details"]["reason"] == "linked_to_another_user"
+    # Gina keeps her identity.
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+        assert browser.get("/api/v1/me").json()["user_id"] == gina["user_id"]
+
+    # Nor can someone who has an identity here link a second one from the same provider.
+    provider.person = {**person, "sub": "another-" + secrets.token_hex(4)}
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+        provider.person = {**person, "sub": "third-" + secrets.token_hex(4)}
+        refused = browser.get(at_provider(start_link(browser)))
+        assert home_error(refused) == "already_linked"
+
+
+def test_linking_needs_a_browser_session(
+    sso_server: LiveServer, admin: httpx.Client, person: dict[str, Any]
+) -> None:
+    with sso_server.client() as browser:
+        response = browser.get(LINK)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert "legator_oidc" not in browser.cookies
+    # An API key, even the admin's, cannot: it must not turn into a sign-in for its owner.
+    response = admin.get(LINK)
+    assert response.status_code == 403
+    assert "browser session" in response.json()["error"]["message"]
+    name = local_user(admin)
+    with sso_server.client() as browser:
+        password_sign_in(browser, name)
+        assert browser.get(LINK, params={"next": "https://evil.example"}).status_code == 400
+
+
+def test_a_link_cannot_be_finished_by_another_browser_or_user(
+    sso_server: LiveServer, admin: httpx.Client, person: dict[str, Any]
+) -> None:
+    """The callback of a link that A started, opened in B's (signed-in) browser, links
+    nothing to anyone; nor does A's own browser once A has signed out, or in as B."""
+    alice, bob = local_user(admin), local_user(admin)
+    with sso_server.client() as a_browser, sso_server.client() as b_browser:
+        password_sign_in(a_browser, alice)
+        password_sign_in(b_browser, bob)
+        callback = at_provider(start_link(a_browser))
+        assert home_error(b_browser.get(callback)) == "bad_state"
+        assert b_browser.get("/api/v1/me").json()["username"] == bob
+        event = last_event(admin, "auth.identity.link")
+        assert event["outcome"] == "failure" and event["details"]["reason"] == "bad_state"
+        assert event["actor"] == alice  # whose link it was
+        # The link is spent even for the browser that started it (which link it was is
+        # forgotten with it, so this lands on the login page like any unknown state).
+        assert sso_error(a_browser.get(callback)) == "bad_state"
+
+        callback = at_provider(start_link(a_browser))
+        a_browser.post("/api/v1/auth/logout", headers={"Origin": sso_server.url})
+        password_sign_in(a_browser, bob)
+        assert home_error(a_browser.get(callback)) == "session_changed"
+
+        callback = at_provider(start_link(a_browser))  # started by bob this time
+        a_browser.post("/api/v1/auth/logout", headers={"Origin": sso_server.url})
+        assert sso_error(a_browser.get(callback)) == "session_changed"  # signed out: /login
+    for name in (alice, bob):
+        assert admin.get(f"/api/v1/users/{name}").json()["sso_issuers"] == []
+
+
+def test_an_admin_unlinks_and_the_next_sign_in_makes_a_new_user(
+    sso_server: LiveServer, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    person["preferred_username"] = "hana-" + secrets.token_hex(3)
+    name = local_user(admin)
+    with sso_server.client() as browser:
+        password_sign_in(browser, name)
+        assert browser.get(at_provider(start_link(browser))).status_code == 303
+        me = browser.get("/api/v1/me").json()
+        # Only an admin unlinks.
+        refused = browser.delete(
+            f"/api/v1/users/{name}/identities", headers={"Origin": sso_server.url}
+        )
+        assert refused.status_code == 403
+
+    unlinked = admin.delete(f"/api/v1/users/{name}/identities")
+    assert unlinked.status_code == 200, unlinked.text
+    assert unlinked.json()["username"] == name and unlinked.json()["sso_issuers"] == []
+    event = last_event(admin, "auth.identity.unlink")
+    assert event["target"] == f"user:{name}" and event["actor"] == "admin"
+    assert event["details"] == {"issuer": provider.issuer, "subject": person["sub"]}
+    again = admin.delete(f"/api/v1/users/{name}/identities")
+    assert again.status_code == 404 and "no single sign-on identity" in again.text
+
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+        other = browser.get("/api/v1/me").json()
+    assert other["user_id"] != me["user_id"]
+    assert other["username"] == person["preferred_username"] and other["role"] == "operator"
+
+
+def test_create_users_false_refuses_unlinked_identities(
+    tmp_path: Path, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    server = LiveServer(
+        tmp_path / "data",
+        oidc_issuer=provider.issuer,
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
+        oidc_create_users=False,
+    )
+    server.settings_overrides["oidc_redirect_url"] = server.url + CALLBACK
+    server.start()
+    try:
+        with server.client(server.admin_key) as admin:
+            users = user_count(admin)
+            with server.client() as browser:
+                assert sso_error(sign_in(browser)) == "not_linked"
+                assert browser.get("/api/v1/me").status_code == 401
+                page = browser.get("/login", params={"sso_error": "not_linked"})
+                assert "Sign in with your password" in page.text and "administrator" in page.text
+            assert user_count(admin) == users  # nobody was created
+            event = last_login_event(admin)
+            assert event["outcome"] == "failure" and event["details"]["reason"] == "not_linked"
+
+            # Linking still works, and then the identity signs in as that user.
+            name = local_user(admin, role="viewer")
+            with server.client() as browser:
+                password_sign_in(browser, name)
+                assert browser.get(at_provider(start_link(browser))).headers["location"] == "/"
+            with server.client() as browser:
+                assert sign_in(browser).status_code == 303
+                assert browser.get("/api/v1/me").json()["username"] == name
+
+            # Unlinked again, it is refused again rather than made a new user.
+            assert admin.delete(f"/api/v1/users/{name}/identities").status_code == 200
+            with server.client() as browser:
+                assert sso_error(sign_in(browser)) == "not_linked"
+            assert user_count(admin) == users + 1
     finally:
         server.stop()
 

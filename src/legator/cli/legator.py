@@ -415,12 +415,13 @@ def users_list(data_dir: DataDir = None, json_output: JsonFlag = False) -> None:
         return
     print_table(
         "Users",
-        ["username", "role", "disabled", "created", "last login"],
+        ["username", "role", "disabled", "single sign-on", "created", "last login"],
         [
             (
                 u.username,
                 u.role,
                 "yes" if u.disabled else "no",
+                ", ".join(u.sso_issuers) or "-",
                 fmt_time(u.created_at),
                 fmt_time(u.last_login_at),
             )

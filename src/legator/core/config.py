@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     )
     oidc_scopes: str = Field("openid email profile", description="Scopes asked for.")
     oidc_default_role: Literal["admin", "operator", "viewer", "auditor"] = "viewer"
+    oidc_create_users: bool = Field(
+        True, description="Create a user at an unlinked identity's first sign-in; false = refuse."
+    )
 
     fleet_token_ttl_s: int = Field(
         1800, ge=60, le=30 * 86400, description="Enrolment token lifetime, seconds."

@@ -82,7 +82,12 @@ def build_core(settings: Settings) -> Core:
     )
     if settings.oidc_enabled:
         provider = OidcProvider(settings)
-        core.oidc = OidcLogins(provider, core.auth, default_role=settings.oidc_default_role)
+        core.oidc = OidcLogins(
+            provider,
+            core.auth,
+            default_role=settings.oidc_default_role,
+            create_users=settings.oidc_create_users,
+        )
         core.shutdown_hooks.append(provider.aclose)
     if cluster is not None:
         # First to start and, hooks running in reverse at shutdown, last to stop.

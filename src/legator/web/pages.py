@@ -1,4 +1,4 @@
-"""The sign-in form and the landing page."""
+"""The sign-in form and the landing page (where a user links single sign-on)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ SSO_MESSAGES = {
     "provider_unavailable": "The identity provider cannot be reached. Try again later.",
     "disabled": "Your account is disabled.",
     "too_many_attempts": "Too many sign-in attempts from your network. Try again in a few minutes.",
+    "not_linked": "No account here is linked to your single sign-on identity. Sign in with your "
+    "password and choose “Link single sign-on”, or ask an administrator.",
+    "linked_to_another_user": "That single sign-on identity is already linked to another user. "
+    "Ask an administrator to unlink it.",
+    "already_linked": "Your account is already linked to another identity at this provider. "
+    "Ask an administrator to unlink it first.",
+    "session_changed": "You signed out, or in as someone else, while linking single sign-on. "
+    "Sign in and start again.",
 }
 SSO_FALLBACK = "Single sign-on failed. Please try again."
 
@@ -66,13 +74,39 @@ async def _optional_principal(request: Request) -> Principal | None:
         return None
 
 
+async def _sso_account(request: Request, principal: Principal) -> dict[str, object] | None:
+    """What the home page says about single sign-on: None when it is not configured or the
+    caller is no signed-in user (only a browser session can link); else the issuer the user
+    is linked to at the configured provider, if any."""
+    core = core_of(request)
+    issuer = core.settings.oidc_issuer
+    if not core.settings.oidc_enabled or issuer is None:
+        return None
+    if principal.method != "session" or principal.user_id is None:
+        return None
+    linked = [
+        linked_issuer
+        for linked_issuer in await core.auth.identity_issuers(principal.user_id)
+        if linked_issuer.rstrip("/") == issuer.rstrip("/")
+    ]
+    return {"linked_issuer": linked[0] if linked else None}
+
+
 @router.get("/", response_class=HTMLResponse, dependencies=[require(Permission.PUBLIC)])
-async def home(request: Request) -> Response:
+async def home(request: Request, sso_error: str = "") -> Response:
     principal = await _optional_principal(request)
     if principal is None:
         return RedirectResponse("/login", status_code=303)
+    error = SSO_MESSAGES.get(sso_error, SSO_FALLBACK) if sso_error else None
     return templates.TemplateResponse(
-        request, "home.html", {"user": principal, "version": build_info()}
+        request,
+        "home.html",
+        {
+            "user": principal,
+            "version": build_info(),
+            "sso": await _sso_account(request, principal),
+            "error": error,
+        },
     )
 
 

@@ -1,6 +1,7 @@
 """Single sign-on: send the browser to the provider, and on its way back check everything,
 find or create the user by its stable link (issuer + ``sub``) and open the same session a
-password sign-in opens. No HTTP here: the router turns results into redirects and cookies."""
+password sign-in opens; or, when a signed-in user started it, link the identity to that user.
+No HTTP here: the router turns results into redirects and cookies."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -44,6 +45,14 @@ PROVIDER_ERROR = "provider_error"
 MISSING_CODE = "missing_code"
 DISABLED = "disabled"
 TOO_MANY = "too_many_attempts"
+NOT_LINKED = "not_linked"  # LEGATOR_OIDC_CREATE_USERS=false and no user has this identity
+LINKED_TO_ANOTHER_USER = "linked_to_another_user"
+ALREADY_LINKED = "already_linked"  # the user has another identity at this provider
+SESSION_CHANGED = "session_changed"  # the linking user is no longer signed in here
+
+# What a pending sign-in is for.
+LOGIN = "login"
+LINK = "link"
 
 _NOT_USERNAME = re.compile(r"[^a-z0-9._@-]+")
 _NUMBERED = re.compile(r"-[0-9]+$")
@@ -63,10 +72,27 @@ class SignedIn:
 
 
 @dataclass(frozen=True)
+class Linked:
+    """The identity is now linked to the signed-in user (or already was)."""
+
+    username: str
+    issuer: str
+    next_path: str
+
+
+class LinkRefused(OidcError):
+    """A link (not a sign-in) was refused: the browser is still signed in as before."""
+
+
+@dataclass(frozen=True)
 class _Pending:
+    browser_hash: str
     nonce: str
     code_verifier: str
     next_path: str
+    expires_at: datetime
+    intent: str
+    user_id: str | None
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,7 @@ class Callback:
     browser_token: str | None
     user_agent: str = ""
     client_ip: str = ""
+    session_user_id: str | None = None  # whom this browser's session cookie signs in, if any
 
 
 def username_candidate(identity: IdentityClaims) -> str:
@@ -157,19 +184,31 @@ class AttemptLimiter:
 
 
 class OidcLogins:
-    def __init__(self, provider: OidcProvider, auth: AuthService, *, default_role: str) -> None:
+    def __init__(
+        self,
+        provider: OidcProvider,
+        auth: AuthService,
+        *,
+        default_role: str,
+        create_users: bool = True,
+    ) -> None:
         self.provider = provider
         self.auth = auth
         self.db = auth.db
         self.audit = auth.audit
         self.default_role = default_role
+        self.create_users = create_users
         self.attempts = AttemptLimiter(MAX_ATTEMPTS_PER_CLIENT, PENDING_TTL.total_seconds())
 
     # ----- the way out -------------------------------------------------------------------
 
-    async def start(self, next_path: str, *, client_ip: str = "") -> SignInStart:
+    async def start(
+        self, next_path: str, *, client_ip: str = "", link_user_id: str | None = None
+    ) -> SignInStart:
         """A new sign-in: its state, nonce and PKCE verifier are kept here, single use, for
-        ten minutes; the browser gets the provider's URL and a token to hold in a cookie."""
+        ten minutes; the browser gets the provider's URL and a token to hold in a cookie.
+        With ``link_user_id`` (the signed-in user who asked), the way back links the
+        identity to that user instead of signing in."""
         if not self.attempts.count(client_key(client_ip)):
             raise TooManyRequests(
                 "too many single sign-ins from this address; try again in a few minutes",
@@ -201,6 +240,8 @@ class OidcLogins:
                     nonce=nonce,
                     code_verifier=verifier,
                     next_path=next_path,
+                    intent=LOGIN if link_user_id is None else LINK,
+                    user_id=link_user_id,
                     expires_at=now + PENDING_TTL,
                 )
             )
@@ -208,24 +249,36 @@ class OidcLogins:
 
     # ----- the way back ------------------------------------------------------------------
 
-    async def finish(self, callback: Callback) -> SignedIn:
-        """Check the callback and open a session; every refusal is audited and raised as
-        an OidcError. A client past MAX_ATTEMPTS_PER_CLIENT is refused before anything is
-        looked at, and that refusal is not audited: it would be one row per request."""
+    async def finish(self, callback: Callback) -> SignedIn | Linked:
+        """Check the callback and open a session (or link the identity, when a signed-in
+        user started this); every refusal is audited and raised as an OidcError, a
+        LinkRefused for a link. A client past MAX_ATTEMPTS_PER_CLIENT is refused before
+        anything is looked at, and that refusal is not audited: it would be one row per
+        request."""
         client = client_key(callback.client_ip)
         if self.attempts.over(client):
             # Not even a warning: that too would be one line per request.
             log.debug("single sign-on refused", reason=TOO_MANY, client_ip=callback.client_ip)
             raise OidcError(TOO_MANY, "too many failed sign-ins from this address")
+        pending: _Pending | None = None
         try:
-            return await self._finish(callback)
+            pending = await self._consume(callback.state)
+            return await self._finish(callback, pending)
         except OidcError as exc:
             self.attempts.count(client)
+            linking = pending is not None and pending.intent == LINK
             username = exc.username
-            log.warning("single sign-on refused", reason=exc.reason, detail=str(exc))
+            if linking and username is None and pending is not None and pending.user_id:
+                username = await self._username_of(pending.user_id)
+            log.warning(
+                "single sign-on refused",
+                reason=exc.reason,
+                detail=str(exc),
+                intent=pending.intent if pending else None,
+            )
             await self.audit.log(
                 actor=username or "anonymous",
-                action="auth.login",
+                action="auth.identity.link" if linking else "auth.login",
                 target=f"user:{username}" if username else f"oidc:{self.provider.issuer}",
                 outcome="failure",
                 details={
@@ -236,15 +289,34 @@ class OidcLogins:
                     "user_agent": callback.user_agent,
                 },
             )
+            if linking:
+                raise LinkRefused(exc.reason, str(exc), username=username) from exc
             raise
 
-    async def _finish(self, callback: Callback) -> SignedIn:
+    async def _finish(self, callback: Callback, pending: _Pending | None) -> SignedIn | Linked:
         if callback.error:
-            # Still burn the state, so that the same link cannot be tried again.
-            await self._consume(callback.state, callback.browser_token, missing_ok=True)
+            # The state is burnt all the same, so that the same link cannot be tried again.
             raise OidcError(PROVIDER_ERROR, f"the provider answered error={callback.error[:64]!r}")
-        pending = await self._consume(callback.state, callback.browser_token)
-        assert pending is not None
+        if pending is None:
+            if not callback.state or len(callback.state) > 512:
+                raise OidcError(BAD_STATE, "the callback carries no valid state")
+            raise OidcError(BAD_STATE, "unknown or already used sign-in state")
+        if pending.expires_at <= utcnow():
+            raise OidcError(BAD_STATE, "the sign-in took longer than ten minutes")
+        browser_token = callback.browser_token
+        if not browser_token or not constant_time_equal(
+            sha256_hex(browser_token), pending.browser_hash
+        ):
+            # Someone else's callback link (login CSRF), or the cookie is gone.
+            raise OidcError(BAD_STATE, "the sign-in was started in another browser")
+        if pending.intent == LINK and (
+            pending.user_id is None or callback.session_user_id != pending.user_id
+        ):
+            # Signed out, or in as someone else, since the link started: whoever is at the
+            # keyboard now did not ask for it.
+            raise OidcError(
+                SESSION_CHANGED, "the user who started the link is no longer signed in here"
+            )
         if not callback.code:
             raise OidcError(MISSING_CODE, "the provider sent no authorization code")
         token = await self.provider.exchange_code(callback.code, pending.code_verifier)
@@ -254,6 +326,8 @@ class OidcLogins:
             nonce=pending.nonce,
             access_token=access_token if isinstance(access_token, str) else None,
         )
+        if pending.intent == LINK and pending.user_id is not None:
+            return await self._link(identity, pending.user_id, pending.next_path, callback)
         user = await self._user_for(identity)
         if user.disabled:
             raise OidcError(DISABLED, f"user {user.username!r} is disabled", username=user.username)
@@ -265,15 +339,11 @@ class OidcLogins:
         )
         return SignedIn(session_token, UserOut.model_validate(user), pending.next_path)
 
-    async def _consume(
-        self, state: str, browser_token: str | None, *, missing_ok: bool = False
-    ) -> _Pending | None:
-        """Take the pending sign-in for ``state`` out of the table (so it is used once) and
-        check that it has not expired and that this browser started it."""
+    async def _consume(self, state: str) -> _Pending | None:
+        """Take the pending sign-in for ``state`` out of the table, so that it is used once
+        (whether or not it then passes the checks); None when there is none."""
         if not state or len(state) > 512:
-            if missing_ok:
-                return None
-            raise OidcError(BAD_STATE, "the callback carries no valid state")
+            return None
         async with self.db.write() as session:
             row = (
                 await session.execute(
@@ -285,26 +355,110 @@ class OidcLogins:
                         OidcPending.code_verifier,
                         OidcPending.next_path,
                         OidcPending.expires_at,
+                        OidcPending.intent,
+                        OidcPending.user_id,
                     )
                 )
             ).first()
         if row is None:
-            if missing_ok:
-                return None
-            raise OidcError(BAD_STATE, "unknown or already used sign-in state")
-        browser_hash, nonce, verifier, next_path, expires_at = row
-        if expires_at <= utcnow():
-            raise OidcError(BAD_STATE, "the sign-in took longer than ten minutes")
-        if not browser_token or not constant_time_equal(sha256_hex(browser_token), browser_hash):
-            # Someone else's callback link (login CSRF), or the cookie is gone.
-            raise OidcError(BAD_STATE, "the sign-in was started in another browser")
-        return _Pending(nonce=nonce, code_verifier=verifier, next_path=next_path)
+            return None
+        browser_hash, nonce, verifier, next_path, expires_at, intent, user_id = row
+        return _Pending(
+            browser_hash=browser_hash,
+            nonce=nonce,
+            code_verifier=verifier,
+            next_path=next_path,
+            expires_at=expires_at,
+            intent=intent,
+            user_id=user_id,
+        )
+
+    async def _username_of(self, user_id: str) -> str | None:
+        async with self.db.session() as session:
+            return await session.scalar(select(User.username).where(User.id == user_id))
+
+    # ----- linking -----------------------------------------------------------------------
+
+    async def _link(
+        self, identity: IdentityClaims, user_id: str, next_path: str, callback: Callback
+    ) -> Linked:
+        """Attach (issuer, sub) to the user who asked: refused when it belongs to someone
+        else or the user already has another identity at this provider; nothing to do when
+        it is theirs already."""
+        try:
+            return await self._attach(identity, user_id, next_path, callback)
+        except IntegrityError:
+            # Someone linked (or signed in with) this identity at the same moment: look again.
+            return await self._attach(identity, user_id, next_path, callback)
+
+    async def _attach(
+        self, identity: IdentityClaims, user_id: str, next_path: str, callback: Callback
+    ) -> Linked:
+        async with self.db.write() as session:
+            user = await session.get(User, user_id)
+            if user is None or user.disabled:
+                raise OidcError(
+                    SESSION_CHANGED if user is None else DISABLED,
+                    "the user who started the link no longer exists"
+                    if user is None
+                    else "the user who started the link is disabled",
+                    username=user.username if user is not None else None,
+                )
+            links = (
+                await session.scalars(
+                    select(UserIdentity).where(
+                        UserIdentity.issuer == identity.issuer,
+                        (UserIdentity.subject == identity.subject)
+                        | (UserIdentity.user_id == user.id),
+                    )
+                )
+            ).all()
+            same = next((link for link in links if link.subject == identity.subject), None)
+            others = [link for link in links if link.subject != identity.subject]
+            if same is not None and same.user_id != user.id:
+                owner = await session.get(User, same.user_id)
+                if owner is not None:
+                    raise OidcError(
+                        LINKED_TO_ANOTHER_USER,
+                        f"the identity is already linked to user {owner.username!r}",
+                        username=user.username,
+                    )
+                await session.delete(same)  # orphaned: see _find_or_create
+                await session.flush()
+                same = None
+            if same is None and others:
+                raise OidcError(
+                    ALREADY_LINKED,
+                    "the user is already linked to another identity at this provider",
+                    username=user.username,
+                )
+            if same is None:
+                session.add(
+                    UserIdentity(user_id=user.id, issuer=identity.issuer, subject=identity.subject)
+                )
+                await session.flush()
+            await self.audit.record(
+                session,
+                actor=user.username,
+                action="auth.identity.link",
+                target=f"user:{user.username}",
+                details={
+                    "method": "oidc",
+                    "issuer": identity.issuer,
+                    "subject": identity.subject,
+                    "unchanged": same is not None,
+                    "client_ip": callback.client_ip,
+                    "user_agent": callback.user_agent,
+                },
+            )
+            return Linked(username=user.username, issuer=identity.issuer, next_path=next_path)
 
     # ----- users -------------------------------------------------------------------------
 
     async def _user_for(self, identity: IdentityClaims) -> User:
-        """The user linked to (issuer, sub), created at the first sign-in. Never linked by
-        name or e-mail: whoever controls those at the provider could take an account over."""
+        """The user linked to (issuer, sub), created at the first sign-in unless
+        ``create_users`` is off. Never linked by name or e-mail: whoever controls those at
+        the provider could take an account over."""
         for attempt in range(CREATE_ATTEMPTS - 1):
             try:
                 return await self._find_or_create(identity, retry=attempt > 0)
@@ -333,6 +487,12 @@ class OidcLogins:
                 # removed the user behind the application's back): start afresh.
                 await session.delete(link)
                 await session.flush()
+            if not self.create_users:
+                raise OidcError(
+                    NOT_LINKED,
+                    f"no user is linked to sub {identity.subject[:64]!r} and "
+                    "LEGATOR_OIDC_CREATE_USERS is false",
+                )
             claims = identity.claims
             email = claims.get("email") if claims.get("email_verified") is True else None
             name = claims.get("name")

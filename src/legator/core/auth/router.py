@@ -111,6 +111,14 @@ async def update_user(
     return await core_of(request).auth.update_user(ref, body, actor=principal.actor)
 
 
+@router.delete("/users/{ref}/identities", response_model=UserOut)
+async def unlink_identities(
+    ref: str, request: Request, principal: Principal = require(P.USERS_WRITE)
+) -> UserOut:
+    """Detach the user's single sign-on identities; 404 when there are none."""
+    return await core_of(request).auth.unlink_identities(ref, actor=principal.actor)
+
+
 @router.delete("/users/{ref}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_user(
     ref: str, request: Request, principal: Principal = require(P.USERS_WRITE)

@@ -77,6 +77,10 @@ class UserOut(BaseModel):
     disabled: bool
     created_at: datetime
     last_login_at: datetime | None
+    sso_issuers: list[str] = Field(
+        default_factory=list,
+        description="Issuers of the single sign-on identities linked to this user.",
+    )
 
 
 class KeyCreate(BaseModel):

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
-from legator.core.auth.models import ApiKey, Session, User
+from legator.core.auth.models import ApiKey, Session, User, UserIdentity
 from legator.core.auth.permissions import Role, permissions_for_role, scoped_permissions
 from legator.core.auth.principal import Principal
 from legator.core.auth.schemas import KeyOut, UserCreate, UserOut, UserUpdate
@@ -117,14 +117,57 @@ class AuthService:
             raise NotFound(f"user {ref!r} does not exist")
         return user
 
+    async def _user_out(self, session: AsyncSession, user: User) -> UserOut:
+        out = UserOut.model_validate(user)
+        out.sso_issuers = await self._issuers(session, user.id)
+        return out
+
+    async def _issuers(self, session: AsyncSession, user_id: str) -> list[str]:
+        query = select(UserIdentity.issuer).where(UserIdentity.user_id == user_id)
+        return sorted(set((await session.scalars(query)).all()))
+
     async def get_user(self, ref: str) -> UserOut:
         async with self.db.session() as session:
-            return UserOut.model_validate(await self._user(session, ref))
+            return await self._user_out(session, await self._user(session, ref))
 
     async def list_users(self) -> list[UserOut]:
         async with self.db.session() as session:
             users = (await session.scalars(select(User).order_by(User.username))).all()
-        return [UserOut.model_validate(user) for user in users]
+            links = (await session.execute(select(UserIdentity.user_id, UserIdentity.issuer))).all()
+        issuers: dict[str, set[str]] = {}
+        for user_id, issuer in links:
+            issuers.setdefault(user_id, set()).add(issuer)
+        out = [UserOut.model_validate(user) for user in users]
+        for user_out in out:
+            user_out.sso_issuers = sorted(issuers.get(user_out.id, ()))
+        return out
+
+    async def identity_issuers(self, user_id: str) -> list[str]:
+        """Issuers of the single sign-on identities linked to a user."""
+        async with self.db.session() as session:
+            return await self._issuers(session, user_id)
+
+    async def unlink_identities(self, ref: str, *, actor: str = SYSTEM_ACTOR) -> UserOut:
+        """Detach every single sign-on identity from a user: the identity's next sign-in
+        finds no user (and creates one, unless LEGATOR_OIDC_CREATE_USERS is false). The
+        user's sessions stay: to keep someone out, disable them."""
+        async with self.db.write() as session:
+            user = await self._user(session, ref)
+            links = (
+                await session.scalars(select(UserIdentity).where(UserIdentity.user_id == user.id))
+            ).all()
+            if not links:
+                raise NotFound(f"user {user.username!r} has no single sign-on identity")
+            for link in links:
+                await session.delete(link)
+                await self.audit.record(
+                    session,
+                    actor=actor,
+                    action="auth.identity.unlink",
+                    target=f"user:{user.username}",
+                    details={"issuer": link.issuer, "subject": link.subject},
+                )
+            return UserOut.model_validate(user)
 
     async def create_user(self, data: UserCreate, *, actor: str = SYSTEM_ACTOR) -> UserOut:
         # Hash outside the transaction: argon2 takes tens of milliseconds.
@@ -180,7 +223,7 @@ class AuthService:
                 target=f"user:{user.username}",
                 details=audit_changes,
             )
-            return UserOut.model_validate(user)
+            return await self._user_out(session, user)
 
     async def delete_user(self, ref: str, *, actor: str = SYSTEM_ACTOR) -> None:
         async with self.db.write() as session:
