@@ -45,6 +45,10 @@ SSO_MESSAGES = {
 SSO_FALLBACK = "Single sign-on failed. Please try again."
 
 
+def _sso_message(reason: str) -> str | None:
+    return SSO_MESSAGES.get(reason, SSO_FALLBACK) if reason else None
+
+
 def _safe_next(target: str) -> str:
     # Only same-site relative paths: never an open redirect.
     return target if is_local_path(target) else "/"
@@ -97,7 +101,6 @@ async def home(request: Request, sso_error: str = "") -> Response:
     principal = await _optional_principal(request)
     if principal is None:
         return RedirectResponse("/login", status_code=303)
-    error = SSO_MESSAGES.get(sso_error, SSO_FALLBACK) if sso_error else None
     return templates.TemplateResponse(
         request,
         "home.html",
@@ -105,15 +108,14 @@ async def home(request: Request, sso_error: str = "") -> Response:
             "user": principal,
             "version": build_info(),
             "sso": await _sso_account(request, principal),
-            "error": error,
+            "error": _sso_message(sso_error),
         },
     )
 
 
 @router.get("/login", response_class=HTMLResponse, dependencies=[require(Permission.PUBLIC)])
 async def login_form(request: Request, next: str = "/", sso_error: str = "") -> Response:
-    error = SSO_MESSAGES.get(sso_error, SSO_FALLBACK) if sso_error else None
-    return _login_page(request, next=next, error=error)
+    return _login_page(request, next=next, error=_sso_message(sso_error))
 
 
 @router.post("/login", dependencies=[require(Permission.PUBLIC)])

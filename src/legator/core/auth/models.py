@@ -81,9 +81,9 @@ class UserIdentity(Base):
 
 class OidcPending(Base):
     """A sign-in sent to the provider and not back yet: found by the digest of its ``state``,
-    bound to the browser that started it, deleted when used or expired. ``intent`` is
-    ``login`` (open a session) or ``link`` (attach the identity to ``user_id``, the signed-in
-    user who started it)."""
+    bound to the browser that started it, deleted when used or expired. With a ``user_id``
+    (the signed-in user who started it) it is a link: the identity is attached to that user
+    instead of opening a session."""
 
     __tablename__ = "oidc_pending"
 
@@ -92,7 +92,6 @@ class OidcPending(Base):
     nonce: Mapped[str] = mapped_column(String(128))
     code_verifier: Mapped[str] = mapped_column(String(128))
     next_path: Mapped[str] = mapped_column(String(2048))
-    intent: Mapped[str] = mapped_column(String(16), default="login", server_default="login")
     user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -111,15 +111,6 @@ def _strings(value: object) -> tuple[str, ...]:
     return tuple(item for item in value if isinstance(item, str)) if isinstance(value, list) else ()
 
 
-def parse_json(body: bytes) -> Any:
-    """The JSON in a body, or ValueError (deeply nested arrays included, which would
-    otherwise exhaust the recursion limit)."""
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
 def parse_metadata(configured_issuer: str, document: Any) -> ProviderMetadata:
     if not isinstance(document, dict):
         raise ProviderUnavailable("the discovery document is not a JSON object")
@@ -202,8 +193,8 @@ class OidcProvider:
         except httpx.HTTPError as exc:
             raise ProviderUnavailable(f"{what} at {url}: {type(exc).__name__}") from None
         try:
-            return status, parse_json(bytes(body))
-        except ValueError:
+            return status, json.loads(body)
+        except (ValueError, RecursionError):  # deeply nested arrays exhaust the recursion limit
             return status, None
 
     async def _get_json(self, url: str, what: str) -> Any:

@@ -43,21 +43,29 @@ def _logins(request: Request) -> OidcLogins:
     return logins
 
 
+def _check_next(next_path: str) -> None:
+    if not is_local_path(next_path):
+        raise BadRequest("'next' must be a path on this server, such as /fleet")
+
+
+def _redirect(url: str) -> Response:
+    """A redirect that drops the browser's sign-in cookie: that sign-in is over either way."""
+    response = RedirectResponse(url, status_code=303)
+    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, httponly=True, samesite="lax")
+    return response
+
+
 def _to_login_page(reason: str, next_path: str = "/") -> Response:
     query = {"sso_error": reason}
     if next_path != "/":
         query["next"] = next_path
-    response = RedirectResponse("/login?" + urlencode(query), status_code=303)
-    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, httponly=True, samesite="lax")
-    return response
+    return _redirect("/login?" + urlencode(query))
 
 
 def _to_home_page(reason: str) -> Response:
     """Where a refused link lands: the user is still signed in, so the home page, which
     offers the link, says what went wrong."""
-    response = RedirectResponse("/?" + urlencode({"sso_error": reason}), status_code=303)
-    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, httponly=True, samesite="lax")
-    return response
+    return _redirect("/?" + urlencode({"sso_error": reason}))
 
 
 def _to_provider(request: Request, started: SignInStart) -> Response:
@@ -91,8 +99,7 @@ async def oidc_login(
     """Start single sign-on: a redirect to the identity provider. ``next`` is a path on this
     server to land on afterwards. 404 when single sign-on is not configured."""
     logins = _logins(request)
-    if not is_local_path(next):
-        raise BadRequest("'next' must be a path on this server, such as /fleet")
+    _check_next(next)
     try:
         started = await logins.start(next, client_ip=client_ip(request))
     except OidcError as exc:
@@ -117,8 +124,7 @@ async def oidc_link(
             "linking single sign-on needs a browser session: sign in at /login with your "
             "password, not with an API key"
         )
-    if not is_local_path(next):
-        raise BadRequest("'next' must be a path on this server, such as /fleet")
+    _check_next(next)
     try:
         started = await logins.start(
             next, client_ip=client_ip(request), link_user_id=principal.user_id
@@ -156,8 +162,7 @@ async def oidc_callback(
         return _to_home_page(exc.reason) if session_user_id else _to_login_page(exc.reason)
     except OidcError as exc:
         return _to_login_page(exc.reason)
-    response = RedirectResponse(result.next_path, status_code=303)
+    response = _redirect(result.next_path)
     if not isinstance(result, Linked):
         set_session_cookie(request, response, result.session_token)
-    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, httponly=True, samesite="lax")
     return response

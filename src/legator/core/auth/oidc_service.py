@@ -5,21 +5,18 @@ No HTTP here: the router turns results into redirects and cookies."""
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import secrets
-import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from legator.core.auth.attempts import AttemptLimiter, client_key
 from legator.core.auth.models import OidcPending, User, UserIdentity
 from legator.core.auth.oidc_provider import IdentityClaims, OidcError, OidcProvider
-from legator.core.auth.schemas import USERNAME_RE, UserOut
+from legator.core.auth.oidc_usernames import free_username, username_candidate, verified_email
+from legator.core.auth.schemas import UserOut
 from legator.core.auth.service import SYSTEM_ACTOR, AuthService
 from legator.core.db import utcnow
 from legator.core.errors import TooManyRequests
@@ -33,12 +30,6 @@ MAX_PENDING = 10_000  # sign-ins in flight; more is someone filling the table
 # send, per PENDING_TTL: one client alone can neither fill MAX_PENDING nor the audit log.
 MAX_ATTEMPTS_PER_CLIENT = 60
 CREATE_ATTEMPTS = 5  # tries at creating a user when concurrent first sign-ins collide
-# Names a provider's user never gets: the first admin's, and the actors the audit log uses
-# for the system itself, so that no one can sign in as something that looks like them.
-RESERVED_USERNAMES = frozenset(
-    {"admin", "administrator", "root", "system", "cli", "anonymous", "leger-device-login"}
-)
-
 # Why a sign-in failed: short codes for the audit log and the login page.
 BAD_STATE = "bad_state"
 PROVIDER_ERROR = "provider_error"
@@ -50,23 +41,17 @@ LINKED_TO_ANOTHER_USER = "linked_to_another_user"
 ALREADY_LINKED = "already_linked"  # the user has another identity at this provider
 SESSION_CHANGED = "session_changed"  # the linking user is no longer signed in here
 
-# What a pending sign-in is for.
-LOGIN = "login"
-LINK = "link"
-
-_NOT_USERNAME = re.compile(r"[^a-z0-9._@-]+")
-_NUMBERED = re.compile(r"-[0-9]+$")
-
 
 @dataclass(frozen=True)
 class SignInStart:
     redirect_url: str
-    browser_token: str  # for a short-lived HttpOnly cookie: binds the sign-in to this browser
+    # For a short-lived HttpOnly cookie: binds the sign-in to this browser.
+    browser_token: str = field(repr=False)
 
 
 @dataclass(frozen=True)
 class SignedIn:
-    session_token: str
+    session_token: str = field(repr=False)
     user: UserOut
     next_path: str
 
@@ -75,8 +60,6 @@ class SignedIn:
 class Linked:
     """The identity is now linked to the signed-in user (or already was)."""
 
-    username: str
-    issuer: str
     next_path: str
 
 
@@ -88,11 +71,10 @@ class LinkRefused(OidcError):
 class _Pending:
     browser_hash: str
     nonce: str
-    code_verifier: str
+    code_verifier: str = field(repr=False)
     next_path: str
     expires_at: datetime
-    intent: str
-    user_id: str | None
+    user_id: str | None  # a link for this user; None: a sign-in
 
 
 @dataclass(frozen=True)
@@ -100,87 +82,12 @@ class Callback:
     """What came back from the provider, and from whom."""
 
     state: str
-    code: str
+    code: str = field(repr=False)
     error: str
-    browser_token: str | None
+    browser_token: str | None = field(repr=False)
     user_agent: str = ""
     client_ip: str = ""
     session_user_id: str | None = None  # whom this browser's session cookie signs in, if any
-
-
-def username_candidate(identity: IdentityClaims) -> str:
-    """A valid username from preferred_username, else the e-mail address when the provider
-    vouches for it, else the subject. Never a reserved name: a provider's user calling
-    itself "admin" or "system" gets the subject-based name instead."""
-    claims = identity.claims
-    email = claims.get("email") if claims.get("email_verified") is True else None
-    for source in (claims.get("preferred_username"), email):
-        if isinstance(source, str):
-            name = _NOT_USERNAME.sub("-", source.strip().lower())
-            name = name.lstrip("._@-")[:64]
-            if USERNAME_RE.match(name) and not _reserved(name):
-                return name
-    return "sso-" + sha256_hex(f"{identity.issuer}|{identity.subject}")[:12]
-
-
-def _reserved(name: str) -> bool:
-    # "admin-2" is what a taken name becomes: it would pass for the first admin's too.
-    return _NUMBERED.sub("", name) in RESERVED_USERNAMES
-
-
-def client_key(client_ip: str) -> str:
-    """Whom to count attempts against: the address, or its /64 for IPv6 (one machine
-    commonly holds a whole /64)."""
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return client_ip
-    if address.version == 6:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
-
-
-class AttemptLimiter:
-    """At most ``limit`` attempts per client in a sliding ``window_s``, kept in memory (per
-    replica) for at most ``max_clients`` clients: past that, new clients are refused until
-    some are forgotten."""
-
-    def __init__(self, limit: int, window_s: float, *, max_clients: int = 10_000) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self.max_clients = max_clients
-        self._seen: dict[str, deque[float]] = {}
-
-    def _recent(self, client: str, now: float) -> deque[float] | None:
-        times = self._seen.get(client)
-        while times and times[0] <= now - self.window_s:
-            times.popleft()
-        return times
-
-    def over(self, client: str) -> bool:
-        """Whether ``client`` has used up its attempts."""
-        times = self._recent(client, time.monotonic())
-        return times is not None and len(times) >= self.limit
-
-    def count(self, client: str) -> bool:
-        """Count an attempt; False (and not counted) when ``client`` is over the limit."""
-        now = time.monotonic()
-        times = self._recent(client, now)
-        if times is None:
-            if len(self._seen) >= self.max_clients:
-                cutoff = now - self.window_s
-                for stale in [c for c, t in self._seen.items() if not t or t[-1] <= cutoff]:
-                    del self._seen[stale]
-                if len(self._seen) >= self.max_clients:
-                    return False
-            times = self._seen[client] = deque()
-        if len(times) >= self.limit:
-            return False
-        times.append(now)
-        return True
-
-    def clear(self) -> None:
-        self._seen.clear()
 
 
 class OidcLogins:
@@ -240,7 +147,6 @@ class OidcLogins:
                     nonce=nonce,
                     code_verifier=verifier,
                     next_path=next_path,
-                    intent=LOGIN if link_user_id is None else LINK,
                     user_id=link_user_id,
                     expires_at=now + PENDING_TTL,
                 )
@@ -266,15 +172,13 @@ class OidcLogins:
             return await self._finish(callback, pending)
         except OidcError as exc:
             self.attempts.count(client)
-            linking = pending is not None and pending.intent == LINK
+            link_user_id = pending.user_id if pending is not None else None
+            linking = link_user_id is not None
             username = exc.username
-            if linking and username is None and pending is not None and pending.user_id:
-                username = await self._username_of(pending.user_id)
+            if username is None and link_user_id is not None:
+                username = await self._username_of(link_user_id)
             log.warning(
-                "single sign-on refused",
-                reason=exc.reason,
-                detail=str(exc),
-                intent=pending.intent if pending else None,
+                "single sign-on refused", reason=exc.reason, detail=str(exc), linking=linking
             )
             await self.audit.log(
                 actor=username or "anonymous",
@@ -298,9 +202,12 @@ class OidcLogins:
             # The state is burnt all the same, so that the same link cannot be tried again.
             raise OidcError(PROVIDER_ERROR, f"the provider answered error={callback.error[:64]!r}")
         if pending is None:
-            if not callback.state or len(callback.state) > 512:
-                raise OidcError(BAD_STATE, "the callback carries no valid state")
-            raise OidcError(BAD_STATE, "unknown or already used sign-in state")
+            raise OidcError(
+                BAD_STATE,
+                "unknown or already used sign-in state"
+                if callback.state
+                else "the callback carries no state",
+            )
         if pending.expires_at <= utcnow():
             raise OidcError(BAD_STATE, "the sign-in took longer than ten minutes")
         browser_token = callback.browser_token
@@ -309,9 +216,7 @@ class OidcLogins:
         ):
             # Someone else's callback link (login CSRF), or the cookie is gone.
             raise OidcError(BAD_STATE, "the sign-in was started in another browser")
-        if pending.intent == LINK and (
-            pending.user_id is None or callback.session_user_id != pending.user_id
-        ):
+        if pending.user_id is not None and callback.session_user_id != pending.user_id:
             # Signed out, or in as someone else, since the link started: whoever is at the
             # keyboard now did not ask for it.
             raise OidcError(
@@ -326,8 +231,9 @@ class OidcLogins:
             nonce=pending.nonce,
             access_token=access_token if isinstance(access_token, str) else None,
         )
-        if pending.intent == LINK and pending.user_id is not None:
-            return await self._link(identity, pending.user_id, pending.next_path, callback)
+        if pending.user_id is not None:
+            await self._link(identity, pending.user_id, callback)
+            return Linked(pending.next_path)
         user = await self._user_for(identity)
         if user.disabled:
             raise OidcError(DISABLED, f"user {user.username!r} is disabled", username=user.username)
@@ -355,23 +261,11 @@ class OidcLogins:
                         OidcPending.code_verifier,
                         OidcPending.next_path,
                         OidcPending.expires_at,
-                        OidcPending.intent,
                         OidcPending.user_id,
                     )
                 )
             ).first()
-        if row is None:
-            return None
-        browser_hash, nonce, verifier, next_path, expires_at, intent, user_id = row
-        return _Pending(
-            browser_hash=browser_hash,
-            nonce=nonce,
-            code_verifier=verifier,
-            next_path=next_path,
-            expires_at=expires_at,
-            intent=intent,
-            user_id=user_id,
-        )
+        return None if row is None else _Pending(**row._mapping)
 
     async def _username_of(self, user_id: str) -> str | None:
         async with self.db.session() as session:
@@ -379,30 +273,24 @@ class OidcLogins:
 
     # ----- linking -----------------------------------------------------------------------
 
-    async def _link(
-        self, identity: IdentityClaims, user_id: str, next_path: str, callback: Callback
-    ) -> Linked:
+    async def _link(self, identity: IdentityClaims, user_id: str, callback: Callback) -> None:
         """Attach (issuer, sub) to the user who asked: refused when it belongs to someone
         else or the user already has another identity at this provider; nothing to do when
         it is theirs already."""
         try:
-            return await self._attach(identity, user_id, next_path, callback)
+            await self._attach(identity, user_id, callback)
         except IntegrityError:
             # Someone linked (or signed in with) this identity at the same moment: look again.
-            return await self._attach(identity, user_id, next_path, callback)
+            await self._attach(identity, user_id, callback)
 
-    async def _attach(
-        self, identity: IdentityClaims, user_id: str, next_path: str, callback: Callback
-    ) -> Linked:
+    async def _attach(self, identity: IdentityClaims, user_id: str, callback: Callback) -> None:
         async with self.db.write() as session:
             user = await session.get(User, user_id)
-            if user is None or user.disabled:
+            if user is None:
+                raise OidcError(SESSION_CHANGED, "the user who started the link no longer exists")
+            if user.disabled:
                 raise OidcError(
-                    SESSION_CHANGED if user is None else DISABLED,
-                    "the user who started the link no longer exists"
-                    if user is None
-                    else "the user who started the link is disabled",
-                    username=user.username if user is not None else None,
+                    DISABLED, "the user who started the link is disabled", username=user.username
                 )
             links = (
                 await session.scalars(
@@ -451,7 +339,6 @@ class OidcLogins:
                     "user_agent": callback.user_agent,
                 },
             )
-            return Linked(username=user.username, issuer=identity.issuer, next_path=next_path)
 
     # ----- users -------------------------------------------------------------------------
 
@@ -493,14 +380,13 @@ class OidcLogins:
                     f"no user is linked to sub {identity.subject[:64]!r} and "
                     "LEGATOR_OIDC_CREATE_USERS is false",
                 )
-            claims = identity.claims
-            email = claims.get("email") if claims.get("email_verified") is True else None
-            name = claims.get("name")
+            email = verified_email(identity.claims)
+            name = identity.claims.get("name")
             user = User(
-                username=await _free_username(session, username_candidate(identity), retry),
+                username=await free_username(session, username_candidate(identity), retry),
                 role=self.default_role,
                 display_name=name[:200] if isinstance(name, str) else "",
-                email=email if isinstance(email, str) and len(email) <= 320 else None,
+                email=email if email is not None and len(email) <= 320 else None,
                 password_hash=None,
             )
             session.add(user)
@@ -527,16 +413,3 @@ class OidcLogins:
                 },
             )
             return user
-
-
-async def _free_username(session: AsyncSession, wanted: str, retry: bool = False) -> str:
-    """``wanted``, or ``wanted-2``, ``wanted-3``… when taken (cut to fit 64 characters); on
-    a ``retry`` after a collision, any free one of those."""
-    candidates = [wanted] + [f"{wanted[: 64 - len(str(n)) - 1]}-{n}" for n in range(2, 21)]
-    taken = set(
-        (await session.scalars(select(User.username).where(User.username.in_(candidates)))).all()
-    )
-    free = [candidate for candidate in candidates if candidate not in taken]
-    if free:
-        return secrets.choice(free) if retry else free[0]
-    return f"{wanted[:55]}-{secrets.token_hex(4)}"

@@ -18,9 +18,6 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("oidc_pending", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("intent", sa.String(length=16), server_default="login", nullable=False)
-        )
         batch_op.add_column(sa.Column("user_id", sa.String(length=36), nullable=True))
         batch_op.create_foreign_key(
             batch_op.f("fk_oidc_pending_user_id_users"),
@@ -35,4 +32,3 @@ def downgrade() -> None:
     with op.batch_alter_table("oidc_pending", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_oidc_pending_user_id_users"), type_="foreignkey")
         batch_op.drop_column("user_id")
-        batch_op.drop_column("intent")
