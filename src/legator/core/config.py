@@ -20,18 +20,23 @@ _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token char
 OIDC_CALLBACK_PATH = "/api/v1/auth/oidc/callback"
 
 
-def is_loopback_url(url: str) -> bool:
-    """Whether a URL's host is ``localhost`` or a loopback address."""
-    try:
-        host = urlsplit(url).hostname or ""
-    except ValueError:  # a malformed [IPv6] host
-        return False
+def is_loopback_host(host: str) -> bool:
+    """Whether a host is ``localhost`` or a loopback address."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether a URL's host is ``localhost`` or a loopback address."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:  # a malformed [IPv6] host
+        return False
+    return is_loopback_host(host)
 
 
 class ConfigError(Exception):
@@ -334,12 +339,7 @@ class Settings(BaseSettings):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     @property
     def effective_database_url(self) -> str:
