@@ -20,14 +20,9 @@ from legator.core.config import Settings
 from legator.core.db import Database
 from legator.core.db.migrate import upgrade
 from legator.secrets.crypto import load_key_file
-from legator.secrets.importing import (
-    IMPORT_ACTION,
-    SUMMARY_ACTION,
-    SqliteImport,
-    open_sqlite_import,
-)
+from legator.secrets.importing import IMPORT_ACTION, SUMMARY_ACTION, open_sqlite_import
 from legator.secrets.location import open_store
-from legator.secrets.store import SecretStore, SqlStore
+from legator.secrets.store import ImportReport, SecretStore, SqlStore
 from tests.support import run_cli
 
 
@@ -41,8 +36,13 @@ class Plane:
     def store(self) -> SqlStore:
         return open_store(self.settings)[0]
 
-    def start_import(self, old: Path) -> SqliteImport:
-        return open_sqlite_import(self.settings, old, None)
+    async def run_import(self, old: Path) -> ImportReport:
+        """What ``legator secrets import-sqlite`` does: open, run into this audit log, close."""
+        job = open_sqlite_import(self.settings, old, None)
+        try:
+            return await job.run(self.audit)
+        finally:
+            job.close()
 
     async def events(self, action: str) -> list[AuditEventOut]:
         found, _ = await self.audit.query(AuditFilter(action=action), limit=100)
@@ -94,11 +94,7 @@ async def test_each_secret_copied_is_one_audit_event_and_the_import_one_summary(
     here = plane.store()
     here.put("mail/key", b"m41l-value")  # here already, the same
     here.close()
-    job = plane.start_import(old)
-    try:
-        report = await job.run(plane.audit)
-    finally:
-        job.close()
+    report = await plane.run_import(old)
     assert (report.imported, report.unchanged, report.conflicts) == (
         ["api/token", "db/password"],
         ["mail/key"],
@@ -158,12 +154,8 @@ async def test_an_interrupted_import_leaves_each_secret_with_its_event_or_neithe
             return await record(self, session, **fields)
 
         monkeypatch.setattr(AuditService, "record", recording)
-    job = plane.start_import(old)
-    try:
-        with pytest.raises(Lost):
-            await job.run(plane.audit)
-    finally:
-        job.close()
+    with pytest.raises(Lost):
+        await plane.run_import(old)
 
     here = plane.store()
     assert [(i.name, i.versions) for i in here.list()] == [("api/token", [1])]
@@ -171,11 +163,7 @@ async def test_an_interrupted_import_leaves_each_secret_with_its_event_or_neithe
     assert await plane.events(SUMMARY_ACTION) == []  # the import did not finish
 
     monkeypatch.undo()
-    job = plane.start_import(old)
-    try:
-        report = await job.run(plane.audit)
-    finally:
-        job.close()
+    report = await plane.run_import(old)
     assert (report.imported, report.unchanged) == (["db/password", "mail/key"], ["api/token"])
     assert here.get("db/password") == (b"pw-3", 3)
     assert [e.target for e in await plane.events(IMPORT_ACTION)] == [

@@ -273,14 +273,6 @@ def secrets_import_sqlite(
     from legator.secrets.store import ImportReport
 
     settings = settings_or_exit()
-    try:
-        job = open_sqlite_import(settings, directory, key_file)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except SecretsError as exc:
-        fail(exc.message)
-    except psycopg.Error as exc:
-        fail(f"PostgreSQL: {one_line(exc)}")
 
     async def run_import() -> ImportReport:
         # Each secret copied is audited with it, and a finished import once more as a whole.
@@ -288,14 +280,17 @@ def secrets_import_sqlite(
             return await job.run(auth.audit)
 
     try:
-        report = run_async(run_import)
+        job = open_sqlite_import(settings, directory, key_file)
+        try:
+            report = run_async(run_import)
+        finally:
+            job.close()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
     except SecretsError as exc:
         fail(exc.message)
     except psycopg.Error as exc:
         fail(f"PostgreSQL: {one_line(exc)}")
-    finally:
-        job.close()
-    source_path = job.source_path
     if json_output:
         print_json(vars(report))
     else:
@@ -310,7 +305,7 @@ def secrets_import_sqlite(
         print_table("secrets", ["secret", "outcome"], sorted(outcomes))
         console.print(
             f"{len(report.imported)} imported, {len(report.unchanged)} unchanged, "
-            f"{len(report.conflicts)} conflict(s) from {source_path}"
+            f"{len(report.conflicts)} conflict(s) from {job.source_path}"
         )
     if report.conflicts:
         err_console.print(

@@ -67,8 +67,13 @@ class SourceSecret:
     values: dict[int, bytes | None] = field(repr=False)
 
     @property
+    def live(self) -> dict[int, bytes]:
+        """The versions not deleted, with their values."""
+        return {version: value for version, value in self.values.items() if value is not None}
+
+    @property
     def versions(self) -> list[int]:
-        return [version for version, value in self.values.items() if value is not None]
+        return list(self.live)
 
     @property
     def deleted(self) -> list[int]:
@@ -348,9 +353,9 @@ class SqlStore(ABC):
 
     def holds(self, secret: SourceSecret) -> bool:
         """Whether this store has ``secret`` with the same live values and active version."""
-        live = {version: value for version, value in secret.values.items() if value is not None}
-        return self._live_values(secret.name) == live and self.active_version(secret.name) == (
-            secret.active
+        return (
+            self._live_values(secret.name) == secret.live
+            and self.active_version(secret.name) == secret.active
         )
 
     def import_from(self, source: SqlStore, before_commit: ImportHook = None) -> ImportReport:
