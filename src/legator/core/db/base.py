@@ -40,6 +40,7 @@ def new_sorted_id() -> str:
     For tables that only grow, written in time order (usage rows): each new key lands at the
     right edge of the primary-key index instead of on a random page of it, which kept a
     large table's inserts four times slower once the index outgrew the page cache.
+    Hand-written: ``uuid.uuid7`` arrives with Python 3.14, and we support 3.11.
     """
     random = int.from_bytes(os.urandom(10), "big")
     rand_a, rand_b = random >> 68, random & ((1 << 62) - 1)  # 12 and 62 of its 80 bits
