@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from legator.core.db import Database
@@ -66,5 +67,6 @@ def test_every_row_is_written_on_sqlite(tmp_path: Path) -> None:
     asyncio.run(_write_and_read(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
 
 
+@pytest.mark.postgres
 def test_every_row_is_written_on_postgresql(pg_url: str) -> None:
     asyncio.run(_write_and_read(pg_url))
