@@ -22,8 +22,9 @@ def client_key(client_ip: str) -> str:
 
 class AttemptLimiter:
     """At most ``limit`` attempts per client in a sliding ``window_s``, kept in memory (per
-    replica) for at most ``max_clients`` clients: past that, new clients are refused until
-    some are forgotten."""
+    replica) for at most ``max_clients`` clients: past that, the longest-known client is
+    forgotten. Refusing new clients instead would let anyone with enough addresses lock
+    everyone else out; forgetting only resets someone's count."""
 
     def __init__(self, limit: int, window_s: float, *, max_clients: int = 10_000) -> None:
         self.limit = limit
@@ -52,7 +53,7 @@ class AttemptLimiter:
                 for stale in [c for c, t in self._seen.items() if not t or t[-1] <= cutoff]:
                     del self._seen[stale]
                 if len(self._seen) >= self.max_clients:
-                    return False
+                    del self._seen[next(iter(self._seen))]
             times = self._seen[client] = deque()
         if len(times) >= self.limit:
             return False
