@@ -86,3 +86,23 @@ def test_the_quick_check_never_skips_a_secret(parts: list[str]) -> None:
     for pattern, replacement in sanitiser._PATTERNS:
         scanned = pattern.sub(replacement, scanned)
     assert sanitise_text(text) == scanned
+
+
+def test_the_log_pipeline_redacts_every_field_but_its_own() -> None:
+    from legator.core.logging import _sanitise
+
+    key = "lgk_" + "ab" * 32
+    event = {
+        "event": f"calling with Bearer {key}",
+        "path": f"/x?api_key={key}",
+        "password": "hunter2hunter2",
+        "timestamp": "2026-11-25T02:50:00Z",
+        "level": "info",
+        "logger": "legator.access",
+    }
+    clean = _sanitise(None, "info", dict(event))
+    assert key not in repr(clean) and "hunter2" not in repr(clean)
+    assert clean["password"] == REDACTED
+    assert {k: clean[k] for k in ("timestamp", "level", "logger")} == {
+        k: event[k] for k in ("timestamp", "level", "logger")
+    }
