@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support import ServerProcess, free_port, parse_credentials, run_cli
 
@@ -111,3 +112,30 @@ def test_first_start_prints_credentials_once_and_restart_keeps_state(tmp_path: P
 def test_version() -> None:
     info = json.loads(run_cli("legator", "version", "--json").stdout)
     assert set(info) == {"version", "commit", "date"}
+
+
+@pytest.mark.parametrize("access_log", ["true", "false"])
+def test_the_access_log_can_be_turned_off_alone(tmp_path: Path, access_log: str) -> None:
+    log_path = tmp_path / "serve.log"
+    server = ServerProcess(
+        tmp_path / "data",
+        log_path=log_path,
+        LEGATOR_ACCESS_LOG=access_log,
+        LEGATOR_LOG_FORMAT="json",
+    ).start()
+    try:
+        for path in ("/api/v1/me", "/api/v1/nothing-here"):
+            httpx.get(server.url + path, timeout=5)
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    loggers = {line.get("logger") for line in lines}
+    assert "legator" in loggers  # the other lines stay ("legator started", "legator stopped")
+    requests = [line for line in lines if line.get("logger") == "legator.access"]
+    if access_log == "true":
+        assert {(r["path"], r["status"]) for r in requests} >= {
+            ("/api/v1/me", 401),
+            ("/api/v1/nothing-here", 404),
+        }
+    else:
+        assert requests == []

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     trusted_proxies: str = Field("127.0.0.1", description="Proxies whose X-Forwarded-* we trust.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    access_log: bool = Field(True, description="One log line per request, at level info.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     session_ttl_hours: int = Field(24, ge=1, le=24 * 30)
     metrics_public: bool = False

@@ -104,6 +104,7 @@ def create_core_app(
         RequestContextMiddleware,
         metrics=core.metrics,
         max_body_bytes=core.settings.max_body_bytes,
+        access_log=core.settings.access_log,
     )
     app.include_router(system_router)
     app.include_router(auth_router)

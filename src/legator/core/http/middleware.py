@@ -48,8 +48,11 @@ _request_ids = random.Random()  # noqa: S311
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, *, access_log: bool = True
+    ) -> None:
         self.app = app
+        self.access_log = access_log
         self.requests = Labelled(metrics.http_requests)
         self.latency = Labelled(metrics.http_latency)
         self.max_body_bytes = max_body_bytes
@@ -136,7 +139,11 @@ class RequestContextMiddleware:
                 method = scope["method"]
                 self.requests(template, method, str(status)).inc()
                 self.latency(template, method).observe(elapsed)
-                if path not in _QUIET_PATHS and _access_level.isEnabledFor(logging.INFO):
+                if (
+                    self.access_log
+                    and path not in _QUIET_PATHS
+                    and _access_level.isEnabledFor(logging.INFO)
+                ):
                     access_log.info(
                         "request",
                         method=method,
