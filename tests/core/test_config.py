@@ -135,7 +135,8 @@ def test_partial_oidc_settings_name_the_missing_variable(missing: str) -> None:
             "user:password@",
         ),
         ("oidc_scopes", "email profile", "openid"),
-        ("oidc_default_role", "root", "admin"),
+        ("oidc_default_role", "root", "'viewer'"),
+        ("oidc_default_role", "admin", "never given automatically"),
         ("oidc_create_users", "maybe", "valid boolean"),
     ],
 )

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         None, description="<server>/api/v1/auth/oidc/callback, as registered at the provider."
     )
     oidc_scopes: str = Field("openid email profile", description="Scopes asked for.")
-    oidc_default_role: Literal["admin", "operator", "viewer", "auditor"] = "viewer"
+    oidc_default_role: Literal["operator", "viewer", "auditor"] = "viewer"
     oidc_create_users: bool = Field(
         True, description="Create a user at an unlinked identity's first sign-in; false = refuse."
     )
@@ -162,6 +162,16 @@ class Settings(BaseSettings):
             raise ValueError("expected HOST:PORT or :PORT with a port from 1 to 65535")
         if host.startswith("[") != host.endswith("]"):
             raise ValueError("IPv6 hosts are written in brackets, like [::1]:8080")
+        return value
+
+    @field_validator("oidc_default_role", mode="before")
+    @classmethod
+    def _no_admin_by_default(cls, value: object) -> object:
+        # Everyone with an account at the provider would command the fleet and read secrets.
+        if value == "admin":
+            raise ValueError(
+                "admin is never given automatically: let the user sign in once, then promote them"
+            )
         return value
 
     @field_validator("database_url")
