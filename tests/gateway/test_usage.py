@@ -63,6 +63,32 @@ async def _write_and_read(url: str) -> None:
         await db.dispose()
 
 
+async def _flush_waits_for_rows_in_flight(url: str) -> None:
+    db = Database(url)
+    try:
+        await upgrade(db)
+        recorder = UsageRecorder(db)
+        rows = [_row(i) for i in range(10)]
+        for row in rows:
+            recorder.record(row)
+        # The background writer takes every row and is mid-write when someone else flushes:
+        # that flush finds nothing pending, yet must not return before the rows are written.
+        in_flight = asyncio.create_task(recorder.flush())
+        await asyncio.sleep(0)
+        await recorder.flush()
+        assert recorder.written == len(rows)
+        async with db.session() as session:
+            count = await session.scalar(select(func.count()).select_from(GatewayUsage))
+        assert count == len(rows)
+        await in_flight
+    finally:
+        await db.dispose()
+
+
+def test_a_flush_returns_only_once_rows_in_flight_are_written(tmp_path: Path) -> None:
+    asyncio.run(_flush_waits_for_rows_in_flight(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
+
+
 def test_every_row_is_written_on_sqlite(tmp_path: Path) -> None:
     asyncio.run(_write_and_read(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
 

@@ -56,6 +56,9 @@ class UsageRecorder:
         self.db = db
         self._pending: list[UsageRecord] = []
         self._wake = asyncio.Event()
+        # Held while rows are out of ``_pending`` but not yet committed: a flush that comes
+        # meanwhile waits for them instead of returning with nothing left to write.
+        self._writing = asyncio.Lock()
         self._closed = False
         self.written = 0
 
@@ -65,17 +68,19 @@ class UsageRecorder:
             self._wake.set()
 
     async def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:FLUSH_BATCH], self._pending[FLUSH_BATCH:]
-            try:
-                async with self.db.write() as session:
-                    # The table's Core insert: the ORM's bulk path costs a fifth more per row.
-                    await session.execute(_INSERT, [vars(r) for r in batch])
-                self.written += len(batch)
-            except Exception:
-                # Keep the rows: the next flush retries them.
-                self._pending[:0] = batch
-                raise
+        """Write every row recorded so far, including rows another flush is writing."""
+        async with self._writing:
+            while self._pending:
+                batch, self._pending = self._pending[:FLUSH_BATCH], self._pending[FLUSH_BATCH:]
+                try:
+                    async with self.db.write() as session:
+                        # The table's Core insert: the ORM's bulk path costs a fifth more per row.
+                        await session.execute(_INSERT, [vars(r) for r in batch])
+                    self.written += len(batch)
+                except Exception:
+                    # Keep the rows: the next flush retries them.
+                    self._pending[:0] = batch
+                    raise
 
     async def run(self) -> None:
         while not self._closed:
