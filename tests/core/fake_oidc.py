@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus, urlencode
 
 import uvicorn
 from joserfc import jwt
@@ -52,6 +52,7 @@ class Knobs:
     claims: dict[str, Any] = field(default_factory=dict)  # override ID token claims
     sign_with_other_key: bool = False  # same kid, another key: a bad signature
     token_endpoint_down: bool = False  # the token endpoint answers 503
+    jwks_status: int = 200  # anything else: the key set answers that
     discovery: dict[str, Any] = field(default_factory=dict)  # override discovery fields
     discovery_status: int = 200  # anything else: the discovery document answers that
     drip_s: float = 0.0  # > 0: the discovery document comes a few bytes at a time
@@ -81,7 +82,9 @@ async def _megabytes() -> AsyncIterator[bytes]:
 
 
 class FakeProvider:
-    def __init__(self) -> None:
+    def __init__(self, client_id: str = CLIENT_ID, client_secret: str = CLIENT_SECRET) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
         self.port = free_port()
         self.issuer = f"http://127.0.0.1:{self.port}"
         self.key = RSAKey.generate_key(2048, parameters={"kid": "k1", "use": "sig"}, private=True)
@@ -92,6 +95,7 @@ class FakeProvider:
         self.knobs = Knobs()
         self.grants: dict[str, Grant] = {}
         self.token_requests: list[dict[str, str]] = []
+        self.token_auth: list[str] = []  # the Authorization header of each token request
         self.authorize_requests: list[dict[str, str]] = []
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -131,6 +135,8 @@ class FakeProvider:
 
     async def jwks(self, _request: Request) -> Response:
         self.hits["jwks"] += 1
+        if self.knobs.jwks_status != 200:
+            return JSONResponse({"error": "down"}, status_code=self.knobs.jwks_status)
         if self.knobs.huge == "jwks":
             return StreamingResponse(_megabytes(), media_type="application/json")
         keys = [self.key.as_dict(private=False)]
@@ -144,7 +150,7 @@ class FakeProvider:
         problems = []
         if params.get("response_type") != "code":
             problems.append("response_type")
-        if params.get("client_id") != CLIENT_ID:
+        if params.get("client_id") != self.client_id:
             problems.append("client_id")
         if "openid" not in params.get("scope", "").split():
             problems.append("scope")
@@ -166,15 +172,26 @@ class FakeProvider:
         return RedirectResponse(f"{redirect_uri}?{urlencode(query)}", status_code=302)
 
     def _client_authenticated(self, request: Request) -> bool:
+        """RFC 6749 §2.3.1: Basic credentials whose id and secret were each form-urlencoded
+        before being joined with ':' (so neither holds a ':' once encoded)."""
         header = request.headers.get("authorization", "")
         if not header.startswith("Basic "):
             return False
-        expected = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-        return secrets.compare_digest(header.removeprefix("Basic "), expected)
+        try:
+            decoded = base64.b64decode(header.removeprefix("Basic "), validate=True).decode()
+        except ValueError:
+            return False
+        client_id, colon, secret = decoded.partition(":")
+        if not colon or ":" in secret:
+            return False
+        return unquote_plus(client_id) == self.client_id and secrets.compare_digest(
+            unquote_plus(secret).encode(), self.client_secret.encode()
+        )
 
     async def token(self, request: Request) -> Response:
         form = {key: str(value) for key, value in (await request.form()).items()}
         self.token_requests.append(form)
+        self.token_auth.append(request.headers.get("authorization", ""))
         self.hits["token"] += 1
         if self.knobs.token_endpoint_down:
             return Response("upstream unavailable", status_code=503)
@@ -194,7 +211,7 @@ class FakeProvider:
         now = int(time.time())
         claims = {
             "iss": self.issuer,
-            "aud": CLIENT_ID,
+            "aud": self.client_id,
             "iat": now,
             "exp": now + 300,
             "nonce": grant.nonce,

@@ -5,6 +5,7 @@ redirect with httpx, as a browser would follow them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import sqlite3
@@ -18,13 +19,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 from sqlalchemy import update
 
 from legator.core.auth.models import OidcPending
 from legator.core.auth.oidc_provider import (
+    CACHE_TTL_S,
     MAX_DOCUMENT_BYTES,
+    STALE_GRACE_S,
     IdentityClaims,
     OidcError,
     OidcProvider,
@@ -33,6 +37,7 @@ from legator.core.auth.oidc_provider import (
 )
 from legator.core.config import load_settings
 from legator.core.db import utcnow
+from legator.core.logging import configure_logging
 from tests.core.fake_oidc import CLIENT_ID, CLIENT_SECRET, FakeProvider, Grant, Knobs
 from tests.support import LiveServer, free_port, live_server
 
@@ -682,6 +687,111 @@ def test_create_users_false_refuses_unlinked_identities(
         assert user_count(admin) == users + 1
 
 
+# ----- unlinking yourself --------------------------------------------------------------
+
+ME_IDENTITIES = "/api/v1/me/identities"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def backend(
+    request: pytest.FixtureRequest, provider: FakeProvider, tmp_path: Path
+) -> Iterator[LiveServer]:
+    """The module's server (SQLite), or one of its own on PostgreSQL."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sso_server")
+        return
+    pg = {"database_url": request.getfixturevalue("pg_url"), "secrets_kek": "ab" * 32}
+    with sso_live_server(tmp_path / "data", provider, **pg) as server:
+        yield server
+
+
+def test_you_see_and_unlink_your_own_identity(
+    backend: LiveServer, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    server, origin = backend, {"Origin": backend.url}
+    with server.client(server.admin_key) as admin, server.client() as browser:
+        name = local_user(admin)
+        password_sign_in(browser, name)
+        assert browser.get("/api/v1/me").json()["sso_issuers"] == []
+        assert browser.get(at_provider(start_link(browser))).status_code == 303
+        me = browser.get("/api/v1/me").json()
+        assert me["sso_issuers"] == [provider.issuer]
+        assert person["sub"] not in json.dumps(me)  # the issuer only, not the sub
+        body = {"name": "tool", "scopes": ["inference"]}
+        key = browser.post("/api/v1/keys", json=body, headers=origin).json()["key"]
+        with server.client(key) as own_key:
+            assert own_key.get("/api/v1/me").json()["sso_issuers"] == [provider.issuer]
+        assert admin.get("/api/v1/me").json()["sso_issuers"] == []  # the admin's own: none
+        with server.client() as nobody:
+            assert nobody.delete(ME_IDENTITIES).status_code == 401
+
+        # The cookie unlinks only from this server's own origin (what the page's fetch sends).
+        for headers in ({}, {"Origin": "https://evil.example"}):
+            refused = browser.delete(ME_IDENTITIES, headers=headers)
+            assert refused.status_code == 403, refused.text
+        assert browser.get("/api/v1/me").json()["sso_issuers"] == [provider.issuer]
+        done = browser.delete(ME_IDENTITIES, headers=origin)
+        assert done.status_code == 200, done.text
+        assert done.json()["username"] == name and done.json()["sso_issuers"] == []
+        assert browser.get("/api/v1/me").json()["sso_issuers"] == []
+        assert admin.get(f"/api/v1/users/{name}").json()["sso_issuers"] == []
+        event = last_event(admin, "auth.identity.unlink")
+        assert event["actor"] == name and event["target"] == f"user:{name}"
+        assert event["details"] == {"issuer": provider.issuer, "subject": person["sub"]}
+        again = browser.delete(ME_IDENTITIES, headers=origin)
+        assert again.status_code == 404 and "no single sign-on identity" in again.text
+
+        # Any of your API keys may too, even a narrow one: unlinking grants no sign-in.
+        assert browser.get(at_provider(start_link(browser))).status_code == 303
+        with server.client(key) as own_key:
+            assert own_key.delete(ME_IDENTITIES).status_code == 200
+        assert admin.get(f"/api/v1/users/{name}").json()["sso_issuers"] == []
+        assert last_event(admin, "auth.identity.unlink")["actor"] == name
+
+
+def test_without_a_password_your_identity_stays_linked(
+    backend: LiveServer, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    """The identity is then the user's only way in: they cannot unlink it, an admin can."""
+    person["preferred_username"] = "ivy-" + secrets.token_hex(3)
+    with backend.client(backend.admin_key) as admin, backend.client() as browser:
+        assert sign_in(browser).status_code == 303  # a new user, without a password
+        me = browser.get("/api/v1/me").json()
+        assert me["sso_issuers"] == [provider.issuer]
+        refused = browser.delete(ME_IDENTITIES, headers={"Origin": backend.url})
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "conflict" and "no password" in error["message"]
+        assert browser.get("/api/v1/me").json()["sso_issuers"] == [provider.issuer]
+        unlinked = admin.delete(f"/api/v1/users/{me['username']}/identities")
+        assert unlinked.status_code == 200
+        assert last_event(admin, "auth.identity.unlink")["actor"] == "admin"
+
+
+def test_the_home_page_offers_to_unlink(
+    sso_server: LiveServer, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    name = local_user(admin)
+    with sso_server.client() as browser:
+        password_sign_in(browser, name)
+        assert "sso-unlink" not in browser.get("/").text
+        assert browser.get(at_provider(start_link(browser))).status_code == 303
+        page = browser.get("/").text
+        assert f"linked to {provider.issuer}" in page
+        assert 'id="sso-unlink" data-url="/api/v1/me/identities">Unlink</button>' in page
+        # The script is a file of our own: the Content-Security-Policy runs no inline one.
+        assert '<script src="/static/home.js" defer></script>' in page and "<script>" not in page
+        script = browser.get("/static/home.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"].startswith("text/javascript")
+        assert 'method: "DELETE"' in script.text and "unlink.dataset.url" in script.text
+        # What its same-origin fetch sends: the session cookie and this origin.
+        done = browser.delete(ME_IDENTITIES, headers={"Origin": sso_server.url})
+        assert done.status_code == 200, done.text
+        page = browser.get("/").text
+        assert "sso-unlink" not in page and 'href="/api/v1/auth/oidc/link"' in page
+
+
 # ----- abuse ---------------------------------------------------------------------------
 
 
@@ -823,8 +933,7 @@ async def test_unknown_key_ids_refetch_the_keys_once(
     good = id_token(provider, provider.key, {"kid": "k1"})
     identity = await rp.verify_id_token(good, nonce="n", access_token=None)
     assert identity.subject == "s" and provider.hits["jwks"] == 1
-    assert rp._keys is not None
-    rp._keys = (rp._keys[0] - 31, rp._keys[1])  # old enough to refresh
+    rp._keys.fetched_at -= 31  # old enough to refresh
     stranger = RSAKey.generate_key(2048, parameters={"kid": "k9"}, private=True)
     forged = id_token(provider, stranger, {"kid": "k9"})
     results = await asyncio.gather(
@@ -847,13 +956,122 @@ async def test_a_token_without_kid_needs_a_single_key(
     no_kid = id_token(provider, provider.key, {})
     assert (await rp.verify_id_token(no_kid, nonce="n", access_token=None)).subject == "s"
     provider.knobs.extra_key = True
-    rp._keys = None
+    rp._keys.value = None
     await rp._key_set()
-    assert rp._keys is not None and provider.hits["jwks"] == 2
-    rp._keys = (rp._keys[0] - 31, rp._keys[1])  # old enough that a refresh would happen
+    assert provider.hits["jwks"] == 2
+    rp._keys.fetched_at -= 31  # old enough that a refresh would happen
     with pytest.raises(OidcError, match="no 'kid'"):
         await rp.verify_id_token(no_kid, nonce="n", access_token=None)
     assert provider.hits["jwks"] == 2
+
+
+def provider_warnings(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    """The lines the relying party logged since the last call (JSON lines on stdout)."""
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    return [line for line in lines if line.get("logger") == "legator.auth.oidc"]
+
+
+@pytest.mark.parametrize("failure", ["http_500", "not_json", "unreachable"])
+async def test_a_stale_discovery_document_outlives_a_failed_refresh(
+    rp: OidcProvider,
+    provider: FakeProvider,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """Sign-ins go on with the expired document, for at most STALE_GRACE_S past its expiry,
+    with one warning per failed refresh (and no secret in it)."""
+    configure_logging("info", "json")
+    document = await rp.metadata()
+    assert provider.hits["discovery"] == 1
+    if failure == "http_500":
+        provider.knobs.discovery_status = 500
+    elif failure == "not_json":
+        provider.knobs.deep = True
+    else:
+        monkeypatch.setattr(rp, "issuer", f"http://127.0.0.1:{free_port()}")
+    rp._metadata.fetched_at -= CACHE_TTL_S + 1  # expired
+    capsys.readouterr()
+    for _ in range(5):
+        assert await rp.metadata() is document
+    url = await rp.authorization_url(state="s", nonce="n", code_verifier="v" * 43)
+    assert url.startswith(document.authorization_endpoint)
+    [warning] = provider_warnings(capsys)  # once: the failure is remembered FAILURE_TTL_S
+    assert warning["level"] == "warning" and warning["document"] == "discovery document"
+    assert warning["expired_s_ago"] == 1 and "discovery document at" in warning["error"]
+    assert CLIENT_SECRET not in json.dumps(warning)
+    rp._metadata._failure = None  # the next sign-in tries again, and warns again
+    assert await rp.metadata() is document
+    assert len(provider_warnings(capsys)) == 1
+
+    rp._metadata._failure = None
+    rp._metadata.fetched_at -= STALE_GRACE_S  # now a day past its expiry: no more
+    with pytest.raises(ProviderUnavailable):
+        await rp.metadata()
+
+    provider.knobs = Knobs()  # back: a new document
+    monkeypatch.undo()
+    rp._metadata._failure = None
+    fresh = await rp.metadata()
+    assert fresh == document and fresh is not document
+
+
+async def test_stale_keys_outlive_a_failed_refresh_but_unknown_kids_still_refetch(
+    rp: OidcProvider, provider: FakeProvider, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("info", "json")
+    good = id_token(provider, provider.key, {"kid": "k1"})
+    assert (await rp.verify_id_token(good, nonce="n", access_token=None)).subject == "s"
+    assert provider.hits["jwks"] == 1
+    provider.knobs.jwks_status = 503
+    rp._keys.fetched_at -= CACHE_TTL_S + 1  # expired
+    capsys.readouterr()
+    assert (await rp.verify_id_token(good, nonce="n", access_token=None)).subject == "s"
+    assert provider.hits["jwks"] == 2
+    [warning] = provider_warnings(capsys)
+    assert warning["document"] == "key set" and "HTTP 503" in warning["error"]
+
+    # A key id we do not hold still asks the provider (once the failure is forgotten), and
+    # fails as unreachable: the stale keys do not stand in for a rotation we cannot see.
+    rp._keys._failure = None
+    rotated = id_token(provider, provider.second_key, {"kid": "k2"})
+    with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+        await rp.verify_id_token(rotated, nonce="n", access_token=None)
+    assert provider.hits["jwks"] == 3
+    provider.knobs = Knobs(extra_key=True)
+    rp._keys._failure = None
+    assert (await rp.verify_id_token(rotated, nonce="n", access_token=None)).subject == "s"
+    assert provider.hits["jwks"] == 4
+
+
+async def test_basic_client_authentication_form_encodes_id_and_secret() -> None:
+    """RFC 6749 §2.3.1: the client id and secret are each form-urlencoded, then joined with
+    ':' and base64-encoded; the fake provider decodes them the same way."""
+    client_id, secret = "legator:prod client", "p%ss+w rd:é€/~"
+    fake = FakeProvider(client_id=client_id, client_secret=secret).start()
+    settings = {
+        "oidc_issuer": fake.issuer,
+        "oidc_client_id": client_id,
+        "oidc_redirect_url": "http://127.0.0.1:1" + CALLBACK,
+    }
+    good = OidcProvider(load_settings(**settings, oidc_client_secret=secret))
+    wrong = OidcProvider(load_settings(**settings, oidc_client_secret=secret + "x"))
+    try:
+        for code in ("c1", "c2"):
+            fake.grants[code] = Grant(
+                good.redirect_url, create_s256_code_challenge("v" * 43), "n", {"sub": "s"}
+            )
+        answer = await good.exchange_code("c1", "v" * 43)
+        encoded = base64.b64decode(fake.token_auth[-1].removeprefix("Basic ")).decode()
+        assert encoded == "legator%3Aprod+client:p%25ss%2Bw+rd%3A%C3%A9%E2%82%AC%2F~"
+        identity = await good.verify_id_token(answer["id_token"], nonce="n", access_token=None)
+        assert identity.subject == "s"
+        with pytest.raises(OidcError, match="invalid_client"):
+            await wrong.exchange_code("c2", "v" * 43)
+    finally:
+        await good.aclose()
+        await wrong.aclose()
+        fake.stop()
 
 
 async def test_the_authorization_url_opens_no_tls_context(

@@ -1,4 +1,4 @@
-"""The sign-in form and the landing page (where a user links single sign-on)."""
+"""The sign-in form and the landing page (where a user links and unlinks single sign-on)."""
 
 from __future__ import annotations
 
@@ -80,20 +80,18 @@ async def _optional_principal(request: Request) -> Principal | None:
 
 async def _sso_account(request: Request, principal: Principal) -> dict[str, object] | None:
     """What the home page says about single sign-on: None when it is not configured or the
-    caller is no signed-in user (only a browser session can link); else the issuer the user
-    is linked to at the configured provider, if any."""
+    caller is no signed-in user (only a browser session can link); else every issuer the
+    user is linked to (which the page offers to unlink) and whether one is the configured
+    provider (else it offers to link)."""
     core = core_of(request)
     issuer = core.settings.oidc_issuer
     if not core.settings.oidc_enabled or issuer is None:
         return None
     if principal.method != "session" or principal.user_id is None:
         return None
-    linked = [
-        linked_issuer
-        for linked_issuer in await core.auth.identity_issuers(principal.user_id)
-        if linked_issuer.rstrip("/") == issuer.rstrip("/")
-    ]
-    return {"linked_issuer": linked[0] if linked else None}
+    issuers = await core.auth.identity_issuers(principal.user_id)
+    linked = any(linked.rstrip("/") == issuer.rstrip("/") for linked in issuers)
+    return {"issuers": issuers, "linked": linked}
 
 
 @router.get("/", response_class=HTMLResponse, dependencies=[require(Permission.PUBLIC)])

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote_plus, urlsplit
 
 import httpx
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
@@ -27,10 +28,14 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key, KeySet
 
 from legator.core.config import Settings, is_loopback_url
+from legator.core.logging import get_logger
 
+log = get_logger("legator.auth.oidc")
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 CACHE_TTL_S = 3600.0
 FAILURE_TTL_S = 10.0  # a failed discovery or key fetch is remembered (and answered) this long
+# How long past its expiry a discovery document or key set is used on when its refresh fails.
+STALE_GRACE_S = 24 * 3600.0
 JWKS_MIN_REFRESH_S = 30.0  # an unknown key id refetches the keys at most this often
 HTTP_TIMEOUT_S = 10.0  # for one call to the provider, from connecting to the last byte
 ID_TOKEN_LEEWAY_S = 60  # clock skew allowed on exp, nbf and iat
@@ -144,6 +149,60 @@ def parse_metadata(configured_issuer: str, document: Any) -> ProviderMetadata:
     )
 
 
+T = TypeVar("T")
+
+
+class _Cached(Generic[T]):
+    """A document from the provider, kept CACHE_TTL_S. A failed fetch is remembered for
+    FAILURE_TTL_S and answered meanwhile without asking again. When a refresh fails, the
+    document fetched before is used on, up to STALE_GRACE_S past its expiry, with a warning
+    per failed fetch: a provider down for a while (or a bad deploy of it) does not stop the
+    sign-ins that what we hold can still check. With nothing fetched yet, a failure fails."""
+
+    def __init__(self, what: str, fetch: Callable[[], Awaitable[T]]) -> None:
+        self.what = what
+        self._fetch = fetch
+        self._lock = asyncio.Lock()
+        self.value: T | None = None
+        self.fetched_at = 0.0  # time.monotonic() of the fetch of ``value``
+        self._failure: tuple[float, str] | None = None  # (until, why)
+
+    def fresh(self, max_age: float = CACHE_TTL_S) -> T | None:
+        if self.value is not None and time.monotonic() - self.fetched_at < max_age:
+            return self.value
+        return None
+
+    async def get(self, *, max_age: float = CACHE_TTL_S, stale_ok: bool = True) -> T:
+        """The document, fetched again once older than ``max_age``; ``stale_ok=False`` when
+        only a new one will do (an unknown key id)."""
+        async with self._lock:  # one fetch at a time, however many sign-ins ask
+            value = self.fresh(max_age)
+            if value is not None:
+                return value
+            age = time.monotonic() - self.fetched_at
+            stale = self.value if stale_ok and age < CACHE_TTL_S + STALE_GRACE_S else None
+            failure = self._failure
+            if failure is not None and failure[0] > time.monotonic():
+                if stale is not None:
+                    return stale
+                raise ProviderUnavailable(failure[1])
+            try:
+                value = await self._fetch()
+            except ProviderUnavailable as exc:
+                self._failure = (time.monotonic() + FAILURE_TTL_S, str(exc))
+                if stale is None:
+                    raise
+                log.warning(
+                    "identity provider refresh failed; using the cached copy",
+                    document=self.what,
+                    error=str(exc),
+                    expired_s_ago=int(age - CACHE_TTL_S),
+                )
+                return stale
+            self.value, self.fetched_at, self._failure = value, time.monotonic(), None
+            return value
+
+
 class OidcProvider:
     """One configured provider. Safe to share between concurrent sign-ins."""
 
@@ -161,12 +220,8 @@ class OidcProvider:
             # Uncompressed: the size cap then bounds what is held, not what is inflated.
             headers={"Accept": "application/json", "Accept-Encoding": "identity"},
         )
-        self._metadata_lock = asyncio.Lock()
-        self._metadata: tuple[float, ProviderMetadata] | None = None  # (expires, metadata)
-        self._metadata_failure: tuple[float, str] | None = None  # (until, why)
-        self._keys_lock = asyncio.Lock()
-        self._keys: tuple[float, KeySet] | None = None  # (fetched at, keys)
-        self._keys_failure: tuple[float, str] | None = None
+        self._metadata = _Cached("discovery document", self._fetch_metadata)
+        self._keys = _Cached("key set", self._fetch_keys)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -206,50 +261,21 @@ class OidcProvider:
         return document
 
     async def metadata(self) -> ProviderMetadata:
-        """The discovery document, fetched once an hour. A failure is remembered for
-        FAILURE_TTL_S: sign-ins meanwhile fail at once instead of each asking again."""
-        cached = self._metadata
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        async with self._metadata_lock:
-            cached = self._metadata
-            if cached is not None and cached[0] > time.monotonic():
-                return cached[1]
-            failure = self._metadata_failure
-            if failure is not None and failure[0] > time.monotonic():
-                raise ProviderUnavailable(failure[1])
-            try:
-                url = self.issuer.rstrip("/") + DISCOVERY_PATH
-                metadata = parse_metadata(
-                    self.issuer, await self._get_json(url, "discovery document")
-                )
-            except ProviderUnavailable as exc:
-                self._metadata_failure = (time.monotonic() + FAILURE_TTL_S, str(exc))
-                raise
-            self._metadata_failure = None
-            self._metadata = (time.monotonic() + CACHE_TTL_S, metadata)
-            return metadata
+        """The discovery document, fetched once an hour (see _Cached for failures)."""
+        cached = self._metadata.fresh()  # without the lock: asked at every /login
+        return cached if cached is not None else await self._metadata.get()
+
+    async def _fetch_metadata(self) -> ProviderMetadata:
+        url = self.issuer.rstrip("/") + DISCOVERY_PATH
+        return parse_metadata(self.issuer, await self._get_json(url, "discovery document"))
 
     async def _key_set(self, *, refresh: bool = False) -> KeySet:
         """The provider's signing keys, fetched once an hour, or sooner on ``refresh`` (an
         unknown key id) but at most every JWKS_MIN_REFRESH_S, however many sign-ins ask at
         once: a token naming keys that do not exist cannot make us hammer the provider."""
-        async with self._keys_lock:
-            if self._keys is not None:
-                age = time.monotonic() - self._keys[0]
-                if age < CACHE_TTL_S and (not refresh or age < JWKS_MIN_REFRESH_S):
-                    return self._keys[1]
-            failure = self._keys_failure
-            if failure is not None and failure[0] > time.monotonic():
-                raise ProviderUnavailable(failure[1])
-            try:
-                key_set = await self._fetch_keys()
-            except ProviderUnavailable as exc:
-                self._keys_failure = (time.monotonic() + FAILURE_TTL_S, str(exc))
-                raise
-            self._keys_failure = None
-            self._keys = (time.monotonic(), key_set)
-            return key_set
+        if refresh:
+            return await self._keys.get(max_age=JWKS_MIN_REFRESH_S, stale_ok=False)
+        return await self._keys.get()
 
     async def _fetch_keys(self) -> KeySet:
         metadata = await self.metadata()
@@ -301,7 +327,8 @@ class OidcProvider:
         if secret is None:
             form["client_id"] = self.client_id  # a public client: PKCE is its only proof
         elif "client_secret_basic" in metadata.token_auth_methods:
-            auth = httpx.BasicAuth(self.client_id, secret)
+            # RFC 6749 §2.3.1: each form-urlencoded before they are joined with ":".
+            auth = httpx.BasicAuth(quote_plus(self.client_id), quote_plus(secret))
         else:
             form |= {"client_id": self.client_id, "client_secret": secret}
         status, answer = await self._call(

@@ -27,7 +27,7 @@ router = APIRouter(prefix="/api/v1", tags=["identity"])
 P = Permission
 
 
-def me_out(principal: Principal) -> MeOut:
+def me_out(principal: Principal, sso_issuers: list[str] | None = None) -> MeOut:
     return MeOut(
         user_id=principal.user_id,
         username=principal.username,
@@ -35,6 +35,7 @@ def me_out(principal: Principal) -> MeOut:
         method=principal.method,
         permissions=sorted(p.value for p in principal.permissions),
         key_id=principal.key_id,
+        sso_issuers=sso_issuers or [],
     )
 
 
@@ -80,7 +81,25 @@ async def logout(
 
 
 @router.get("/me", response_model=MeOut)
-async def me(principal: Principal = require(P.AUTHENTICATED)) -> MeOut:
+async def me(request: Request, principal: Principal = require(P.AUTHENTICATED)) -> MeOut:
+    """Who you are; for a user, also the issuers of your linked single sign-on identities."""
+    if principal.user_id is None:
+        return me_out(principal)
+    return me_out(principal, await core_of(request).auth.identity_issuers(principal.user_id))
+
+
+@router.delete("/me/identities", response_model=MeOut)
+async def unlink_my_identities(
+    request: Request, principal: Principal = require(P.AUTHENTICATED)
+) -> MeOut:
+    """Detach your own single sign-on identities. The session cookie or any of your API keys
+    may (unlike linking, unlinking grants no sign-in). 404 when none is linked; 409 when you
+    have no password, since the identity is then your only way to sign in."""
+    if principal.user_id is None:
+        raise Forbidden("only a user has single sign-on identities to unlink")
+    await core_of(request).auth.unlink_identities(
+        principal.user_id, actor=principal.actor, keep_a_way_in=True
+    )
     return me_out(principal)
 
 

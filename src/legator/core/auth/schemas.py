@@ -131,3 +131,8 @@ class MeOut(BaseModel):
     method: str
     permissions: list[str]
     key_id: str | None = None
+    sso_issuers: list[str] = Field(
+        default_factory=list,
+        description="Issuers of the single sign-on identities linked to you, when you are a "
+        "user (signed in, or one of your API keys).",
+    )

@@ -147,10 +147,14 @@ class AuthService:
         async with self.db.session() as session:
             return await self._issuers(session, user_id)
 
-    async def unlink_identities(self, ref: str, *, actor: str = SYSTEM_ACTOR) -> UserOut:
+    async def unlink_identities(
+        self, ref: str, *, actor: str = SYSTEM_ACTOR, keep_a_way_in: bool = False
+    ) -> UserOut:
         """Detach every single sign-on identity from a user: the identity's next sign-in
         finds no user (and creates one, unless LEGATOR_OIDC_CREATE_USERS is false). The
-        user's sessions stay: to keep someone out, disable them."""
+        user's sessions stay: to keep someone out, disable them. ``keep_a_way_in`` (a user
+        unlinking themselves) refuses when the user has no password, which would leave them
+        no way to sign in; an admin may still do it."""
         async with self.db.write() as session:
             user = await self._user(session, ref)
             links = (
@@ -158,6 +162,11 @@ class AuthService:
             ).all()
             if not links:
                 raise NotFound(f"user {user.username!r} has no single sign-on identity")
+            if keep_a_way_in and user.password_hash is None:
+                raise Conflict(
+                    "refusing to unlink single sign-on: you have no password, so it is your "
+                    "only way to sign in; an administrator can set you a password or unlink it"
+                )
             for link in links:
                 await session.delete(link)
                 await self.audit.record(
