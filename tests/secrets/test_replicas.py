@@ -63,7 +63,7 @@ def test_a_secret_put_through_one_replica_is_read_through_another(
 
 
 def test_a_replica_with_another_kek_or_none_fails_clearly(
-    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     kek = secrets.token_hex(32)
     # A per-replica SQLite store from before the move to PostgreSQL: left alone, and said so.
@@ -76,7 +76,7 @@ def test_a_replica_with_another_kek_or_none_fails_clearly(
     ):
         assert api.post(f"{PREFIX}/put", json={"Name": "k", "Value": b64(b"v")}).json() == 1
         assert [i["Name"] for i in api.post(f"{PREFIX}/list", json={}).json()] == ["k"]
-    assert "the SQLite store from before is not used" in caplog.text
+    assert "the SQLite store from before is not used" in capsys.readouterr().out
     env = {"LEGATOR_DATABASE_URL": pg_url, "LEGATOR_ADDR": f"127.0.0.1:{free_port()}"}
     other = run_cli("legator", "serve", env={**env, "LEGATOR_SECRETS_KEK": secrets.token_hex(32)})
     assert other.returncode == 2

@@ -345,7 +345,7 @@ def test_events_reach_subscribers_on_every_replica_once(
 
 
 def test_a_replica_without_nats_degrades_clearly_and_recovers(
-    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     nats = NatsServer().start()
     shared = cluster_settings(pg_url, nats.url)
@@ -388,7 +388,7 @@ def test_a_replica_without_nats_degrades_clearly_and_recovers(
 
                 nats.stop()
                 wait_for(lambda: not via_a.get("/api/v1/fleet/cluster").json()["connected"])
-                assert "lost the connection to NATS" in caplog.text
+                assert "lost the connection to NATS" in capsys.readouterr().out
                 refused = run(remote)
                 assert refused.status_code == 503, refused.text
                 message = refused.json()["error"]["message"]

@@ -40,8 +40,7 @@ _COMMON_HEADERS = [
 ]
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
-access_log = get_logger("legator.access")
-_access_level = logging.getLogger("legator.access")  # asked before building an entry
+access_logger = get_logger("legator.access")
 # Request ids only correlate log lines (a client may send its own): they need to be unique,
 # not unpredictable, so they come from a fast generator seeded from the OS, not os.urandom.
 _request_ids = random.Random()  # noqa: S311
@@ -52,7 +51,8 @@ class RequestContextMiddleware:
         self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, *, access_log: bool = True
     ) -> None:
         self.app = app
-        self.access_log = access_log
+        # Decided once: logging is configured before the app takes its first request.
+        self.access_log = access_log and access_logger.is_enabled_for(logging.INFO)
         self.requests = Labelled(metrics.http_requests)
         self.latency = Labelled(metrics.http_latency)
         self.max_body_bytes = max_body_bytes
@@ -124,7 +124,7 @@ class RequestContextMiddleware:
         except Exception as exc:
             # Answered here rather than by Starlette's outermost handler so that the reply
             # still carries the request id and the security headers.
-            access_log.error("unhandled error", path=path, exc_info=exc)
+            access_logger.error("unhandled error", path=path, exc_info=exc)
             if response_started or scope["type"] != "http":
                 raise
             failure = error_response(
@@ -139,12 +139,8 @@ class RequestContextMiddleware:
                 method = scope["method"]
                 self.requests(template, method, str(status)).inc()
                 self.latency(template, method).observe(elapsed)
-                if (
-                    self.access_log
-                    and path not in _QUIET_PATHS
-                    and _access_level.isEnabledFor(logging.INFO)
-                ):
-                    access_log.info(
+                if self.access_log and path not in _QUIET_PATHS:
+                    access_logger.info(
                         "request",
                         method=method,
                         path=path,
