@@ -2,7 +2,8 @@
 
 - added latency p50/p99, non-streaming, concurrency 1 and 64 (wrk): direct vs this gateway
   vs LiteLLM's proxy (installed by this script into its own venv);
-- streaming at concurrency 64: time to first token (a Python client) and chunks/s relayed (wrk);
+- streaming at concurrency 64: time to first token (a Python client) and chunks/s relayed (wrk,
+  medians of interleaved rounds: direct, Legator, LiteLLM and a bare relay take turns);
 - 1,000 concurrent streams: errors;
 - fairness: a heavy and a light user on a 1-slot model; the light user's median wait against
   its solo wait, with the fair priority and with usage ignored (FIFO-like) for comparison.
@@ -19,6 +20,7 @@ import random
 import re
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,10 @@ from bench.common import Server, console, free_port, percentile, report
 DURATION_S = 8
 STREAM_CHUNKS = 32  # a stream's length unless the request's max_tokens says otherwise
 STREAM_LENGTHS = (32, 64, 128, 256, 1024)  # streaming throughput is measured at each
+STREAM_ROUNDS = 3  # interleaved rounds per stream length; the medians are reported
+STREAM_WINDOW_S = 4
+# LiteLLM relays ≈ 600 chunks/s here: at concurrency 64 a longer stream outlasts the window.
+LITELLM_MAX_CHUNKS = 64
 MAX_CHUNKS = max(STREAM_LENGTHS)
 LITELLM_VENV = Path.home() / ".cache" / "legator-bench" / "litellm-venv"
 PROMPT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": STREAM_CHUNKS}
@@ -418,6 +424,42 @@ def litellm_config(upstream: str, directory: Path) -> Path:
     return path
 
 
+def stream_rounds(
+    systems: dict[str, tuple[str, str, str]],
+    pids: dict[str, int],
+    chunks: int,
+    *,
+    rounds: int = STREAM_ROUNDS,
+    window_s: float = STREAM_WINDOW_S,
+) -> dict[str, dict[str, float]]:
+    """Streams of ``chunks`` chunks at concurrency 64 through each system (URL, key, model),
+    ``rounds`` rounds of ``window_s`` interleaved (a machine slowing down meanwhile hurts all
+    alike): the medians of chunks/s and of the CPU per stream of the upstream and of the
+    system's own process where ``pids`` names it."""
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in systems}
+    for _ in range(rounds):
+        for name, (url, key, model) in systems.items():
+            body = {**PROMPT, "model": model, "stream": True, "max_tokens": chunks}
+            watched = [n for n in pids if n in (name, "upstream")]
+            before = {n: cpu_seconds(pids[n]) for n in watched}
+            result = wrk_post(url, body, connections=64, duration_s=window_s, key=key)
+            console.print(name, chunks, f"chunks per stream: {result['rps']:,.0f} streams/s")
+            streams_done = max(1.0, result["rps"] * window_s)
+            taken = samples[name]
+            taken.setdefault("wrk_chunks_per_s", []).append(result["rps"] * chunks)
+            taken.setdefault("wrk_errors", []).append(result["errors"])
+            for n in watched:
+                spent_ms = (cpu_seconds(pids[n]) - before[n]) / streams_done * 1000
+                taken.setdefault(f"{n}_cpu_ms_per_stream", []).append(spent_ms)
+    return {
+        name: {
+            field: sum(values) if field == "wrk_errors" else statistics.median(values)
+            for field, values in taken.items()
+        }
+        for name, taken in samples.items()
+    }
+
+
 def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make system-deps` (as root) first")
@@ -465,21 +507,20 @@ def main() -> None:
         # Streaming throughput, with the bare relay as the floor of any proxy on this stack and
         # the CPU each process spent per stream.
         assert server.proc is not None
-        pids = {"legator": server.proc.pid, "bare relay": relay_proc.pid}
+        pids = {
+            "legator": server.proc.pid,
+            "bare relay": relay_proc.pid,
+            "upstream": upstream_proc.pid,
+        }
         streaming = {**systems, "bare relay": (relay + "/v1/chat/completions", "unused", "bench")}
         for chunks in STREAM_LENGTHS:
-            for name, (url, key, model) in streaming.items():
-                body = {**PROMPT, "model": model, "stream": True, "max_tokens": chunks}
-                before = {n: cpu_seconds(pid) for n, pid in pids.items()}
-                before["upstream"] = cpu_seconds(upstream_proc.pid)
-                result = wrk_post(url, body, connections=64, duration_s=DURATION_S, key=key)
-                streams_done = max(1.0, result["rps"] * DURATION_S)
-                entry = {"wrk_chunks_per_s": result["rps"] * chunks, "wrk_errors": result["errors"]}
-                for process_name in (*(n for n in pids if n == name), "upstream"):
-                    pid = pids.get(process_name, upstream_proc.pid)
-                    spent = cpu_seconds(pid) - before[process_name]
-                    entry[f"{process_name}_cpu_ms_per_stream"] = spent / streams_done * 1000
+            if chunks > LITELLM_MAX_CHUNKS:
+                streaming.pop("litellm", None)
+            entries = stream_rounds(streaming, pids, chunks)
+            for name, entry in entries.items():
                 if chunks == STREAM_CHUNKS and name in systems:
+                    url, key, model = systems[name]
+                    body = {**PROMPT, "model": model, "stream": True, "max_tokens": chunks}
                     entry.update(asyncio.run(streams(url, body, key, concurrency=64, total=640)))
                 key_name = f"{name.replace(' ', '_')}_stream" + (
                     "" if chunks == STREAM_CHUNKS else f"_{chunks}"
