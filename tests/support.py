@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -127,7 +128,7 @@ class LiveServer:
 
     def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.url, headers=headers, **{"timeout": 30, **kwargs})
 
 
 def run_cli(
@@ -213,6 +214,18 @@ def live_server(data_dir: Path | None, **settings: Any) -> Iterator[LiveServer]:
 
 
 NATS_URL = "nats://127.0.0.1:4222"  # the machine's NATS server, shared by every test
+
+
+def cluster_settings(pg_url: str, nats_url: str = NATS_URL, **extra: Any) -> dict[str, Any]:
+    """What every replica of one test shares; the subject prefix keeps parallel tests apart."""
+    return {
+        "database_url": pg_url,
+        "signing_key": secrets.token_hex(32),
+        "secrets_kek": secrets.token_hex(32),
+        "nats_url": nats_url,
+        "nats_subject_prefix": "test-" + secrets.token_hex(4),
+        **extra,
+    }
 
 
 class NatsServer:

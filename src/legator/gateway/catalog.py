@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,38 @@ class Catalog:
         self.models: dict[str, ModelOut] = {}
         self.categories: dict[str, CategoryOut] = {}
         self.listeners: list[Any] = []  # callables(ModelOut | None, model_id) on change
+        self.written: list[Callable[[], None]] = []  # called after each write of this replica
+        self._writes = 0  # this replica's writes so far: a reload that overlaps one reads again
 
     async def load(self) -> None:
+        self.models, self.categories = await self._read()
+
+    async def _read(self) -> tuple[dict[str, ModelOut], dict[str, CategoryOut]]:
         async with self.db.session() as session:
             models = (await session.scalars(select(GatewayModel))).all()
             cats = (await session.scalars(select(GatewayCategory))).all()
-        self.models = {m.id: ModelOut.model_validate(m) for m in models}
-        self.categories = {c.name: CategoryOut.model_validate(c) for c in cats}
+        return (
+            {m.id: ModelOut.model_validate(m) for m in models},
+            {c.name: CategoryOut.model_validate(c) for c in cats},
+        )
+
+    async def reload(self) -> None:
+        """Read everything again (another replica wrote) and tell the listeners about each
+        model that changed."""
+        while True:
+            writes = self._writes
+            models, categories = await self._read()
+            if writes == self._writes:  # else a write of ours may be missing from what we read
+                break
+        before, self.models, self.categories = self.models, models, categories
+        for model_id in before.keys() | models.keys():
+            if before.get(model_id) != models.get(model_id):
+                self._changed(model_id)
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        for hook in self.written:
+            hook()
 
     def _changed(self, model_id: str) -> None:
         for listener in self.listeners:
@@ -99,6 +125,7 @@ class Catalog:
             )
             out = ModelOut.model_validate(row)
         self.models[out.id] = out
+        self._wrote()
         self._changed(out.id)
         return out
 
@@ -122,6 +149,7 @@ class Catalog:
             )
             out = ModelOut.model_validate(row)
         self.models[out.id] = out
+        self._wrote()
         self._changed(out.id)
         return out
 
@@ -139,6 +167,7 @@ class Catalog:
             )
         self.models.pop(model_id, None)
         await self.load()
+        self._wrote()
         self._changed(model_id)
 
     def _check_categories(self, names: list[str]) -> None:
@@ -166,6 +195,7 @@ class Catalog:
             )
             out = CategoryOut.model_validate(row)
         self.categories[out.name] = out
+        self._wrote()
         return out
 
     async def update_category(self, name: str, data: CategoryUpdate, *, actor: str) -> CategoryOut:
@@ -188,6 +218,7 @@ class Catalog:
             )
             out = CategoryOut.model_validate(row)
         self.categories[name] = out
+        self._wrote()
         return out
 
     async def delete_category(self, name: str, *, actor: str) -> None:
@@ -203,6 +234,7 @@ class Catalog:
                 session, actor=actor, action="gateway.category.delete", target=f"category:{name}"
             )
         self.categories.pop(name, None)
+        self._wrote()
 
     # ----- resolution --------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ cancels pending ones that were never approved before their start.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,7 @@ class Reservations:
     def __init__(self, core: Core) -> None:
         self.core = core
         self.active: ReservationOut | None = None
+        self.written: list[Callable[[], None]] = []  # called after each change this replica makes
 
     async def load(self) -> None:
         await self.tick()
@@ -131,7 +133,7 @@ class Reservations:
     ) -> ReservationOut:
         sources, target = TRANSITIONS[action]
         async with self.core.db.write() as session:
-            row = await session.get(GatewayReservation, reservation_id)
+            row = await session.get(GatewayReservation, reservation_id, with_for_update=True)
             if row is None or (not admin and row.user_id != principal.user_id):
                 raise NotFound(f"reservation {reservation_id!r} does not exist")
             if row.state not in sources:
@@ -154,7 +156,7 @@ class Reservations:
                 target=f"reservation:{row.id}",
             )
             out = ReservationOut.model_validate(row)
-        await self._refresh_active()
+        await self.refresh_active()
         await self._publish(target, out)
         return out
 
@@ -171,7 +173,7 @@ class Reservations:
                 target=f"reservation:{reservation_id}",
             )
             out = ReservationOut.model_validate(row)
-        await self._refresh_active()
+        await self.refresh_active()
         await self._publish("deleted", out)
 
     async def tick(self) -> None:
@@ -180,9 +182,11 @@ class Reservations:
         async with self.core.db.write() as session:
             rows = (
                 await session.scalars(
-                    select(GatewayReservation).where(
-                        GatewayReservation.state.in_(("pending", "approved", "active"))
-                    )
+                    select(GatewayReservation)
+                    .where(GatewayReservation.state.in_(("pending", "approved", "active")))
+                    # Every replica ticks: one changes a row, the others skip it meanwhile
+                    # (PostgreSQL; SQLite takes one writer at a time anyway).
+                    .with_for_update(skip_locked=True)
                 )
             ).all()
             for row in rows:
@@ -204,11 +208,11 @@ class Reservations:
                         target=f"reservation:{row.id}",
                     )
                     changed.append(ReservationOut.model_validate(row))
-        await self._refresh_active()
+        await self.refresh_active()
         for out in changed:
             await self._publish(out.state, out)
 
-    async def _refresh_active(self) -> None:
+    async def refresh_active(self) -> None:
         async with self.core.db.session() as session:
             row = await session.scalar(
                 select(GatewayReservation).where(GatewayReservation.state == "active")
@@ -219,6 +223,8 @@ class Reservations:
         await self.core.events.publish(
             f"gateway.reservation.{change}", out.model_dump(mode="json", exclude={"reason"})
         )
+        for hook in self.written:
+            hook()
 
     async def run(self) -> None:
         while True:

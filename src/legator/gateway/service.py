@@ -19,6 +19,7 @@ from legator.core.runtime import Core
 from legator.gateway import backend_metrics
 from legator.gateway.backends import Backend, BackendRegistry
 from legator.gateway.catalog import Catalog
+from legator.gateway.cluster import GatewaySync, Part
 from legator.gateway.hub.downloads import Downloads
 from legator.gateway.metrics import GatewayMetrics
 from legator.gateway.models import GatewaySetting
@@ -92,6 +93,11 @@ class Gateway:
         self.supervisor = Supervisor(core, self.catalog, self.scheduler, self.backends)
         self.downloads = Downloads(core, self.catalog, self.supervisor.root.parent / "models")
         backend_metrics.install(core.metrics.registry, self.supervisor, self.downloads)
+        self.sync = GatewaySync(core.cluster, self._reload) if core.cluster else None
+        if self.sync is not None:
+            sync = self.sync
+            self.catalog.written.append(lambda: sync.changed("catalog"))
+            self.reservations.written.append(lambda: sync.changed("reservations"))
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -100,17 +106,33 @@ class Gateway:
         await self.supervisor.reconcile()
         self.core.spawn(self.supervisor.monitor(), name="gateway-backend-monitor")
         await self.downloads.start()
-        self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
+        await self._load_settings()
         await self._seed_usage()
         await self.reservations.load()
         self.core.spawn(self.recorder.run(), name="gateway-usage-writer")
         self.core.spawn(self.reservations.run(), name="gateway-reservations")
+        if self.sync is not None:
+            self.core.spawn(self.sync.run(), name="gateway-sync")
 
     async def stop(self) -> None:
+        if self.sync is not None:
+            await self.sync.close()
         await self.downloads.stop()
         await self.supervisor.shutdown()
         await self.recorder.close()
         await self.backends.close()
+
+    async def _reload(self, part: Part) -> None:
+        """Read again what another replica changed."""
+        if part == "catalog":
+            await self.catalog.reload()
+        elif part == "settings":
+            await self._load_settings()
+        else:
+            await self.reservations.refresh_active()
+
+    async def _load_settings(self) -> None:
+        self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
 
     async def _seed_usage(self) -> None:
         window = timedelta(minutes=self.scheduler.config.window_minutes)
@@ -152,6 +174,8 @@ class Gateway:
                 details=updates,
             )
         self.scheduler.config = SchedulerConfig(**merged.model_dump())
+        if self.sync is not None:
+            self.sync.changed("settings")
         return merged
 
     # ----- admission ---------------------------------------------------------------------

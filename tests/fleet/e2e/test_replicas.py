@@ -17,7 +17,7 @@ from legator.fleet.hub import ProbeNotConnected
 from legator.fleet.protocol import T_PING, CommandResult, new_envelope, sign
 from tests.fleet.e2e.conftest import ProbeProcess, unattended_policy, wait_for
 from tests.fleet.e2e.helpers import fleet, send_raw
-from tests.support import NATS_URL, LiveServer, NatsServer, ServerProcess
+from tests.support import LiveServer, NatsServer, ServerProcess, cluster_settings
 
 pytestmark = pytest.mark.postgres
 FAST = {
@@ -28,21 +28,9 @@ FAST = {
 }
 
 
-def cluster_settings(pg_url: str, nats_url: str = NATS_URL) -> dict[str, Any]:
-    """What every replica of one test shares; the subject prefix keeps parallel tests apart."""
-    return {
-        "database_url": pg_url,
-        "signing_key": secrets.token_hex(32),
-        "secrets_kek": secrets.token_hex(32),
-        "nats_url": nats_url,
-        "nats_subject_prefix": "test-" + secrets.token_hex(4),
-        **FAST,
-    }
-
-
 @pytest.fixture
 def pair(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    shared = cluster_settings(pg_url)
+    shared = cluster_settings(pg_url, **FAST)
     a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
     b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared).start()
     try:
@@ -348,7 +336,7 @@ def test_a_replica_without_nats_degrades_clearly_and_recovers(
     pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     nats = NatsServer().start()
-    shared = cluster_settings(pg_url, nats.url)
+    shared = cluster_settings(pg_url, nats.url, **FAST)
     a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
     log_b = tmp_path / "b.log"
     b = ServerProcess(
@@ -416,7 +404,7 @@ def test_a_replica_without_nats_degrades_clearly_and_recovers(
 
 def test_routing_needs_the_same_signing_key(pg_url: str, tmp_path: Path) -> None:
     """A replica started with another key cannot read or forge the others' messages."""
-    shared = cluster_settings(pg_url)
+    shared = cluster_settings(pg_url, **FAST)
     a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
     stranger = LiveServer(
         tmp_path / "x", replica_id="stranger", **{**shared, "signing_key": secrets.token_hex(32)}

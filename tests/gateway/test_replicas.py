@@ -1,0 +1,209 @@
+"""The gateway on two replicas (one PostgreSQL, joined by NATS): what an admin changes through
+one replica, the other serves within moments, without a restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, insert, select
+
+from legator.core.audit.models import AuditEvent
+from legator.core.db import utcnow
+from legator.gateway.models import GatewayReservation
+from legator.gateway.service import Gateway
+from tests.gateway.conftest import new_key, register
+from tests.gateway.scripted_upstream import ScriptedUpstream
+from tests.support import LiveServer, NatsServer, cluster_settings
+
+pytestmark = pytest.mark.postgres
+# Well inside the periodic re-read (30 s): what converges this fast came by the bus.
+PROMPT_S = 3.0
+
+
+@pytest.fixture
+def pair(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
+    shared = cluster_settings(pg_url)
+    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
+    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared).start()
+    try:
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+
+
+def soon(predicate: Callable[[], Any], timeout: float = PROMPT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def chat(client: httpx.Client, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello there"}]}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def gateway(server: LiveServer) -> Gateway:
+    assert server.app is not None
+    return server.app.state.gateway  # type: ignore[no-any-return]
+
+
+def test_the_catalogue_changed_through_one_replica_is_served_by_the_other(
+    pair: tuple[LiveServer, LiveServer], upstream: ScriptedUpstream
+) -> None:
+    a, b = pair
+    with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
+        key = new_key(admin_a, "alice")
+        with a.client(key) as alice_a, b.client(key) as alice_b:
+            assert chat(alice_b, "echo").status_code == 404
+            register(admin_a, "echo", upstream.url, upstream_model="echo", parallel=2)
+            soon(lambda: chat(alice_b, "echo").status_code == 200)
+            assert [m["id"] for m in alice_b.get("/v1/models").json()["data"]] == ["echo"]
+
+            # An update through B: A's scheduler takes the new slot count, A refuses it
+            # once disabled.
+            changed = admin_b.patch("/api/v1/gateway/models/echo", json={"parallel": 5})
+            assert changed.status_code == 200, changed.text
+            soon(lambda: gateway(a).catalog.models["echo"].parallel == 5)
+            assert chat(alice_a, "echo").status_code == 200
+            assert gateway(a).scheduler.pools["echo"].parallel == 5
+            admin_b.patch("/api/v1/gateway/models/echo", json={"state": "disabled"})
+            soon(lambda: chat(alice_a, "echo").status_code == 503)
+            admin_b.patch("/api/v1/gateway/models/echo", json={"state": "ready"})
+            soon(lambda: chat(alice_a, "echo").status_code == 200)
+
+            # A category made through A resolves through B.
+            made = admin_a.post(
+                "/api/v1/gateway/categories", json={"name": "general", "preferred_model": "echo"}
+            )
+            assert made.status_code == 201, made.text
+            soon(lambda: chat(alice_b, "general").status_code == 200)
+
+            # Deleted through B: gone from A.
+            assert admin_b.delete("/api/v1/gateway/models/echo").status_code == 204
+            soon(lambda: chat(alice_a, "echo").status_code == 404)
+            assert alice_a.get("/v1/models").json()["data"] == []
+
+
+def test_scheduler_settings_reach_every_replica(pair: tuple[LiveServer, LiveServer]) -> None:
+    a, b = pair
+    with b.client(a.admin_key) as admin_b:
+        answer = admin_b.patch(
+            "/api/v1/gateway/settings", json={"max_queue": 7, "usage_weight": 2.5}
+        )
+        assert answer.status_code == 200, answer.text
+    soon(lambda: gateway(a).scheduler.config.max_queue == 7)
+    assert gateway(a).scheduler.config.usage_weight == 2.5
+
+
+def window() -> dict[str, str]:
+    start = utcnow().replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    return {
+        "starts_at": start.isoformat(),
+        "ends_at": (start + timedelta(minutes=60)).isoformat(),
+    }
+
+
+def test_a_reservation_activated_on_one_replica_holds_on_the_other(
+    pair: tuple[LiveServer, LiveServer], upstream: ScriptedUpstream
+) -> None:
+    a, b = pair
+    with a.client(a.admin_key) as admin_a:
+        register(admin_a, "echo", upstream.url, upstream_model="echo")
+        other = new_key(admin_a, "other")
+        new_key(admin_a, "holder")
+        made = admin_a.post("/api/v1/gateway/reservations", json={**window(), "user": "holder"})
+        assert made.status_code == 201, made.text
+        rid = made.json()["id"]
+        with b.client(other) as other_b:
+            soon(lambda: chat(other_b, "echo").status_code == 200)
+            admin_a.post(f"/api/v1/gateway/reservations/{rid}/approve").raise_for_status()
+            admin_a.post(f"/api/v1/gateway/reservations/{rid}/activate").raise_for_status()
+            # Before B's own tick (every 5 s) would have noticed.
+            soon(lambda: chat(other_b, "echo").status_code == 503, timeout=2)
+            assert "reserved until" in chat(other_b, "echo").text
+            admin_a.post(f"/api/v1/gateway/reservations/{rid}/deactivate").raise_for_status()
+            soon(lambda: chat(other_b, "echo").status_code == 200, timeout=2)
+
+
+def test_replicas_ticking_together_change_a_reservation_once(
+    pair: tuple[LiveServer, LiveServer],
+) -> None:
+    """Both replicas tick; on PostgreSQL one takes a due reservation, the other skips it."""
+    a, b = pair
+    assert a.core is not None
+    now = utcnow()
+
+    async def add_due() -> list[str]:
+        rows = [
+            {
+                "user_id": "user-holder",
+                "username": "holder",
+                "starts_at": now - timedelta(minutes=1),
+                "ends_at": now - timedelta(seconds=1),  # due to complete
+                "state": "approved",
+                "reason": "",
+            }
+            for _ in range(40)
+        ]
+        async with a.core.db.write() as session:  # type: ignore[union-attr]
+            result = await session.execute(
+                insert(GatewayReservation).returning(GatewayReservation.id), rows
+            )
+            return list(result.scalars())
+
+    async def completions() -> int:
+        async with a.core.db.session() as session:  # type: ignore[union-attr]
+            return int(
+                await session.scalar(
+                    select(func.count())
+                    .select_from(AuditEvent)
+                    .where(AuditEvent.action == "gateway.reservation.completed")
+                )
+                or 0
+            )
+
+    ids = a.call(add_due())
+    ticks = [
+        threading.Thread(target=lambda s=server: s.call(gateway(s).reservations.tick()))
+        for server in (a, b, a, b)
+    ]
+    for thread in ticks:
+        thread.start()
+    for thread in ticks:
+        thread.join()
+    assert a.call(completions()) == len(ids)
+
+
+def test_changes_made_while_nats_was_down_reach_the_other_replica(
+    pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    nats = NatsServer().start()
+    shared = cluster_settings(pg_url, nats.url)
+    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
+    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared).start()
+    try:
+        with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
+            key = new_key(admin_a, "alice")
+            nats.stop()
+            soon(lambda: not admin_a.get("/api/v1/fleet/cluster").json()["connected"], 10)
+            register(admin_a, "echo", upstream.url, upstream_model="echo")  # told nobody
+            with b.client(key) as alice_b:
+                time.sleep(0.5)
+                assert chat(alice_b, "echo").status_code == 404
+                nats.start()
+                soon(lambda: admin_b.get("/api/v1/fleet/cluster").json()["connected"], 10)
+                soon(lambda: chat(alice_b, "echo").status_code == 200)
+    finally:
+        b.stop()
+        a.stop()
+        nats.stop()
