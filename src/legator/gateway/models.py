@@ -45,6 +45,10 @@ class GatewayRuntime(Base):
     container: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str] = mapped_column(Text, default="")
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The control plane that runs it ("host:backends directory") and, with several replicas,
+    # that replica's name; the owner keeps updated_at fresh while it runs (its lease).
+    owner: Mapped[str | None] = mapped_column(String(512))
+    replica: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

@@ -146,6 +146,7 @@ def _backends(request: Request) -> list[dict[str, Any]]:
                 "ready": model.state == "ready",
                 "state": managed.state if managed else model.state,
                 "error": managed.error if managed else "",
+                "replica": managed.replica if managed else None,
                 "slots": model.parallel,
                 "in_use": pool.in_use if pool else 0,
                 "queue_depth": pool.depth if pool else 0,

@@ -97,6 +97,7 @@ class Gateway:
         if self.sync is not None:
             sync = self.sync
             self.catalog.written.append(lambda: sync.changed("catalog"))
+            self.supervisor.written.append(lambda: sync.changed("catalog"))
             self.reservations.written.append(lambda: sync.changed("reservations"))
 
     # ----- lifecycle ---------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Gateway:
         """Read again what another replica changed."""
         if part == "catalog":
             await self.catalog.reload()
+            await self.supervisor.refresh_elsewhere()
         elif part == "settings":
             await self._load_settings()
         else:
@@ -145,6 +147,8 @@ class Gateway:
         self.backends.forget(model_id)
         if model is None:
             self.scheduler.drop(model_id)
+            if model_id in self.supervisor.live:  # deleted through another replica
+                self.core.spawn(self.supervisor.model_gone(model_id), name="gateway-model-gone")
         elif model_id in self.scheduler.pools:
             self.scheduler.pool(model_id, model.parallel)
 
@@ -197,7 +201,9 @@ class Gateway:
         except LookupError as exc:
             raise ServiceUnavailable(str(exc)) from None
         if not backend.ready:
-            raise ServiceUnavailable(f"the backend of model {model.id!r} is not ready")
+            other = self.supervisor.elsewhere.get(model.id)
+            where = f" here: it runs on replica {other.replica!r}" if other else ""
+            raise ServiceUnavailable(f"the backend of model {model.id!r} is not ready{where}")
         user = principal.user_id or principal.username
         pool = self.scheduler.pool(model.id, model.parallel)
         try:

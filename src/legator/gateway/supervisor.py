@@ -4,6 +4,11 @@ watch them, and reconcile the database with what actually runs when the control 
 State of one backend: ``starting → ready``; ``starting → failed`` (died or no health within
 the start timeout); ``ready → failed`` (died or stopped answering); any → ``stopped``.
 The model is ``ready`` in the catalogue (and has scheduler slots) exactly while its backend is.
+
+With several replicas, a backend belongs to the replica that started it (its host and data
+directory, which outlive a restart): the others never adopt, stop or fail it, and a start
+elsewhere is refused while its owner keeps its row fresh (every LEASE_S / 3); once the owner
+has been silent for LEASE_S, another replica may start the model itself.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import asyncio
 import shutil
 import socket
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from sqlalchemy import select, update
 
 from legator.core.db.base import utcnow
 from legator.core.errors import BadRequest, Conflict, ServiceUnavailable
@@ -39,6 +48,7 @@ MONITOR_INTERVAL_S = 2.0
 HEALTH_TIMEOUT_S = 2.0
 MISSES_TO_FAIL = 2  # consecutive failed health checks: 2 x (2 s + 2 s) stays under 10 s
 ACTIVE = ("starting", "ready")
+LEASE_S = 30.0
 
 
 class BackendStatus(BaseModel):
@@ -50,6 +60,19 @@ class BackendStatus(BaseModel):
     container: str | None = None
     error: str = ""
     started_at: str | None = None
+    replica: str | None = Field(
+        default=None, description="The replica that runs it, when several replicas share NATS."
+    )
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """A backend another replica runs (its row, as last read)."""
+
+    replica: str
+    kind: str
+    state: str
+    started_at: datetime | None
 
 
 @dataclass
@@ -91,6 +114,15 @@ class ManagedBackend(Backend):
         return {"Authorization": f"Bearer {self.live.api_key}"} if self.live else {}
 
 
+def _elsewhere(row: GatewayRuntime) -> Elsewhere:
+    return Elsewhere(
+        replica=str(row.replica or row.owner),
+        kind=row.kind,
+        state=row.state,
+        started_at=row.started_at,
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -113,6 +145,12 @@ class Supervisor:
             "process": ProcessRuntime(settings.gateway_llama_server)
         }
         self.live: dict[str, Live] = {}
+        # Stable across restarts and distinct per replica: what the rows of ours carry.
+        self.owner = f"{socket.gethostname()}:{self.root}"
+        self.replica = core.cluster.replica_id if core.cluster else None
+        self.elsewhere: dict[str, Elsewhere] = {}  # model id -> backend another replica runs
+        self.written: list[Callable[[], None]] = []  # called after each change of a row of ours
+        self._reported = 0.0  # time.monotonic() of the last lease refresh
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         if podman_available():
@@ -143,6 +181,15 @@ class Supervisor:
         model = self.catalog.get_model(model_id)
         live = self.live.get(model_id)
         if live is None:
+            other = self.elsewhere.get(model_id)
+            if other is not None:
+                return BackendStatus(
+                    model=model_id,
+                    kind=other.kind,
+                    state=other.state,
+                    started_at=other.started_at.isoformat() if other.started_at else None,
+                    replica=other.replica,
+                )
             return BackendStatus(model=model_id, kind=model.backend_kind, state="stopped")
         return BackendStatus(
             model=model_id,
@@ -153,6 +200,7 @@ class Supervisor:
             container=live.handle.container,
             error=live.error,
             started_at=live.started_at.isoformat(),
+            replica=self.replica,
         )
 
     async def _save(self, live: Live) -> None:
@@ -162,6 +210,7 @@ class Supervisor:
                 row = GatewayRuntime(model_id=live.model_id, kind=live.kind)
                 session.add(row)
             row.kind = live.kind
+            row.owner, row.replica = self.owner, self.replica
             row.state = live.state
             row.port = live.port
             row.pid = live.handle.pid
@@ -169,6 +218,8 @@ class Supervisor:
             row.container = live.handle.container
             row.error = live.error[:2000]
             row.started_at = live.started_at
+        for hook in self.written:
+            hook()
 
     async def _set_model_state(self, model_id: str, state: str) -> None:
         model = self.catalog.models.get(model_id)
@@ -197,12 +248,25 @@ class Supervisor:
             current = self.live.get(model_id)
             if current is not None and current.state in ACTIVE:
                 raise Conflict(f"the backend of {model_id!r} is already {current.state}")
+            other = await self._held_elsewhere(model_id)
+            if other is not None:
+                raise Conflict(
+                    f"the backend of {model_id!r} is {other.state} on replica {other.replica!r}:"
+                    f" stop it through that replica (if that replica is gone, it can start here"
+                    f" {LEASE_S:g} s after it last reported)"
+                )
             if not await asyncio.to_thread(Path(model.model_path).is_file):
                 raise BadRequest(f"model file {model.model_path} is missing")
             workdir = self.root / model_id
             workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
             workdir.chmod(0o700)
-            launch = Launch(model=model, port=_free_port(), api_key=random_hex(32), workdir=workdir)
+            launch = Launch(
+                model=model,
+                port=_free_port(),
+                api_key=random_hex(32),
+                workdir=workdir,
+                owner=self.owner,
+            )
             try:
                 handle = await runtime.start(launch)
             except RuntimeError_ as exc:
@@ -277,6 +341,12 @@ class Supervisor:
         self.catalog.get_model(model_id)
         live = self.live.get(model_id)
         if live is None or live.state == "stopped":
+            other = await self._held_elsewhere(model_id)
+            if other is not None:
+                raise Conflict(
+                    f"the backend of {model_id!r} runs on replica {other.replica!r}:"
+                    " stop it through that replica"
+                )
             raise Conflict(f"the backend of {model_id!r} is not running")
         await self._stop(live)
         await self.core.audit.log(
@@ -324,6 +394,10 @@ class Supervisor:
     async def monitor(self) -> None:
         while True:
             await asyncio.sleep(MONITOR_INTERVAL_S)
+            try:
+                await self._report()
+            except Exception:
+                log.exception("refreshing the backends' lease failed")
             for live in list(self.live.values()):
                 if live.state != "ready":
                     continue
@@ -348,9 +422,8 @@ class Supervisor:
 
     async def reconcile(self) -> None:
         """Adopt what still runs and answers; stop and mark failed what does not; remove
-        orphans; no managed model is ready without a live backend."""
-        from sqlalchemy import select
-
+        orphans; no managed model is ready without a live backend. Another replica's
+        backends are left to it."""
         async with self.core.db.session() as session:
             rows = (await session.scalars(select(GatewayRuntime))).all()
         known: set[str] = set()
@@ -358,9 +431,8 @@ class Supervisor:
             model = self.catalog.models.get(row.model_id)
             runtime = self.runtimes.get(row.kind)
             handle = Handle(pid=row.pid, pid_started=row.pid_started, container=row.container)
-            if row.state not in ACTIVE or runtime is None or model is None:
+            if row.state not in ACTIVE or runtime is None or model is None or not self._mine(row):
                 continue
-            known.add(row.container or str(row.pid))
             live = Live(
                 row.model_id,
                 row.kind,
@@ -372,20 +444,81 @@ class Supervisor:
                 started_at=row.started_at or utcnow(),
             )
             if live.api_key and await runtime.alive(handle) and await self._healthy(live, runtime):
+                known.add(row.container or str(row.pid))
                 self.live[row.model_id] = live
                 await self._mark_ready(live)
                 log.info("adopted running backend", model=row.model_id)
+            elif row.owner is None and self.replica is not None:
+                continue  # recorded before owners were: perhaps another replica's
             else:
+                known.add(row.container or str(row.pid))
                 self.live[row.model_id] = live
                 await self._fail(live, runtime, "not running after a control-plane restart")
         for runtime in self.runtimes.values():
-            for orphan in await runtime.orphans(known):
+            for orphan in await runtime.orphans(known, self.owner):
                 log.warning("removing orphan backend", container=orphan.container, pid=orphan.pid)
                 await runtime.stop(orphan)
+        await self.refresh_elsewhere()
         for model in list(self.catalog.models.values()):
-            if model.managed and model.id not in self.live:
+            if model.managed and model.id not in self.live and model.id not in self.elsewhere:
                 await self._set_model_state(model.id, "unavailable")
                 self.scheduler.drop(model.id)
+
+    # ----- several replicas ------------------------------------------------------------------
+
+    def _mine(self, row: GatewayRuntime) -> bool:
+        return self.replica is None or row.owner in (None, self.owner)
+
+    def _others(self) -> Any:
+        """Rows of backends that another replica runs and still reports on."""
+        return select(GatewayRuntime).where(
+            GatewayRuntime.owner.is_not(None),
+            GatewayRuntime.owner != self.owner,
+            GatewayRuntime.state.in_(ACTIVE),
+            GatewayRuntime.updated_at > utcnow() - timedelta(seconds=LEASE_S),
+        )
+
+    async def refresh_elsewhere(self) -> None:
+        """Read which backends other replicas run (after the catalogue changed)."""
+        if self.replica is None:
+            return
+        async with self.core.db.session() as session:
+            rows = (await session.scalars(self._others())).all()
+        self.elsewhere = {row.model_id: _elsewhere(row) for row in rows}
+
+    async def _held_elsewhere(self, model_id: str) -> Elsewhere | None:
+        if self.replica is None:
+            return None
+        async with self.core.db.session() as session:
+            row = await session.scalar(self._others().where(GatewayRuntime.model_id == model_id))
+        if row is None:
+            self.elsewhere.pop(model_id, None)
+            return None
+        self.elsewhere[model_id] = other = _elsewhere(row)
+        return other
+
+    async def _report(self) -> None:
+        """Keep the rows of our running backends fresh: their lease (LEASE_S)."""
+        if self.replica is None or not self.live:
+            return
+        if time.monotonic() - self._reported < LEASE_S / 3:
+            return
+        self._reported = time.monotonic()
+        async with self.core.db.write() as session:
+            await session.execute(
+                update(GatewayRuntime)
+                .where(
+                    GatewayRuntime.owner == self.owner,
+                    GatewayRuntime.state.in_(ACTIVE),
+                    GatewayRuntime.model_id.in_(list(self.live)),
+                )
+                .values(updated_at=utcnow())
+            )
+
+    async def model_gone(self, model_id: str) -> None:
+        """The model was deleted (perhaps through another replica): stop its backend here."""
+        if model_id in self.live:
+            await self.forget_model(model_id)
 
     def _read_key(self, model_id: str) -> str:
         workdir = self.root / model_id

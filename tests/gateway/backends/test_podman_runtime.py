@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +151,26 @@ def test_pull_then_serve_with_podman(pgw: LiveServer, hub: FakeHub) -> None:  # 
         )
         assert reply.choices[0].finish_reason in ("length", "stop")
         assert admin.post("/api/v1/gateway/backends/tiny/stop").json()["state"] == "stopped"
+
+
+def test_start_up_removes_only_its_own_orphan_containers(tmp_path: Path, image: str) -> None:
+    """Left-over containers of this control plane (or from before owners were labelled) go;
+    another control plane's on the same host (another data directory) stay."""
+    data = tmp_path / "data"
+    ours = f"{socket.gethostname()}:{data / 'gateway' / 'backends'}"
+    labelled = {
+        "legator-orphan-ours": ours,
+        "legator-orphan-unowned": "",
+        "legator-orphan-other": f"{socket.gethostname()}:/srv/other/gateway/backends",
+    }
+    for name, owner in labelled.items():
+        owner_label = ["--label", f"io.legator.owner={owner}"] if owner else []
+        podman("create", "--name", name, "--label", "io.legator.backend=x", *owner_label, image)
+    try:
+        with live_server(data, gateway_podman_image=image):
+            assert not container_exists("legator-orphan-ours")
+            assert not container_exists("legator-orphan-unowned")
+            assert container_exists("legator-orphan-other")
+    finally:
+        for name in labelled:
+            subprocess.run(["podman", "rm", "--force", name], capture_output=True)

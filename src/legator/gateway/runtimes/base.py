@@ -21,6 +21,7 @@ class Launch:
     port: int
     api_key: str
     workdir: Path  # private (0700) per-backend directory: key file, config, logs
+    owner: str = ""  # the control plane that launches it (host and data directory)
 
     @property
     def args(self) -> RuntimeArgs:
@@ -58,6 +59,7 @@ class Runtime(ABC):
     @abstractmethod
     async def logs(self, handle: Handle, workdir: Path, tail: int) -> str: ...
 
-    async def orphans(self, known: set[str]) -> list[Handle]:
-        """Backends this runtime runs that the control plane does not know of."""
+    async def orphans(self, known: set[str], owner: str) -> list[Handle]:
+        """Backends this runtime runs for ``owner`` (or for no recorded owner) that the
+        control plane does not know of."""
         return []

@@ -22,6 +22,7 @@ from legator.gateway.runtimes.process import _python_server_config
 
 PREFIX = "sovereign-llamacpp-"
 LABEL = "io.legator.backend"
+OWNER_LABEL = "io.legator.owner"  # another control plane's containers on this host are not ours
 INNER_PORT = 8080
 UID_MIN, UID_MAX = 10000, 65000
 SECRET_DIR = "/run/secrets"  # noqa: S105 (a path, not a secret)
@@ -164,6 +165,7 @@ class PodmanRuntime(Runtime):
                 "run", "--detach",
                 "--name", name,
                 "--label", f"{LABEL}={launch.model.id}",
+                "--label", f"{OWNER_LABEL}={launch.owner}",
                 "--user", f"{uid}:{uid}",
                 "--cap-drop", "all",
                 "--security-opt", "no-new-privileges",
@@ -211,12 +213,18 @@ class PodmanRuntime(Runtime):
         except RuntimeError_ as exc:
             return str(exc)
 
-    async def orphans(self, known: set[str]) -> list[Handle]:
+    async def orphans(self, known: set[str], owner: str) -> list[Handle]:
+        template = '{{.Names}} {{index .Labels "' + OWNER_LABEL + '"}}'
         try:
-            out = await podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}")
+            out = await podman("ps", "-a", "--filter", f"label={LABEL}", "--format", template)
         except RuntimeError_:
             return []
-        return [Handle(container=n) for n in out.split() if n not in known]
+        found = []
+        for line in out.splitlines():
+            name, _, label = line.strip().partition(" ")
+            if name and name not in known and label.strip() in ("", owner):
+                found.append(Handle(container=name))
+        return found
 
 
 def podman_available() -> bool:
