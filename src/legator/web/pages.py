@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from legator.core.auth.permissions import Permission
@@ -19,6 +19,7 @@ from legator.core.version import build_info
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+FAVICON = Path(__file__).parent / "static" / "favicon.svg"
 
 
 # What the login page says when single sign-on came back refused (the reasons of
@@ -109,6 +110,12 @@ async def home(request: Request, sso_error: str = "") -> Response:
             "error": _sso_message(sso_error),
         },
     )
+
+
+@router.get("/favicon.ico", dependencies=[require(Permission.PUBLIC)])
+async def favicon() -> FileResponse:
+    """Where a browser looks for an icon on a page that names none (a JSON error, say)."""
+    return FileResponse(FAVICON, media_type="image/svg+xml")
 
 
 @router.get("/login", response_class=HTMLResponse, dependencies=[require(Permission.PUBLIC)])

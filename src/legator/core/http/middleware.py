@@ -34,7 +34,9 @@ _DOCS_CSP = (
 _COMMON_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
+    # Nothing to other sites; our own pages' form posts (sign-out) then carry their Origin,
+    # which a cookie-authenticated write must (no-referrer made browsers send "null").
+    (b"referrer-policy", b"same-origin"),
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
 ]
