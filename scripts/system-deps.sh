@@ -13,6 +13,7 @@ PACKAGES=(
   g++                # llama-cpp-python (test extra) compiles llama.cpp from source
   cmake              # ditto
   nats-server        # Fleet: the private NATS servers tests stop and restart (replicas)
+  chromium           # the web pages' browser tests (Playwright drives /usr/bin/chromium)
 )
 
 missing=()
