@@ -63,7 +63,14 @@ async def test_changes_are_announced_and_coalesced() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"parts": "catalog"}, {"parts": []}, {"parts": ["catalog", "secrets"]}, {"parts": [1]}],
+    [
+        {},
+        {"parts": "catalog"},
+        {"parts": []},
+        {"parts": ["catalog", "secrets"]},
+        {"parts": [1]},
+        {"parts": [{}]},
+    ],
 )
 async def test_malformed_messages_are_ignored(body: dict[str, Any]) -> None:
     reloaded: list[str] = []

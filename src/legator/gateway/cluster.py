@@ -42,7 +42,11 @@ class GatewaySync:
 
     def _receive(self, origin: str, body: dict[str, object]) -> None:
         parts = body.get("parts")
-        if not isinstance(parts, list) or not parts or not PARTS.issuperset(parts):
+        if (
+            not isinstance(parts, list)
+            or not parts
+            or not all(isinstance(part, str) and part in PARTS for part in parts)
+        ):
             log.warning("malformed gateway change from another replica", origin=origin)
             return
         self._schedule(parts)
