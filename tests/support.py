@@ -228,6 +228,23 @@ def cluster_settings(pg_url: str, nats_url: str = NATS_URL, **extra: Any) -> dic
     }
 
 
+@contextmanager
+def replica_pair(
+    tmp_path: Path, settings: dict[str, Any]
+) -> Iterator[tuple[LiveServer, LiveServer]]:
+    """Two replicas sharing ``settings``: replica-a (started first: its data dir holds the
+    first-start credentials) and replica-b."""
+    a = LiveServer(tmp_path / "a", replica_id="replica-a", **settings).start()
+    try:
+        b = LiveServer(tmp_path / "b", replica_id="replica-b", **settings).start()
+        try:
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
 class NatsServer:
     """A private ``nats-server`` on a free loopback port, for tests that stop and restart it."""
 

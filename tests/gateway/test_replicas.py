@@ -20,7 +20,7 @@ from legator.gateway.models import GatewayReservation
 from legator.gateway.service import Gateway
 from tests.gateway.conftest import new_key, register
 from tests.gateway.scripted_upstream import ScriptedUpstream
-from tests.support import LiveServer, NatsServer, cluster_settings
+from tests.support import LiveServer, NatsServer, cluster_settings, replica_pair
 
 pytestmark = pytest.mark.postgres
 # Well inside the periodic re-read (30 s): what converges this fast came by the bus.
@@ -29,14 +29,8 @@ PROMPT_S = 3.0
 
 @pytest.fixture
 def pair(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    shared = cluster_settings(pg_url)
-    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
-    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared).start()
-    try:
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+    with replica_pair(tmp_path, cluster_settings(pg_url)) as replicas:
+        yield replicas
 
 
 def soon(predicate: Callable[[], Any], timeout: float = PROMPT_S) -> None:
@@ -188,11 +182,12 @@ def test_changes_made_while_nats_was_down_reach_the_other_replica(
     pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
 ) -> None:
     nats = NatsServer().start()
-    shared = cluster_settings(pg_url, nats.url)
-    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
-    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared).start()
     try:
-        with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
+        with (
+            replica_pair(tmp_path, cluster_settings(pg_url, nats.url)) as (a, b),
+            a.client(a.admin_key) as admin_a,
+            b.client(a.admin_key) as admin_b,
+        ):
             key = new_key(admin_a, "alice")
             nats.stop()
             soon(lambda: not admin_a.get("/api/v1/fleet/cluster").json()["connected"], 10)
@@ -204,6 +199,4 @@ def test_changes_made_while_nats_was_down_reach_the_other_replica(
                 soon(lambda: admin_b.get("/api/v1/fleet/cluster").json()["connected"], 10)
                 soon(lambda: chat(alice_b, "echo").status_code == 200)
     finally:
-        b.stop()
-        a.stop()
         nats.stop()

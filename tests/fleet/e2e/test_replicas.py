@@ -17,7 +17,7 @@ from legator.fleet.hub import ProbeNotConnected
 from legator.fleet.protocol import T_PING, CommandResult, new_envelope, sign
 from tests.fleet.e2e.conftest import ProbeProcess, unattended_policy, wait_for
 from tests.fleet.e2e.helpers import fleet, send_raw
-from tests.support import LiveServer, NatsServer, ServerProcess, cluster_settings
+from tests.support import LiveServer, NatsServer, ServerProcess, cluster_settings, replica_pair
 
 pytestmark = pytest.mark.postgres
 FAST = {
@@ -30,14 +30,8 @@ FAST = {
 
 @pytest.fixture
 def pair(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    shared = cluster_settings(pg_url, **FAST)
-    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared).start()
-    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared).start()
-    try:
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+    with replica_pair(tmp_path, cluster_settings(pg_url, **FAST)) as replicas:
+        yield replicas
 
 
 class Probes:
