@@ -21,7 +21,7 @@ class Launch:
     port: int
     api_key: str
     workdir: Path  # private (0700) per-backend directory: key file, config, logs
-    owner: str = ""  # the control plane that launches it (host and data directory)
+    owner: str  # the control plane that launches it (host and data directory)
 
     @property
     def args(self) -> RuntimeArgs:
