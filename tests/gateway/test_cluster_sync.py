@@ -31,9 +31,11 @@ class Link:
         self.sent.append(body)
 
 
-def make(reload: Callable[[Part], Any]) -> tuple[GatewaySync, Link]:
+def make(
+    reload: Callable[[Part], Any], on_usage: Callable[[dict[str, int]], None] | None = None
+) -> tuple[GatewaySync, Link]:
     link = Link()
-    return GatewaySync(link, reload), link  # type: ignore[arg-type]
+    return GatewaySync(link, reload, on_usage), link  # type: ignore[arg-type]
 
 
 async def settle(sync: GatewaySync) -> None:
@@ -97,8 +99,63 @@ async def test_a_reconnection_reads_everything_and_asks_the_others_to() -> None:
     assert link.sent == [] and sync._task is None
     link.state(True)
     await settle(sync)
-    assert sorted(reloaded) == ["catalog", "reservations", "settings"]
-    assert link.sent == [{"parts": ["catalog", "reservations", "settings"]}]
+    assert sorted(reloaded) == ["catalog", "reservations", "settings", "usage"]
+    assert link.sent == [
+        {"parts": ["catalog", "reservations", "settings"]},
+        {"parts": ["usage"]},  # apart: a replica that knows no such part drops only this
+    ]
+
+
+async def test_the_periodic_read_leaves_usage_to_the_announcements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cluster, "RESYNC_INTERVAL_S", 0.02)
+    reloaded: list[str] = []
+
+    async def reload(part: Part) -> None:
+        reloaded.append(part)
+
+    sync, _link = make(reload)
+    runner = asyncio.ensure_future(sync.run())
+    while len(reloaded) < 6:
+        await asyncio.sleep(0.01)
+    runner.cancel()
+    await sync.close()
+    assert set(reloaded) == {"catalog", "reservations", "settings"}
+
+
+async def test_usage_is_announced_and_counted() -> None:
+    counted: list[dict[str, int]] = []
+
+    async def reload(part: Part) -> None:
+        raise AssertionError("usage is counted, not read again")
+
+    sync, link = make(reload, counted.append)
+    sync.used({})
+    assert link.sent == []
+    sync.used({"u1": 12, "u2": 3})
+    assert link.sent == [{"usage": {"u1": 12, "u2": 3}}]
+    assert link.receive is not None
+    link.receive("replica-b", {"usage": {"u3": 40}})
+    assert counted == [{"u3": 40}]
+    assert sync._task is None
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [None, [], "u1", {"u1": "12"}, {"u1": 1.5}, {"u1": True}, {"u1": 0}, {"u1": -5}, {"u1": None}],
+)
+async def test_malformed_usage_is_ignored(usage: Any) -> None:
+    counted: list[dict[str, int]] = []
+
+    async def reload(part: Part) -> None:
+        raise AssertionError("not a part")
+
+    sync, link = make(reload, counted.append)
+    assert link.receive is not None
+    link.receive("replica-x", {"usage": usage})
+    await settle(sync)
+    assert counted == [] and sync._task is None
 
 
 async def test_a_failed_reload_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:

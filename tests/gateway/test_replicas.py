@@ -200,3 +200,76 @@ def test_changes_made_while_nats_was_down_reach_the_other_replica(
                 soon(lambda: chat(alice_b, "echo").status_code == 200)
     finally:
         nats.stop()
+
+
+def recent_tokens(server: LiveServer, user_id: str) -> int:
+    async def read() -> int:
+        return gateway(server).scheduler.usage.recent(user_id, 3600)
+
+    return server.call(read())
+
+
+def billed_tokens(admin: httpx.Client, username: str) -> int:
+    report = admin.get("/api/v1/gateway/usage/all", params={"period": "hour"}).json()
+    rows = [row for row in report["by_user"] if row["group"] == username]
+    return sum(row["input_tokens"] + row["output_tokens"] for row in rows)
+
+
+def user_id_of(admin: httpx.Client, username: str) -> str:
+    return admin.get(f"/api/v1/users/{username}").json()["id"]  # type: ignore[no-any-return]
+
+
+def test_a_users_tokens_through_one_replica_count_against_them_on_the_other(
+    pair: tuple[LiveServer, LiveServer], upstream: ScriptedUpstream
+) -> None:
+    """Fairness looks at a user's tokens on every replica: a heavy user spread over the
+    balancer is as heavy on each replica as on one."""
+    a, b = pair
+    with a.client(a.admin_key) as admin_a:
+        key = new_key(admin_a, "alice")
+        alice = user_id_of(admin_a, "alice")
+        register(admin_a, "echo", upstream.url, upstream_model="echo")
+        with a.client(key) as alice_a, b.client(key) as alice_b:
+            soon(lambda: chat(alice_b, "echo").status_code == 200)
+            for _ in range(5):
+                assert chat(alice_a, "echo").status_code == 200
+            soon(lambda: billed_tokens(admin_a, "alice") > 0)
+            # Both replicas count what both billed, within moments (rows are written every
+            # half second, then announced).
+            soon(
+                lambda: (
+                    recent_tokens(a, alice)
+                    == recent_tokens(b, alice)
+                    == billed_tokens(admin_a, "alice")
+                )
+            )
+
+
+def test_tokens_billed_while_nats_was_down_count_on_the_other_replica(
+    pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    nats = NatsServer().start()
+    try:
+        with (
+            replica_pair(tmp_path, cluster_settings(pg_url, nats.url)) as (a, b),
+            a.client(a.admin_key) as admin_a,
+            b.client(a.admin_key) as admin_b,
+        ):
+            key = new_key(admin_a, "alice")
+            alice = user_id_of(admin_a, "alice")
+            register(admin_a, "echo", upstream.url, upstream_model="echo")
+            with a.client(key) as alice_a:
+                soon(lambda: chat(alice_a, "echo").status_code == 200)
+                soon(lambda: recent_tokens(b, alice) == billed_tokens(admin_a, "alice") > 0)
+                nats.stop()
+                soon(lambda: not admin_a.get("/api/v1/fleet/cluster").json()["connected"], 10)
+                for _ in range(3):  # billed, announced to nobody
+                    assert chat(alice_a, "echo").status_code == 200
+                soon(lambda: recent_tokens(a, alice) == billed_tokens(admin_a, "alice"))
+                assert recent_tokens(b, alice) < recent_tokens(a, alice)
+                nats.start()
+                soon(lambda: admin_b.get("/api/v1/fleet/cluster").json()["connected"], 10)
+                soon(lambda: recent_tokens(b, alice) == recent_tokens(a, alice))
+                assert recent_tokens(b, alice) == billed_tokens(admin_a, "alice")
+    finally:
+        nats.stop()

@@ -12,7 +12,13 @@ from sqlalchemy import func, select
 from legator.core.db import Database
 from legator.core.db.migrate import upgrade
 from legator.gateway.models import GatewayUsage
-from legator.gateway.usage import FLUSH_BATCH, UsageRecord, UsageRecorder, report
+from legator.gateway.usage import (
+    FLUSH_BATCH,
+    UsageRecord,
+    UsageRecorder,
+    report,
+    tokens_by_user,
+)
 
 
 def _row(i: int) -> UsageRecord:
@@ -96,3 +102,48 @@ def test_every_row_is_written_on_sqlite(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_every_row_is_written_on_postgresql(pg_url: str) -> None:
     asyncio.run(_write_and_read(pg_url))
+
+
+async def _hooks_see_committed_batches(url: str) -> None:
+    db = Database(url)
+    try:
+        await upgrade(db)
+        recorder = UsageRecorder(db)
+        seen: list[tuple[int, int]] = []  # (rows in the batch, rows in the table meanwhile)
+
+        def count_committed(batch: list[UsageRecord]) -> None:
+            seen.append((len(batch), recorder.written))
+
+        def broken(batch: list[UsageRecord]) -> None:
+            raise RuntimeError("a hook that fails")
+
+        recorder.on_written += [broken, count_committed]
+        rows = [_row(i) for i in range(FLUSH_BATCH + 5)]
+        for row in rows:
+            recorder.record(row)
+        await recorder.flush()
+        # Each batch once, after its commit; a failing hook loses no row and stops no other.
+        assert seen == [(FLUSH_BATCH, FLUSH_BATCH), (5, FLUSH_BATCH + 5)]
+        assert recorder.pending == []
+        async with db.session() as session:
+            count = await session.scalar(select(func.count()).select_from(GatewayUsage))
+        assert count == len(rows)
+    finally:
+        await db.dispose()
+
+
+def test_hooks_see_each_batch_once_it_is_committed(tmp_path: Path) -> None:
+    asyncio.run(_hooks_see_committed_batches(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
+
+
+def test_tokens_by_user_leaves_out_rows_without_a_user_or_tokens() -> None:
+    rows = [_row(i) for i in range(7)]
+    rows[1].user_id = None
+    rows[2].input_tokens = rows[2].output_tokens = 0
+    expected: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if i not in (1, 2):
+            assert row.user_id is not None
+            expected[row.user_id] = expected.get(row.user_id, 0) + 3 + i % 7
+    assert tokens_by_user(rows) == expected
+    assert "user-b" in expected and "user-a" in expected

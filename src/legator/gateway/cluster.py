@@ -1,9 +1,14 @@
-"""The gateway's state held in memory (catalogue, scheduler settings, the active reservation)
-kept in step across replicas. A replica that writes one part tells the others on the cluster
-bus, and they read that part again from the shared database. NATS may drop a message (core
-NATS delivers at most once, and nothing while a replica is cut off), so every replica also
-reads every part again after each reconnection, tells the others to do the same (its own
-messages may have been lost while it was cut off), and reads everything at a slow interval."""
+"""The gateway's state held in memory (catalogue, scheduler settings, the active reservation,
+each user's recent tokens) kept in step across replicas. A replica that writes one part tells
+the others on the cluster bus, and they read that part again from the shared database. NATS
+may drop a message (core NATS delivers at most once, and nothing while a replica is cut off),
+so every replica also reads every part again after each reconnection, tells the others to do
+the same (its own messages may have been lost while it was cut off), and reads the small parts
+at a slow interval.
+
+Usage travels differently, since it changes with every request: each batch of usage rows a
+replica writes is announced as tokens per user, which the others add to their fairness
+window; the window is read again from the database only after a reconnection."""
 
 from __future__ import annotations
 
@@ -16,16 +21,26 @@ from legator.core.logging import get_logger
 
 log = get_logger("legator.gateway.cluster")
 KIND = "gateway"
-Part = Literal["catalog", "settings", "reservations"]
+Part = Literal["catalog", "settings", "reservations", "usage"]
 PARTS: frozenset[str] = frozenset(get_args(Part))
+# Read again every RESYNC_INTERVAL_S; not usage: an hour of usage rows is too many to read
+# that often, and the announcements keep it current.
+PERIODIC: frozenset[str] = PARTS - {"usage"}
+UsageHandler = Callable[[dict[str, int]], None]
 RESYNC_INTERVAL_S = 30.0
 RETRY_S = 1.0
 
 
 class GatewaySync:
-    def __init__(self, link: ClusterLink, reload: Callable[[Part], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        link: ClusterLink,
+        reload: Callable[[Part], Awaitable[None]],
+        on_usage: UsageHandler | None = None,
+    ) -> None:
         self.link = link
         self._reload = reload
+        self._on_usage = on_usage
         self._due: set[Part] = set()
         self._task: asyncio.Task[None] | None = None
         link.on_broadcast(KIND, self._receive)
@@ -35,12 +50,20 @@ class GatewaySync:
         """This replica wrote ``part``: the others read it again."""
         self.link.broadcast(KIND, {"parts": [part]})
 
+    def used(self, tokens_by_user: dict[str, int]) -> None:
+        """This replica billed these tokens (rows now in the database): the others count them."""
+        if tokens_by_user:
+            self.link.broadcast(KIND, {"usage": tokens_by_user})
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(RESYNC_INTERVAL_S)
-            self._schedule(PARTS)
+            self._schedule(PERIODIC)
 
     def _receive(self, origin: str, body: dict[str, object]) -> None:
+        if "usage" in body:
+            self._receive_usage(origin, body["usage"])
+            return
         parts = body.get("parts")
         if (
             not isinstance(parts, list)
@@ -51,10 +74,23 @@ class GatewaySync:
             return
         self._schedule(parts)
 
+    def _receive_usage(self, origin: str, usage: object) -> None:
+        if not isinstance(usage, dict) or not all(
+            isinstance(user, str) and type(tokens) is int and tokens > 0
+            for user, tokens in usage.items()
+        ):
+            log.warning("malformed usage from another replica", origin=origin)
+            return
+        if self._on_usage is not None:
+            self._on_usage(usage)
+
     def _on_state(self, up: bool) -> None:
         if up:
             self._schedule(PARTS)
-            self.link.broadcast(KIND, {"parts": sorted(PARTS)})
+            self.link.broadcast(KIND, {"parts": sorted(PERIODIC)})
+            # Its own message: a replica of an earlier version, which knows no "usage" part,
+            # drops only this one.
+            self.link.broadcast(KIND, {"parts": ["usage"]})
 
     def _schedule(self, parts: frozenset[str] | list[str]) -> None:
         self._due.update(parts)  # type: ignore[arg-type]

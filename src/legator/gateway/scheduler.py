@@ -93,6 +93,10 @@ class UsageWindow:
         self._totals[user] = self._totals.get(user, 0) + tokens
         self._expire(user, events, self.window_s())
 
+    def clear(self) -> None:
+        self._events.clear()
+        self._totals.clear()
+
     def recent(self, user: str, window_s: float) -> int:
         events = self._events.get(user)
         if not events:

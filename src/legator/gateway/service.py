@@ -34,7 +34,12 @@ from legator.gateway.scheduler import (
 )
 from legator.gateway.schemas import ModelOut, SchedulerSettings, SchedulerSettingsUpdate
 from legator.gateway.supervisor import Supervisor
-from legator.gateway.usage import UsageRecord, UsageRecorder, recent_tokens_by_user
+from legator.gateway.usage import (
+    UsageRecord,
+    UsageRecorder,
+    recent_tokens_by_user,
+    tokens_by_user,
+)
 
 log = get_logger("legator.gateway")
 SETTINGS_KEY = "scheduler"
@@ -93,12 +98,15 @@ class Gateway:
         self.supervisor = Supervisor(core, self.catalog, self.scheduler, self.backends)
         self.downloads = Downloads(core, self.catalog, self.supervisor.root.parent / "models")
         backend_metrics.install(core.metrics.registry, self.supervisor, self.downloads)
-        self.sync = GatewaySync(core.cluster, self._reload) if core.cluster else None
+        self.sync = (
+            GatewaySync(core.cluster, self._reload, self._count_usage) if core.cluster else None
+        )
         if self.sync is not None:
             sync = self.sync
             self.catalog.written.append(lambda: sync.changed("catalog"))
             self.supervisor.written.append(lambda: sync.changed("catalog"))
             self.reservations.written.append(lambda: sync.changed("reservations"))
+            self.recorder.on_written.append(lambda rows: sync.used(tokens_by_user(rows)))
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -130,6 +138,8 @@ class Gateway:
             await self.supervisor.refresh_elsewhere()
         elif part == "settings":
             await self._load_settings()
+        elif part == "usage":
+            await self._reseed_usage()
         else:
             await self.reservations.refresh_active()
 
@@ -142,6 +152,22 @@ class Gateway:
         now_mono = self.scheduler.clock.now()
         for user, ts, tokens in await recent_tokens_by_user(self.core.db, window):
             self.scheduler.usage.add(user, tokens, at=now_mono - (now_wall - ts.timestamp()))
+
+    async def _reseed_usage(self) -> None:
+        """Every replica's recent tokens, read again from the database: after a reconnection,
+        announcements of them may have been lost. Nothing of this replica's is written
+        meanwhile, so its rows are each either in the database or still pending."""
+        async with self.recorder.writing:
+            self.scheduler.usage.clear()
+            await self._seed_usage()
+            for row in self.recorder.pending:
+                if row.user_id:
+                    self.scheduler.usage.add(row.user_id, row.input_tokens + row.output_tokens)
+
+    def _count_usage(self, tokens_by_user: dict[str, int]) -> None:
+        """Tokens another replica billed, for the fairness window."""
+        for user, tokens in tokens_by_user.items():
+            self.scheduler.usage.add(user, tokens)
 
     def _on_model_change(self, model: ModelOut | None, model_id: str) -> None:
         self.backends.forget(model_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -49,8 +50,19 @@ class UsageRecord:
     id: str = field(default_factory=new_sorted_id)
 
 
+def tokens_by_user(rows: list[UsageRecord]) -> dict[str, int]:
+    """Each user's tokens in ``rows`` (rows of no user and of no tokens left out)."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        tokens = row.input_tokens + row.output_tokens
+        if row.user_id and tokens > 0:
+            totals[row.user_id] = totals.get(row.user_id, 0) + tokens
+    return totals
+
+
 class UsageRecorder:
-    """Rows are appended in memory and written every half second; ``close()`` writes the rest."""
+    """Rows are appended in memory and written every half second; ``close()`` writes the rest.
+    Each ``on_written`` hook sees every batch once it is committed."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -58,9 +70,15 @@ class UsageRecorder:
         self._wake = asyncio.Event()
         # Held while rows are out of ``_pending`` but not yet committed: a flush that comes
         # meanwhile waits for them instead of returning with nothing left to write.
-        self._writing = asyncio.Lock()
+        self.writing = asyncio.Lock()
         self._closed = False
         self.written = 0
+        self.on_written: list[Callable[[list[UsageRecord]], None]] = []
+
+    @property
+    def pending(self) -> list[UsageRecord]:
+        """Rows recorded but not yet taken to be written."""
+        return list(self._pending)
 
     def record(self, row: UsageRecord) -> None:
         self._pending.append(row)
@@ -69,7 +87,7 @@ class UsageRecorder:
 
     async def flush(self) -> None:
         """Write every row recorded so far, including rows another flush is writing."""
-        async with self._writing:
+        async with self.writing:
             while self._pending:
                 batch, self._pending = self._pending[:FLUSH_BATCH], self._pending[FLUSH_BATCH:]
                 try:
@@ -81,6 +99,11 @@ class UsageRecorder:
                     # Keep the rows: the next flush retries them.
                     self._pending[:0] = batch
                     raise
+                for hook in self.on_written:
+                    try:
+                        hook(batch)
+                    except Exception:
+                        log.exception("a usage hook failed")
 
     async def run(self) -> None:
         while not self._closed:
