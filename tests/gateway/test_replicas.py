@@ -178,28 +178,46 @@ def test_replicas_ticking_together_change_a_reservation_once(
     assert a.call(completions()) == len(ids)
 
 
-def test_changes_made_while_nats_was_down_reach_the_other_replica(
-    pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
-) -> None:
+class CutOff:
+    """Two replicas on a private NATS that a test stops and starts; admin clients on each."""
+
+    def __init__(self, nats: NatsServer, a: LiveServer, b: LiveServer) -> None:
+        self.nats, self.a, self.b = nats, a, b
+        self.admin_a = a.client(a.admin_key)
+        self.admin_b = b.client(a.admin_key)
+
+    def cut(self) -> None:
+        self.nats.stop()
+        soon(lambda: not self.admin_a.get("/api/v1/fleet/cluster").json()["connected"], 10)
+
+    def restore(self) -> None:
+        self.nats.start()
+        soon(lambda: self.admin_b.get("/api/v1/fleet/cluster").json()["connected"], 10)
+
+
+@pytest.fixture
+def cut_off(pg_url: str, tmp_path: Path) -> Iterator[CutOff]:
     nats = NatsServer().start()
     try:
-        with (
-            replica_pair(tmp_path, cluster_settings(pg_url, nats.url)) as (a, b),
-            a.client(a.admin_key) as admin_a,
-            b.client(a.admin_key) as admin_b,
-        ):
-            key = new_key(admin_a, "alice")
-            nats.stop()
-            soon(lambda: not admin_a.get("/api/v1/fleet/cluster").json()["connected"], 10)
-            register(admin_a, "echo", upstream.url, upstream_model="echo")  # told nobody
-            with b.client(key) as alice_b:
-                time.sleep(0.5)
-                assert chat(alice_b, "echo").status_code == 404
-                nats.start()
-                soon(lambda: admin_b.get("/api/v1/fleet/cluster").json()["connected"], 10)
-                soon(lambda: chat(alice_b, "echo").status_code == 200)
+        with replica_pair(tmp_path, cluster_settings(pg_url, nats.url)) as (a, b):
+            pair = CutOff(nats, a, b)
+            with pair.admin_a, pair.admin_b:
+                yield pair
     finally:
         nats.stop()
+
+
+def test_changes_made_while_nats_was_down_reach_the_other_replica(
+    cut_off: CutOff, upstream: ScriptedUpstream
+) -> None:
+    key = new_key(cut_off.admin_a, "alice")
+    cut_off.cut()
+    register(cut_off.admin_a, "echo", upstream.url, upstream_model="echo")  # told nobody
+    with cut_off.b.client(key) as alice_b:
+        time.sleep(0.5)
+        assert chat(alice_b, "echo").status_code == 404
+        cut_off.restore()
+        soon(lambda: chat(alice_b, "echo").status_code == 200)
 
 
 def recent_tokens(server: LiveServer, user_id: str) -> int:
@@ -246,30 +264,20 @@ def test_a_users_tokens_through_one_replica_count_against_them_on_the_other(
 
 
 def test_tokens_billed_while_nats_was_down_count_on_the_other_replica(
-    pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
+    cut_off: CutOff, upstream: ScriptedUpstream
 ) -> None:
-    nats = NatsServer().start()
-    try:
-        with (
-            replica_pair(tmp_path, cluster_settings(pg_url, nats.url)) as (a, b),
-            a.client(a.admin_key) as admin_a,
-            b.client(a.admin_key) as admin_b,
-        ):
-            key = new_key(admin_a, "alice")
-            alice = user_id_of(admin_a, "alice")
-            register(admin_a, "echo", upstream.url, upstream_model="echo")
-            with a.client(key) as alice_a:
-                soon(lambda: chat(alice_a, "echo").status_code == 200)
-                soon(lambda: recent_tokens(b, alice) == billed_tokens(admin_a, "alice") > 0)
-                nats.stop()
-                soon(lambda: not admin_a.get("/api/v1/fleet/cluster").json()["connected"], 10)
-                for _ in range(3):  # billed, announced to nobody
-                    assert chat(alice_a, "echo").status_code == 200
-                soon(lambda: recent_tokens(a, alice) == billed_tokens(admin_a, "alice"))
-                assert recent_tokens(b, alice) < recent_tokens(a, alice)
-                nats.start()
-                soon(lambda: admin_b.get("/api/v1/fleet/cluster").json()["connected"], 10)
-                soon(lambda: recent_tokens(b, alice) == recent_tokens(a, alice))
-                assert recent_tokens(b, alice) == billed_tokens(admin_a, "alice")
-    finally:
-        nats.stop()
+    a, b, admin = cut_off.a, cut_off.b, cut_off.admin_a
+    key = new_key(admin, "alice")
+    alice = user_id_of(admin, "alice")
+    register(admin, "echo", upstream.url, upstream_model="echo")
+    with a.client(key) as alice_a:
+        soon(lambda: chat(alice_a, "echo").status_code == 200)
+        soon(lambda: recent_tokens(b, alice) == billed_tokens(admin, "alice") > 0)
+        cut_off.cut()
+        for _ in range(3):  # billed, announced to nobody
+            assert chat(alice_a, "echo").status_code == 200
+        soon(lambda: recent_tokens(a, alice) == billed_tokens(admin, "alice"))
+        assert recent_tokens(b, alice) < recent_tokens(a, alice)
+        cut_off.restore()
+        soon(lambda: recent_tokens(b, alice) == recent_tokens(a, alice))
+        assert recent_tokens(b, alice) == billed_tokens(admin, "alice")
