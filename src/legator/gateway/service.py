@@ -147,19 +147,29 @@ class Gateway:
         self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
 
     async def _seed_usage(self) -> None:
+        self._fill_usage(await self._recent_usage())
+
+    async def _recent_usage(self) -> list[tuple[str, float, int]]:
+        """(user, when on the scheduler's clock, tokens) of every row in the window."""
         window = timedelta(minutes=self.scheduler.config.window_minutes)
+        rows = await recent_tokens_by_user(self.core.db, window)
         now_wall = time.time()
         now_mono = self.scheduler.clock.now()
-        for user, ts, tokens in await recent_tokens_by_user(self.core.db, window):
-            self.scheduler.usage.add(user, tokens, at=now_mono - (now_wall - ts.timestamp()))
+        return [(user, now_mono - (now_wall - ts.timestamp()), n) for user, ts, n in rows]
+
+    def _fill_usage(self, entries: list[tuple[str, float, int]]) -> None:
+        for user, at, tokens in entries:
+            self.scheduler.usage.add(user, tokens, at=at)
 
     async def _reseed_usage(self) -> None:
         """Every replica's recent tokens, read again from the database: after a reconnection,
         announcements of them may have been lost. Nothing of this replica's is written
-        meanwhile, so its rows are each either in the database or still pending."""
+        meanwhile, so its rows are each either in the database or still pending; the window
+        is swapped in one step after the read, so admissions never see it half full."""
         async with self.recorder.writing:
+            entries = await self._recent_usage()
             self.scheduler.usage.clear()
-            await self._seed_usage()
+            self._fill_usage(entries)
             for row in self.recorder.pending:
                 if row.user_id:
                     self.scheduler.usage.add(row.user_id, row.input_tokens + row.output_tokens)
