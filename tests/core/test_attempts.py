@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from legator.core.auth import attempts
-from legator.core.auth.attempts import AttemptLimiter, client_key
+from legator.core.auth.attempts import AttemptLimiter, SignInThrottle, client_key
 
 
 class _Clock:
@@ -52,3 +52,31 @@ def test_ipv6_clients_are_counted_by_their_64() -> None:
     assert client_key("2001:db8:1:2::1") != client_key("2001:db8:1:3::1")
     assert client_key("192.0.2.7") == "192.0.2.7"
     assert client_key("not an address") == "not an address"
+
+
+def test_sign_ins_are_limited_per_account_and_per_address(clock: _Clock) -> None:
+    throttle = SignInThrottle(per_account=3, per_address=5, window_s=60)
+    assert [throttle.admit("192.0.2.1", "alice") for _ in range(4)] == [True, True, True, False]
+    # The refused fourth did not use the address's allowance: two more accounts fit.
+    assert throttle.admit("192.0.2.1", "bob")
+    assert throttle.admit("192.0.2.1", "carol")
+    assert not throttle.admit("192.0.2.1", "dave")  # five from this address
+    assert throttle.admit("192.0.2.2", "alice")  # another address is not affected
+    clock.now += 61
+    assert throttle.admit("192.0.2.1", "dave")
+
+
+def test_a_correct_password_forgives_the_account_and_refunds_the_address(clock: _Clock) -> None:
+    throttle = SignInThrottle(per_account=3, per_address=4, window_s=60)
+    for _ in range(3):
+        assert throttle.admit("192.0.2.1", "alice")
+    throttle.succeeded("192.0.2.1", "alice")  # the third was right
+    assert throttle.admit("192.0.2.1", "alice")  # alice's failures are forgiven
+    assert throttle.admit("192.0.2.1", "bob")  # the address: two failures, one refund, two
+    assert not throttle.admit("192.0.2.1", "carol")  # and now four
+
+
+def test_sign_ins_count_an_ipv6_client_by_its_64(clock: _Clock) -> None:
+    throttle = SignInThrottle(per_account=1, per_address=10, window_s=60)
+    assert throttle.admit("2001:db8::1", "alice")
+    assert not throttle.admit("2001:db8::2", "alice")

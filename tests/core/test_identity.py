@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import httpx
@@ -114,6 +115,35 @@ def test_wrong_password_is_audited_without_the_password(
     assert len(events["events"]) == 1
     assert events["events"][0]["target"] == "user:admin"
     assert secret_attempt not in api.get("/api/v1/audit/export").text
+
+
+def test_password_guessing_is_throttled_even_when_the_guesses_arrive_together(
+    server: LiveServer, make_user
+) -> None:
+    make_user("viewer", "bob")
+
+    def guess(_: int) -> httpx.Response:
+        with server.client() as anon:
+            body = {"username": "admin", "password": "not-the-password"}
+            return anon.post("/api/v1/auth/login", json=body)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(guess, range(16)))
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(401) == 10 and statuses.count(429) == 6, statuses
+    refused = next(response for response in responses if response.status_code == 429)
+    assert "too many sign-in attempts" in _error(refused, 429, "rate_limited")["message"]
+    assert refused.headers["retry-after"] == "300"
+    assert server.credentials is not None
+    with server.client() as browser:
+        # Even the right password now waits for the window, and the form says why.
+        right = {"username": "admin", "password": server.credentials.password}
+        page = browser.post("/login", data=right)
+        assert page.status_code == 429 and "Too many sign-in attempts" in page.text
+        assert page.headers["retry-after"] == "300"
+        # Another account from the same address is not locked out.
+        bob = {"username": "bob", "password": "correct horse battery"}
+        assert browser.post("/api/v1/auth/login", json=bob).status_code == 200
 
 
 def test_browser_session_login_cookie_and_csrf_safe_logout(server: LiveServer) -> None:

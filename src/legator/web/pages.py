@@ -12,7 +12,7 @@ from fastapi.templating import Jinja2Templates
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.auth.router import set_session_cookie
-from legator.core.errors import AppError
+from legator.core.errors import AppError, TooManyRequests
 from legator.core.http.deps import SESSION_COOKIE, authenticate, core_of, require
 from legator.core.http.net import client_ip, is_local_path
 from legator.core.version import build_info
@@ -130,12 +130,18 @@ async def login_submit(
     password: Annotated[str, Form(max_length=1024)],
     next: Annotated[str, Form()] = "/",
 ) -> Response:
-    result = await core_of(request).auth.login(
-        username,
-        password,
-        user_agent=request.headers.get("user-agent", ""),
-        client_ip=client_ip(request),
-    )
+    try:
+        result = await core_of(request).auth.login(
+            username,
+            password,
+            user_agent=request.headers.get("user-agent", ""),
+            client_ip=client_ip(request),
+        )
+    except TooManyRequests as exc:
+        error = exc.message[:1].upper() + exc.message[1:] + "."
+        page = _login_page(request, next=next, error=error, username=username, status=429)
+        page.headers.update(exc.headers)
+        return page
     if result is None:
         return _login_page(
             request, next=next, error="Wrong username or password.", username=username, status=401

@@ -1,5 +1,5 @@
-"""Counting a client's attempts (single sign-ons started, callbacks refused) in memory, per
-replica, in a sliding window."""
+"""Counting a client's attempts (password sign-ins, single sign-ons started, callbacks
+refused) in memory, per replica, in a sliding window."""
 
 from __future__ import annotations
 
@@ -60,5 +60,41 @@ class AttemptLimiter:
         times.append(now)
         return True
 
+    def refund(self, client: str) -> None:
+        """Take back ``client``'s latest attempt (one that turned out to be legitimate)."""
+        times = self._seen.get(client)
+        if times:
+            times.pop()
+
+    def forget(self, client: str) -> None:
+        self._seen.pop(client, None)
+
     def clear(self) -> None:
         self._seen.clear()
+
+
+class SignInThrottle:
+    """Password sign-ins: at most ``per_account`` attempts per address and username (guessing
+    one account's password) and ``per_address`` per address over all usernames (trying one
+    password on many accounts) in a sliding ``window_s``. An attempt is counted before its
+    password is checked, so concurrent guesses cannot all pass the check together; a correct
+    password forgives its address's earlier failures on that account and its own count."""
+
+    def __init__(self, *, per_account: int, per_address: int, window_s: float) -> None:
+        self.window_s = window_s
+        self._accounts = AttemptLimiter(per_account, window_s)
+        self._addresses = AttemptLimiter(per_address, window_s)
+
+    def admit(self, client_ip: str, username: str) -> bool:
+        """Count an attempt; False (and not counted) when either limit is used up."""
+        address = client_key(client_ip)
+        account = f"{address}|{username}"
+        if self._addresses.over(address) or not self._accounts.count(account):
+            return False
+        self._addresses.count(address)
+        return True
+
+    def succeeded(self, client_ip: str, username: str) -> None:
+        address = client_key(client_ip)
+        self._accounts.forget(f"{address}|{username}")
+        self._addresses.refund(address)

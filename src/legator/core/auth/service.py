@@ -14,29 +14,27 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
+from legator.core.auth.attempts import SignInThrottle
 from legator.core.auth.models import ApiKey, Session, User, UserIdentity
+from legator.core.auth.passwords import PasswordWorker
 from legator.core.auth.permissions import Role, permissions_for_role, scoped_permissions
 from legator.core.auth.principal import Principal
 from legator.core.auth.schemas import KeyOut, UserCreate, UserOut, UserUpdate
 from legator.core.db import Database, utcnow
 from legator.core.errors import BadRequest, Conflict, NotFound, TooManyRequests
 from legator.core.logging import get_logger
-from legator.core.security import (
-    hash_password,
-    looks_like_api_key,
-    new_api_key,
-    random_password,
-    sha256_hex,
-    verify_password,
-)
+from legator.core.security import looks_like_api_key, new_api_key, random_password, sha256_hex
 
 log = get_logger("legator.auth")
 SYSTEM_ACTOR = "system"
 LAST_USED_FLUSH_S = 30.0
 CREDENTIAL_CACHE_TTL_S = 5.0
 CREDENTIAL_CACHE_MAX = 10_000
-LOGIN_WINDOW_S = 300.0
-LOGIN_MAX_FAILURES = 10
+SIGN_IN_WINDOW_S = 300.0
+# Guesses at one account from one address, and sign-ins from one address over all accounts
+# (generous: one office's users behind a NAT share it), per window.
+SIGN_INS_PER_ACCOUNT = 10
+SIGN_INS_PER_ADDRESS = 100
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,12 @@ class AuthService:
         self.audit = audit
         self.session_ttl = timedelta(hours=session_ttl_hours)
         self._last_used = _LastUsed()
-        self._login_failures: dict[str, list[float]] = {}
+        self._passwords = PasswordWorker()
+        self._sign_ins = SignInThrottle(
+            per_account=SIGN_INS_PER_ACCOUNT,
+            per_address=SIGN_INS_PER_ADDRESS,
+            window_s=SIGN_IN_WINDOW_S,
+        )
         self._cache = _CredentialCache()
         self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
 
@@ -180,7 +183,7 @@ class AuthService:
 
     async def create_user(self, data: UserCreate, *, actor: str = SYSTEM_ACTOR) -> UserOut:
         # Hash outside the transaction: argon2 takes tens of milliseconds.
-        password_hash = hash_password(data.password) if data.password else None
+        password_hash = await self._passwords.hash(data.password) if data.password else None
         async with self.db.write() as session:
             if await session.scalar(select(User.id).where(User.username == data.username)):
                 raise Conflict(f"user {data.username!r} already exists")
@@ -205,7 +208,7 @@ class AuthService:
     async def update_user(
         self, ref: str, data: UserUpdate, *, actor: str = SYSTEM_ACTOR
     ) -> UserOut:
-        password_hash = hash_password(data.password) if data.password else None
+        password_hash = await self._passwords.hash(data.password) if data.password else None
         async with self.db.write() as session:
             user = await self._user(session, ref)
             changes: dict[str, Any] = data.model_dump(exclude_unset=True, exclude={"password"})
@@ -257,7 +260,7 @@ class AuthService:
     async def bootstrap_admin(self) -> InitialCredentials | None:
         """On an empty database, create ``admin`` with a random password and an API key."""
         password = random_password()
-        password_hash = hash_password(password)
+        password_hash = await self._passwords.hash(password)
         raw_key = new_api_key()
         async with self.db.write() as session:
             if await session.scalar(select(func.count()).select_from(User)):
@@ -415,28 +418,21 @@ class AuthService:
 
     # ----- sessions ----------------------------------------------------------------------
 
-    def _check_login_rate(self, throttle_key: str) -> None:
-        now = time.monotonic()
-        recent = [t for t in self._login_failures.get(throttle_key, []) if now - t < LOGIN_WINDOW_S]
-        self._login_failures[throttle_key] = recent
-        if len(recent) >= LOGIN_MAX_FAILURES:
-            raise TooManyRequests(
-                "too many failed sign-ins; try again in a few minutes",
-                headers={"Retry-After": str(int(LOGIN_WINDOW_S))},
-            )
-
     async def login(
         self, username: str, password: str, *, user_agent: str = "", client_ip: str = ""
     ) -> tuple[str, UserOut] | None:
-        """Returns (session token, user) or None. Failures are audited without the password."""
+        """Returns (session token, user) or None. Failures are audited without the password;
+        TooManyRequests once the address has used up its sign-ins (SignInThrottle)."""
         username = username.strip().lower()
-        throttle_key = f"{client_ip}|{username}"
-        self._check_login_rate(throttle_key)
+        if not self._sign_ins.admit(client_ip, username):
+            raise TooManyRequests(
+                "too many sign-in attempts from this address; try again in a few minutes",
+                headers={"Retry-After": str(int(SIGN_IN_WINDOW_S))},
+            )
         async with self.db.session() as session:
             user = await session.scalar(select(User).where(User.username == username))
-        ok = verify_password(user.password_hash if user else None, password)
+        ok = await self._passwords.verify(user.password_hash if user else None, password)
         if not ok or user is None or user.disabled:
-            self._login_failures.setdefault(throttle_key, []).append(time.monotonic())
             reason = "disabled" if ok and user is not None else "bad_credentials"
             await self.audit.log(
                 actor=username or "anonymous",
@@ -446,7 +442,7 @@ class AuthService:
                 details={"reason": reason, "client_ip": client_ip, "user_agent": user_agent},
             )
             return None
-        self._login_failures.pop(throttle_key, None)
+        self._sign_ins.succeeded(client_ip, username)
         token = await self.open_session(
             user, user_agent=user_agent, client_ip=client_ip, details={"method": "password"}
         )
