@@ -88,13 +88,32 @@ def test_viewer_cannot_create_users(make_user) -> None:  # type: ignore[no-untyp
     assert "users:write" in body["message"]
 
 
-def test_scoped_key_cannot_mint_a_stronger_key(api: httpx.Client, server: LiveServer) -> None:
+def test_a_narrow_key_cannot_manage_its_owners_keys(api: httpx.Client, server: LiveServer) -> None:
+    main = api.post("/api/v1/keys", json={"name": "main"}).json()
     weak = api.post("/api/v1/keys", json={"name": "infer", "scopes": ["inference"]}).json()
     with server.client(weak["key"]) as client:
-        assert "users:read" not in client.get("/api/v1/me").json()["permissions"]
-        _error(client.post("/api/v1/keys", json={"name": "escalate"}), 403, "forbidden")
-        ok = client.post("/api/v1/keys", json={"name": "same", "scopes": ["inference"]})
-        assert ok.status_code == 201
+        permissions = client.get("/api/v1/me").json()["permissions"]
+        assert "users:read" not in permissions and "account" not in permissions
+        # Not even a key as narrow as itself: it would drop its expiry or its model pin.
+        for attempt in (
+            client.post("/api/v1/keys", json={"name": "same", "scopes": ["inference"]}),
+            client.get("/api/v1/keys"),
+            client.delete(f"/api/v1/keys/{main['id']}"),
+        ):
+            assert "'account' permission" in _error(attempt, 403, "forbidden")["message"]
+        _error(client.delete("/api/v1/me/identities"), 403, "forbidden")
+    assert (
+        next(k for k in api.get("/api/v1/keys").json() if k["id"] == main["id"])["revoked_at"]
+        is None
+    )
+    # A key that may manage keys still cannot mint one stronger than itself.
+    manager = api.post("/api/v1/keys", json={"name": "m", "scopes": ["account", "fleet:read"]})
+    with server.client(manager.json()["key"]) as client:
+        body = _error(client.post("/api/v1/keys", json={"name": "escalate"}), 403, "forbidden")
+        assert "lacks" in body["message"]
+        same = client.post("/api/v1/keys", json={"name": "same", "scopes": ["fleet:read"]})
+        assert same.status_code == 201
+        assert client.delete(f"/api/v1/keys/{same.json()['id']}").status_code == 200
 
 
 def test_unknown_scope_is_a_validation_error(api: httpx.Client) -> None:

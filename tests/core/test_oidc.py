@@ -741,9 +741,14 @@ def test_you_see_and_unlink_your_own_identity(
         again = browser.delete(ME_IDENTITIES, headers=origin)
         assert again.status_code == 404 and "no single sign-on identity" in again.text
 
-        # Any of your API keys may too, even a narrow one: unlinking grants no sign-in.
+        # A key of yours that may manage your account may too (unlinking grants no sign-in);
+        # a narrower one may not change your account at all.
         assert browser.get(at_provider(start_link(browser))).status_code == 303
         with server.client(key) as own_key:
+            assert own_key.delete(ME_IDENTITIES).status_code == 403
+        body = {"name": "all of mine", "scopes": ["*"]}
+        full_key = browser.post("/api/v1/keys", json=body, headers=origin).json()["key"]
+        with server.client(full_key) as own_key:
             assert own_key.delete(ME_IDENTITIES).status_code == 200
         assert admin.get(f"/api/v1/users/{name}").json()["sso_issuers"] == []
         assert last_event(admin, "auth.identity.unlink")["actor"] == name

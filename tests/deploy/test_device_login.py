@@ -24,6 +24,12 @@ def test_device_code_api(server: LiveServer, api: httpx.Client, make_user) -> No
     denied = viewer.post("/api/v1/deploy/device/approve", json={"user_code": grant["user_code"]})
     assert denied.status_code == 403
     operator = make_user("operator")
+    # A key scoped to deploying may not approve: the device would get all the operator's
+    # permissions (secrets, commands) with it.
+    narrow = operator.post("/api/v1/keys", json={"name": "ci", "scopes": ["deploy:write"]})
+    with server.client(narrow.json()["key"]) as ci:
+        refused = ci.post("/api/v1/deploy/device/approve", json={"user_code": grant["user_code"]})
+    assert refused.status_code == 403 and "scope '*'" in refused.json()["error"]["message"]
     approved = operator.post(
         "/api/v1/deploy/device/approve", json={"user_code": grant["user_code"].lower()}
     )

@@ -139,6 +139,13 @@ def test_inference_keys_self_service(gw: LiveServer, admin: httpx.Client) -> Non
         erin = next(k for k in everyone if k["username"] == "erin")
         assert dave.delete(f"/api/v1/gateway/keys/{erin['id']}").status_code == 404
         assert dave.get("/api/v1/gateway/keys", params={"all": "true"}).status_code == 403
+        # A key of dave's that may read the gateway may not give itself the right to infer.
+        for scopes in (["gateway:read"], ["gateway:read", "account"]):
+            reader = dave.post("/api/v1/keys", json={"name": "ro", "scopes": scopes}).json()
+            with gw.client(reader["key"]) as reader_client:
+                assert reader_client.get("/v1/models").status_code == 403
+                refused = reader_client.post("/api/v1/gateway/keys", json={"name": "x"})
+                assert refused.status_code == 403, refused.text
 
 
 def test_settings_are_validated_and_applied(gw: LiveServer, admin: httpx.Client) -> None:

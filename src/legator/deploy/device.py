@@ -13,7 +13,7 @@ from legator.core.auth.principal import Principal
 from legator.core.auth.service import AuthService
 from legator.core.db import Database
 from legator.core.db.base import utcnow
-from legator.core.errors import BadRequest, NotFound, TooManyRequests
+from legator.core.errors import BadRequest, Forbidden, NotFound, TooManyRequests
 from legator.core.security import sha256_hex
 from legator.deploy.models import DeviceCode
 
@@ -64,6 +64,12 @@ class DeviceLogins:
     async def approve(self, principal: Principal, user_code: str) -> dict[str, object]:
         if principal.user_id is None:
             raise BadRequest("approving a device needs a signed-in user")
+        if not principal.unrestricted:
+            # The device receives a key with every permission of the approver's role.
+            raise Forbidden(
+                "approving a device gives it a key with all your permissions: approve it "
+                "signed in, or with a key of scope '*'"
+            )
         code = user_code.strip().upper()
         async with self.db.write() as session:
             row = await session.scalar(select(DeviceCode).where(DeviceCode.user_code == code))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from legator.core.auth.permissions import Permission
-from legator.core.auth.principal import Principal
+from legator.core.auth.principal import Principal, ensure_may_manage_own_keys
 from legator.core.auth.schemas import KeyOut
 from legator.core.auth.service import AuthService
 from legator.core.db import utcnow
@@ -14,6 +14,15 @@ from legator.gateway.catalog import Catalog
 from legator.gateway.schemas import InferenceKeyCreate, InferenceKeyCreated, InferenceKeyOut
 
 SCOPE = "inference"
+
+
+def _may_mint_own(principal: Principal) -> None:
+    """A key of yours may mint an inference key only if it could manage your keys at all
+    (``account``) and holds ``gateway:infer`` itself: a key scoped to ``gateway:read``, say,
+    must not give itself the right to infer."""
+    ensure_may_manage_own_keys(principal)
+    if not principal.can(Permission.GATEWAY_INFER):
+        raise Forbidden("a new key cannot hold permissions that the calling key lacks")
 
 
 def _out(key: KeyOut) -> InferenceKeyOut:
@@ -41,6 +50,8 @@ class InferenceKeys:
         admin = principal.can(Permission.GATEWAY_ADMIN)
         if (data.user or data.service) and not admin:
             raise Forbidden("only admins create keys for others or service keys")
+        if not (data.user or data.service):
+            _may_mint_own(principal)
         owner = data.user or principal.user_id
         if owner is None:
             raise BadRequest("user: required when authentication is disabled")
@@ -78,8 +89,11 @@ class InferenceKeys:
     async def revoke(self, key_id: str, principal: Principal) -> InferenceKeyOut:
         key = await self.auth.get_key(key_id)
         own = principal.user_id is not None and key.user_id == principal.user_id
-        if SCOPE not in key.scopes or not (own or principal.can(Permission.GATEWAY_ADMIN)):
+        admin = principal.can(Permission.GATEWAY_ADMIN)
+        if SCOPE not in key.scopes or not (own or admin):
             raise NotFound(f"inference key {key_id!r} does not exist")
+        if not admin:
+            ensure_may_manage_own_keys(principal)
         return _out(await self.auth.revoke_key(key.id, actor=principal.actor))
 
     async def pinned_to(self, model_id: str) -> list[KeyOut]:

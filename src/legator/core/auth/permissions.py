@@ -8,6 +8,7 @@ from enum import StrEnum
 class Permission(StrEnum):
     PUBLIC = "public"  # no authentication at all
     AUTHENTICATED = "authenticated"  # any signed-in identity
+    ACCOUNT = "account"  # manage your own API keys and sign-in identities
     USERS_READ = "users:read"
     USERS_WRITE = "users:write"
     KEYS_ADMIN = "keys:admin"  # manage other users' API keys
@@ -36,7 +37,7 @@ class Role(StrEnum):
 
 
 P = Permission
-_EVERYONE = {P.AUTHENTICATED, P.GATEWAY_INFER, P.GATEWAY_READ}
+_EVERYONE = {P.AUTHENTICATED, P.ACCOUNT, P.GATEWAY_INFER, P.GATEWAY_READ}
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset(Permission),
@@ -60,7 +61,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 }
 
 # Key scopes: "*" keeps every permission of the key's owner; "inference" is the gateway's
-# scope; anything else must name a permission.
+# scope; anything else must name a permission. Only "*" (or "account" by name) lets a key
+# manage its owner's keys: a narrow key must not mint itself a broader or longer-lived one.
 SCOPE_ALIASES: dict[str, frozenset[Permission]] = {
     "inference": frozenset({P.AUTHENTICATED, P.GATEWAY_INFER}),
 }

@@ -7,7 +7,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Request, Response, status
 
 from legator.core.auth.permissions import Permission, scoped_permissions
-from legator.core.auth.principal import Principal
+from legator.core.auth.principal import Principal, ensure_may_manage_own_keys
 from legator.core.auth.schemas import (
     KeyCreate,
     KeyCreated,
@@ -90,11 +90,12 @@ async def me(request: Request, principal: Principal = require(P.AUTHENTICATED)) 
 
 @router.delete("/me/identities", response_model=MeOut)
 async def unlink_my_identities(
-    request: Request, principal: Principal = require(P.AUTHENTICATED)
+    request: Request, principal: Principal = require(P.ACCOUNT)
 ) -> MeOut:
-    """Detach your own single sign-on identities. The session cookie or any of your API keys
-    may (unlike linking, unlinking grants no sign-in). 404 when none is linked; 409 when you
-    have no password, since the identity is then your only way to sign in."""
+    """Detach your own single sign-on identities. The session cookie or an API key of yours
+    with the `account` permission (scope `*`) may: unlike linking, unlinking grants no
+    sign-in. 404 when none is linked; 409 when you have no password, since the identity is
+    then your only way to sign in."""
     if principal.user_id is None:
         raise Forbidden("only a user has single sign-on identities to unlink")
     await core_of(request).auth.unlink_identities(
@@ -155,11 +156,12 @@ async def list_keys(
     all: bool = False,
     principal: Principal = require(P.AUTHENTICATED),
 ) -> list[KeyOut]:
-    """Your own keys; ``?all=true`` or ``?user=`` needs ``keys:admin``."""
+    """Your own keys (``account``); ``?all=true`` or ``?user=`` needs ``keys:admin``."""
     if all or (user and user not in (principal.username, principal.user_id)):
         if not principal.can(P.KEYS_ADMIN):
             raise Forbidden("listing other users' keys needs the 'keys:admin' permission")
         return await core_of(request).auth.list_keys(None if all else user)
+    ensure_may_manage_own_keys(principal)
     if principal.user_id is None:
         return []
     return await core_of(request).auth.list_keys(principal.user_id)
@@ -169,7 +171,8 @@ async def list_keys(
 async def create_key(
     body: KeyCreate, request: Request, principal: Principal = require(P.AUTHENTICATED)
 ) -> KeyCreated:
-    """Create an API key. The response holds the key itself, shown this once."""
+    """Create an API key (your own: ``account``; another user's: ``keys:admin``). The response
+    holds the key itself, shown this once."""
     auth = core_of(request).auth
     owner = body.user or principal.username
     if owner not in (principal.username, principal.user_id):
@@ -179,6 +182,7 @@ async def create_key(
     else:
         if principal.user_id is None:
             raise Forbidden("an anonymous caller has no user to own a key; name one in 'user'")
+        ensure_may_manage_own_keys(principal)
         role = principal.role
     if not scoped_permissions(role, body.scopes) <= principal.permissions:
         raise Forbidden("a new key cannot hold permissions that the calling key lacks")
@@ -193,8 +197,12 @@ async def create_key(
 async def revoke_key(
     key_id: str, request: Request, principal: Principal = require(P.AUTHENTICATED)
 ) -> KeyOut:
+    """Revoke one of your keys (``account``) or, with ``keys:admin``, anyone's."""
     auth = core_of(request).auth
     key = await auth.get_key(key_id)
-    if key.user_id != principal.user_id and not principal.can(P.KEYS_ADMIN):
+    if principal.can(P.KEYS_ADMIN):
+        return await auth.revoke_key(key.id, actor=principal.actor)
+    if key.user_id != principal.user_id:
         raise NotFound(f"API key {key_id!r} does not exist")
+    ensure_may_manage_own_keys(principal)
     return await auth.revoke_key(key.id, actor=principal.actor)
