@@ -163,3 +163,54 @@ def test_secrets_kek_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
         "legator", "serve", env={"LEGATOR_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
     )
     assert nowhere.returncode == 2 and "LEGATOR_SECRETS_DIR" in nowhere.stderr
+
+
+def test_control_plane_own_secrets_are_out_of_reach(
+    server: LiveServer, api: httpx.Client, make_user: Callable[..., httpx.Client]
+) -> None:
+    """legator/ holds the control plane's own secrets (the Model Dock's provider keys): no
+    caller of the API, admin included, may list, read, change, delete or plant one."""
+    key = "sk-ant-dock-secret-0123456789"
+    created = api.post(
+        "/api/v1/brain/profiles",
+        json={"name": "claude", "provider": "anthropic", "model": "m", "api_key": key},
+    )
+    assert created.status_code == 201, created.text
+    name = f"legator/brain/{created.json()['id']}"
+    planted = "legator/brain/a-future-profile"
+    evil = b64(b"sk-attacker")
+    operator = make_user("operator", "olive")
+    assert operator.get("/api/v1/brain/profiles").json()[0]["api_key"] == "sk-…6789"
+    for client in (operator, api):
+        assert client.post("/api/v1/secrets/list", json={}).json() == []
+        for call, body in (
+            ("get", {"Name": name}),
+            ("get", {"Name": name, "Version": 1, "UpdateIfChanged": True}),
+            ("info", {"Name": name}),
+            ("put", {"Name": name, "Value": evil}),
+            ("create-version", {"Name": name, "Version": 2, "Value": evil}),
+            ("activate", {"Name": name, "Version": 1}),
+            ("delete-version", {"Name": name, "Version": 1}),
+            ("delete", {"Name": name}),
+            ("put", {"Name": planted, "Value": evil}),
+            ("create-version", {"Name": planted, "Version": 1, "Value": evil}),
+        ):
+            got = client.post(f"/api/v1/secrets/{call}", json=body)
+            assert got.status_code == 403, (call, got.status_code, got.text)
+            assert got.json()["error"]["code"] == "forbidden"
+            assert "legator/" in got.json()["error"]["message"]
+            assert key not in got.text and b64(key.encode()) not in got.text
+
+    # The key is untouched and nothing was planted; the refusals are in the audit log.
+    assert server.app is not None
+    store = server.app.state.secrets.store
+    assert [(i.name, i.versions) for i in store.list()] == [(name, [1])]
+    assert store.get(name) == (key.encode(), 1)
+    events = api.get("/api/v1/audit", params={"action": "secrets.*", "limit": 1000}).json()
+    denied = {(e["action"], e["target"], e["actor"]) for e in events["events"]}
+    assert ("secrets.get", name, "olive") in denied
+    assert ("secrets.put", planted, "admin") in denied
+
+    # Other names still work as before.
+    assert operator.post("/api/v1/secrets/put", json={"Name": "app/x", "Value": evil}).json() == 1
+    assert operator.post("/api/v1/secrets/get", json={"Name": "app/x"}).json()["Value"] == evil

@@ -1,9 +1,14 @@
 """The control plane's secrets: the same store and service as legerd, mounted under
 ``/api/v1/secrets/<call>`` with setec's calls and bodies, control-plane authentication
-(SECRETS_READ for list/get/info, SECRETS_WRITE for the rest) and the core audit log."""
+(SECRETS_READ for list/get/info, SECRETS_WRITE for the rest) and the core audit log.
+
+Names under ``legator/`` are the control plane's own (the Model Dock's provider keys,
+``legator/brain/<profile id>``): its code reaches them with its own callers, and no caller
+of this API, admin included, may list, read, write or delete them here."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -47,8 +52,12 @@ from legator.secrets.wire import field_bytes, info_json, value_json
 T = TypeVar("T")
 router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"])
 
-_READ = Rule.build([Action.GET, Action.INFO], ["*"])
-_WRITE = Rule.build(ALL_ACTIONS, ["*"])
+RESERVED_PREFIX = "legator/"
+# Every name but the control plane's own: a reserved secret is neither listed nor readable,
+# and nobody can overwrite, delete or plant one (say legator/brain/<a future profile id>).
+_NOT_RESERVED = re.compile(r"\A(?!" + re.escape(RESERVED_PREFIX) + r").*\Z", re.DOTALL)
+_READ = Rule(frozenset({Action.GET, Action.INFO}), (_NOT_RESERVED,))
+_WRITE = Rule(ALL_ACTIONS, (_NOT_RESERVED,))
 
 
 class VersionAlreadySet(AppError):
@@ -103,6 +112,13 @@ async def run(fn: Callable[..., T], *args: Any) -> T:
     try:
         return await anyio.to_thread.run_sync(fn, *args)
     except AccessDenied:
+        # The service's calls are (caller, name, ...); list is (caller,) and is never denied.
+        name = args[1] if len(args) > 1 else None
+        if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
+            raise Forbidden(
+                f"secrets under {RESERVED_PREFIX} belong to the control plane "
+                "and cannot be reached through this API"
+            ) from None
         raise Forbidden("your role may not do this to that secret") from None
     except SecretNotFound:
         raise NotFound("no such secret or version") from None
