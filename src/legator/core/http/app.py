@@ -27,6 +27,7 @@ from legator.core.http.middleware import RequestContextMiddleware
 from legator.core.http.system_router import router as system_router
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
+from legator.core.version import build_info
 from legator.web.pages import router as pages_router
 
 log = get_logger("legator")
@@ -54,6 +55,8 @@ def create_core_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await upgrade(core.db)
+        # Cached from here on; it may run git, which the first /version must not do on the loop.
+        await asyncio.to_thread(build_info)
         creds = await core.auth.bootstrap_admin()
         if creds is not None:
             on_first_start(creds)
