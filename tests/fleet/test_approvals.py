@@ -19,6 +19,7 @@ from sqlalchemy import update
 
 from legator.core.auth.principal import Principal
 from legator.core.db import Database, utcnow
+from legator.core.errors import Forbidden
 from legator.core.runtime import Core
 from legator.fleet.approvals.models import Approval
 from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut
@@ -300,6 +301,63 @@ def test_cancel_by_requester_only(gate_server: LiveServer) -> None:
         assert bystander.post(url).status_code == 403
         assert asker.post(url, json={"reason": "typo"}).json()["status"] == "cancelled"
         assert asker.post(url).status_code == 409
+
+
+def scoped_key(api: httpx.Client, scopes: list[str], user: str | None = None) -> str:
+    body: dict[str, Any] = {"name": "-".join(scopes), "scopes": scopes}
+    if user:
+        body["user"] = user
+    created = api.post("/api/v1/keys", json=body)
+    assert created.status_code == 201, created.text
+    return created.json()["key"]  # type: ignore[no-any-return]
+
+
+def test_cancel_of_someone_elses_approval_needs_fleet_admin_not_the_admin_role(
+    gate_server: LiveServer,
+) -> None:
+    with gate_server.client(gate_server.admin_key) as api:
+        requester = user_key(api, "asker")
+        narrow = {
+            "inference": scoped_key(api, ["inference"]),
+            "read+decide": scoped_key(api, ["fleet:read", "approvals:decide"]),
+            "command": scoped_key(api, ["fleet:command"]),
+        }
+        command_and_admin = scoped_key(api, ["fleet:command", "fleet:admin"])
+    first = check(gate_server, requester, "rm -rf /tmp/x").approval
+    second = check(gate_server, requester, "rm -rf /tmp/y").approval
+    assert first is not None and second is not None
+    for name, key in narrow.items():
+        with gate_server.client(key) as admin:
+            refused = admin.post(f"/api/v1/approvals/{first.id}/cancel", json={"reason": "x"})
+            assert refused.status_code == 403, (name, refused.text)
+    with gate_server.client(gate_server.admin_key) as api:
+        assert api.get(f"/api/v1/approvals/{first.id}").json()["status"] == "pending"
+        cancelled = api.post(f"/api/v1/approvals/{first.id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    with gate_server.client(command_and_admin) as admin:
+        cancelled = admin.post(f"/api/v1/approvals/{second.id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+
+def test_requester_cancels_only_with_a_key_that_may_request(gate_server: LiveServer) -> None:
+    with gate_server.client(gate_server.admin_key) as api:
+        requester = user_key(api, "asker")
+        inference = scoped_key(api, ["inference"], user="asker")
+        read_only = scoped_key(api, ["fleet:read"], user="asker")
+    approval = check(gate_server, requester, "rm -rf /tmp/x").approval
+    assert approval is not None and gate_server.app is not None
+    url = f"/api/v1/approvals/{approval.id}/cancel"
+    for key in (inference, read_only):
+        with gate_server.client(key) as narrow:
+            assert narrow.post(url, json={"reason": "x"}).status_code == 403
+    service = gate_server.app.state.approvals
+    for key in (inference, read_only):  # the service refuses them too, whoever calls it
+        with pytest.raises(Forbidden):
+            gate_server.call(service.cancel(approval.id, principal_of(gate_server, key)))
+    with gate_server.client(requester) as asker:
+        assert asker.get(url.removesuffix("/cancel")).json()["status"] == "pending"
+        cancelled = asker.post(url, json={"reason": "typo"})
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
 
 
 def test_viewers_cannot_decide(gate_server: LiveServer) -> None:

@@ -51,8 +51,9 @@ async def cancel(
     approval_id: str,
     request: Request,
     body: CancelIn | None = None,
-    principal: Principal = require(Permission.AUTHENTICATED),
+    principal: Principal = require(Permission.FLEET_COMMAND),
 ) -> ApprovalOut:
-    """Withdraw a pending request (its requester, or an admin)."""
+    """Withdraw a pending request (``fleet:command``, what it takes to request one): its
+    requester, or anyone who also holds ``fleet:admin``. Permissions, not the role, decide."""
     reason = body.reason if body else ""
     return await approvals_of(request).cancel(approval_id, principal, reason)

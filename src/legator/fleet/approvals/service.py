@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from legator.core.audit.service import AuditService
+from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.db import Database, utcnow
 from legator.core.errors import Conflict, Forbidden, NotFound
@@ -195,14 +196,26 @@ class ApprovalService:
         if any(d["approver"] == approver.actor for d in row.decisions):
             raise Conflict(f"{approver.actor} has already decided on this approval")
 
+    @staticmethod
+    def _check_canceller(row: Approval, principal: Principal) -> None:
+        """The requester withdraws with what it takes to request (``fleet:command``); anyone
+        else needs ``fleet:admin``. Permissions, not the role: a key scoped narrowly (say,
+        inference only) of an admin or of the requester cannot cancel."""
+        if principal.can(Permission.FLEET_ADMIN):
+            return
+        if principal.actor != row.requester:
+            raise Forbidden(
+                "only the requester or a holder of 'fleet:admin' can cancel an approval"
+            )
+        if not principal.can(Permission.FLEET_COMMAND):
+            raise Forbidden("cancelling your own approval needs the 'fleet:command' permission")
+
     async def cancel(self, approval_id: str, principal: Principal, reason: str = "") -> ApprovalOut:
         async with self.db.write() as session:
             row = await session.get(Approval, approval_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"approval {approval_id!r} does not exist")
-            is_requester = principal.actor == row.requester
-            if not is_requester and principal.role != "admin":
-                raise Forbidden("only the requester or an admin can cancel an approval")
+            self._check_canceller(row, principal)
             if row.status != S.PENDING:
                 raise Conflict(f"approval {approval_id} is already {row.status}")
             row.status, row.decided_at = S.CANCELLED.value, utcnow()
