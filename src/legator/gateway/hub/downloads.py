@@ -33,6 +33,7 @@ from legator.gateway.schemas import ModelCreate
 log = get_logger("legator.gateway.downloads")
 ACTIVE = ("queued", "running")
 SAVE_EVERY_S = 1.0
+WRITE_BATCH_BYTES = 4 << 20
 RETRIES = 5
 PART = ".part"
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -364,18 +365,26 @@ class Downloads:
             mode = "ab" if have else "wb"
             done = have
             saved = time.monotonic()
-            with part.open(mode) as sink:
-                async for chunk in response.aiter_bytes():
-                    sink.write(chunk)
-                    done += len(chunk)
-                    self._done[download_id] = done
-                    now = time.monotonic()
-                    rates.append((now, done))
-                    if now - saved >= SAVE_EVERY_S:
-                        sink.flush()
-                        saved = now
-                        if await self._set(download_id, done_bytes=done) is None:
-                            raise asyncio.CancelledError
+            # Written in batches by a thread: a write may wait for the disk (the kernel
+            # throttles a writer with too many dirty pages), which the event loop must not.
+            pending = bytearray()
+            with part.open(mode, buffering=0) as sink:
+                try:
+                    async for chunk in response.aiter_bytes():
+                        pending += chunk
+                        done += len(chunk)
+                        self._done[download_id] = done
+                        now = time.monotonic()
+                        rates.append((now, done))
+                        if len(pending) >= WRITE_BATCH_BYTES or now - saved >= SAVE_EVERY_S:
+                            await asyncio.to_thread(sink.write, bytes(pending))
+                            pending.clear()
+                        if now - saved >= SAVE_EVERY_S:
+                            saved = now
+                            if await self._set(download_id, done_bytes=done) is None:
+                                raise asyncio.CancelledError
+                finally:
+                    sink.write(pending)  # at most one batch; a resume starts from the file
         if total and done < total:
             raise httpx.ReadError(f"connection closed at {done} of {total} bytes")
 
