@@ -99,7 +99,8 @@ class ProcessRuntime(Runtime):
         return command
 
     async def start(self, launch: Launch) -> Handle:
-        command = self.command(launch)
+        # Both on a thread: command() writes and fsyncs the backend's key file.
+        command = await asyncio.to_thread(self.command, launch)
         child = await asyncio.to_thread(self._spawn, command, launch.workdir)
         self.children[child.pid] = child
         return Handle(pid=child.pid, pid_started=psutil.Process(child.pid).create_time())
