@@ -158,3 +158,41 @@ def test_settings_are_validated_and_applied(gw: LiveServer, admin: httpx.Client)
     gw.restart()
     with gw.client(gw.admin_key) as again:
         assert again.get("/api/v1/gateway/settings").json()["wait_weight"] == 2.5
+
+
+def test_model_details_are_for_admins(gw: LiveServer, admin: httpx.Client) -> None:
+    secret_url = "http://user:pw@10.0.0.5:8001/v1"
+    register(admin, "hidden", secret_url, state="disabled")
+    register(admin, "creds", secret_url)
+    new_key(admin, "val")  # a viewer
+    login = admin.post("/api/v1/keys", json={"user": "val"}).json()["key"]
+    private = {"backend_url", "model_path", "runtime_args"}
+    with gw.client(login) as viewer:
+        listed = viewer.get("/api/v1/gateway/models").json()
+        assert "hidden" not in [m["id"] for m in listed] and "creds" in [m["id"] for m in listed]
+        assert all(not private & m.keys() for m in listed)
+        one = viewer.get("/api/v1/gateway/models/creds")
+        assert one.status_code == 200 and not private & one.json().keys()
+        assert one.json()["context_length"] == 4096
+        # A model it may not use is as absent as an unknown one, to read or to estimate.
+        assert viewer.get("/api/v1/gateway/models/hidden").status_code == 404
+        estimate = viewer.post("/api/v1/gateway/estimate", json={"model_id": "hidden"})
+        assert estimate.status_code == 404
+        assert "pw" not in viewer.get("/api/v1/gateway/models").text
+    # Admins see everything, but never the URL's password.
+    shown = "http://user:***@10.0.0.5:8001/v1"
+    assert admin.get("/api/v1/gateway/models/hidden").json()["backend_url"] == shown
+    everything = {m["id"]: m for m in admin.get("/api/v1/gateway/models").json()}
+    assert everything["creds"]["backend_url"] == shown and "runtime_args" in everything["creds"]
+    backends = {b["model"]: b for b in admin.get("/api/v1/gateway/backends").json()}
+    assert backends["creds"]["url"] == shown
+    # The URL sent back as shown keeps the real one; a new one replaces it.
+    catalog = gw.app.state.gateway.catalog  # type: ignore[union-attr]
+    resent = admin.patch("/api/v1/gateway/models/creds", json={"backend_url": shown, "parallel": 2})
+    assert resent.status_code == 200 and resent.json()["backend_url"] == shown
+    assert catalog.models["creds"].backend_url == secret_url
+    new = admin.patch("/api/v1/gateway/models/creds", json={"backend_url": "http://tok@h:1/v1"})
+    assert new.json()["backend_url"] == "http://***@h:1/v1"
+    assert catalog.models["creds"].backend_url == "http://tok@h:1/v1"
+    audit = admin.get("/api/v1/audit", params={"action": "gateway.model.*"}).text
+    assert "tok@" not in audit and "pw@" not in audit

@@ -121,6 +121,32 @@ def test_users_cancel_only_their_own(gw: LiveServer, admin: httpx.Client) -> Non
     assert admin.delete(f"/api/v1/gateway/reservations/{mine['id']}").status_code == 204
 
 
+def test_reservation_events_name_no_one(gw: LiveServer, admin: httpx.Client) -> None:
+    # The core event stream goes to anyone with events:read (viewers too): its reservation
+    # events tell the window and state, never who holds the reservation or why.
+    new_key(admin, "alice")
+    key = admin.post("/api/v1/keys", json={"user": "alice"}).json()["key"]
+    events = gw.core.events.subscribe("gateway.reservation.*")  # type: ignore[union-attr]
+    with gw.client(key) as alice:
+        created = alice.post(
+            "/api/v1/gateway/reservations", json={**window(), "reason": "secret eval"}
+        ).json()
+    assert admin.post(f"/api/v1/gateway/reservations/{created['id']}/approve").status_code == 200
+    got = []
+    while (event := gw.call(events.get(wait=0.1))) is not None:
+        got.append(event)
+    events.close()
+    assert [e.topic for e in got] == ["gateway.reservation.created", "gateway.reservation.approved"]
+    for event in got:
+        assert event.data == {
+            "id": created["id"],
+            "state": event.topic.rsplit(".", 1)[1].replace("created", "pending"),
+            "starts_at": created["starts_at"],
+            "ends_at": created["ends_at"],
+        }
+        assert "alice" not in json.dumps(event.data)
+
+
 def test_live_metrics_stream(gw: LiveServer, admin: httpx.Client) -> None:
     chat(gw, gw.admin_key)
     viewer_key = new_key(admin, "viewer1", model="slow")

@@ -104,7 +104,7 @@ def list_models(server: ServerOpt = DEFAULT_SERVER, json_output: JsonFlag = Fals
             m["state"],
             m["context_length"],
             m["parallel"],
-            m["source_repo"] or m["backend_url"],
+            m["source_repo"] or m.get("backend_url", ""),  # the URL: admins only
             f"{m['gguf']['file_size'] / GIB:.2f}" if m.get("gguf") else "",
         ),
     )

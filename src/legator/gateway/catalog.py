@@ -23,6 +23,7 @@ from legator.gateway.schemas import (
     ModelCreate,
     ModelOut,
     ModelUpdate,
+    mask_url,
 )
 
 
@@ -137,15 +138,21 @@ class Catalog:
             row = await session.get(GatewayModel, model_id)
             if row is None:
                 raise NotFound(f"model {model_id!r} does not exist")
+            if changes.get("backend_url") == mask_url(row.backend_url):
+                # The URL as admins are shown it (credentials masked), sent back unchanged.
+                del changes["backend_url"]
             for name, value in changes.items():
                 setattr(row, name, value)
             await session.flush()
+            details = dict(changes)
+            if "backend_url" in details:
+                details["backend_url"] = mask_url(details["backend_url"])
             await self.audit.record(
                 session,
                 actor=actor,
                 action="gateway.model.update",
                 target=f"model:{model_id}",
-                details=changes,
+                details=details,
             )
             out = ModelOut.model_validate(row)
         self.models[out.id] = out
@@ -280,7 +287,7 @@ class Catalog:
         raise NotFound(f"model {requested!r} does not exist", details={"code": "model_not_found"})
 
     def visible(self, principal: Principal) -> list[ModelOut]:
-        """The models a key may use, for ``GET /v1/models``."""
+        """The models a key may use, for ``GET /v1/models`` and non-admins' catalogue."""
         pinned_model, pinned_category = key_pin(principal)
         if pinned_model:
             model = self.models.get(pinned_model)
@@ -289,3 +296,10 @@ class Catalog:
         if pinned_category:
             return [m for m in models if pinned_category in m.categories]
         return [m for m in models if m.state != "disabled"]
+
+    def get_visible(self, principal: Principal, model_id: str) -> ModelOut:
+        """A model ``principal`` may see; any other is as absent (404) as an unknown one."""
+        model = next((m for m in self.visible(principal) if m.id == model_id), None)
+        if model is None:
+            raise NotFound(f"model {model_id!r} does not exist")
+        return model

@@ -220,9 +220,7 @@ class Reservations:
         self.active = ReservationOut.model_validate(row) if row else None
 
     async def _publish(self, change: str, out: ReservationOut) -> None:
-        await self.core.events.publish(
-            f"gateway.reservation.{change}", out.model_dump(mode="json", exclude={"reason"})
-        )
+        await self.core.events.publish(f"gateway.reservation.{change}", out.event())
         for hook in self.written:
             hook()
 

@@ -32,12 +32,14 @@ from legator.gateway.schemas import (
     InferenceKeyOut,
     ModelCreate,
     ModelOut,
+    ModelPublicOut,
     ModelUpdate,
     ReservationCreate,
     ReservationOut,
     SchedulerSettings,
     SchedulerSettingsUpdate,
     UsageReport,
+    mask_url,
 )
 from legator.gateway.supervisor import BackendStatus
 from legator.gateway.usage import report
@@ -56,32 +58,54 @@ def _keys(request: Request) -> InferenceKeys:
 
 # ----- catalogue ---------------------------------------------------------------------------
 
+# Admins get the whole model (its URL's credentials masked), others the public part only.
+ModelView = ModelOut | ModelPublicOut
 
-@router.get("/models", response_model=list[ModelOut])
-async def list_models(request: Request, principal: Principal = READ) -> list[ModelOut]:
-    """The catalogue (admins see every model, others those they may use)."""
+
+def _view(model: ModelOut, principal: Principal) -> ModelView:
+    if principal.can(P.GATEWAY_ADMIN):
+        return model.masked()
+    return ModelPublicOut.model_validate(model)
+
+
+def _visible_model(request: Request, principal: Principal, model_id: str) -> ModelOut:
+    """The model, if ``principal`` may see it (admins: any); else 404 as for an unknown one."""
     catalog = gateway_of(request).catalog
     if principal.can(P.GATEWAY_ADMIN):
-        return sorted(catalog.models.values(), key=lambda m: m.id)
-    return catalog.visible(principal)
+        return catalog.get_model(model_id)
+    return catalog.get_visible(principal, model_id)
+
+
+@router.get("/models", response_model=list[ModelView])
+async def list_models(request: Request, principal: Principal = READ) -> list[ModelView]:
+    """The catalogue (admins see every model, others those they may use, without the backend
+    URL, model path and runtime arguments)."""
+    catalog = gateway_of(request).catalog
+    if principal.can(P.GATEWAY_ADMIN):
+        return [m.masked() for m in sorted(catalog.models.values(), key=lambda m: m.id)]
+    return [ModelPublicOut.model_validate(m) for m in catalog.visible(principal)]
 
 
 @router.post("/models", response_model=ModelOut, status_code=status.HTTP_201_CREATED)
 async def create_model(body: ModelCreate, request: Request, principal: Principal = ADMIN) -> Any:
     """Register a model served by an OpenAI-compatible backend URL."""
-    return await gateway_of(request).catalog.create_model(body, actor=principal.actor)
+    return (await gateway_of(request).catalog.create_model(body, actor=principal.actor)).masked()
 
 
-@router.get("/models/{model_id}", response_model=ModelOut, dependencies=[READ])
-async def get_model(model_id: str, request: Request) -> Any:
-    return gateway_of(request).catalog.get_model(model_id)
+@router.get("/models/{model_id}", response_model=ModelView)
+async def get_model(model_id: str, request: Request, principal: Principal = READ) -> Any:
+    """One model (non-admins: only one they may use, in its public form)."""
+    return _view(_visible_model(request, principal, model_id), principal)
 
 
 @router.patch("/models/{model_id}", response_model=ModelOut)
 async def update_model(
     model_id: str, body: ModelUpdate, request: Request, principal: Principal = ADMIN
 ) -> Any:
-    return await gateway_of(request).catalog.update_model(model_id, body, actor=principal.actor)
+    """Change fields of a model; those left out keep their value (so does a `backend_url`
+    sent back as shown, credentials masked)."""
+    catalog = gateway_of(request).catalog
+    return (await catalog.update_model(model_id, body, actor=principal.actor)).masked()
 
 
 @router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -142,7 +166,7 @@ def _backends(request: Request) -> list[dict[str, Any]]:
             {
                 "model": model.id,
                 "kind": model.backend_kind,
-                "url": model.backend_url,
+                "url": mask_url(model.backend_url),
                 "ready": model.state == "ready",
                 "state": managed.state if managed else model.state,
                 "error": managed.error if managed else "",
@@ -188,11 +212,13 @@ async def backend_logs(
     return await gateway_of(request).supervisor.logs(model_id, tail)
 
 
-@router.post("/estimate", response_model=Estimate, dependencies=[READ])
-async def estimate_model(body: EstimateRequest, request: Request) -> Any:
+@router.post("/estimate", response_model=Estimate)
+async def estimate_model(
+    body: EstimateRequest, request: Request, principal: Principal = READ
+) -> Any:
     """Memory to serve a GGUF model with `parallel` slots of `context` tokens, and whether it
-    fits the detected GPUs or RAM."""
-    model = gateway_of(request).catalog.get_model(body.model_id)
+    fits the detected GPUs or RAM (non-admins: only for a model they may use)."""
+    model = _visible_model(request, principal, body.model_id)
     if not model.gguf:
         raise BadRequest(f"model {model.id!r} has no GGUF metadata (an external backend?)")
     found = await asyncio.to_thread(system.gpus)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,6 +23,17 @@ def _url(value: str) -> str:
     if not re.match(r"^https?://[^\s/]+", value):
         raise ValueError("expected an http:// or https:// URL")
     return value.rstrip("/")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the credentials of its userinfo hidden: ``http://user:pw@host`` →
+    ``http://user:***@host``, ``http://token@host`` → ``http://***@host``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _secret = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=f"{user + ':' if colon else ''}***@{host}"))
 
 
 class ModelBase(BaseModel):
@@ -134,6 +146,32 @@ class ModelOut(BaseModel):
     @property
     def managed(self) -> bool:
         return self.backend_kind != "external"
+
+    def masked(self) -> ModelOut:
+        """What admins are shown: the model with the credentials of its URL hidden."""
+        url = mask_url(self.backend_url)
+        return self if url == self.backend_url else self.model_copy(update={"backend_url": url})
+
+
+class ModelPublicOut(BaseModel):
+    """A model as those without ``gateway:admin`` see it: no backend URL, file path or
+    runtime arguments. Not a base of ``ModelOut`` on purpose: validating a ``ModelOut`` as
+    this always builds a new object, never passes the full one through."""
+
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
+    id: str
+    name: str
+    source_repo: str
+    backend_kind: str
+    upstream_model: str
+    context_length: int
+    parallel: int
+    state: str
+    categories: list[str]
+    gguf: dict[str, Any] | None = None
+    created_at: datetime
+    updated_at: datetime
 
 
 class CategoryIn(BaseModel):
@@ -285,6 +323,13 @@ class ReservationOut(BaseModel):
 
     def user_id_matches(self, principal: Any) -> bool:
         return bool(principal.user_id) and principal.user_id == self.user_id
+
+    def event(self) -> dict[str, Any]:
+        """The payload of a ``gateway.reservation.*`` event. The core event stream goes to
+        anyone with ``events:read``, so it names no one: the window and state only (the end of
+        an active reservation is told to everyone in a 503 anyway). Who holds a reservation
+        is for its holder and admins, through ``GET /api/v1/gateway/reservations``."""
+        return self.model_dump(mode="json", include={"id", "state", "starts_at", "ends_at"})
 
 
 class EstimateRequest(BaseModel):

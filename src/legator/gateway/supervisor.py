@@ -228,9 +228,10 @@ class Supervisor:
         await self.catalog.update_model(model_id, ModelUpdate(state=state), actor=SYSTEM)  # type: ignore[arg-type]
 
     async def _publish(self, live: Live, state: str) -> None:
+        # No error detail: the core event stream goes to anyone with events:read, while the
+        # error (paths, ports, the runtime's output) is for admins, at /backends and /logs.
         await self.core.events.publish(
-            f"gateway.backend.{state}",
-            {"model": live.model_id, "kind": live.kind, "state": state, "error": live.error},
+            f"gateway.backend.{state}", {"model": live.model_id, "kind": live.kind, "state": state}
         )
 
     # ----- start / stop ----------------------------------------------------------------------

@@ -23,6 +23,14 @@ def test_cli_pull_start_logs_stop_rm(gw: LiveServer, admin: httpx.Client, hub: F
     assert again.returncode == 4 and "already downloaded" in again.stderr
     listed = run_cli("legator", "models", "list", "--json", env=env)
     assert [m["id"] for m in json.loads(listed.stdout)] == ["tiny"]
+    # A viewer's listing has no backend URL or file path to show, and needs none.
+    external = {"id": "ext", "backend_url": "http://127.0.0.1:9/v1"}  # no source repository
+    assert admin.post("/api/v1/gateway/models", json=external).status_code == 201
+    viewer = {"username": "vic", "password": "correct horse battery", "role": "viewer"}
+    assert admin.post("/api/v1/users", json=viewer).status_code == 201
+    viewer_key = admin.post("/api/v1/keys", json={"name": "cli", "user": "vic"}).json()["key"]
+    as_viewer = run_cli("legator", "models", "list", env={**env, "LEGATOR_API_KEY": viewer_key})
+    assert as_viewer.returncode == 0 and "ext" in as_viewer.stdout, as_viewer.stderr
     shown = run_cli("legator", "models", "show", "tiny", env=env)
     assert "gguf.architecture" in shown.stdout and "estimate.total_bytes" in shown.stdout
     admin.patch("/api/v1/gateway/models/tiny", json={"runtime_args": {"chat_format": "chatml"}})

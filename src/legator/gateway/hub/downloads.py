@@ -338,9 +338,8 @@ class Downloads:
             log.warning("download failed", id=download_id, error=str(exc))
             await asyncio.to_thread(part.unlink, missing_ok=True)
             await self._set(download_id, state="failed", error=str(exc)[:2000])
-            await self.core.events.publish(
-                "gateway.download.failed", {"id": download_id, "error": str(exc)[:500]}
-            )
+            # Why it failed is for admins, at /downloads: the event stream reaches viewers.
+            await self.core.events.publish("gateway.download.failed", {"id": download_id})
         finally:
             self._done.pop(download_id, None)
             self._rates.pop(download_id, None)
