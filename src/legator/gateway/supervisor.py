@@ -388,7 +388,8 @@ class Supervisor:
             row = await session.get(GatewayRuntime, model_id)
             if row is not None:
                 await session.delete(row)
-        shutil.rmtree(self.root / model_id, ignore_errors=True)
+        # Its server.log may be large: unlinking it can take a while, not on the loop.
+        await asyncio.to_thread(shutil.rmtree, self.root / model_id, ignore_errors=True)
 
     # ----- monitor ---------------------------------------------------------------------------
 
