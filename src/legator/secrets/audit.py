@@ -70,10 +70,12 @@ class AuditLog:
         with self._lock:
             # One write() of an O_APPEND fd: lines from threads never interleave.
             os.write(self._fd, line)
-            if durable:
-                os.fdatasync(self._fd)
-            else:
-                self._dirty.set()
+        # Synced outside the lock: reads record on the event loop, and must not wait out a
+        # write's fdatasync (milliseconds, seconds under I/O pressure) for the lock.
+        if durable:
+            os.fdatasync(self._fd)
+        else:
+            self._dirty.set()
 
     def _flush_loop(self) -> None:
         while not self._closed:
