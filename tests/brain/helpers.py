@@ -6,7 +6,9 @@ import threading
 from typing import Any
 
 import httpx
+import pytest
 
+from legator.brain.providers import AnthropicProvider, OpenAIProvider
 from tests.fleet.e2e.conftest import wait_for
 
 
@@ -37,3 +39,21 @@ def pending_approval(admin: httpx.Client) -> dict[str, Any]:
 def dispatches(admin: httpx.Client) -> list[dict[str, Any]]:
     events = admin.get("/api/v1/audit", params={"action": "fleet.command.dispatch"}).json()
     return list(events["events"])
+
+
+def record_clients(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every SDK client the providers build from now on (the server runs in this process),
+    in the order built."""
+    built: list[Any] = []
+
+    def recording(sdk: Any) -> Any:
+        def build(**kwargs: Any) -> Any:
+            client = sdk(**kwargs)
+            built.append(client)
+            return client
+
+        return staticmethod(build)
+
+    for provider in (OpenAIProvider, AnthropicProvider):
+        monkeypatch.setattr(provider, "sdk", recording(provider.sdk))
+    return built

@@ -3,7 +3,8 @@ over real HTTP, streamed as Server-Sent Events with the real tool-call wire form
 
 Each request takes the next step of the script: ``{"text": ..., "tools": [(name, args)]}``,
 ``{"status": 503}`` for an outage, or a callable that builds a step from the request body.
-Every request body is kept in ``requests`` so tests can check what the model was shown."""
+Every request body is kept in ``requests`` so tests can check what the model was shown, and
+the connection (client address and port) each came on in ``connections``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class ScriptedLLM:
         self.script: list[Step] = list(script or [])
         self.requests: list[dict[str, Any]] = []
         self.keys: list[str] = []  # the API key each request carried
+        self.connections: list[tuple[str, int] | None] = []  # the caller's (host, port)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
@@ -65,6 +67,9 @@ class ScriptedLLM:
     def _next(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         self.keys.append(request.headers.get("x-api-key") or bearer)
+        self.connections.append(
+            (request.client.host, request.client.port) if request.client else None
+        )
         self.requests.append(body)
         if not self.script:
             return {"status": 500, "message": "the script has no more steps"}

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.brain.helpers import Background, dispatches, pending_approval
+from tests.brain.helpers import Background, dispatches, pending_approval, record_clients
 from tests.brain.llm_server import ScriptedLLM, tool_results
+from tests.support import LiveServer
 
 
 def test_probe_chat_keeps_a_persistent_session(
@@ -106,6 +108,40 @@ def test_fleet_chat_by_tag_fans_out_through_the_gate(
     assert "fc-web-0" in system and "fc-db" not in system
     missing = admin.post("/api/v1/fleet/chat", json={"message": "x", "tag": "nothing"})
     assert missing.status_code == 404
+
+
+def test_chats_share_one_client_and_its_connection(
+    admin: httpx.Client, spawn_probe, llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Building an SDK client costs an SSL context (tens of milliseconds of CPU on the event
+    # loop) and a new connection: probe chat, fleet chat and a task on one profile share one.
+    built = record_clients(monkeypatch)
+    pid = spawn_probe("chat-pool").probe_id
+    llm.script = [{"text": "one"}, {"text": "two"}, {"text": "three"}, {"text": "four"}]
+    for path, body in [
+        (f"/api/v1/probes/{pid}/chat", {"message": "a"}),
+        (f"/api/v1/probes/{pid}/chat", {"message": "b"}),
+        ("/api/v1/fleet/chat", {"message": "c"}),
+        (f"/api/v1/probes/{pid}/task", {"goal": "d"}),
+    ]:
+        response = admin.post(path, json=body)
+        assert response.status_code == 200, response.text
+    assert [r["messages"][-1]["content"] for r in llm.requests] == ["a", "b", "c", "Goal: d"]
+    assert len(built) == 1 and not built[0].is_closed()
+    # The upstream saw every call on one kept-alive connection.
+    assert len(llm.connections) == 4 and len(set(llm.connections)) == 1
+
+
+def test_shutdown_closes_the_clients(
+    fleet_server: LiveServer, admin: httpx.Client, llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = record_clients(monkeypatch)
+    llm.script = [{"text": "hello"}]
+    response = admin.post("/api/v1/fleet/chat", json={"message": "hi"})
+    assert response.status_code == 200, response.text
+    assert built and not any(client.is_closed() for client in built)
+    fleet_server.stop()
+    assert all(client.is_closed() for client in built)
 
 
 def test_no_provider_answers_503_with_how_to_configure(api: httpx.Client) -> None:

@@ -4,7 +4,9 @@ routing with the environment as fallback, usage per profile and feature."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
+from tests.brain.helpers import record_clients
 from tests.brain.llm_server import ScriptedLLM
 from tests.support import LiveServer
 
@@ -74,3 +76,55 @@ def test_profiles_route_features_and_keep_keys_secret(
     assert admin.delete(f"/api/v1/brain/profiles/{profile['id']}").status_code == 204
     assert admin.get("/api/v1/brain/profiles").json() == []
     assert admin.delete(f"/api/v1/brain/profiles/{profile['id']}").status_code == 404
+
+
+def test_a_profile_change_reaches_the_next_call_and_closes_the_old_client(
+    fleet_server: LiveServer,
+    admin: httpx.Client,
+    llm: ScriptedLLM,
+    provider: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built = record_clients(monkeypatch)
+    base_url = f"{llm.url}/v1" if provider == "openai" else llm.url
+    profile = admin.post(
+        "/api/v1/brain/profiles",
+        json={
+            "name": "p",
+            "provider": provider,
+            "model": "m",
+            "base_url": base_url,
+            "api_key": KEY,
+        },
+    ).json()
+    admin.post(
+        f"/api/v1/brain/profiles/{profile['id']}/activate", json={"features": ["fleet_chat"]}
+    )
+
+    def chat() -> None:
+        llm.script = [{"text": "ok"}]
+        response = admin.post("/api/v1/fleet/chat", json={"message": "x"})
+        assert response.status_code == 200, response.text
+
+    chat()
+    chat()
+    assert llm.keys == [KEY, KEY] and len(built) == 1
+    assert llm.connections[0] == llm.connections[1]  # one client, its connection kept alive
+
+    rotated = "sk-rotated-key-99998888"
+    admin.patch(f"/api/v1/brain/profiles/{profile['id']}", json={"api_key": rotated})
+    chat()
+    # The new key, on a new client (and connection); the old key's client is closed.
+    assert llm.keys[-1] == rotated and len(built) == 2
+    assert llm.connections[-1] != llm.connections[0]
+    assert built[0].is_closed() and not built[1].is_closed()
+
+    admin.patch(f"/api/v1/brain/profiles/{profile['id']}", json={"model": "m2"})
+    chat()
+    assert llm.requests[-1]["model"] == "m2" and llm.keys[-1] == rotated
+    assert len(built) == 2  # the model is per request: the same client serves it
+
+    assert admin.delete(f"/api/v1/brain/profiles/{profile['id']}").status_code == 204
+    chat()  # back to the LEGATOR_LLM_* settings; the deleted profile's client is closed
+    assert llm.keys[-1] == "sk-test" and len(built) == 3
+    assert built[1].is_closed() and not built[2].is_closed()

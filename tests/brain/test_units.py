@@ -1,10 +1,20 @@
-"""Pure parts: history trimming and the wire translation of tool turns."""
+"""Pure parts: history trimming, the wire translation of tool turns and the client pool."""
 
 from __future__ import annotations
 
-from legator.brain.providers import AnthropicProvider, OpenAIProvider
+from dataclasses import replace
+
+import pytest
+
+from legator.brain.providers import (
+    AnthropicProvider,
+    OpenAIProvider,
+    ProviderConfig,
+    ProviderPool,
+)
 from legator.brain.service import trim_history
 from legator.brain.tools import truncate
+from legator.core.errors import ServiceUnavailable
 
 
 def _exchange(n: int, size: int = 400) -> list[dict]:
@@ -60,3 +70,69 @@ def test_tool_turns_on_both_wires() -> None:
 def test_truncate_marks_what_it_cut() -> None:
     assert truncate("abc", 10) == "abc"
     assert truncate("a" * 30, 10) == "a" * 10 + "\n…[truncated: 20 more characters]"
+
+
+SECRET = "sk-pool-secret-0123456789"
+CONFIG = ProviderConfig("openai", "m", SECRET, "http://127.0.0.1:9/v1")
+
+
+async def test_pool_shares_a_client_per_provider_url_and_key() -> None:
+    pool = ProviderPool()
+    async with pool.lease("probe_chat", CONFIG) as first:
+        client = first.client
+    async with pool.lease("probe_chat", replace(CONFIG, model="m2", max_tokens=9)) as other:
+        assert other.client is client and (other.model, other.max_tokens) == ("m2", 9)
+    async with pool.lease("task", CONFIG) as shared:
+        assert shared.client is client
+    for changed in (
+        replace(CONFIG, api_key="sk-other"),
+        replace(CONFIG, base_url="http://127.0.0.1:10/v1"),
+        replace(CONFIG, provider="anthropic"),
+    ):
+        async with pool.lease("fleet_chat", changed) as provider:
+            assert provider.client is not client
+    assert isinstance(provider, AnthropicProvider) and len(pool) == 2
+    # No key in the clear: not in the pool's keys, its repr or the config's repr.
+    assert SECRET not in repr(pool) and SECRET not in repr(CONFIG)
+    assert SECRET not in pool.fingerprint(CONFIG) and SECRET not in str(list(pool._clients))
+    await pool.aclose()
+
+
+async def test_pool_closes_a_client_once_no_owner_or_call_uses_it() -> None:
+    pool = ProviderPool()
+    rotated = replace(CONFIG, api_key="sk-rotated")
+    async with pool.lease("probe_chat", CONFIG) as old:
+        pass
+    async with pool.lease("task", CONFIG):
+        pass
+    async with pool.lease("probe_chat", rotated) as new:
+        assert new.client is not old.client
+    assert not old.client.is_closed()  # the task still routes to it
+    async with pool.lease("task", CONFIG) as in_flight:
+        async with pool.lease("task", rotated):
+            pass
+        assert not in_flight.client.is_closed()  # a call in flight keeps it open
+    assert old.client.is_closed() and not new.client.is_closed()
+    await pool.aclose()
+    assert new.client.is_closed() and len(pool) == 0
+
+
+async def test_pool_is_bounded_and_closes_everything_at_shutdown() -> None:
+    pool = ProviderPool(max_clients=2)
+    clients = []
+    for n in range(3):
+        async with pool.lease(f"owner-{n}", replace(CONFIG, api_key=f"sk-{n}")) as provider:
+            clients.append(provider.client)
+    assert len(pool) == 2 and clients[0].is_closed()  # the least recently used went
+    async with pool.lease("owner-1", replace(CONFIG, api_key="sk-1")) as again:
+        assert again.client is clients[1]
+    async with pool.lease("owner-2", replace(CONFIG, api_key="sk-2")) as held:
+        await pool.aclose()
+        assert clients[1].is_closed() and not held.client.is_closed()
+    assert held.client.is_closed()
+    async with pool.lease("owner-1", CONFIG) as late:  # after shutdown: a one-off client
+        assert not late.client.is_closed()
+    assert late.client.is_closed() and len(pool) == 0
+    with pytest.raises(ServiceUnavailable, match="LEGATOR_LLM_PROVIDER"):
+        async with pool.lease("owner-1", None):
+            pass

@@ -2,20 +2,29 @@
 
 Messages are kept in a neutral form (``user``/``assistant``/``tool`` dicts) and translated
 to each API's wire format here, so the chat, fleet chat and task runner never see a vendor
-shape. The official ``openai`` and ``anthropic`` SDKs speak the wire protocols."""
+shape. The official ``openai`` and ``anthropic`` SDKs speak the wire protocols; their
+clients are shared across calls through a ``ProviderPool``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Protocol
 
 import anthropic
+import anyio
 import openai
 
 from legator.core.config import Settings
 from legator.core.errors import ServiceUnavailable
+from legator.core.logging import get_logger
+
+log = get_logger("legator.brain.providers")
 
 OnToken = Callable[[str], Awaitable[None]]
 
@@ -49,7 +58,7 @@ class Turn:
 class ProviderConfig:
     provider: str
     model: str
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)
     base_url: str | None = None
     max_tokens: int = 1024
 
@@ -84,10 +93,17 @@ class _SdkProvider:
     api_error: ClassVar[type[Exception]]
     label: ClassVar[str]
 
-    def __init__(self, config: ProviderConfig, *, max_retries: int = 2) -> None:
+    def __init__(self, config: ProviderConfig, *, max_retries: int = 2, client: Any = None) -> None:
         self.model = config.model
         self.max_tokens = config.max_tokens
-        self.client = self.sdk(
+        self.client = client if client is not None else self.new_client(config, max_retries)
+
+    @classmethod
+    def new_client(cls, config: ProviderConfig, max_retries: int = 2) -> Any:
+        """A new SDK client: an httpx client with its own connection pool and SSL context,
+        whose CA bundle alone costs tens of milliseconds of CPU to load. Share it
+        (``ProviderPool``) rather than build one a call."""
+        return cls.sdk(
             api_key=config.api_key or "none",
             base_url=config.base_url,
             max_retries=max_retries,
@@ -325,15 +341,141 @@ def config_from_settings(settings: Settings) -> ProviderConfig | None:
     )
 
 
-def build_provider(config: ProviderConfig | None, gateway: Any = None) -> Provider:
+SDK_PROVIDERS: dict[str, type[_SdkProvider]] = {
+    "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
+}
+
+
+def check_config(config: ProviderConfig | None, gateway: Any = None) -> ProviderConfig:
+    """``config`` when a provider can be built from it, else the 503 that says how to
+    configure one. Builds nothing."""
     if config is None:
         raise ServiceUnavailable(NOT_CONFIGURED)
-    if config.provider == "openai":
-        return OpenAIProvider(config)
-    if config.provider == "anthropic":
-        return AnthropicProvider(config)
-    if config.provider == "local" and gateway is not None:
-        from legator.brain.local import LocalProvider
-
-        return LocalProvider(gateway, config.model, config.max_tokens)
+    if config.provider in SDK_PROVIDERS or (config.provider == "local" and gateway is not None):
+        return config
     raise ServiceUnavailable(f"LLM provider {config.provider!r} is not available; {NOT_CONFIGURED}")
+
+
+def build_provider(config: ProviderConfig | None, gateway: Any = None) -> Provider:
+    """A provider with a client of its own (``ProviderPool.lease`` shares clients)."""
+    config = check_config(config, gateway)
+    sdk_provider = SDK_PROVIDERS.get(config.provider)
+    if sdk_provider is not None:
+        return sdk_provider(config)
+    from legator.brain.local import LocalProvider
+
+    return LocalProvider(gateway, config.model, config.max_tokens)
+
+
+@dataclass(eq=False, repr=False)
+class _Pooled:
+    client: Any
+    leases: int = 0
+    retired: bool = False  # out of the pool: closed when its last lease ends
+
+
+class ProviderPool:
+    """SDK clients shared across calls, so a chat message neither builds a client (an SSL
+    context, tens of milliseconds of CPU on the event loop) nor opens a new connection.
+
+    A client is found by a fingerprint: the SHA-256 of what it is built from (provider,
+    base URL, API key, retries), so the pool holds no key in the clear and a changed key is
+    always a different client. Model and token limit are per request, not per client. Each
+    owner (a brain feature) points at the client its last call used: when its profile
+    changes (new key or base URL, deleted, routed elsewhere), the client it leaves is closed
+    once no other owner and no call in flight uses it. At most ``max_clients`` are kept, the
+    least recently used going first; ``aclose`` closes them all (at shutdown)."""
+
+    def __init__(self, *, max_clients: int = 8, max_retries: int = 2) -> None:
+        if max_clients < 1:
+            raise ValueError("max_clients must be at least 1")
+        self.max_clients = max_clients
+        self.max_retries = max_retries
+        self._clients: OrderedDict[str, _Pooled] = OrderedDict()
+        self._owners: dict[str, str] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<ProviderPool {len(self._clients)} clients, owners {sorted(self._owners)}>"
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def fingerprint(self, config: ProviderConfig) -> str:
+        parts = [config.provider, config.base_url, config.api_key, self.max_retries]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    @asynccontextmanager
+    async def lease(
+        self, owner: str, config: ProviderConfig | None, gateway: Any = None
+    ) -> AsyncIterator[Provider]:
+        """The provider for ``config`` on the pooled client, for the length of a call."""
+        config = check_config(config, gateway)
+        sdk_provider = SDK_PROVIDERS.get(config.provider)
+        if sdk_provider is None:  # ``local``: in-process, no client to share
+            yield build_provider(config, gateway)
+            return
+        key = self.fingerprint(config)
+        built = None
+        if key not in self._clients:
+            # Off the event loop: loading the CA bundle is blocking CPU work.
+            built = await anyio.to_thread.run_sync(
+                partial(sdk_provider.new_client, config, self.max_retries)
+            )
+        entry, doomed = self._checkout(owner, key, built)
+        try:
+            await self._close(doomed)
+            yield sdk_provider(config, client=entry.client)
+        finally:
+            entry.leases -= 1
+            if entry.retired and entry.leases == 0:
+                await self._close([entry])
+
+    def _checkout(self, owner: str, key: str, built: Any) -> tuple[_Pooled, list[_Pooled]]:
+        """Take a lease on ``key``'s client (``built`` when it was missing) for ``owner``;
+        returns it and the clients to close now. No await: the pool never sits half-updated."""
+        if self._closed:  # shut down: a one-off client, closed after its call
+            return _Pooled(built, leases=1, retired=True), []
+        doomed: list[_Pooled] = []
+        entry = self._clients.get(key)
+        if entry is None:
+            entry = self._clients[key] = _Pooled(built)
+        elif built is not None:  # another call built the same client meanwhile
+            doomed.append(_Pooled(built))
+        self._clients.move_to_end(key)
+        entry.leases += 1
+        previous = self._owners.get(owner)
+        self._owners[owner] = key
+        if previous is not None and previous != key and previous not in self._owners.values():
+            doomed += self._retire(previous)
+        while len(self._clients) > self.max_clients:
+            doomed += self._retire(next(iter(self._clients)))
+        return entry, doomed
+
+    def _retire(self, key: str) -> list[_Pooled]:
+        entry = self._clients.pop(key, None)
+        for owner in [o for o, k in self._owners.items() if k == key]:
+            del self._owners[owner]
+        if entry is None:
+            return []
+        entry.retired = True
+        return [entry] if entry.leases == 0 else []
+
+    async def _close(self, entries: list[_Pooled]) -> None:
+        for entry in entries:
+            # Shielded: a cancelled call still closes the client it leaves.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await entry.client.close()
+                except Exception:  # closing is best effort
+                    log.warning("closing an LLM client failed", exc_info=True)
+
+    async def aclose(self) -> None:
+        """Close every pooled client (those in a call, once it ends); later calls each get
+        a one-off client."""
+        self._closed = True
+        doomed: list[_Pooled] = []
+        for key in list(self._clients):
+            doomed += self._retire(key)
+        await self._close(doomed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from sqlalchemy import select
@@ -10,7 +11,13 @@ from sqlalchemy import select
 from legator.brain.agent import Transcript, converse
 from legator.brain.dock import ModelDock
 from legator.brain.models import ChatSession
-from legator.brain.providers import OnToken, Provider, build_provider
+from legator.brain.providers import (
+    OnToken,
+    Provider,
+    ProviderConfig,
+    ProviderPool,
+    check_config,
+)
 from legator.brain.tools import Emit, Toolbox
 from legator.core.audit.service import AuditFilter
 from legator.core.auth.principal import Principal
@@ -52,11 +59,25 @@ class BrainService:
         self.state = state
         self.settings = core.settings
         self.dock = ModelDock(core, state)
+        # One SDK client per provider, base URL and key, shared by every call and closed
+        # when its profile changes or goes, and at shutdown.
+        self.clients = ProviderPool()
+        core.shutdown_hooks.append(self.aclose)
 
-    async def provider(self, feature: str) -> tuple[str, Provider]:
-        """The provider routed to ``feature`` (Model Dock), else the LEGATOR_LLM_* one."""
+    async def aclose(self) -> None:
+        await self.clients.aclose()
+
+    async def resolve(self, feature: str) -> tuple[str, ProviderConfig]:
+        """The profile routed to ``feature`` (Model Dock), else the LEGATOR_LLM_* one, and its
+        config; 503 when there is none. Builds no client."""
         profile, config = await self.dock.resolve(feature)
-        return profile, build_provider(config, getattr(self.state, "gateway", None))
+        return profile, check_config(config, getattr(self.state, "gateway", None))
+
+    def provider(
+        self, feature: str, config: ProviderConfig
+    ) -> AbstractAsyncContextManager[Provider]:
+        """The provider for ``config`` on its shared client, for the length of one call."""
+        return self.clients.lease(feature, config, getattr(self.state, "gateway", None))
 
     async def _account(self, profile: str, feature: str, transcript: Transcript) -> None:
         await self.dock.account(
@@ -129,7 +150,7 @@ class BrainService:
         timeout_s: float | None = None,
         emit: Emit | None = None,
     ) -> dict[str, Any]:
-        profile, provider = await self.provider("task")
+        profile, config = await self.resolve("task")  # 503 first when none is configured
         await self.state.fleet.registry.get(probe_id)  # 404 before any model call
         system = f"{SYSTEM}\n\n{await self._probe_context(probe_id)}"
         messages: list[dict[str, Any]] = [{"role": "user", "content": f"Goal: {goal}"}]
@@ -138,15 +159,16 @@ class BrainService:
         async def on_step(step: dict[str, Any]) -> None:
             await self._audit(principal, "brain.task.step", probe_id, {"goal": goal, **step})
 
-        transcript = await converse(
-            provider,
-            system,
-            messages,
-            toolbox,
-            max_steps=max_steps or self.settings.brain_max_steps,
-            timeout_s=timeout_s or self.settings.brain_task_timeout_s,
-            on_step=on_step,
-        )
+        async with self.provider("task", config) as provider:
+            transcript = await converse(
+                provider,
+                system,
+                messages,
+                toolbox,
+                max_steps=max_steps or self.settings.brain_max_steps,
+                timeout_s=timeout_s or self.settings.brain_task_timeout_s,
+                on_step=on_step,
+            )
         await self._account(profile, "task", transcript)
         await self._audit(
             principal,
@@ -158,7 +180,7 @@ class BrainService:
             "probe_id": probe_id,
             "goal": goal,
             "profile": profile,
-            "model": provider.model,
+            "model": config.model,
             **transcript.as_dict(),
         }
 
@@ -197,22 +219,24 @@ class BrainService:
         toolbox: Toolbox,
         on_token: OnToken | None,
         feature: str,
+        resolved: tuple[str, ProviderConfig],
     ) -> dict[str, Any]:
-        profile, provider = await self.provider(feature)
+        profile, config = resolved
         row = await self._session(principal, scope, target, session_id)
         history = trim_history(
             [*(row.messages or []), {"role": "user", "content": message}], HISTORY_TOKEN_BUDGET
         )
         messages = list(history)
-        transcript: Transcript = await converse(
-            provider,
-            system,
-            messages,
-            toolbox,
-            max_steps=self.settings.brain_max_steps,
-            timeout_s=self.settings.brain_task_timeout_s,
-            on_token=on_token,
-        )
+        async with self.provider(feature, config) as provider:
+            transcript: Transcript = await converse(
+                provider,
+                system,
+                messages,
+                toolbox,
+                max_steps=self.settings.brain_max_steps,
+                timeout_s=self.settings.brain_task_timeout_s,
+                on_token=on_token,
+            )
         await self._account(profile, feature, transcript)
         if transcript.status == "completed":
             await self._save(row, messages)
@@ -234,10 +258,11 @@ class BrainService:
         on_token: OnToken | None = None,
         emit: Emit | None = None,
     ) -> dict[str, Any]:
-        await self.provider("probe_chat")  # 503 before anything else when none is configured
+        resolved = await self.resolve("probe_chat")  # 503 first when none is configured
         await self.state.fleet.registry.get(probe_id)
         return await self._chat(
             feature="probe_chat",
+            resolved=resolved,
             principal=principal,
             scope="probe",
             target=probe_id,
@@ -259,7 +284,7 @@ class BrainService:
         on_token: OnToken | None = None,
         emit: Emit | None = None,
     ) -> dict[str, Any]:
-        await self.provider("fleet_chat")
+        resolved = await self.resolve("fleet_chat")  # 503 first when none is configured
         if probe and tag:
             raise BadRequest("give either a probe or a tag, not both")
         registry = self.state.fleet.registry
@@ -282,6 +307,7 @@ class BrainService:
         )
         return await self._chat(
             feature="fleet_chat",
+            resolved=resolved,
             principal=principal,
             scope="fleet",
             target=target,
