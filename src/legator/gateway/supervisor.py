@@ -413,6 +413,7 @@ class Supervisor:
         if not await runtime.alive(live.handle):
             await self._fail(live, runtime, "the backend exited")
             return
+        await runtime.trim_logs(live.workdir)
         if await self._healthy(live, runtime):
             live.misses = 0
             return

@@ -91,6 +91,7 @@ def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: P
         uid = int(info["Config"]["User"].split(":")[0])
         assert 10000 <= uid <= 65000
         assert info["HostConfig"]["CapDrop"] and not info["HostConfig"]["CapAdd"]
+        assert info["HostConfig"]["LogConfig"]["Size"] == "67.11MB"  # llama.cpp logs a lot
         bindings = info["HostConfig"]["PortBindings"]["8080/tcp"]
         assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
         assert any(m["Destination"] == "/models" and not m["RW"] for m in info["Mounts"])

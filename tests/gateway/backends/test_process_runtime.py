@@ -14,6 +14,7 @@ import openai
 import psutil
 import pytest
 
+from legator.gateway.runtimes import process
 from tests.gateway.backends.conftest import backend, register_managed, wait_state
 from tests.support import LiveServer, live_server
 
@@ -98,6 +99,42 @@ def test_start_chat_stop_with_openai_sdk(
     )
     logs = admin.get("/api/v1/gateway/backends/tiny/logs", params={"tail": 50})
     assert logs.status_code == 200 and logs.text
+
+
+def test_trimming_a_log_the_server_appends_to_leaves_no_hole(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with log.open("ab") as server:  # how the backend holds it: O_APPEND
+        server.write(b"".join(b"line %04d\n" % n for n in range(200)))  # 2,000 bytes
+        server.flush()
+        process.trim_log(log, 1000)
+        kept = (tmp_path / "server.log.1").read_bytes()
+        assert kept.endswith(b"line 0199\n") and kept.startswith(b"line ")  # whole lines
+        assert 450 <= len(kept) <= 500
+        server.write(b"after\n")
+        server.flush()
+    assert log.read_bytes() == b"after\n"  # at the start, not past 2,000 NUL bytes
+    process.trim_log(log, 1000)  # under the limit: left alone
+    assert log.read_bytes() == b"after\n"
+
+
+def test_a_running_backends_log_is_trimmed(
+    gw: LiveServer, admin: httpx.Client, gguf_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "LOG_MAX_BYTES", 2_000)
+    register_managed(admin, "tiny", gguf_file)
+    started = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
+    assert started.status_code == 200, started.text
+    workdir = Path(psutil.Process(started.json()["pid"]).cwd())
+    deadline = time.monotonic() + 15
+    while not (workdir / "server.log.1").exists():
+        assert time.monotonic() < deadline, "the monitor never trimmed the log"
+        chat(gw)  # the server logs every request
+        time.sleep(0.5)
+    for _ in range(3):
+        chat(gw)
+    assert b"\0" not in (workdir / "server.log").read_bytes()[:64]
+    assert admin.get("/api/v1/gateway/backends/tiny/logs", params={"tail": 5}).text
+    admin.post("/api/v1/gateway/backends/tiny/stop")
 
 
 def test_killed_backend_is_failed_within_10s_and_requests_get_503(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from legator.gateway.schemas import ModelOut, RuntimeArgs
 
+# A backend keeps at most this much of its own output (llama.cpp logs every request).
+LOG_MAX_BYTES = 64 << 20
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 
 
@@ -58,6 +60,11 @@ class Runtime(ABC):
 
     @abstractmethod
     async def logs(self, handle: Handle, workdir: Path, tail: int) -> str: ...
+
+    async def trim_logs(self, workdir: Path) -> None:
+        """Keep a running backend's log from filling the disk (called every monitor round);
+        nothing to do where the runtime bounds it itself."""
+        return None
 
     async def orphans(self, known: set[str], owner: str) -> list[Handle]:
         """Backends this runtime runs for ``owner`` (or for no recorded owner) that the

@@ -17,7 +17,14 @@ import os
 import tempfile
 from pathlib import Path
 
-from legator.gateway.runtimes.base import STOP_GRACE_S, Handle, Launch, Runtime, RuntimeError_
+from legator.gateway.runtimes.base import (
+    LOG_MAX_BYTES,
+    STOP_GRACE_S,
+    Handle,
+    Launch,
+    Runtime,
+    RuntimeError_,
+)
 from legator.gateway.runtimes.process import _python_server_config
 
 PREFIX = "sovereign-llamacpp-"
@@ -167,6 +174,8 @@ class PodmanRuntime(Runtime):
                 "--label", f"{LABEL}={launch.model.id}",
                 "--label", f"{OWNER_LABEL}={launch.owner}",
                 "--user", f"{uid}:{uid}",
+                # The k8s-file log driver keeps everything otherwise (journald bounds itself).
+                "--log-opt", f"max-size={LOG_MAX_BYTES}",
                 "--cap-drop", "all",
                 "--security-opt", "no-new-privileges",
                 # No --read-only: Podman 4.3 cannot mount a secret into a read-only root.

@@ -21,7 +21,14 @@ from pathlib import Path
 import psutil
 
 from legator.core.security import write_private_file
-from legator.gateway.runtimes.base import STOP_GRACE_S, Handle, Launch, Runtime, RuntimeError_
+from legator.gateway.runtimes.base import (
+    LOG_MAX_BYTES,
+    STOP_GRACE_S,
+    Handle,
+    Launch,
+    Runtime,
+    RuntimeError_,
+)
 
 
 def _python_server_config(launch: Launch) -> dict[str, object]:
@@ -165,6 +172,29 @@ class ProcessRuntime(Runtime):
 
     async def logs(self, handle: Handle, workdir: Path, tail: int) -> str:
         return tail_file(workdir / "server.log", tail)
+
+    async def trim_logs(self, workdir: Path) -> None:
+        await asyncio.to_thread(trim_log, workdir / "server.log", LOG_MAX_BYTES)
+
+
+def trim_log(path: Path, max_bytes: int) -> None:
+    """Past ``max_bytes``, keep the log's last half in ``<name>.1`` and empty it in place.
+    The server outlives this control plane and writes to the file it was started with, so
+    the file cannot be replaced; it appends (O_APPEND), so its next line lands at the start
+    of the emptied file, not past a hole. Lines written between the copy and the truncation
+    are lost: a few, once per rotation."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size <= max_bytes:
+        return
+    with path.open("rb") as source:
+        source.seek(size - max_bytes // 2)
+        source.readline()  # start at a whole line
+        kept = source.read()
+    path.with_name(path.name + ".1").write_bytes(kept)
+    os.truncate(path, 0)
 
 
 def tail_file(path: Path, lines: int) -> str:
