@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import NotFound
 from legator.core.http.deps import require
 from legator.core.http.net import client_ip
-from legator.deploy.configs import ConfigService, catalog_entries
+from legator.deploy.configs import LIST_LIMIT, LIST_MAX_LIMIT, ConfigService, catalog_entries
 from legator.deploy.device import DeviceLogins
 from legator.deploy.manifest import MANIFEST_NAME
 from legator.deploy.schemas import (
@@ -42,16 +42,21 @@ async def save_config(
     body: ConfigCreate, request: Request, principal: Principal = require(Permission.DEPLOY_WRITE)
 ) -> ConfigOut:
     """Save a new version. It is validated against each service's options schema; errors
-    name the field (``details`` lists them all)."""
+    name the field (``details`` lists them all). At most 256 services (422 beyond)."""
     return await _service(request).save(principal, body.spec, body.comment)
 
 
 @router.get("/configs", response_model=list[ConfigOut])
 async def list_configs(
-    request: Request, principal: Principal = require(Permission.DEPLOY_READ)
+    request: Request,
+    principal: Principal = require(Permission.DEPLOY_READ),
+    limit: int = Query(LIST_LIMIT, ge=1, le=LIST_MAX_LIMIT, description="Versions per page."),
+    before: int | None = Query(
+        None, ge=1, description="Only versions below this one: the next page after the last."
+    ),
 ) -> list[ConfigOut]:
-    """Your saved versions, newest first."""
-    return await _service(request).list(principal)
+    """Your saved versions, newest first, a page at a time."""
+    return await _service(request).list(principal, limit=limit, before=before)
 
 
 @router.get("/configs/{version}", response_model=ConfigOut)
@@ -69,7 +74,8 @@ async def diff_configs(
     request: Request,
     principal: Principal = require(Permission.DEPLOY_READ),
 ) -> ConfigDiff:
-    """Unified diffs of the spec and of the rendered files from ``version`` to ``other``."""
+    """Unified diffs of the spec and of the rendered files from ``version`` to ``other``. A file
+    too large to diff is reported as ``Files A and B differ (too large to diff ...)``."""
     return await _service(request).diff(principal, version, other)
 
 
