@@ -35,6 +35,7 @@ VARIANTS = [
     {"openwebui": {"port": None, "enable_signup": True}, "whisper": {"engine": "openai_whisper"}},
     {"llamacpp": {"gpu_layers": 99, "context": 8192, "memory": "8g", "command": "--verbose"}},
     {"llamacpp@coder": {"port": 8091}, "llamacpp@chat": {"port": None}},
+    {"redis": {"port": 16379, "bind": "::1"}},  # PublishPort=[::1]:16379:6379
 ]
 
 
@@ -77,6 +78,14 @@ def test_each_service_alone_with_its_dependencies(tmp_path: Path, generator: str
         ({"llamacpp": {"model_path": "relative.gguf"}}, "services.llamacpp.model_path"),
         ({"llamacpp@Big!": {}}, "services.llamacpp@Big!"),
         ({"redis@two": {"port": 7000}, "whisper@x": {"port": 7000}}, "services.whisper@x.port"),
+        # A line break in any option would add a directive of the caller's to the unit file.
+        (
+            {"redis": {"port": 16379, "bind": "127.0.0.1\nExecStartPre=/bin/sh -c id\n#"}},
+            "services.redis.bind",
+        ),
+        ({"redis": {"bind": "localhost"}}, "services.redis.bind"),
+        ({"redis": {"image": "docker.io/library/redis:7\n"}}, "services.redis.image"),
+        ({"llamacpp": {"command": "--verbose\rExecStartPre=id"}}, "services.llamacpp.command"),
     ],
 )
 def test_spec_errors_name_the_field(services: dict[str, object], field: str) -> None:

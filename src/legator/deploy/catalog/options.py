@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$")
+_IMAGE = re.compile(r"[a-z0-9][a-z0-9._/:@-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class ServiceOptions(BaseModel):
+    """Every string option lands in a unit file, where a line break would start a directive
+    of the caller's choosing (``ExecStartPre=``, run on the host): none may hold a control
+    character, and each is checked against what it names."""
+
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(description="Fully qualified image reference.")
@@ -21,17 +27,32 @@ class ServiceOptions(BaseModel):
     command: str | None = Field(None, description="Override the image's command.")
     memory: str | None = Field(None, pattern=r"^\d+[kmg]?$", description="Memory limit, e.g. 2g.")
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _one_line(cls, value: object) -> object:
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise ValueError("must not contain line breaks or other control characters")
+        return value
+
     @field_validator("image")
     @classmethod
     def _image(cls, value: str) -> str:
-        if not _IMAGE.match(value):
+        if not _IMAGE.fullmatch(value):
             raise ValueError("must be an image reference such as docker.io/library/redis:7")
         return value
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError("must be an IP address such as 127.0.0.1 or ::1") from None
 
     @field_validator("command")
     @classmethod
     def _command(cls, value: str | None) -> str | None:
-        if value is not None and ("\n" in value or not value.strip()):
+        if value is not None and not value.strip():
             raise ValueError("must be one non-empty line")
         return value
 
