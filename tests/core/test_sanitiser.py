@@ -22,6 +22,8 @@ SECRETS = [
     ('DB_PASSWORD="two words"', "two words"),
     ("api_key: sk-abcdefghijklmnopqrstuv", "sk-abcdefghijklmnopqrstuv"),
     (PEM, "MIIEow"),
+    ("probe key lpk_" + "cd34" * 16, "cd34" * 16),
+    ('[parameters: (\'{"env": {"DB_PASSWORD": "hunter2 \\"x\\""}}\',)]', "hunter2"),
 ]
 
 
@@ -66,6 +68,8 @@ _FRAGMENTS = [text for text, _ in SECRETS] + [
     "BEARER  abcdefgh12345678",
     "Basic dXNlcjpwYXNz",
     "prb_abcdefgh1234",
+    "lpk_abcdef12",
+    '{"api_token": "a b"}',
     "ghp_" + "a" * 24,
     "hf_" + "b" * 24,
     "x://u:p@h",

@@ -66,6 +66,33 @@ def test_concurrent_writers_do_not_fail(tmp_path: Path) -> None:
     assert asyncio.run(go()) == 200
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_failed_statement_does_not_carry_its_values(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Errors reach the process log: a command's env in a payload must not ride along."""
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+
+    async def fail() -> str:
+        db = Database(url)
+        try:
+            async with db.write() as session:
+                insert = text("INSERT INTO t_secret (v) VALUES (:v)")
+                await session.execute(insert, {"v": '{"env": {"STRIPE": "rk_live_hunter2"}}'})
+        except Exception as exc:  # no such table
+            return str(exc)
+        finally:
+            await db.dispose()
+        return ""
+
+    message = asyncio.run(fail())
+    assert "INSERT INTO t_secret" in message and "hunter2" not in message
+
+
 def test_in_memory_mode_serves(tmp_path: Path) -> None:
     with live_server(None) as server, server.client(server.admin_key) as api:
         assert api.post("/api/v1/keys", json={"name": "m"}).status_code == 201

@@ -58,6 +58,7 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 " + REDACTED),
     (re.compile(r"\blgk_[0-9a-fA-F]{8,}"), "lgk_" + REDACTED),
     (re.compile(r"\bprb_[A-Za-z0-9_-]{8,}"), "prb_" + REDACTED),
+    (re.compile(r"\blpk_[0-9a-fA-F]{8,}"), "lpk_" + REDACTED),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), REDACTED),
     (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),
     (
@@ -75,13 +76,21 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         ),
         r"\1\2" + REDACTED,
     ),
+    # The same names as JSON keys, quoted: {"DB_PASSWORD": "x"} (a payload in an SQL error).
+    (
+        re.compile(
+            r"(?i)(\"[\w.-]*(?:pass(?:word|wd)?|secret|token|api[_-]?key|apikey|credential)"
+            r"[\w.-]*\"\s*:\s*)\"(?:[^\"\\]|\\.)*\""
+        ),
+        r'\1"' + REDACTED + '"',
+    ),
 ]
 
 
 # Every pattern above needs one of these words; text with none of them (most of it) is
 # returned after one search instead of a dozen substitutions.
 _MAY_HOLD_SECRET = re.compile(
-    r"(?i)-----BEGIN|bearer|basic|lgk_|prb_|eyJ|AKIA|ASIA|sk-|gh[pousr]_|hf_|://"
+    r"(?i)-----BEGIN|bearer|basic|lgk_|prb_|lpk_|eyJ|AKIA|ASIA|sk-|gh[pousr]_|hf_|://"
     r"|pass|secret|token|api|credential"
 )
 

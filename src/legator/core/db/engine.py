@@ -56,7 +56,9 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.in_memory = self.is_sqlite and url.rstrip("/") in ("sqlite+aiosqlite:", "sqlite:")
-        kwargs: dict[str, Any] = {"echo": echo}
+        # An error's message must not carry the statement's values (command env, payloads):
+        # it reaches the process log.
+        kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
         if self.is_sqlite:
             kwargs["module"] = sqlite_driver.dbapi()
         if self.in_memory:
