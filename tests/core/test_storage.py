@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -91,6 +92,30 @@ def test_a_failed_statement_does_not_carry_its_values(
 
     message = asyncio.run(fail())
     assert "INSERT INTO t_secret" in message and "hunter2" not in message
+
+
+def test_the_sqlite_files_are_for_their_owner_only(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)  # an existing directory others may enter
+    old = tmp_path / "old.db"
+    old.touch(mode=0o644)
+
+    async def use(path: Path) -> None:
+        db = Database(f"sqlite+aiosqlite:///{path}")
+        try:
+            async with db.write() as session:
+                await session.execute(text("CREATE TABLE t (v TEXT)"))
+            files = [p for p in tmp_path.iterdir() if p.name.startswith(path.name)]
+            assert {p.name for p in files} >= {path.name, f"{path.name}-wal", f"{path.name}-shm"}
+            assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}
+        finally:
+            await db.dispose()
+
+    previous = os.umask(0o022)
+    try:
+        asyncio.run(use(tmp_path / "new.db"))
+        asyncio.run(use(old))
+    finally:
+        os.umask(previous)
 
 
 def test_in_memory_mode_serves(tmp_path: Path) -> None:

@@ -9,11 +9,13 @@ sessions take turns behind a lock.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -49,6 +51,18 @@ def _configure_sqlite(engine: AsyncEngine, *, in_memory: bool) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _keep_private(database: Path) -> None:
+    """The database holds password hashes, command payloads and the audit log: for its owner
+    only, whatever the umask or the mode of an existing directory. SQLite gives the -wal and
+    -shm files the main file's mode; existing ones are set too."""
+    if not database.parent.is_dir():
+        return  # SQLite will say so
+    os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        if path.exists():
+            path.chmod(0o600)
+
+
 class Database:
     """One per process. ``session()`` for reads, ``write()`` for a transaction that commits."""
 
@@ -65,6 +79,7 @@ class Database:
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
         elif self.is_sqlite:
             kwargs.update(pool_size=8, max_overflow=8)
+            _keep_private(Path(make_url(url).database or ""))
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
