@@ -134,8 +134,17 @@ def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: P
 
 
 def test_pull_then_serve_with_podman(pgw: LiveServer, hub: FakeHub) -> None:  # noqa: F811
-    """Acceptance: from an empty data dir, pull from the hub and serve it in Podman."""
+    """Acceptance: from an empty data dir, pull from the hub and serve it in Podman, under
+    the packaged unit's umask (0077), which leaves new files to their owner alone."""
     headers = {"Authorization": f"Bearer {pgw.admin_key}"}
+    previous_umask = os.umask(0o077)
+    try:
+        pull_and_serve(pgw, headers)
+    finally:
+        os.umask(previous_umask)
+
+
+def pull_and_serve(pgw: LiveServer, headers: dict[str, str]) -> None:
     with httpx.Client(base_url=pgw.url, headers=headers, timeout=120) as admin:
         created = admin.post(
             "/api/v1/gateway/downloads",
@@ -152,6 +161,8 @@ def test_pull_then_serve_with_podman(pgw: LiveServer, hub: FakeHub) -> None:  # 
         )
         assert reply.choices[0].finish_reason in ("length", "stop")
         assert admin.post("/api/v1/gateway/backends/tiny/stop").json()["state"] == "stopped"
+        model = Path(admin.get("/api/v1/gateway/models/tiny").json()["model_path"])
+        assert oct(model.stat().st_mode & 0o777) == "0o644"  # what the container reads
 
 
 def test_start_up_removes_only_its_own_orphan_containers(tmp_path: Path, image: str) -> None:

@@ -322,6 +322,7 @@ class Downloads:
             if expected_sha and await asyncio.to_thread(_sha256, part) != expected_sha:
                 raise OSError("sha256 of the downloaded file does not match the hub's")
             await asyncio.to_thread(part.replace, dest)
+            await asyncio.to_thread(_share_with_backends, dest)
             model_id = await self._register(row, dest)
             await self._set(
                 download_id, state="completed", done_bytes=size, error="", model_id=model_id
@@ -419,3 +420,12 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1024 * 1024), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _share_with_backends(model: Path) -> None:
+    """A Podman backend runs as an unprivileged user of its own, with the model's directory
+    mounted: the file and that directory must be readable by others, whatever the umask (the
+    packaged unit's is 0077). The directories above stay as they are (the data directory is
+    0700), so only that mount reaches them."""
+    model.chmod(0o644)
+    model.parent.chmod(0o755)
