@@ -49,8 +49,10 @@ def test_register_fills_gguf_and_starts_unavailable(admin: httpx.Client, gguf_fi
 
 
 def test_start_chat_stop_with_openai_sdk(
-    gw: LiveServer, admin: httpx.Client, gguf_file: Path
+    gw: LiveServer, admin: httpx.Client, gguf_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("LEGATOR_SIGNING_KEY", "not-for-the-backend")
+    monkeypatch.setenv("HF_TOKEN", "hf_notforthebackendeither")
     register_managed(admin, "tiny", gguf_file)
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.admin_key, max_retries=0)
     with pytest.raises(openai.APIStatusError) as before:
@@ -77,6 +79,10 @@ def test_start_chat_stop_with_openai_sdk(
     key = json.loads(config.read_text())["api_key"]
     assert len(key) == 64
     assert all(key not in part for part in proc.cmdline())
+    # Nor any of the control plane's own secrets in its environment.
+    environment = proc.environ()
+    assert "PATH" in environment
+    assert not {"LEGATOR_SIGNING_KEY", "HF_TOKEN"} & environment.keys()
     # The backend is bound to loopback and refuses requests without its key.
     port = status["port"]
     assert all(c.laddr.ip == "127.0.0.1" for c in proc.net_connections() if c.status == "LISTEN")

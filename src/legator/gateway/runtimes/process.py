@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -124,6 +125,7 @@ class ProcessRuntime(Runtime):
                     stdout=sink,
                     stderr=subprocess.STDOUT,
                     cwd=workdir,
+                    env=backend_environment(os.environ),
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -175,6 +177,27 @@ class ProcessRuntime(Runtime):
 
     async def trim_logs(self, workdir: Path) -> None:
         await asyncio.to_thread(trim_log, workdir / "server.log", LOG_MAX_BYTES)
+
+
+# What a llama.cpp server may need from the control plane's environment: the system's basics
+# and its GPU, math-library and llama.cpp settings. Nothing else: the control plane's holds
+# its signing key, database URL, provider keys and hub token, and the backend, a network
+# server loading files from the internet, outlives it with its environment readable in /proc.
+_BACKEND_VARIABLES = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONPATH"}
+)
+_BACKEND_PREFIXES = (
+    "LC_", "CUDA_", "NVIDIA_", "ROCR_", "HIP_", "HSA_", "GGML_", "LLAMA_", "OMP_",
+    "OPENBLAS_", "MKL_", "VK_", "GPU_",
+)  # fmt: skip
+
+
+def backend_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in environment.items()
+        if name in _BACKEND_VARIABLES or name.startswith(_BACKEND_PREFIXES)
+    }
 
 
 def trim_log(path: Path, max_bytes: int) -> None:
