@@ -3,6 +3,8 @@ routing with the environment as fallback, usage per profile and feature."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import httpx
 import pytest
 
@@ -128,3 +130,31 @@ def test_a_profile_change_reaches_the_next_call_and_closes_the_old_client(
     chat()  # back to the LEGATOR_LLM_* settings; the deleted profile's client is closed
     assert llm.keys[-1] == "sk-test" and len(built) == 3
     assert built[1].is_closed() and not built[2].is_closed()
+
+
+def test_a_profiles_url_credentials_are_masked_and_kept(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    url = "https://svc:PROXYPASS123@llm.example/v1"
+    body = {"name": "proxied", "provider": "openai", "model": "m", "base_url": url, "api_key": KEY}
+    created = admin.post("/api/v1/brain/profiles", json=body).json()
+    shown = "https://svc:***@llm.example/v1"
+    assert created["base_url"] == shown
+    user = {"username": "vic", "password": "correct horse battery", "role": "viewer"}
+    assert admin.post("/api/v1/users", json=user).status_code == 201
+    viewer_key = admin.post("/api/v1/keys", json={"name": "v", "user": "vic"}).json()["key"]
+    with fleet_server.client(viewer_key) as viewer:
+        listed = viewer.get("/api/v1/brain/profiles")
+    assert listed.status_code == 200 and "PROXYPASS123" not in listed.text
+    # The URL sent back as shown keeps the real one; a new one replaces it.
+    patch = {"base_url": shown, "model": "m2"}
+    assert admin.patch(f"/api/v1/brain/profiles/{created['id']}", json=patch).status_code == 200
+    assert fleet_server.data_dir is not None
+    with sqlite3.connect(fleet_server.data_dir / "legator.db") as db:
+        query = "SELECT base_url, model FROM brain_model_profiles WHERE id = ?"
+        assert db.execute(query, (created["id"],)).fetchone() == (url, "m2")
+    patch = {"base_url": "https://llm.example/v2"}
+    assert (
+        admin.patch(f"/api/v1/brain/profiles/{created['id']}", json=patch).json()["base_url"]
+        == "https://llm.example/v2"
+    )

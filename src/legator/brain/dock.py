@@ -18,6 +18,7 @@ from legator.core.auth.principal import Principal
 from legator.core.db.base import new_id, utcnow
 from legator.core.errors import BadRequest, Conflict, NotFound
 from legator.core.runtime import Core
+from legator.core.security import mask_url
 from legator.secrets.acl import Action, Rule
 from legator.secrets.identity import Caller
 
@@ -104,7 +105,7 @@ class ModelDock:
                 name=row.name,
                 provider=row.provider,
                 model=row.model,
-                base_url=row.base_url,
+                base_url=mask_url(row.base_url) if row.base_url else row.base_url,
                 api_key=row.key_hint,
                 features=sorted(r.feature for r in routes if r.profile_id == row.id),
             )
@@ -160,9 +161,11 @@ class ModelDock:
             stored = await session.get(ModelProfile, profile_id)
             if stored is None:
                 raise NotFound(f"no model profile {profile_id}")
-            for field in ("model", "base_url"):
-                if getattr(body, field) is not None:
-                    setattr(stored, field, getattr(body, field))
+            if body.model is not None:
+                stored.model = body.model
+            # A URL sent back as shown (its credentials masked) keeps the real one.
+            if body.base_url is not None and body.base_url != mask_url(stored.base_url or ""):
+                stored.base_url = body.base_url
             stored.secret_name, stored.key_hint, stored.updated_at = secret_name, hint, utcnow()
             await self.core.audit.record(
                 session,

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -101,3 +102,14 @@ def load_or_create_signing_key(configured: str | None, data_dir: Path | None) ->
     key = secrets.token_bytes(32)
     write_private_file(path, key.hex() + "\n")
     return key
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the credentials of its userinfo hidden: ``http://user:pw@host`` →
+    ``http://user:***@host``, ``http://token@host`` → ``http://***@host``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _secret = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=f"{user + ':' if colon else ''}***@{host}"))

@@ -14,6 +14,7 @@ from legator.core.audit.service import AuditService
 from legator.core.auth.principal import Principal
 from legator.core.db import Database
 from legator.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from legator.core.security import mask_url
 from legator.gateway.gguf import GGUFError, GGUFInfo, read_metadata
 from legator.gateway.models import GatewayCategory, GatewayModel
 from legator.gateway.schemas import (
@@ -23,7 +24,6 @@ from legator.gateway.schemas import (
     ModelCreate,
     ModelOut,
     ModelUpdate,
-    mask_url,
 )
 
 

@@ -15,6 +15,7 @@ from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import BadRequest, Conflict
 from legator.core.http.deps import core_of, require
+from legator.core.security import mask_url
 from legator.gateway import system
 from legator.gateway.gguf import Estimate, GGUFInfo, estimate
 from legator.gateway.hub import client as hub
@@ -39,7 +40,6 @@ from legator.gateway.schemas import (
     SchedulerSettings,
     SchedulerSettingsUpdate,
     UsageReport,
-    mask_url,
 )
 from legator.gateway.supervisor import BackendStatus
 from legator.gateway.usage import report

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from legator.core.security import mask_url
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 MODEL_STATES = ("ready", "disabled", "unavailable")
@@ -23,17 +24,6 @@ def _url(value: str) -> str:
     if not re.match(r"^https?://[^\s/]+", value):
         raise ValueError("expected an http:// or https:// URL")
     return value.rstrip("/")
-
-
-def mask_url(url: str) -> str:
-    """``url`` with the credentials of its userinfo hidden: ``http://user:pw@host`` →
-    ``http://user:***@host``, ``http://token@host`` → ``http://***@host``."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, colon, _secret = userinfo.partition(":")
-    return urlunsplit(parts._replace(netloc=f"{user + ':' if colon else ''}***@{host}"))
 
 
 class ModelBase(BaseModel):
