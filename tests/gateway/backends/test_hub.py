@@ -150,3 +150,13 @@ def test_restart_mid_download_completes_afterwards(tmp_path: Path, hub: FakeHub)
             assert resumed and int(resumed[-1][6:].split("-")[0]) >= 64_000
             assert again.get("/api/v1/gateway/models/t").json()["gguf"]["block_count"] == 2
         assert not stray.exists()
+
+
+def test_an_unreachable_mirror_is_named_without_its_credentials(
+    admin: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror:MIRRORPASS@127.0.0.1:1")
+    for path, params in (("search", {"q": "gguf"}), ("files", {"repo": REPO})):
+        answer = admin.get(f"/api/v1/gateway/hub/{path}", params=params)
+        assert answer.status_code == 503, answer.text
+        assert "http://mirror:***@127.0.0.1:1" in answer.text and "MIRRORPASS" not in answer.text

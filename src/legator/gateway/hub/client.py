@@ -14,7 +14,9 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from pydantic import BaseModel
 
+from legator.core.audit.sanitiser import sanitise_text
 from legator.core.errors import NotFound, ServiceUnavailable
+from legator.core.security import mask_url
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REACH_TIMEOUT_S = 5.0
@@ -34,6 +36,15 @@ class HubFile(BaseModel):
     size: int
     gguf: bool
     sha256: str | None = None
+
+
+def _shown() -> str:
+    """The endpoint as errors name it: a mirror's credentials masked."""
+    return mask_url(endpoint())
+
+
+def _said(exc: Exception) -> str:
+    return sanitise_text(str(exc))
 
 
 def endpoint() -> str:
@@ -60,7 +71,7 @@ def _check_reachable() -> None:
     try:
         socket.create_connection((url.hostname or "", port), timeout=REACH_TIMEOUT_S).close()
     except OSError as exc:
-        raise ServiceUnavailable(f"cannot reach the hub at {endpoint()}: {exc}") from None
+        raise ServiceUnavailable(f"cannot reach the hub at {_shown()}: {_said(exc)}") from None
 
 
 def search(
@@ -89,7 +100,7 @@ def search(
     except HfHubHTTPError as exc:
         raise ServiceUnavailable(f"hub search failed: {_reason(exc)}") from None
     except Exception as exc:  # the library's network layer differs between its versions
-        raise ServiceUnavailable(f"cannot reach the hub at {endpoint()}: {exc}") from None
+        raise ServiceUnavailable(f"cannot reach the hub at {_shown()}: {_said(exc)}") from None
 
 
 def files(repo: str, revision: str = "main") -> list[HubFile]:
@@ -111,13 +122,13 @@ def files(repo: str, revision: str = "main") -> list[HubFile]:
             )
         return sorted(out, key=lambda f: f.path)
     except RepositoryNotFoundError:
-        raise NotFound(f"repository {repo!r} does not exist on {endpoint()}") from None
+        raise NotFound(f"repository {repo!r} does not exist on {_shown()}") from None
     except HfHubHTTPError as exc:
         if _reason(exc) == 404:  # a revision or path the repository does not have
-            raise NotFound(f"{repo!r} has no revision {revision!r} on {endpoint()}") from None
+            raise NotFound(f"{repo!r} has no revision {revision!r} on {_shown()}") from None
         raise ServiceUnavailable(f"hub listing failed: {_reason(exc)}") from None
     except Exception as exc:  # the library's network layer differs between its versions
-        raise ServiceUnavailable(f"cannot reach the hub at {endpoint()}: {exc}") from None
+        raise ServiceUnavailable(f"cannot reach the hub at {_shown()}: {_said(exc)}") from None
 
 
 def _reason(exc: HfHubHTTPError) -> Any:
