@@ -154,3 +154,10 @@ def test_partial_oidc_env_stops_serve_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "LEGATOR_OIDC_CLIENT_ID: must be set" in lines[0], lines
+
+
+def test_the_settings_repr_holds_no_password() -> None:
+    settings = load_settings(
+        database_url="postgresql://app:DBPASS@db/legator", llm_base_url="http://u:LLMPASS@proxy/v1"
+    )
+    assert "DBPASS" not in repr(settings) and "LLMPASS" not in repr(settings)

@@ -52,7 +52,10 @@ class Settings(BaseSettings):
         ":8080", description="Listen address, HOST:PORT; ':PORT' means all interfaces."
     )
     data_dir: Path | None = Field(None, description="State directory; unset = in-memory SQLite.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; overrides data_dir.")
+    # Not in the repr: the URL may hold the database's password.
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; overrides data_dir.", repr=False
+    )
     signing_key: SecretStr | None = Field(None, description="Master signing key, 64+ hex chars.")
     auth: bool = Field(True, description="Require authentication (false only on loopback).")
     server_url: str | None = Field(None, description="Public URL of this control plane.")
@@ -92,7 +95,7 @@ class Settings(BaseSettings):
     llm_provider: Literal["", "openai", "anthropic", "local"] = ""
     llm_model: str = ""
     llm_api_key: SecretStr | None = None
-    llm_base_url: str | None = None
+    llm_base_url: str | None = Field(None, repr=False)  # may hold a proxy's credentials
     brain_max_steps: int = Field(12, ge=1, le=100, description="Task runner: most model turns.")
     brain_task_timeout_s: float = Field(
         900.0, gt=0, le=86400, description="Task runner: wall-clock limit of one task."
