@@ -38,6 +38,20 @@ def test_details_are_sanitised(api: httpx.Client, server: LiveServer) -> None:
     assert event["details"]["password"] == "[REDACTED]"
 
 
+def test_long_details_are_clipped(api: httpx.Client, server: LiveServer) -> None:
+    assert server.core is not None
+    huge = "y" * 1_000_000
+    server.call(
+        server.core.audit.log(
+            actor="admin", action="test.huge", details={"note": huge, "items": [{huge: huge}]}
+        )
+    )
+    event = api.get("/api/v1/audit", params={"action": "test.huge"}).json()["events"][0]
+    assert event["details"]["note"] == "y" * 8192 + "…[clipped]"
+    ((key, value),) = event["details"]["items"][0].items()
+    assert len(key) == len(value) == 8192 + len("…[clipped]")
+
+
 def test_filters_and_cursor_pagination(api: httpx.Client) -> None:
     for i in range(7):
         api.post("/api/v1/keys", json={"name": f"k{i}"})

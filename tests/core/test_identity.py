@@ -136,6 +136,16 @@ def test_wrong_password_is_audited_without_the_password(
     assert secret_attempt not in api.get("/api/v1/audit/export").text
 
 
+def test_a_huge_user_agent_does_not_grow_the_audit_log(
+    api: httpx.Client, server: LiveServer
+) -> None:
+    with server.client() as anon:
+        body = {"username": "admin", "password": "wrong-one"}
+        anon.post("/api/v1/auth/login", json=body, headers={"User-Agent": "x" * 100_000})
+    events = api.get("/api/v1/audit", params={"action": "auth.login"}).json()["events"]
+    assert len(events[0]["details"]["user_agent"]) == 300
+
+
 def test_password_guessing_is_throttled_even_when_the_guesses_arrive_together(
     server: LiveServer, make_user
 ) -> None:

@@ -31,6 +31,10 @@ PURGE_ACTION = "audit.purge"
 _PG_CHAIN_LOCK = 0x4C4547  # advisory lock id serialising chain appends on PostgreSQL
 CSV_FIELDS = ("id", "ts", "actor", "action", "target", "outcome", "request_id", "details", "hash")
 
+# Longest string kept in an event's details; the rest is cut and marked.
+MAX_DETAIL_TEXT = 8192
+CLIPPED = "…[clipped]"
+
 
 @dataclass(frozen=True)
 class AuditFilter:
@@ -118,7 +122,7 @@ class AuditService:
             action=action[:100],
             target=sanitise_text(target)[:500],
             outcome=outcome,
-            details=sanitise(details or {}),
+            details=sanitise(_clipped(details or {})),
             request_id=(request_id if request_id is not None else current_request_id())[:64],
         )
         if self.chain_key is not None:
@@ -348,3 +352,17 @@ def _write_bundle(target: BinaryIO, events: BinaryIO, report: bytes, count: int)
         )
         manifest = {"created_at": utcnow().isoformat(), "events": count, "files": files}
         archive.writestr("manifest.json", canonical_json(manifest))
+
+
+def _clipped(value: Any, *, _depth: int = 0) -> Any:
+    """``value`` with every string (keys too) cut at MAX_DETAIL_TEXT: details can carry what a
+    client sent (a User-Agent, a name), and a row must not grow by megabytes each time."""
+    if isinstance(value, str):
+        return value if len(value) <= MAX_DETAIL_TEXT else value[:MAX_DETAIL_TEXT] + CLIPPED
+    if _depth > 32:
+        return value  # sanitise() redacts what is deeper
+    if isinstance(value, dict):
+        return {_clipped(k): _clipped(v, _depth=_depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clipped(item, _depth=_depth + 1) for item in value]
+    return value

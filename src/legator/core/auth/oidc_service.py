@@ -17,7 +17,7 @@ from legator.core.auth.models import OidcPending, User, UserIdentity
 from legator.core.auth.oidc_provider import IdentityClaims, OidcError, OidcProvider
 from legator.core.auth.oidc_usernames import free_username, username_candidate, verified_email
 from legator.core.auth.schemas import UserOut
-from legator.core.auth.service import SYSTEM_ACTOR, AuthService
+from legator.core.auth.service import SYSTEM_ACTOR, USER_AGENT_MAX, AuthService
 from legator.core.db import utcnow
 from legator.core.errors import TooManyRequests
 from legator.core.logging import get_logger
@@ -190,7 +190,7 @@ class OidcLogins:
                     "reason": exc.reason,
                     "detail": str(exc),
                     "client_ip": callback.client_ip,
-                    "user_agent": callback.user_agent,
+                    "user_agent": callback.user_agent[:USER_AGENT_MAX],
                 },
             )
             if linking:
@@ -336,7 +336,7 @@ class OidcLogins:
                     "subject": identity.subject,
                     "unchanged": same is not None,
                     "client_ip": callback.client_ip,
-                    "user_agent": callback.user_agent,
+                    "user_agent": callback.user_agent[:USER_AGENT_MAX],
                 },
             )
 

@@ -30,6 +30,7 @@ SYSTEM_ACTOR = "system"
 LAST_USED_FLUSH_S = 30.0
 CREDENTIAL_CACHE_TTL_S = 5.0
 CREDENTIAL_CACHE_MAX = 10_000
+USER_AGENT_MAX = 300  # what a session row keeps; audit entries keep as much
 SIGN_IN_WINDOW_S = 300.0
 # Guesses at one account from one address, and sign-ins from one address over all accounts
 # (generous: one office's users behind a NAT share it), per window.
@@ -439,7 +440,11 @@ class AuthService:
                 action="auth.login",
                 target=f"user:{username}",
                 outcome="failure",
-                details={"reason": reason, "client_ip": client_ip, "user_agent": user_agent},
+                details={
+                    "reason": reason,
+                    "client_ip": client_ip,
+                    "user_agent": user_agent[:USER_AGENT_MAX],
+                },
             )
             return None
         self._sign_ins.succeeded(client_ip, username)
@@ -466,7 +471,7 @@ class AuthService:
                     user_id=user.id,
                     token_hash=sha256_hex(token),
                     expires_at=now + self.session_ttl,
-                    user_agent=user_agent[:300],
+                    user_agent=user_agent[:USER_AGENT_MAX],
                     client_ip=client_ip[:64],
                 )
             )
@@ -476,7 +481,11 @@ class AuthService:
                 actor=user.username,
                 action="auth.login",
                 target=f"user:{user.username}",
-                details={**(details or {}), "client_ip": client_ip, "user_agent": user_agent},
+                details={
+                    **(details or {}),
+                    "client_ip": client_ip,
+                    "user_agent": user_agent[:USER_AGENT_MAX],
+                },
             )
         user.last_login_at = now
         return token
