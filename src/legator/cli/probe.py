@@ -114,6 +114,9 @@ def run(config: ConfigFile = None, config_dir: ConfigDir = None) -> None:
             )
         except (EnrolError, ValueError) as exc:
             _fail(f"auto-enrolment failed: {exc}")
+    # Spent once enrolled (or never needed): out of this process's environment, so nothing
+    # the probe starts from here on (commands, a self-update's re-exec) inherits it.
+    os.environ.pop("LEGATOR_TOKEN", None)
     try:
         loaded = load(path)
     except ConfigProblem as exc:

@@ -247,7 +247,9 @@ class Agent:
 
     async def _file(self, request: p.FileRequest) -> None:
         try:
-            data = await asyncio.to_thread(fileops.perform, request, self.policy.paths)
+            data = await asyncio.to_thread(
+                fileops.perform, request, self.policy.paths, self.config_path
+            )
             result = p.FileResult(request_id=request.request_id, ok=True, data=data)
         except (fileops.FileDenied, OSError, ValueError) as exc:
             result = p.FileResult(request_id=request.request_id, ok=False, error=str(exc))

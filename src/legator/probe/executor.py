@@ -1,5 +1,6 @@
 """Runs commands: bounded concurrency, argv by default, a process group per command that is
-killed whole on timeout, and output capped per stream."""
+killed whole on timeout, output capped per stream, and an environment without the probe's
+own credentials."""
 
 from __future__ import annotations
 
@@ -9,13 +10,26 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from legator.fleet.protocol import CommandResult, CommandSpec, OutputChunk
 
+# The probe's own settings and credentials (LEGATOR_TOKEN, LEGATOR_SERVER_URL, …) are read
+# from variables with this prefix; none of them reaches a command.
+PROBE_ENV_PREFIX = "LEGATOR_"
 OUTPUT_CAP = 1024 * 1024  # bytes kept per stream
 READ_SIZE = 64 * 1024
 Emit = Callable[[OutputChunk], Awaitable[None]]
+
+
+def command_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The probe's environment minus every ``LEGATOR_*`` variable, plus the command's own."""
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(PROBE_ENV_PREFIX)
+    }
+    return {**inherited, **extra}
 
 
 class Executor:
@@ -38,7 +52,7 @@ class Executor:
             if spec.shell
             else [spec.command, *spec.args]
         )
-        env = {**os.environ, **spec.env}
+        env = command_env(spec.env)
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(

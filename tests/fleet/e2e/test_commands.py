@@ -50,6 +50,28 @@ def test_wait_fire_and_forget_and_pending(admin: httpx.Client, spawn_probe) -> N
     assert _run(admin, probe, query="wait=true&stream=true", command="ls").status_code == 400
 
 
+def test_commands_do_not_inherit_the_probes_legator_variables(  # type: ignore[no-untyped-def]
+    admin: httpx.Client, spawn_probe
+) -> None:
+    probe = spawn_probe("cmd-env", start=False)
+    probe.start(
+        LEGATOR_TOKEN="prb_" + "a1" * 24,
+        LEGATOR_SERVER_URL="https://cp.example",
+        LEGATOR_SECRET_THING="s3cret",
+        PROBE_HOST_VAR="kept",
+    )
+    wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
+    done = _run(admin, probe, command="printenv", env={"MINE": "mine"})
+    assert done.status_code == 200, done.text
+    result = done.json()
+    assert result["status"] == "completed", result
+    lines = result["stdout"].splitlines()
+    assert not [line for line in lines if line.upper().startswith("LEGATOR_")], lines
+    assert "s3cret" not in result["stdout"] and "prb_" not in result["stdout"]
+    assert "MINE=mine" in lines  # the command's own env still reaches it
+    assert "PROBE_HOST_VAR=kept" in lines  # and the rest of the probe's environment
+
+
 def test_commands_run_concurrently_on_the_probe(admin: httpx.Client, spawn_probe) -> None:  # type: ignore[no-untyped-def]
     probe = spawn_probe("cmd-b")
     started = time.monotonic()

@@ -120,6 +120,61 @@ def test_policy_crud_apply_and_files(admin: httpx.Client, spawn_probe, tmp_path:
     assert admin.get(f"/api/v1/policies/{policy['id']}").status_code == 404
 
 
+def test_probe_never_serves_its_own_credentials(  # type: ignore[no-untyped-def]
+    admin: httpx.Client, spawn_probe, tmp_path: Path
+) -> None:
+    """Even under a policy that allows its directory (as the built-in ``diagnose`` allows
+    ``/etc`` and ``/proc``), the probe refuses its probe.yaml, however the path reaches it,
+    and any process's environment."""
+    probe = spawn_probe("creds", start=False)
+    config = probe.config_dir / "probe.yaml"
+    (probe.config_dir / "notes.txt").write_text("harmless\n")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "link").symlink_to(config)
+    os.link(config, allowed / "hard")
+    created = admin.post(
+        "/api/v1/policies",
+        json={"name": "diag-wide", "level": "diagnose", "paths": [str(tmp_path), "/proc"]},
+    )
+    assert created.status_code == 201, created.text
+    applied = admin.post(f"/api/v1/probes/{probe.probe_id}/apply-policy/{created.json()['id']}")
+    assert applied.status_code == 200, applied.text
+    probe.start()
+    wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
+    assert probe.proc is not None
+    files = f"/api/v1/probes/{probe.probe_id}/files"
+
+    def read(path: str, op: str = "read") -> httpx.Response:
+        return admin.get(files, params={"op": op, "path": path, "pattern": "key"})
+
+    ok = wait_for(lambda: (r := read(str(probe.config_dir / "notes.txt"))).status_code == 200 and r)
+    assert ok.json()["result"]["content"] == "harmless\n"  # the policy reaches the directory
+    for path in (
+        str(config),
+        str(allowed / "link"),
+        f"{allowed}/../{probe.config_dir.name}/probe.yaml",
+        str(allowed / "hard"),
+    ):
+        for op in ("read", "search"):
+            refused = read(path, op)
+            assert refused.status_code == 400, (path, op, refused.text)
+            message = refused.json()["error"]["message"]
+            assert "own credentials file" in message, message
+            assert "signing_key" not in refused.text and "lpk_" not in refused.text
+    for path in (
+        "/proc/self/environ",
+        "/proc/thread-self/environ",
+        f"/proc/{probe.proc.pid}/environ",
+        f"/proc/{os.getpid()}/environ",
+        "/proc/self/mem",
+    ):
+        refused = read(path)
+        assert refused.status_code == 400, (path, refused.text)
+        assert "environment or memory" in refused.json()["error"]["message"]
+    assert read("/proc/self/status").status_code == 200
+
+
 def _ws_status(server: LiveServer, key: str) -> int:
     async def go() -> int:
         url = server.url.replace("http", "ws") + "/ws/probe"
