@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -80,3 +81,35 @@ def test_leger_login_with_device_code(
     assert status["expires_at"] and not status["expired"]
     auth_file = Path(leger_env["XDG_CONFIG_HOME"]) / "leger/auth.json"
     assert oct(auth_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_one_address_cannot_take_every_pending_code(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.url) as anonymous:
+        codes = [
+            anonymous.post("/api/v1/deploy/device/code", json={"client_name": f"h{n}"})
+            for n in range(11)
+        ]
+        assert [c.status_code for c in codes] == [200] * 10 + [429]
+        assert codes[-1].headers["retry-after"] == "600"
+        assert "this address" in codes[-1].json()["error"]["message"]
+        # Another address (through the trusted local proxy) still starts one.
+        other = anonymous.post(
+            "/api/v1/deploy/device/code",
+            json={"client_name": "elsewhere"},
+            headers={"X-Forwarded-For": "192.0.2.9"},
+        )
+        assert other.status_code == 200
+
+
+def test_spent_codes_are_deleted(server: LiveServer, make_user) -> None:  # type: ignore[no-untyped-def]
+    operator = make_user("operator")
+    with httpx.Client(base_url=server.url) as anonymous:
+        grant = anonymous.post("/api/v1/deploy/device/code", json={"client_name": "a"}).json()
+        operator.post("/api/v1/deploy/device/approve", json={"user_code": grant["user_code"]})
+        poll = {"device_code": grant["device_code"]}
+        assert anonymous.post("/api/v1/deploy/device/token", json=poll).json()["api_key"]
+        anonymous.post("/api/v1/deploy/device/code", json={"client_name": "b"})
+        assert anonymous.post("/api/v1/deploy/device/token", json=poll).status_code == 404
+    assert server.data_dir is not None
+    with sqlite3.connect(server.data_dir / "legator.db") as db:
+        assert db.execute("SELECT client_name FROM deploy_device_codes").fetchall() == [("b",)]

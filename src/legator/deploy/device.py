@@ -6,9 +6,10 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, or_, select
 
 from legator.core.audit.service import AuditService
+from legator.core.auth.attempts import AttemptLimiter, client_key
 from legator.core.auth.principal import Principal
 from legator.core.auth.service import AuthService
 from legator.core.db import Database
@@ -21,6 +22,7 @@ CODE_TTL = timedelta(minutes=10)
 KEY_TTL = timedelta(days=30)
 POLL_INTERVAL_S = 2
 MAX_PENDING = 100
+STARTS_PER_CLIENT = 10  # per CODE_TTL, per address (IPv6: per /64)
 # No vowels or look-alikes: codes are read aloud and typed.
 _ALPHABET = "BCDFGHJKLMNPQRSTVWXZ23456789"
 
@@ -35,11 +37,24 @@ class DeviceLogins:
         self.db = db
         self.audit = audit
         self.auth = auth
+        # One address cannot take the whole MAX_PENDING and lock everyone else out.
+        self._starts = AttemptLimiter(STARTS_PER_CLIENT, CODE_TTL.total_seconds())
 
-    async def start(self, client_name: str) -> dict[str, object]:
+    async def start(self, client_name: str, client_ip: str) -> dict[str, object]:
+        if not self._starts.count(client_key(client_ip)):
+            raise TooManyRequests(
+                "too many device logins started from this address; try again in a few minutes",
+                headers={"Retry-After": str(int(CODE_TTL.total_seconds()))},
+            )
         device_code = secrets.token_urlsafe(32)
         now = utcnow()
         async with self.db.write() as session:
+            # Spent codes are kept for nothing: a poll with one is told it is unknown.
+            await session.execute(
+                delete(DeviceCode).where(
+                    or_(DeviceCode.expires_at <= now, DeviceCode.status == "consumed")
+                )
+            )
             pending = await session.scalar(
                 select(func.count())
                 .select_from(DeviceCode)

@@ -113,7 +113,7 @@ async def tailscale_login(body: DeviceStart, request: Request) -> dict[str, obje
 async def device_code(body: DeviceStart, request: Request) -> dict[str, object]:
     """Start a device login: returns a ``device_code`` (keep it secret) and a ``user_code``
     that a signed-in user approves with ``POST /api/v1/deploy/device/approve``."""
-    return await _devices(request).start(body.client_name)
+    return await _devices(request).start(body.client_name, client_ip(request))
 
 
 @router.post("/device/approve")
