@@ -7,7 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import httpx
+import pytest
 
+from legator.core.auth import service as auth_service
 from legator.core.db import utcnow
 from tests.support import LiveServer
 
@@ -114,6 +116,17 @@ def test_a_narrow_key_cannot_manage_its_owners_keys(api: httpx.Client, server: L
         same = client.post("/api/v1/keys", json={"name": "same", "scopes": ["fleet:read"]})
         assert same.status_code == 201
         assert client.delete(f"/api/v1/keys/{same.json()['id']}").status_code == 200
+
+
+def test_a_user_holds_a_bounded_number_of_live_keys(
+    api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth_service, "MAX_LIVE_KEYS", 3)  # the bootstrap key is one
+    made = [api.post("/api/v1/keys", json={"name": f"k{n}"}) for n in range(3)]
+    assert [r.status_code for r in made] == [201, 201, 409]
+    assert "3 live API keys" in _error(made[-1], 409, "conflict")["message"]
+    assert api.delete(f"/api/v1/keys/{made[0].json()['id']}").status_code == 200
+    assert api.post("/api/v1/keys", json={"name": "again"}).status_code == 201
 
 
 def test_unknown_scope_is_a_validation_error(api: httpx.Client) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
@@ -30,6 +30,7 @@ SYSTEM_ACTOR = "system"
 LAST_USED_FLUSH_S = 30.0
 CREDENTIAL_CACHE_TTL_S = 5.0
 CREDENTIAL_CACHE_MAX = 10_000
+MAX_LIVE_KEYS = 100  # per user, unrevoked and unexpired: each one is a credential at large
 USER_AGENT_MAX = 300  # what a session row keeps; audit entries keep as much
 SIGN_IN_WINDOW_S = 300.0
 # Guesses at one account from one address, and sign-ins from one address over all accounts
@@ -299,6 +300,21 @@ class AuthService:
             user = await self._user(session, user_ref)
             if user.disabled:
                 raise BadRequest(f"user {user.username!r} is disabled")
+            now = utcnow()
+            live = await session.scalar(
+                select(func.count())
+                .select_from(ApiKey)
+                .where(
+                    ApiKey.user_id == user.id,
+                    ApiKey.revoked_at.is_(None),
+                    or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
+                )
+            )
+            if (live or 0) >= MAX_LIVE_KEYS:
+                raise Conflict(
+                    f"user {user.username!r} already has {MAX_LIVE_KEYS} live API keys; "
+                    "revoke some first"
+                )
             key = _new_key_row(user.id, name, raw, list(scopes), expires_at, attributes)
             session.add(key)
             await session.flush()
