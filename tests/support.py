@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from legator.app import create_app
 from legator.core.auth.service import InitialCredentials
 from legator.core.config import Settings
+from legator.core.http.protocol import GuardedHttpToolsProtocol
 from legator.core.runtime import Core, build_core
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +99,7 @@ class LiveServer:
             log_config=None,
             access_log=False,
             lifespan="on",
+            http=GuardedHttpToolsProtocol,  # as `legator serve` runs it
             ws="websockets-sansio",
             ws_per_message_deflate=False,
             server_header=False,

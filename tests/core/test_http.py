@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from legator.core.auth.permissions import Permission
+from legator.core.http import protocol
 from legator.core.http.deps import require
 from legator.core.runtime import Core
 from tests.support import LiveServer
@@ -119,3 +123,32 @@ def test_openapi_and_docs(server: LiveServer) -> None:
 def test_api_needs_auth(server: LiveServer, path: str) -> None:
     with server.client() as anon:
         _assert_shape(anon.get(path), 401, "unauthorized")
+
+
+def _raw(server: LiveServer, data: bytes, *, wait_s: float = 10) -> bytes:
+    """Send ``data`` on a fresh connection; whatever comes back until the server closes it."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as conn:
+        conn.sendall(data)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+        return received
+
+
+def test_a_request_head_is_bounded_in_size(server: LiveServer) -> None:
+    huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
+    assert _raw(server, huge).startswith(b"HTTP/1.1 400 ")
+    fine = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 60_000 + b"\r\n"
+    fine += b"Connection: close\r\n\r\n"
+    assert _raw(server, fine).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_slow_or_silent_head_is_cut_off(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "HEAD_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    assert _raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n") == b""  # never finished
+    assert _raw(server, b"") == b""  # never began
+    assert time.monotonic() - started < 5

@@ -96,6 +96,7 @@ def serve(
     import uvicorn
 
     from legator.app import create_app
+    from legator.core.http.protocol import GuardedHttpToolsProtocol
     from legator.core.logging import configure_logging
     from legator.core.runtime import build_core
 
@@ -112,7 +113,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpToolsProtocol,
         ws="websockets-sansio",
         # Probe messages are small JSON; compression cost CPU at both ends and a zlib
         # context per socket (thousands of them) for little gain.

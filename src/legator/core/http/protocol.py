@@ -1,0 +1,73 @@
+"""uvicorn's httptools protocol with the two limits on a request's head that it lacks.
+
+The body is capped by the app (LEGATOR_MAX_BODY_BYTES), but the request line and headers are
+not: one anonymous request with a 300 MiB header was read whole into memory, and a client
+that sends a head a byte at a time (or nothing at all) held its connection for ever. Here the
+head is at most HEAD_MAX_BYTES and must arrive within HEAD_TIMEOUT_S of the connection opening
+or of its first byte; either breach closes the connection (400 for the size). Between requests
+on a kept-alive connection, uvicorn's own keep-alive timeout applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+HEAD_MAX_BYTES = 64 * 1024
+HEAD_TIMEOUT_S = 30.0
+
+
+class HeadTooLarge(Exception):
+    pass
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    _head_bytes = 0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_arrived()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        if self._head_timer is None:
+            self._await_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_arrived()
+        super().on_headers_complete()
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > HEAD_MAX_BYTES:
+            # Raised in a parser callback, it reaches uvicorn as a parser error: 400, closed.
+            raise HeadTooLarge(f"request line and headers over {HEAD_MAX_BYTES} bytes")
+
+    def _await_head(self) -> None:
+        self._head_arrived()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
+
+    def _head_arrived(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
