@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = get_logger("legator.fleet.hub")
 Handler = Callable[[str, Envelope], Awaitable[None]]
+# A probe that stops reading must not hold a sender (and, behind the connection's lock,
+# every later sender) for ever.
+SEND_TIMEOUT_S = 30.0
 
 
 class ProbeNotConnected(ServiceUnavailable):
@@ -121,7 +124,12 @@ class Hub:
             await self._route(probe_id, envelope)
             return
         try:
-            await conn.send(envelope)
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await conn.send(envelope)
+        except TimeoutError:
+            raise ProbeNotConnected(
+                f"probe {probe_id}: send failed (not taken within {SEND_TIMEOUT_S:.0f}s)"
+            ) from None
         except Exception as exc:
             raise ProbeNotConnected(f"probe {probe_id}: send failed ({exc})") from None
 
@@ -164,18 +172,25 @@ class Hub:
         wait_s: float = 30.0,
     ) -> Any:
         """Send a signed request and wait for the reply matched by ``reply_key`` (default:
-        the envelope id, which the probe's ``ack`` names in ``ref``)."""
+        the envelope id, which the probe's ``ack`` names in ``ref``); sending and waiting
+        together take at most ``wait_s``."""
         conn = self.connections.get(probe_id)
         key_hex = conn.key_hex if conn is not None else self._remote_key(probe_id)
         envelope = signed(type_, payload, key_hex)
         key = reply_key or envelope.id
         future = self.expect(key)
+        sent = False
         try:
-            await self.send_envelope(probe_id, envelope)
-            return await asyncio.wait_for(future, wait_s)
+            # The send is under the timeout too: a probe that stops reading blocks it (and,
+            # behind the connection's lock, every later send to that probe).
+            async with asyncio.timeout(wait_s):
+                await self.send_envelope(probe_id, envelope)
+                sent = True
+                return await future
         except TimeoutError:
+            what = "did not answer" if sent else "did not take"
             raise ServiceUnavailable(
-                f"probe {probe_id} did not answer the {type_} request within {wait_s:.0f}s"
+                f"probe {probe_id} {what} the {type_} request within {wait_s:.0f}s"
             ) from None
         finally:
             self.forget(key)

@@ -14,9 +14,9 @@ import time
 import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from legator.core.canonical import canonical_json
 
@@ -44,6 +44,19 @@ T_COMMAND_RESULT = "command_result"
 T_OUTPUT = "output"
 T_ACK = "ack"
 T_FILE_RESULT = "file_result"
+
+# Limits on what a probe sends. A compromised host holds its own probe key, so everything
+# below arrives from a possibly hostile peer: text is clipped (never refused, so a long
+# error message cannot cost a legitimate result), numbers that land in 32-bit columns are
+# bounded, and an output chunk larger than the probe ever sends is refused.
+MAX_ID_CHARS = 64  # request ids and envelope refs (the control plane's are 36-char UUIDs)
+MAX_NAME_CHARS = 255  # hostnames, versions, message types
+MAX_TEXT_CHARS = 2000  # error and reason texts, as logged, audited and published
+OUTPUT_CAP = 1024 * 1024  # characters of one stream's output kept per command (the probe
+# keeps OUTPUT_CAP bytes per stream, legator.probe.executor; UTF-8 never decodes to more
+# characters than bytes)
+MAX_CHUNK_CHARS = 64 * 1024  # one output chunk (the probe reads 64 KiB at a time)
+INT32_MAX = 2**31 - 1
 
 
 def utc_ts() -> str:
@@ -151,21 +164,39 @@ class Verifier:
 # ---- payloads -------------------------------------------------------------------------------
 
 
+def _clip(limit: int, marker: str = "") -> AfterValidator:
+    def clip(value: str | None) -> str | None:
+        if value is None or len(value) <= limit:
+            return value
+        return value[: limit - len(marker)] + marker
+
+    return AfterValidator(clip)
+
+
+ProbeId = Annotated[str, _clip(MAX_ID_CHARS)]  # a clipped id matches nothing: harmless
+ProbeName = Annotated[str, _clip(MAX_NAME_CHARS)]
+ProbeText = Annotated[str, _clip(MAX_TEXT_CHARS, " …[truncated]")]
+
+
 class Payload(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
 class Hello(Payload):
-    probe_id: str
-    version: str
-    hostname: str
+    probe_id: ProbeId
+    version: ProbeName
+    hostname: ProbeName
     max_level: Level
-    policy_id: str | None = None
+    policy_id: ProbeId | None = None
     protocol: int = PROTOCOL_VERSION
-    running: list[str] = Field(default_factory=list)
+    running: list[ProbeId] = Field(default_factory=list)
 
 
 class Heartbeat(Payload):
+    # NaN and infinities are not JSON: one would fail the batched liveness write of every
+    # probe (PostgreSQL refuses them).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
     cpu_percent: float = 0.0
     memory_percent: float = 0.0
     disk_percent: float = 0.0
@@ -191,22 +222,30 @@ CommandStatus = Literal["completed", "failed", "timeout", "refused", "rejected",
 
 
 class CommandResult(Payload):
-    request_id: str | None = None
+    request_id: ProbeId | None = None
     status: CommandStatus
-    exit_code: int | None = None
+    exit_code: int | None = Field(None, ge=-INT32_MAX - 1, le=INT32_MAX)
     stdout: str = ""
     stderr: str = ""
-    duration_ms: int = 0
+    duration_ms: int = Field(0, ge=0, le=INT32_MAX)
     truncated: bool = False
-    error: str | None = None
-    reason: str | None = None
+    error: ProbeText | None = None
+    reason: ProbeText | None = None
+
+    @model_validator(mode="after")
+    def _cap_output(self) -> CommandResult:
+        if len(self.stdout) > OUTPUT_CAP:
+            self.stdout, self.truncated = self.stdout[:OUTPUT_CAP], True
+        if len(self.stderr) > OUTPUT_CAP:
+            self.stderr, self.truncated = self.stderr[:OUTPUT_CAP], True
+        return self
 
 
 class OutputChunk(Payload):
-    request_id: str
-    seq: int = Field(ge=0)
+    request_id: ProbeId
+    seq: int = Field(ge=0, le=INT32_MAX)
     stream: Literal["stdout", "stderr"]
-    data: str
+    data: str = Field(max_length=MAX_CHUNK_CHARS)
 
 
 class PolicySpec(Payload):
@@ -240,15 +279,15 @@ class FileRequest(Payload):
 
 
 class FileResult(Payload):
-    request_id: str
+    request_id: ProbeId
     ok: bool
     data: Any = None
-    error: str | None = None
+    error: ProbeText | None = None
 
 
 class Ack(Payload):
-    ref: str  # the id of the envelope acknowledged
-    type: str
+    ref: ProbeId  # the id of the envelope acknowledged
+    type: ProbeName
     ok: bool = True
-    error: str | None = None
+    error: ProbeText | None = None
     detail: dict[str, Any] = Field(default_factory=dict)

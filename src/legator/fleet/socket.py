@@ -40,21 +40,55 @@ async def probe_socket(websocket: WebSocket) -> None:
     await websocket.accept()
     conn = await fleet.hub.attach(probe.id, websocket)
     await fleet.registry.on_connect(probe.id)
+    pusher = _PolicyPusher(fleet, probe.id)
     try:
         while True:
             text = await websocket.receive_text()
             if len(text) > MAX_MESSAGE_BYTES:
                 log.warning("oversized probe message dropped", probe_id=probe.id)
                 continue
-            await _handle(fleet, probe.id, text)
+            await _handle(fleet, probe.id, text, pusher)
     except WebSocketDisconnect:
         pass
     finally:
+        pusher.cancel()
         if fleet.hub.detach(conn):
             await fleet.registry.on_disconnect(probe.id)
 
 
-async def _handle(fleet: Fleet, probe_id: str, text: str) -> None:
+class _PolicyPusher:
+    """The policy push a ``hello`` asks for: at most one in flight per connection. Hellos
+    arriving while one is in flight are coalesced into a single push after it, so a probe
+    repeating ``hello`` (and not reading its socket) cannot pile up pushes."""
+
+    def __init__(self, fleet: Fleet, probe_id: str) -> None:
+        self.fleet = fleet
+        self.probe_id = probe_id
+        self.task: asyncio.Future[None] | None = None
+        self.again = False
+
+    def request(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True
+            return
+        # The probe's ack arrives through the socket's loop: push without waiting.
+        self.task = task = asyncio.ensure_future(self._run())
+        _pushes.add(task)
+        task.add_done_callback(_pushes.discard)
+
+    async def _run(self) -> None:
+        while True:
+            self.again = False
+            await _quiet(self.fleet.actions.push_policy(self.probe_id))
+            if not self.again:
+                return
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+async def _handle(fleet: Fleet, probe_id: str, text: str, pusher: _PolicyPusher) -> None:
     try:
         envelope = Envelope.model_validate(json.loads(text))
     except (ValueError, ValidationError) as exc:
@@ -81,10 +115,7 @@ async def _handle(fleet: Fleet, probe_id: str, text: str) -> None:
                 await fleet.registry.save_inventory(probe_id, payload)
             case p.T_HELLO:
                 await fleet.registry.on_hello(probe_id, payload)
-                # The probe's ack arrives through this same loop: push without waiting.
-                task = asyncio.ensure_future(_quiet(fleet.actions.push_policy(probe_id)))
-                _pushes.add(task)
-                task.add_done_callback(_pushes.discard)
+                pusher.request()
             case _:
                 log.warning("unknown probe message type", probe_id=probe_id, type=envelope.type)
     except ValidationError as exc:

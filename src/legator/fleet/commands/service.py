@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
@@ -35,7 +35,13 @@ from legator.fleet.models import Command, CommandChunk, Probe
 from legator.fleet.policies import PolicyService
 from legator.fleet.policy import Policy as LevelPolicy
 from legator.fleet.policy import evaluate, weakest
-from legator.fleet.protocol import T_COMMAND, CommandResult, CommandSpec, OutputChunk
+from legator.fleet.protocol import (
+    OUTPUT_CAP,
+    T_COMMAND,
+    CommandResult,
+    CommandSpec,
+    OutputChunk,
+)
 from legator.fleet.schemas import CommandMode, CommandOut, CommandRequest, FanOutItem, FanOutResult
 
 log = get_logger("legator.fleet.commands")
@@ -43,8 +49,15 @@ KIND_COMMAND = "fleet.command"
 RECONNECT_WAIT_S = 30.0
 ACTIVE = ("dispatched", "running")
 RESULT_BATCH = 1000
+# A follower of /commands/{id}/stream holds at most this many live items; one that falls
+# further behind is switched to reading the rest from the database (nothing is lost).
+FOLLOWER_QUEUE = 256
+# Finished commands remembered here, so that late output for them costs no database read.
+CLOSED_MEMORY = 10_000
 _END = object()
+_BEHIND = object()
 _COMMANDS = Command.__table__
+_CHUNKS = CommandChunk.__table__
 # Core statements on the hot path: the ORM's unit of work, row loading and bulk UPDATE cost
 # more than the writes themselves.
 _INSERT_COMMAND = insert(_COMMANDS)
@@ -52,6 +65,60 @@ _RESULT_OWNERS = select(_COMMANDS.c.id, _COMMANDS.c.probe_id, _COMMANDS.c.status
     _COMMANDS.c.id.in_(bindparam("ids", expanding=True))
 )
 _STORE_RESULT = update(_COMMANDS).where(_COMMANDS.c.id == bindparam("command_id"))
+_INSERT_CHUNK = insert(_CHUNKS)
+_MARK_RUNNING = (
+    update(_COMMANDS)
+    .where(_COMMANDS.c.id == bindparam("command_id"), _COMMANDS.c.status == "dispatched")
+    .values(status="running")
+)
+_MARK_TRUNCATED = (
+    update(_COMMANDS).where(_COMMANDS.c.id == bindparam("command_id")).values(truncated=True)
+)
+_OUTPUT_OWNER = select(_COMMANDS.c.status, _COMMANDS.c.deadline_at).where(
+    _COMMANDS.c.id == bindparam("command_id"), _COMMANDS.c.probe_id == bindparam("probe_id")
+)
+_OUTPUT_STORED = (
+    select(_CHUNKS.c.stream, func.sum(func.length(_CHUNKS.c.data)), func.max(_CHUNKS.c.seq))
+    .where(_CHUNKS.c.command_id == bindparam("command_id"))
+    .group_by(_CHUNKS.c.stream)
+)
+
+
+class _Output:
+    """What this replica knows of an active command's output: whose it is, and what has
+    been stored of it (in characters, per stream), so a chunk is checked in memory."""
+
+    __slots__ = ("deadline", "last_seq", "probe_id", "running", "truncated", "used")
+
+    def __init__(
+        self,
+        probe_id: str,
+        deadline: float,
+        *,
+        running: bool = False,
+        last_seq: int = -1,
+        used: dict[str, int] | None = None,
+    ) -> None:
+        self.probe_id = probe_id
+        self.deadline = deadline  # time.monotonic(); past it the command is (about to be) lost
+        self.running = running
+        self.last_seq = last_seq
+        self.used = used if used is not None else {"stdout": 0, "stderr": 0}
+        self.truncated = False
+
+
+def _offer(queue: asyncio.Queue[Any], item: Any) -> None:
+    """Hand ``item`` to a stream follower without ever growing its queue past its bound: a
+    follower that stopped reading has its backlog dropped and re-reads it from the database
+    (chunks are stored before they are offered)."""
+    try:
+        queue.put_nowait(item)
+    except asyncio.QueueFull:
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(_BEHIND)
+        if item is _END:
+            queue.put_nowait(_END)
 
 
 class CommandService:
@@ -77,6 +144,8 @@ class CommandService:
         self.metrics = metrics
         self.grace_s = grace_s
         self._started: dict[str, float] = {}
+        self._active: dict[str, _Output] = {}  # commands whose output may still arrive
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently finished ones
         self._streams: dict[str, set[asyncio.Queue[Any]]] = defaultdict(set)
         self.writer = GroupCommitter(db)
         self._results: list[tuple[str, CommandResult, asyncio.Future[bool]]] = []
@@ -276,6 +345,9 @@ class CommandService:
         )
         waiter = self.hub.expect(command.id) if mode == "wait" else None
         self._started[command.id] = time.monotonic()
+        self._active[command.id] = _Output(
+            probe_id, time.monotonic() + request.timeout_s + self.grace_s
+        )
         try:
             await self.hub.send(probe_id, T_COMMAND, spec)
         except ProbeNotConnected as exc:
@@ -399,10 +471,11 @@ class CommandService:
         started = self._started.pop(request_id, None)
         if started is not None:
             self.metrics.latency.observe(time.monotonic() - started)
+        self._close_output(request_id)
         self.metrics.commands.labels(result.status).inc()
         self.hub.resolve(request_id, result)
         for queue in self._streams.get(request_id, ()):
-            queue.put_nowait(_END)
+            _offer(queue, _END)
         self.hub.relay_output(request_id, None)
         await self.events.publish(
             "command.finished",
@@ -424,6 +497,7 @@ class CommandService:
                 if isinstance(request_id, str):
                     # A command finished here resolved its waiter before publishing: no-op.
                     self.hub.resolve(request_id, None, forward=False)
+                    self._close_output(request_id)
 
     def _finished_elsewhere(self, request_id: str, result: Any) -> None:
         """A command sent from here finished on the replica holding its probe (which stored
@@ -431,6 +505,8 @@ class CommandService:
         started = self._started.pop(request_id, None)
         if started is not None and isinstance(result, CommandResult):
             self.metrics.latency.observe(time.monotonic() - started)
+        if isinstance(result, CommandResult):
+            self._close_output(request_id)
 
     async def _store(self, probe_id: str, result: CommandResult) -> bool:
         """Queue a result for the next batch write; True once it is stored."""
@@ -501,6 +577,7 @@ class CommandService:
                     stored.append(False)
                     continue
                 found[result.request_id or ""] = (probe_id, result.status)
+                output = self._active.get(result.request_id or "")
                 updates.append(
                     {
                         "command_id": result.request_id,
@@ -508,7 +585,7 @@ class CommandService:
                         "exit_code": result.exit_code,
                         "stdout": result.stdout,
                         "stderr": result.stderr,
-                        "truncated": result.truncated,
+                        "truncated": result.truncated or (output is not None and output.truncated),
                         "duration_ms": result.duration_ms,
                         "error": result.error or result.reason,
                         "finished_at": now,
@@ -520,31 +597,98 @@ class CommandService:
         return stored
 
     async def on_chunk(self, probe_id: str, chunk: OutputChunk) -> None:
-        async def store(session: AsyncSession) -> bool:
-            owner = await session.scalar(
-                select(Command.status).where(
-                    Command.id == chunk.request_id, Command.probe_id == probe_id
-                )
-            )
-            if owner is None:
-                return False
-            session.add(
-                CommandChunk(
-                    command_id=chunk.request_id, seq=chunk.seq, stream=chunk.stream, data=chunk.data
-                )
-            )
-            await session.flush()
-            if owner == "dispatched":
-                await session.execute(
-                    update(Command).where(Command.id == chunk.request_id).values(status="running")
-                )
-            return True
-
-        if not await self.writer.run(store):
+        """Store and relay a chunk of a command's output: only while the command is active,
+        only from its own probe, in increasing ``seq``, and up to ``OUTPUT_CAP`` characters
+        per stream (what is over is dropped and the command marked truncated). All of it
+        is checked in memory; the database is read once per command at most (for commands
+        this replica did not dispatch, or after a restart)."""
+        request_id = chunk.request_id
+        output = self._active.get(request_id)
+        if output is None:
+            if request_id in self._closed:
+                return
+            output = await self._load_output(probe_id, request_id)
+            if output is None:
+                return
+        if output.probe_id != probe_id or chunk.seq <= output.last_seq:
             return
-        for queue in self._streams.get(chunk.request_id, ()):
-            queue.put_nowait(chunk)
-        self.hub.relay_output(chunk.request_id, chunk)
+        room = OUTPUT_CAP - output.used[chunk.stream]
+        if room <= 0 and output.truncated:
+            return
+        output.last_seq = chunk.seq
+        data = chunk.data
+        cut = len(data) > room
+        if cut:
+            data = data[: max(room, 0)]
+            chunk = OutputChunk.model_construct(
+                request_id=request_id, seq=chunk.seq, stream=chunk.stream, data=data
+            )
+        output.used[chunk.stream] += len(data)
+        mark_running = not output.running
+        mark_truncated = cut and not output.truncated
+        output.running = True
+        output.truncated = output.truncated or cut
+        if cut:
+            log.warning(
+                "command output over the cap dropped",
+                probe_id=probe_id,
+                request_id=request_id,
+                stream=chunk.stream,
+                cap=OUTPUT_CAP,
+            )
+        row = {"command_id": request_id, "seq": chunk.seq, "stream": chunk.stream, "data": data}
+
+        async def store(session: AsyncSession) -> None:
+            connection = await session.connection()
+            if data:
+                await connection.execute(_INSERT_CHUNK, row)
+            if mark_running:
+                await connection.execute(_MARK_RUNNING, {"command_id": request_id})
+            if mark_truncated:
+                await connection.execute(_MARK_TRUNCATED, {"command_id": request_id})
+
+        await self.writer.run(store)
+        if not data:
+            return
+        for queue in self._streams.get(request_id, ()):
+            _offer(queue, chunk)
+        self.hub.relay_output(request_id, chunk)
+
+    async def _load_output(self, probe_id: str, request_id: str) -> _Output | None:
+        """The output state of a command this replica does not know yet, from the database:
+        None unless it is ``probe_id``'s and active."""
+        async with self.db.session() as session:
+            connection = await session.connection()
+            owner = (
+                await connection.execute(
+                    _OUTPUT_OWNER, {"command_id": request_id, "probe_id": probe_id}
+                )
+            ).first()
+            if owner is None:
+                return None  # unknown, or another probe's: nothing to remember
+            if owner.status not in ACTIVE:
+                self._remember_closed(request_id)
+                return None
+            stored = (await connection.execute(_OUTPUT_STORED, {"command_id": request_id})).all()
+        left_s = (owner.deadline_at - utcnow()).total_seconds()
+        output = _Output(probe_id, time.monotonic() + left_s, running=owner.status == "running")
+        for stream, used, last_seq in stored:
+            if stream in output.used:
+                output.used[stream] = int(used or 0)
+            output.last_seq = max(output.last_seq, int(last_seq))
+        # Another chunk may have loaded it meanwhile; keep the one already counting.
+        return self._active.setdefault(request_id, output)
+
+    def _close_output(self, request_id: str) -> None:
+        """The command is finished: its output, from now on, is refused."""
+        self._active.pop(request_id, None)
+        self._remember_closed(request_id)
+
+    def _remember_closed(self, request_id: str) -> None:
+        self._closed[request_id] = None
+        self._closed.move_to_end(request_id)
+        while len(self._closed) > CLOSED_MEMORY:
+            self._closed.popitem(last=False)
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -585,28 +729,19 @@ class CommandService:
 
     async def stream(self, request_id: str, after_seq: int = -1) -> AsyncIterator[Any]:
         """Chunks after ``after_seq`` (replayed from the database, then live), then the
-        final command row."""
+        final command row. The live queue is bounded (``FOLLOWER_QUEUE``): a follower that
+        falls behind reads what it missed from the database instead."""
         await self.get(request_id)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue: asyncio.Queue[Any] = asyncio.Queue(FOLLOWER_QUEUE)
         self._streams[request_id].add(queue)
         unfollow = await self.hub.follow(  # output relayed by the replica holding the probe
-            request_id, lambda item: queue.put_nowait(_END if item is None else item)
+            request_id, lambda item: _offer(queue, _END if item is None else item)
         )
         try:
-            async with self.db.session() as session:
-                replay = list(
-                    await session.scalars(
-                        select(CommandChunk)
-                        .where(CommandChunk.command_id == request_id, CommandChunk.seq > after_seq)
-                        .order_by(CommandChunk.seq)
-                    )
-                )
             last = after_seq
-            for chunk in replay:
+            for chunk in await self._chunks_after(request_id, after_seq):
                 last = chunk.seq
-                yield OutputChunk(
-                    request_id=request_id, seq=chunk.seq, stream=chunk.stream, data=chunk.data
-                )  # type: ignore[arg-type]
+                yield chunk
             row = await self.get(request_id)
             while row.status in ACTIVE:
                 try:
@@ -617,6 +752,11 @@ class CommandService:
                     continue
                 if item is _END:
                     break
+                if item is _BEHIND:
+                    for chunk in await self._chunks_after(request_id, last):
+                        last = chunk.seq
+                        yield chunk
+                    continue
                 if item.seq > last:
                     last = item.seq
                     yield item
@@ -626,6 +766,21 @@ class CommandService:
             self._streams[request_id].discard(queue)
             if not self._streams[request_id]:
                 self._streams.pop(request_id, None)
+
+    async def _chunks_after(self, request_id: str, after_seq: int) -> list[OutputChunk]:
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(_CHUNKS.c.seq, _CHUNKS.c.stream, _CHUNKS.c.data)
+                .where(_CHUNKS.c.command_id == request_id, _CHUNKS.c.seq > after_seq)
+                .order_by(_CHUNKS.c.seq)
+            )
+            # Stored rows were checked on the way in: no need to validate them again.
+            return [
+                OutputChunk.model_construct(
+                    request_id=request_id, seq=seq, stream=stream, data=data
+                )
+                for seq, stream, data in rows
+            ]
 
     # ---- housekeeping ------------------------------------------------------------------
 
@@ -650,8 +805,14 @@ class CommandService:
         for request_id in ids:
             self.metrics.commands.labels("lost").inc()
             self._started.pop(request_id, None)
+            self._close_output(request_id)
             for queue in self._streams.get(request_id, ()):
-                queue.put_nowait(_END)
+                _offer(queue, _END)
+        # Commands past their deadline that finished or were marked lost elsewhere (another
+        # replica): forget them; a late chunk reads the database once and is refused.
+        expired = time.monotonic()
+        for request_id in [k for k, v in self._active.items() if v.deadline < expired]:
+            self._active.pop(request_id, None)
         return ids
 
     async def close(self) -> None:
