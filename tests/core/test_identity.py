@@ -154,7 +154,7 @@ def test_a_huge_user_agent_does_not_grow_the_audit_log(
 ) -> None:
     with server.client() as anon:
         body = {"username": "admin", "password": "wrong-one"}
-        anon.post("/api/v1/auth/login", json=body, headers={"User-Agent": "x" * 100_000})
+        anon.post("/api/v1/auth/login", json=body, headers={"User-Agent": "x" * 50_000})
     events = api.get("/api/v1/audit", params={"action": "auth.login"}).json()["events"]
     assert len(events[0]["details"]["user_agent"]) == 300
 
