@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from legator.gateway import relay
 from legator.gateway.relay import RelayResponse, StreamState, openai_events, special_start
 
 
@@ -31,16 +33,22 @@ STREAM = b"".join(DELTAS) + USAGE + _event("[DONE]")
 class _Reads:
     """An aiohttp response whose body arrives in the given pieces."""
 
-    def __init__(self, pieces: list[bytes]) -> None:
-        self.content = SimpleNamespace(iter_any=lambda: self._pieces(pieces))
+    def __init__(self, pieces: list[bytes], pause: float = 0) -> None:
+        self.content = SimpleNamespace(iter_any=lambda: self._pieces(pieces, pause))
         self.released = 0
+        self.closed = 0
 
     def release(self) -> None:
         self.released += 1
 
+    def close(self) -> None:
+        self.closed += 1
+
     @staticmethod
-    async def _pieces(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    async def _pieces(pieces: list[bytes], pause: float) -> AsyncIterator[bytes]:
         for piece in pieces:
+            if pause:
+                await asyncio.sleep(pause)  # a backend slow to produce the next tokens
             yield piece
 
 
@@ -140,3 +148,50 @@ def test_the_last_block_ends_the_body_in_the_same_message() -> None:
     assert [m["more_body"] for m in messages[1:]] == [True, True, False]  # the cut-off rest too
     assert b"ended the stream early" in messages[-1]["body"]
     assert finished == 1
+
+
+def _relay_to(
+    pieces: list[bytes], accepts: int, pause: float = 0
+) -> tuple[StreamState, _Reads, int, float]:
+    """Relays ``pieces`` to a client that takes the first ``accepts`` messages and then no
+    more (its receive buffer full): the state, upstream, times finished and seconds taken."""
+    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"))
+    upstream, state, finished = _Reads(pieces, pause), StreamState(), []
+    content = openai_events(adm, upstream, state, False)  # type: ignore[arg-type]
+    response = RelayResponse(content, upstream, state, lambda: finished.append(1))  # type: ignore[arg-type]
+    sent = 0
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal sent
+        sent += 1
+        if sent > accepts:
+            await asyncio.Event().wait()  # the write never drains
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(response({"type": "http"}, receive, send), 10)
+        return loop.time() - started
+
+    took = asyncio.run(run())
+    return state, upstream, len(finished), took
+
+
+def test_a_client_that_stops_reading_loses_the_stream_a_slow_backend_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay, "SEND_STALL_S", 0.2)
+    # The start and one block go out; the next block's send waits for good.
+    state, upstream, finished, took = _relay_to([DELTAS[0], DELTAS[1], STREAM], accepts=2)
+    assert state.stalled and state.status == relay.STALLED == 408
+    assert (finished, upstream.closed) == (1, 1)  # slot released, usage billed, upstream shut
+    assert 0.2 <= took < 2, took  # 1 to 1.5 times SEND_STALL_S, plus scheduling
+    # A backend that pauses longer than that between reads is not the client's fault.
+    state, upstream, finished, took = _relay_to([*DELTAS, USAGE + _event("[DONE]")], 99, 0.15)
+    assert not state.stalled and state.status == 200
+    assert (finished, upstream.closed) == (1, 0)
+    assert took >= 0.15 * 6

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,13 +16,22 @@ import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from legator.core.logging import get_logger
 from legator.gateway.errors import UpstreamError
 from legator.gateway.service import Admission
+
+log = get_logger("legator.gateway.relay")
 
 DONE = b"data: [DONE]"
 USAGE = b'"usage"'
 # What a failing upstream connection raises in aiohttp.
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+# A client that accepts no part of a stream for this long loses it: the slot the stream holds
+# is GPU capacity others queue for. Streams are looked at every half of it, so one is ended
+# 1 to 1.5 times this after its client stopped reading.
+SEND_STALL_S = 30.0
+# The status such a stream is recorded with: the client did not take the response in time.
+STALLED = 408
 
 
 def unreachable(adm: Admission, exc: Exception) -> str:
@@ -181,6 +191,7 @@ class StreamState:
         self.done = False
         self.error: str | None = None
         self.client_gone = False
+        self.stalled = False  # the client stopped reading and the relay was ended
         # Set by the relayed generator just before it yields its final block, which then
         # ends the response body in the same write.
         self.last = False
@@ -193,6 +204,8 @@ class StreamState:
 
     @property
     def status(self) -> int:
+        if self.stalled:
+            return STALLED
         if self.client_gone or not (self.done or self.error):
             return 499  # the client went away mid-stream
         return 502 if self.error else 200
@@ -260,14 +273,49 @@ _STREAM_HEADERS = [
 ]
 
 
+class _Sweeper:
+    """The streams being relayed on one event loop, looked at every ``SEND_STALL_S / 2`` by
+    one timer for them all while there are any (a timer per stream costs each a few µs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.relays: set[RelayResponse] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, relay: RelayResponse) -> None:
+        self.relays.add(relay)
+        if self.timer is None:
+            self.timer = self.loop.call_later(SEND_STALL_S / 2, self.sweep)
+
+    def sweep(self) -> None:
+        self.timer = None
+        for relay in list(self.relays):
+            relay.check_stall()
+        if self.relays:
+            self.timer = self.loop.call_later(SEND_STALL_S / 2, self.sweep)
+
+
+_local = threading.local()  # one event loop runs per thread: its sweeper
+
+
+def _sweeper(loop: asyncio.AbstractEventLoop) -> _Sweeper:
+    sweeper: _Sweeper | None = getattr(_local, "sweeper", None)
+    if sweeper is None or sweeper.loop is not loop:
+        sweeper = _local.sweeper = _Sweeper(loop)
+    return sweeper
+
+
 class RelayResponse(Response):
-    """Relays ``content`` as it comes. However the stream ends (finished, failed, client gone)
-    it closes the upstream response and runs ``on_close`` exactly once: that releases the slot
-    and bills usage.
+    """Relays ``content`` as it comes. However the stream ends (finished, failed, client gone,
+    client no longer reading) it closes the upstream response and runs ``on_close`` exactly
+    once: that releases the slot and bills usage.
 
     Plain ASGI rather than Starlette's StreamingResponse: one task watches for the client
     leaving (and then closes the upstream, which ends the relay) instead of an anyio task
-    group per stream.
+    group per stream. A client that stays but stops reading leaves a send waiting on the
+    server's write buffer: each send is noted (``pending``) and a timer shared by all streams
+    ends a relay whose same send is still waiting after ``SEND_STALL_S``, rather than a
+    deadline per send.
     """
 
     def __init__(
@@ -284,23 +332,64 @@ class RelayResponse(Response):
         self.upstream = upstream
         self.state = state
         self.on_close = on_close
+        self.pending: dict[str, Any] | None = None  # the message a send is under way with
+        self._seen: dict[str, Any] | None = None
+        self._stuck = 0
+        self._cancelling = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        sweeper = _sweeper(task.get_loop())
+        sweeper.add(self)
         watcher = asyncio.ensure_future(self._watch(receive))
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            message: dict[str, Any] = {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": self.raw_headers,
+            }
+            self.pending = message
+            await send(message)
+            self.pending = None
             async for chunk in self.content:
                 more = not self.state.last
-                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                message = {"type": "http.response.body", "body": chunk, "more_body": more}
+                self.pending = message
+                await send(message)
+                self.pending = None
             if not self.state.last:
-                await send({"type": "http.response.body", "body": b""})
+                self.pending = message = {"type": "http.response.body", "body": b""}
+                await send(message)
+        except asyncio.CancelledError:
+            # Ours (see check_stall) unless the task was cancelled by someone else as well.
+            if not self.state.stalled or self._task.uncancel() > self._cancelling:
+                raise
+            # Returning with the response unfinished makes the server close the connection.
         finally:
+            sweeper.relays.discard(self)
             watcher.cancel()
             try:
                 # Back to the pool when the body was read to its end, else closed.
                 self.upstream.release()
             finally:
                 self.on_close()
+
+    def check_stall(self) -> None:
+        """Called every ``SEND_STALL_S / 2``: ends the relay when the same send was under way
+        at the last two calls too."""
+        pending = self.pending
+        if pending is None or pending is not self._seen:
+            self._seen, self._stuck = pending, 0
+            return
+        self._stuck += 1
+        if self._stuck < 2 or self.state.stalled:
+            return
+        self.state.stalled = True
+        self.upstream.close()
+        self._cancelling = self._task.cancelling()
+        self._task.cancel()
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -316,6 +405,13 @@ def stream_response(
     state: StreamState,
 ) -> RelayResponse:
     def close() -> None:
+        if state.stalled:
+            log.warning(
+                "stream ended: the client accepted nothing for too long",
+                model=adm.model.id,
+                user=adm.usage.username,
+                after_s=SEND_STALL_S,
+            )
         adm.finish(state.status, state.input_tokens, state.billed_output)
 
     return RelayResponse(content, upstream, state, close)
