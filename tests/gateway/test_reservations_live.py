@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from legator.core.db import utcnow
+from legator.gateway import reservations
+from legator.gateway.models import GatewayReservation
 from tests.gateway.conftest import new_key
 from tests.support import LiveServer
 
@@ -185,3 +193,111 @@ def test_prometheus_metrics(gw: LiveServer, admin: httpx.Client) -> None:
     assert 'legator_gateway_slots{model="echo"} 1.0' in text
     assert 'legator_gateway_slots_in_use{model="echo"} 0.0' in text
     assert 'legator_gateway_tokens_total{direction="output",model="echo"} 2.0' in text
+
+
+def test_a_user_may_have_only_so_many_reservations_waiting(
+    gw: LiveServer, admin: httpx.Client
+) -> None:
+    limit = reservations.MAX_WAITING_PER_USER
+    new_key(admin, "bob")
+    key = admin.post("/api/v1/keys", json={"user": "bob"}).json()["key"]
+    url = "/api/v1/gateway/reservations"
+    with gw.client(key) as bob:
+        made = [bob.post(url, json=window(hours_from_now=1 + i)).json() for i in range(limit)]
+        assert [r["state"] for r in made] == ["pending"] * limit
+        # Approved ones count as well: they have not begun.
+        assert admin.post(f"{url}/{made[0]['id']}/approve").status_code == 200
+        over = bob.post(url, json=window(hours_from_now=limit + 1))
+        assert over.status_code == 409
+        assert f"the most one user may have ({limit})" in over.json()["error"]["message"]
+        # A cancelled one no longer counts.
+        assert bob.post(f"{url}/{made[1]['id']}/cancel").status_code == 200
+        assert bob.post(url, json=window(hours_from_now=limit + 1)).status_code == 201
+        assert bob.post(url, json=window(hours_from_now=limit + 2)).status_code == 409
+    # Admins are not held to it, for themselves or for someone else.
+    for hours in range(limit + 1):
+        assert admin.post(url, json=window(hours_from_now=100 + hours)).status_code == 201
+    assert admin.post(url, json={**window(hours_from_now=200), "user": "bob"}).status_code == 201
+
+
+def test_a_reservation_starts_within_the_lead_time(gw: LiveServer, admin: httpx.Client) -> None:
+    days = reservations.MAX_LEAD.days
+    url = "/api/v1/gateway/reservations"
+    too_far = admin.post(url, json=window(hours_from_now=24 * days + 1))
+    assert too_far.status_code == 400
+    assert f"must start within {days} days" in too_far.json()["error"]["message"]
+    assert admin.post(url, json=window(hours_from_now=24 * days - 1)).status_code == 201
+
+
+def test_a_tick_reads_only_the_reservations_that_are_due(
+    gw: LiveServer, admin: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    db = gw.core.db  # type: ignore[union-attr]
+    start = utcnow().replace(minute=0, second=0, microsecond=0) + timedelta(days=2)
+
+    async def seed() -> None:
+        # Many reservations waiting for later, as many users could leave.
+        async with db.write() as session:
+            for i in range(300):
+                begins = start + timedelta(hours=i)
+                session.add(
+                    GatewayReservation(
+                        user_id=f"user-{i}",
+                        username=f"user-{i}",
+                        starts_at=begins,
+                        ends_at=begins + timedelta(minutes=30),
+                        state="approved" if i % 2 else "pending",
+                    )
+                )
+
+    gw.call(seed())
+    url = "/api/v1/gateway/reservations"
+    approved = admin.post(url, json=window(length_min=120)).json()
+    admin.post(f"{url}/{approved['id']}/approve")
+    pending = admin.post(url, json=window(hours_from_now=3)).json()
+
+    # What the tick itself (not the replica's other work meanwhile) reads and writes.
+    ticking: set[asyncio.Task[Any]] = set()
+    loaded: list[str] = []
+    writes: list[int] = []
+
+    def on_load(_session: Session, instance: object) -> None:
+        if asyncio.current_task() in ticking and isinstance(instance, GatewayReservation):
+            loaded.append(instance.id)
+
+    real_write: Callable[[], AbstractAsyncContextManager[Any]] = db.write
+
+    def counted_write() -> AbstractAsyncContextManager[Any]:
+        if asyncio.current_task() in ticking:
+            writes.append(1)
+        return real_write()
+
+    async def tick() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        ticking.add(task)
+        await gateway.reservations.tick()
+
+    async def shift(reservation_id: str, hours: float) -> None:
+        async with db.write() as session:
+            row = await session.get(GatewayReservation, reservation_id)
+            row.starts_at -= timedelta(hours=hours)
+            row.ends_at -= timedelta(hours=hours)
+
+    monkeypatch.setattr(db, "write", counted_write)
+    event.listen(Session, "loaded_as_persistent", on_load)
+    try:
+        gw.call(tick())  # nothing due: nothing read, no write transaction
+        assert (loaded, writes) == ([], [])
+        gw.call(shift(approved["id"], 1.5))  # its window is now under way
+        gw.call(shift(pending["id"], 3.5))  # its start passed without approval
+        gw.call(tick())
+        assert set(loaded) == {approved["id"], pending["id"]}
+        assert writes == [1]
+    finally:
+        event.remove(Session, "loaded_as_persistent", on_load)
+    states = {r["id"]: r["state"] for r in admin.get(url).json()}
+    assert (states[approved["id"]], states[pending["id"]]) == ("active", "cancelled")
+    assert list(states.values()).count("pending") == 150
+    assert list(states.values()).count("approved") == 150

@@ -2,7 +2,12 @@
 
 pending → approved → active → completed, plus rejected and cancelled. A tick activates
 approved ones whose window has begun, completes active ones whose window has ended and
-cancels pending ones that were never approved before their start.
+cancels pending ones that were never approved before their start. It reads only those rows:
+however many reservations wait for later, a tick costs the same.
+
+Anyone who may read the gateway may ask for a reservation, so how many one user may have
+waiting (``MAX_WAITING_PER_USER``, admins excepted) and how far ahead one may start
+(``MAX_LEAD``) are bounded.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.db import utcnow
 from legator.core.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
@@ -29,6 +35,11 @@ log = get_logger("legator.gateway.reservations")
 TICK_S = 5.0
 SLOT = timedelta(minutes=30)
 BLOCKING = ("approved", "active")
+WAITING = ("pending", "approved")  # not begun yet
+# Reservations a user (not an admin) may have waiting at once, and how far ahead one may
+# start: anyone with gateway:read may ask for one.
+MAX_WAITING_PER_USER = 10
+MAX_LEAD = timedelta(days=90)
 # Which admin action moves which state where.
 TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "approve": (("pending",), "approved"),
@@ -50,8 +61,21 @@ def _validate_window(starts_at: datetime, ends_at: datetime) -> None:
         raise BadRequest("reservations start and end on a 30-minute boundary (:00 or :30)")
     if ends_at - starts_at < SLOT:
         raise BadRequest("a reservation lasts at least 30 minutes")
-    if starts_at <= utcnow():
+    now = utcnow()
+    if starts_at <= now:
         raise BadRequest("a reservation must start in the future")
+    if starts_at > now + MAX_LEAD:
+        raise BadRequest(f"a reservation must start within {MAX_LEAD.days} days from now")
+
+
+def _due(now: datetime) -> ColumnElement[bool]:
+    """The rows a tick changes: waiting ones whose start has passed (approved ones begin,
+    or end if their end passed too; pending ones lapse), active ones whose end has passed.
+    Each side narrows by an indexed column (state, starts_at)."""
+    return or_(
+        and_(GatewayReservation.state.in_(WAITING), GatewayReservation.starts_at <= now),
+        and_(GatewayReservation.state == "active", GatewayReservation.ends_at <= now),
+    )
 
 
 def is_service(principal: Principal) -> bool:
@@ -98,6 +122,21 @@ class Reservations:
     ) -> ReservationOut:
         _validate_window(data.starts_at, data.ends_at)
         async with self.core.db.write() as session:
+            if not principal.can(Permission.GATEWAY_ADMIN):
+                waiting = await session.scalar(
+                    select(func.count())
+                    .select_from(GatewayReservation)
+                    .where(
+                        GatewayReservation.user_id == user_id,
+                        GatewayReservation.state.in_(WAITING),
+                        GatewayReservation.ends_at > utcnow(),
+                    )
+                )
+                if (waiting or 0) >= MAX_WAITING_PER_USER:
+                    raise Conflict(
+                        f"you have {waiting} pending or approved reservations, the most one "
+                        f"user may have ({MAX_WAITING_PER_USER}): cancel one first"
+                    )
             if await self._overlaps(session, data.starts_at, data.ends_at):
                 raise Conflict("that window overlaps an approved or active reservation")
             row = GatewayReservation(
@@ -179,11 +218,22 @@ class Reservations:
     async def tick(self) -> None:
         now = utcnow()
         changed: list[ReservationOut] = []
+        # Usually nothing is due: found with a read, so no write lock is taken for nothing.
+        async with self.core.db.session() as session:
+            due = await session.scalar(select(GatewayReservation.id).where(_due(now)).limit(1))
+        if due is not None:
+            changed = await self._advance(now)
+        await self.refresh_active()
+        for out in changed:
+            await self._publish(out.state, out)
+
+    async def _advance(self, now: datetime) -> list[ReservationOut]:
+        changed: list[ReservationOut] = []
         async with self.core.db.write() as session:
             rows = (
                 await session.scalars(
                     select(GatewayReservation)
-                    .where(GatewayReservation.state.in_(("pending", "approved", "active")))
+                    .where(_due(now))
                     # Every replica ticks: one changes a row, the others skip it meanwhile
                     # (PostgreSQL; SQLite takes one writer at a time anyway).
                     .with_for_update(skip_locked=True)
@@ -208,9 +258,7 @@ class Reservations:
                         target=f"reservation:{row.id}",
                     )
                     changed.append(ReservationOut.model_validate(row))
-        await self.refresh_active()
-        for out in changed:
-            await self._publish(out.state, out)
+        return changed
 
     async def refresh_active(self) -> None:
         async with self.core.db.session() as session:
