@@ -15,6 +15,7 @@ import os
 import re
 import stat as stat_mod
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def _proc_mounts() -> set[Path]:
     return mounts
 
 
-def _identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
+def _identities(paths: Iterable[Path]) -> frozenset[tuple[int, int]]:
     found = set()
     for path in paths:
         try:
@@ -90,7 +91,22 @@ def _identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
         except OSError:
             continue
         found.add((info.st_dev, info.st_ino))
-    return found
+    return frozenset(found)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What one file operation must not reach, looked up once for it: the probe's credential
+    files (by real path and by device and inode) and where procfs is mounted."""
+
+    files: tuple[Path, ...]
+    identities: frozenset[tuple[int, int]]
+    proc_mounts: frozenset[Path]
+
+    @classmethod
+    def of(cls, config_path: Path | str | None = None) -> Secrets:
+        files = tuple(own_secret_files(config_path))
+        return cls(files, _identities(files), frozenset(_proc_mounts()))
 
 
 def _refuse_own_file(path: str, real: Path) -> FileDenied:
@@ -100,8 +116,8 @@ def _refuse_own_file(path: str, real: Path) -> FileDenied:
     )
 
 
-def _check_proc(path: str, real: Path) -> None:
-    for mount in _proc_mounts():
+def _check_proc(path: str, real: Path, mounts: frozenset[Path]) -> None:
+    for mount in mounts:
         if mount not in real.parents:
             continue
         inside = real.relative_to(mount).parts
@@ -112,27 +128,27 @@ def _check_proc(path: str, real: Path) -> None:
             )
 
 
-def check_not_secret(path: str, real: Path, secret_files: Sequence[Path]) -> None:
+def check_not_secret(path: str, real: Path, secrets: Secrets) -> None:
     """Refuse, whatever the policy says, the probe's own config and processes' secrets."""
-    if real in secret_files:
+    if real in secrets.files:
         raise _refuse_own_file(path, real)
-    _check_proc(path, real)
+    _check_proc(path, real, secrets.proc_mounts)
     try:
         info = os.stat(real)
     except OSError:
         return  # nothing there: the operation fails on its own
-    if (info.st_dev, info.st_ino) in _identities(secret_files):
+    if (info.st_dev, info.st_ino) in secrets.identities:
         raise _refuse_own_file(path, real)  # a hard link or a bind mount of it
 
 
-def _check_opened(path: str, real: Path, fd: int, secret_files: Sequence[Path]) -> None:
+def _check_opened(path: str, real: Path, fd: int, secrets: Secrets) -> None:
     """The same checks on what was actually opened, so a path swapped between the check
     above and the open still cannot reach the config or a process's secrets."""
     info = os.fstat(fd)
-    if (info.st_dev, info.st_ino) in _identities(secret_files):
+    if (info.st_dev, info.st_ino) in secrets.identities:
         raise _refuse_own_file(path, real)
     with contextlib.suppress(OSError):  # the kernel's name for the open file
-        _check_proc(path, Path(os.readlink(f"/proc/self/fd/{fd}")))
+        _check_proc(path, Path(os.readlink(f"/proc/self/fd/{fd}")), secrets.proc_mounts)
 
 
 def perform(
@@ -141,8 +157,8 @@ def perform(
     """Run one file operation. ``config_path`` is where this probe loaded its config from;
     it and the default locations are refused whatever ``roots`` allow."""
     target = resolve_allowed(request.path, roots)
-    secret_files = own_secret_files(config_path)
-    check_not_secret(request.path, target, secret_files)
+    secrets = Secrets.of(config_path)
+    check_not_secret(request.path, target, secrets)
     if request.op == "stat":
         info = target.stat()
         return {
@@ -158,7 +174,7 @@ def perform(
         raise FileDenied(f"{request.path!r} is not a regular file")
     if request.op == "read":
         with target.open("rb") as handle:
-            _check_opened(request.path, target, handle.fileno(), secret_files)
+            _check_opened(request.path, target, handle.fileno(), secrets)
             data = handle.read(request.max_bytes + 1)
         return {
             "content": data[: request.max_bytes].decode("utf-8", "replace"),
@@ -167,7 +183,7 @@ def perform(
     if request.op == "readlines":
         lines, end = [], request.end or request.start + 999
         with target.open(encoding="utf-8", errors="replace") as handle:
-            _check_opened(request.path, target, handle.fileno(), secret_files)
+            _check_opened(request.path, target, handle.fileno(), secrets)
             for number, line in enumerate(handle, start=1):
                 if number > end:
                     break
@@ -177,7 +193,7 @@ def perform(
     pattern = re.compile(request.pattern or "")
     hits = []
     with target.open(encoding="utf-8", errors="replace") as handle:
-        _check_opened(request.path, target, handle.fileno(), secret_files)
+        _check_opened(request.path, target, handle.fileno(), secrets)
         for number, line in enumerate(handle, start=1):
             if pattern.search(line):
                 hits.append({"line": number, "text": line.rstrip("\n")})
