@@ -37,6 +37,8 @@ def test_data_dir_and_database_url(tmp_path: Path) -> None:
         ("log_level", "loud", "LEGATOR_LOG_LEVEL"),
         ("jobs_retry_max_attempts", "0", "LEGATOR_JOBS_RETRY_MAX_ATTEMPTS"),
         ("llm_provider", "skynet", "LEGATOR_LLM_PROVIDER"),
+        ("gateway_usage_retention_days", "7", "LEGATOR_GATEWAY_USAGE_RETENTION_DAYS"),
+        ("gateway_usage_retention_days", "-1", "LEGATOR_GATEWAY_USAGE_RETENTION_DAYS"),
     ],
 )
 def test_bad_values_name_the_variable(field: str, value: str, variable: str) -> None:

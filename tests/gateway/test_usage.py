@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from legator.core.db import Database
+from legator.core.db import Database, utcnow
 from legator.core.db.migrate import upgrade
 from legator.gateway.models import GatewayUsage
 from legator.gateway.usage import (
     FLUSH_BATCH,
     UsageRecord,
     UsageRecorder,
+    prune,
     report,
     tokens_by_user,
 )
+from tests.support import live_server
 
 
 def _row(i: int) -> UsageRecord:
@@ -147,3 +151,77 @@ def test_tokens_by_user_leaves_out_rows_without_a_user_or_tokens() -> None:
             expected[row.user_id] = expected.get(row.user_id, 0) + 3 + i % 7
     assert tokens_by_user(rows) == expected
     assert "user-b" in expected and "user-a" in expected
+
+
+async def _old_rows_go_oldest_first(url: str) -> None:
+    db = Database(url)
+    try:
+        await upgrade(db)
+        recorder = UsageRecorder(db)
+        now = utcnow()
+        ages = [40, 35, 31, 29, 1, 0]  # days
+        rows = []
+        for i, days in enumerate(ages):
+            for j in range(7):  # more than one batch of 5 per age
+                row = _row(i * 7 + j)
+                row.ts = now - timedelta(days=days, minutes=j)
+                rows.append(row)
+                recorder.record(row)
+        await recorder.flush()
+        cutoff = now - timedelta(days=30)
+        assert await prune(db, cutoff, batch=5) == 3 * 7
+        assert await prune(db, cutoff, batch=5) == 0
+        async with db.session() as session:
+            kept = set((await session.execute(select(GatewayUsage.id))).scalars())
+        assert kept == {row.id for row in rows if row.ts >= cutoff}
+        # The monthly report still sees every row of its 30 days.
+        assert (await report(db, "month", user_id=None, admin_view=True)).requests == 3 * 7
+    finally:
+        await db.dispose()
+
+
+def test_rows_past_retention_are_deleted_on_sqlite(tmp_path: Path) -> None:
+    asyncio.run(_old_rows_go_oldest_first(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
+
+
+@pytest.mark.postgres
+def test_rows_past_retention_are_deleted_on_postgresql(pg_url: str) -> None:
+    asyncio.run(_old_rows_go_oldest_first(pg_url))
+
+
+def _usage_ids(url: str, rows: list[UsageRecord] | None = None) -> set[str]:
+    """Writes ``rows`` (if any) into the database at ``url``; the ids of every row there."""
+
+    async def go() -> set[str]:
+        db = Database(url)
+        try:
+            if rows:
+                recorder = UsageRecorder(db)
+                for row in rows:
+                    recorder.record(row)
+                await recorder.flush()
+            async with db.session() as session:
+                return set((await session.execute(select(GatewayUsage.id))).scalars())
+        finally:
+            await db.dispose()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("retention_days", [31, 0])
+def test_a_server_deletes_rows_past_its_retention_as_it_starts(
+    tmp_path: Path, retention_days: int
+) -> None:
+    data = tmp_path / "data"
+    url = f"sqlite+aiosqlite:///{data / 'legator.db'}"
+    with live_server(data):
+        pass  # creates the database
+    old, recent = _row(1), _row(2)
+    old.ts, recent.ts = utcnow() - timedelta(days=32), utcnow() - timedelta(days=30)
+    assert _usage_ids(url, [old, recent]) == {old.id, recent.id}
+    with live_server(data, gateway_usage_retention_days=retention_days):
+        kept = {recent.id} if retention_days else {old.id, recent.id}
+        deadline = time.monotonic() + 10
+        while _usage_ids(url) != kept and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _usage_ids(url) == kept

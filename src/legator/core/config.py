@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     gateway_podman_flavour: Literal["llama-server", "llama-cpp-python"] = Field(
         "llama-server", description="What the podman image's entrypoint runs."
     )
+    gateway_usage_retention_days: int = Field(
+        90, ge=0, le=36500, description="Usage rows older than this are deleted; 0 keeps all."
+    )
 
     llm_provider: Literal["", "openai", "anthropic", "local"] = ""
     llm_model: str = ""
@@ -165,6 +168,14 @@ class Settings(BaseSettings):
             raise ValueError("expected HOST:PORT or :PORT with a port from 1 to 65535")
         if host.startswith("[") != host.endswith("]"):
             raise ValueError("IPv6 hosts are written in brackets, like [::1]:8080")
+        return value
+
+    @field_validator("gateway_usage_retention_days")
+    @classmethod
+    def _covers_the_reports(cls, value: int) -> int:
+        # The longest usage report looks back 30 days and the fairness window at most 7.
+        if 0 < value < 31:
+            raise ValueError("keep usage rows at least 31 days (the monthly report), or 0 for all")
         return value
 
     @field_validator("oidc_default_role", mode="before")

@@ -37,6 +37,7 @@ from legator.gateway.supervisor import Supervisor
 from legator.gateway.usage import (
     UsageRecord,
     UsageRecorder,
+    keep_for,
     recent_tokens_by_user,
     tokens_by_user,
 )
@@ -119,6 +120,8 @@ class Gateway:
         await self._seed_usage()
         await self.reservations.load()
         self.core.spawn(self.recorder.run(), name="gateway-usage-writer")
+        if retention_days := self.core.settings.gateway_usage_retention_days:
+            self.core.spawn(keep_for(self.core.db, retention_days), name="gateway-usage-retention")
         self.core.spawn(self.reservations.run(), name="gateway-reservations")
         if self.sync is not None:
             self.core.spawn(self.sync.run(), name="gateway-sync")

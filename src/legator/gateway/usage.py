@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import case, func, insert, select
+from sqlalchemy import case, delete, func, insert, select
 
 from legator.core.db import Database, new_sorted_id, utcnow
 from legator.core.logging import get_logger
@@ -29,6 +29,12 @@ PERIODS: dict[str, tuple[timedelta, str]] = {
 _BUCKET_CHARS = {"minute": 16, "hour": 13, "day": 10}  # prefix of an ISO timestamp
 FLUSH_INTERVAL_S = 0.5
 FLUSH_BATCH = 500
+# Old rows are deleted this many at a time, each batch its own short transaction with a pause
+# after it: other writers waiting on SQLite's lock retry at up to 100 ms intervals, and a
+# first run over a large backlog must not keep them out.
+PRUNE_BATCH = 2_000
+PRUNE_PAUSE_S = 0.2
+PRUNE_INTERVAL_S = 3600.0
 _INSERT = insert(GatewayUsage.__table__)
 
 
@@ -120,6 +126,37 @@ class UsageRecorder:
         self._closed = True
         self._wake.set()
         await self.flush()
+
+
+async def prune(db: Database, before: datetime, *, batch: int = PRUNE_BATCH) -> int:
+    """Delete the rows from before ``before``, oldest first; returns how many went."""
+    deleted = 0
+    while True:
+        oldest = (
+            select(GatewayUsage.id).where(GatewayUsage.ts < before).order_by(GatewayUsage.ts)
+        ).limit(batch)
+        async with db.write() as session:
+            result = await session.execute(
+                delete(GatewayUsage).where(GatewayUsage.id.in_(oldest.scalar_subquery()))
+            )
+        count = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        deleted += count
+        if count < batch:
+            return deleted
+        await asyncio.sleep(PRUNE_PAUSE_S)
+
+
+async def keep_for(db: Database, days: int) -> None:
+    """Every hour, from now on, delete the rows older than ``days`` days."""
+    while True:
+        try:
+            count = await prune(db, utcnow() - timedelta(days=days))
+        except Exception:
+            log.exception("deleting old usage rows failed; retrying in an hour")
+        else:
+            if count:
+                log.info("old usage rows deleted", rows=count, older_than_days=days)
+        await asyncio.sleep(PRUNE_INTERVAL_S)
 
 
 def _totals(rows: list[Any]) -> list[UsageTotals]:
