@@ -16,6 +16,7 @@ import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from legator.core.http.protocol import ABORT_EXTENSION
 from legator.core.logging import get_logger
 from legator.gateway.errors import UpstreamError
 from legator.gateway.service import Admission
@@ -315,7 +316,8 @@ class RelayResponse(Response):
     group per stream. A client that stays but stops reading leaves a send waiting on the
     server's write buffer: each send is noted (``pending``) and a timer shared by all streams
     ends a relay whose same send is still waiting after ``SEND_STALL_S``, rather than a
-    deadline per send.
+    deadline per send. It drops the connection where the server offers that
+    (``core/http/protocol.py``), and otherwise cancels the relay's task.
     """
 
     def __init__(
@@ -336,11 +338,13 @@ class RelayResponse(Response):
         self._seen: dict[str, Any] | None = None
         self._stuck = 0
         self._cancelling = 0
+        self._abort: Callable[[], None] | None = None  # drops the connection, where served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
+        self._abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
         sweeper = _sweeper(task.get_loop())
         sweeper.add(self)
         watcher = asyncio.ensure_future(self._watch(receive))
@@ -388,6 +392,11 @@ class RelayResponse(Response):
             return
         self.state.stalled = True
         self.upstream.close()
+        if self._abort is not None:
+            # The server then sees the connection lost: the waiting send returns, the watcher
+            # ends the relay, and the socket and its buffers go at once.
+            self._abort()
+            return
         self._cancelling = self._task.cancelling()
         self._task.cancel()
 

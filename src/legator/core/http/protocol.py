@@ -6,6 +6,11 @@ that sends a head a byte at a time (or nothing at all) held its connection for e
 head is at most HEAD_MAX_BYTES and must arrive within HEAD_TIMEOUT_S of the connection opening
 or of its first byte; either breach closes the connection (400 for the size). Between requests
 on a kept-alive connection, uvicorn's own keep-alive timeout applies.
+
+It also hands the app a way to drop the connection (``ABORT_EXTENSION`` in the scope's
+extensions), for a response that must end while a write to a client that stopped reading is
+still waiting: returning from the app would only ``close()`` the transport, which waits for a
+buffer that never drains, and log an error as if the app had a bug.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HEAD_MAX_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
+ABORT_EXTENSION = "legator.abort"
 
 
 class HeadTooLarge(Exception):
@@ -50,6 +56,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_arrived()
+        self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self.transport.abort
         super().on_headers_complete()
 
     def _count(self, size: int) -> None:
