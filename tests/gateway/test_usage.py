@@ -9,11 +9,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
 from legator.core.db import Database, utcnow
 from legator.core.db.migrate import upgrade
+from legator.gateway import usage
+from legator.gateway.metrics import GatewayMetrics
 from legator.gateway.models import GatewayUsage
+from legator.gateway.scheduler import Scheduler
 from legator.gateway.usage import (
     FLUSH_BATCH,
     UsageRecord,
@@ -225,3 +229,36 @@ def test_a_server_deletes_rows_past_its_retention_as_it_starts(
         while _usage_ids(url) != kept and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _usage_ids(url) == kept
+
+
+async def _outage_keeps_memory_bounded(path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{path}")  # no tables yet: every write fails
+    registry = CollectorRegistry()
+    recorder = UsageRecorder(db)
+    GatewayMetrics(registry, Scheduler(), recorder)
+    writer = asyncio.create_task(recorder.run())
+    try:
+        rows = [_row(i) for i in range(usage.MAX_PENDING + 7)]
+        for row in rows:
+            recorder.record(row)
+        await asyncio.sleep(0.1)  # the writer tries, fails, and keeps the rows
+        assert (recorder.waiting, recorder.dropped, recorder.written) == (usage.MAX_PENDING, 7, 0)
+        assert registry.get_sample_value("legator_gateway_usage_rows_pending") == usage.MAX_PENDING
+        assert registry.get_sample_value("legator_gateway_usage_rows_dropped_total") == 7
+        await upgrade(db)  # the database is back
+        await recorder.close()
+        await writer
+        async with db.session() as session:
+            kept = set((await session.execute(select(GatewayUsage.id))).scalars())
+        assert kept == {row.id for row in rows[: usage.MAX_PENDING]}  # the oldest are kept
+        assert registry.get_sample_value("legator_gateway_usage_rows_pending") == 0
+    finally:
+        writer.cancel()
+        await db.dispose()
+
+
+def test_an_outage_drops_rows_past_the_cap_and_counts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(usage, "MAX_PENDING", 1_200)
+    asyncio.run(_outage_keeps_memory_bounded(tmp_path / "usage.db"))

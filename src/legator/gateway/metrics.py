@@ -6,14 +6,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from legator.core.metrics import LATENCY_BUCKETS, Labelled
 
 if TYPE_CHECKING:
     from legator.gateway.scheduler import Scheduler
-    from legator.gateway.usage import UsageRecord
+    from legator.gateway.usage import UsageRecord, UsageRecorder
 
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -39,8 +39,29 @@ class _PoolCollector(Collector):
         yield from (slots, used, depth)
 
 
+class _UsageCollector(Collector):
+    """The usage writer's backlog: rows waiting for the database, and rows it had to drop."""
+
+    def __init__(self, recorder: UsageRecorder) -> None:
+        self.recorder = recorder
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "legator_gateway_usage_rows_pending",
+            "Usage rows recorded but not yet written to the database.",
+            value=self.recorder.waiting,
+        )
+        yield CounterMetricFamily(
+            "legator_gateway_usage_rows_dropped",
+            "Usage rows dropped because too many were waiting for the database.",
+            value=self.recorder.dropped,
+        )
+
+
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, scheduler: Scheduler) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, scheduler: Scheduler, recorder: UsageRecorder
+    ) -> None:
         self.requests = Counter(
             "legator_gateway_requests",
             "Inference requests by model, endpoint and status.",
@@ -68,6 +89,7 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(_PoolCollector(scheduler))
+        registry.register(_UsageCollector(recorder))
         self._requests = Labelled(self.requests)
         self._tokens = Labelled(self.tokens)
         self._wait = Labelled(self.wait)

@@ -95,7 +95,7 @@ class Gateway:
         self.reservations = Reservations(core)
         self.rates: dict[str, deque[tuple[float, int]]] = {}
         self.catalog.listeners.append(self._on_model_change)
-        self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler)
+        self.metrics = GatewayMetrics(core.metrics.registry, self.scheduler, self.recorder)
         self.supervisor = Supervisor(core, self.catalog, self.scheduler, self.backends)
         self.downloads = Downloads(core, self.catalog, self.supervisor.root.parent / "models")
         backend_metrics.install(core.metrics.registry, self.supervisor, self.downloads)

@@ -29,6 +29,9 @@ PERIODS: dict[str, tuple[timedelta, str]] = {
 _BUCKET_CHARS = {"minute": 16, "hour": 13, "day": 10}  # prefix of an ISO timestamp
 FLUSH_INTERVAL_S = 0.5
 FLUSH_BATCH = 500
+# Rows held while the database refuses them (about 70 MB at 340 bytes each): past this, new
+# rows are dropped and counted rather than letting an outage grow the process until killed.
+MAX_PENDING = 200_000
 # Old rows are deleted this many at a time, each batch its own short transaction with a pause
 # after it: other writers waiting on SQLite's lock retry at up to 100 ms intervals, and a
 # first run over a large backlog must not keep them out.
@@ -79,6 +82,8 @@ class UsageRecorder:
         self.writing = asyncio.Lock()
         self._closed = False
         self.written = 0
+        self.dropped = 0  # rows lost because MAX_PENDING were already waiting
+        self._dropped_reported = 0
         self.on_written: list[Callable[[list[UsageRecord]], None]] = []
 
     @property
@@ -86,7 +91,20 @@ class UsageRecorder:
         """Rows recorded but not yet taken to be written."""
         return list(self._pending)
 
+    @property
+    def waiting(self) -> int:
+        """How many rows are recorded but not yet taken to be written."""
+        return len(self._pending)
+
     def record(self, row: UsageRecord) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            if self.dropped == self._dropped_reported:
+                log.error(
+                    "usage rows are being dropped: the database has not taken any for a while",
+                    waiting=len(self._pending),
+                )
+            self.dropped += 1
+            return
         self._pending.append(row)
         if len(self._pending) >= FLUSH_BATCH:
             self._wake.set()
@@ -121,6 +139,13 @@ class UsageRecorder:
             except Exception:
                 log.exception("writing usage rows failed; retrying")
                 await asyncio.sleep(1)
+                continue
+            if self.dropped > self._dropped_reported:
+                log.error(
+                    "usage rows are written again; some were dropped meanwhile",
+                    dropped=self.dropped - self._dropped_reported,
+                )
+                self._dropped_reported = self.dropped
 
     async def close(self) -> None:
         self._closed = True
