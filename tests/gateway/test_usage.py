@@ -262,3 +262,36 @@ def test_an_outage_drops_rows_past_the_cap_and_counts_them(
 ) -> None:
     monkeypatch.setattr(usage, "MAX_PENDING", 1_200)
     asyncio.run(_outage_keeps_memory_bounded(tmp_path / "usage.db"))
+
+
+async def _replicas_prune_together(url: str) -> None:
+    first, second = Database(url), Database(url)  # two replicas on one database
+    try:
+        await upgrade(first)
+        recorder = UsageRecorder(first)
+        old = utcnow() - timedelta(days=40)
+        for i in range(3_000):
+            row = _row(i)
+            row.ts = old + timedelta(seconds=i)
+            recorder.record(row)
+        await recorder.flush()
+        cutoff = utcnow() - timedelta(days=30)
+        counts = await asyncio.gather(
+            prune(first, cutoff, batch=100), prune(second, cutoff, batch=100)
+        )
+        counts.append(await prune(second, cutoff, batch=100))  # whatever either left
+        assert sum(counts) == 3_000
+        assert await _ids(first) == set()
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+async def _ids(db: Database) -> set[str]:
+    async with db.session() as session:
+        return set((await session.execute(select(GatewayUsage.id))).scalars())
+
+
+@pytest.mark.postgres
+def test_replicas_pruning_at_once_share_the_rows(pg_url: str) -> None:
+    asyncio.run(_replicas_prune_together(pg_url))

@@ -157,9 +157,15 @@ async def prune(db: Database, before: datetime, *, batch: int = PRUNE_BATCH) -> 
     """Delete the rows from before ``before``, oldest first; returns how many went."""
     deleted = 0
     while True:
+        # On PostgreSQL, replicas pruning at the same time take different rows instead of
+        # waiting on (or deadlocking over) each other's; SQLite has one writer anyway.
         oldest = (
-            select(GatewayUsage.id).where(GatewayUsage.ts < before).order_by(GatewayUsage.ts)
-        ).limit(batch)
+            select(GatewayUsage.id)
+            .where(GatewayUsage.ts < before)
+            .order_by(GatewayUsage.ts)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        )
         async with db.write() as session:
             result = await session.execute(
                 delete(GatewayUsage).where(GatewayUsage.id.in_(oldest.scalar_subquery()))
