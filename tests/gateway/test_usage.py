@@ -295,3 +295,44 @@ async def _ids(db: Database) -> set[str]:
 @pytest.mark.postgres
 def test_replicas_pruning_at_once_share_the_rows(pg_url: str) -> None:
     asyncio.run(_replicas_prune_together(pg_url))
+
+
+async def _timeline_is_bucketed_by_the_database(url: str) -> None:
+    db = Database(url)
+    try:
+        await upgrade(db)
+        recorder = UsageRecorder(db)
+        now = utcnow()
+        rows = []
+        for i, minutes_ago in enumerate([1, 2, 2, 61, 62, 300, 1500]):
+            row = _row(i)
+            row.ts = now - timedelta(minutes=minutes_ago)
+            rows.append(row)
+            recorder.record(row)
+        await recorder.flush()
+        for period, width, span in (("hour", 16, 60), ("day", 13, 24 * 60)):
+            expected: dict[str, list[int]] = {}
+            for row in rows:
+                if row.ts >= now - timedelta(minutes=span) - timedelta(seconds=5):
+                    slot = expected.setdefault(row.ts.isoformat()[:width], [0, 0, 0, 0])
+                    slot[0] += 1
+                    slot[1] += row.input_tokens
+                    slot[2] += row.output_tokens
+                    slot[3] += int(row.status >= 400)
+            timeline = (await report(db, period, user_id=None, admin_view=True)).timeline
+            got = {
+                t.group: [t.requests, t.input_tokens, t.output_tokens, t.errors] for t in timeline
+            }
+            assert got == expected, period
+            assert [t.group for t in timeline] == sorted(expected)
+    finally:
+        await db.dispose()
+
+
+def test_the_timeline_is_bucketed_on_sqlite(tmp_path: Path) -> None:
+    asyncio.run(_timeline_is_bucketed_by_the_database(f"sqlite+aiosqlite:///{tmp_path}/u.db"))
+
+
+@pytest.mark.postgres
+def test_the_timeline_is_bucketed_on_postgresql(pg_url: str) -> None:
+    asyncio.run(_timeline_is_bucketed_by_the_database(pg_url))

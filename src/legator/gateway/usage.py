@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import case, delete, func, insert, select
+from sqlalchemy import ColumnElement, String, case, delete, func, insert, select
 
 from legator.core.db import Database, new_sorted_id, utcnow
 from legator.core.logging import get_logger
@@ -27,6 +27,11 @@ PERIODS: dict[str, tuple[timedelta, str]] = {
     "month": (timedelta(days=30), "day"),
 }
 _BUCKET_CHARS = {"minute": 16, "hour": 13, "day": 10}  # prefix of an ISO timestamp
+_BUCKET_FORMATS = {
+    "minute": 'YYYY-MM-DD"T"HH24:MI',
+    "hour": 'YYYY-MM-DD"T"HH24',
+    "day": "YYYY-MM-DD",
+}
 FLUSH_INTERVAL_S = 0.5
 FLUSH_BATCH = 500
 # Rows held while the database refuses them (about 70 MB at 340 bytes each): past this, new
@@ -227,23 +232,7 @@ async def report(
         by_model = await grouped(GatewayUsage.model_id)
         by_user = await grouped(GatewayUsage.username) if admin_view else None
         by_key = await grouped(GatewayUsage.key_id) if admin_view else None
-        rows = (
-            await session.execute(
-                select(
-                    GatewayUsage.ts, GatewayUsage.input_tokens, GatewayUsage.output_tokens
-                ).where(*base)
-            )
-        ).all()
-    # Buckets are computed here rather than in SQL: SQLite and PostgreSQL truncate dates
-    # with different functions, and a month of rows is small.
-    width = _BUCKET_CHARS[bucket]
-    timeline: dict[str, list[int]] = {}
-    for ts, tokens_in, tokens_out in rows:
-        key = ts.isoformat()[:width]
-        slot = timeline.setdefault(key, [0, 0, 0])
-        slot[0] += 1
-        slot[1] += int(tokens_in or 0)
-        slot[2] += int(tokens_out or 0)
+        timeline = await grouped(_bucket(db, bucket))
     return UsageReport(
         period=period,
         since=since,
@@ -253,11 +242,18 @@ async def report(
         by_model=by_model,
         by_user=by_user,
         by_key=by_key,
-        timeline=[
-            UsageTotals(group=k, requests=v[0], input_tokens=v[1], output_tokens=v[2], errors=0)
-            for k, v in sorted(timeline.items())
-        ],
+        timeline=timeline,
     )
+
+
+def _bucket(db: Database, bucket: str) -> ColumnElement[str]:
+    """A row's timeline bucket, ``YYYY-MM-DDTHH:MM`` cut to the bucket's width, computed by the
+    database: a month of a busy gateway's rows is millions, too many to carry over."""
+    if db.is_sqlite:
+        # UTCDateTime keeps SQLite's values as UTC text, 'YYYY-MM-DD HH:MM:SS.ffffff'.
+        prefix = func.substr(GatewayUsage.ts, 1, _BUCKET_CHARS[bucket], type_=String)
+        return func.replace(prefix, " ", "T", type_=String)
+    return func.to_char(func.timezone("UTC", GatewayUsage.ts), _BUCKET_FORMATS[bucket])
 
 
 async def recent_tokens_by_user(db: Database, window: timedelta) -> list[tuple[str, datetime, int]]:
