@@ -64,7 +64,7 @@ async def _measure(count: int) -> list[dict[str, Any]]:
         await _fill(recorder, count, DAY_S - 60, DAY_S - 120)
         rss = _max_rss_mb()
         started = time.perf_counter()
-        day = await usage.report(db, "day", user_id=None, admin_view=True)
+        day = await usage.report(db, usage.window("day"), user_id=None, admin_view=True)
         report_s = time.perf_counter() - started
         assert day.requests == count, day.requests
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
@@ -25,8 +26,9 @@ from legator.gateway.usage import (
     prune,
     report,
     tokens_by_user,
+    window,
 )
-from tests.support import live_server
+from tests.support import LiveServer, live_server
 
 
 def _row(i: int) -> UsageRecord:
@@ -64,7 +66,7 @@ async def _write_and_read(url: str) -> None:
         assert count == len(rows)
         assert set(ids) == {row.id for row in rows}
         assert all(uuid.UUID(i).version == 7 for i in ids)
-        totals = await report(db, "hour", user_id=None, admin_view=True)
+        totals = await report(db, window("hour"), user_id=None, admin_view=True)
         assert totals.requests == len(rows)
         assert totals.output_tokens == sum(row.output_tokens for row in rows)
         assert {t.group: t.errors for t in totals.by_model} == {
@@ -179,7 +181,7 @@ async def _old_rows_go_oldest_first(url: str) -> None:
             kept = set((await session.execute(select(GatewayUsage.id))).scalars())
         assert kept == {row.id for row in rows if row.ts >= cutoff}
         # The monthly report still sees every row of its 30 days.
-        assert (await report(db, "month", user_id=None, admin_view=True)).requests == 3 * 7
+        assert (await report(db, window("month"), user_id=None, admin_view=True)).requests == 3 * 7
     finally:
         await db.dispose()
 
@@ -319,7 +321,7 @@ async def _timeline_is_bucketed_by_the_database(url: str) -> None:
                     slot[1] += row.input_tokens
                     slot[2] += row.output_tokens
                     slot[3] += int(row.status >= 400)
-            timeline = (await report(db, period, user_id=None, admin_view=True)).timeline
+            timeline = (await report(db, window(period), user_id=None, admin_view=True)).timeline
             got = {
                 t.group: [t.requests, t.input_tokens, t.output_tokens, t.errors] for t in timeline
             }
@@ -336,3 +338,47 @@ def test_the_timeline_is_bucketed_on_sqlite(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_the_timeline_is_bucketed_on_postgresql(pg_url: str) -> None:
     asyncio.run(_timeline_is_bucketed_by_the_database(pg_url))
+
+
+def test_a_report_covers_a_range_and_refuses_a_bad_one(gw: LiveServer, admin: httpx.Client) -> None:
+    # Rows straight into the database: November 2026 (2), the last second of October, and
+    # December the first at midnight, which a range ending then excludes.
+    rows = [_row(i) for i in range(4)]
+    rows[0].ts = datetime(2026, 11, 1, tzinfo=UTC)
+    rows[1].ts = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
+    rows[2].ts = datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC)
+    rows[3].ts = datetime(2026, 12, 1, tzinfo=UTC)
+    recorder = gw.app.state.gateway.recorder  # type: ignore[union-attr]
+    for row in rows:
+        recorder.record(row)
+    gw.call(recorder.flush())
+
+    november = {"since": "2026-11-01", "until": "2026-12-01T00:00:00Z"}  # no zone: UTC
+    report = admin.get("/api/v1/gateway/usage/all", params=november)
+    assert report.status_code == 200, report.text
+    body = report.json()
+    assert (body["period"], body["bucket"], body["requests"]) == ("range", "day", 2)
+    assert body["since"].startswith("2026-11-01T00:00:00") and body["until"].startswith(
+        "2026-12-01T00:00:00"
+    )
+    assert [(t["group"], t["requests"], t["errors"]) for t in body["timeline"]] == [
+        ("2026-11-01", 1, 1),  # _row(0) is a 502
+        ("2026-11-30", 1, 0),
+    ]
+    # A zone other than UTC is converted: 2026-11-30 23:00 UTC onwards holds one row.
+    late = admin.get(
+        "/api/v1/gateway/usage/all",
+        params={"since": "2026-12-01T00:00:00+01:00", "until": "2026-12-01T00:00:00Z"},
+    ).json()
+    assert (late["bucket"], late["requests"]) == ("minute", 1)
+
+    for params, message in (
+        ({"period": "day", "since": "2026-11-01"}, "either period or since/until"),
+        ({"until": "2026-11-01"}, "until needs since"),
+        ({"since": "2026-11-02", "until": "2026-11-01"}, "since must be before until"),
+        ({"since": "2024-01-01", "until": "2026-01-01"}, "at most 366 days"),
+        ({"since": "yesterday"}, "since"),
+    ):
+        bad = admin.get("/api/v1/gateway/usage/all", params=params)
+        assert bad.status_code in (400, 422), (params, bad.text)
+        assert message in bad.text, (params, bad.text)

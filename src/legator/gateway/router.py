@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request, status
@@ -42,7 +43,7 @@ from legator.gateway.schemas import (
     UsageReport,
 )
 from legator.gateway.supervisor import BackendStatus
-from legator.gateway.usage import report
+from legator.gateway.usage import Period, Window, report, window
 
 router = APIRouter(prefix="/api/v1/gateway", tags=["gateway"])
 P = Permission
@@ -290,27 +291,45 @@ async def revoke_key(key_id: str, request: Request, principal: Principal = READ)
 
 # ----- usage -------------------------------------------------------------------------------
 
-PeriodQuery = Query("day", description="hour, day, week or month")
+PeriodQuery = Query(None, description="hour, day, week or month back from now (default day)")
+SinceQuery = Query(
+    None, description="Start of a range instead of a period (ISO 8601; no zone means UTC)."
+)
+UntilQuery = Query(None, description="End of the range, excluded (default now).")
+
+
+def _window(period: Period | None, since: datetime | None, until: datetime | None) -> Window:
+    try:
+        return window(period, since, until)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 @router.get("/usage", response_model=UsageReport)
 async def own_usage(
     request: Request,
-    period: Literal["hour", "day", "week", "month"] = PeriodQuery,
+    period: Period | None = PeriodQuery,
+    since: datetime | None = SinceQuery,
+    until: datetime | None = UntilQuery,
     principal: Principal = READ,
 ) -> Any:
-    """Your own requests and tokens over the period, by model and over time."""
+    """Your own requests and tokens over a period or a range, by model and over time."""
+    span = _window(period, since, until)
     if principal.user_id is None:
         raise BadRequest("usage is per user; this identity has none")
-    return await report(core_of(request).db, period, user_id=principal.user_id, admin_view=False)
+    return await report(core_of(request).db, span, user_id=principal.user_id, admin_view=False)
 
 
 @router.get("/usage/all", response_model=UsageReport, dependencies=[ADMIN])
 async def all_usage(
-    request: Request, period: Literal["hour", "day", "week", "month"] = PeriodQuery
+    request: Request,
+    period: Period | None = PeriodQuery,
+    since: datetime | None = SinceQuery,
+    until: datetime | None = UntilQuery,
 ) -> Any:
     """Totals by user, model and key, and the timeline, for everyone."""
-    return await report(core_of(request).db, period, user_id=None, admin_view=True)
+    span = _window(period, since, until)
+    return await report(core_of(request).db, span, user_id=None, admin_view=True)
 
 
 # ----- reservations ------------------------------------------------------------------------

@@ -278,8 +278,10 @@ class UsageTotals(BaseModel):
 
 
 class UsageReport(BaseModel):
-    period: str
+    period: str = Field(description="hour, day, week, month, or range (since/until given)")
     since: datetime
+    until: datetime
+    bucket: str = Field(description="the timeline's step: minute, hour or day (UTC)")
     requests: int
     input_tokens: int
     output_tokens: int

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, String, case, delete, func, insert, select
@@ -208,12 +208,52 @@ def _totals(rows: list[Any]) -> list[UsageTotals]:
     ]
 
 
+MAX_RANGE = timedelta(days=366)
+
+
+@dataclass(frozen=True)
+class Window:
+    """What a report covers: [since, until), and its timeline's bucket."""
+
+    period: str  # hour, day, week, month, or "range" for since/until
+    since: datetime
+    until: datetime
+    bucket: str
+
+
+def window(
+    period: Period | None = None, since: datetime | None = None, until: datetime | None = None
+) -> Window:
+    """The report's window: a ``period`` back from now (default a day), or ``since`` to
+    ``until`` (default now), times without a zone being UTC. ValueError says what is wrong."""
+    now = utcnow()
+    if since is None and until is None:
+        span, bucket = PERIODS[period or "day"]
+        return Window(period or "day", now - span, now, bucket)
+    if period is not None:
+        raise ValueError("give either period or since/until, not both")
+    if since is None:
+        raise ValueError("until needs since")
+    since, until = _utc(since), _utc(until) if until is not None else now
+    if since >= until:
+        raise ValueError("since must be before until")
+    span = until - since
+    if span > MAX_RANGE:
+        raise ValueError(f"a report covers at most {MAX_RANGE.days} days")
+    bucket = (
+        "minute" if span <= timedelta(hours=2) else "hour" if span <= timedelta(days=3) else "day"
+    )
+    return Window("range", since, until, bucket)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 async def report(
-    db: Database, period: Period, *, user_id: str | None, admin_view: bool
+    db: Database, span: Window, *, user_id: str | None, admin_view: bool
 ) -> UsageReport:
-    span, bucket = PERIODS[period]
-    since = utcnow() - span
-    base = [GatewayUsage.ts >= since]
+    base = [GatewayUsage.ts >= span.since, GatewayUsage.ts < span.until]
     if user_id is not None:
         base.append(GatewayUsage.user_id == user_id)
     aggregates = (
@@ -232,10 +272,12 @@ async def report(
         by_model = await grouped(GatewayUsage.model_id)
         by_user = await grouped(GatewayUsage.username) if admin_view else None
         by_key = await grouped(GatewayUsage.key_id) if admin_view else None
-        timeline = await grouped(_bucket(db, bucket))
+        timeline = await grouped(_bucket(db, span.bucket))
     return UsageReport(
-        period=period,
-        since=since,
+        period=span.period,
+        since=span.since,
+        until=span.until,
+        bucket=span.bucket,
         requests=int(total[0]),
         input_tokens=int(total[1] or 0),
         output_tokens=int(total[2] or 0),
