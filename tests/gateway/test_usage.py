@@ -75,6 +75,20 @@ async def _write_and_read(url: str) -> None:
         }
         assert totals.by_user is not None
         assert {t.group for t in totals.by_user} == {"a", "b"}
+        pairs: dict[tuple[str, str], list[int]] = {}
+        for row in rows:
+            pair = pairs.setdefault((row.username, row.model_id), [0, 0, 0])
+            pair[0] += 1
+            pair[1] += row.output_tokens
+            pair[2] += int(row.status >= 400)
+        assert totals.by_user_and_model is not None
+        assert {
+            (t.group, t.model): [t.requests, t.output_tokens, t.errors]
+            for t in totals.by_user_and_model
+        } == pairs
+        assert all(t.model is None for t in totals.by_model)
+        own = await report(db, window("hour"), user_id="user-b", admin_view=False)
+        assert own.by_user_and_model is None and own.by_user is None
     finally:
         await db.dispose()
 

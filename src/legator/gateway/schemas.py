@@ -271,6 +271,7 @@ class UsageRow(BaseModel):
 
 class UsageTotals(BaseModel):
     group: str
+    model: str | None = Field(None, description="In by_user_and_model: the model of the pair.")
     requests: int
     input_tokens: int
     output_tokens: int
@@ -289,6 +290,9 @@ class UsageReport(BaseModel):
     timeline: list[UsageTotals]
     by_user: list[UsageTotals] | None = None
     by_key: list[UsageTotals] | None = None
+    by_user_and_model: list[UsageTotals] | None = Field(
+        None, description="Admins: each user's totals per model (group is the user)."
+    )
 
 
 class ReservationCreate(BaseModel):

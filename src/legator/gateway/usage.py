@@ -196,13 +196,15 @@ async def keep_for(db: Database, days: int) -> None:
 
 
 def _totals(rows: list[Any]) -> list[UsageTotals]:
+    """Rows of (group, [model,] requests, input, output, errors)."""
     return [
         UsageTotals(
             group=str(r[0] or "-"),
-            requests=int(r[1]),
-            input_tokens=int(r[2] or 0),
-            output_tokens=int(r[3] or 0),
-            errors=int(r[4] or 0),
+            model=r[1] if len(r) == 6 else None,
+            requests=int(r[-4]),
+            input_tokens=int(r[-3] or 0),
+            output_tokens=int(r[-2] or 0),
+            errors=int(r[-1] or 0),
         )
         for r in rows
     ]
@@ -263,8 +265,8 @@ async def report(
         func.sum(case((GatewayUsage.status >= 400, 1), else_=0)),
     )
 
-    async def grouped(column: Any) -> list[UsageTotals]:
-        query = select(column, *aggregates).where(*base).group_by(column).order_by(column)
+    async def grouped(*columns: Any) -> list[UsageTotals]:
+        query = select(*columns, *aggregates).where(*base).group_by(*columns).order_by(*columns)
         return _totals(list((await session.execute(query)).all()))
 
     async with db.session() as session:
@@ -272,6 +274,9 @@ async def report(
         by_model = await grouped(GatewayUsage.model_id)
         by_user = await grouped(GatewayUsage.username) if admin_view else None
         by_key = await grouped(GatewayUsage.key_id) if admin_view else None
+        by_user_and_model = (
+            await grouped(GatewayUsage.username, GatewayUsage.model_id) if admin_view else None
+        )
         timeline = await grouped(_bucket(db, span.bucket))
     return UsageReport(
         period=span.period,
@@ -284,6 +289,7 @@ async def report(
         by_model=by_model,
         by_user=by_user,
         by_key=by_key,
+        by_user_and_model=by_user_and_model,
         timeline=timeline,
     )
 
