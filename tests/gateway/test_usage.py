@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from legator.gateway.usage import (
     tokens_by_user,
     window,
 )
-from tests.support import LiveServer, live_server
+from tests.support import LiveServer, live_server, run_cli
 
 
 def _row(i: int) -> UsageRecord:
@@ -396,3 +397,37 @@ def test_a_report_covers_a_range_and_refuses_a_bad_one(gw: LiveServer, admin: ht
         bad = admin.get("/api/v1/gateway/usage/all", params=params)
         assert bad.status_code in (400, 422), (params, bad.text)
         assert message in bad.text, (params, bad.text)
+
+
+def test_the_cli_prints_a_range_by_user_and_model(gw: LiveServer) -> None:
+    recorder = gw.app.state.gateway.recorder  # type: ignore[union-attr]
+    rows = [_row(i) for i in range(6)]
+    for i, row in enumerate(rows):
+        row.ts = datetime(2026, 11, 3 + i, 12, tzinfo=UTC)
+        recorder.record(row)
+    gw.call(recorder.flush())
+    env = {"LEGATOR_SERVER_URL": gw.url, "LEGATOR_API_KEY": gw.admin_key}
+    november = ["--since", "2026-11-01", "--until", "2026-12-01"]
+    listed = run_cli("legator", "usage", "--all", "--by", "user-model", *november, env=env)
+    assert listed.returncode == 0, listed.stderr
+    cells = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in listed.stdout.splitlines()
+        if line.startswith("│")
+    ]
+    assert [c[:3] for c in cells] == [
+        ["a", "m1", "2"],
+        ["a", "m2", "2"],
+        ["b", "m1", "1"],
+        ["b", "m2", "1"],
+    ], listed.stdout
+    assert "total: 6 requests" in listed.stdout
+    as_json = run_cli("legator", "usage", "--all", *november, "--json", env=env)
+    pairs = json.loads(as_json.stdout)["by_user_and_model"]
+    assert sum(p["requests"] for p in pairs) == 6
+    assert {(p["group"], p["model"]) for p in pairs} == {(r.username, r.model_id) for r in rows}
+    # Another user's totals need --all; a bad range is the server's 400, exit code 2.
+    own = run_cli("legator", "usage", "--by", "user", env=env)
+    assert own.returncode == 2 and "needs --all" in own.stderr
+    bad = run_cli("legator", "usage", "--since", "2026-11-02", "--until", "2026-11-01", env=env)
+    assert bad.returncode == 2 and "since must be before until" in bad.stderr

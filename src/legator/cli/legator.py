@@ -12,6 +12,7 @@ import typer
 from legator.cli import brain as brain_cli
 from legator.cli import fleet as fleet_cli
 from legator.cli import models as models_cli
+from legator.cli import usage as usage_cli
 from legator.cli.approvals import app as approvals_app
 from legator.cli.common import (
     EXIT_CONFLICT,
@@ -68,6 +69,7 @@ app.command("task")(brain_cli.task)
 app.add_typer(approvals_app, name="approvals")
 app.add_typer(models_cli.models_app, name="models")
 app.add_typer(models_cli.backends_app, name="backends")
+app.command("usage")(usage_cli.usage)
 
 DataDir = Annotated[
     Path | None,
