@@ -15,6 +15,7 @@ from legator.gateway.scheduler import (
     Scheduler,
     SchedulerConfig,
     SlotPool,
+    UsageWindow,
     VirtualClock,
     priority,
 )
@@ -169,6 +170,21 @@ async def test_usage_of_a_model_that_never_queues_stays_bounded() -> None:
         clock.advance(1)
     assert len(scheduler.usage._events["u"]) <= 61
     assert scheduler.usage.recent("u", 60) <= 610
+
+
+async def test_a_busy_users_window_is_kept_in_slices_not_requests() -> None:
+    # 100 requests a second for an hour: 360,000 requests, kept as at most ~120 slices.
+    scheduler, _, clock = make_pool(window_minutes=60)
+    for _ in range(3_600):
+        for _ in range(100):
+            scheduler.usage.add("busy", 3)
+        clock.advance(1)
+    assert len(scheduler.usage._events["busy"]) <= UsageWindow.SLICES + 1
+    # The last hour's tokens, less at most one slice (30 s) forgotten early.
+    recent = scheduler.usage.recent("busy", 3600)
+    assert 3_600 * 300 * (1 - 1 / UsageWindow.SLICES) - 300 <= recent <= 3_600 * 300
+    clock.advance(3_600)
+    assert scheduler.usage.recent("busy", 3600) == 0
 
 
 async def test_a_freed_slot_cannot_be_taken_by_a_newcomer() -> None:

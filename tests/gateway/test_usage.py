@@ -25,6 +25,7 @@ from legator.gateway.usage import (
     UsageRecord,
     UsageRecorder,
     prune,
+    recent_tokens_by_user,
     report,
     tokens_by_user,
     window,
@@ -431,3 +432,43 @@ def test_the_cli_prints_a_range_by_user_and_model(gw: LiveServer) -> None:
     assert own.returncode == 2 and "needs --all" in own.stderr
     bad = run_cli("legator", "usage", "--since", "2026-11-02", "--until", "2026-11-01", env=env)
     assert bad.returncode == 2 and "since must be before until" in bad.stderr
+
+
+async def _seed_is_summed_per_minute(url: str) -> None:
+    db = Database(url)
+    try:
+        await upgrade(db)
+        recorder = UsageRecorder(db)
+        now = utcnow()
+        rows = []
+        for i in range(600):  # 10 a minute for an hour, two users, one row without a user
+            row = _row(i)
+            row.ts = now - timedelta(seconds=6 * i + 3)  # none within 3 s of the window's edge
+            rows.append(row)
+            recorder.record(row)
+        rows[5].user_id = None
+        await recorder.flush()
+        seeded = await recent_tokens_by_user(db, timedelta(minutes=30))
+        assert len(seeded) <= 2 * 32  # per user and minute, not per row
+        assert [t for _u, t, _n in seeded] == sorted(t for _u, t, _n in seeded)
+        assert all(t.second == 0 and t.tzinfo is not None for _u, t, _n in seeded)
+        expected: dict[str, int] = {}
+        for row in rows:
+            if row.user_id and row.ts >= now - timedelta(minutes=30):
+                tokens = row.input_tokens + row.output_tokens
+                expected[row.user_id] = expected.get(row.user_id, 0) + tokens
+        got: dict[str, int] = {}
+        for user, _t, tokens in seeded:
+            got[user] = got.get(user, 0) + tokens
+        assert got == expected
+    finally:
+        await db.dispose()
+
+
+def test_the_scheduler_is_seeded_per_minute_on_sqlite(tmp_path: Path) -> None:
+    asyncio.run(_seed_is_summed_per_minute(f"sqlite+aiosqlite:///{tmp_path}/u.db"))
+
+
+@pytest.mark.postgres
+def test_the_scheduler_is_seeded_per_minute_on_postgresql(pg_url: str) -> None:
+    asyncio.run(_seed_is_summed_per_minute(pg_url))

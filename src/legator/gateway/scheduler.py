@@ -73,11 +73,17 @@ class LoopClock:
 
 
 class UsageWindow:
-    """Each user's tokens over the last ``window_s()`` seconds (a per-user deque of (t, tokens)).
+    """Each user's tokens over the last ``window_s()`` seconds, kept per user as a deque of
+    (start, tokens) slices, each ``window_s() / SLICES`` long at most.
 
-    Adding prunes that user's expired entries too, so a model that never queues (and so never
-    asks for ``recent``) does not keep an hour of requests in memory.
+    Slices keep memory bounded by users, not requests: an hour of a busy gateway is hundreds of
+    thousands of requests, and the window may be a week. A slice leaves the window whole, when
+    its start does, so tokens are forgotten up to one slice (under 1 % of the window) early.
+    Adding prunes that user's expired slices too, so a model that never queues (and so never
+    asks for ``recent``) keeps nothing past the window.
     """
+
+    SLICES = 120
 
     def __init__(self, clock: Clock, window_s: Callable[[], float] = lambda: 3600.0) -> None:
         self.clock = clock
@@ -88,10 +94,16 @@ class UsageWindow:
     def add(self, user: str, tokens: int, at: float | None = None) -> None:
         if tokens <= 0:
             return
+        now = self.clock.now() if at is None else at
+        window_s = self.window_s()
         events = self._events.setdefault(user, deque())
-        events.append((self.clock.now() if at is None else at, tokens))
+        if events and 0 <= now - events[-1][0] < window_s / self.SLICES:
+            start, earlier = events[-1]
+            events[-1] = (start, earlier + tokens)
+        else:
+            events.append((now, tokens))
         self._totals[user] = self._totals.get(user, 0) + tokens
-        self._expire(user, events, self.window_s())
+        self._expire(user, events, window_s)
 
     def clear(self) -> None:
         self._events.clear()

@@ -305,13 +305,16 @@ def _bucket(db: Database, bucket: str) -> ColumnElement[str]:
 
 
 async def recent_tokens_by_user(db: Database, window: timedelta) -> list[tuple[str, datetime, int]]:
-    """(user, ts, tokens) of the last window, to seed the scheduler after a restart."""
+    """(user, minute, tokens) over the last window, oldest first, to seed the scheduler after a
+    restart: summed per minute by the database, since the window may hold millions of rows."""
+    minute = _bucket(db, "minute")
+    tokens = func.sum(GatewayUsage.input_tokens + GatewayUsage.output_tokens)
+    query = (
+        select(GatewayUsage.user_id, minute, tokens)
+        .where(GatewayUsage.ts >= utcnow() - window, GatewayUsage.user_id.is_not(None))
+        .group_by(GatewayUsage.user_id, minute)
+        .order_by(minute)
+    )
     async with db.session() as session:
-        rows = await session.execute(
-            select(
-                GatewayUsage.user_id,
-                GatewayUsage.ts,
-                GatewayUsage.input_tokens + GatewayUsage.output_tokens,
-            ).where(GatewayUsage.ts >= utcnow() - window, GatewayUsage.user_id.is_not(None))
-        )
-        return [(r[0], r[1], int(r[2] or 0)) for r in rows.all()]
+        rows = (await session.execute(query)).all()
+    return [(r[0], datetime.fromisoformat(r[1]).replace(tzinfo=UTC), int(r[2] or 0)) for r in rows]
