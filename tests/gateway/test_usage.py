@@ -48,6 +48,14 @@ def _row(i: int) -> UsageRecord:
     )
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test runs once on SQLite and once on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/usage.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
 async def _write_and_read(url: str) -> None:
     db = Database(url)
     try:
@@ -121,13 +129,8 @@ def test_a_flush_returns_only_once_rows_in_flight_are_written(tmp_path: Path) ->
     asyncio.run(_flush_waits_for_rows_in_flight(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
 
 
-def test_every_row_is_written_on_sqlite(tmp_path: Path) -> None:
-    asyncio.run(_write_and_read(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
-
-
-@pytest.mark.postgres
-def test_every_row_is_written_on_postgresql(pg_url: str) -> None:
-    asyncio.run(_write_and_read(pg_url))
+def test_every_row_is_written(db_url: str) -> None:
+    asyncio.run(_write_and_read(db_url))
 
 
 async def _hooks_see_committed_batches(url: str) -> None:
@@ -202,13 +205,8 @@ async def _old_rows_go_oldest_first(url: str) -> None:
         await db.dispose()
 
 
-def test_rows_past_retention_are_deleted_on_sqlite(tmp_path: Path) -> None:
-    asyncio.run(_old_rows_go_oldest_first(f"sqlite+aiosqlite:///{tmp_path}/usage.db"))
-
-
-@pytest.mark.postgres
-def test_rows_past_retention_are_deleted_on_postgresql(pg_url: str) -> None:
-    asyncio.run(_old_rows_go_oldest_first(pg_url))
+def test_rows_past_retention_are_deleted(db_url: str) -> None:
+    asyncio.run(_old_rows_go_oldest_first(db_url))
 
 
 def _usage_ids(url: str, rows: list[UsageRecord] | None = None) -> set[str]:
@@ -347,13 +345,8 @@ async def _timeline_is_bucketed_by_the_database(url: str) -> None:
         await db.dispose()
 
 
-def test_the_timeline_is_bucketed_on_sqlite(tmp_path: Path) -> None:
-    asyncio.run(_timeline_is_bucketed_by_the_database(f"sqlite+aiosqlite:///{tmp_path}/u.db"))
-
-
-@pytest.mark.postgres
-def test_the_timeline_is_bucketed_on_postgresql(pg_url: str) -> None:
-    asyncio.run(_timeline_is_bucketed_by_the_database(pg_url))
+def test_the_timeline_is_bucketed_by_the_database(db_url: str) -> None:
+    asyncio.run(_timeline_is_bucketed_by_the_database(db_url))
 
 
 def test_a_report_covers_a_range_and_refuses_a_bad_one(gw: LiveServer, admin: httpx.Client) -> None:
@@ -465,10 +458,5 @@ async def _seed_is_summed_per_minute(url: str) -> None:
         await db.dispose()
 
 
-def test_the_scheduler_is_seeded_per_minute_on_sqlite(tmp_path: Path) -> None:
-    asyncio.run(_seed_is_summed_per_minute(f"sqlite+aiosqlite:///{tmp_path}/u.db"))
-
-
-@pytest.mark.postgres
-def test_the_scheduler_is_seeded_per_minute_on_postgresql(pg_url: str) -> None:
-    asyncio.run(_seed_is_summed_per_minute(pg_url))
+def test_the_scheduler_is_seeded_per_minute(db_url: str) -> None:
+    asyncio.run(_seed_is_summed_per_minute(db_url))
