@@ -6,6 +6,8 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -56,11 +58,24 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-async def _write_and_read(url: str) -> None:
+@asynccontextmanager
+async def _usage_db(url: str) -> AsyncIterator[tuple[Database, UsageRecorder]]:
+    """A migrated database at ``url`` and a usage recorder on it, disposed afterwards."""
     db = Database(url)
     try:
         await upgrade(db)
-        recorder = UsageRecorder(db)
+        yield db, UsageRecorder(db)
+    finally:
+        await db.dispose()
+
+
+async def _ids(db: Database) -> set[str]:
+    async with db.session() as session:
+        return set((await session.execute(select(GatewayUsage.id))).scalars())
+
+
+async def _write_and_read(url: str) -> None:
+    async with _usage_db(url) as (db, recorder):
         writer = asyncio.create_task(recorder.run())
         rows = [_row(i) for i in range(2 * FLUSH_BATCH + 37)]
         for row in rows:
@@ -99,15 +114,10 @@ async def _write_and_read(url: str) -> None:
         assert all(t.model is None for t in totals.by_model)
         own = await report(db, window("hour"), user_id="user-b", admin_view=False)
         assert own.by_user_and_model is None and own.by_user is None
-    finally:
-        await db.dispose()
 
 
 async def _flush_waits_for_rows_in_flight(url: str) -> None:
-    db = Database(url)
-    try:
-        await upgrade(db)
-        recorder = UsageRecorder(db)
+    async with _usage_db(url) as (db, recorder):
         rows = [_row(i) for i in range(10)]
         for row in rows:
             recorder.record(row)
@@ -121,8 +131,6 @@ async def _flush_waits_for_rows_in_flight(url: str) -> None:
             count = await session.scalar(select(func.count()).select_from(GatewayUsage))
         assert count == len(rows)
         await in_flight
-    finally:
-        await db.dispose()
 
 
 def test_a_flush_returns_only_once_rows_in_flight_are_written(tmp_path: Path) -> None:
@@ -134,10 +142,7 @@ def test_every_row_is_written(db_url: str) -> None:
 
 
 async def _hooks_see_committed_batches(url: str) -> None:
-    db = Database(url)
-    try:
-        await upgrade(db)
-        recorder = UsageRecorder(db)
+    async with _usage_db(url) as (db, recorder):
         seen: list[tuple[int, int]] = []  # (rows in the batch, rows in the table meanwhile)
 
         def count_committed(batch: list[UsageRecord]) -> None:
@@ -157,8 +162,6 @@ async def _hooks_see_committed_batches(url: str) -> None:
         async with db.session() as session:
             count = await session.scalar(select(func.count()).select_from(GatewayUsage))
         assert count == len(rows)
-    finally:
-        await db.dispose()
 
 
 def test_hooks_see_each_batch_once_it_is_committed(tmp_path: Path) -> None:
@@ -179,10 +182,7 @@ def test_tokens_by_user_leaves_out_rows_without_a_user_or_tokens() -> None:
 
 
 async def _old_rows_go_oldest_first(url: str) -> None:
-    db = Database(url)
-    try:
-        await upgrade(db)
-        recorder = UsageRecorder(db)
+    async with _usage_db(url) as (db, recorder):
         now = utcnow()
         ages = [40, 35, 31, 29, 1, 0]  # days
         rows = []
@@ -196,13 +196,10 @@ async def _old_rows_go_oldest_first(url: str) -> None:
         cutoff = now - timedelta(days=30)
         assert await prune(db, cutoff, batch=5) == 3 * 7
         assert await prune(db, cutoff, batch=5) == 0
-        async with db.session() as session:
-            kept = set((await session.execute(select(GatewayUsage.id))).scalars())
+        kept = await _ids(db)
         assert kept == {row.id for row in rows if row.ts >= cutoff}
         # The monthly report still sees every row of its 30 days.
         assert (await report(db, window("month"), user_id=None, admin_view=True)).requests == 3 * 7
-    finally:
-        await db.dispose()
 
 
 def test_rows_past_retention_are_deleted(db_url: str) -> None:
@@ -213,15 +210,13 @@ def _usage_ids(url: str, rows: list[UsageRecord] | None = None) -> set[str]:
     """Writes ``rows`` (if any) into the database at ``url``; the ids of every row there."""
 
     async def go() -> set[str]:
-        db = Database(url)
+        db = Database(url)  # not migrated again: the server may be running on it
         try:
-            if rows:
-                recorder = UsageRecorder(db)
-                for row in rows:
-                    recorder.record(row)
-                await recorder.flush()
-            async with db.session() as session:
-                return set((await session.execute(select(GatewayUsage.id))).scalars())
+            recorder = UsageRecorder(db)
+            for row in rows or []:
+                recorder.record(row)
+            await recorder.flush()
+            return await _ids(db)
         finally:
             await db.dispose()
 
@@ -264,8 +259,7 @@ async def _outage_keeps_memory_bounded(path: Path) -> None:
         await upgrade(db)  # the database is back
         await recorder.close()
         await writer
-        async with db.session() as session:
-            kept = set((await session.execute(select(GatewayUsage.id))).scalars())
+        kept = await _ids(db)
         assert kept == {row.id for row in rows[: usage.MAX_PENDING]}  # the oldest are kept
         assert registry.get_sample_value("legator_gateway_usage_rows_pending") == 0
     finally:
@@ -303,21 +297,13 @@ async def _replicas_prune_together(url: str) -> None:
         await second.dispose()
 
 
-async def _ids(db: Database) -> set[str]:
-    async with db.session() as session:
-        return set((await session.execute(select(GatewayUsage.id))).scalars())
-
-
 @pytest.mark.postgres
 def test_replicas_pruning_at_once_share_the_rows(pg_url: str) -> None:
     asyncio.run(_replicas_prune_together(pg_url))
 
 
 async def _timeline_is_bucketed_by_the_database(url: str) -> None:
-    db = Database(url)
-    try:
-        await upgrade(db)
-        recorder = UsageRecorder(db)
+    async with _usage_db(url) as (db, recorder):
         now = utcnow()
         rows = []
         for i, minutes_ago in enumerate([1, 2, 2, 61, 62, 300, 1500]):
@@ -341,8 +327,6 @@ async def _timeline_is_bucketed_by_the_database(url: str) -> None:
             }
             assert got == expected, period
             assert [t.group for t in timeline] == sorted(expected)
-    finally:
-        await db.dispose()
 
 
 def test_the_timeline_is_bucketed_by_the_database(db_url: str) -> None:
@@ -428,10 +412,7 @@ def test_the_cli_prints_a_range_by_user_and_model(gw: LiveServer) -> None:
 
 
 async def _seed_is_summed_per_minute(url: str) -> None:
-    db = Database(url)
-    try:
-        await upgrade(db)
-        recorder = UsageRecorder(db)
+    async with _usage_db(url) as (db, recorder):
         now = utcnow()
         rows = []
         for i in range(600):  # 10 a minute for an hour, two users, one row without a user
@@ -454,8 +435,6 @@ async def _seed_is_summed_per_minute(url: str) -> None:
         for user, _t, tokens in seeded:
             got[user] = got.get(user, 0) + tokens
         assert got == expected
-    finally:
-        await db.dispose()
 
 
 def test_the_scheduler_is_seeded_per_minute(db_url: str) -> None:
