@@ -156,6 +156,40 @@ def test_approve_dispatches_once_and_audits(gate_server: LiveServer, recorder: R
             assert expected in actions
 
 
+def test_a_waiter_sees_the_dispatch_outcome_not_only_the_claim(tmp_path: Path) -> None:
+    # The status turns to dispatched when the run is claimed, before the dispatcher has run
+    # and its result is stored; a waiter returning then saw no result (a chat took the
+    # approved command for one that was never sent).
+    async def slow(approval: ApprovalOut, _payload: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(1.5)  # longer than the waiter's 1 s between looks
+        return {"ran": approval.summary}
+
+    def register(app: FastAPI, _core: Core) -> None:
+        app.state.approvals.register_dispatcher("test.command", slow)
+
+    server = LiveServer(tmp_path / "data", customize=register).start()
+    try:
+        approval = check(server, server.admin_key, "rm -rf /tmp/x").approval
+        assert approval is not None
+        assert server.app is not None
+        approvals = server.app.state.approvals
+        waited: list[ApprovalOut] = []
+        waiter = threading.Thread(
+            target=lambda: waited.append(server.call(approvals.wait(approval.id, 10)))
+        )
+        waiter.start()
+        with server.client(server.admin_key) as api:
+            decided = api.post(
+                f"/api/v1/approvals/{approval.id}/decide", json={"decision": "approve"}
+            )
+        assert decided.status_code == 200, decided.text
+        waiter.join(15)
+        assert waited and waited[0].status == "dispatched"
+        assert waited[0].result == {"ran": "rm -rf /tmp/x"}
+    finally:
+        server.stop()
+
+
 def test_approver_comes_from_authentication_not_the_body(gate_server: LiveServer) -> None:
     approval = check(gate_server, gate_server.admin_key, "rm -rf /tmp/x").approval
     assert approval is not None

@@ -332,12 +332,15 @@ class ApprovalService:
             await asyncio.sleep(interval)
 
     async def wait(self, approval_id: str, wait_s: float) -> ApprovalOut:
-        """Block until the approval leaves ``pending`` (and is dispatched, if approved)."""
+        """Block until the approval leaves ``pending``, and if approved, until its dispatch's
+        outcome is stored: the status is ``dispatched`` from the moment a run is claimed,
+        before the dispatcher has run (``approval.dispatched`` is published once it has)."""
         with self.events.subscribe("approval.*") as subscription:
             deadline = asyncio.get_running_loop().time() + wait_s
             while True:
                 current = await self.get(approval_id)
-                if current.status not in (S.PENDING, S.APPROVED):
+                claimed_only = current.status is S.DISPATCHED and current.result is None
+                if current.status not in (S.PENDING, S.APPROVED) and not claimed_only:
                     return current
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
