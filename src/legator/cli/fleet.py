@@ -35,15 +35,30 @@ probes_app = typer.Typer(help="Probes: list, show, delete.", no_args_is_help=Tru
 def tokens_create(
     multi_use: Annotated[bool, typer.Option(help="Usable by many probes.")] = False,
     no_expiry: Annotated[bool, typer.Option(help="Never expires (default 30 minutes).")] = False,
+    probe: Annotated[
+        str | None,
+        typer.Option(
+            "--probe",
+            metavar="PROBE_ID",
+            help="Re-enrol this probe (a reinstalled host): the token enrols it again, keeping "
+            "its id, policy and history, and nothing else. Single-use; it expires.",
+        ),
+    ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     json_output: JsonFlag = False,
 ) -> None:
-    """Create an enrolment token and print the install command (shown once)."""
-    params = {"multi_use": multi_use, "no_expiry": no_expiry}
+    """Create an enrolment token and print the install command (shown once).
+
+    A token enrols new hostnames only; a host that is already enrolled takes --probe."""
+    params: dict[str, Any] = {"multi_use": multi_use, "no_expiry": no_expiry}
+    if probe:
+        params["probe_id"] = probe
     body = call(server, "POST", "/api/v1/tokens", params=params)
     if json_output:
         print_json(body)
         return
+    if body.get("probe_id"):
+        err_console.print(f"re-enrols probe {body['probe_id']} (and nothing else)")
     err_console.print(f"token expires: {body['expires_at'] or 'never'}; install with:")
     sys.stdout.write(body["install_command"] + "\n")
 

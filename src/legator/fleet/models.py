@@ -33,6 +33,10 @@ class EnrolmentToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     used_count: Mapped[int] = mapped_column(Integer, default=0)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set on a re-enrolment token: it re-enrols this probe only, and goes with it.
+    probe_id: Mapped[str | None] = mapped_column(
+        ForeignKey("fleet_probes.id", ondelete="CASCADE"), index=True
+    )
 
 
 class Policy(Base):

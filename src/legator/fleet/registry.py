@@ -9,10 +9,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from legator.core.audit.service import AuditService
 from legator.core.db import Database, utcnow
-from legator.core.errors import NotFound, Unauthorized
+from legator.core.errors import Conflict, NotFound, Unauthorized
 from legator.core.events import InMemoryEventBus
 from legator.core.logging import get_logger
 from legator.core.security import sha256_hex
@@ -68,13 +69,22 @@ class ProbeRegistry:
     # ---- enrolment ---------------------------------------------------------------------
 
     async def register(self, body: RegisterRequest) -> tuple[Probe, str]:
+        """A new probe for a new hostname; or, with a token bound to a probe, that probe with a
+        new key (its old key and connection end). Refused, with the token left unused, when
+        the hostname belongs to a probe the token is not for."""
         api_key = new_probe_key()
         async with self.db.write() as session:
-            if not await TokenService.consume(session, body.token):
+            consumed = await TokenService.consume(session, body.token)
+            if consumed is None:
                 raise Unauthorized("enrolment token is invalid, expired or already used")
-            probe = await session.scalar(select(Probe).where(Probe.hostname == body.hostname))
-            fresh = probe is None
-            if probe is None:
+            named = await session.scalar(select(Probe).where(Probe.hostname == body.hostname))
+            if consumed.probe_id is None:
+                if named is not None:
+                    raise Conflict(
+                        f"a probe with hostname {body.hostname!r} is already enrolled; "
+                        "re-enrolling it takes a token made for it "
+                        "(`legator tokens create --probe PROBE_ID`), or deleting it first"
+                    )
                 probe = Probe(
                     id=await self._free_id(session),
                     hostname=body.hostname,
@@ -82,21 +92,45 @@ class ProbeRegistry:
                     status="offline",
                     metrics={},
                     inventory={},
+                    tags=body.tags,
                 )
                 session.add(probe)
+            else:
+                probe = await session.get(Probe, consumed.probe_id)
+                assert probe is not None  # the token is deleted with its probe
+                if named is not None and named.id != probe.id:
+                    raise Conflict(
+                        f"hostname {body.hostname!r} belongs to another probe ({named.id}); "
+                        f"this token re-enrols {probe.id} ({probe.hostname})"
+                    )
+                probe.hostname = body.hostname
+                if body.tags:
+                    probe.tags = body.tags
+            fresh = consumed.probe_id is None
             probe.os, probe.arch, probe.version = body.os, body.arch, body.version
-            if body.tags or fresh:
-                probe.tags = body.tags
             probe.key_hash = sha256_hex(api_key)
             probe.pending_key_hash = None
-            await session.flush()
+            try:
+                await session.flush()
+            except IntegrityError:
+                # Another registration took the hostname since we looked.
+                raise Conflict(
+                    f"a probe with hostname {body.hostname!r} is already enrolled"
+                ) from None
             await self.audit.record(
                 session,
                 actor=f"probe:{probe.id}",
                 action="fleet.probe.register",
                 target=probe.id,
-                details={"hostname": body.hostname, "new": fresh, "tags": probe.tags},
+                details={
+                    "hostname": body.hostname,
+                    "new": fresh,
+                    "tags": probe.tags,
+                    "token_id": consumed.token_id,
+                },
             )
+        if not fresh:
+            await self.hub.disconnect(probe.id, code=4401, reason="probe re-enrolled")
         await self.events.publish(
             "probe.registered", {"probe_id": probe.id, "hostname": probe.hostname, "new": fresh}
         )

@@ -70,11 +70,20 @@ async def create_token(
     request: Request,
     multi_use: bool = False,
     no_expiry: bool = False,
+    probe_id: Annotated[
+        str | None,
+        Query(
+            max_length=32,
+            description="Make a re-enrolment token: it enrols this probe again (a new key, "
+            "same id, policy and history) and nothing else. Single-use and expiring.",
+        ),
+    ] = None,
     principal: Principal = require(P.FLEET_ADMIN),
 ) -> TokenCreated:
-    """Create an enrolment token (shown once). Single-use and 30-minute by default."""
+    """Create an enrolment token (shown once). Single-use and 30-minute by default. A token
+    enrols new hostnames only; an enrolled one takes a re-enrolment token (``probe_id``)."""
     row, raw = await fleet_of(request).tokens.create(
-        actor=principal.actor, multi_use=multi_use, no_expiry=no_expiry
+        actor=principal.actor, multi_use=multi_use, no_expiry=no_expiry, probe_id=probe_id
     )
     base = server_url(request)
     return TokenCreated(
@@ -82,6 +91,7 @@ async def create_token(
         token=raw,
         expires_at=row.expires_at,
         multi_use=row.multi_use,
+        probe_id=row.probe_id,
         install_command=f"curl -fsSL {base}/install.sh | sudo sh -s -- "
         f"--server {base} --token {raw}",
     )

@@ -31,6 +31,7 @@ class TokenCreated(BaseModel):
     token: str
     expires_at: datetime | None
     multi_use: bool
+    probe_id: str | None
     install_command: str
 
 
@@ -43,6 +44,7 @@ class TokenOut(Out):
     expires_at: datetime | None
     used_count: int
     last_used_at: datetime | None
+    probe_id: str | None
 
 
 class RegisterRequest(BaseModel):

@@ -1,8 +1,13 @@
-"""Enrolment tokens: created by an operator, consumed by ``POST /register``."""
+"""Enrolment tokens: created by an operator, consumed by ``POST /register``.
+
+A token enrols new hostnames only; a hostname already enrolled needs a re-enrolment token,
+bound to its probe, so that no token handed out for new hosts can take over an existing one.
+"""
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
@@ -10,11 +15,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
 from legator.core.db import Database, utcnow
-from legator.core.errors import NotFound
+from legator.core.errors import BadRequest, NotFound
 from legator.core.security import sha256_hex
-from legator.fleet.models import EnrolmentToken
+from legator.fleet.models import EnrolmentToken, Probe
 
 TOKEN_PREFIX = "prb_"  # noqa: S105 - a prefix, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """A token that was just used: ``probe_id`` is the probe it re-enrols, if it is bound."""
+
+    token_id: str
+    probe_id: str | None
 
 
 class TokenService:
@@ -24,8 +37,14 @@ class TokenService:
         self.ttl_s = ttl_s
 
     async def create(
-        self, *, actor: str, multi_use: bool, no_expiry: bool
+        self, *, actor: str, multi_use: bool, no_expiry: bool, probe_id: str | None = None
     ) -> tuple[EnrolmentToken, str]:
+        if probe_id is not None and (multi_use or no_expiry):
+            # A standing credential for one host's identity is what this design keeps away.
+            raise BadRequest(
+                "a re-enrolment token (probe_id) is single-use and expires: "
+                "drop multi_use and no_expiry"
+            )
         raw = TOKEN_PREFIX + secrets.token_hex(24)
         row = EnrolmentToken(
             prefix=raw[:10],
@@ -33,8 +52,11 @@ class TokenService:
             multi_use=multi_use,
             created_by=actor,
             expires_at=None if no_expiry else utcnow() + timedelta(seconds=self.ttl_s),
+            probe_id=probe_id,
         )
         async with self.db.write() as session:
+            if probe_id is not None and await session.get(Probe, probe_id) is None:
+                raise NotFound(f"no probe with id {probe_id}")
             session.add(row)
             await session.flush()
             await self.audit.record(
@@ -45,6 +67,7 @@ class TokenService:
                 details={
                     "multi_use": multi_use,
                     "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+                    "probe_id": probe_id,
                 },
             )
         return row, raw
@@ -68,17 +91,28 @@ class TokenService:
             )
 
     @staticmethod
-    async def consume(session: AsyncSession, raw: str) -> bool:
-        """Use the token inside the caller's write transaction. A single UPDATE with the
-        conditions in its WHERE clause, so two concurrent registrations cannot both win."""
+    async def consume(session: AsyncSession, raw: str) -> Consumed | None:
+        """Use the token inside the caller's write transaction (a rollback gives the use
+        back). A single UPDATE with the conditions in its WHERE clause, so two concurrent
+        registrations cannot both win."""
         now = utcnow()
+        digest = sha256_hex(raw)
         result = await session.execute(
             update(EnrolmentToken)
             .where(
-                EnrolmentToken.token_hash == sha256_hex(raw),
+                EnrolmentToken.token_hash == digest,
                 or_(EnrolmentToken.expires_at.is_(None), EnrolmentToken.expires_at > now),
                 or_(EnrolmentToken.multi_use, and_(EnrolmentToken.used_count == 0)),
             )
             .values(used_count=EnrolmentToken.used_count + 1, last_used_at=now)
         )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        row = (
+            await session.execute(
+                select(EnrolmentToken.id, EnrolmentToken.probe_id).where(
+                    EnrolmentToken.token_hash == digest
+                )
+            )
+        ).one()
+        return Consumed(row.id, row.probe_id)

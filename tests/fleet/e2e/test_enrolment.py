@@ -97,25 +97,116 @@ def test_concurrent_registration_single_use_token_has_one_winner(
     assert sorted(results) == [201, 401, 401, 401, 401, 401]
 
 
-def test_same_hostname_keeps_id_and_gets_a_new_key(
+async def _socket_status(server: LiveServer, key: str) -> int:
+    ws_url = server.url.replace("http", "ws") + "/ws/probe"
+    try:
+        async with connect(ws_url, additional_headers={"Authorization": f"Bearer {key}"}):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def _token_uses(admin: httpx.Client, token_id: str) -> int:
+    return next(t["used_count"] for t in admin.get("/api/v1/tokens").json() if t["id"] == token_id)
+
+
+def test_a_token_cannot_take_over_an_enrolled_hostname(
     fleet_server: LiveServer, admin: httpx.Client
 ) -> None:
-    token = admin.post("/api/v1/tokens?multi_use=true").json()["token"]
-    first = _register(fleet_server, token, "gamma").json()
-    second = _register(fleet_server, token, "gamma").json()
-    assert first["probe_id"] == second["probe_id"] and first["api_key"] != second["api_key"]
+    multi = admin.post("/api/v1/tokens?multi_use=true").json()
+    first = _register(fleet_server, multi["token"], "gamma").json()
+    refused = _register(fleet_server, multi["token"], "gamma")
+    assert refused.status_code == 409
+    message = refused.json()["error"]["message"]
+    assert "'gamma' is already enrolled" in message and "--probe" in message
+    single = admin.post("/api/v1/tokens").json()
+    assert _register(fleet_server, single["token"], "gamma").status_code == 409
+    # A refused registration loses nothing: the token is still unused, the probe's key works.
+    assert _token_uses(admin, single["id"]) == 0
+    assert _register(fleet_server, single["token"], "gamma-2").status_code == 201
+    assert asyncio.run(_socket_status(fleet_server, first["api_key"])) == 101
 
-    async def try_key(key: str) -> int:
+
+def test_re_enrolment_token_keeps_the_id_and_ends_the_old_key(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    token = admin.post("/api/v1/tokens").json()["token"]
+    first = _register(fleet_server, token, "epsilon").json()
+    probe_id = first["probe_id"]
+    admin.put(f"/api/v1/probes/{probe_id}/tags", json={"tags": ["db"]})
+
+    async def reenrol_while_connected() -> tuple[dict, int | None]:  # type: ignore[type-arg]
         ws_url = fleet_server.url.replace("http", "ws") + "/ws/probe"
-        try:
-            async with connect(ws_url, additional_headers={"Authorization": f"Bearer {key}"}):
-                return 101
-        except InvalidStatus as exc:
-            return exc.response.status_code
+        headers = {"Authorization": f"Bearer {first['api_key']}"}
+        async with connect(ws_url, additional_headers=headers) as old:
+            for _ in range(100):
+                probe = await asyncio.to_thread(admin.get, f"/api/v1/probes/{probe_id}")
+                if probe.json()["connected"]:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the probe's socket never counted as connected")
+            bound = admin.post(f"/api/v1/tokens?probe_id={probe_id}").json()
+            assert bound["probe_id"] == probe_id and bound["multi_use"] is False
+            assert bound["expires_at"] is not None
+            answer = await asyncio.to_thread(_register, fleet_server, bound["token"], "epsilon")
+            assert answer.status_code == 201, answer.text
+            await old.wait_closed()
+            return answer.json(), old.close_code
 
-    assert asyncio.run(try_key(first["api_key"])) == 401
-    assert asyncio.run(try_key("lpk_" + "0" * 64)) == 401
-    assert asyncio.run(try_key(second["api_key"])) == 101
+    second, close_code = asyncio.run(reenrol_while_connected())
+    assert close_code == 4401
+    assert second["probe_id"] == probe_id and second["api_key"] != first["api_key"]
+    assert second["signing_key"] == first["signing_key"]
+    assert asyncio.run(_socket_status(fleet_server, first["api_key"])) == 401
+    assert asyncio.run(_socket_status(fleet_server, "lpk_" + "0" * 64)) == 401
+    assert asyncio.run(_socket_status(fleet_server, second["api_key"])) == 101
+    probe = admin.get(f"/api/v1/probes/{probe_id}").json()
+    assert probe["tags"] == ["db"]
+    audit = admin.get("/api/v1/audit", params={"action": "fleet.probe.register"}).json()
+    assert any(e["target"] == probe_id and e["details"]["new"] is False for e in audit["events"])
+
+
+def test_re_enrolment_token_is_for_its_probe_only(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    multi = admin.post("/api/v1/tokens?multi_use=true").json()["token"]
+    zeta = _register(fleet_server, multi, "zeta").json()["probe_id"]
+    _register(fleet_server, multi, "eta")
+    bound = admin.post(f"/api/v1/tokens?probe_id={zeta}").json()
+    # Not for another probe's hostname; the refusal leaves it unused.
+    taken = _register(fleet_server, bound["token"], "eta")
+    assert taken.status_code == 409 and zeta in taken.json()["error"]["message"]
+    assert _token_uses(admin, bound["id"]) == 0
+    # A reinstalled host may come back under a new name; the token is then spent.
+    renamed = _register(fleet_server, bound["token"], "zeta-new")
+    assert renamed.status_code == 201 and renamed.json()["probe_id"] == zeta
+    assert admin.get(f"/api/v1/probes/{zeta}").json()["hostname"] == "zeta-new"
+    assert _register(fleet_server, bound["token"], "zeta-new").status_code == 401
+    # Deleting the probe deletes the tokens made for it.
+    unused = admin.post(f"/api/v1/tokens?probe_id={zeta}").json()
+    assert admin.delete(f"/api/v1/probes/{zeta}").status_code == 204
+    assert unused["id"] not in {t["id"] for t in admin.get("/api/v1/tokens").json()}
+    assert _register(fleet_server, unused["token"], "zeta-new").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "fragment"),
+    [
+        ("probe_id=prb-00000000", 404, "no probe with id prb-00000000"),
+        ("probe_id={probe}&multi_use=true", 400, "single-use"),
+        ("probe_id={probe}&no_expiry=true", 400, "expires"),
+    ],
+)
+def test_re_enrolment_token_creation_validates(
+    fleet_server: LiveServer, admin: httpx.Client, query: str, status: int, fragment: str
+) -> None:
+    token = admin.post("/api/v1/tokens").json()["token"]
+    probe = _register(fleet_server, token, f"theta-{status}-{len(query)}").json()["probe_id"]
+    before = len(admin.get("/api/v1/tokens").json())
+    answer = admin.post("/api/v1/tokens?" + query.format(probe=probe))
+    assert answer.status_code == status and fragment in answer.json()["error"]["message"]
+    assert len(admin.get("/api/v1/tokens").json()) == before
 
 
 def test_probe_init_writes_private_config_and_inventory_arrives(
