@@ -12,12 +12,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from legator.core.auth.schemas import UserCreate
 from legator.core.config import load_settings
 from legator.core.db import Database, new_sorted_id
-from legator.core.db.migrate import current_revision, head_revision, upgrade
+from legator.core.db.base import Base
+from legator.core.db.migrate import current_revision, head_revision, import_all_models, upgrade
 from tests.support import live_server, run_cli
 
 
@@ -130,6 +133,34 @@ def test_migrations_apply_and_report_head(tmp_path: Path) -> None:
     assert head_revision() in result.stdout
     again = run_cli("legator", "db", "current", "--data-dir", str(tmp_path))
     assert f"current: {head_revision()}" in again.stdout
+
+
+async def _schema_drift(url: str) -> list[object]:
+    """What the models declare that the migrations at head do not (or the other way)."""
+    import_all_models()
+    db = Database(url)
+    try:
+        await upgrade(db)
+        async with db.session() as session:
+            connection = await session.connection()
+            return await connection.run_sync(
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(sync, opts={"compare_type": True}), Base.metadata
+                )
+            )
+    finally:
+        await db.dispose()
+
+
+def test_migrations_build_the_schema_the_models_declare(tmp_path: Path) -> None:
+    url = load_settings(data_dir=tmp_path).effective_database_url
+    assert asyncio.run(_schema_drift(url)) == []
+
+
+@pytest.mark.postgres
+def test_postgresql_migrations_build_the_schema_the_models_declare(pg_url: str) -> None:
+    url = load_settings(database_url=pg_url).effective_database_url
+    assert asyncio.run(_schema_drift(url)) == []
 
 
 def test_backup_is_a_consistent_copy_while_writing(tmp_path: Path) -> None:
