@@ -50,14 +50,6 @@ def _row(i: int) -> UsageRecord:
     )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The test runs once on SQLite and once on a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/usage.db"
-    return str(request.getfixturevalue("pg_url"))
-
-
 @asynccontextmanager
 async def _usage_db(url: str) -> AsyncIterator[tuple[Database, UsageRecorder]]:
     """A migrated database at ``url`` and a usage recorder on it, disposed afterwards."""

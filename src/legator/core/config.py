@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     fleet_command_grace_s: float = Field(
         30.0, ge=0, le=3600, description="Wait past a command's timeout before marking it lost."
     )
+    fleet_command_retention_days: int = Field(
+        30,
+        ge=0,
+        le=36500,
+        description="Commands and their output older than this are deleted; 0 keeps all.",
+    )
 
     nats_url: SecretStr | None = Field(
         None, description="NATS server(s) joining several replicas; unset = one process."

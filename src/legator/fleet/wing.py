@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import FastAPI
 from starlette.requests import HTTPConnection
 
+from legator.core.db import retention
 from legator.core.runtime import Core
 from legator.fleet.actions import ProbeActions
 from legator.fleet.cluster import FleetCluster
-from legator.fleet.commands.service import CommandService
+from legator.fleet.commands.service import CommandService, prune_commands
 from legator.fleet.gate import Gate
 from legator.fleet.guardrails import install_guardrails
 from legator.fleet.hub import Hub
@@ -87,6 +89,11 @@ def install_fleet(app: FastAPI, core: Core) -> Fleet:
         await fleet.registry.sweep()
         core.spawn(fleet.registry.run_liveness(), name="fleet-liveness")
         core.spawn(fleet.commands.run_reaper(), name="fleet-lost-commands")
+        if days := core.settings.fleet_command_retention_days:
+            core.spawn(
+                retention.keep_for("commands", days, partial(prune_commands, core.db)),
+                name="fleet-command-retention",
+            )
         if fleet.hub.cluster is not None:
             await fleet.hub.cluster.start()
             core.spawn(fleet.hub.cluster.run(), name="fleet-cluster-presence")

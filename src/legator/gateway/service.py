@@ -8,11 +8,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 
 from legator.core.auth.principal import Principal
+from legator.core.db import retention
 from legator.core.errors import ServiceUnavailable, TooManyRequests
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
@@ -37,7 +39,7 @@ from legator.gateway.supervisor import Supervisor
 from legator.gateway.usage import (
     UsageRecord,
     UsageRecorder,
-    keep_for,
+    prune,
     recent_tokens_by_user,
     tokens_by_user,
 )
@@ -121,7 +123,10 @@ class Gateway:
         await self.reservations.load()
         self.core.spawn(self.recorder.run(), name="gateway-usage-writer")
         if retention_days := self.core.settings.gateway_usage_retention_days:
-            self.core.spawn(keep_for(self.core.db, retention_days), name="gateway-usage-retention")
+            self.core.spawn(
+                retention.keep_for("usage rows", retention_days, partial(prune, self.core.db)),
+                name="gateway-usage-retention",
+            )
         self.core.spawn(self.reservations.run(), name="gateway-reservations")
         if self.sync is not None:
             self.core.spawn(self.sync.run(), name="gateway-sync")

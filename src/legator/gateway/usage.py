@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, String, case, delete, func, insert, select
+from sqlalchemy import ColumnElement, String, case, func, insert, select
 
-from legator.core.db import Database, new_sorted_id, utcnow
+from legator.core.db import Database, new_sorted_id, retention, utcnow
 from legator.core.logging import get_logger
 from legator.gateway.models import GatewayUsage
 from legator.gateway.schemas import UsageReport, UsageTotals
@@ -37,12 +37,6 @@ FLUSH_BATCH = 500
 # Rows held while the database refuses them (about 70 MB at 340 bytes each): past this, new
 # rows are dropped and counted rather than letting an outage grow the process until killed.
 MAX_PENDING = 200_000
-# Old rows are deleted this many at a time, each batch its own short transaction with a pause
-# after it: other writers waiting on SQLite's lock retry at up to 100 ms intervals, and a
-# first run over a large backlog must not keep them out.
-PRUNE_BATCH = 2_000
-PRUNE_PAUSE_S = 0.2
-PRUNE_INTERVAL_S = 3600.0
 _INSERT = insert(GatewayUsage.__table__)
 
 
@@ -158,41 +152,9 @@ class UsageRecorder:
         await self.flush()
 
 
-async def prune(db: Database, before: datetime, *, batch: int = PRUNE_BATCH) -> int:
-    """Delete the rows from before ``before``, oldest first; returns how many went."""
-    deleted = 0
-    while True:
-        # On PostgreSQL, replicas pruning at the same time take different rows instead of
-        # waiting on (or deadlocking over) each other's; SQLite has one writer anyway.
-        oldest = (
-            select(GatewayUsage.id)
-            .where(GatewayUsage.ts < before)
-            .order_by(GatewayUsage.ts)
-            .limit(batch)
-            .with_for_update(skip_locked=True)
-        )
-        async with db.write() as session:
-            result = await session.execute(
-                delete(GatewayUsage).where(GatewayUsage.id.in_(oldest.scalar_subquery()))
-            )
-        count = int(result.rowcount or 0)  # type: ignore[attr-defined]
-        deleted += count
-        if count < batch:
-            return deleted
-        await asyncio.sleep(PRUNE_PAUSE_S)
-
-
-async def keep_for(db: Database, days: int) -> None:
-    """Every hour, from now on, delete the rows older than ``days`` days."""
-    while True:
-        try:
-            count = await prune(db, utcnow() - timedelta(days=days))
-        except Exception:
-            log.exception("deleting old usage rows failed; retrying in an hour")
-        else:
-            if count:
-                log.info("old usage rows deleted", rows=count, older_than_days=days)
-        await asyncio.sleep(PRUNE_INTERVAL_S)
+async def prune(db: Database, before: datetime, *, batch: int = retention.PRUNE_BATCH) -> int:
+    """Delete the usage rows from before ``before``, oldest first; returns how many went."""
+    return await retention.prune(db, GatewayUsage.id, GatewayUsage.ts, before, batch=batch)
 
 
 def _totals(rows: list[Any]) -> list[UsageTotals]:

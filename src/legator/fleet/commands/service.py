@@ -13,16 +13,16 @@ import asyncio
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.service import AuditService
 from legator.core.auth.principal import Principal
 from legator.core.context import current_request_id
-from legator.core.db import Database, new_id, utcnow
+from legator.core.db import Database, new_id, retention, utcnow
 from legator.core.errors import AppError, Forbidden, NotFound
 from legator.core.events import InMemoryEventBus
 from legator.core.logging import get_logger
@@ -58,6 +58,19 @@ _END = object()
 _BEHIND = object()
 _COMMANDS = Command.__table__
 _CHUNKS = CommandChunk.__table__
+# Each command deleted takes its output chunks with it: fewer per transaction than usage rows.
+PRUNE_BATCH = 500
+
+
+async def prune_commands(db: Database, before: datetime, *, batch: int = PRUNE_BATCH) -> int:
+    """Delete the commands created before ``before``, with their output, once finished (or
+    past their deadline); returns how many went."""
+    ended = or_(Command.finished_at.is_not(None), Command.deadline_at < before)
+    return await retention.prune(
+        db, Command.id, Command.created_at, before, batch=batch, also=ended
+    )
+
+
 # Core statements on the hot path: the ORM's unit of work, row loading and bulk UPDATE cost
 # more than the writes themselves.
 _INSERT_COMMAND = insert(_COMMANDS)
