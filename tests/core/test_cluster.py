@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from legator.core.auth.attempts import AttemptLimiter
 from legator.core.cluster import (
     ClusterLink,
     ClusterUnavailable,
@@ -134,6 +135,32 @@ async def test_broadcasts_reach_the_other_replicas_not_the_sender(
     assert got["b"] == [("a", {"n": n}) for n in range(5)]  # in order
     await asyncio.sleep(0.2)
     assert got["a"] == []
+
+
+async def test_a_shared_attempt_limit_counts_on_every_replica(
+    pair: tuple[ClusterLink, ClusterLink],
+) -> None:
+    a, b = pair
+    on_a, on_b, elsewhere = AttemptLimiter(3, 60), AttemptLimiter(3, 60), AttemptLimiter(3, 60)
+    on_a.share(a, "sign-in")
+    on_b.share(b, "sign-in")
+    elsewhere.share(b, "device-start")  # another limiter: counts of its own
+    assert on_a.count("10.0.0.1") and on_a.count("10.0.0.1")
+    await until(lambda: on_b.used("10.0.0.1") == 2)
+    assert on_b.count("10.0.0.1")  # the third, through the other replica
+    assert not on_b.count("10.0.0.1")
+    await until(lambda: on_a.used("10.0.0.1") == 3)
+    assert not on_a.count("10.0.0.1") and on_a.used("10.0.0.2") == 0
+    on_b.refund("10.0.0.1")  # a sign-in that succeeded gives its attempt back everywhere
+    await until(lambda: on_a.used("10.0.0.1") == 2)
+    on_a.forget("10.0.0.1")
+    await until(lambda: on_b.used("10.0.0.1") == 0)
+    # What is not an operation on a client is ignored.
+    a.broadcast("attempts.sign-in", {"op": "wipe", "client": "10.0.0.1"})
+    a.broadcast("attempts.sign-in", {"op": "count", "client": ["10.0.0.1"]})
+    a.broadcast("attempts.sign-in", {"op": "count", "client": "10.0.0.3"})
+    await until(lambda: on_b.used("10.0.0.3") == 1)
+    assert on_b.used("10.0.0.1") == 0 and elsewhere.used("10.0.0.1") == 0
 
 
 async def test_requests_answers_and_missing_responders(

@@ -74,7 +74,7 @@ def build_core(settings: Settings) -> Core:
         settings=settings,
         db=db,
         audit=audit,
-        auth=AuthService(db, audit, session_ttl_hours=settings.session_ttl_hours),
+        auth=AuthService(db, audit, session_ttl_hours=settings.session_ttl_hours, cluster=cluster),
         events=events,
         metrics=metrics,
         signing_key=signing_key,

@@ -1,11 +1,24 @@
 """Counting a client's attempts (password sign-ins, single sign-ons started, callbacks
-refused) in memory, per replica, in a sliding window."""
+refused) in memory, in a sliding window: per replica, or, for a limiter shared over the
+cluster bus, counted by every replica alike."""
 
 from __future__ import annotations
 
 import ipaddress
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from legator.core.logging import get_logger
+
+if TYPE_CHECKING:
+    from legator.core.cluster import ClusterLink
+
+log = get_logger("legator.core.auth.attempts")
+# What one replica tells the others it did to a shared limiter's count of a client.
+_OPERATIONS = frozenset({"count", "refund", "forget"})
+_MAX_CLIENT_CHARS = 400  # an address and a username, with room
 
 
 def client_key(client_ip: str) -> str:
@@ -31,6 +44,38 @@ class AttemptLimiter:
         self.window_s = window_s
         self.max_clients = max_clients
         self._seen: dict[str, deque[float]] = {}
+        self._tell: Callable[[str, str], None] | None = None  # set by share()
+
+    def share(self, cluster: ClusterLink, name: str) -> None:
+        """Count, refund and forget on every replica of the cluster alike, so that N replicas
+        behind a balancer allow ``limit`` attempts in all, not N times ``limit``. A message lost
+        on the bus (it delivers at most once) leaves one attempt uncounted elsewhere."""
+        kind = f"attempts.{name}"
+
+        def tell(operation: str, client: str) -> None:
+            cluster.broadcast(kind, {"op": operation, "client": client})
+
+        def heard(_origin: str, body: dict[str, Any]) -> None:
+            operation, client = body.get("op"), body.get("client")
+            if operation not in _OPERATIONS or not isinstance(client, str):
+                log.warning("unusable attempt message ignored", limiter=name)
+                return
+            if len(client) <= _MAX_CLIENT_CHARS:
+                self._apply(str(operation), client)
+
+        self._tell = tell
+        cluster.on_broadcast(kind, heard)
+
+    def _apply(self, operation: str, client: str) -> None:
+        """What another replica did: an attempt it counted is counted here too, even past
+        the limit (it was admitted there)."""
+        if operation == "count":
+            now = time.monotonic()
+            self._times(client, now).append(now)
+        elif operation == "refund":
+            self._refund(client)
+        else:
+            self._seen.pop(client, None)
 
     def _recent(self, client: str, now: float) -> deque[float] | None:
         times = self._seen.get(client)
@@ -38,14 +83,16 @@ class AttemptLimiter:
             times.popleft()
         return times
 
+    def used(self, client: str) -> int:
+        """How many attempts ``client`` made in the window."""
+        times = self._recent(client, time.monotonic())
+        return len(times) if times is not None else 0
+
     def over(self, client: str) -> bool:
         """Whether ``client`` has used up its attempts."""
-        times = self._recent(client, time.monotonic())
-        return times is not None and len(times) >= self.limit
+        return self.used(client) >= self.limit
 
-    def count(self, client: str) -> bool:
-        """Count an attempt; False (and not counted) when ``client`` is over the limit."""
-        now = time.monotonic()
+    def _times(self, client: str, now: float) -> deque[float]:
         times = self._recent(client, now)
         if times is None:
             if len(self._seen) >= self.max_clients:
@@ -55,19 +102,34 @@ class AttemptLimiter:
                 if len(self._seen) >= self.max_clients:
                     del self._seen[next(iter(self._seen))]
             times = self._seen[client] = deque()
+        return times
+
+    def count(self, client: str) -> bool:
+        """Count an attempt; False (and not counted) when ``client`` is over the limit."""
+        now = time.monotonic()
+        times = self._times(client, now)
         if len(times) >= self.limit:
             return False
         times.append(now)
+        if self._tell is not None:
+            self._tell("count", client)
         return True
 
-    def refund(self, client: str) -> None:
-        """Take back ``client``'s latest attempt (one that turned out to be legitimate)."""
+    def _refund(self, client: str) -> None:
         times = self._seen.get(client)
         if times:
             times.pop()
 
+    def refund(self, client: str) -> None:
+        """Take back ``client``'s latest attempt (one that turned out to be legitimate)."""
+        self._refund(client)
+        if self._tell is not None:
+            self._tell("refund", client)
+
     def forget(self, client: str) -> None:
         self._seen.pop(client, None)
+        if self._tell is not None:
+            self._tell("forget", client)
 
     def clear(self) -> None:
         self._seen.clear()
@@ -84,6 +146,11 @@ class SignInThrottle:
         self.window_s = window_s
         self._accounts = AttemptLimiter(per_account, window_s)
         self._addresses = AttemptLimiter(per_address, window_s)
+
+    def share(self, cluster: ClusterLink) -> None:
+        """Count sign-ins on every replica alike (``AttemptLimiter.share``)."""
+        self._accounts.share(cluster, "sign-in-account")
+        self._addresses.share(cluster, "sign-in-address")
 
     def admit(self, client_ip: str, username: str) -> bool:
         """Count an attempt; False (and not counted) when either limit is used up."""

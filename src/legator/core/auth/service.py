@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,6 +24,9 @@ from legator.core.db import Database, utcnow
 from legator.core.errors import BadRequest, Conflict, NotFound, TooManyRequests
 from legator.core.logging import get_logger
 from legator.core.security import looks_like_api_key, new_api_key, random_password, sha256_hex
+
+if TYPE_CHECKING:
+    from legator.core.cluster import ClusterLink
 
 log = get_logger("legator.auth")
 SYSTEM_ACTOR = "system"
@@ -96,7 +99,14 @@ class _CredentialCache:
 
 
 class AuthService:
-    def __init__(self, db: Database, audit: AuditService, *, session_ttl_hours: int = 24) -> None:
+    def __init__(
+        self,
+        db: Database,
+        audit: AuditService,
+        *,
+        session_ttl_hours: int = 24,
+        cluster: ClusterLink | None = None,
+    ) -> None:
         self.db = db
         self.audit = audit
         self.session_ttl = timedelta(hours=session_ttl_hours)
@@ -107,6 +117,9 @@ class AuthService:
             per_address=SIGN_INS_PER_ADDRESS,
             window_s=SIGN_IN_WINDOW_S,
         )
+        if cluster is not None:
+            # Else a guesser behind a balancer gets the limits once per replica.
+            self._sign_ins.share(cluster)
         self._cache = _CredentialCache()
         self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
 
