@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     replica_id: str | None = Field(
         None, description="This replica's name on the bus; unset = hostname plus random."
     )
+    replica_url: str | None = Field(
+        None,
+        description="Where the other replicas reach this one's HTTP API; with it, they forward "
+        "/v1 requests for the managed backends that run here.",
+    )
 
     jobs_retry_max_attempts: int = Field(3, ge=1, le=100)
     jobs_retry_initial_backoff_s: float = Field(5.0, gt=0, le=3600)
@@ -225,7 +230,9 @@ class Settings(BaseSettings):
             raise ValueError("expected at least 64 hexadecimal characters (32 bytes)")
         return value
 
-    @field_validator("server_url", "llm_base_url", "oidc_issuer", "oidc_redirect_url")
+    @field_validator(
+        "server_url", "llm_base_url", "oidc_issuer", "oidc_redirect_url", "replica_url"
+    )
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value is None or value == "":

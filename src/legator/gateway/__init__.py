@@ -9,9 +9,10 @@ from legator.core.http.direct import serve_directly
 from legator.core.runtime import Core
 from legator.gateway.anthropic_api import router as anthropic_router
 from legator.gateway.errors import anthropic_formatter, openai_formatter
+from legator.gateway.forward import forward
 from legator.gateway.openai_api import router as openai_router
 from legator.gateway.router import router as admin_router
-from legator.gateway.service import Gateway
+from legator.gateway.service import ForwardToReplica, Gateway
 
 
 def install_gateway(app: FastAPI, core: Core) -> Gateway:
@@ -20,6 +21,7 @@ def install_gateway(app: FastAPI, core: Core) -> Gateway:
     # Most specific prefix first: /v1/messages speaks Anthropic, the rest of /v1 OpenAI.
     app.state.error_formatters.append(("/v1/messages", anthropic_formatter))
     app.state.error_formatters.append(("/v1/", openai_formatter))
+    app.add_exception_handler(ForwardToReplica, forward)
     app.include_router(anthropic_router)
     app.include_router(openai_router)
     app.include_router(admin_router)

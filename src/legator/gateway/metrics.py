@@ -88,6 +88,12 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.forwarded = Counter(
+            "legator_gateway_forwarded_requests",
+            "Inference requests passed on to the replica that runs the model's backend.",
+            ["replica"],
+            registry=registry,
+        )
         registry.register(_PoolCollector(scheduler))
         registry.register(_UsageCollector(recorder))
         self._requests = Labelled(self.requests)

@@ -49,6 +49,8 @@ class GatewayRuntime(Base):
     # that replica's name; the owner keeps updated_at fresh while it runs (its lease).
     owner: Mapped[str | None] = mapped_column(String(512))
     replica: Mapped[str | None] = mapped_column(String(64))
+    # Where the other replicas forward /v1 requests for it (LEGATOR_REPLICA_URL), if set.
+    replica_url: Mapped[str | None] = mapped_column(String(512))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

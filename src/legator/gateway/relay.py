@@ -326,10 +326,13 @@ class RelayResponse(Response):
         upstream: aiohttp.ClientResponse,
         state: StreamState,
         on_close: Callable[[], None],
+        *,
+        status: int = 200,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        self.status_code = 200
+        self.status_code = status
         self.background = None
-        self.raw_headers = list(_STREAM_HEADERS)
+        self.raw_headers = list(_STREAM_HEADERS if headers is None else headers)
         self.content = content
         self.upstream = upstream
         self.state = state
@@ -351,7 +354,7 @@ class RelayResponse(Response):
         try:
             message: dict[str, Any] = {
                 "type": "http.response.start",
-                "status": 200,
+                "status": self.status_code,
                 "headers": self.raw_headers,
             }
             self.pending = message
@@ -363,6 +366,11 @@ class RelayResponse(Response):
                 self.pending = message
                 await send(message)
                 self.pending = None
+            if self.state.error is not None and not self.state.last and self._abort is not None:
+                # Content that failed without saying so in the body: a proper end of it would
+                # pass the cut-off answer for a whole one.
+                self._abort()
+                return
             if not self.state.last:
                 self.pending = message = {"type": "http.response.body", "body": b""}
                 await send(message)

@@ -45,8 +45,19 @@ from legator.gateway.usage import (
 )
 
 log = get_logger("legator.gateway")
+# Marks a request one replica forwarded to another (gateway/forward.py): never forwarded again.
+FORWARDED_BY = "x-legator-forwarded-by"
 SETTINGS_KEY = "scheduler"
 RATE_WINDOW_S = 10.0
+
+
+class ForwardToReplica(Exception):
+    """The model's backend runs on another replica, which takes forwarded requests: the app's
+    handler for this (``gateway/forward.py``) passes the request on to it."""
+
+    def __init__(self, model_id: str, replica: str, url: str) -> None:
+        super().__init__(f"model {model_id!r} runs on replica {replica!r}")
+        self.model_id, self.replica, self.url = model_id, replica, url
 
 
 class ClientGone(Exception):
@@ -246,6 +257,8 @@ class Gateway:
             raise ServiceUnavailable(str(exc)) from None
         if not backend.ready:
             other = self.supervisor.elsewhere.get(model.id)
+            if other is not None and other.url and FORWARDED_BY not in request.headers:
+                raise ForwardToReplica(model.id, other.replica, other.url)
             where = f" here: it runs on replica {other.replica!r}" if other else ""
             raise ServiceUnavailable(f"the backend of model {model.id!r} is not ready{where}")
         user = principal.user_id or principal.username

@@ -73,6 +73,7 @@ class Elsewhere:
     kind: str
     state: str
     started_at: datetime | None
+    url: str | None  # the replica's LEGATOR_REPLICA_URL: where its /v1 is forwarded
 
 
 @dataclass
@@ -120,6 +121,7 @@ def _elsewhere(row: GatewayRuntime) -> Elsewhere:
         kind=row.kind,
         state=row.state,
         started_at=row.started_at,
+        url=row.replica_url,
     )
 
 
@@ -211,6 +213,7 @@ class Supervisor:
                 session.add(row)
             row.kind = live.kind
             row.owner, row.replica = self.owner, self.replica
+            row.replica_url = self.core.settings.replica_url if self.replica else None
             row.state = live.state
             row.port = live.port
             row.pid = live.handle.pid
