@@ -249,15 +249,22 @@ async def test_messages_larger_than_nats_takes_are_split_and_joined(
     async def keep(message: Message) -> None:
         received.append(message.body)
 
+    async def measure(message: Message) -> None:
+        await b.respond(message, {"chars": len(message.body["blob"])})
+
     await b.subscribe(b.subject("big"), keep)
+    await b.subscribe(b.subject("measure"), measure)
     await b.flush()
     blob = secrets.token_hex(1_500_000)  # 3 MB, the server takes 1 MiB per message
     a.publish(a.subject("big"), {"blob": blob})
     a.publish(a.subject("big"), {"small": True})
     await until(lambda: len(received) == 2)
     assert received[0]["blob"] == blob and received[1] == {"small": True}
-    with pytest.raises(ClusterUnavailable, match="larger than NATS accepts"):
-        await a.request(a.subject("big"), {"blob": blob}, wait_s=1)
+    # A request too: its parts name one inbox, which the answer reaches.
+    answer = await a.request(a.subject("measure"), {"blob": blob}, wait_s=10)
+    assert answer.origin == "b" and answer.body == {"chars": len(blob)}
+    with pytest.raises(NoResponder):
+        await a.request(a.subject("nobody"), {"blob": blob}, wait_s=5)
 
 
 async def test_a_replica_with_another_key_is_not_heard(prefix: str) -> None:

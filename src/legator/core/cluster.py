@@ -53,6 +53,8 @@ MAX_PARTS = 64
 MAX_PARTIAL = 64
 PARTIAL_TTL_S = 30.0
 HEADER_ROOM = 512
+# How the NATS server says, in a message to the reply subject, that nobody listens.
+STATUS_HEADER, NO_RESPONDERS = "Status", "503"
 BROADCAST = "all"
 KEY_INFO = b"legator-cluster-bus|v1"
 
@@ -163,6 +165,23 @@ class Listener:
         if sub is not None:
             with contextlib.suppress(Exception):  # the connection may be gone already
                 await sub.unsubscribe()
+
+
+def _parts(data: bytes, max_payload: int) -> list[tuple[bytes, dict[str, str] | None]]:
+    """``data`` as the messages that carry it: itself, or, when larger than the server takes
+    in one message (a file read, a long output), parts on one subject from one connection,
+    which arrive in order and are joined before opening."""
+    room = max_payload - HEADER_ROOM
+    if len(data) <= room:
+        return [(data, None)]
+    count = math.ceil(len(data) / room)
+    if count > MAX_PARTS:
+        raise ClusterUnavailable(f"message of {len(data)} bytes is too large for the bus")
+    message_id = uuid.uuid4().hex
+    return [
+        (data[index * room : (index + 1) * room], {PART_HEADER: f"{message_id} {index} {count}"})
+        for index in range(count)
+    ]
 
 
 class ClusterLink:
@@ -412,22 +431,8 @@ class ClusterLink:
         if nc is None:
             raise ClusterUnavailable("not connected")
         data = self._sealer.seal(subject, self.replica_id, body)
-        room = nc.max_payload - HEADER_ROOM
-        if len(data) <= room:
-            await nc.publish(subject, data)
-            return
-        # Larger than the server takes in one message (a file read, a long output): parts on
-        # the same subject from one connection arrive in order and are joined before opening.
-        count = math.ceil(len(data) / room)
-        if count > MAX_PARTS:
-            raise ClusterUnavailable(f"message of {len(data)} bytes is too large for the bus")
-        message_id = uuid.uuid4().hex
-        for index in range(count):
-            await nc.publish(
-                subject,
-                data[index * room : (index + 1) * room],
-                headers={PART_HEADER: f"{message_id} {index} {count}"},
-            )
+        for chunk, headers in _parts(data, nc.max_payload):
+            await nc.publish(subject, chunk, headers=headers)
 
     async def request(self, subject: str, body: dict[str, Any], *, wait_s: float) -> Message:
         """Send and wait for one sealed answer."""
@@ -435,11 +440,8 @@ class ClusterLink:
         if nc is None or not self.connected:
             raise ClusterUnavailable(f"the cluster bus (NATS at {self.safe_url}) is unreachable")
         data = self._sealer.seal(subject, self.replica_id, body)
-        if len(data) > nc.max_payload:
-            raise ClusterUnavailable(
-                f"message of {len(data)} bytes is larger than NATS accepts ({nc.max_payload}); "
-                "raise max_payload on the NATS server"
-            )
+        if len(data) > nc.max_payload - HEADER_ROOM:
+            return await self._request_in_parts(nc, subject, data, wait_s)
         try:
             answer = await nc.request(subject, data, timeout=wait_s)
         except nats_errors.NoRespondersError:
@@ -448,6 +450,39 @@ class ClusterLink:
             raise NoReply(f"no answer on {subject} within {wait_s:.0f}s") from None
         except nats_errors.Error as exc:
             raise ClusterUnavailable(f"the cluster bus failed: {exc}") from None
+        return self._opened(answer)
+
+    async def _request_in_parts(
+        self, nc: NatsClient, subject: str, data: bytes, wait_s: float
+    ) -> Message:
+        """A request larger than NATS takes in one message (a file written to a probe on
+        another replica): its parts all name one inbox for the answer, or for the server's
+        word that nobody listens."""
+        parts = _parts(data, nc.max_payload)  # raises before anything is sent
+        answered: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+
+        async def on_answer(msg: Msg) -> None:
+            if not answered.done():
+                answered.set_result(msg)
+
+        inbox = nc.new_inbox()
+        subscription = await nc.subscribe(inbox, cb=on_answer, max_msgs=1)
+        try:
+            for chunk, headers in parts:
+                await nc.publish(subject, chunk, reply=inbox, headers=headers)
+            answer = await asyncio.wait_for(answered, wait_s)
+            if (answer.headers or {}).get(STATUS_HEADER) == NO_RESPONDERS:
+                raise NoResponder(f"nobody answers on {subject}")
+        except TimeoutError:
+            raise NoReply(f"no answer on {subject} within {wait_s:.0f}s") from None
+        except nats_errors.Error as exc:
+            raise ClusterUnavailable(f"the cluster bus failed: {exc}") from None
+        finally:
+            with contextlib.suppress(nats_errors.Error):
+                await subscription.unsubscribe()
+        return self._opened(answer)
+
+    def _opened(self, answer: Msg) -> Message:
         try:
             origin, reply = self._sealer.open(answer.subject, answer.data)
         except SealError as exc:
