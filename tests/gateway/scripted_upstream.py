@@ -64,6 +64,8 @@ class ScriptedUpstream:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.requests: list[dict[str, Any]] = []
         self.active_streams = 0
+        self.slow_answers = 0  # ``slow`` answers being prepared now
+        self.peak_slow_answers = 0  # the most at once
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -129,7 +131,12 @@ class ScriptedUpstream:
         if mode == "fail500":
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
         if mode == "slow" and not body.get("stream"):
-            await asyncio.sleep(0.5)
+            self.slow_answers += 1
+            self.peak_slow_answers = max(self.peak_slow_answers, self.slow_answers)
+            try:
+                await asyncio.sleep(0.5)
+            finally:
+                self.slow_answers -= 1
         if body.get("stream"):
             return StreamingResponse(self._stream(body, mode), media_type="text/event-stream")
         text = reply_text(body)

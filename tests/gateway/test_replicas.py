@@ -88,6 +88,54 @@ def test_the_catalogue_changed_through_one_replica_is_served_by_the_other(
             assert alice_a.get("/v1/models").json()["data"] == []
 
 
+def test_replicas_with_urls_serve_each_model_from_one_of_them(
+    pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    """One slot, requests through both replicas at once: the upstream never gets two."""
+    shared = cluster_settings(pg_url)
+    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared)
+    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared)
+    a.settings_overrides["replica_url"], b.settings_overrides["replica_url"] = a.url, b.url
+    a.start()
+    b.start()
+    try:
+        with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
+            register(admin_a, "slow", upstream.url, upstream_model="slow", parallel=1)
+            key = new_key(admin_a, "alice")
+            soon(lambda: gateway(a).homes.home_of("slow") != gateway(b).homes.home_of("slow"))
+            home, other = (a, b) if gateway(a).homes.home_of("slow") is None else (b, a)
+            assert gateway(other).homes.home_of("slow").url == home.url  # type: ignore[union-attr]
+            soon(lambda: chat(admin_b, "slow").status_code == 200)
+            before = upstream.requests.__len__()
+
+            def ask(server: LiveServer) -> int:
+                with server.client(key, timeout=30) as client:
+                    return chat(client, "slow").status_code
+
+            results: list[int] = []
+            threads = [
+                threading.Thread(target=lambda s=s: results.append(ask(s)))
+                for s in (a, b, a, b, a, b)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert results == [200] * 6
+            assert len(upstream.requests) - before == 6
+            assert upstream.peak_slow_answers == 1  # one slot in the whole cluster
+            metrics = admin_b.get("/metrics").text if other is b else admin_a.get("/metrics").text
+            assert "legator_gateway_forwarded_requests_total" in metrics
+
+            # The home shuts down: the other serves the model itself at once.
+            home.stop()
+            with other.client(key) as client:
+                assert chat(client, "slow").status_code == 200
+    finally:
+        b.stop()
+        a.stop()
+
+
 def test_scheduler_settings_reach_every_replica(pair: tuple[LiveServer, LiveServer]) -> None:
     a, b = pair
     with b.client(a.admin_key) as admin_b:

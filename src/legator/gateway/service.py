@@ -22,6 +22,7 @@ from legator.gateway import backend_metrics
 from legator.gateway.backends import Backend, BackendRegistry
 from legator.gateway.catalog import Catalog
 from legator.gateway.cluster import GatewaySync, Part
+from legator.gateway.homes import Homes
 from legator.gateway.hub.downloads import Downloads
 from legator.gateway.metrics import GatewayMetrics
 from legator.gateway.models import GatewaySetting
@@ -115,6 +116,8 @@ class Gateway:
         self.sync = (
             GatewaySync(core.cluster, self._reload, self._count_usage) if core.cluster else None
         )
+        # With several replicas and a URL of ours: each external model is served by one of us.
+        self.homes = Homes(core.cluster, core.settings.replica_url) if core.cluster else None
         if self.sync is not None:
             sync = self.sync
             self.catalog.written.append(lambda: sync.changed("catalog"))
@@ -141,8 +144,12 @@ class Gateway:
         self.core.spawn(self.reservations.run(), name="gateway-reservations")
         if self.sync is not None:
             self.core.spawn(self.sync.run(), name="gateway-sync")
+        if self.homes is not None:
+            self.core.spawn(self.homes.run(), name="gateway-replica-beat")
 
     async def stop(self) -> None:
+        if self.homes is not None:
+            self.homes.leave()
         if self.sync is not None:
             await self.sync.close()
         await self.downloads.stop()
@@ -261,6 +268,13 @@ class Gateway:
                 raise ForwardToReplica(model.id, other.replica, other.url)
             where = f" here: it runs on replica {other.replica!r}" if other else ""
             raise ServiceUnavailable(f"the backend of model {model.id!r} is not ready{where}")
+        if (
+            self.homes is not None
+            and not model.managed
+            and FORWARDED_BY not in request.headers
+            and (home := self.homes.home_of(model.id)) is not None
+        ):
+            raise ForwardToReplica(model.id, home.replica, home.url)
         user = principal.user_id or principal.username
         pool = self.scheduler.pool(model.id, model.parallel)
         try:

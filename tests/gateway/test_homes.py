@@ -1,0 +1,92 @@
+"""Which replica serves a model: the same choice on every replica, and only among the live."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from legator.gateway import homes
+from legator.gateway.homes import EXPIRE_S, Home, Homes
+
+
+class _Link:
+    """What Homes uses of the cluster bus, with the messages it sends kept."""
+
+    def __init__(self, replica_id: str) -> None:
+        self.replica_id = replica_id
+        self.connected = True
+        self.sent: list[dict[str, Any]] = []
+        self.handler: Any = None
+        self.state_hook: Any = None
+
+    def on_broadcast(self, _kind: str, handler: Any) -> None:
+        self.handler = handler
+
+    def on_state(self, hook: Any) -> None:
+        self.state_hook = hook
+
+    def broadcast(self, _kind: str, body: dict[str, Any]) -> None:
+        self.sent.append(body)
+
+
+def _cluster(names: list[str]) -> dict[str, Homes]:
+    links = {name: _Link(name) for name in names}
+    members = {name: Homes(link, f"http://{name}:8080") for name, link in links.items()}  # type: ignore[arg-type]
+    for name in links:
+        for other, other_link in links.items():
+            if other != name:
+                other_link.handler(name, {"url": f"http://{name}:8080"})
+    # Each replica answered the first beat it heard from another with one of its own.
+    assert all(len(link.sent) == len(names) - 1 for link in links.values())
+    return members
+
+
+def test_every_replica_picks_the_same_home_for_each_model() -> None:
+    members = _cluster(["cp-1", "cp-2", "cp-3"])
+    for model in (f"model-{i}" for i in range(50)):
+        homes_seen = {
+            name: (member.home_of(model) or Home(name, f"http://{name}:8080"))
+            for name, member in members.items()
+        }
+        assert len(set(homes_seen.values())) == 1, homes_seen
+    # Spread over all three (50 models: each gets some).
+    counts = {name: 0 for name in members}
+    for i in range(50):
+        home = members["cp-1"].home_of(f"model-{i}")
+        counts[home.replica if home else "cp-1"] += 1
+    assert all(count > 5 for count in counts.values()), counts
+
+
+def test_only_live_replicas_with_a_valid_url_are_homes(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(homes.time, "monotonic", lambda: now[0])
+    link = _Link("cp-1")
+    member = Homes(link, "http://cp-1:8080")  # type: ignore[arg-type]
+    link.handler("cp-2", {"url": "http://cp-2:8080"})
+    moved = [m for m in (f"m{i}" for i in range(40)) if member.home_of(m) is not None]
+    assert moved and all(member.home_of(m) == Home("cp-2", "http://cp-2:8080") for m in moved)
+    now[0] += EXPIRE_S + 1  # cp-2 stopped beating
+    assert all(member.home_of(m) is None for m in moved)
+    link.handler("cp-2", {"url": "http://cp-2:8080"})
+    assert member.home_of(moved[0]) is not None
+    link.handler("cp-2", {"leaving": True})
+    assert member.home_of(moved[0]) is None
+    for bad in ({"url": "ftp://cp-3"}, {"url": 5}, {"url": "http://" + "x" * 600}, {}):
+        link.handler("cp-3", bad)
+    assert member._peers == {}
+    link.handler("cp-2", {"url": "http://cp-2:8080"})
+    link.state_hook(False)  # cut off from the bus: serve everything here
+    assert member.home_of(moved[0]) is None
+    link.connected = False
+    link.handler("cp-2", {"url": "http://cp-2:8080"})
+    assert member.home_of(moved[0]) is None
+
+
+def test_a_replica_without_a_url_serves_everything_itself() -> None:
+    link = _Link("cp-1")
+    member = Homes(link, None)  # type: ignore[arg-type]
+    link.handler("cp-2", {"url": "http://cp-2:8080"})
+    assert all(member.home_of(f"m{i}") is None for i in range(20))
+    member.leave()
+    assert link.sent == []
