@@ -127,6 +127,20 @@ def test_replicas_with_urls_serve_each_model_from_one_of_them(
             metrics = admin_b.get("/metrics").text if other is b else admin_a.get("/metrics").text
             assert "legator_gateway_forwarded_requests_total" in metrics
 
+            # A client leaving a forwarded stream frees the home's slot (no leak).
+            long_prompt = " ".join(["word"] * 200)  # 10 s of slow chunks
+            body = {"model": "slow", "stream": True}
+            body["messages"] = [{"role": "user", "content": long_prompt}]
+            with (
+                other.client(key) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as streamed,
+            ):
+                assert streamed.status_code == 200
+                next(streamed.iter_lines())
+                soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 1)
+            soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 0)
+            soon(lambda: upstream.active_streams == 0)
+
             # The home shuts down: the other serves the model itself at once.
             home.stop()
             with other.client(key) as client:
