@@ -75,6 +75,8 @@ class Server:
 
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    # False for a replica joining a database another one created: no first-start credentials.
+    first_start: bool = True
     admin_key: str = ""
     proc: subprocess.Popen[str] | None = None
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="legator-bench-")))
@@ -94,18 +96,19 @@ class Server:
             [str(BIN / "legator"), "serve"],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.PIPE if self.first_start else subprocess.DEVNULL,
             text=True,
         )
         deadline = time.monotonic() + 30
-        banner = ""
-        assert self.proc.stderr is not None
-        while "admin API key" not in banner and time.monotonic() < deadline:
-            banner += self.proc.stderr.readline()
-        match = re.search(r"admin API key:\s+(lgk_[0-9a-f]{64})", banner)
-        if not match:
-            raise RuntimeError(f"server did not print its admin key: {banner}")
-        self.admin_key = match.group(1)
+        if self.first_start:
+            banner = ""
+            assert self.proc.stderr is not None
+            while "admin API key" not in banner and time.monotonic() < deadline:
+                banner += self.proc.stderr.readline()
+            match = re.search(r"admin API key:\s+(lgk_[0-9a-f]{64})", banner)
+            if not match:
+                raise RuntimeError(f"server did not print its admin key: {banner}")
+            self.admin_key = match.group(1)
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
