@@ -215,6 +215,21 @@ def live_server(data_dir: Path | None, **settings: Any) -> Iterator[LiveServer]:
         server.stop()
 
 
+def first_started(data_dir: Path) -> str:
+    """The SQLite URL of the database in ``data_dir``, made by a server's first start there."""
+    with live_server(data_dir):
+        pass
+    return f"sqlite+aiosqlite:///{data_dir / 'legator.db'}"
+
+
+def eventually(read: Callable[[], T], expected: T, timeout: float = 10) -> None:
+    """Poll ``read()`` until it gives ``expected``; fails showing the last value read."""
+    deadline = time.monotonic() + timeout
+    while (value := read()) != expected:
+        assert time.monotonic() < deadline, f"still {value!r}, not {expected!r}"
+        time.sleep(0.05)
+
+
 NATS_URL = "nats://127.0.0.1:4222"  # the machine's NATS server, shared by every test
 
 

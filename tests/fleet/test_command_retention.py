@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from legator.core.db import Database, utcnow
 from legator.core.db.migrate import upgrade
 from legator.fleet.commands.service import prune_commands
 from legator.fleet.models import Command, CommandChunk, Probe
-from tests.support import live_server
+from tests.support import eventually, first_started, live_server
 
 
 def _command(probe_id: str, name: str, created: datetime, *, finished: bool) -> Command:
@@ -95,16 +94,10 @@ def test_a_server_deletes_commands_past_their_retention_as_it_starts(
     tmp_path: Path, retention_days: int
 ) -> None:
     data = tmp_path / "data"
-    url = f"sqlite+aiosqlite:///{data / 'legator.db'}"
-    with live_server(data):
-        pass  # creates the database
+    url = first_started(data)
     now = utcnow()
     old = _command("prb-1", "old", now - timedelta(days=31), finished=True)
     recent = _command("prb-1", "recent", now - timedelta(days=29), finished=True)
     assert _command_ids(url, [old, recent]) == {"old", "recent"}
     with live_server(data, fleet_command_retention_days=retention_days):
-        kept = {"recent"} if retention_days else {"old", "recent"}
-        deadline = time.monotonic() + 10
-        while _command_ids(url) != kept and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _command_ids(url) == kept
+        eventually(lambda: _command_ids(url), {"recent"} if retention_days else {"old", "recent"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +31,7 @@ from legator.gateway.usage import (
     tokens_by_user,
     window,
 )
-from tests.support import LiveServer, live_server, run_cli
+from tests.support import LiveServer, eventually, first_started, live_server, run_cli
 
 
 def _row(i: int) -> UsageRecord:
@@ -220,18 +219,13 @@ def test_a_server_deletes_rows_past_its_retention_as_it_starts(
     tmp_path: Path, retention_days: int
 ) -> None:
     data = tmp_path / "data"
-    url = f"sqlite+aiosqlite:///{data / 'legator.db'}"
-    with live_server(data):
-        pass  # creates the database
+    url = first_started(data)
     old, recent = _row(1), _row(2)
     old.ts, recent.ts = utcnow() - timedelta(days=32), utcnow() - timedelta(days=30)
     assert _usage_ids(url, [old, recent]) == {old.id, recent.id}
     with live_server(data, gateway_usage_retention_days=retention_days):
         kept = {recent.id} if retention_days else {old.id, recent.id}
-        deadline = time.monotonic() + 10
-        while _usage_ids(url) != kept and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _usage_ids(url) == kept
+        eventually(lambda: _usage_ids(url), kept)
 
 
 async def _outage_keeps_memory_bounded(path: Path) -> None:
