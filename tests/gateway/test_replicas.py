@@ -102,10 +102,16 @@ def test_replicas_with_urls_serve_each_model_from_one_of_them(
         with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
             register(admin_a, "slow", upstream.url, upstream_model="slow", parallel=1)
             key = new_key(admin_a, "alice")
-            soon(lambda: gateway(a).homes.home_of("slow") != gateway(b).homes.home_of("slow"))
+            soon(
+                lambda: gateway(a).homes.home_of("slow") != gateway(b).homes.home_of("slow"),
+                timeout=10,
+            )
             home, other = (a, b) if gateway(a).homes.home_of("slow") is None else (b, a)
             assert gateway(other).homes.home_of("slow").url == home.url  # type: ignore[union-attr]
-            soon(lambda: chat(admin_b, "slow").status_code == 200)
+            home_id = "replica-a" if home is a else "replica-b"
+            assert gateway(other).served_by("slow") == home_id
+            assert gateway(home).served_by("slow") is None
+            soon(lambda: chat(admin_b, "slow").status_code == 200, timeout=10)
             before = upstream.requests.__len__()
 
             def ask(server: LiveServer) -> int:
@@ -137,9 +143,9 @@ def test_replicas_with_urls_serve_each_model_from_one_of_them(
             ):
                 assert streamed.status_code == 200
                 next(streamed.iter_lines())
-                soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 1)
-            soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 0)
-            soon(lambda: upstream.active_streams == 0)
+                soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 1, timeout=10)
+            soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 0, timeout=10)
+            soon(lambda: upstream.active_streams == 0, timeout=10)
 
             # The home shuts down: the other serves the model itself at once.
             home.stop()

@@ -164,6 +164,7 @@ def test_live_metrics_stream(gw: LiveServer, admin: httpx.Client) -> None:
     snapshot = json.loads(data[5:])
     echo = next(m for m in snapshot["models"] if m["model"] == "echo")
     assert echo["slots"] == 1 and echo["in_use"] == 0 and echo["queue_depth"] == 0
+    assert echo["served_by"] is None  # one replica: it serves every model
     assert echo["tokens_per_s"] > 0
     # A non-admin sees only the models it may use.
     login = admin.post("/api/v1/keys", json={"user": "viewer1"}).json()["key"]

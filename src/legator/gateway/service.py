@@ -328,6 +328,18 @@ class Gateway:
         horizon = time.monotonic() - RATE_WINDOW_S
         return sum(n for t, n in rate if t >= horizon) / RATE_WINDOW_S
 
+    def served_by(self, model_id: str) -> str | None:
+        """The replica that serves ``model_id`` when it is another one: this replica's slots
+        and queue for the model then stay idle."""
+        other = self.supervisor.elsewhere.get(model_id)
+        if other is not None:
+            return other.replica
+        model = self.catalog.models.get(model_id)
+        if self.homes is None or model is None or model.managed:
+            return None
+        home = self.homes.home_of(model_id)
+        return home.replica if home is not None else None
+
     def snapshot(self, principal: Principal, *, admin: bool) -> dict[str, Any]:
         """Live state for the metrics stream; non-admins see only models they may use."""
         visible = {m.id for m in self.catalog.visible(principal)}
@@ -344,6 +356,7 @@ class Gateway:
                     "oldest_wait_s": round(pool.oldest_wait(), 3),
                     "last_wait_s": round(pool.last_wait_s, 3),
                     "tokens_per_s": round(self.tokens_per_s(model_id), 2),
+                    "served_by": self.served_by(model_id),
                 }
             )
         active = self.reservations.active
