@@ -3,8 +3,9 @@
 The replica that runs a backend holds its loopback port, slots and queue, so it serves every
 request for the model: the others pass each request on as it came (the client's key
 included, which the owner checks again against the shared database) and relay the answer as
-it arrives. A forwarded request carries ``FORWARDED_BY``; a replica never forwards such a one
-again, so two replicas with different views of who runs a model cannot bounce it between them.
+it arrives. A forwarded request carries ``FORWARDED`` (a token only replicas know); a replica
+never forwards such a one again, so two replicas with different views of who serves a model
+cannot bounce it between them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.responses import Response
 from legator.core.http.errors import error_response
 from legator.core.logging import get_logger
 from legator.gateway.relay import UPSTREAM_ERRORS, RelayResponse, StreamState
-from legator.gateway.service import FORWARDED_BY, ForwardToReplica, Gateway
+from legator.gateway.service import FORWARDED, ForwardToReplica, Gateway
 
 log = get_logger("legator.gateway.forward")
 
@@ -45,7 +46,7 @@ async def forward(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ForwardToReplica)
     gateway: Gateway = request.app.state.gateway
     headers = {k: v for k, v in request.headers.items() if k in _REQUEST_HEADERS}
-    headers[FORWARDED_BY] = gateway.supervisor.replica or "-"
+    headers[FORWARDED] = gateway.forwarding_token
     url = exc.url + request.url.path
     if request.url.query:
         url += "?" + request.url.query

@@ -18,6 +18,7 @@ from legator.core.db import retention
 from legator.core.errors import ServiceUnavailable, TooManyRequests
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
+from legator.core.security import constant_time_equal, hmac_sha256_hex
 from legator.gateway import backend_metrics
 from legator.gateway.backends import Backend, BackendRegistry
 from legator.gateway.catalog import Catalog
@@ -47,7 +48,9 @@ from legator.gateway.usage import (
 
 log = get_logger("legator.gateway")
 # Marks a request one replica forwarded to another (gateway/forward.py): never forwarded again.
-FORWARDED_BY = "x-legator-forwarded-by"
+# Its value is derived from the signing key, so a client cannot forge it to be served by a
+# replica of its choosing (and past the model's one set of slots).
+FORWARDED = "x-legator-forwarded"
 SETTINGS_KEY = "scheduler"
 RATE_WINDOW_S = 10.0
 
@@ -118,6 +121,7 @@ class Gateway:
         )
         # With several replicas and a URL of ours: each external model is served by one of us.
         self.homes = Homes(core.cluster, core.settings.replica_url) if core.cluster else None
+        self.forwarding_token = hmac_sha256_hex(core.signing_key, "legator gateway forwarded|v1")
         if self.sync is not None:
             sync = self.sync
             self.catalog.written.append(lambda: sync.changed("catalog"))
@@ -264,14 +268,14 @@ class Gateway:
             raise ServiceUnavailable(str(exc)) from None
         if not backend.ready:
             other = self.supervisor.elsewhere.get(model.id)
-            if other is not None and other.url and FORWARDED_BY not in request.headers:
+            if other is not None and other.url and not self.forwarded(request):
                 raise ForwardToReplica(model.id, other.replica, other.url)
             where = f" here: it runs on replica {other.replica!r}" if other else ""
             raise ServiceUnavailable(f"the backend of model {model.id!r} is not ready{where}")
         if (
             self.homes is not None
             and not model.managed
-            and FORWARDED_BY not in request.headers
+            and not self.forwarded(request)
             and (home := self.homes.home_of(model.id)) is not None
         ):
             raise ForwardToReplica(model.id, home.replica, home.url)
@@ -327,6 +331,11 @@ class Gateway:
             return 0.0
         horizon = time.monotonic() - RATE_WINDOW_S
         return sum(n for t, n in rate if t >= horizon) / RATE_WINDOW_S
+
+    def forwarded(self, request: Request) -> bool:
+        """Whether another replica of this cluster forwarded ``request`` here."""
+        value = request.headers.get(FORWARDED)
+        return value is not None and constant_time_equal(value, self.forwarding_token)
 
     def served_by(self, model_id: str) -> str | None:
         """The replica that serves ``model_id`` when it is another one: this replica's slots

@@ -106,13 +106,23 @@ def test_the_other_replica_forwards_requests_to_the_one_that_runs_the_backend(
             # The owner's answer is relayed as it is, errors included.
             refused = via_b.post("/v1/chat/completions", json={"model": "tiny"})
             assert refused.status_code == 400 and "messages" in refused.text
-            # A request another replica already forwarded is never forwarded again.
+            # A request another replica already forwarded is never forwarded again; a client
+            # cannot pass its request off as one.
+            assert b.app is not None
+            token = b.app.state.gateway.forwarding_token
             looped = via_b.post(
                 "/v1/chat/completions",
                 json=body | {"stream": False},
-                headers={"x-legator-forwarded-by": "replica-c"},
+                headers={"x-legator-forwarded": token},
             )
             assert looped.status_code == 503 and "replica 'replica-a'" in looped.text
+            forged = via_b.post(
+                "/v1/chat/completions",
+                json=body | {"stream": False},
+                headers={"x-legator-forwarded": "0" * 64},
+            )
+            assert forged.status_code == 200, forged.text
+            assert token not in forged.text and token not in str(forged.headers)
 
             # The owner unreachable (its lease not yet run out): a clear 503, in the caller's
             # format.
