@@ -1,11 +1,11 @@
-"""``/v1`` requests for a managed backend that another replica runs, forwarded to that replica.
+"""``/v1`` requests for a model that another replica serves, forwarded to that replica.
 
-The replica that runs a backend holds its loopback port, slots and queue, so it serves every
-request for the model: the others pass each request on as it came (the client's key
-included, which the owner checks again against the shared database) and relay the answer as
-it arrives. A forwarded request carries ``FORWARDED`` (a token only replicas know); a replica
-never forwards such a one again, so two replicas with different views of who serves a model
-cannot bounce it between them.
+The replica that serves a model (the one that runs its managed backend, or the model's home
+among the replicas: ``homes.py``) holds its slots and queue: the others pass each request on
+as it came (the client's key included, which that replica checks again against the shared
+database) and relay the answer as it arrives. A forwarded request carries ``FORWARDED`` (a
+token only replicas know); a replica never forwards such a one again, so two replicas with
+different views of who serves a model cannot bounce it between them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ _RESPONSE_HEADERS = frozenset(
 
 
 async def forward(request: Request, exc: Exception) -> Response:
-    """The app's handler for ``ForwardToReplica``: the owner's answer, relayed as it comes."""
+    """The app's handler for ``ForwardToReplica``: the serving replica's answer, relayed as it
+    comes."""
     assert isinstance(exc, ForwardToReplica)
     gateway: Gateway = request.app.state.gateway
     headers = {k: v for k, v in request.headers.items() if k in _REQUEST_HEADERS}
@@ -59,8 +60,8 @@ async def forward(request: Request, exc: Exception) -> Response:
         return error_response(
             request,
             503,
-            f"model {exc.model_id!r} runs on replica {exc.replica!r}, which did not answer at "
-            f"{exc.url}: {type(error).__name__}",
+            f"model {exc.model_id!r} is served by replica {exc.replica!r}, which did not answer "
+            f"at {exc.url}: {type(error).__name__}",
             headers={"Retry-After": "5"},
         )
     gateway.metrics.forwarded.labels(exc.replica).inc()
@@ -69,7 +70,7 @@ async def forward(request: Request, exc: Exception) -> Response:
         _body(upstream, state),
         upstream,
         state,
-        on_close=lambda: None,  # the owner holds the slot and bills the usage
+        on_close=lambda: None,  # the serving replica holds the slot and bills the usage
         status=upstream.status,
         headers=[
             (name.lower().encode("latin-1"), value.encode("latin-1"))

@@ -56,11 +56,11 @@ RATE_WINDOW_S = 10.0
 
 
 class ForwardToReplica(Exception):
-    """The model's backend runs on another replica, which takes forwarded requests: the app's
-    handler for this (``gateway/forward.py``) passes the request on to it."""
+    """Another replica serves the model and takes forwarded requests: the app's handler for
+    this (``gateway/forward.py``) passes the request on to it."""
 
     def __init__(self, model_id: str, replica: str, url: str) -> None:
-        super().__init__(f"model {model_id!r} runs on replica {replica!r}")
+        super().__init__(f"model {model_id!r} is served by replica {replica!r}")
         self.model_id, self.replica, self.url = model_id, replica, url
 
 
