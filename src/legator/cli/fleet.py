@@ -27,7 +27,7 @@ from legator.cli.online import (
     client,
 )
 
-tokens_app = typer.Typer(help="Probe enrolment tokens.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Probe enrolment tokens: create, list, delete.", no_args_is_help=True)
 probes_app = typer.Typer(help="Probes: list, show, delete.", no_args_is_help=True)
 
 
@@ -61,6 +61,33 @@ def tokens_create(
         err_console.print(f"re-enrols probe {body['probe_id']} (and nothing else)")
     err_console.print(f"token expires: {body['expires_at'] or 'never'}; install with:")
     sys.stdout.write(body["install_command"] + "\n")
+
+
+@tokens_app.command("list")
+def tokens_list(server: ServerOpt = DEFAULT_SERVER, json_output: JsonFlag = False) -> None:
+    """List enrolment tokens (never the secret: only its first characters)."""
+    print_listing(
+        call(server, "GET", "/api/v1/tokens"),
+        json_output,
+        "enrolment tokens",
+        ["id", "prefix", "for probe", "multi-use", "used", "expires", "created by"],
+        lambda t: (
+            t["id"],
+            t["prefix"] + "…",
+            t["probe_id"] or "-",
+            "yes" if t["multi_use"] else "no",
+            t["used_count"],
+            t["expires_at"] or "never",
+            t["created_by"],
+        ),
+    )
+
+
+@tokens_app.command("delete")
+def tokens_delete(token_id: str, server: ServerOpt = DEFAULT_SERVER) -> None:
+    """Revoke an enrolment token: it enrols nothing more."""
+    call(server, "DELETE", f"/api/v1/tokens/{token_id}")
+    err_console.print(f"deleted {token_id}")
 
 
 @probes_app.command("list")

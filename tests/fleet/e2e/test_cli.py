@@ -20,8 +20,18 @@ def test_fleet_cli(fleet_server: LiveServer, admin: httpx.Client, spawn_probe) -
     assert json.loads(created.stdout)["token"].startswith("prb_")
     plain = run_cli("legator", "tokens", "create", env=env)
     assert plain.stdout.startswith("curl -fsSL ") and "install.sh" in plain.stdout
+    tokens = json.loads(run_cli("legator", "tokens", "list", "--json", env=env).stdout)
+    assert len(tokens) == 2 and all("token" not in t for t in tokens)
+    first = json.loads(created.stdout)
+    table = run_cli("legator", "tokens", "list", env=env).stdout
+    assert first["id"] in table and first["token"] not in table
+    assert run_cli("legator", "tokens", "delete", first["id"], env=env).returncode == 0
+    assert run_cli("legator", "tokens", "delete", first["id"], env=env).returncode == 3
 
     probe = spawn_probe("cli-a", tags="blue", max_level="remediate", policy="unattended")
+    rebind = run_cli("legator", "tokens", "create", "--probe", probe.probe_id, env=env)
+    assert rebind.returncode == 0 and f"re-enrols probe {probe.probe_id}" in rebind.stderr
+    assert probe.probe_id in run_cli("legator", "tokens", "list", env=env).stdout
     listed = json.loads(run_cli("legator", "probes", "list", "--json", env=env).stdout)
     assert [p["id"] for p in listed] == [probe.probe_id]
     table = run_cli("legator", "probes", "list", env=env)
