@@ -9,15 +9,17 @@ import io
 import json
 import time
 import zipfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import delete, func, select, update
 
 from legator.core.audit.models import AuditEvent
-from legator.core.db import Database
-from tests.support import LiveServer, live_server
+from legator.core.audit.service import RETENTION_ACTOR
+from legator.core.db import Database, retention
+from tests.support import LiveServer, eventually, first_started, live_server
 
 CHAIN_KEY = "test-chain-key-0123456789"
 
@@ -177,3 +179,65 @@ async def _delete_oldest(url: str) -> None:
 def test_purge_needs_audit_admin(make_user) -> None:  # type: ignore[no-untyped-def]
     auditor = make_user("auditor")
     assert auditor.delete("/api/v1/audit", params={"older_than": "1d"}).status_code == 403
+
+
+def test_scheduled_purge_goes_in_batches_each_recorded(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "PRUNE_PAUSE_S", 0)
+    with (
+        live_server(
+            tmp_path / "d", database_url=db_url, audit_chain_key=CHAIN_KEY, secrets_kek="ab" * 32
+        ) as server,
+        server.client(server.admin_key) as api,
+    ):
+        for i in range(11):
+            api.post("/api/v1/keys", json={"name": f"old{i}"})
+        time.sleep(0.05)
+        cutoff = datetime.now(UTC)
+        time.sleep(0.05)
+        api.post("/api/v1/keys", json={"name": "new"})
+        assert server.core is not None
+        audit = server.core.audit
+        purge = audit.purge_in_batches(cutoff, actor=RETENTION_ACTOR, batch=5)
+        assert server.call(purge) == 12  # the bootstrap and 11 keys, in batches of 5, 5, 2
+        events = api.get("/api/v1/audit").json()["events"]
+        purges = [e for e in events if e["action"] == "audit.purge"]
+        assert [p["details"]["deleted"] for p in reversed(purges)] == [5, 5, 2]
+        assert {p["actor"] for p in purges} == {RETENTION_ACTOR}
+        assert [e["action"] for e in events if e["action"] != "audit.purge"] == ["api_key.create"]
+        report = api.get("/api/v1/audit/verify").json()
+        assert report["ok"] is True and report["checked"] == 4, report
+        # Nothing old enough: nothing deleted, nothing recorded.
+        assert server.call(audit.purge_in_batches(cutoff, actor=RETENTION_ACTOR)) == 0
+        assert len(api.get("/api/v1/audit").json()["events"]) == 4
+
+
+async def _age_every_event(url: str, days: int) -> None:
+    db = Database(url)
+    try:
+        async with db.write() as session:
+            await session.execute(
+                update(AuditEvent).values(ts=datetime.now(UTC) - timedelta(days=days))
+            )
+    finally:
+        await db.dispose()
+
+
+async def _actions(url: str) -> list[str]:
+    db = Database(url)
+    try:
+        async with db.session() as session:
+            rows = await session.scalars(select(AuditEvent.action).order_by(AuditEvent.seq))
+            return list(rows)
+    finally:
+        await db.dispose()
+
+
+def test_a_server_purges_audit_events_past_their_retention(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    url = first_started(data)
+    assert asyncio.run(_actions(url)) == ["system.bootstrap"]
+    asyncio.run(_age_every_event(url, days=40))
+    with live_server(data, audit_retention_days=30):
+        eventually(lambda: asyncio.run(_actions(url)), ["audit.purge"])

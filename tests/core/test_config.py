@@ -40,6 +40,7 @@ def test_data_dir_and_database_url(tmp_path: Path) -> None:
         ("gateway_usage_retention_days", "7", "LEGATOR_GATEWAY_USAGE_RETENTION_DAYS"),
         ("gateway_usage_retention_days", "-1", "LEGATOR_GATEWAY_USAGE_RETENTION_DAYS"),
         ("fleet_command_retention_days", "-1", "LEGATOR_FLEET_COMMAND_RETENTION_DAYS"),
+        ("audit_retention_days", "-1", "LEGATOR_AUDIT_RETENTION_DAYS"),
     ],
 )
 def test_bad_values_name_the_variable(field: str, value: str, variable: str) -> None:

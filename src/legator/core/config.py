@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     session_ttl_hours: int = Field(24, ge=1, le=24 * 30)
     metrics_public: bool = False
     audit_chain_key: SecretStr | None = None
+    audit_retention_days: int = Field(
+        0, ge=0, le=36500, description="Audit events older than this are purged; 0 keeps all."
+    )
     tailscale_socket: Path | None = Field(
         None, description="tailscaled's LocalAPI socket; set to sign leger in by Tailscale."
     )

@@ -23,11 +23,12 @@ from legator.core.audit.sanitiser import sanitise, sanitise_text
 from legator.core.audit.schemas import AuditEventOut, ChainReport
 from legator.core.canonical import canonical_json
 from legator.core.context import current_request_id
-from legator.core.db import Database, new_id, utcnow
+from legator.core.db import Database, new_id, retention, utcnow
 from legator.core.security import constant_time_equal, hmac_sha256_hex
 
 OUTCOMES = ("success", "failure", "denied", "error")
 PURGE_ACTION = "audit.purge"
+RETENTION_ACTOR = "legator:retention"  # who the scheduled purges are recorded as
 _PG_CHAIN_LOCK = 0x4C4547  # advisory lock id serialising chain appends on PostgreSQL
 CSV_FIELDS = ("id", "ts", "actor", "action", "target", "outcome", "request_id", "details", "hash")
 
@@ -283,23 +284,66 @@ class AuditService:
             last = await session.scalar(
                 select(func.max(AuditEvent.seq)).where(AuditEvent.ts < cutoff)
             )
-            deleted = 0
-            if last is not None:
-                result = await session.execute(delete(AuditEvent).where(AuditEvent.seq <= last))
-                deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
-            oldest = await session.scalar(select(AuditEvent).order_by(AuditEvent.seq).limit(1))
-            event = await self.record(
-                session,
-                actor=actor,
-                action=PURGE_ACTION,
-                target="audit",
-                details={
-                    "older_than": cutoff.isoformat(),
-                    "deleted": deleted,
-                    "anchor": oldest.id if oldest else None,
-                },
-            )
-            anchor = oldest.id if oldest else event.id
+            return await self._purge_through(session, last, cutoff, actor)
+
+    async def purge_in_batches(
+        self, cutoff: datetime, *, actor: str, batch: int = retention.PRUNE_BATCH
+    ) -> int:
+        """``purge`` for a schedule: ``batch`` events per transaction, oldest first, each batch
+        recorded as a purge naming the new oldest event, so the chain verifies between batches
+        too; nothing recorded when nothing is old enough. Returns how many went."""
+        deleted = 0
+        while True:
+            async with self.db.write() as session:
+                oldest = (
+                    select(AuditEvent.seq)
+                    .where(AuditEvent.ts < cutoff)
+                    .order_by(AuditEvent.seq)
+                    .limit(batch)
+                    .subquery()
+                )
+                last = await session.scalar(select(func.max(oldest.c.seq)))
+                if last is None:
+                    return deleted
+                result = await self._purge_through(
+                    session, last, cutoff, actor, record_nothing=False
+                )
+            if not result.deleted:  # another replica purged them meanwhile
+                return deleted
+            deleted += result.deleted
+            await asyncio.sleep(retention.PRUNE_PAUSE_S)
+
+    async def _purge_through(
+        self,
+        session: AsyncSession,
+        last: int | None,
+        cutoff: datetime,
+        actor: str,
+        *,
+        record_nothing: bool = True,
+    ) -> PurgeResult:
+        """Delete the events up to ``last`` (by position) and record that, naming the oldest
+        event left; with ``record_nothing`` false, a purge that deleted nothing is not
+        recorded."""
+        deleted = 0
+        if last is not None:
+            result = await session.execute(delete(AuditEvent).where(AuditEvent.seq <= last))
+            deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        if not deleted and not record_nothing:
+            return PurgeResult(deleted=0, cutoff=cutoff, anchor="")
+        oldest = await session.scalar(select(AuditEvent).order_by(AuditEvent.seq).limit(1))
+        event = await self.record(
+            session,
+            actor=actor,
+            action=PURGE_ACTION,
+            target="audit",
+            details={
+                "older_than": cutoff.isoformat(),
+                "deleted": deleted,
+                "anchor": oldest.id if oldest else None,
+            },
+        )
+        anchor = oldest.id if oldest else event.id
         return PurgeResult(deleted=deleted, cutoff=cutoff, anchor=anchor)
 
     async def bundle(self, target: BinaryIO) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -16,9 +17,11 @@ from fastapi.staticfiles import StaticFiles
 
 from legator import __version__
 from legator.core.audit.router import router as audit_router
+from legator.core.audit.service import RETENTION_ACTOR
 from legator.core.auth.oidc_router import router as oidc_router
 from legator.core.auth.router import router as auth_router
 from legator.core.auth.service import InitialCredentials
+from legator.core.db import retention
 from legator.core.db.migrate import upgrade
 from legator.core.events.router import router as events_router
 from legator.core.http.direct import DirectRoutes
@@ -61,6 +64,9 @@ def create_core_app(
         if creds is not None:
             on_first_start(creds)
         core.spawn(core.auth.run_housekeeping(), name="auth-housekeeping")
+        if days := core.settings.audit_retention_days:
+            purge = partial(core.audit.purge_in_batches, actor=RETENTION_ACTOR)
+            core.spawn(retention.keep_for("audit events", days, purge), name="audit-retention")
         for hook in core.startup_hooks:
             await hook()
         log.info(
