@@ -16,7 +16,7 @@ from legator.core.db import utcnow
 from legator.gateway.models import GatewayRuntime
 from legator.gateway.supervisor import LEASE_S
 from tests.gateway.backends.conftest import backend, register_managed
-from tests.gateway.test_replicas import chat, soon
+from tests.gateway.test_replicas import chat, gateway, soon
 from tests.support import LiveServer, cluster_settings, free_port, live_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -83,6 +83,8 @@ def test_the_other_replica_forwards_requests_to_the_one_that_runs_the_backend(
             started = via_a.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
             assert started.status_code == 200, started.text
             soon(lambda: backend(via_b, "tiny")["state"] == "ready")
+            # B's catalogue hears of the model's new state too (a moment after the row).
+            soon(lambda: gateway(b).catalog.models["tiny"].state == "ready")
 
             answer = chat(via_b, "tiny")
             assert answer.status_code == 200, answer.text
