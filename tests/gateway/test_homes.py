@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -90,3 +91,44 @@ def test_a_replica_without_a_url_serves_everything_itself() -> None:
     assert all(member.home_of(f"m{i}") is None for i in range(20))
     member.leave()
     assert link.sent == []
+
+
+async def test_a_url_is_used_only_once_it_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(homes.time, "monotonic", lambda: now[0])
+    answers = {"http://cp-2:8080": False}
+    asked: list[str] = []
+
+    async def reachable(url: str) -> bool:
+        asked.append(url)
+        return answers.get(url, False)
+
+    link = _Link("cp-1")
+    member = Homes(link, "http://cp-1:8080", reachable)  # type: ignore[arg-type]
+    models = [f"m{i}" for i in range(40)]
+
+    async def hear(url: str) -> None:
+        link.handler("cp-2", {"url": url})
+        await asyncio.sleep(0)  # the check runs
+        await asyncio.sleep(0)
+
+    await hear("http://cp-2:8080")
+    assert asked == ["http://cp-2:8080"]
+    assert all(member.home_of(m) is None for m in models)  # it did not answer: all served here
+    await hear("http://cp-2:8080")
+    assert asked == ["http://cp-2:8080"]  # not asked again before RECHECK_S
+    answers["http://cp-2:8080"] = True
+    now[0] += homes.RECHECK_S + 1
+    await hear("http://cp-2:8080")
+    homed = [m for m in models if member.home_of(m) is not None]
+    assert len(asked) == 2 and homed
+    # A forwarded request found nobody: its models come back here until it answers again.
+    member.unreachable("cp-2")
+    assert all(member.home_of(m) is None for m in models)
+    await hear("http://cp-2:8080")
+    assert len(asked) == 2
+    # A new URL is checked at once.
+    answers["http://cp-2.internal:8080"] = True
+    await hear("http://cp-2.internal:8080")
+    assert member.home_of(homed[0]) == Home("cp-2", "http://cp-2.internal:8080")
+    await member.close()

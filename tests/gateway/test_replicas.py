@@ -20,7 +20,7 @@ from legator.gateway.models import GatewayReservation
 from legator.gateway.service import Gateway
 from tests.gateway.conftest import new_key, register
 from tests.gateway.scripted_upstream import ScriptedUpstream
-from tests.support import LiveServer, NatsServer, cluster_settings, replica_pair
+from tests.support import LiveServer, NatsServer, cluster_settings, free_port, replica_pair
 
 pytestmark = pytest.mark.postgres
 # Well inside the periodic re-read (30 s): what converges this fast came by the bus.
@@ -151,6 +151,39 @@ def test_replicas_with_urls_serve_each_model_from_one_of_them(
             home.stop()
             with other.client(key) as client:
                 assert chat(client, "slow").status_code == 200
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_a_replica_url_that_does_not_answer_gets_nothing_forwarded(
+    pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    """B announces a wrong URL: A serves B's share of the models itself, and no client sees
+    an error."""
+    shared = cluster_settings(pg_url)
+    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared)
+    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared)
+    a.settings_overrides["replica_url"] = a.url
+    b.settings_overrides["replica_url"] = f"http://127.0.0.1:{free_port()}"
+    a.start()
+    b.start()
+    try:
+        with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
+            models = [f"echo-{i}" for i in range(6)]
+            for model in models:
+                register(admin_a, model, upstream.url, upstream_model="echo")
+
+            # B hears A's good URL and forwards A's share there; A never routes to B.
+            def b_forwards_to_a() -> bool:
+                assert all(chat(admin_b, m).status_code == 200 for m in models)
+                metrics = admin_b.get("/metrics").text
+                return 'legator_gateway_forwarded_requests_total{replica="replica-a"}' in metrics
+
+            soon(b_forwards_to_a, timeout=10)
+            assert all(chat(admin_a, m).status_code == 200 for m in models)
+            assert all(gateway(a).homes.home_of(m) is None for m in models)
+            assert "legator_gateway_forwarded_requests_total{" not in admin_a.get("/metrics").text
     finally:
         b.stop()
         a.stop()

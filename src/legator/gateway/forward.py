@@ -57,6 +57,8 @@ async def forward(request: Request, exc: Exception) -> Response:
         )
     except UPSTREAM_ERRORS as error:
         log.warning("forwarding failed", model=exc.model_id, replica=exc.replica, url=exc.url)
+        if gateway.homes is not None:
+            gateway.homes.unreachable(exc.replica)  # the next requests are served here
         return error_response(
             request,
             503,

@@ -5,7 +5,9 @@ model's home is the one of those alive whose hash with the model id is highest (
 hashing: every replica picks the same home from the same list, and a replica joining or leaving
 moves only the models whose home it is or becomes). The others forward the model's requests to
 its home, so the model has one set of slots, one queue and one fairness order in the cluster.
-A replica without a URL, or cut off from the bus, serves everything itself.
+A replica without a URL, or cut off from the bus, serves everything itself; so does one whose
+peer's URL does not answer from here (checked before anything is sent there, and again after a
+forwarded request found nobody).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import hashlib
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from legator.core.cluster import ClusterLink
@@ -24,6 +27,10 @@ KIND = "gateway-replica"
 BEAT_S = 5.0
 # Three beats missed: the replica is gone (its URL would only get clients 503s).
 EXPIRE_S = 3 * BEAT_S
+# A replica whose URL did not answer is tried again after this long.
+RECHECK_S = 30.0
+# Whether a replica's URL answers from here.
+Reachable = Callable[[str], Awaitable[bool]]
 _URL = re.compile(r"^https?://\S+$")
 
 
@@ -39,10 +46,17 @@ def _score(replica: str, model_id: str) -> int:
 
 
 class Homes:
-    def __init__(self, link: ClusterLink, url: str | None) -> None:
+    def __init__(
+        self, link: ClusterLink, url: str | None, reachable: Reachable | None = None
+    ) -> None:
         self.link = link
         self.url = url
+        self._reachable = reachable
         self._peers: dict[str, tuple[str, float]] = {}  # replica -> (URL, when last heard)
+        # Replicas whose URL this one could not reach, and until when it does not try again:
+        # their models are served here meanwhile, rather than clients getting errors.
+        self._unreachable: dict[str, tuple[str, float]] = {}
+        self._checks: dict[str, asyncio.Task[None]] = {}
         link.on_broadcast(KIND, self._heard)
         link.on_state(self._on_state)
 
@@ -56,6 +70,19 @@ class Homes:
             if heard >= cutoff and (score := _score(replica, model_id)) > best:
                 best, home = score, Home(replica, url)
         return home
+
+    def unreachable(self, replica: str) -> None:
+        """A request forwarded to ``replica`` found nobody at its URL: its models are served
+        here until ``RECHECK_S`` has passed and its URL answers again."""
+        known = self._peers.pop(replica, None)
+        if known is not None:
+            log.warning(
+                "a replica's URL stopped answering: serving its models here",
+                replica=replica,
+                url=known[0],
+                retry_after_s=RECHECK_S,
+            )
+            self._unreachable[replica] = (known[0], time.monotonic() + RECHECK_S)
 
     async def run(self) -> None:
         """Say where this replica is, every ``BEAT_S``."""
@@ -72,16 +99,54 @@ class Homes:
     def _heard(self, origin: str, body: dict[str, object]) -> None:
         if body.get("leaving") is True:
             self._peers.pop(origin, None)
+            self._unreachable.pop(origin, None)
             return
         url = body.get("url")
         if not isinstance(url, str) or len(url) > 512 or not _URL.match(url):
             log.warning("malformed replica address ignored", origin=origin)
             return
-        joined = origin not in self._peers
+        now = time.monotonic()
+        known = self._peers.get(origin)
+        if known is not None and known[0] == url:
+            self._peers[origin] = (url, now)
+            return
+        if origin in self._checks:
+            return
+        failed = self._unreachable.get(origin)
+        if failed is None and known is None:
+            self._beat()  # a newcomer learns of this replica now, not at its next beat
+        if failed is not None and failed[0] == url and failed[1] > now:
+            return
+        if self._reachable is None:
+            self._join(origin, url)
+            return
+        # Nothing goes to a URL before it has answered from here (a wrong
+        # LEGATOR_REPLICA_URL would otherwise fail every request for the models homed there).
+        self._checks[origin] = asyncio.ensure_future(self._check(origin, url, self._reachable))
+
+    async def _check(self, origin: str, url: str, reachable: Reachable) -> None:
+        try:
+            answered = await reachable(url)
+        except Exception:
+            answered = False
+        finally:
+            self._checks.pop(origin, None)
+        if answered:
+            self._join(origin, url)
+            return
+        self._peers.pop(origin, None)
+        self._unreachable[origin] = (url, time.monotonic() + RECHECK_S)
+        log.warning(
+            "a replica announces a URL this one cannot reach: serving its models here",
+            replica=origin,
+            url=url,
+            retry_after_s=RECHECK_S,
+        )
+
+    def _join(self, origin: str, url: str) -> None:
+        self._unreachable.pop(origin, None)
         self._peers[origin] = (url, time.monotonic())
-        if joined:
-            log.info("replica serving models joined", replica=origin, url=url)
-            self._beat()  # the newcomer learns of this replica now, not at its next beat
+        log.info("replica serving models joined", replica=origin, url=url)
 
     def _on_state(self, up: bool) -> None:
         if up:
@@ -95,3 +160,8 @@ class Homes:
         ``EXPIRE_S``."""
         if self.url is not None:
             self.link.broadcast(KIND, {"leaving": True})
+
+    async def close(self) -> None:
+        for task in list(self._checks.values()):
+            task.cancel()
+        await asyncio.gather(*self._checks.values(), return_exceptions=True)

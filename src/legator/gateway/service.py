@@ -11,6 +11,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
+import aiohttp
 from starlette.requests import Request
 
 from legator.core.auth.principal import Principal
@@ -53,6 +54,7 @@ log = get_logger("legator.gateway")
 FORWARDED = "x-legator-forwarded"
 SETTINGS_KEY = "scheduler"
 RATE_WINDOW_S = 10.0
+REACH_TIMEOUT_S = 3.0  # for another replica's /healthz, before forwarding anything there
 
 
 class ForwardToReplica(Exception):
@@ -120,7 +122,9 @@ class Gateway:
             GatewaySync(core.cluster, self._reload, self._count_usage) if core.cluster else None
         )
         # With several replicas and a URL of ours: each external model is served by one of us.
-        self.homes = Homes(core.cluster, core.settings.replica_url) if core.cluster else None
+        self.homes = (
+            Homes(core.cluster, core.settings.replica_url, self._answers) if core.cluster else None
+        )
         self.forwarding_token = hmac_sha256_hex(core.signing_key, "legator gateway forwarded|v1")
         if self.sync is not None:
             sync = self.sync
@@ -154,6 +158,7 @@ class Gateway:
     async def stop(self) -> None:
         if self.homes is not None:
             self.homes.leave()
+            await self.homes.close()
         if self.sync is not None:
             await self.sync.close()
         await self.downloads.stop()
@@ -331,6 +336,16 @@ class Gateway:
             return 0.0
         horizon = time.monotonic() - RATE_WINDOW_S
         return sum(n for t, n in rate if t >= horizon) / RATE_WINDOW_S
+
+    async def _answers(self, url: str) -> bool:
+        """Whether another replica's HTTP API answers at ``url`` from here."""
+        try:
+            async with self.backends.session.get(
+                url + "/healthz", timeout=aiohttp.ClientTimeout(total=REACH_TIMEOUT_S)
+            ) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     def forwarded(self, request: Request) -> bool:
         """Whether another replica of this cluster forwarded ``request`` here."""
