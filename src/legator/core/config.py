@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     replica_url: str | None = Field(
         None,
         description="Where the other replicas reach this one's HTTP API; with it, they forward "
-        "/v1 requests for the managed backends that run here.",
+        "/v1 requests for the models this replica serves.",
     )
 
     jobs_retry_max_attempts: int = Field(3, ge=1, le=100)

@@ -90,7 +90,7 @@ class GatewayMetrics:
         )
         self.forwarded = Counter(
             "legator_gateway_forwarded_requests",
-            "Inference requests passed on to the replica that runs the model's backend.",
+            "Inference requests passed on to the replica that serves the model.",
             ["replica"],
             registry=registry,
         )

@@ -280,11 +280,12 @@ class AuditService:
         """Delete events older than ``cutoff``; the purge itself is recorded, naming the oldest
         event left so that verification can start from it."""
         async with self.db.write() as session:
-            # Cut by position in the log, not by time alone, so the chain never gets a hole.
             last = await session.scalar(
                 select(func.max(AuditEvent.seq)).where(AuditEvent.ts < cutoff)
             )
-            return await self._purge_through(session, last, cutoff, actor)
+            deleted = await self._delete_through(session, last)
+            anchor = await self._record_purge(session, cutoff, actor, deleted)
+        return PurgeResult(deleted=deleted, cutoff=cutoff, anchor=anchor)
 
     async def purge_in_batches(
         self, cutoff: datetime, *, actor: str, batch: int = retention.PRUNE_BATCH
@@ -302,35 +303,29 @@ class AuditService:
                     .limit(batch)
                     .subquery()
                 )
-                last = await session.scalar(select(func.max(oldest.c.seq)))
-                if last is None:
-                    return deleted
-                result = await self._purge_through(
-                    session, last, cutoff, actor, record_nothing=False
+                batch_deleted = await self._delete_through(
+                    session, await session.scalar(select(func.max(oldest.c.seq)))
                 )
-            if not result.deleted:  # another replica purged them meanwhile
-                return deleted
-            deleted += result.deleted
+                if not batch_deleted:  # nothing old enough, or another replica purged it
+                    return deleted
+                await self._record_purge(session, cutoff, actor, batch_deleted)
+            deleted += batch_deleted
             await asyncio.sleep(retention.PRUNE_PAUSE_S)
 
-    async def _purge_through(
-        self,
-        session: AsyncSession,
-        last: int | None,
-        cutoff: datetime,
-        actor: str,
-        *,
-        record_nothing: bool = True,
-    ) -> PurgeResult:
-        """Delete the events up to ``last`` (by position) and record that, naming the oldest
-        event left; with ``record_nothing`` false, a purge that deleted nothing is not
-        recorded."""
-        deleted = 0
-        if last is not None:
-            result = await session.execute(delete(AuditEvent).where(AuditEvent.seq <= last))
-            deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
-        if not deleted and not record_nothing:
-            return PurgeResult(deleted=0, cutoff=cutoff, anchor="")
+    @staticmethod
+    async def _delete_through(session: AsyncSession, last: int | None) -> int:
+        """Delete the events up to ``last`` by position: cut by position in the log, not by
+        time alone, so the chain never gets a hole."""
+        if last is None:
+            return 0
+        result = await session.execute(delete(AuditEvent).where(AuditEvent.seq <= last))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def _record_purge(
+        self, session: AsyncSession, cutoff: datetime, actor: str, deleted: int
+    ) -> str:
+        """Record a purge, naming the oldest event left (the chain's new anchor); returns
+        that event's id, or the purge's own when none is left."""
         oldest = await session.scalar(select(AuditEvent).order_by(AuditEvent.seq).limit(1))
         event = await self.record(
             session,
@@ -343,8 +338,7 @@ class AuditService:
                 "anchor": oldest.id if oldest else None,
             },
         )
-        anchor = oldest.id if oldest else event.id
-        return PurgeResult(deleted=deleted, cutoff=cutoff, anchor=anchor)
+        return oldest.id if oldest else event.id
 
     async def bundle(self, target: BinaryIO) -> int:
         """Write a zip for auditors: every event (NDJSON), the chain report and a manifest of
