@@ -247,13 +247,23 @@ def cluster_settings(pg_url: str, nats_url: str = NATS_URL, **extra: Any) -> dic
 
 @contextmanager
 def replica_pair(
-    tmp_path: Path, settings: dict[str, Any]
+    tmp_path: Path,
+    settings: dict[str, Any],
+    *,
+    own_urls: bool = False,
+    b_settings: dict[str, Any] | None = None,
 ) -> Iterator[tuple[LiveServer, LiveServer]]:
     """Two replicas sharing ``settings``: replica-a (started first: its data dir holds the
-    first-start credentials) and replica-b."""
-    a = LiveServer(tmp_path / "a", replica_id="replica-a", **settings).start()
+    first-start credentials) and replica-b, with ``b_settings`` on top. ``own_urls`` gives
+    each its own URL as its LEGATOR_REPLICA_URL, unless ``b_settings`` names another."""
+    a = LiveServer(tmp_path / "a", replica_id="replica-a", **settings)
+    b = LiveServer(tmp_path / "b", replica_id="replica-b", **settings, **(b_settings or {}))
+    if own_urls:
+        for server in (a, b):
+            server.settings_overrides.setdefault("replica_url", server.url)
+    a.start()
     try:
-        b = LiveServer(tmp_path / "b", replica_id="replica-b", **settings).start()
+        b.start()
         try:
             yield a, b
         finally:

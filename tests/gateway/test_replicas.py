@@ -92,68 +92,61 @@ def test_replicas_with_urls_serve_each_model_from_one_of_them(
     pg_url: str, tmp_path: Path, upstream: ScriptedUpstream
 ) -> None:
     """One slot, requests through both replicas at once: the upstream never gets two."""
-    shared = cluster_settings(pg_url)
-    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared)
-    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared)
-    a.settings_overrides["replica_url"], b.settings_overrides["replica_url"] = a.url, b.url
-    a.start()
-    b.start()
-    try:
-        with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
-            register(admin_a, "slow", upstream.url, upstream_model="slow", parallel=1)
-            key = new_key(admin_a, "alice")
-            soon(
-                lambda: gateway(a).homes.home_of("slow") != gateway(b).homes.home_of("slow"),
-                timeout=10,
-            )
-            home, other = (a, b) if gateway(a).homes.home_of("slow") is None else (b, a)
-            assert gateway(other).homes.home_of("slow").url == home.url  # type: ignore[union-attr]
-            home_id = "replica-a" if home is a else "replica-b"
-            assert gateway(other).served_by("slow") == home_id
-            assert gateway(home).served_by("slow") is None
-            soon(lambda: chat(admin_b, "slow").status_code == 200, timeout=10)
-            before = upstream.requests.__len__()
+    with (
+        replica_pair(tmp_path, cluster_settings(pg_url), own_urls=True) as (a, b),
+        a.client(a.admin_key) as admin_a,
+        b.client(a.admin_key) as admin_b,
+    ):
+        register(admin_a, "slow", upstream.url, upstream_model="slow", parallel=1)
+        key = new_key(admin_a, "alice")
+        soon(
+            lambda: gateway(a).homes.home_of("slow") != gateway(b).homes.home_of("slow"),
+            timeout=10,
+        )
+        home, other = (a, b) if gateway(a).homes.home_of("slow") is None else (b, a)
+        assert gateway(other).homes.home_of("slow").url == home.url  # type: ignore[union-attr]
+        home_id = "replica-a" if home is a else "replica-b"
+        assert gateway(other).served_by("slow") == home_id
+        assert gateway(home).served_by("slow") is None
+        soon(lambda: chat(admin_b, "slow").status_code == 200, timeout=10)
+        before = upstream.requests.__len__()
 
-            def ask(server: LiveServer) -> int:
-                with server.client(key, timeout=30) as client:
-                    return chat(client, "slow").status_code
+        def ask(server: LiveServer) -> int:
+            with server.client(key, timeout=30) as client:
+                return chat(client, "slow").status_code
 
-            results: list[int] = []
-            threads = [
-                threading.Thread(target=lambda s=s: results.append(ask(s)))
-                for s in (a, b, a, b, a, b)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert results == [200] * 6
-            assert len(upstream.requests) - before == 6
-            assert upstream.peak_slow_answers == 1  # one slot in the whole cluster
-            metrics = admin_b.get("/metrics").text if other is b else admin_a.get("/metrics").text
-            assert "legator_gateway_forwarded_requests_total" in metrics
+        results: list[int] = []
+        threads = [
+            threading.Thread(target=lambda s=s: results.append(ask(s))) for s in (a, b, a, b, a, b)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [200] * 6
+        assert len(upstream.requests) - before == 6
+        assert upstream.peak_slow_answers == 1  # one slot in the whole cluster
+        metrics = admin_b.get("/metrics").text if other is b else admin_a.get("/metrics").text
+        assert "legator_gateway_forwarded_requests_total" in metrics
 
-            # A client leaving a forwarded stream frees the home's slot (no leak).
-            long_prompt = " ".join(["word"] * 200)  # 10 s of slow chunks
-            body = {"model": "slow", "stream": True}
-            body["messages"] = [{"role": "user", "content": long_prompt}]
-            with (
-                other.client(key) as client,
-                client.stream("POST", "/v1/chat/completions", json=body) as streamed,
-            ):
-                assert streamed.status_code == 200
-                next(streamed.iter_lines())
-                soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 1, timeout=10)
-            soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 0, timeout=10)
-            soon(lambda: upstream.active_streams == 0, timeout=10)
+        # A client leaving a forwarded stream frees the home's slot (no leak).
+        long_prompt = " ".join(["word"] * 200)  # 10 s of slow chunks
+        body = {"model": "slow", "stream": True}
+        body["messages"] = [{"role": "user", "content": long_prompt}]
+        with (
+            other.client(key) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as streamed,
+        ):
+            assert streamed.status_code == 200
+            next(streamed.iter_lines())
+            soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 1, timeout=10)
+        soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 0, timeout=10)
+        soon(lambda: upstream.active_streams == 0, timeout=10)
 
-            # The home shuts down: the other serves the model itself at once.
-            home.stop()
-            with other.client(key) as client:
-                assert chat(client, "slow").status_code == 200
-    finally:
-        b.stop()
-        a.stop()
+        # The home shuts down: the other serves the model itself at once.
+        home.stop()
+        with other.client(key) as client:
+            assert chat(client, "slow").status_code == 200
 
 
 def test_a_replica_url_that_does_not_answer_gets_nothing_forwarded(
@@ -161,32 +154,26 @@ def test_a_replica_url_that_does_not_answer_gets_nothing_forwarded(
 ) -> None:
     """B announces a wrong URL: A serves B's share of the models itself, and no client sees
     an error."""
-    shared = cluster_settings(pg_url)
-    a = LiveServer(tmp_path / "a", replica_id="replica-a", **shared)
-    b = LiveServer(tmp_path / "b", replica_id="replica-b", **shared)
-    a.settings_overrides["replica_url"] = a.url
-    b.settings_overrides["replica_url"] = f"http://127.0.0.1:{free_port()}"
-    a.start()
-    b.start()
-    try:
-        with a.client(a.admin_key) as admin_a, b.client(a.admin_key) as admin_b:
-            models = [f"echo-{i}" for i in range(6)]
-            for model in models:
-                register(admin_a, model, upstream.url, upstream_model="echo")
+    dead = {"replica_url": f"http://127.0.0.1:{free_port()}"}
+    with (
+        replica_pair(tmp_path, cluster_settings(pg_url), own_urls=True, b_settings=dead) as (a, b),
+        a.client(a.admin_key) as admin_a,
+        b.client(a.admin_key) as admin_b,
+    ):
+        models = [f"echo-{i}" for i in range(6)]
+        for model in models:
+            register(admin_a, model, upstream.url, upstream_model="echo")
 
-            # B hears A's good URL and forwards A's share there; A never routes to B.
-            def b_forwards_to_a() -> bool:
-                assert all(chat(admin_b, m).status_code == 200 for m in models)
-                metrics = admin_b.get("/metrics").text
-                return 'legator_gateway_forwarded_requests_total{replica="replica-a"}' in metrics
+        # B hears A's good URL and forwards A's share there; A never routes to B.
+        def b_forwards_to_a() -> bool:
+            assert all(chat(admin_b, m).status_code == 200 for m in models)
+            metrics = admin_b.get("/metrics").text
+            return 'legator_gateway_forwarded_requests_total{replica="replica-a"}' in metrics
 
-            soon(b_forwards_to_a, timeout=10)
-            assert all(chat(admin_a, m).status_code == 200 for m in models)
-            assert all(gateway(a).homes.home_of(m) is None for m in models)
-            assert "legator_gateway_forwarded_requests_total{" not in admin_a.get("/metrics").text
-    finally:
-        b.stop()
-        a.stop()
+        soon(b_forwards_to_a, timeout=10)
+        assert all(chat(admin_a, m).status_code == 200 for m in models)
+        assert all(gateway(a).homes.home_of(m) is None for m in models)
+        assert "legator_gateway_forwarded_requests_total{" not in admin_a.get("/metrics").text
 
 
 def test_scheduler_settings_reach_every_replica(pair: tuple[LiveServer, LiveServer]) -> None:
