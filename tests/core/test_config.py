@@ -41,6 +41,8 @@ def test_data_dir_and_database_url(tmp_path: Path) -> None:
         ("gateway_usage_retention_days", "-1", "LEGATOR_GATEWAY_USAGE_RETENTION_DAYS"),
         ("fleet_command_retention_days", "-1", "LEGATOR_FLEET_COMMAND_RETENTION_DAYS"),
         ("audit_retention_days", "-1", "LEGATOR_AUDIT_RETENTION_DAYS"),
+        ("replica_url", "ftp://cp-1", "LEGATOR_REPLICA_URL"),
+        ("replica_url", "http://user:secret@cp-1:8080", "LEGATOR_REPLICA_URL"),
     ],
 )
 def test_bad_values_name_the_variable(field: str, value: str, variable: str) -> None:

@@ -244,6 +244,16 @@ class Settings(BaseSettings):
             raise ValueError("expected an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("replica_url")
+    @classmethod
+    def _no_credentials_in_replica_url(cls, value: str | None) -> str | None:
+        # It is logged, and stored with the backends it serves.
+        if value and "@" in urlsplit(value).netloc:
+            raise ValueError(
+                "a replica URL carries no credentials: forwarded requests carry the client's key"
+            )
+        return value
+
     @field_validator("oidc_issuer")
     @classmethod
     def _check_oidc_issuer(cls, value: str | None) -> str | None:

@@ -56,14 +56,20 @@ async def forward(request: Request, exc: Exception) -> Response:
             url, data=await request.body(), headers=headers
         )
     except UPSTREAM_ERRORS as error:
-        log.warning("forwarding failed", model=exc.model_id, replica=exc.replica, url=exc.url)
+        log.warning(
+            "forwarding failed",
+            model=exc.model_id,
+            replica=exc.replica,
+            url=exc.url,
+            error=type(error).__name__,
+        )
         if gateway.homes is not None:
             gateway.homes.unreachable(exc.replica)  # the next requests are served here
         return error_response(
             request,
             503,
-            f"model {exc.model_id!r} is served by replica {exc.replica!r}, which did not answer "
-            f"at {exc.url}: {type(error).__name__}",
+            # Not its URL: clients have no business with the replicas' internal addresses.
+            f"model {exc.model_id!r} is served by replica {exc.replica!r}, which did not answer",
             headers={"Retry-After": "5"},
         )
     gateway.metrics.forwarded.labels(exc.replica).inc()

@@ -138,7 +138,9 @@ def test_the_other_replica_forwards_requests_to_the_one_that_runs_the_backend(
         assert b.app is not None
         b.call(b.app.state.gateway.supervisor.refresh_elsewhere())
         gone = chat(via_b, "tiny")
-        assert gone.status_code == 503 and "did not answer" in gone.json()["error"]["message"]
+        message = gone.json()["error"]["message"]
+        assert gone.status_code == 503 and "replica 'replica-a', which did not answer" in message
+        assert "127.0.0.1" not in message  # no internal address for clients
         assert gone.headers["retry-after"] == "5"
         gone = via_b.post("/v1/messages", json=messages)
         assert gone.status_code == 503 and gone.json()["type"] == "error"
