@@ -54,6 +54,34 @@ def test_revoked_key_is_rejected_at_once(api: httpx.Client, server: LiveServer) 
         assert "revoked" in body["message"]
 
 
+def test_a_key_in_busy_use_is_refused_once_its_revocation_returns(
+    api: httpx.Client, server: LiveServer
+) -> None:
+    """Lookups under way while the revocation commits must not put the key back in the
+    cache: before, a busy key kept working for the cache's 5 s after DELETE returned."""
+    key = api.post("/api/v1/keys", json={"name": "busy"}).json()
+    revoked_at: list[float] = []
+    late: list[float] = []  # requests sent after the revocation returned that got through
+
+    def hammer() -> None:
+        with server.client(key["key"]) as client:
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                sent = time.monotonic()
+                status = client.get("/api/v1/me").status_code
+                if status == 200 and revoked_at and sent > revoked_at[0]:
+                    late.append(sent - revoked_at[0])
+
+    with ThreadPoolExecutor(4) as pool:
+        workers = [pool.submit(hammer) for _ in range(4)]
+        time.sleep(0.3)
+        assert api.delete(f"/api/v1/keys/{key['id']}").status_code == 200
+        revoked_at.append(time.monotonic())
+        for worker in workers:
+            worker.result()
+    assert late == []
+
+
 def test_expired_key_is_rejected(api: httpx.Client, server: LiveServer) -> None:
     assert server.core is not None
     expires = utcnow() + timedelta(seconds=1.5)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select, update
@@ -33,6 +34,8 @@ SYSTEM_ACTOR = "system"
 LAST_USED_FLUSH_S = 30.0
 CREDENTIAL_CACHE_TTL_S = 5.0
 CREDENTIAL_CACHE_MAX = 10_000
+# What a replica tells the others when a change through it may end credentials.
+CREDENTIALS_CHANGED = "credentials-changed"
 MAX_LIVE_KEYS = 100  # per user, unrevoked and unexpired: each one is a credential at large
 USER_AGENT_MAX = 300  # what a session row keeps; audit entries keep as much
 SIGN_IN_WINDOW_S = 300.0
@@ -71,12 +74,17 @@ class _LastUsed:
 class _CredentialCache:
     """Verified credentials for a few seconds, so that a busy client costs one lookup per
     TTL instead of one per request. Every change made through this service (revoke, disable,
-    role change, logout, delete) clears it at once; a change made by another process (the
-    offline CLI) takes effect within the TTL."""
+    role change, logout, delete) clears it once committed; a change made by another process
+    (the offline CLI) takes effect within the TTL.
+
+    A lookup that read the database before such a change commits must not store what it read
+    after the clear: each clear starts a new ``generation``, and ``put`` takes only entries
+    read in the current one."""
 
     def __init__(self, ttl: float = CREDENTIAL_CACHE_TTL_S) -> None:
         self.ttl = ttl
         self._entries: dict[str, tuple[float, datetime | None, Principal]] = {}
+        self.generation = 0
 
     def get(self, digest: str, now: datetime) -> Principal | None:
         entry = self._entries.get(digest)
@@ -89,12 +97,17 @@ class _CredentialCache:
             return None
         return principal
 
-    def put(self, digest: str, expires_at: datetime | None, principal: Principal) -> None:
+    def put(
+        self, digest: str, expires_at: datetime | None, principal: Principal, generation: int
+    ) -> None:
+        if generation != self.generation:
+            return  # read before a change that has since cleared the cache
         if len(self._entries) >= CREDENTIAL_CACHE_MAX:
             self._entries.clear()
         self._entries[digest] = (time.monotonic(), expires_at, principal)
 
     def clear(self) -> None:
+        self.generation += 1
         self._entries.clear()
 
 
@@ -122,6 +135,11 @@ class AuthService:
             self._sign_ins.share(cluster)
         self._cache = _CredentialCache()
         self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
+        self._cluster = cluster
+        if cluster is not None:
+            # A key revoked through one replica stops working on the others as well, not
+            # only once their cached entry lapses.
+            cluster.on_broadcast(CREDENTIALS_CHANGED, lambda _origin, _body: self._forget_here())
 
     # ----- users -------------------------------------------------------------------------
 
@@ -239,7 +257,6 @@ class AuthService:
                 user.password_hash = password_hash
             if user.disabled or password_hash:
                 await session.execute(Session.__table__.delete().where(Session.user_id == user.id))
-            self._cache.clear()
             audit_changes = {k: v for k, v in changes.items() if v is not None}
             if password_hash:
                 audit_changes["password_changed"] = True
@@ -250,7 +267,9 @@ class AuthService:
                 target=f"user:{user.username}",
                 details=audit_changes,
             )
-            return await self._user_out(session, user)
+            out = await self._user_out(session, user)
+        self._forget_credentials()
+        return out
 
     async def delete_user(self, ref: str, *, actor: str = SYSTEM_ACTOR) -> None:
         async with self.db.write() as session:
@@ -258,10 +277,10 @@ class AuthService:
             if user.role == Role.ADMIN.value:
                 await self._ensure_another_admin(session, user)
             await session.delete(user)
-            self._cache.clear()
             await self.audit.record(
                 session, actor=actor, action="user.delete", target=f"user:{user.username}"
             )
+        self._forget_credentials()
 
     async def _ensure_another_admin(self, session: AsyncSession, user: User) -> None:
         others = await session.scalar(
@@ -382,7 +401,6 @@ class AuthService:
             key, username = row
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
-                self._cache.clear()
                 await self.audit.record(
                     session,
                     actor=actor,
@@ -390,7 +408,21 @@ class AuthService:
                     target=f"api_key:{key.id}",
                     details={"owner": username, "prefix": key.prefix},
                 )
-            return key_out(key, username)
+            out = key_out(key, username)
+        self._forget_credentials()
+        return out
+
+    def _forget_credentials(self) -> None:
+        """After a change to who may sign in commits, here and on every other replica."""
+        self._forget_here()
+        if self._cluster is not None:
+            self._cluster.broadcast(CREDENTIALS_CHANGED, {})
+
+    def _forget_here(self) -> None:
+        """No credential verified before now is used again, nor is a lookup still under way
+        shared with later requests."""
+        self._cache.clear()
+        self._lookups.clear()
 
     async def authenticate_key(self, raw: str) -> Principal | None:
         if not looks_like_api_key(raw):
@@ -407,8 +439,12 @@ class AuthService:
         if pending is None:
             pending = asyncio.ensure_future(self._lookup_key(digest, now))
             self._lookups[digest] = pending
-            pending.add_done_callback(lambda _f: self._lookups.pop(digest, None))
+            pending.add_done_callback(partial(self._lookup_done, digest))
         return await asyncio.shield(pending)
+
+    def _lookup_done(self, digest: str, lookup: asyncio.Future[Principal | None]) -> None:
+        if self._lookups.get(digest) is lookup:
+            del self._lookups[digest]
 
     async def _lookup_key(self, digest: str, now: datetime) -> Principal | None:
         query = (
@@ -426,6 +462,7 @@ class AuthService:
             .join(User)
             .where(ApiKey.key_hash == digest)
         )
+        generation = self._cache.generation
         async with self.db.session() as session:
             row = (await session.execute(query)).first()
         if row is None:
@@ -443,7 +480,7 @@ class AuthService:
             key_id=key_id,
             key_attributes=attributes or {},
         )
-        self._cache.put(digest, expires_at, principal)
+        self._cache.put(digest, expires_at, principal, generation)
         return principal
 
     # ----- sessions ----------------------------------------------------------------------
@@ -533,6 +570,7 @@ class AuthService:
             .join(User)
             .where(Session.token_hash == digest)
         )
+        generation = self._cache.generation
         async with self.db.session() as session:
             row = (await session.execute(query)).first()
         if row is None:
@@ -549,13 +587,12 @@ class AuthService:
             method="session",
             session_id=session_id,
         )
-        self._cache.put(digest, expires_at, principal)
+        self._cache.put(digest, expires_at, principal, generation)
         return principal
 
     async def logout(self, principal: Principal) -> None:
         if principal.session_id is None:
             return
-        self._cache.clear()
         async with self.db.write() as session:
             await session.execute(
                 Session.__table__.delete().where(Session.id == principal.session_id)
@@ -566,6 +603,7 @@ class AuthService:
                 action="auth.logout",
                 target=f"user:{principal.username}",
             )
+        self._forget_credentials()
 
     # ----- housekeeping ------------------------------------------------------------------
 
