@@ -104,6 +104,15 @@ def test_download_errors_and_guards(admin: httpx.Client, gw: LiveServer, hub: Fa
     assert not_gguf.status_code == 400
     escape = admin.post("/api/v1/gateway/downloads", json={"repo": REPO, "file": "../x.gguf"})
     assert escape.status_code == 422
+    for revision in ("../../..", "main/../..", "/tmp"):
+        climbing = admin.post(
+            "/api/v1/gateway/downloads", json={"repo": REPO, "revision": revision}
+        )
+        assert climbing.status_code == 422, revision
+    # A hostile hub (or mirror) lists a path outside the repository: it is never written.
+    hub.add("acme/hostile-GGUF", {"../../../escaped.gguf": b"not a gguf"})
+    hostile = admin.post("/api/v1/gateway/downloads", json={"repo": "acme/hostile-GGUF"})
+    assert hostile.status_code == 400 and "outside" in hostile.json()["error"]["message"]
     missing = admin.post("/api/v1/gateway/downloads", json={"repo": REPO, "file": "no.gguf"})
     assert missing.status_code == 404
     downloads = gw.app.state.gateway.downloads  # type: ignore[union-attr]

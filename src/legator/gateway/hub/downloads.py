@@ -40,6 +40,16 @@ _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9._:-]+")
 
 
+def _relative(path: str) -> bool:
+    """Whether ``path`` stays inside the folder it is joined to."""
+    return (
+        bool(path)
+        and not path.startswith("/")
+        and ".." not in path.split("/")
+        and ("\\" not in path)
+    )
+
+
 class InsufficientStorage(AppError):
     status_code = 507
     code = "insufficient_storage"
@@ -64,10 +74,16 @@ class DownloadRequest(BaseModel):
     @field_validator("file")
     @classmethod
     def _check_file(cls, value: str | None) -> str | None:
-        if value is not None and (
-            value.startswith("/") or ".." in value.split("/") or "\\" in value or not value
-        ):
+        if value is not None and not _relative(value):
             raise ValueError("a relative path inside the repository")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _check_revision(cls, value: str) -> str:
+        # It names a folder of the download's path too.
+        if not _relative(value):
+            raise ValueError("a branch, tag or commit, without '..' or a leading '/'")
         return value
 
 
@@ -188,6 +204,8 @@ class Downloads:
     async def create(self, req: DownloadRequest, *, actor: str) -> DownloadOut:
         listing = await asyncio.to_thread(client.files, req.repo, req.revision)
         filename = req.file or self._only_gguf(req.repo, listing)
+        if not _relative(filename):
+            raise BadRequest(f"the hub lists a file outside {req.repo}: {filename!r}")
         entry = next((f for f in listing if f.path == filename), None)
         if entry is None:
             raise NotFound(f"{req.repo} has no file {filename!r}")
@@ -197,6 +215,8 @@ class Downloads:
         if model_id in self.catalog.models:
             raise Conflict(f"model {model_id!r} already exists; choose another model_id")
         dest = self.models_dir / req.repo.replace("/", "__") / req.revision / filename
+        if not dest.resolve().is_relative_to(self.models_dir.resolve()):
+            raise BadRequest(f"{filename!r} at revision {req.revision!r} is outside the models")
         if await asyncio.to_thread(dest.exists):
             raise Conflict(f"{req.repo}/{filename} is already downloaded at {dest}")
         async with self.core.db.write() as session:
