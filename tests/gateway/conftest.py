@@ -8,7 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from legator.gateway.models import GatewayUsage
 from tests.gateway.scripted_upstream import ScriptedUpstream
 from tests.support import LiveServer, live_server
 
@@ -55,3 +57,15 @@ def new_key(admin: httpx.Client, user: str, role: str = "viewer", **pin: Any) ->
     response = admin.post("/api/v1/gateway/keys", json={"user": user, **pin})
     assert response.status_code == 201, response.text
     return response.json()["key"]  # type: ignore[no-any-return]
+
+
+def usage_statuses(gw: LiveServer, model: str) -> list[int]:
+    """The statuses of the usage rows written for ``model``, sorted."""
+    gw.call(gw.app.state.gateway.recorder.flush())  # type: ignore[union-attr]
+
+    async def read() -> list[int]:
+        async with gw.core.db.session() as session:  # type: ignore[union-attr]
+            query = select(GatewayUsage.status).where(GatewayUsage.model_id == model)
+            return sorted((await session.scalars(query)).all())
+
+    return gw.call(read())

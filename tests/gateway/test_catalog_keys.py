@@ -97,6 +97,22 @@ def test_pinned_keys(gw: LiveServer, catalogue: httpx.Client) -> None:
     assert {"echo", "coder-a", "coder-b"} <= {m.id for m in listed.data}
 
 
+def test_a_category_pin_holds_when_its_preferred_model_leaves_it(
+    gw: LiveServer, catalogue: httpx.Client
+) -> None:
+    gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    cat_key = new_key(catalogue, "erin", category="code")
+    # The preferred model is taken out of the category, or was never in it.
+    catalogue.patch("/api/v1/gateway/models/coder-b", json={"categories": []})
+    catalogue.patch("/api/v1/gateway/categories/code", json={"preferred_model": "echo"})
+    listed = openai.OpenAI(base_url=gw.url + "/v1", api_key=cat_key).models.list()
+    assert [m.id for m in listed.data] == ["coder-a"]
+    chat(gw, cat_key, "code")
+    chat(gw, gw.admin_key, "code")
+    assert gateway.scheduler.pools["coder-a"].served == 2
+    assert "echo" not in gateway.scheduler.pools and "coder-b" not in gateway.scheduler.pools
+
+
 def test_inference_keys_self_service(gw: LiveServer, admin: httpx.Client) -> None:
     assert (
         admin.post(

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.gateway.conftest import usage_statuses
 from tests.gateway.scripted_upstream import ScriptedUpstream
 from tests.support import LiveServer
 
@@ -251,6 +252,8 @@ def test_full_queue_and_wait_timeout_answer_429(gw: LiveServer, admin: httpx.Cli
             assert response.json()["error"]["type"] == "rate_limit_error"
     messages = " ".join(r.json()["error"]["message"] for r in results if r.status_code == 429)
     assert "full" in messages and "within" in messages
+    # Refused requests are accounted as well: they are the ones that waited longest.
+    assert usage_statuses(gw, "slow") == [200, 429, 429]
 
 
 def test_client_that_disconnects_while_queued_leaves_the_queue(
@@ -282,6 +285,7 @@ def test_client_that_disconnects_while_queued_leaves_the_queue(
     time.sleep(0.1)
     assert gateway.scheduler.pools["slow"].in_use == 0
     assert [r["messages"][0]["content"] for r in upstream.requests[-1:]] == ["x"]
+    assert usage_statuses(gw, "slow") == [200, 499]
 
 
 def test_a_client_gone_mid_stream_frees_the_slot(

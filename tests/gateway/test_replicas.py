@@ -80,6 +80,8 @@ def test_the_catalogue_changed_through_one_replica_is_served_by_the_other(
                 "/api/v1/gateway/categories", json={"name": "general", "preferred_model": "echo"}
             )
             assert made.status_code == 201, made.text
+            joined = admin_a.patch("/api/v1/gateway/models/echo", json={"categories": ["general"]})
+            assert joined.status_code == 200, joined.text
             soon(lambda: chat(alice_b, "general").status_code == 200)
 
             # Deleted through B: gone from A.

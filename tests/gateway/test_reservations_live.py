@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+import threading
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,11 +18,14 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from legator.core.db import utcnow
+from legator.core.auth.permissions import permissions_for_role
+from legator.core.auth.principal import Principal
+from legator.core.db import Database, utcnow
+from legator.core.errors import Conflict
 from legator.gateway import reservations
 from legator.gateway.models import GatewayReservation
 from tests.gateway.conftest import new_key
-from tests.support import LiveServer
+from tests.support import LiveServer, eventually, live_server
 
 
 def window(hours_from_now: int = 1, length_min: int = 60) -> dict[str, str]:
@@ -28,6 +34,15 @@ def window(hours_from_now: int = 1, length_min: int = 60) -> dict[str, str]:
         "starts_at": start.isoformat(),
         "ends_at": (start + timedelta(minutes=length_min)).isoformat(),
     }
+
+
+async def shift(db: Database, reservation_id: str, hours: float) -> None:
+    """Moves a reservation's window ``hours`` earlier, as if that much time had passed."""
+    async with db.write() as session:
+        row = await session.get(GatewayReservation, reservation_id)
+        assert row is not None
+        row.starts_at -= timedelta(hours=hours)
+        row.ends_at -= timedelta(hours=hours)
 
 
 def chat(gw: LiveServer, key: str) -> None:
@@ -93,25 +108,17 @@ def test_active_reservation_blocks_everyone_but_the_holder(
 
 
 def test_tick_activates_completes_and_cancels(gw: LiveServer, admin: httpx.Client) -> None:
-    from legator.gateway.models import GatewayReservation
-
     gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    db = gw.core.db  # type: ignore[union-attr]
     approved = admin.post("/api/v1/gateway/reservations", json=window(length_min=120)).json()
     admin.post(f"/api/v1/gateway/reservations/{approved['id']}/approve")
     pending = admin.post("/api/v1/gateway/reservations", json=window(hours_from_now=3)).json()
-
-    async def shift(reservation_id: str, hours: float) -> None:
-        async with gw.core.db.write() as session:  # type: ignore[union-attr]
-            row = await session.get(GatewayReservation, reservation_id)
-            row.starts_at -= timedelta(hours=hours)
-            row.ends_at -= timedelta(hours=hours)
-
-    gw.call(shift(approved["id"], 1.5))  # its window is now under way
-    gw.call(shift(pending["id"], 3.5))  # its start passed without approval
+    gw.call(shift(db, approved["id"], 1.5))  # its window is now under way
+    gw.call(shift(db, pending["id"], 3.5))  # its start passed without approval
     gw.call(gateway.reservations.tick())
     states = {r["id"]: r["state"] for r in admin.get("/api/v1/gateway/reservations").json()}
     assert states == {approved["id"]: "active", pending["id"]: "cancelled"}
-    gw.call(shift(approved["id"], 2))
+    gw.call(shift(db, approved["id"], 2))
     gw.call(gateway.reservations.tick())
     assert admin.get("/api/v1/gateway/reservations").json()[0]["state"] == "completed"
     assert gateway.reservations.active is None
@@ -267,12 +274,12 @@ def test_a_tick_reads_only_the_reservations_that_are_due(
         if asyncio.current_task() in ticking and isinstance(instance, GatewayReservation):
             loaded.append(instance.id)
 
-    real_write: Callable[[], AbstractAsyncContextManager[Any]] = db.write
+    real_write: Callable[..., AbstractAsyncContextManager[Any]] = db.write
 
-    def counted_write() -> AbstractAsyncContextManager[Any]:
+    def counted_write(**kwargs: Any) -> AbstractAsyncContextManager[Any]:
         if asyncio.current_task() in ticking:
             writes.append(1)
-        return real_write()
+        return real_write(**kwargs)
 
     async def tick() -> None:
         task = asyncio.current_task()
@@ -280,19 +287,13 @@ def test_a_tick_reads_only_the_reservations_that_are_due(
         ticking.add(task)
         await gateway.reservations.tick()
 
-    async def shift(reservation_id: str, hours: float) -> None:
-        async with db.write() as session:
-            row = await session.get(GatewayReservation, reservation_id)
-            row.starts_at -= timedelta(hours=hours)
-            row.ends_at -= timedelta(hours=hours)
-
     monkeypatch.setattr(db, "write", counted_write)
     event.listen(Session, "loaded_as_persistent", on_load)
     try:
         gw.call(tick())  # nothing due: nothing read, no write transaction
         assert (loaded, writes) == ([], [])
-        gw.call(shift(approved["id"], 1.5))  # its window is now under way
-        gw.call(shift(pending["id"], 3.5))  # its start passed without approval
+        gw.call(shift(db, approved["id"], 1.5))  # its window is now under way
+        gw.call(shift(db, pending["id"], 3.5))  # its start passed without approval
         gw.call(tick())
         assert set(loaded) == {approved["id"], pending["id"]}
         assert writes == [1]
@@ -302,3 +303,123 @@ def test_a_tick_reads_only_the_reservations_that_are_due(
     assert (states[approved["id"]], states[pending["id"]]) == ("active", "cancelled")
     assert list(states.values()).count("pending") == 150
     assert list(states.values()).count("approved") == 150
+
+
+def test_boundaries_are_on_the_utc_grid(gw: LiveServer, admin: httpx.Client) -> None:
+    url = "/api/v1/gateway/reservations"
+    day = (utcnow() + timedelta(days=2)).date().isoformat()
+    # 09:00 at +05:45 is 03:15 UTC: off the grid, though on it in its own zone.
+    nepal = {"starts_at": f"{day}T09:00:00+05:45", "ends_at": f"{day}T10:00:00+05:45"}
+    refused = admin.post(url, json=nepal)
+    assert refused.status_code == 400
+    assert "30-minute" in refused.json()["error"]["message"]
+    # 09:30 at +05:30 is 04:00 UTC: on it.
+    india = {"starts_at": f"{day}T09:30:00+05:30", "ends_at": f"{day}T10:30:00+05:30"}
+    assert admin.post(url, json=india).status_code == 201
+
+
+def test_activating_ahead_of_time_holds_from_now(gw: LiveServer, admin: httpx.Client) -> None:
+    url = "/api/v1/gateway/reservations"
+    between = admin.post(url, json=window(hours_from_now=2)).json()
+    admin.post(f"{url}/{between['id']}/approve")
+    later = admin.post(url, json=window(hours_from_now=30)).json()
+    # Started now, it would overlap the approved one in between.
+    refused = admin.post(f"{url}/{later['id']}/activate")
+    assert refused.status_code == 409
+    assert "overlaps" in refused.json()["error"]["message"]
+    soon = admin.post(url, json=window(hours_from_now=1)).json()
+    before = utcnow()
+    active = admin.post(f"{url}/{soon['id']}/activate").json()
+    assert active["state"] == "active"
+    assert before - timedelta(seconds=5) <= datetime.fromisoformat(active["starts_at"]) <= utcnow()
+
+
+def test_the_tick_never_activates_a_second_reservation(gw: LiveServer, admin: httpx.Client) -> None:
+    gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    url = "/api/v1/gateway/reservations"
+    first = admin.post(url, json=window(hours_from_now=1, length_min=180)).json()
+    admin.post(f"{url}/{first['id']}/activate")
+    # One that was approved for a window the active one now covers (in a database that
+    # holds such rows): it waits rather than being active beside it.
+    second = admin.post(url, json=window(hours_from_now=5, length_min=120)).json()
+    assert admin.post(f"{url}/{second['id']}/approve").status_code == 200
+    # It has begun, inside the active one's window.
+    gw.call(shift(gw.core.db, second["id"], 5))  # type: ignore[union-attr]
+    gw.call(gateway.reservations.tick())
+    states = {r["id"]: r["state"] for r in admin.get(url).json()}
+    assert states == {first["id"]: "active", second["id"]: "approved"}
+    assert gateway.reservations.active.id == first["id"]
+
+
+def test_a_request_queued_before_a_reservation_began_is_held_to_it(
+    gw: LiveServer, admin: httpx.Client
+) -> None:
+    admin.patch("/api/v1/gateway/models/slow", json={"parallel": 1})
+    holder_key = new_key(admin, "holder")
+    other_key = new_key(admin, "other")
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=other_key, max_retries=0)
+    words = " ".join(f"w{i}" for i in range(20))  # 1 s of stream at 50 ms per chunk
+    results: dict[str, int] = {}
+
+    def queued() -> None:
+        try:
+            client.chat.completions.create(
+                model="slow", messages=[{"role": "user", "content": "x"}]
+            )
+            results["queued"] = 200
+        except openai.APIStatusError as exc:
+            results["queued"] = exc.status_code
+
+    gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    stream = client.chat.completions.create(
+        model="slow", messages=[{"role": "user", "content": words}], stream=True
+    )
+    next(iter(stream))  # it holds the one slot
+    waiter = threading.Thread(target=queued)
+    waiter.start()
+    eventually(lambda: gateway.scheduler.pools["slow"].depth, 1)
+    reservation = admin.post(
+        "/api/v1/gateway/reservations", json={**window(), "user": "holder"}
+    ).json()
+    assert admin.post(f"/api/v1/gateway/reservations/{reservation['id']}/activate").status_code == (
+        200
+    )
+    for _ in stream:
+        pass
+    waiter.join()
+    assert results == {"queued": 503}
+    eventually(lambda: gateway.scheduler.pools["slow"].in_use, 0)
+    holder = openai.OpenAI(base_url=gw.url + "/v1", api_key=holder_key, max_retries=0)
+    holder.chat.completions.create(model="slow", messages=[{"role": "user", "content": "x"}])
+
+
+def test_two_overlapping_reservations_are_never_both_approved(tmp_path: Path, db_url: str) -> None:
+    """Approved at the same moment, through one replica or several: each approval's overlap
+    check must see the other's (before, both were approved in 9 of 10 tries on PostgreSQL)."""
+    admin_principal = Principal(
+        user_id=None,
+        username="admin",
+        role="admin",
+        permissions=permissions_for_role("admin"),
+        method="service",
+    )
+    with (
+        live_server(
+            tmp_path / "data", database_url=db_url, secrets_kek=secrets.token_hex(32)
+        ) as server,
+        server.client(server.admin_key) as admin,
+    ):
+        service = server.app.state.gateway.reservations  # type: ignore[union-attr]
+
+        async def approve_both(ids: list[str]) -> list[object]:
+            return await asyncio.gather(
+                *(service.transition(rid, "approve", admin_principal, admin=True) for rid in ids),
+                return_exceptions=True,
+            )
+
+        for i in range(5):
+            same = window(hours_from_now=2 + 3 * i)
+            ids = [admin.post("/api/v1/gateway/reservations", json=same).json()["id"] for _ in "ab"]
+            outcomes = server.call(approve_both(ids))
+            refused = [o for o in outcomes if isinstance(o, Conflict)]
+            assert len(refused) == 1, outcomes

@@ -19,6 +19,7 @@ from legator.gateway.scheduler import (
     VirtualClock,
     priority,
 )
+from legator.gateway.service import wait_for_slot
 
 
 def make_pool(
@@ -270,6 +271,30 @@ async def test_slot_handed_to_a_waiter_cancelled_at_that_moment_is_passed_on() -
     assert pool.in_use == 1
     (await survivor).release()
     assert pool.in_use == 0
+
+
+class _StaysConnected:
+    """A request whose client never leaves."""
+
+    async def receive(self) -> dict[str, str]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_slot_granted_as_its_requests_wait_is_cancelled_is_given_back() -> None:
+    """The request is cancelled (a caller's time limit, shutdown) after its slot was granted
+    but before its wait resumed: the slot is released, not held for good."""
+    _, pool, _ = make_pool()
+    holder = await pool.acquire("x")
+    waiting = asyncio.create_task(wait_for_slot(pool.acquire("w"), _StaysConnected()))  # type: ignore[arg-type]
+    await settle()
+    holder.release()  # handed to "w"...
+    await asyncio.sleep(0)  # ...whose acquire has returned its lease...
+    waiting.cancel()  # ...and the wait around it is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert pool.in_use == 0
+    (await pool.acquire("next", max_wait=0)).release()
 
 
 async def test_closing_a_pool_fails_its_waiters() -> None:

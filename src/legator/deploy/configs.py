@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from legator.core.audit.service import AuditService
@@ -193,14 +193,8 @@ class ConfigService:
     async def _insert(
         self, principal: Principal, owner: str, spec: DeploySpec, comment: str
     ) -> DeployConfig:
-        async with self.db.write() as session:
-            if session.bind.dialect.name == "postgresql":
-                # Saves by one owner take turns across all replicas (SQLite's BEGIN IMMEDIATE
-                # already serialises writers); released when the transaction ends.
-                await session.execute(
-                    text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                    {"key": f"deploy-config:{owner}"},
-                )
+        # Saves by one owner take turns across all replicas.
+        async with self.db.write(turns=f"deploy-config:{owner}") as session:
             latest = await session.scalar(
                 select(func.max(DeployConfig.version)).where(DeployConfig.owner == owner)
             )

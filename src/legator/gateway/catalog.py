@@ -248,7 +248,9 @@ class Catalog:
     def _from_category(self, name: str) -> ModelOut:
         category = self.categories[name]
         preferred = self.models.get(category.preferred_model or "")
-        if preferred is not None and preferred.state == "ready":
+        # Only while it is one of the category's models: a key pinned to the category may
+        # use those alone (and lists only those).
+        if preferred is not None and preferred.state == "ready" and name in preferred.categories:
             return preferred
         members = sorted(
             (m for m in self.models.values() if name in m.categories and m.state == "ready"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
@@ -40,6 +40,9 @@ WAITING = ("pending", "approved")  # not begun yet
 # start: anyone with gateway:read may ask for one.
 MAX_WAITING_PER_USER = 10
 MAX_LEAD = timedelta(days=90)
+# The name under which changes that must not overlap another reservation take turns, across
+# replicas: two approvals checked at once would each see no overlap.
+TURNS = "gateway-reservations"
 # Which admin action moves which state where.
 TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "approve": (("pending",), "approved"),
@@ -51,6 +54,8 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 def _on_boundary(value: datetime) -> bool:
+    # In UTC: a zone of a quarter or half hour off (+05:45) would shift the grid.
+    value = value.astimezone(UTC)
     return value.minute in (0, 30) and value.second == 0 and value.microsecond == 0
 
 
@@ -104,6 +109,12 @@ class Reservations:
             headers={"Retry-After": str(max(1, int((active.ends_at - utcnow()).total_seconds())))},
         )
 
+    async def _another_active(self, session: AsyncSession) -> bool:
+        found = await session.scalar(
+            select(GatewayReservation.id).where(GatewayReservation.state == "active").limit(1)
+        )
+        return found is not None
+
     async def _overlaps(
         self, session: AsyncSession, starts_at: datetime, ends_at: datetime, skip: str = ""
     ) -> bool:
@@ -121,7 +132,7 @@ class Reservations:
         self, data: ReservationCreate, principal: Principal, *, user_id: str, username: str
     ) -> ReservationOut:
         _validate_window(data.starts_at, data.ends_at)
-        async with self.core.db.write() as session:
+        async with self.core.db.write(turns=TURNS) as session:
             if not principal.can(Permission.GATEWAY_ADMIN):
                 waiting = await session.scalar(
                     select(func.count())
@@ -171,19 +182,21 @@ class Reservations:
         self, reservation_id: str, action: str, principal: Principal, *, admin: bool
     ) -> ReservationOut:
         sources, target = TRANSITIONS[action]
-        async with self.core.db.write() as session:
+        async with self.core.db.write(turns=TURNS) as session:
             row = await session.get(GatewayReservation, reservation_id, with_for_update=True)
             if row is None or (not admin and row.user_id != principal.user_id):
                 raise NotFound(f"reservation {reservation_id!r} does not exist")
             if row.state not in sources:
                 raise Conflict(f"cannot {action} a reservation that is {row.state}")
+            if target == "active":
+                # Activated ahead of its window, it holds from now on: what lies between now
+                # and its start must not be someone else's.
+                row.starts_at = min(row.starts_at, utcnow())
             if target in BLOCKING and await self._overlaps(
                 session, row.starts_at, row.ends_at, skip=row.id
             ):
                 raise Conflict("that window overlaps an approved or active reservation")
-            if target == "active" and await session.scalar(
-                select(GatewayReservation.id).where(GatewayReservation.state == "active")
-            ):
+            if target == "active" and await self._another_active(session):
                 raise Conflict("another reservation is active")
             row.state = target
             if action in ("approve", "reject"):
@@ -229,14 +242,14 @@ class Reservations:
 
     async def _advance(self, now: datetime) -> list[ReservationOut]:
         changed: list[ReservationOut] = []
-        async with self.core.db.write() as session:
+        async with self.core.db.write(turns=TURNS) as session:
             rows = (
                 await session.scalars(
                     select(GatewayReservation)
                     .where(_due(now))
-                    # Every replica ticks: one changes a row, the others skip it meanwhile
-                    # (PostgreSQL; SQLite takes one writer at a time anyway).
-                    .with_for_update(skip_locked=True)
+                    # Every replica ticks, taking turns: the next finds the rows changed.
+                    # In time order, so one that ends is completed before the next begins.
+                    .order_by(GatewayReservation.starts_at)
                 )
             ).all()
             for row in rows:
@@ -246,6 +259,8 @@ class Reservations:
                 ):
                     new = "completed"
                 elif row.state == "approved" and row.starts_at <= now:
+                    if await self._another_active(session):
+                        continue  # begins when the one still active ends
                     new = "active"
                 elif row.state == "pending" and row.starts_at <= now:
                     new = "cancelled"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -36,6 +37,7 @@ from legator.gateway.scheduler import (
     QueueTimeout,
     Scheduler,
     SchedulerConfig,
+    SlotPool,
 )
 from legator.gateway.schemas import ModelOut, SchedulerSettings, SchedulerSettingsUpdate
 from legator.gateway.supervisor import Supervisor
@@ -102,6 +104,28 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def wait_for_slot(acquiring: Awaitable[Lease], request: Request) -> Lease:
+    """Wait for a slot, leaving the queue if the client disconnects meanwhile."""
+    slot: asyncio.Task[Lease] = asyncio.ensure_future(acquiring)
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        # Cancelled ourselves (a caller's time limit, shutdown): a slot granted meanwhile
+        # is ours to give back, or it stays taken for good.
+        if slot.done() and not slot.cancelled() and slot.exception() is None:
+            slot.result().release()
+        raise
+    finally:
+        if not slot.done():
+            slot.cancel()  # the pool removes the waiter or passes a just-handed slot on
+            await asyncio.gather(slot, return_exceptions=True)
+        gone.cancel()
+    if slot.cancelled():
+        raise ClientGone
+    return slot.result()
 
 
 class Gateway:
@@ -284,14 +308,6 @@ class Gateway:
             and (home := self.homes.home_of(model.id)) is not None
         ):
             raise ForwardToReplica(model.id, home.replica, home.url)
-        user = principal.user_id or principal.username
-        pool = self.scheduler.pool(model.id, model.parallel)
-        try:
-            lease = pool.try_acquire(user) or await self._queue(pool.acquire(user), request)
-        except (QueueFull, QueueTimeout) as exc:
-            raise TooManyRequests(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-        except PoolClosed as exc:
-            raise ServiceUnavailable(str(exc)) from None
         usage = UsageRecord(
             user_id=principal.user_id,
             username=principal.username,
@@ -301,22 +317,45 @@ class Gateway:
             endpoint=endpoint,
             stream=stream,
         )
+        user = principal.user_id or principal.username
+        pool = self.scheduler.pool(model.id, model.parallel)
+        try:
+            lease = pool.try_acquire(user)
+        except PoolClosed as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        if lease is None:
+            lease = await self._queue(pool, user, request, usage, principal)
         return Admission(self, model, resolved.category, backend, lease, usage)
 
-    async def _queue(self, acquiring: Any, request: Request) -> Lease:
-        """Wait for a slot, leaving the queue if the client disconnects meanwhile."""
-        slot: asyncio.Task[Lease] = asyncio.ensure_future(acquiring)
-        gone = asyncio.ensure_future(_wait_disconnect(request))
+    async def _queue(
+        self, pool: SlotPool, user: str, request: Request, usage: UsageRecord, principal: Principal
+    ) -> Lease:
+        """A slot after waiting for it. A request refused or given up meanwhile leaves a
+        usage row too: those waited longest."""
+        started = time.perf_counter()
         try:
-            await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not slot.done():
-                slot.cancel()  # the pool removes the waiter or passes a just-handed slot on
-                await asyncio.gather(slot, return_exceptions=True)
-            gone.cancel()
-        if slot.cancelled():
-            raise ClientGone
-        return slot.result()
+            lease = await wait_for_slot(pool.acquire(user), request)
+        except (QueueFull, QueueTimeout) as exc:
+            self._refused(usage, 429, started)
+            raise TooManyRequests(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        except PoolClosed as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        except ClientGone:
+            self._refused(usage, 499, started)
+            raise
+        try:
+            # A reservation that began while the request waited holds for it as well.
+            self.reservations.check(principal)
+        except ServiceUnavailable:
+            lease.release()
+            self._refused(usage, 503, started)
+            raise
+        return lease
+
+    def _refused(self, usage: UsageRecord, status: int, started: float) -> None:
+        usage.status = status
+        usage.latency_ms = usage.queued_ms = int((time.perf_counter() - started) * 1000)
+        self.account(usage)
 
     def account(self, row: UsageRecord) -> None:
         tokens = row.input_tokens + row.output_tokens

@@ -103,9 +103,18 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction: commits on success, rolls back on any exception."""
+    async def write(self, *, turns: str | None = None) -> AsyncIterator[AsyncSession]:
+        """A write transaction: commits on success, rolls back on any exception.
+
+        Transactions given the same ``turns`` name run one at a time across all replicas,
+        for checks a row lock cannot cover (no overlap with rows another writer may be adding).
+        PostgreSQL takes an advisory lock until the transaction ends; SQLite's ``BEGIN
+        IMMEDIATE`` already lets one writer in at a time."""
         async with self._turn(), self._write_factory() as session, session.begin():
+            if turns is not None and not self.is_sqlite:
+                await session.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": turns}
+                )
             yield session
 
     @asynccontextmanager
