@@ -1,7 +1,10 @@
 """A scripted OpenAI-compatible server for exact-output and failure cases.
 
 The request's ``model`` picks the behaviour: ``echo`` (default), ``slow`` (50 ms per chunk,
-0.5 s per answer), ``die`` (the connection drops mid-stream), ``fail500``, ``tools``.
+0.5 s per answer), ``die`` (the connection drops mid-stream), ``fail500``, ``tools``,
+``redirect`` (a 307 to a private address of its own, as a hostile backend could send) and
+``huge`` (an answer, or a stream's first event, of ``HUGE_BYTES`` that never ends) and
+``reports`` (a stream that reports an error in an event after two chunks, as vLLM does).
 Every request body it received is kept in ``requests`` so tests can check what the gateway sent.
 """
 
@@ -23,6 +26,10 @@ from starlette.routing import Route
 from tests.support import free_port
 
 TOOL_ARGS = '{"city": "Paris"}'
+REPORTED = "out of memory on the GPU"
+# What ``redirect`` points the gateway at: only this host can read it.
+INTERNAL_SECRET = {"AccessKeyId": "ASIA-INTERNAL-ONLY", "SecretAccessKey": "never-to-a-client"}
+HUGE_BYTES = 3 * 1024 * 1024
 
 
 def reply_text(body: dict[str, Any]) -> str:
@@ -72,6 +79,7 @@ class ScriptedUpstream:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/internal/credentials", self.internal, methods=["GET", "POST"]),
             ]
         )
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
@@ -89,6 +97,9 @@ class ScriptedUpstream:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+    async def internal(self, _request: Request) -> Response:
+        return JSONResponse(INTERNAL_SECRET)
 
     async def models(self, _request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "echo", "object": "model"}]})
@@ -130,6 +141,11 @@ class ScriptedUpstream:
         mode = body.get("model", "echo")
         if mode == "fail500":
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if mode == "redirect":
+            location = f"http://127.0.0.1:{self.port}/internal/credentials"
+            return Response(status_code=307, headers={"location": location})
+        if mode == "huge":
+            return StreamingResponse(_endless_event(), media_type="text/event-stream")
         if mode == "slow" and not body.get("stream"):
             self.slow_answers += 1
             self.peak_slow_answers = max(self.peak_slow_answers, self.slow_answers)
@@ -195,6 +211,11 @@ class ScriptedUpstream:
                         await asyncio.sleep(0.05)
                     if mode == "die" and i == 2:
                         raise RuntimeError("scripted upstream dies mid-stream")
+                    if mode == "reports" and i == 2:
+                        error = {"error": {"message": REPORTED, "type": "server_error"}}
+                        yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                        yield b"data: [DONE]\n\n"
+                        return
                     yield chunk({"content": piece})
                 yield chunk({}, "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -210,3 +231,11 @@ class ScriptedUpstream:
             yield b"data: [DONE]\n\n"
         finally:
             self.active_streams -= 1
+
+
+async def _endless_event() -> AsyncIterator[bytes]:
+    """``HUGE_BYTES`` of one event (or JSON body) that is never finished, in 64 KiB reads."""
+    yield b'data: {"choices": [{"delta": {"content": "'
+    piece = b"x" * 65536
+    for _ in range(HUGE_BYTES // len(piece)):
+        yield piece

@@ -8,7 +8,8 @@ import anthropic
 import httpx
 import pytest
 
-from tests.gateway.scripted_upstream import ScriptedUpstream
+from tests.gateway.conftest import register, usage_statuses
+from tests.gateway.scripted_upstream import REPORTED, ScriptedUpstream
 from tests.support import LiveServer
 
 WEATHER = {
@@ -170,3 +171,41 @@ def test_backend_dying_mid_stream_sends_an_error_event(gw: LiveServer) -> None:
     assert events[0] == "message_start"
     assert events[-1] == "error"
     assert "content_block_stop" in events
+
+
+def test_an_error_the_backend_reports_mid_stream_is_an_error_event(
+    gw: LiveServer, admin: httpx.Client, upstream: ScriptedUpstream
+) -> None:
+    """Not a message that ends as if whole: before, the SDK got end_turn and no error."""
+    register(admin, "reports", upstream.url, upstream_model="reports")
+    with (
+        pytest.raises(anthropic.APIStatusError) as failed,
+        sdk(gw, gw.admin_key).messages.stream(
+            model="reports", max_tokens=16, messages=[{"role": "user", "content": "a b c d"}]
+        ) as stream,
+    ):
+        stream.get_final_message()
+    assert REPORTED in str(failed.value)
+    # The OpenAI route passes the backend's error event on as it came; both are failures.
+    with gw.client(gw.admin_key) as raw:
+        body = {
+            "model": "reports",
+            "stream": True,
+            "messages": [{"role": "user", "content": "x y z"}],
+        }
+        events = raw.post("/v1/chat/completions", json=body).text.split("\n\n")
+    assert REPORTED in events[-3] and events[-2] == "data: [DONE]"
+    assert usage_statuses(gw, "reports") == [502, 502]
+
+
+def test_deeply_nested_json_is_a_bad_request(gw: LiveServer) -> None:
+    nested = "[" * 5000 + "]" * 5000
+    with gw.client(gw.admin_key) as raw:
+        for path in ("/v1/messages", "/v1/chat/completions"):
+            answer = raw.post(
+                path,
+                content=f'{{"model": "echo", "metadata": {nested}}}',
+                headers={"content-type": "application/json"},
+            )
+            assert answer.status_code == 400, (path, answer.text)
+            assert "nested too deeply" in answer.text

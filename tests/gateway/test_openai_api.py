@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.conftest import usage_statuses
-from tests.gateway.scripted_upstream import ScriptedUpstream
+from tests.gateway.conftest import register, usage_statuses
+from tests.gateway.scripted_upstream import HUGE_BYTES, INTERNAL_SECRET, ScriptedUpstream
 from tests.support import LiveServer
 
 
@@ -192,6 +192,57 @@ def test_backend_dying_mid_stream_ends_with_error_and_done(
     flush_usage(gw)
     usage = admin.get("/api/v1/gateway/usage/all", params={"period": "hour"}).json()
     assert usage["by_model"][0]["errors"] == 1
+
+
+def test_a_backend_redirect_is_not_followed(
+    gw: LiveServer, admin: httpx.Client, upstream: ScriptedUpstream
+) -> None:
+    """A hostile backend answers with a redirect to an address only the gateway's host can
+    reach: the gateway must not fetch it for the client."""
+    register(admin, "redirect", upstream.url, upstream_model="redirect")
+    secret = INTERNAL_SECRET["SecretAccessKey"]
+    with gw.client(gw.admin_key) as raw:
+        for stream in (False, True):
+            body = {
+                "model": "redirect",
+                "stream": stream,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            answer = raw.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 502, answer.text
+            assert "redirect" in answer.json()["error"]["message"]
+            assert secret not in answer.text
+
+
+def test_an_endless_backend_answer_is_cut_off(
+    gw: LiveServer, admin: httpx.Client, upstream: ScriptedUpstream
+) -> None:
+    """An answer, or one stream event, past LEGATOR_GATEWAY_MAX_ANSWER_BYTES fails the request
+    instead of being held in memory."""
+    gateway = gw.app.state.gateway  # type: ignore[union-attr]
+    gateway.max_answer_bytes = HUGE_BYTES // 3
+    register(admin, "huge", upstream.url, upstream_model="huge")
+    message = {"model": "huge", "messages": [{"role": "user", "content": "x"}]}
+    with gw.client(gw.admin_key) as raw:
+        whole = raw.post("/v1/chat/completions", json=message)
+        assert whole.status_code == 502
+        assert f"exceeded {HUGE_BYTES // 3} bytes" in whole.json()["error"]["message"]
+        with raw.stream("POST", "/v1/chat/completions", json={**message, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data:")]
+        assert events[-1] == "data: [DONE]"
+        assert "exceeded" in json.loads(events[-2][5:])["error"]["message"]
+        assert sum(len(e) for e in events) < 2000  # none of the unfinished event was relayed
+        anthropic = raw.post(
+            "/v1/messages",
+            json={
+                "model": "huge",
+                "max_tokens": 8,
+                "stream": True,
+                "messages": message["messages"],
+            },
+        )
+        assert "event: error" in anthropic.text and "exceeded" in anthropic.text
+    assert usage_statuses(gw, "huge") == [502, 502, 502]
 
 
 def test_slot_is_held_until_the_stream_ends(gw: LiveServer, admin: httpx.Client) -> None:

@@ -28,6 +28,7 @@ DELTAS = [
 ]
 USAGE = _event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}})
 STREAM = b"".join(DELTAS) + USAGE + _event("[DONE]")
+GATEWAY = SimpleNamespace(max_answer_bytes=64 * 1024)  # what an Admission's relay reads
 
 
 class _Reads:
@@ -53,7 +54,7 @@ class _Reads:
 
 
 def _relay(pieces: list[bytes], *, wants_usage: bool) -> tuple[bytes, StreamState]:
-    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"))
+    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"), gateway=GATEWAY)
     state = StreamState()
 
     async def run() -> bytes:
@@ -109,10 +110,30 @@ def test_a_stream_cut_short_ends_with_an_error_event_and_done() -> None:
     assert state.status == 502
 
 
+def test_an_event_that_never_ends_is_cut_off_at_the_limit() -> None:
+    endless = [b'data: {"choices": [{"delta": {"content": "'] + [b"x" * 1000] * 200
+    relayed, state = _relay([DELTAS[0], *endless], wants_usage=False)
+    assert relayed.startswith(DELTAS[0]) and b"x" * 100 not in relayed
+    error = json.loads(relayed.split(b"\n\n")[-3][len(b"data: ") :])
+    assert f"exceeded {GATEWAY.max_answer_bytes} bytes" in error["error"]["message"]
+    assert state.status == 502
+
+
+def test_an_error_event_from_the_backend_fails_the_stream() -> None:
+    reported = _event({"error": {"message": "out of memory", "type": "server_error"}})
+    relayed, state = _relay([DELTAS[0] + reported + _event("[DONE]")], wants_usage=False)
+    assert relayed == DELTAS[0] + reported + _event("[DONE]")  # passed on as it came
+    assert state.status == 502 and "out of memory" in (state.error or "")
+    # A delta whose text mentions "error" is content, not a failure.
+    quoting = _event({"choices": [{"delta": {"content": '{"error": 1}'}}]})
+    relayed, state = _relay([quoting + _event("[DONE]")], wants_usage=False)
+    assert state.status == 200
+
+
 def _asgi_messages(pieces: list[bytes]) -> tuple[list[dict[str, Any]], int, _Reads]:
     """What the relay hands the server for a stream read in ``pieces``, and how many times
     it finished (released the slot and billed)."""
-    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"))
+    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"), gateway=GATEWAY)
     upstream, state, finished = _Reads(pieces), StreamState(), []
     content = openai_events(adm, upstream, state, False)  # type: ignore[arg-type]
     response = RelayResponse(content, upstream, state, lambda: finished.append(1))  # type: ignore[arg-type]
@@ -155,7 +176,7 @@ def _relay_to(
 ) -> tuple[StreamState, _Reads, int, float]:
     """Relays ``pieces`` to a client that takes the first ``accepts`` messages and then no
     more (its receive buffer full): the state, upstream, times finished and seconds taken."""
-    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"))
+    adm: Any = SimpleNamespace(model=SimpleNamespace(id="m"), gateway=GATEWAY)
     upstream, state, finished = _Reads(pieces, pause), StreamState(), []
     content = openai_events(adm, upstream, state, False)  # type: ignore[arg-type]
     response = RelayResponse(content, upstream, state, lambda: finished.append(1))  # type: ignore[arg-type]

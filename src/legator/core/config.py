@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     gateway_podman_flavour: Literal["llama-server", "llama-cpp-python"] = Field(
         "llama-server", description="What the podman image's entrypoint runs."
     )
+    gateway_max_answer_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=1024 * 1024 * 1024,
+        description="Largest backend answer (or stream event) taken; larger ones fail with 502.",
+    )
     gateway_usage_retention_days: int = Field(
         90, ge=0, le=36500, description="Usage rows older than this are deleted; 0 keeps all."
     )

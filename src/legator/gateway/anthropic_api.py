@@ -22,6 +22,7 @@ from legator.gateway.relay import (
     died,
     event_json,
     open_stream,
+    reported,
     sse_batches,
     stream_response,
 )
@@ -84,7 +85,7 @@ async def _events(
     yield translator.start()
     tail = b""
     try:
-        async for batch in sse_batches(upstream):
+        async for batch in sse_batches(upstream, adm.gateway.max_answer_bytes):
             out = b""
             for event in batch:
                 if event.startswith(DONE):
@@ -93,10 +94,13 @@ async def _events(
                 data: Any = event_json(event)
                 if not isinstance(data, dict):
                     continue
+                if failure := reported(adm, data):
+                    state.error = failure
+                    break
                 state.take_usage(data)
                 state.chunks += 1
                 out += translator.feed(data)
-            if state.done:
+            if state.done or state.error:
                 tail = out  # leaves with the end of the stream, in one write
                 break
             if out:

@@ -84,9 +84,11 @@ class BackendRegistry:
     async def post(
         self, backend: Backend, path: str, body: dict[str, Any]
     ) -> aiohttp.ClientResponse:
-        """Send; the caller reads or releases the response."""
+        """Send; the caller reads or releases the response. A redirect is not followed: it
+        would have this host fetch an address of the backend's choosing (loopback, a cloud
+        metadata service) for the client to read."""
         return await self.session.post(
-            backend.base_url + path, json=body, headers=backend.headers()
+            backend.base_url + path, json=body, headers=backend.headers(), allow_redirects=False
         )
 
     async def close(self) -> None:

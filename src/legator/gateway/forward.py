@@ -53,7 +53,7 @@ async def forward(request: Request, exc: Exception) -> Response:
         url += "?" + request.url.query
     try:
         upstream = await gateway.backends.session.post(
-            url, data=await request.body(), headers=headers
+            url, data=await request.body(), headers=headers, allow_redirects=False
         )
     except UPSTREAM_ERRORS as error:
         log.warning(

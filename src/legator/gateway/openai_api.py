@@ -42,6 +42,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError:
         raise BadRequest("request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
@@ -88,8 +90,8 @@ async def relay_openai(
         return await _one_shot(adm, path, body)
     try:
         upstream = await open_stream(adm, path, body)
-    except UpstreamError:
-        adm.finish(502)
+    except UpstreamError as exc:
+        adm.finish(exc.status)
         raise
     except BaseException:
         adm.finish(499)

@@ -25,8 +25,22 @@ log = get_logger("legator.gateway.relay")
 
 DONE = b"data: [DONE]"
 USAGE = b'"usage"'
-# What a failing upstream connection raises in aiohttp.
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+ERROR = b'"error"'
+# Of an error answer, enough for its message: the rest is not read.
+ERROR_BODY_BYTES = 64 * 1024
+
+
+class OversizedAnswer(Exception):
+    """The backend's answer, or one event of its stream, is larger than the gateway takes
+    (``LEGATOR_GATEWAY_MAX_ANSWER_BYTES``): a broken or hostile backend cannot make it hold
+    an endless body in memory."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"its answer exceeded {limit} bytes")
+
+
+# What a failing upstream connection raises in aiohttp, and what we raise reading it.
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OversizedAnswer)
 # A client that accepts no part of a stream for this long loses it: the slot the stream holds
 # is GPU capacity others queue for. Streams are looked at every half of it, so one is ended
 # 1 to 1.5 times this after its client stopped reading.
@@ -35,12 +49,29 @@ SEND_STALL_S = 30.0
 STALLED = 408
 
 
+def _reason(exc: Exception) -> str:
+    # An exception's text can carry the backend's address; a type name cannot.
+    return str(exc) if isinstance(exc, OversizedAnswer) else type(exc).__name__
+
+
 def unreachable(adm: Admission, exc: Exception) -> str:
-    return f"model {adm.model.id!r} backend unreachable: {type(exc).__name__}"
+    if isinstance(exc, OversizedAnswer):
+        return f"model {adm.model.id!r} backend failed: {exc}"
+    return f"model {adm.model.id!r} backend unreachable: {_reason(exc)}"
 
 
 def died(adm: Admission, exc: Exception) -> str:
-    return f"the backend of model {adm.model.id!r} failed mid-stream: {type(exc).__name__}"
+    return f"the backend of model {adm.model.id!r} failed mid-stream: {_reason(exc)}"
+
+
+def reported(adm: Admission, data: Any) -> str | None:
+    """What is wrong, when ``data`` is an error the backend sent inside its stream
+    (``data: {"error": …}``, as vLLM does) rather than a chunk."""
+    if not isinstance(data, dict) or "error" not in data or data.get("choices"):
+        return None
+    error = data["error"]
+    message = error.get("message") if isinstance(error, dict) else error
+    return f"the backend of model {adm.model.id!r} failed mid-stream: {str(message)[:500]}"
 
 
 def upstream_body(adm: Admission, body: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +81,7 @@ def upstream_body(adm: Admission, body: dict[str, Any]) -> dict[str, Any]:
 def _upstream_message(raw: bytes, reason: str) -> str:
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw[:200].decode(errors="replace") or reason
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
@@ -63,8 +94,13 @@ def _upstream_message(raw: bytes, reason: str) -> str:
 
 
 def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
-    if status < 400:
+    if status < 300:
         return
+    if status < 400:
+        raise UpstreamError(
+            f"model {model_id!r} backend answered with a redirect (HTTP {status}), "
+            "which the gateway does not follow"
+        )
     message = _upstream_message(raw, reason)
     if status in (400, 413, 422):
         # The backend refused the request itself (too long a prompt, bad field): the
@@ -86,14 +122,17 @@ async def call_upstream(
     registry = adm.gateway.backends
     try:
         async with await registry.post(adm.backend, path, upstream_body(adm, body)) as response:
-            raw = await response.read()
             status, reason = response.status, response.reason or ""
+            if status < 300:
+                raw = await read_capped(response, adm.gateway.max_answer_bytes)
+            else:
+                raw = await response.content.read(ERROR_BODY_BYTES)
     except UPSTREAM_ERRORS as exc:
         raise UpstreamError(unreachable(adm, exc)) from None
     check_status(status, raw, reason, adm.model.id)
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # a backend's JSON can be nested past the stack
         raise UpstreamError(
             f"model {adm.model.id!r} backend sent a body that is not JSON"
         ) from None
@@ -111,9 +150,9 @@ async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohtt
         response = await registry.post(adm.backend, path, payload)
     except UPSTREAM_ERRORS as exc:
         raise UpstreamError(unreachable(adm, exc)) from None
-    if response.status >= 400:
+    if response.status >= 300:
         try:
-            raw = await response.read()
+            raw = await response.content.read(ERROR_BODY_BYTES)
         except UPSTREAM_ERRORS:
             raw = b""
         finally:
@@ -122,28 +161,53 @@ async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohtt
     return response
 
 
-async def sse_blocks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ``OversizedAnswer`` as soon as it passes ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise OversizedAnswer(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise OversizedAnswer(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def sse_blocks(response: aiohttp.ClientResponse, limit: int) -> AsyncIterator[bytes]:
     """The server-sent events completed by each read from the upstream, as one block ending
     in a blank line, as soon as that read arrives: events that came in together leave together.
+    An event still unfinished past ``limit`` bytes raises ``OversizedAnswer``.
 
     Hand-written: an SSE client library would re-encode the events we pass through unchanged.
     """
-    buffer = b""
+    buffer = bytearray()
     async for chunk in response.content.iter_any():
+        if not buffer and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            yield chunk  # the usual read: whole events, passed on without a copy
+            continue
+        # Only the new bytes are looked at, with the last old one (a CR or LF of the old end
+        # pairs with new ones): rescanning an unfinished event at each read is quadratic.
+        start = max(0, len(buffer) - 1)
         buffer += chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        end = buffer.rfind(b"\n\n")
+        if b"\r" in buffer[start:]:
+            tail = buffer[start:].replace(b"\r\n", b"\n")
+            del buffer[start:]
+            buffer += tail
+        end = buffer.rfind(b"\n\n", start)
         if end >= 0:
-            yield buffer[: end + 2]
-            buffer = buffer[end + 2 :]
+            yield bytes(buffer[: end + 2])
+            del buffer[: end + 2]
+        elif len(buffer) > limit:
+            raise OversizedAnswer(limit)
     if buffer.strip():
-        yield buffer.strip() + b"\n\n"
+        yield bytes(buffer.strip()) + b"\n\n"
 
 
-async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+async def sse_batches(response: aiohttp.ClientResponse, limit: int) -> AsyncIterator[list[bytes]]:
     """Like ``sse_blocks``, split into events (without the blank line ending each)."""
-    async for block in sse_blocks(response):
+    async for block in sse_blocks(response, limit):
         batch = [event for event in block.split(b"\n\n") if event]
         if batch:
             yield batch
@@ -157,15 +221,19 @@ def event_json(event: bytes) -> Any:
                 return None
             try:
                 return json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
     return None
 
 
 def special_start(block: bytes) -> int:
-    """Where the first event of ``block`` that may end the stream or carry a usage that is not
-    null begins, or -1. The events before it are content deltas, passed on as they came."""
+    """Where the first event of ``block`` that may end the stream, report an error or carry a
+    usage that is not null begins, or -1. The events before it are content deltas, passed on
+    as they came."""
     cut = block.find(DONE)
+    error = block.find(ERROR)
+    if error >= 0 and (cut < 0 or error < cut):
+        cut = error
     at = block.find(USAGE)
     while at >= 0 and (cut < 0 or at < cut):
         if not block[at + len(USAGE) : at + len(USAGE) + 8].lstrip(b": ").startswith(b"null"):
@@ -224,7 +292,7 @@ async def openai_events(
 ) -> AsyncIterator[bytes]:
     """The upstream's events, untouched, minus the usage-only chunk the client did not ask for."""
     try:
-        async for block in sse_blocks(response):
+        async for block in sse_blocks(response, adm.gateway.max_answer_bytes):
             start = special_start(block)
             if start < 0:
                 # Most reads carry content deltas only: they leave as they came, in one write.
@@ -241,6 +309,8 @@ async def openai_events(
                     state.done = True
                     out += DONE + b"\n\n"
                     break
+                if ERROR in event and (failure := reported(adm, event_json(event))):
+                    state.error = failure  # passed on as sent; the stream counts as failed
                 if has_usage(event):
                     data = event_json(event)
                     state.take_usage(data)

@@ -135,6 +135,7 @@ class Gateway:
         self.scheduler = Scheduler()
         self.backends = BackendRegistry()
         self.recorder = UsageRecorder(core.db)
+        self.max_answer_bytes = core.settings.gateway_max_answer_bytes
         self.reservations = Reservations(core)
         self.rates: dict[str, deque[tuple[float, int]]] = {}
         self.catalog.listeners.append(self._on_model_change)
@@ -380,7 +381,9 @@ class Gateway:
         """Whether another replica's HTTP API answers at ``url`` from here."""
         try:
             async with self.backends.session.get(
-                url + "/healthz", timeout=aiohttp.ClientTimeout(total=REACH_TIMEOUT_S)
+                url + "/healthz",
+                timeout=aiohttp.ClientTimeout(total=REACH_TIMEOUT_S),
+                allow_redirects=False,
             ) as response:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):

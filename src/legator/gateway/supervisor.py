@@ -294,7 +294,9 @@ class Supervisor:
         headers = {"Authorization": f"Bearer {live.api_key}"}
         timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
         try:
-            async with self.registry.session.get(url, headers=headers, timeout=timeout) as resp:
+            async with self.registry.session.get(
+                url, headers=headers, timeout=timeout, allow_redirects=False
+            ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
