@@ -9,6 +9,7 @@ import pytest
 from legator.core.errors import BadRequest
 from legator.gateway.translate import (
     StreamTranslator,
+    UntranslatableStream,
     messages_to_openai,
     openai_to_message,
 )
@@ -40,6 +41,14 @@ def base(**extra: object) -> dict[str, object]:
         (
             base(messages=[{"role": "user", "content": [{"type": "tool_result"}]}]),
             "tool_use_id",
+        ),
+        (
+            base(messages=[{"role": "user", "content": [{"type": "image", "source": "x.png"}]}]),
+            "messages.0.content.0.source: must be an object",
+        ),
+        (
+            base(tool_choice={"type": "auto", "disable_parallel_tool_use": "yes"}),
+            "disable_parallel_tool_use",
         ),
     ],
 )
@@ -96,6 +105,14 @@ def test_request_translation() -> None:
     ]
     assert chat["tool_choice"] == "required"
     assert chat["top_k"] == 5 and chat["stop"] == ["END"]
+    assert "parallel_tool_calls" not in chat
+    one_call = messages_to_openai(
+        base(
+            tools=[{"name": "f"}],
+            tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+        )
+    )
+    assert one_call["tool_choice"] == "auto" and one_call["parallel_tool_calls"] is False
 
 
 def test_response_stop_reasons() -> None:
@@ -109,8 +126,19 @@ def test_response_stop_reasons() -> None:
     assert (out["stop_reason"], out["stop_sequence"]) == ("end_turn", None)
     assert out["usage"] == {"input_tokens": 3, "output_tokens": 2}
     assert openai_to_message(reply("x", "length"), "m", [])["stop_reason"] == "max_tokens"
+    # A backend that leaves the sequence in the text: Anthropic's text stops before it.
     out = openai_to_message(reply("the END", "stop"), "m", ["END"])
     assert (out["stop_reason"], out["stop_sequence"]) == ("stop_sequence", "END")
+    assert out["content"] == [{"type": "text", "text": "the "}]
+    # vLLM says which sequence hit, beside finish_reason; the text does not hold it.
+    said = reply("1 2 3 ", "stop")
+    said["choices"][0]["stop_reason"] = "END"  # type: ignore[index]
+    out = openai_to_message(said, "m", ["END"])
+    assert (out["stop_reason"], out["stop_sequence"]) == ("stop_sequence", "END")
+    assert out["content"] == [{"type": "text", "text": "1 2 3 "}]
+    # A stop that is none of the request's sequences (an end-of-turn token id, say).
+    said["choices"][0]["stop_reason"] = 2  # type: ignore[index]
+    assert openai_to_message(said, "m", ["END"])["stop_reason"] == "end_turn"
     bad_args = {
         "choices": [
             {
@@ -127,6 +155,9 @@ def test_response_stop_reasons() -> None:
         {"type": "tool_use", "id": "c", "name": "f", "input": {"_raw": "{oops"}}
     ]
     assert out["stop_reason"] == "tool_use"
+    # Cut off by the token limit mid-call: its input is unfinished, so not tool_use.
+    bad_args["choices"][0]["finish_reason"] = "length"  # type: ignore[index]
+    assert openai_to_message(bad_args, "m", [])["stop_reason"] == "max_tokens"
 
 
 def _events(raw: bytes) -> list[tuple[str, dict[str, object]]]:
@@ -190,3 +221,63 @@ def test_stream_error_ends_with_an_error_event() -> None:
     events = _events(raw)
     assert [e for e, _ in events][-2:] == ["content_block_stop", "error"]
     assert events[-1][1]["error"] == {"type": "api_error", "message": "gone"}
+
+
+def _call(index: int, arguments: str, call_id: str | None = None, name: str = "") -> dict:
+    call: dict[str, object] = {"index": index, "function": {"arguments": arguments}}
+    if call_id:
+        call["id"] = call_id
+        call["function"] = {"name": name, "arguments": arguments}
+    return {"choices": [{"delta": {"tool_calls": [call]}}]}
+
+
+def _tool_blocks(events: list[tuple[str, dict]]) -> dict[int, tuple[str, str]]:
+    """Each tool_use block's id and the arguments streamed into it, by block index."""
+    blocks: dict[int, tuple[str, str]] = {}
+    for event, data in events:
+        if event == "content_block_start" and data["content_block"]["type"] == "tool_use":
+            blocks[data["index"]] = (data["content_block"]["id"], "")
+        elif event == "content_block_delta" and data["delta"]["type"] == "input_json_delta":
+            call_id, arguments = blocks[data["index"]]
+            blocks[data["index"]] = (call_id, arguments + data["delta"]["partial_json"])
+    return blocks
+
+
+def test_calls_sent_under_one_index_with_new_ids_are_separate_blocks() -> None:
+    """Ollama and SGLang send every call as index 0, each with its own id."""
+    t = StreamTranslator("m")
+    raw = t.start()
+    raw += t.feed(_call(0, '{"p":', "c1", "read"))
+    raw += t.feed(_call(0, '"a.py"}'))
+    raw += t.feed(_call(0, '{"p":"b.py"}', "c2", "read"))
+    raw += t.feed({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
+    raw += t.end([])
+    events = _events(raw)
+    assert _tool_blocks(events) == {0: ("c1", '{"p":"a.py"}'), 1: ("c2", '{"p":"b.py"}')}
+    starts = [e for e, _ in events if e in ("content_block_start", "content_block_stop")]
+    assert starts == ["content_block_start", "content_block_stop"] * 2  # one after the other
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_interleaved_call_arguments_are_refused_not_mixed_up() -> None:
+    t = StreamTranslator("m")
+    t.start()
+    t.feed(_call(0, '{"p":', "c1", "read"))
+    t.feed(_call(1, '{"p":', "c2", "read"))
+    with pytest.raises(UntranslatableStream, match="interleaved"):
+        t.feed(_call(0, '"a.py"}'))
+
+
+def test_a_streamed_call_cut_off_by_the_limit_is_max_tokens() -> None:
+    t = StreamTranslator("m")
+    raw = t.start() + t.feed(_call(0, '{"path": "/etc/pas', "c1", "read"))
+    raw += t.feed({"choices": [{"delta": {}, "finish_reason": "length"}]}) + t.end([])
+    assert _events(raw)[-2][1]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+
+
+def test_a_streamed_stop_sequence_named_by_the_backend() -> None:
+    t = StreamTranslator("m")
+    raw = t.start() + t.feed({"choices": [{"delta": {"content": "1 2 3 "}}]})
+    raw += t.feed({"choices": [{"delta": {}, "finish_reason": "stop", "stop_reason": "END"}]})
+    raw += t.end(["END"])
+    assert _events(raw)[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}

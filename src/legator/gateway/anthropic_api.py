@@ -27,7 +27,12 @@ from legator.gateway.relay import (
     stream_response,
 )
 from legator.gateway.service import Admission, ClientGone
-from legator.gateway.translate import StreamTranslator, messages_to_openai, openai_to_message
+from legator.gateway.translate import (
+    StreamTranslator,
+    UntranslatableStream,
+    messages_to_openai,
+    openai_to_message,
+)
 
 router = APIRouter(prefix="/v1", tags=["inference (Anthropic)"])
 
@@ -99,7 +104,11 @@ async def _events(
                     break
                 state.take_usage(data)
                 state.chunks += 1
-                out += translator.feed(data)
+                try:
+                    out += translator.feed(data)
+                except UntranslatableStream as exc:
+                    state.error = f"model {adm.model.id!r}: {exc}"
+                    break
             if state.done or state.error:
                 tail = out  # leaves with the end of the stream, in one write
                 break

@@ -36,7 +36,9 @@ def _text_of(blocks: Any, where: str) -> str:
 
 
 def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
-    source = block.get("source") or {}
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise BadRequest(f"{where}.source: must be an object with type 'base64' or 'url'")
     if source.get("type") == "base64":
         url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
     elif source.get("type") == "url":
@@ -133,6 +135,9 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
 def _tool_choice(choice: Any) -> Any:
     if not isinstance(choice, dict):
         raise BadRequest("tool_choice: must be an object")
+    disable = choice.get("disable_parallel_tool_use", False)
+    if not isinstance(disable, bool):
+        raise BadRequest("tool_choice.disable_parallel_tool_use: must be true or false")
     kind = choice.get("type")
     if kind == "auto":
         return "auto"
@@ -184,18 +189,27 @@ def messages_to_openai(body: dict[str, Any]) -> dict[str, Any]:
         request["tools"] = _tools(body["tools"])
     if body.get("tool_choice"):
         request["tool_choice"] = _tool_choice(body["tool_choice"])
+        if body["tool_choice"].get("disable_parallel_tool_use"):
+            request["parallel_tool_calls"] = False
     return request
 
 
-def _stop(finish_reason: str | None, text: str, stops: list[str]) -> tuple[str, str | None]:
-    """OpenAI does not say which stop sequence hit; a completion that stopped short of the
-    natural end when sequences were given is reported as ``stop_sequence`` only when the
-    backend echoed it, else as ``end_turn``."""
+def _stop(
+    finish_reason: str | None, matched: Any, text: str, stops: list[str], tool_seen: bool
+) -> tuple[str, str | None]:
+    """Anthropic's stop reason and sequence. OpenAI's API does not say which stop sequence
+    hit: vLLM does (``stop_reason`` beside ``finish_reason``), and a backend that leaves the
+    sequence at the end of the text shows it; otherwise a stop is ``end_turn``. A tool call
+    cut off by the token limit is ``max_tokens``, not ``tool_use``: its input is unfinished."""
     reason = STOP_REASONS.get(finish_reason or "stop", "end_turn")
     if reason == "end_turn":
+        if isinstance(matched, str) and matched in stops:
+            return "stop_sequence", matched
         for stop in stops:
             if stop and text.endswith(stop):
                 return "stop_sequence", stop
+    if tool_seen and reason != "max_tokens":
+        return "tool_use", None
     return reason, None
 
 
@@ -204,7 +218,7 @@ def _tool_input(arguments: Any) -> dict[str, Any]:
         return arguments
     try:
         value = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"_raw": str(arguments)}
     return value if isinstance(value, dict) else {"value": value}
 
@@ -215,6 +229,15 @@ def openai_to_message(data: dict[str, Any], model: str, stops: list[str]) -> dic
     message = choice.get("message") or {}
     content: list[dict[str, Any]] = []
     text = message.get("content") or ""
+    reason, sequence = _stop(
+        choice.get("finish_reason"),
+        choice.get("stop_reason"),
+        text,
+        stops,
+        bool(message.get("tool_calls")),
+    )
+    if sequence is not None and text.endswith(sequence):
+        text = text[: -len(sequence)]  # Anthropic's text stops before the sequence
     if text:
         content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or []:
@@ -227,9 +250,6 @@ def openai_to_message(data: dict[str, Any], model: str, stops: list[str]) -> dic
                 "input": _tool_input(function.get("arguments")),
             }
         )
-    reason, sequence = _stop(choice.get("finish_reason"), text, stops)
-    if any(b["type"] == "tool_use" for b in content):
-        reason = "tool_use"
     usage = data.get("usage") or {}
     return {
         "id": "msg_" + new_id().replace("-", ""),
@@ -246,6 +266,10 @@ def openai_to_message(data: dict[str, Any], model: str, stops: list[str]) -> dic
     }
 
 
+class UntranslatableStream(Exception):
+    """The backend's stream has a shape Anthropic's events cannot carry."""
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
 
@@ -257,12 +281,15 @@ class StreamTranslator:
     def __init__(self, model: str) -> None:
         self.model = model
         self.index = -1
-        self.open: str | None = None  # "text" or "tool:<openai index>"
+        self.open: str | None = None  # "text" or "tool:<openai index>:<call id>"
         self.finish: str | None = None
         self.text_tail = ""
         self.input_tokens = 0
         self.output_tokens = 0
         self.tool_seen = False
+        self.matched: Any = None  # the stop sequence that hit, where the backend says (vLLM)
+        # Each OpenAI tool-call index: the id of the call under it and its block's index.
+        self.calls: dict[Any, tuple[str, int]] = {}
 
     def start(self) -> bytes:
         message = {
@@ -314,19 +341,8 @@ class StreamTranslator:
                     },
                 )
             for call in delta.get("tool_calls") or []:
-                key = f"tool:{call.get('index', 0)}"
+                out += self._tool_call(call)
                 function = call.get("function") or {}
-                if self.open != key:
-                    self.tool_seen = True
-                    out += self._begin(
-                        key,
-                        {
-                            "type": "tool_use",
-                            "id": call.get("id") or f"toolu_{new_id().replace('-', '')[:24]}",
-                            "name": function.get("name", ""),
-                            "input": {},
-                        },
-                    )
                 if function.get("arguments"):
                     out += sse(
                         "content_block_delta",
@@ -341,6 +357,30 @@ class StreamTranslator:
                     )
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
+            if isinstance(choice.get("stop_reason"), str):
+                self.matched = choice["stop_reason"]
+        return out
+
+    def _tool_call(self, call: dict[str, Any]) -> bytes:
+        """Opens the call's block when the call is new: under an index not seen yet, or under
+        one seen with another id (some servers send every call as index 0, each with its id).
+        Raises ``UntranslatableStream`` for a fragment of a call whose block has closed."""
+        position = call.get("index", 0)
+        known = self.calls.get(position)
+        call_id = call.get("id")
+        if known is not None and (not call_id or call_id == known[0]):
+            if known[1] != self.index or self.open is None:
+                raise UntranslatableStream(
+                    "the backend interleaved the arguments of several tool calls, which "
+                    "Anthropic's stream events cannot carry"
+                )
+            return b""
+        self.tool_seen = True
+        call_id = call_id or f"toolu_{new_id().replace('-', '')[:24]}"
+        name = (call.get("function") or {}).get("name", "")
+        block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+        out = self._begin(f"tool:{position}:{call_id}", block)
+        self.calls[position] = (call_id, self.index)
         return out
 
     def end(self, stops: list[str], error: str | None = None) -> bytes:
@@ -349,9 +389,7 @@ class StreamTranslator:
             return out + sse(
                 "error", {"type": "error", "error": {"type": "api_error", "message": error}}
             )
-        reason, sequence = _stop(self.finish, self.text_tail, stops)
-        if self.tool_seen:
-            reason = "tool_use"
+        reason, sequence = _stop(self.finish, self.matched, self.text_tail, stops, self.tool_seen)
         return (
             out
             + sse(
