@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from legator.secrets.server import ConfigProblem, Legerd
-from tests.secrets.conftest import FakeTailscale, LegerdThread, make_config
+from tests.secrets.conftest import FakeTailscale, LegerdThread, make_config, whois_tagged
 
 # Runs as another user with nothing but the standard library: one setec call over the socket.
 _CALL_AS_USER = r"""
@@ -108,3 +108,19 @@ def test_without_dev_loopback_callers_need_an_identity(legerd: LegerdThread) -> 
     with legerd.tcp("127.0.0.1") as client:
         response = client.post("/api/list", content=b"{}")
     assert (response.status_code, response.text) == (500, "unable to identify caller\n")
+
+
+def test_a_forwarded_address_does_not_name_the_caller(
+    legerd: LegerdThread, tailscale: FakeTailscale
+) -> None:
+    """Anyone on the host reaches loopback: a forwarded-for header from there must not make
+    tailscaled be asked about, and the caller be taken for, another tailnet node."""
+    tailscale.identities["100.64.0.22"] = whois_tagged(
+        ["tag:prod"], [{"action": ["get", "list"], "secret": ["*"]}]
+    )
+    with legerd.tcp("127.0.0.1") as client:
+        response = client.post(
+            "/api/list", content=b"{}", headers={"X-Forwarded-For": "100.64.0.22"}
+        )
+    assert (response.status_code, response.text) == (500, "unable to identify caller\n")
+    assert not any(call.startswith("100.64.0.22") for call in tailscale.calls)

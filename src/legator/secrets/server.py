@@ -155,6 +155,10 @@ class Legerd:
                 log_level=log_level,
                 access_log=False,
                 server_header=False,
+                # Callers are identified by the address they connect from: an
+                # X-Forwarded-For from loopback (uvicorn's default trust) would let any local
+                # user name the tailnet node tailscaled is asked about.
+                proxy_headers=False,
             )
         )
 
