@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,15 +71,22 @@ def constant_time_equal(a: str, b: str) -> bool:
 
 
 def write_private_file(path: Path, content: str) -> None:
-    """Create ``path`` with mode 0600 from the start (no window where it is world-readable)."""
+    """Replace ``path`` at once with ``content``, mode 0600 from the start (no window where
+    it is world-readable). The content is written to a new file of a unique name first
+    (``mkstemp``: created exclusively, never an existing file or link someone planted in a
+    shared folder), so concurrent writers each replace the file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def load_or_create_signing_key(configured: str | None, data_dir: Path | None) -> bytes:
