@@ -1,6 +1,7 @@
 """`leger auth login` by Tailscale identity, against a fake tailscaled speaking the real whois
 JSON. The tailnet address reaches the server as a trusted proxy's X-Forwarded-For, the way a
-reverse proxy on the tailnet would hand it over."""
+reverse proxy on the tailnet would hand it over (LEGATOR_TAILSCALE_LOGIN_VIA_PROXY); without
+that setting only the connection's own address counts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tests.secrets.conftest import FakeTailscale, whois_tagged, whois_user
-from tests.support import LiveServer, run_cli
+from tests.support import LiveServer, live_server, run_cli
 
 TAILNET_IP = "100.101.102.103"
 URL = "/api/v1/deploy/auth/tailscale"
@@ -25,7 +26,9 @@ def tailscale(tmp_path: Path) -> Iterator[FakeTailscale]:
 
 @pytest.fixture
 def ts_server(tmp_path: Path, tailscale: FakeTailscale) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path / "data", tailscale_socket=tailscale.path).start()
+    server = LiveServer(
+        tmp_path / "data", tailscale_socket=tailscale.path, tailscale_login_via_proxy=True
+    ).start()
     try:
         with server.client(server.admin_key) as api:
             created = api.post(
@@ -89,3 +92,17 @@ def test_leger_falls_back_to_the_api_key_off_the_tailnet(
     result = run_cli("leger", "auth", "login", "--server", ts_server.url, env=env)
     assert result.returncode == 0, result.stderr
     assert "as alice via api_key" in result.stdout
+
+
+def test_a_forwarded_address_counts_only_when_told_to(
+    tmp_path: Path, tailscale: FakeTailscale
+) -> None:
+    """By default a local user cannot claim a tailnet node's identity (and its user's key)
+    with an X-Forwarded-For from loopback, a trusted proxy's address."""
+    tailscale.identities[TAILNET_IP] = whois_user("alice@example.com")
+    with live_server(tmp_path / "data", tailscale_socket=tailscale.path) as server:
+        with server.client(server.admin_key) as api:
+            api.post("/api/v1/users", json={"username": "alice", "email": "alice@example.com"})
+        forged = _login(server, TAILNET_IP)
+    assert forged.status_code == 401 and "api_key" not in forged.text
+    assert not any(call.startswith(TAILNET_IP) for call in tailscale.calls)

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     tailscale_socket: Path | None = Field(
         None, description="tailscaled's LocalAPI socket; set to sign leger in by Tailscale."
     )
+    tailscale_login_via_proxy: bool = Field(
+        False,
+        description="Tailscale sign-in trusts a trusted proxy's X-Forwarded-For for the caller.",
+    )
     approval_ttl: int = Field(900, ge=30, le=7 * 24 * 3600, description="Approval expiry, seconds.")
     secrets_dir: Path | None = Field(
         None, description="Secrets store directory; unset = <data_dir>/secrets."

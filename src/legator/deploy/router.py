@@ -7,8 +7,8 @@ from fastapi import APIRouter, Query, Request, Response
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import NotFound
-from legator.core.http.deps import require
-from legator.core.http.net import client_ip
+from legator.core.http.deps import core_of, require
+from legator.core.http.net import client_ip, peer_ip
 from legator.deploy.configs import LIST_LIMIT, LIST_MAX_LIMIT, ConfigService, catalog_entries
 from legator.deploy.device import DeviceLogins
 from legator.deploy.manifest import MANIFEST_NAME
@@ -106,7 +106,11 @@ async def tailscale_login(body: DeviceStart, request: Request) -> dict[str, obje
     tailscaled names for the caller gets a 30-day API key if a Legator user of that login
     name or e-mail exists. Anywhere else: 401 (404 when Tailscale sign-in is not enabled)."""
     logins = request.app.state.deploy_tailscale
-    return await logins.login(client_ip(request), body.client_name)  # type: ignore[no-any-return]
+    # The address tailscaled is asked about grants a key: by default the connection's own,
+    # since a forwarded one can be sent by anyone who connects from a trusted proxy's address.
+    via_proxy = core_of(request).settings.tailscale_login_via_proxy
+    caller = client_ip(request) if via_proxy else peer_ip(request)
+    return await logins.login(caller, body.client_name)  # type: ignore[no-any-return]
 
 
 @router.post("/device/code", dependencies=[require(Permission.PUBLIC)])

@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
+from legator.core.http.protocol import PEER_EXTENSION
+
 
 def client_ip(conn: HTTPConnection) -> str:
+    """The client's address: from a trusted proxy's X-Forwarded-For where there is one."""
     return conn.client.host if conn.client else ""
+
+
+def peer_ip(conn: HTTPConnection) -> str:
+    """The address the connection comes from, whatever a proxy header says. A header from a
+    trusted proxy's address can be sent by anyone who can connect from there (on loopback,
+    every user of the host)."""
+    peer = conn.scope.get("extensions", {}).get(PEER_EXTENSION)
+    return str(peer[0]) if peer else client_ip(conn)
 
 
 def is_https(conn: HTTPConnection) -> bool:

@@ -10,7 +10,9 @@ on a kept-alive connection, uvicorn's own keep-alive timeout applies.
 It also hands the app a way to drop the connection (``ABORT_EXTENSION`` in the scope's
 extensions), for a response that must end while a write to a client that stopped reading is
 still waiting: returning from the app would only ``close()`` the transport, which waits for a
-buffer that never drains, and log an error as if the app had a bug.
+buffer that never drains, and log an error as if the app had a bug. And it keeps the address
+the connection comes from (``PEER_EXTENSION``), which uvicorn's proxy-header handling
+replaces in ``client`` with what a trusted proxy's X-Forwarded-For says.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 HEAD_MAX_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
 ABORT_EXTENSION = "legator.abort"
+PEER_EXTENSION = "legator.peer"
 
 
 class HeadTooLarge(Exception):
@@ -56,7 +59,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_arrived()
-        self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self.transport.abort
+        extensions = self.scope.setdefault("extensions", {})
+        extensions[ABORT_EXTENSION] = self.transport.abort
+        extensions[PEER_EXTENSION] = self.client
         super().on_headers_complete()
 
     def _count(self, size: int) -> None:
