@@ -129,6 +129,18 @@ def test_output_for_a_finished_command_is_refused(probe: RawProbe) -> None:
     assert _stored(probe.server, done) == {"chunks": 1, "stdout": len("before the end\n")}
 
 
+def test_a_finished_commands_result_cannot_be_rewritten(probe: RawProbe) -> None:
+    """A compromised host cannot replace what one of its commands found once it finished
+    (before, any result but "rejected" overwrote the stored one)."""
+    done = probe.command()
+    probe.finish(done, exit_code=0, stdout="genuine\n")
+    _wait(lambda: probe.status(done)["status"] == "completed")
+    probe.finish(done, exit_code=0, stdout="FORGED\n")
+    probe.send("command_result", {"request_id": done, "status": "failed", "exit_code": 1})
+    probe.settle()
+    assert (probe.status(done)["stdout"], probe.status(done)["exit_code"]) == ("genuine\n", 0)
+
+
 def test_stored_output_is_capped_per_stream_and_marked_truncated(probe: RawProbe) -> None:
     rid = probe.command()
     for seq in range(20):  # 1.25 MiB of stdout, more than the probe ever keeps

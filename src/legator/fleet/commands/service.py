@@ -48,6 +48,8 @@ log = get_logger("legator.fleet.commands")
 KIND_COMMAND = "fleet.command"
 RECONNECT_WAIT_S = 30.0
 ACTIVE = ("dispatched", "running")
+# A result is taken for these only: a lost command's (its deadline passed) may still come.
+RESULT_AWAITED = (*ACTIVE, "lost")
 RESULT_BATCH = 1000
 # A follower of /commands/{id}/stream holds at most this many live items; one that falls
 # further behind is switched to reading the rest from the database (nothing is lost).
@@ -585,8 +587,15 @@ class CommandService:
                         },
                         request_id="",  # from the probe's socket, not an HTTP request
                     )
-                if known[1] not in ACTIVE and result.status == "rejected":
-                    # A replayed or forged message naming a finished command: keep its result.
+                if known[1] not in RESULT_AWAITED:
+                    # A replayed message, or a probe (say, a compromised host) rewriting what
+                    # one of its finished commands found: the first result stands.
+                    log.warning(
+                        "result for a finished command ignored",
+                        probe_id=probe_id,
+                        request_id=result.request_id,
+                        status=known[1],
+                    )
                     stored.append(False)
                     continue
                 found[result.request_id or ""] = (probe_id, result.status)
