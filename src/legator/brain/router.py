@@ -14,7 +14,7 @@ from legator.brain.service import BrainService
 from legator.core.auth.permissions import Permission as P
 from legator.core.auth.principal import Principal
 from legator.core.errors import AppError
-from legator.core.http.deps import _same_origin, require
+from legator.core.http.deps import _same_origin, cross_site, require
 
 router = APIRouter(prefix="/api/v1", tags=["brain"])
 ws_router = APIRouter(tags=["brain"])
@@ -134,7 +134,11 @@ async def chat_socket(
     """Streaming chat. Send ``{"message", "probe" | "tag" | neither (whole fleet),
     "session_id"?}``; receive ``token`` events as the model writes, ``tool`` events
     (command results, pending approvals), then ``done`` with the transcript, or ``error``."""
-    if principal.method == "session" and not _same_origin(websocket):
+    # A browser's socket must come from our own pages: with a session cookie always, and with
+    # authentication off (every caller an admin) whenever it names another site.
+    if (principal.method == "session" and not _same_origin(websocket)) or (
+        principal.method == "anonymous" and cross_site(websocket)
+    ):
         await websocket.close(code=1008, reason="cross-site WebSocket refused")
         return
     await websocket.accept()

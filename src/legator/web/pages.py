@@ -13,7 +13,7 @@ from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.auth.router import set_session_cookie
 from legator.core.errors import AppError, TooManyRequests
-from legator.core.http.deps import SESSION_COOKIE, authenticate, core_of, require
+from legator.core.http.deps import SESSION_COOKIE, authenticate, core_of, cross_site, require
 from legator.core.http.net import client_ip, is_local_path
 from legator.core.version import build_info
 
@@ -130,6 +130,12 @@ async def login_submit(
     password: Annotated[str, Form(max_length=1024)],
     next: Annotated[str, Form()] = "/",
 ) -> Response:
+    if cross_site(request):
+        # Another site's page signing the browser in to an account of its choosing (login
+        # CSRF): whatever the victim then does, or links, lands in that account.
+        return _login_page(
+            request, next="/", error="Sign in from this site's own page.", status=403
+        )
     try:
         result = await core_of(request).auth.login(
             username,

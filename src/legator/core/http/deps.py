@@ -3,6 +3,7 @@ walks the app and fails on any route without one."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,15 +44,37 @@ def bearer_credential(conn: HTTPConnection) -> str | None:
     return conn.headers.get("x-api-key") or None
 
 
+def _host(conn: HTTPConnection) -> str:
+    return conn.headers.get("x-forwarded-host") or conn.headers.get("host", "")
+
+
 def _same_origin(conn: HTTPConnection) -> bool:
     """Cookie-authenticated writes must come from our own pages (CSRF defence in depth on top
     of SameSite=Lax)."""
     source = conn.headers.get("origin") or conn.headers.get("referer")
     if not source:
         return False
-    parts = urlsplit(source)
-    host = conn.headers.get("x-forwarded-host") or conn.headers.get("host", "")
-    return parts.netloc == host
+    return urlsplit(source).netloc == _host(conn)
+
+
+def cross_site(conn: HTTPConnection) -> bool:
+    """Whether a browser says the request comes from another site's page. Browsers send
+    Origin on every cross-site POST; a client that sends neither header is not a browser."""
+    source = conn.headers.get("origin") or conn.headers.get("referer")
+    return bool(source) and urlsplit(source).netloc != _host(conn)
+
+
+def _named_by_address(conn: HTTPConnection) -> bool:
+    """Whether the request names this server by a loopback name or an IP address, as a page
+    that reached it by DNS rebinding (its own name resolving to 127.0.0.1) cannot."""
+    host = urlsplit(f"//{_host(conn)}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def authenticate(conn: HTTPConnection) -> Principal:
@@ -60,6 +83,14 @@ async def authenticate(conn: HTTPConnection) -> Principal:
         return cached  # type: ignore[no-any-return]
     core = core_of(conn)
     if not core.settings.auth:
+        # Every caller is an admin, so any page the local user opens could act as one: refuse
+        # other sites' requests, and names other than an address (DNS rebinding).
+        if not _named_by_address(conn):
+            raise Forbidden(
+                "with LEGATOR_AUTH=false, reach this server as localhost or by its address"
+            )
+        if conn.scope.get("method", "GET") not in _SAFE_METHODS and cross_site(conn):
+            raise Forbidden("cross-site request refused: Origin does not match this server")
         principal = _AUTH_DISABLED
     elif (credential := bearer_credential(conn)) is not None:
         found = await core.auth.authenticate_key(credential)
