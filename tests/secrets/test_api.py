@@ -96,7 +96,8 @@ def test_versioning_follows_setec(admin: httpx.Client) -> None:
     assert admin.post("/api/activate", json={"Name": "prod/db", "Version": 1}).status_code == 404
     assert admin.post("/api/delete", json={"Name": "prod/db"}).json() == {}
     assert admin.post("/api/info", json={"Name": "prod/db"}).status_code == 404
-    assert admin.post("/api/delete", json={"Name": "prod/db"}).status_code == 404
+    # Deleting a secret that does not exist succeeds, as in setec.
+    assert admin.post("/api/delete", json={"Name": "prod/db"}).json() == {}
 
 
 def test_create_version(admin: httpx.Client) -> None:
@@ -178,8 +179,11 @@ def test_audit_log_records_every_access_without_values(
 ) -> None:
     admin.post("/api/put", json={"Name": "prod/token", "Value": b64(b"s3cr3t-value")})
     admin.post("/api/get", json={"Name": "prod/token"})
+    # The same value again stores nothing, but is audited as every put is.
+    admin.post("/api/put", json={"Name": "prod/token", "Value": b64(b"s3cr3t-value")})
     with legerd.tcp(ALICE_IP) as alice:
         alice.post("/api/put", json={"Name": "prod/token", "Value": b64(b"other")})
+    admin.post("/api/delete", json={"Name": "gone/never-there"})
     text = legerd.config.audit_path.read_text()
     assert "s3cr3t" not in text and b64(b"s3cr3t-value") not in text
     assert legerd.config.audit_path.stat().st_mode & 0o777 == 0o600
@@ -187,7 +191,9 @@ def test_audit_log_records_every_access_without_values(
     assert [(e["principal"], e["action"], e["authorized"], e["version"]) for e in entries] == [
         ("admin@example.com", "put", True, 1),
         ("admin@example.com", "get", True, 1),
+        ("admin@example.com", "put", True, 1),
         ("alice@example.com", "put", False, 0),
+        ("admin@example.com", "delete", True, 0),
     ]
     assert all(
         {"time", "principal", "action", "secret", "version", "authorized"} <= set(e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -202,6 +203,35 @@ def test_import_copies_versions_deletions_and_activation_under_this_stores_key(
     target.close()
 
 
+def test_every_put_and_delete_is_audited_even_when_it_changes_nothing(
+    backend: Backend, kek: Kek
+) -> None:
+    store = backend.open(kek)
+    audited: list[tuple[str, int]] = []
+
+    def hook(call: str) -> Callable[[int], None]:
+        return lambda version: audited.append((call, version))
+
+    assert store.put("s", b"1", hook("put")) == 1
+    assert store.put("s", b"1", hook("put")) == 1  # the same value: no new version
+    assert store.put("s", b"2", hook("put")) == 2
+    assert store.put("s", b"2", hook("put")) == 2
+    store.delete("s", hook("delete"))
+    store.delete("s", hook("delete"))  # gone already: a no-op, as in setec
+    store.delete("never", hook("delete"))
+    assert audited == [
+        ("put", 1),
+        ("put", 1),
+        ("put", 2),
+        ("put", 2),
+        ("delete", 0),
+        ("delete", 0),
+        ("delete", 0),
+    ]
+    assert store.list() == []
+    store.close()
+
+
 def test_mutation_rolls_back_when_its_audit_hook_fails(backend: Backend, kek: Kek) -> None:
     store = backend.open(kek)
     store.put("s", b"1")
@@ -210,6 +240,7 @@ def test_mutation_rolls_back_when_its_audit_hook_fails(backend: Backend, kek: Ke
         raise OSError("audit log unavailable")
 
     for mutate in (
+        lambda: store.put("s", b"1", failing_audit),
         lambda: store.put("s", b"2", failing_audit),
         lambda: store.put("t", b"1", failing_audit),
         lambda: store.create_version("s", 5, b"5", failing_audit),

@@ -222,6 +222,9 @@ class SqlStore(ABC):
                 ).fetchone()
                 unchanged = current is not None and current[0] is not None
                 if unchanged and self._sealer.open(name, latest, current[0]) == value:
+                    # No new version, yet audited as every put is (setec logs each call).
+                    if before_commit:
+                        before_commit(latest)
                     return latest
                 version = latest + 1
                 conn.execute("UPDATE secrets SET latest = ? WHERE name = ?", (version, name))
@@ -281,9 +284,9 @@ class SqlStore(ABC):
                 before_commit(version)
 
     def delete(self, name: str, before_commit: Hook = None) -> None:
+        """Delete every version; a secret that does not exist is a no-op, as in setec (its
+        ``kv.deleteSecret``), still audited."""
         with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone() is None:
-                raise SecretNotFound()
             conn.execute("DELETE FROM versions WHERE name = ?", (name,))
             conn.execute("DELETE FROM secrets WHERE name = ?", (name,))
             if before_commit:
