@@ -25,7 +25,8 @@ CASES = [
     ("ls >/dev/null 2>&1", OBSERVE),
     ("cat < /etc/hosts", OBSERVE),
     ("ip addr show", OBSERVE),
-    ("FOO=1 ls", OBSERVE),
+    ("LANG=C ls", OBSERVE),
+    ("FOO=1 ls", REMEDIATE),  # any variable but a harmless few can change what runs
     ("journalctl -u nginx --since today", DIAGNOSE),
     ("systemctl status nginx", DIAGNOSE),
     ("ss -tlnp", DIAGNOSE),

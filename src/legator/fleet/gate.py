@@ -8,7 +8,7 @@ all call :meth:`Gate.check`; a test walks the code to make sure nothing dispatch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,10 +59,19 @@ class Action:
     level: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
         return " ".join([self.command, *self.args])
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """The variables the command will run with: ``env``, and those of the request it
+        carries for its dispatcher (``payload["request"]["env"]``), which is what runs."""
+        request = self.payload.get("request")
+        carried = request.get("env") if isinstance(request, Mapping) else None
+        return {**(carried if isinstance(carried, Mapping) else {}), **self.env}
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class Gate:
         "allow" comes back unwritten in ``decision_audit`` for the caller to record in the
         same transaction as what it allowed (one write instead of two per command)."""
         risk = classify_risk(action.command, action.args, shell=action.shell)
+        env = action.environment
         denied: dict[str, str] = {}
         allowed: list[Target] = []
         levels: list[str] = []
@@ -127,6 +137,7 @@ class Gate:
                 action.args,
                 shell=action.shell,
                 requested=action.level,
+                env=env,
             )
             levels.append(verdict.required)
             if verdict.allowed:

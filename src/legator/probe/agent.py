@@ -223,7 +223,12 @@ class Agent:
 
     async def _command(self, spec: p.CommandSpec) -> None:
         decision = evaluate(
-            self.policy, spec.command, spec.args, shell=spec.shell, requested=spec.level
+            self.policy,
+            spec.command,
+            spec.args,
+            shell=spec.shell,
+            requested=spec.level,
+            env=spec.env,  # LESSOPEN=…, LD_PRELOAD=…: what it sets can change what runs
         )
         if not decision.allowed:
             log("command refused", request_id=spec.request_id, reason=decision.reason)

@@ -121,6 +121,24 @@ def test_policy_refusal_at_each_end(
     )
     assert _final(admin, rid)["status"] == "refused"
     assert not os.path.exists("/tmp/legator-x")
+    # a read-only program whose environment makes it run something (LESSOPEN): the probe
+    # classifies the environment it is given too
+    marker = "/tmp/legator-env-should-not-exist"
+    rid = record_command(fleet_server, probe.probe_id, "less")
+    spec = CommandSpec(
+        request_id=rid,
+        command="less",
+        args=["/etc/hostname"],
+        env={"LESSOPEN": f"|touch {marker} %s"},
+        level="observe",
+    )
+    send_raw(
+        fleet_server,
+        probe.probe_id,
+        signed("command", spec, fleet(fleet_server).hub.key_for(probe.probe_id)),
+    )
+    assert _final(admin, rid)["status"] == "refused"
+    assert not os.path.exists(marker)
     audit = admin.get(
         "/api/v1/audit", params={"action": "gate.decision", "outcome": "denied"}
     ).json()["events"]

@@ -286,7 +286,12 @@ class CommandService:
             probe = await self._probe(probe_id)
         policy, policy_name = await self.effective_policy(probe)
         decision = evaluate(
-            policy, request.command, request.args, shell=request.shell, requested=request.level
+            policy,
+            request.command,
+            request.args,
+            shell=request.shell,
+            requested=request.level,
+            env=request.env,
         )
         details = {
             "command": request.command,
