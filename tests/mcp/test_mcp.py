@@ -72,11 +72,10 @@ def test_tools_resources_and_the_gate(
         )
         out["pending"] = payload(await session.call_tool("list_approvals", {}))
         out["summary"] = payload(await session.call_tool("fleet_summary", {}))
-        out["decided"] = payload(
-            await session.call_tool(
-                "decide_approval",
-                {"approval_id": out["rm"]["approval_id"], "decision": "approve"},
-            )
+        # The agent that asked cannot approve its own request: a person does (below).
+        out["self_approved"] = await session.call_tool(
+            "decide_approval",
+            {"approval_id": out["rm"]["approval_id"], "decision": "approve"},
         )
         out["audit"] = payload(
             await session.call_tool("query_audit", {"action": "fleet.command.*", "limit": 10})
@@ -107,7 +106,13 @@ def test_tools_resources_and_the_gate(
     )
     assert [a["id"] for a in out["pending"]] == [out["rm"]["approval_id"]]
     assert out["summary"]["approvals_pending"] == 1
-    assert out["decided"]["status"] == "dispatched"
+    assert "cannot approve a request its own user made" in error_text(out["self_approved"])
+    assert victim.exists()
+    decided = admin.post(
+        f"/api/v1/approvals/{out['rm']['approval_id']}/decide",
+        json={"decision": "approve", "reason": "checked"},
+    )
+    assert decided.status_code == 200 and decided.json()["status"] == "dispatched"
     assert any(e["action"] == "fleet.command.dispatch" for e in out["audit"])
     assert "no probe" in error_text(out["missing"])
     assert "os" in out["inventory"]

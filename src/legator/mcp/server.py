@@ -172,6 +172,15 @@ def build_server(core: Core, state: Any) -> MCPServer:
         principal, state = _caller(ctx, P.APPROVALS_DECIDE)
         if decision not in ("approve", "deny"):
             raise ToolDenied("decision must be 'approve' or 'deny'")
+        if decision == "approve":
+            pending = await _call(state.approvals.get(approval_id))
+            if pending.requester == principal.actor:
+                # An agent that asked for an action must not be the one to wave it through:
+                # a person approves it, in the web UI, the CLI or the API.
+                raise ToolDenied(
+                    "an MCP client cannot approve a request its own user made; "
+                    "a person decides it in the web UI, the CLI or the API"
+                )
         out = await _call(state.approvals.decide(approval_id, principal, decision, reason))
         return out.model_dump(mode="json")  # type: ignore[no-any-return]
 
