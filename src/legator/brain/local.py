@@ -86,7 +86,7 @@ class LocalProvider:
         try:
             upstream = await open_stream(adm, "/chat/completions", body)
             try:
-                async for batch in sse_batches(upstream):
+                async for batch in sse_batches(upstream, self.gateway.max_answer_bytes):
                     for event in batch:
                         done = done or event.startswith(DONE)
                         data = event_json(event)
