@@ -61,14 +61,15 @@ def test_commands_do_not_inherit_the_probes_legator_variables(  # type: ignore[n
         PROBE_HOST_VAR="kept",
     )
     wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
-    done = _run(admin, probe, command="printenv", env={"MINE": "mine"})
+    # A harmless variable: any other makes the command remediate (LESSOPEN, LD_PRELOAD…).
+    done = _run(admin, probe, command="printenv", env={"TZ": "Europe/Paris"})
     assert done.status_code == 200, done.text
     result = done.json()
     assert result["status"] == "completed", result
     lines = result["stdout"].splitlines()
     assert not [line for line in lines if line.upper().startswith("LEGATOR_")], lines
     assert "s3cret" not in result["stdout"] and "prb_" not in result["stdout"]
-    assert "MINE=mine" in lines  # the command's own env still reaches it
+    assert "TZ=Europe/Paris" in lines  # the command's own env still reaches it
     assert "PROBE_HOST_VAR=kept" in lines  # and the rest of the probe's environment
 
 
