@@ -306,3 +306,22 @@ def test_system_scope_uses_system_systemctl(
     assert leger(env, "service", "status", "app", "--system").returncode == 3
     assert calls(env)[-1] == ["systemctl", "status", "--no-pager", "app.service"]
     assert leger(env, "deploy", "remove", "app", "--system", "--remove-volumes").returncode == 0
+
+
+def test_a_quadlet_syntax_error_is_a_validation_failure(
+    tmp_path: Path, leger_env: dict[str, str]
+) -> None:
+    """Exit 1 (failed or invalid) from install and validate alike, never 2 (usage)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "web.container").write_text("[Container]\nImage=localhost/x:1\nnot a key\n")
+    installed = leger(leger_env, "deploy", "install", "web", "--source", str(source), "--dry-run")
+    assert installed.returncode == 1, installed.stderr
+    assert "web.container:3: expected KEY=VALUE" in installed.stderr
+    validated = leger(leger_env, "validate", str(source))
+    assert validated.returncode == 1 and "expected KEY=VALUE" in validated.stdout
+    (source / "web.container").write_bytes(b"[Container]\nImage=\xff\n")
+    binary = leger(leger_env, "deploy", "install", "web", "--source", str(source), "--dry-run")
+    assert binary.returncode == 1 and "web.container:0: not UTF-8 text" in binary.stderr
+    assert leger(leger_env, "validate", str(source)).returncode == 1
+    assert leger(leger_env, "deploy", "install", "Bad Name").returncode == 2  # usage

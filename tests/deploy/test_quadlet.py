@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from legator.deploy.quadlet.check import conflicts_dir, validate_dir
 from legator.deploy.quadlet.conflicts import find_conflicts
 from legator.deploy.quadlet.generator import dry_run
+from legator.deploy.quadlet.keys import KEYS
 from legator.deploy.quadlet.parse import ParseError, parse_unit
 from legator.deploy.quadlet.validate import parse_publish, validate_unit
 
@@ -55,6 +56,58 @@ def test_parse_keeps_repeated_keys_and_continuations() -> None:
     assert unit.get("Container", "Exec") == 'sh -c  "sleep 1"'
     assert unit.service_name == "web.service"
     assert parse_unit("x.volume", "[Volume]\n").service_name == "x-volume.service"
+
+
+def test_a_comment_is_never_continued(tmp_path: Path, generator: str) -> None:
+    text = "[Container]\nImage=localhost/x:1\n# note \\\nPublishPort=127.0.0.1:8080:80\n"
+    unit = parse_unit("web.container", text)
+    assert unit.values("Container", "PublishPort") == ["127.0.0.1:8080:80"]
+    run = dry_run(write(tmp_path, {"web.container": text}))
+    assert "--publish 127.0.0.1:8080:80" in run.units["web.service"]  # the generator agrees
+
+
+def test_comments_and_blank_lines_inside_a_continuation_are_skipped(
+    tmp_path: Path, generator: str
+) -> None:
+    text = (
+        '[Container]\nImage=localhost/x:1\nExec=sh -c \\\n# a\n; b\n\n  "sleep 1"\nPublishPort=81\n'
+    )
+    unit = parse_unit("web.container", text)
+    assert unit.get("Container", "Exec") == 'sh -c  "sleep 1"'
+    assert unit.values("Container", "PublishPort") == ["81"]
+    run = dry_run(write(tmp_path, {"web.container": text}))
+    assert 'localhost/x:1 sh -c "sleep 1"' in run.units["web.service"]
+    assert "--publish 81" in run.units["web.service"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "HealthLogDestination=local",
+        "HealthMaxLogCount=5",
+        "HealthMaxLogSize=500",
+        "VolatileTmp=true",
+        "RemapUsers=keep-id",
+    ],
+)
+def test_container_keys_of_the_generator_are_valid(
+    tmp_path: Path, generator: str, line: str
+) -> None:
+    directory = write(tmp_path, {"a.container": f"[Container]\nImage=localhost/x:1\n{line}\n"})
+    report = validate_dir(directory)
+    assert [str(f) for f in report.findings if f.level == "error"] == []
+
+
+def test_every_container_key_passes_the_generator(tmp_path: Path, generator: str) -> None:
+    """No key in leger's [Container] list is one the generator would reject."""
+    rejected = []
+    for key in sorted(KEYS["Container"]):
+        directory = write(
+            tmp_path / key, {"a.container": f"[Container]\nImage=localhost/x:1\n{key}=1\n"}
+        )
+        if any("unsupported key" in f.message for f in dry_run(directory).findings):
+            rejected.append(key)
+    assert rejected == []
 
 
 @pytest.mark.parametrize(

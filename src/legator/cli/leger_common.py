@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn, TypeVar
@@ -15,8 +16,10 @@ from legator.deploy.backups import BackupError
 from legator.deploy.client import AuthError, load_login
 from legator.deploy.installer import ConflictError, Deployer, DeployError, RolledBack
 from legator.deploy.layout import Layout, layout
+from legator.deploy.lock import DEFAULT_TIMEOUT, LockTimeout
 from legator.deploy.manifest import ChecksumMismatch
 from legator.deploy.podman import PodmanError
+from legator.deploy.quadlet.parse import ParseError
 from legator.deploy.secrets_source import MissingSecret, default_source
 from legator.deploy.sources import SourceError
 from legator.deploy.staging import StagingError
@@ -39,7 +42,16 @@ def deployer(system: bool, progress: Callable[[str], None] = lambda _s: None) ->
     where = scope(system)
     login = load_login(where.auth_file)
     source = default_source(where.state, login.username if login else None)
-    return Deployer(where, source, progress=progress)
+    return Deployer(where, source, progress=progress, lock_timeout=lock_timeout())
+
+
+def lock_timeout() -> float:
+    """``LEGER_LOCK_TIMEOUT``: seconds to wait for another leger operation (default 300)."""
+    raw = os.environ.get("LEGER_LOCK_TIMEOUT")
+    try:
+        return float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        die(f"LEGER_LOCK_TIMEOUT={raw!r} is not a number of seconds", 2)
 
 
 def guard(action: Callable[[], T]) -> T:
@@ -58,8 +70,11 @@ def guard(action: Callable[[], T]) -> T:
         fail(str(exc), code)
     except (MissingSecret, AuthError, SourceError, ChecksumMismatch) as exc:
         fail(str(exc), EXIT_FAILED)
-    except (PodmanError, SystemdError) as exc:
+    except (PodmanError, SystemdError, LockTimeout) as exc:
         fail(str(exc), EXIT_FAILED)
+    except (ParseError, UnicodeDecodeError) as exc:
+        # Invalid quadlets are a validation failure (1), like `leger validate`, not usage (2).
+        fail(f"invalid quadlet: {exc}", EXIT_FAILED)
     except ValidationError as exc:
         fail(f"invalid data: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}", EXIT_FAILED)
     except ValueError as exc:

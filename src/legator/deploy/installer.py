@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from legator.core.security import random_hex, write_private_file
 from legator.deploy.backups import BackupInfo, Backups
 from legator.deploy.diff import affected_services, changed_files
 from legator.deploy.layout import Layout
+from legator.deploy.lock import DEFAULT_TIMEOUT, state_lock
 from legator.deploy.manifest import Manifest
 from legator.deploy.podman import Podman, PodmanError
 from legator.deploy.quadlet.check import Report, validate_dir
 from legator.deploy.quadlet.conflicts import find_conflicts, published_ports, volume_name
 from legator.deploy.quadlet.parse import Unit, parse_unit
+from legator.deploy.quadlet.validate import secret_name
 from legator.deploy.secrets_source import SecretSource
 from legator.deploy.sources import Fetched
 from legator.deploy.staging import discard, stage, swap_in
@@ -115,6 +118,16 @@ def host_ports(files: dict[str, bytes]) -> list[int]:
     return sorted({spec.host for unit in _units(files) for spec in published_ports(unit)})
 
 
+def secret_users(files: dict[str, bytes], secrets: set[str]) -> list[str]:
+    """The container services whose ``Secret=`` lines name one of ``secrets``."""
+    return sorted(
+        unit.service_name
+        for unit in _units(files)
+        if unit.suffix == ".container"
+        and any(secret_name(v) in secrets for v in unit.values("Container", "Secret"))
+    )
+
+
 class Deployer:
     def __init__(
         self,
@@ -124,15 +137,41 @@ class Deployer:
         podman: Podman | None = None,
         systemd: Systemd | None = None,
         progress: Progress = lambda _step: None,
+        lock_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.layout = layout
         self.secrets = secrets
         self.podman = podman or Podman()
         self.systemd = systemd or Systemd(system=layout.system)
         self.progress = progress
+        self.lock_timeout = lock_timeout
+        self._lock_depth = 0  # the lock is re-entrant within one Deployer (one thread)
         self.deployments = Deployments(layout.deployments)
         self.backups = Backups(layout.backups, self.podman)
         layout.ensure()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold leger's state lock: apply, remove and restore run one at a time per host and
+        scope, so two of them never interleave their changes to files, Podman and
+        ``deployments.json``. A second one waits up to ``lock_timeout`` seconds."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with state_lock(
+            self.layout.state,
+            timeout=self.lock_timeout,
+            waiting=lambda: self.progress("waiting for another leger operation"),
+        ):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     # ----- reading the current state ---------------------------------------------------------
 
@@ -153,7 +192,17 @@ class Deployer:
     def validate(self, directory: Path) -> Report:
         return validate_dir(directory, user=not self.layout.system)
 
-    def plan(self, name: str, manifest: Manifest, files: dict[str, bytes], opts: Options) -> Plan:
+    def plan(
+        self,
+        name: str,
+        manifest: Manifest,
+        files: dict[str, bytes],
+        opts: Options,
+        values: dict[str, bytes] | None = None,
+    ) -> Plan:
+        """What an apply would do. ``values`` (the secrets read for it): a running service
+        whose secret gets a new value is restarted, because a container reads its secrets
+        only when it starts."""
         check_name(name)
         current = self.deployments.get(name)
         old = self.active_files(name)
@@ -164,7 +213,8 @@ class Deployer:
         plan.remove = [f for f in changed if f not in files]
         touched = set(affected_services(changed))
         old_units = service_units(old, current.services if current else [])
-        plan.stop = [u for u in old_units if u.removesuffix(".service") in touched]
+        restart = set(secret_users(old, self._changed_secrets(values or {}, current)))
+        plan.stop = [u for u in old_units if u.removesuffix(".service") in touched or u in restart]
         plan.start = service_units(files, manifest.services) if opts.start else []
         plan.secrets = [] if not opts.secrets else list(manifest.secrets_required)
         self._check_ownership(name, files, opts, plan)
@@ -209,6 +259,12 @@ class Deployer:
                 raise ConflictError(f"conflicts: {text}")
             plan.warnings.append(f"conflicts ignored with --force: {text}")
 
+    def _changed_secrets(self, values: dict[str, bytes], current: Deployment | None) -> set[str]:
+        """The secrets an apply replaces: those the deployment's record holds another value
+        for (a secret it has no record of is replaced too; see ``_install_secrets``)."""
+        known = current.secrets if current else {}
+        return {s for s, value in values.items() if known.get(s) != self._secret_mac(value)}
+
     def collect_secrets(self, manifest: Manifest, opts: Options) -> dict[str, bytes]:
         if not opts.secrets:
             return {}
@@ -226,13 +282,25 @@ class Deployer:
         staged_dir: Path,
         opts: Options,
     ) -> Result:
+        with self.locked():
+            return self._apply(name, manifest, files, source, staged_dir, opts)
+
+    def _apply(
+        self,
+        name: str,
+        manifest: Manifest,
+        files: dict[str, bytes],
+        source: str,
+        staged_dir: Path,
+        opts: Options,
+    ) -> Result:
         self.progress("validating")
         report = self.validate(staged_dir)
         if not report.ok:
             errors = "; ".join(str(f) for f in report.findings if f.level == "error")
             raise DeployError(f"validation failed: {errors}")
-        plan = self.plan(name, manifest, files, opts)
         values = self.collect_secrets(manifest, opts)
+        plan = self.plan(name, manifest, files, opts, values)
         if opts.dry_run:
             return Result(plan, None, {}, applied=False)
 
@@ -254,12 +322,13 @@ class Deployer:
             reason=f"before applying version {manifest.version}",
             automatic=True,
         )
+        replaced: set[str] = set()  # secrets whose earlier value is gone
         try:
             self.progress("stopping affected services")
             self.systemd.stop(list(reversed(plan.stop)))
             self.progress("installing files")
             self._swap(name, old_files, files)
-            macs = self._install_secrets(values, current)
+            macs = self._install_secrets(values, current, replaced)
             self.systemd.daemon_reload()
             states: dict[str, str] = {}
             if plan.start:
@@ -274,14 +343,21 @@ class Deployer:
         except (SystemdError, PodmanError, OSError, KeyboardInterrupt) as exc:
             self.progress("rolling back")
             try:
-                self._rollback(name, files, old_files, backup, current, before)
+                self._rollback(name, files, old_files, backup, current, before, replaced, values)
             except (SystemdError, PodmanError, OSError) as again:
                 raise DeployError(
                     f"{exc}; the rollback failed too ({again}): restore by hand with "
                     f"`leger backup restore {backup.id}`"
                 ) from again
+            kept = ""
+            if replaced:
+                kept = (
+                    f"; secrets {', '.join(sorted(replaced))} keep their new value (Podman "
+                    "cannot give the old one back) and the previous services were restarted "
+                    "with it"
+                )
             raise RolledBack(
-                f"{exc}; rolled back to the previous state (backup {backup.id})", backup
+                f"{exc}; rolled back to the previous state (backup {backup.id}){kept}", backup
             ) from exc
         stamp = now()
         self.deployments.put(
@@ -318,10 +394,11 @@ class Deployer:
             partial.replace(target)
 
     def _install_secrets(
-        self, values: dict[str, bytes], current: Deployment | None
+        self, values: dict[str, bytes], current: Deployment | None, replaced: set[str]
     ) -> dict[str, str]:
         """Create each missing secret and replace each whose value changed (compared by HMAC:
-        Podman 4.3 cannot show a stored value). Independent Podman calls run in parallel."""
+        Podman 4.3 cannot show a stored value). Independent Podman calls run in parallel.
+        ``replaced`` receives each secret whose earlier value was removed."""
         known = current.secrets if current else {}
         existing = self.podman.secret_names() if values else set()
         macs = {secret: self._secret_mac(value) for secret, value in values.items()}
@@ -330,6 +407,7 @@ class Deployer:
         def put(secret: str) -> None:
             if secret in existing:
                 self.podman.secret_remove(secret)
+                replaced.add(secret)
             self.podman.secret_create(secret, values[secret])
 
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -344,7 +422,13 @@ class Deployer:
         backup: BackupInfo,
         previous: Deployment | None,
         before: _Before,
+        replaced: set[str],
+        values: dict[str, bytes],
     ) -> None:
+        """Undo a failed apply. A replaced secret cannot get its old value back (Podman does
+        not return stored values), so the previous services start again with the new value
+        (each was stopped: ``plan`` restarts the users of a changed secret) and the record
+        says which value is stored."""
         new_units = service_units(new_files, [])
         self.systemd.stop(list(reversed(new_units)))
         self._swap(name, new_files, old_files)
@@ -357,12 +441,23 @@ class Deployer:
         for secret in before.wanted_secrets - before.secrets - kept:
             self.podman.secret_remove(secret)
         self.systemd.daemon_reload()
+        if previous and replaced:
+            macs = {s: self._secret_mac(values[s]) for s in replaced if s in previous.secrets}
+            self.deployments.put(
+                previous.model_copy(update={"secrets": {**previous.secrets, **macs}})
+            )
         if previous and previous.started and previous.services:
             self.systemd.start(previous.services)
 
     # ----- other operations ------------------------------------------------------------------
 
     def remove(self, name: str, *, remove_volumes: bool, backup_volumes: bool) -> BackupInfo | None:
+        with self.locked():
+            return self._remove(name, remove_volumes=remove_volumes, backup_volumes=backup_volumes)
+
+    def _remove(
+        self, name: str, *, remove_volumes: bool, backup_volumes: bool
+    ) -> BackupInfo | None:
         current = self.deployments.get(name)
         if current is None:
             raise DeployError(f"no deployment {name!r}")
@@ -384,10 +479,18 @@ class Deployer:
             (self.layout.quadlets / path).unlink(missing_ok=True)
         shutil.rmtree(self.layout.active / name, ignore_errors=True)
         self.systemd.daemon_reload()
+        self._forget(current, networks)
+        if remove_volumes or backup_volumes:
+            for volume in current.volumes:
+                self.podman.volume_remove(volume)
+        return backup
+
+    def _forget(self, current: Deployment, networks: list[str]) -> None:
+        """Remove the secrets and networks only ``current`` used, then its record."""
         still_used = {
             s
             for other in self.deployments.load().values()
-            if other.name != name
+            if other.name != current.name
             for s in other.secrets
         }
         for secret in current.secrets:
@@ -395,22 +498,29 @@ class Deployer:
                 self.podman.secret_remove(secret)
         for network in networks:
             self.podman.network_remove(network)  # refused by Podman while another uses it
-        if remove_volumes or backup_volumes:
-            for volume in current.volumes:
-                self.podman.volume_remove(volume)
-        self.deployments.remove(name)
-        return backup
+        self.deployments.remove(current.name)
 
     def restore(self, backup_id: str) -> BackupInfo:
-        """Put a backup's files and volumes back and restart its services."""
+        """Put a backup's files and volumes back and restart its services. The backup taken
+        before a first install (version -1, no files) removes the deployment, as
+        ``remove`` does with its volumes kept."""
+        with self.locked():
+            return self._restore(backup_id)
+
+    def _restore(self, backup_id: str) -> BackupInfo:
         info = self.backups.info(backup_id)
         current = self.deployments.get(info.deployment)
         files = self.backups.files(backup_id)
+        old_files = self.active_files(info.deployment)
         if current:
             self.systemd.stop(list(reversed(current.services)))
-        self._swap(info.deployment, self.active_files(info.deployment), files)
+        self._swap(info.deployment, old_files, files)
         self.backups.restore_volumes(backup_id)
+        if not files:
+            shutil.rmtree(self.layout.active / info.deployment, ignore_errors=True)
         self.systemd.daemon_reload()
+        if not files and current:
+            self._forget(current, network_names(old_files))
         if files:
             services = service_units(files, current.services if current else [])
             stamp = now()
@@ -435,16 +545,24 @@ class Deployer:
 def install(deployer: Deployer, name: str, fetched: Fetched, source: str, opts: Options) -> Result:
     """Write the fetched files to a private incoming directory (checksums verified), then apply
     them. Used by ``deploy install`` and ``deploy update``; ``staged apply`` uses staged/."""
-    incoming = deployer.layout.state / ".incoming"
-    staged = stage(incoming, name, fetched)
-    try:
-        return deployer.apply(name, staged.manifest, staged.files(), source, staged.directory, opts)
-    finally:
-        shutil.rmtree(staged.directory, ignore_errors=True)
+    with deployer.locked():
+        incoming = deployer.layout.state / ".incoming"
+        staged = stage(incoming, name, fetched)
+        try:
+            return deployer.apply(
+                name, staged.manifest, staged.files(), source, staged.directory, opts
+            )
+        finally:
+            shutil.rmtree(staged.directory, ignore_errors=True)
 
 
 def apply_staged(deployer: Deployer, name: str, *, force: bool, health_timeout: float) -> Result:
     """Apply ``staged/NAME`` and discard it once applied (kept when the apply fails)."""
+    with deployer.locked():
+        return _apply_staged(deployer, name, force=force, health_timeout=health_timeout)
+
+
+def _apply_staged(deployer: Deployer, name: str, *, force: bool, health_timeout: float) -> Result:
     staged = load_staged(deployer.layout.staged, name)
     current = deployer.deployments.get(name)
     opts = Options(

@@ -20,13 +20,19 @@ class Podman:
         self.binary = found
         self.timeout = timeout
 
+    def _call(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        try:
+            return subprocess.run(
+                [self.binary, *args], input=stdin, capture_output=True, timeout=self.timeout
+            )
+        except subprocess.TimeoutExpired:
+            # A failure like any other, so an apply rolls back instead of stopping half-way.
+            raise PodmanError(
+                f"podman {' '.join(args[:2])}: no answer within {self.timeout:g} s"
+            ) from None
+
     def _run(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
-        proc = subprocess.run(
-            [self.binary, *args],
-            input=stdin,
-            capture_output=True,
-            timeout=self.timeout,
-        )
+        proc = self._call(*args, stdin=stdin)
         if check and proc.returncode != 0:
             message = proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}"
             raise PodmanError(f"podman {args[0]} {args[1] if len(args) > 1 else ''}: {message}")
@@ -45,10 +51,7 @@ class Podman:
 
     # volumes
     def _exists_rc(self, kind: str, name: str) -> bool:
-        proc = subprocess.run(
-            [self.binary, kind, "exists", name], capture_output=True, timeout=self.timeout
-        )
-        return proc.returncode == 0
+        return self._call(kind, "exists", name).returncode == 0
 
     def volume_create(self, name: str) -> None:
         if not self._exists_rc("volume", name):

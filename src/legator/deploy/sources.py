@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from legator.deploy.client import ControlPlane, Login
 from legator.deploy.manifest import MANIFEST_NAME, Manifest, build_manifest, verify
 from legator.deploy.quadlet.conflicts import is_quadlet
-from legator.deploy.quadlet.parse import parse_unit
+from legator.deploy.quadlet.parse import ParseError, parse_unit
 
 
 class SourceError(RuntimeError):
@@ -96,7 +96,11 @@ def from_directory(directory: Path) -> Fetched:
     secrets: list[str] = []
     services: list[str] = []
     for name, data in files.items():
-        unit = parse_unit(name, data.decode())
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise ParseError(name, 0, "not UTF-8 text") from None
+        unit = parse_unit(name, text)
         if unit.suffix == ".container":
             services.append(unit.stem)
             secrets += [value.split(",", 1)[0] for value in unit.values("Container", "Secret")]

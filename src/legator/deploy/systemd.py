@@ -35,12 +35,18 @@ class Systemd:
         return found
 
     def run(self, *args: str, check: bool = True) -> Result:
-        proc = subprocess.run(
-            [self._binary("systemctl"), *self._scope(), *args],
-            capture_output=True,
-            text=True,
-            timeout=self.timeout,
-        )
+        try:
+            proc = subprocess.run(
+                [self._binary("systemctl"), *self._scope(), *args],
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+            )
+        except subprocess.TimeoutExpired:
+            # A failure like any other, so an apply rolls back instead of stopping half-way.
+            raise SystemdError(
+                f"systemctl {' '.join(args)}: no answer within {self.timeout:g} s"
+            ) from None
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip() or f"exit {proc.returncode}"

@@ -49,7 +49,11 @@ def dry_run(directory: Path, *, user: bool = True, timeout: float = 30) -> DryRu
         return DryRun(None)
     env = {**os.environ, "QUADLET_UNIT_DIRS": str(directory)}
     args = [generator, "-dryrun"] + (["-user"] if user else [])
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        message = f"quadlet gave no answer within {timeout:g} s"
+        return DryRun(generator, findings=[Finding("error", "-", "generator", message)])
     result = DryRun(generator, units=parse_output(proc.stdout))
     for line in proc.stderr.splitlines():
         if match := _CONVERT.search(line):

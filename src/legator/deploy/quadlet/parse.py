@@ -2,7 +2,9 @@
 
 Hand-written rather than ``configparser`` because systemd unit syntax repeats keys
 (``PublishPort=`` twice is two ports), continues lines with a trailing backslash and treats
-``;``/``#`` lines as comments; ``configparser`` would merge or reject all three.
+``;``/``#`` lines as comments; ``configparser`` would merge or reject all three. As in the
+quadlet generator, a comment line is never continued (a trailing backslash in it is text),
+and comment and blank lines inside a continuation are skipped.
 """
 
 from __future__ import annotations
@@ -68,11 +70,14 @@ def parse_unit(name: str, text: str) -> Unit:
         number = index + 1
         line = lines[index].strip()
         index += 1
-        while line.endswith("\\") and index < len(lines):
-            line = line[:-1] + " " + lines[index].strip()
-            index += 1
         if not line or line[0] in "#;":
-            continue
+            continue  # a comment never continues, even when it ends in a backslash
+        while line.endswith("\\") and index < len(lines):
+            following = lines[index].strip()
+            index += 1
+            if not following or following[0] in "#;":
+                continue  # as the quadlet generator does: skipped inside a continuation
+            line = line[:-1] + " " + following
         if match := _SECTION.match(line):
             current = match.group(1)
             unit.sections.setdefault(current, [])

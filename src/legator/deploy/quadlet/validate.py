@@ -58,6 +58,11 @@ def parse_publish(value: str) -> list[PortSpec] | None:
     return [PortSpec(ip, port, proto) for port in range(low, high + 1)]
 
 
+def secret_name(value: str) -> str:
+    """The Podman secret a ``Secret=NAME[,OPTION=…]`` value names."""
+    return value.split(",", 1)[0].strip()
+
+
 def validate_unit(unit: Unit) -> list[Finding]:
     if unit.suffix not in QUADLET_TYPES:
         return [Finding("error", unit.name, "type", f"unknown quadlet type {unit.suffix!r}")]
