@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +42,9 @@ def scope(system: bool) -> Layout:
 def deployer(system: bool, progress: Callable[[str], None] = lambda _s: None) -> Deployer:
     where = scope(system)
     login = load_login(where.auth_file)
-    source = default_source(where.state, login.username if login else None)
+    # legerd's namespace is the local login name: what `leger secrets sync` fills, and what
+    # legerd's socket lets this user read (the control plane's user name may differ).
+    source = default_source(where.state, getpass.getuser() if login else None)
     return Deployer(where, source, progress=progress, lock_timeout=lock_timeout())
 
 
