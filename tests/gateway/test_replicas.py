@@ -23,8 +23,9 @@ from tests.gateway.scripted_upstream import ScriptedUpstream
 from tests.support import LiveServer, NatsServer, cluster_settings, free_port, replica_pair
 
 pytestmark = pytest.mark.postgres
-# Well inside the periodic re-read (30 s): what converges this fast came by the bus.
-PROMPT_S = 3.0
+# Well inside the periodic re-read (30 s): what converges this fast came by the bus. Not
+# tighter: on a loaded 2-core machine a usage batch and its announcement once took over 3 s.
+PROMPT_S = 10.0
 
 
 @pytest.fixture
