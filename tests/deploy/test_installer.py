@@ -194,8 +194,26 @@ def test_a_new_secret_value_restarts_its_users(
     assert any(c[0] == "start" and "web.service" in c for c in systemd.calls[stop:])
 
 
-def test_a_rollback_after_a_secret_changed_restarts_with_the_stored_value(
-    tmp_path: Path, generator: str, monkeypatch: pytest.MonkeyPatch, secret: str
+def read_secret(image: str, secret: str) -> str:
+    """The value a container started now gets for ``secret`` (as ``$TOKEN``)."""
+    out = podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--secret",
+        f"{secret},type=env,target=TOKEN",
+        image,
+        "sh",
+        "-c",
+        "echo $TOKEN",
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout.decode().strip()
+
+
+def test_a_rollback_gives_a_replaced_secret_its_previous_value(
+    tmp_path: Path, generator: str, image: str, monkeypatch: pytest.MonkeyPatch, secret: str
 ) -> None:
     layout = make_layout(tmp_path)
     systemd = RecordingSystemd()
@@ -206,20 +224,83 @@ def test_a_rollback_after_a_secret_changed_restarts_with_the_stored_value(
     install(deployer, "demo", from_directory(v1), "v1", Options())
     before = deployer.deployments.get("demo")
     assert before is not None
+    assert read_secret(image, secret) == "old-value"
+    # An apply of another deployment, without secrets, in between changes nothing of that.
+    other = unit_dir(tmp_path / "other", "other")
+    install(deployer, "other", from_directory(other), "other", Options())
 
     set_secret(monkeypatch, secret, "new-value")
     systemd.failing = True
     systemd.calls.clear()
     v2 = unit_dir(tmp_path / "v2", "web", image="localhost/x:2", extra=extra)
+    with pytest.raises(RolledBack) as raised:
+        install(deployer, "demo", from_directory(v2), "v2", Options())
+    assert read_secret(image, secret) == "old-value"
+    assert f"secrets {secret} have their previous value again" in str(raised.value)
+    # The previous service was stopped for the new value and started again with the old one.
+    assert ("stop", "web.service") in systemd.calls
+    assert systemd.calls[-1] == ("start", "web.service")
+    assert deployer.deployments.get("demo") == before  # the record still names the old value
+
+    # The copy that made this possible is sealed and private.
+    copies = layout.state / "podman-secrets.json"
+    assert copies.stat().st_mode & 0o777 == 0o600
+    assert (layout.state / ".secret-seal-key").stat().st_mode & 0o777 == 0o600
+    assert b"old-value" not in copies.read_bytes() and b"new-value" not in copies.read_bytes()
+
+    # A second failed apply restores it again (the restored secret has a copy too) ...
+    with pytest.raises(RolledBack, match="have their previous value again"):
+        install(deployer, "demo", from_directory(v2), "v2", Options())
+    assert read_secret(image, secret) == "old-value"
+    # ... and a good one installs the new value.
+    systemd.failing = False
+    install(deployer, "demo", from_directory(v2), "v2", Options())
+    assert read_secret(image, secret) == "new-value"
+    deployer.remove("demo", remove_volumes=False, backup_volumes=False)
+    assert secret not in json.loads(copies.read_text())["secrets"]
+
+
+def test_a_rollback_removes_a_secret_the_failed_apply_created(
+    tmp_path: Path, generator: str, monkeypatch: pytest.MonkeyPatch, secret: str
+) -> None:
+    layout = make_layout(tmp_path)
+    systemd = RecordingSystemd()
+    deployer = Deployer(layout, EnvSecretSource(), podman=Podman(), systemd=systemd)
+    v1 = unit_dir(tmp_path / "v1", "web", image="localhost/x:1")
+    install(deployer, "demo", from_directory(v1), "v1", Options())
+
+    set_secret(monkeypatch, secret, "value")
+    systemd.failing = True
+    v2 = unit_dir(tmp_path / "v2", "web", extra=f"Secret={secret},type=env,target=TOKEN")
+    with pytest.raises(RolledBack) as raised:
+        install(deployer, "demo", from_directory(v2), "v2", Options())
+    assert secret not in str(raised.value)
+    assert podman("secret", "inspect", secret).returncode != 0
+    copies = json.loads((layout.state / "podman-secrets.json").read_text())
+    assert secret not in copies["secrets"]
+
+
+def test_a_secret_replaced_by_hand_is_not_restored_from_a_stale_copy(
+    tmp_path: Path, generator: str, image: str, monkeypatch: pytest.MonkeyPatch, secret: str
+) -> None:
+    layout = make_layout(tmp_path)
+    systemd = RecordingSystemd()
+    deployer = Deployer(layout, EnvSecretSource(), podman=Podman(), systemd=systemd)
+    extra = f"Secret={secret},type=env,target=TOKEN"
+    set_secret(monkeypatch, secret, "leger-value")
+    v1 = unit_dir(tmp_path / "v1", "web", image="localhost/x:1", extra=extra)
+    install(deployer, "demo", from_directory(v1), "v1", Options())
+    # Someone replaces the secret behind leger's back: leger's copy no longer describes it.
+    podman("secret", "rm", secret)
+    assert podman("secret", "create", secret, "-", input=b"hand-value").returncode == 0
+
+    set_secret(monkeypatch, secret, "new-value")
+    systemd.failing = True
+    v2 = unit_dir(tmp_path / "v2", "web", image="localhost/x:2", extra=extra)
     with pytest.raises(RolledBack, match=f"secrets {secret} keep their new value"):
         install(deployer, "demo", from_directory(v2), "v2", Options())
-    # Podman cannot give the old value back: the previous service was stopped and started
-    # again (so it runs with the value Podman holds) and the record names that value.
-    assert systemd.calls[-1] == ("start", "web.service")
-    after = deployer.deployments.get("demo")
-    assert after is not None and after.version == before.version
-    assert after.secrets[secret] != before.secrets[secret]
+    # Neither the stale copy nor a guess: the value stays the new one, and the record says so.
+    assert read_secret(image, secret) == "new-value"
     systemd.failing = False
-    systemd.calls.clear()
     again = install(deployer, "demo", from_directory(v1), "v1", Options(dry_run=True))
     assert again.plan.stop == []  # the stored value is the one the source gives now

@@ -274,6 +274,32 @@ def test_failed_first_install_leaves_nothing_behind(
     assert podman("secret", "inspect", f"leger-t-{suffix}").returncode != 0
 
 
+def test_a_rolled_back_update_gives_the_service_its_previous_secret(
+    tmp_path: Path, image: str, leger_env: dict[str, str], suffix: str, cleanup: None
+) -> None:
+    variable = f"LEGER_SECRET_LEGER_T_{suffix.upper()}"
+    source = app_dir(tmp_path / "src", image, suffix)
+    first = {**leger_env, variable: "tok-1"}
+    installed = leger(first, "deploy", "install", "app", "--source", str(source))
+    assert installed.returncode == 0, installed.stderr
+    container = f"leger-t-{suffix}"
+    assert podman("exec", container, "sh", "-c", "echo $TOKEN").stdout.decode().strip() == "tok-1"
+
+    # A new secret value and a unit that dies at once: the update fails and rolls back.
+    unit = source / "app.container"
+    good = unit.read_text()
+    unit.write_text(good.replace('Exec=sh -c "', 'Exec=sh -c "exit 1; '))
+    env = {**leger_env, variable: "tok-2"}
+    result = leger(env, "deploy", "update", "app", "--health-timeout", "3")
+    assert result.returncode == 5, result.stderr
+    # The previous service runs again, with the secret's previous value.
+    assert podman("exec", container, "sh", "-c", "echo $TOKEN").stdout.decode().strip() == "tok-1"
+    message = " ".join(result.stderr.split())
+    assert f"secrets {container} have their previous value again" in message
+    assert "tok-1" not in result.stderr + result.stdout
+    assert leger(env, "deploy", "remove", "app", "--remove-volumes").returncode == 0
+
+
 def test_update_refetches_the_source(
     tmp_path: Path, image: str, leger_env: dict[str, str], suffix: str, cleanup: None
 ) -> None:

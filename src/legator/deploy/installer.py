@@ -3,11 +3,14 @@
 Order of an apply: validate and collect secrets (nothing has changed yet, so any failure here
 leaves the host as it was) -> back up files and volumes -> stop the affected services -> swap
 the files -> create the Podman secrets -> reload systemd -> start -> health check. A failure
-after the backup rolls the files and volumes back and starts the previous services again.
+after the backup rolls the files, volumes and secrets back and starts the previous services
+again. A replaced secret gets its previous value back from leger's sealed copy (``sealed``):
+Podman 4.3 cannot show a stored value.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import shutil
@@ -16,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from legator.core.security import random_hex, write_private_file
 from legator.deploy.backups import BackupInfo, Backups
@@ -28,6 +32,7 @@ from legator.deploy.quadlet.check import Report, validate_dir
 from legator.deploy.quadlet.conflicts import find_conflicts, published_ports, volume_name
 from legator.deploy.quadlet.parse import Unit, parse_unit
 from legator.deploy.quadlet.validate import secret_name
+from legator.deploy.sealed import SealedSecrets, SealError
 from legator.deploy.secrets_source import SecretSource
 from legator.deploy.sources import Fetched
 from legator.deploy.staging import discard, stage, swap_in
@@ -36,6 +41,8 @@ from legator.deploy.state import Deployment, Deployments, check_name, now
 from legator.deploy.systemd import Systemd, SystemdError
 
 Progress = Callable[[str], None]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class DeployError(RuntimeError):
@@ -79,7 +86,7 @@ class Plan:
 @dataclass(frozen=True)
 class _Before:
     volumes: set[str]  # of the new set, existing before the apply
-    secrets: set[str]  # all Podman secrets before the apply
+    secrets: dict[str, str]  # all Podman secrets before the apply: name -> ID
     wanted_secrets: set[str]  # the ones the new version needs
 
 
@@ -89,6 +96,20 @@ class Result:
     backup: BackupInfo | None
     states: dict[str, str]
     applied: bool
+
+
+def locked(
+    operation: Callable[Concatenate[Deployer, P], R],
+) -> Callable[Concatenate[Deployer, P], R]:
+    """Run ``operation`` (a ``Deployer`` method, or a function taking the deployer first)
+    holding leger's state lock; see ``Deployer.hold_lock``."""
+
+    @functools.wraps(operation)
+    def run_locked(deployer: Deployer, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with deployer.hold_lock():
+            return operation(deployer, *args, **kwargs)
+
+    return run_locked
 
 
 def _units(files: dict[str, bytes]) -> list[Unit]:
@@ -148,10 +169,11 @@ class Deployer:
         self._lock_depth = 0  # the lock is re-entrant within one Deployer (one thread)
         self.deployments = Deployments(layout.deployments)
         self.backups = Backups(layout.backups, self.podman)
+        self.sealed = SealedSecrets(layout.state)
         layout.ensure()
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def hold_lock(self) -> Iterator[None]:
         """Hold leger's state lock: apply, remove and restore run one at a time per host and
         scope, so two of them never interleave their changes to files, Podman and
         ``deployments.json``. A second one waits up to ``lock_timeout`` seconds."""
@@ -273,19 +295,8 @@ class Deployer:
 
     # ----- apply ------------------------------------------------------------------------------
 
+    @locked
     def apply(
-        self,
-        name: str,
-        manifest: Manifest,
-        files: dict[str, bytes],
-        source: str,
-        staged_dir: Path,
-        opts: Options,
-    ) -> Result:
-        with self.locked():
-            return self._apply(name, manifest, files, source, staged_dir, opts)
-
-    def _apply(
         self,
         name: str,
         manifest: Manifest,
@@ -307,10 +318,15 @@ class Deployer:
         current = self.deployments.get(name)
         old_files = self.active_files(name)
         old_volumes = current.volumes if current else []
+        if values:
+            try:
+                self.sealed.check()  # a bad key file stops here, before any change
+            except SealError as exc:
+                raise DeployError(str(exc)) from None
         # What existed before, so a rollback removes only what this attempt created.
         before = _Before(
             volumes=set(self.podman.volumes_existing(volume_names(files))),
-            secrets=self.podman.secret_names() if values else set(),
+            secrets=self.podman.secret_ids() if values else {},
             wanted_secrets=set(values),
         )
         self.progress("backing up")
@@ -322,13 +338,13 @@ class Deployer:
             reason=f"before applying version {manifest.version}",
             automatic=True,
         )
-        replaced: set[str] = set()  # secrets whose earlier value is gone
+        replaced: dict[str, bytes | None] = {}  # secret -> its earlier value (None: unknown)
         try:
             self.progress("stopping affected services")
             self.systemd.stop(list(reversed(plan.stop)))
             self.progress("installing files")
             self._swap(name, old_files, files)
-            macs = self._install_secrets(values, current, replaced)
+            macs = self._install_secrets(values, current, before.secrets, replaced)
             self.systemd.daemon_reload()
             states: dict[str, str] = {}
             if plan.start:
@@ -350,11 +366,13 @@ class Deployer:
                     f"`leger backup restore {backup.id}`"
                 ) from again
             kept = ""
-            if replaced:
-                kept = (
-                    f"; secrets {', '.join(sorted(replaced))} keep their new value (Podman "
-                    "cannot give the old one back) and the previous services were restarted "
-                    "with it"
+            if back := sorted(s for s, old in replaced.items() if old is not None):
+                kept += f"; secrets {', '.join(back)} have their previous value again"
+            if unknown := sorted(s for s, old in replaced.items() if old is None):
+                kept += (
+                    f"; secrets {', '.join(unknown)} keep their new value (they were not "
+                    "created by leger, so it holds no copy of the old one) and the previous "
+                    "services were restarted with it"
                 )
             raise RolledBack(
                 f"{exc}; rolled back to the previous state (backup {backup.id}){kept}", backup
@@ -394,24 +412,35 @@ class Deployer:
             partial.replace(target)
 
     def _install_secrets(
-        self, values: dict[str, bytes], current: Deployment | None, replaced: set[str]
+        self,
+        values: dict[str, bytes],
+        current: Deployment | None,
+        existing: dict[str, str],
+        replaced: dict[str, bytes | None],
     ) -> dict[str, str]:
         """Create each missing secret and replace each whose value changed (compared by HMAC:
         Podman 4.3 cannot show a stored value). Independent Podman calls run in parallel.
-        ``replaced`` receives each secret whose earlier value was removed."""
+        ``existing``: Podman's secrets before (name -> ID). ``replaced`` receives each secret
+        whose earlier value was removed, with that value from leger's sealed copy (None when
+        leger did not create the secret it replaced). Afterwards the sealed copies describe
+        every secret in ``values``, the ones kept as they were included."""
+        if not values:
+            return {}  # and ``existing`` was not listed: the copies stay as they are
         known = current.secrets if current else {}
-        existing = self.podman.secret_names() if values else set()
         macs = {secret: self._secret_mac(value) for secret, value in values.items()}
         todo = [s for s in values if s not in existing or known.get(s) != macs[s]]
+        ids = {s: existing[s] for s in values if s in existing}
 
         def put(secret: str) -> None:
             if secret in existing:
+                replaced[secret] = self.sealed.get(secret, existing[secret])
                 self.podman.secret_remove(secret)
-                replaced.add(secret)
-            self.podman.secret_create(secret, values[secret])
+            ids[secret] = self.podman.secret_create(secret, values[secret])
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(put, todo))
+        self.sealed.put({s: (ids[s], value) for s, value in values.items()})
+        self.sealed.prune({**existing, **ids})
         return macs
 
     def _rollback(
@@ -422,13 +451,13 @@ class Deployer:
         backup: BackupInfo,
         previous: Deployment | None,
         before: _Before,
-        replaced: set[str],
+        replaced: dict[str, bytes | None],
         values: dict[str, bytes],
     ) -> None:
-        """Undo a failed apply. A replaced secret cannot get its old value back (Podman does
-        not return stored values), so the previous services start again with the new value
-        (each was stopped: ``plan`` restarts the users of a changed secret) and the record
-        says which value is stored."""
+        """Undo a failed apply. A replaced secret gets its previous value back from leger's
+        sealed copy. Without one (a secret leger did not create) the previous services start
+        again with the new value (each was stopped: ``plan`` restarts the users of a changed
+        secret) and the record says which value is stored."""
         new_units = service_units(new_files, [])
         self.systemd.stop(list(reversed(new_units)))
         self._swap(name, new_files, old_files)
@@ -438,11 +467,20 @@ class Deployer:
         for volume in set(volume_names(new_files)) - before.volumes - set(backup.volumes):
             self.podman.volume_remove(volume)
         kept = set(previous.secrets) if previous else set()
-        for secret in before.wanted_secrets - before.secrets - kept:
+        created = before.wanted_secrets - set(before.secrets) - kept
+        for secret in created:
             self.podman.secret_remove(secret)
+        self.sealed.drop(created)
+        restored: dict[str, tuple[str, bytes]] = {}
+        for secret, old in sorted(replaced.items()):
+            if old is not None:
+                self.podman.secret_remove(secret)
+                restored[secret] = (self.podman.secret_create(secret, old), old)
+        self.sealed.put(restored)
         self.systemd.daemon_reload()
-        if previous and replaced:
-            macs = {s: self._secret_mac(values[s]) for s in replaced if s in previous.secrets}
+        unknown = {s for s, old in replaced.items() if old is None}
+        if previous and unknown:
+            macs = {s: self._secret_mac(values[s]) for s in unknown if s in previous.secrets}
             self.deployments.put(
                 previous.model_copy(update={"secrets": {**previous.secrets, **macs}})
             )
@@ -451,13 +489,8 @@ class Deployer:
 
     # ----- other operations ------------------------------------------------------------------
 
+    @locked
     def remove(self, name: str, *, remove_volumes: bool, backup_volumes: bool) -> BackupInfo | None:
-        with self.locked():
-            return self._remove(name, remove_volumes=remove_volumes, backup_volumes=backup_volumes)
-
-    def _remove(
-        self, name: str, *, remove_volumes: bool, backup_volumes: bool
-    ) -> BackupInfo | None:
         current = self.deployments.get(name)
         if current is None:
             raise DeployError(f"no deployment {name!r}")
@@ -493,21 +526,19 @@ class Deployer:
             if other.name != current.name
             for s in other.secrets
         }
-        for secret in current.secrets:
-            if secret not in still_used:
-                self.podman.secret_remove(secret)
+        gone = [secret for secret in current.secrets if secret not in still_used]
+        for secret in gone:
+            self.podman.secret_remove(secret)
+        self.sealed.drop(gone)
         for network in networks:
             self.podman.network_remove(network)  # refused by Podman while another uses it
         self.deployments.remove(current.name)
 
+    @locked
     def restore(self, backup_id: str) -> BackupInfo:
         """Put a backup's files and volumes back and restart its services. The backup taken
         before a first install (version -1, no files) removes the deployment, as
         ``remove`` does with its volumes kept."""
-        with self.locked():
-            return self._restore(backup_id)
-
-    def _restore(self, backup_id: str) -> BackupInfo:
         info = self.backups.info(backup_id)
         current = self.deployments.get(info.deployment)
         files = self.backups.files(backup_id)
@@ -542,27 +573,21 @@ class Deployer:
         return info
 
 
+@locked
 def install(deployer: Deployer, name: str, fetched: Fetched, source: str, opts: Options) -> Result:
     """Write the fetched files to a private incoming directory (checksums verified), then apply
     them. Used by ``deploy install`` and ``deploy update``; ``staged apply`` uses staged/."""
-    with deployer.locked():
-        incoming = deployer.layout.state / ".incoming"
-        staged = stage(incoming, name, fetched)
-        try:
-            return deployer.apply(
-                name, staged.manifest, staged.files(), source, staged.directory, opts
-            )
-        finally:
-            shutil.rmtree(staged.directory, ignore_errors=True)
+    incoming = deployer.layout.state / ".incoming"
+    staged = stage(incoming, name, fetched)
+    try:
+        return deployer.apply(name, staged.manifest, staged.files(), source, staged.directory, opts)
+    finally:
+        shutil.rmtree(staged.directory, ignore_errors=True)
 
 
+@locked
 def apply_staged(deployer: Deployer, name: str, *, force: bool, health_timeout: float) -> Result:
     """Apply ``staged/NAME`` and discard it once applied (kept when the apply fails)."""
-    with deployer.locked():
-        return _apply_staged(deployer, name, force=force, health_timeout=health_timeout)
-
-
-def _apply_staged(deployer: Deployer, name: str, *, force: bool, health_timeout: float) -> Result:
     staged = load_staged(deployer.layout.staged, name)
     current = deployer.deployments.get(name)
     opts = Options(

@@ -39,12 +39,18 @@ class Podman:
         return proc.stdout.decode(errors="replace")
 
     # secrets: the value travels on stdin, never in argv
-    def secret_names(self) -> set[str]:
-        out = self._run("secret", "ls", "--format", "{{.Name}}")
-        return {line.strip() for line in out.splitlines() if line.strip()}
+    def secret_ids(self) -> dict[str, str]:
+        """Every secret's name and ID (each ``secret create`` gives a new ID)."""
+        out = self._run("secret", "ls", "--format", "{{.Name}} {{.ID}}")
+        pairs = (line.split() for line in out.splitlines())
+        return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
 
-    def secret_create(self, name: str, value: bytes) -> None:
-        self._run("secret", "create", name, "-", stdin=value)
+    def secret_names(self) -> set[str]:
+        return set(self.secret_ids())
+
+    def secret_create(self, name: str, value: bytes) -> str:
+        """Create ``name`` with ``value`` (on stdin); returns the new secret's ID."""
+        return self._run("secret", "create", name, "-", stdin=value).strip()
 
     def secret_remove(self, name: str) -> None:
         self._run("secret", "rm", name, check=False)
