@@ -26,17 +26,18 @@ PROBE_FILES = (
     "__init__.py",
     "core/canonical.py",
     "fleet/protocol.py",
-    "fleet/policy.py",
     "cli/probe.py",
 )
+PROBE_PACKAGES = ("fleet/policy", "probe")  # every module of these
 THIRD_PARTY = ("pydantic", "websockets", "psutil", "yaml", "typer")
 MAIN = "from legator.cli.probe import main\n\nmain()\n"
 
 
 def _probe_sources() -> dict[str, bytes]:
     files = {f"legator/{name}": (SRC / name).read_bytes() for name in PROBE_FILES}
-    for path in sorted((SRC / "probe").glob("*.py")):
-        files[f"legator/probe/{path.name}"] = path.read_bytes()
+    for package in PROBE_PACKAGES:
+        for path in sorted((SRC / package).glob("*.py")):
+            files[f"legator/{package}/{path.name}"] = path.read_bytes()
     for package in ("core", "fleet", "cli"):
         files[f"legator/{package}/__init__.py"] = b""  # the probe needs none of their code
     return files

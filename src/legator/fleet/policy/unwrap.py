@@ -1,0 +1,104 @@
+"""The commands a line or argv runs, past assignments and wrappers (``sudo``, ``env``,
+``timeout 5``…), into ``sh -c`` strings, ``eval`` and ``find -exec``; and whether a block-list
+entry names one of them. Used to match the ``block`` list, not to classify."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+
+from legator.fleet.policy.env import is_assignment
+from legator.fleet.policy.lexer import Unparseable, simple_commands, split_substitutions
+from legator.fleet.policy.options import Syntax, names, parse
+
+_WRAPPER_SYNTAX = {
+    "command": Syntax(stop_at_word=True),
+    "builtin": Syntax(stop_at_word=True),
+    "exec": Syntax(short_values="a", stop_at_word=True),
+    "nohup": Syntax(stop_at_word=True),
+    "busybox": Syntax(stop_at_word=True),
+    "nice": Syntax(short_values="n", long_values=names("adjustment"), stop_at_word=True),
+    "sudo": Syntax(
+        short_values="CDgpRrtTUu",
+        long_values=names(
+            "close-from chdir group prompt chroot role type command-timeout other-user user host"
+        ),
+        stop_at_word=True,
+    ),
+    "doas": Syntax(short_values="uC", stop_at_word=True),
+    "timeout": Syntax(short_values="sk", long_values=names("signal kill-after"), stop_at_word=True),
+    "stdbuf": Syntax(
+        short_values="ioe", long_values=names("input output error"), stop_at_word=True
+    ),
+    "time": Syntax(short_values="fo", long_values=names("format output"), stop_at_word=True),
+    "ionice": Syntax(short_values="cnpPu", stop_at_word=True),
+    "env": Syntax(
+        short_values="uCS",
+        long_values=names("unset chdir split-string"),
+        stop_at_word=True,
+    ),
+    "xargs": Syntax(short_values="aEdIsnLP", short_optional="eil", stop_at_word=True),
+}
+_SHELL_C = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "su"})
+
+
+def unwrapped(argv: Sequence[str], depth: int = 0) -> list[list[str]]:
+    """The commands an argv runs, each as ``[program basename, *args]``: past assignments
+    and wrappers (``sudo``, ``env``, ``timeout 5``…), into ``sh -c`` strings, ``eval`` and
+    ``find -exec``. Used to match the ``block`` list, not to classify."""
+    words = list(argv)
+    while words and is_assignment(words[0]):
+        words.pop(0)
+    if not words or depth > 8:
+        return []
+    program, args = os.path.basename(words[0]), words[1:]
+    found = [[program, *args]]
+    syntax = _WRAPPER_SYNTAX.get(program)
+    if syntax is not None:
+        parsed = parse(args, syntax)
+        rest = parsed.words
+        if program == "env":
+            for line in parsed.values("-S", "--split-string"):
+                found += line_commands(line or "", depth + 1)
+            while rest and is_assignment(rest[0]):
+                rest.pop(0)
+        if program == "timeout" and rest:
+            rest.pop(0)  # the duration
+        found += unwrapped(rest, depth + 1)
+    elif program in _SHELL_C or program == "eval":
+        scripts = [" ".join(args)] if program == "eval" else []
+        for index, arg in enumerate(args[:-1]):
+            if arg.startswith("-") and not arg.startswith("--") and "c" in arg:
+                scripts.append(args[index + 1])
+        for script in scripts:
+            found += line_commands(script, depth + 1)
+    elif program == "find":
+        for index, arg in enumerate(args):
+            if arg in ("-exec", "-execdir", "-ok", "-okdir"):
+                nested = list(itertools.takewhile(lambda a: a not in (";", "+"), args[index + 1 :]))
+                found += unwrapped(nested, depth + 1)
+    return found
+
+
+def line_commands(line: str, depth: int = 0) -> list[list[str]]:
+    """Every command a shell line runs (see :func:`unwrapped`)."""
+    try:
+        outer, inner = split_substitutions(line)
+        commands, _, _ = simple_commands(outer)
+    except Unparseable:
+        commands, inner = [line.split()], []
+    found = [c for argv in commands for c in unwrapped(argv, depth)]
+    for sub in inner:
+        found += line_commands(sub, depth + 1)
+    return found
+
+
+def blocked(entry: str, argv: Sequence[str]) -> bool:
+    """Whether ``entry`` ("rm", "/sbin/reboot", "systemctl stop") names this command: the
+    same program, and the entry's other words among its arguments, in order."""
+    words = entry.split()
+    if not words or not argv or os.path.basename(words[0]) != argv[0]:
+        return False
+    remaining = iter(argv[1:])
+    return all(any(arg == word for arg in remaining) for word in words[1:])
