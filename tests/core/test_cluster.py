@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from prometheus_client import CollectorRegistry
 
 from legator.core.auth.attempts import AttemptLimiter
 from legator.core.cluster import (
+    KEY_INFO,
     ClusterLink,
     ClusterUnavailable,
     Message,
     NoReply,
     NoResponder,
+    Replayed,
+    ReplayGuard,
     Sealer,
     SealError,
     redact_url,
@@ -86,6 +95,46 @@ def test_sealed_messages_open_only_with_the_key_the_subject_and_in_time() -> Non
         sealer.open("p.x", data, now=time.time() + 301)
     with pytest.raises(SealError, match="too short"):
         sealer.open("p.x", b"abc")
+
+
+def test_a_sealed_message_opens_once() -> None:
+    sender, receiver = Sealer(KEY), Sealer(KEY)
+    first, second = (sender.seal("p.x", "a", {"n": n}) for n in (1, 2))
+    assert receiver.open("p.x", second) == ("a", {"n": 2})
+    assert receiver.open("p.x", first) == ("a", {"n": 1})  # arrived late: still new
+    for data in (first, second):
+        with pytest.raises(Replayed, match="delivered before"):
+            receiver.open("p.x", data)
+    # The same replica id after a restart is another sender: its numbers start again.
+    assert Sealer(KEY).open("p.x", Sealer(KEY).seal("p.x", "a", {})) == ("a", {})
+    restarted = Sealer(KEY).seal("p.x", "a", {"restarted": True})
+    assert receiver.open("p.x", restarted) == ("a", {"restarted": True})
+
+
+def test_replays_are_told_apart_from_late_messages_within_the_window() -> None:
+    guard = ReplayGuard(window=8)
+    for number in (5, 3, 9, 6):
+        guard.admit("a", "e1", number)
+    for number in (5, 3, 9, 6):
+        with pytest.raises(Replayed, match="delivered before"):
+            guard.admit("a", "e1", number)
+    guard.admit("a", "e1", 2)  # 7 behind the newest: late, not seen
+    with pytest.raises(Replayed, match="too far behind"):
+        guard.admit("a", "e1", 1)  # 8 behind: could be either, refused
+    guard.admit("a", "e1", 17)  # slot 1 again: the ring keeps the newest number there
+    with pytest.raises(Replayed):
+        guard.admit("a", "e1", 9)
+    guard.admit("a", "e2", 9)  # another run of the same replica
+    guard.admit("b", "e1", 9)  # another replica
+
+
+def test_a_message_without_a_sequence_number_is_refused() -> None:
+    """One sealed by a replica of a Legator before numbering could be replayed unnoticed."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEY_INFO).derive(KEY)
+    aead, nonce = AESGCM(key), os.urandom(12)
+    plain = json.dumps({"o": "old", "t": time.time(), "b": {}}).encode()
+    with pytest.raises(SealError, match="no sequence number"):
+        Sealer(KEY).open("p.x", nonce + aead.encrypt(nonce, plain, b"p.x"))
 
 
 def test_urls_are_logged_without_credentials() -> None:
@@ -265,6 +314,35 @@ async def test_messages_larger_than_nats_takes_are_split_and_joined(
     assert answer.origin == "b" and answer.body == {"chars": len(blob)}
     with pytest.raises(NoResponder):
         await a.request(a.subject("nobody"), {"blob": blob}, wait_s=5)
+
+
+async def test_a_message_replayed_on_the_bus_is_delivered_once(
+    pair: tuple[ClusterLink, ClusterLink],
+) -> None:
+    """Whoever can publish on NATS can send a captured message again; it is dropped."""
+    a, b = pair
+    heard: list[dict[str, Any]] = []
+    b.on_broadcast("note", lambda _, body: heard.append(body))
+    captured: list[bytes] = []
+    spy = await nats.connect(NATS_URL)
+    try:
+
+        async def capture(msg: Any) -> None:
+            captured.append(msg.data)
+
+        await spy.subscribe(a.subject("all"), cb=capture)
+        await spy.flush()
+        a.broadcast("note", {"op": "lock-out", "client": "10.0.0.1"})
+        await until(lambda: len(heard) == 1 and len(captured) == 1)
+        for _ in range(3):
+            await spy.publish(a.subject("all"), captured[0])
+        await spy.flush()
+        await until(lambda: dropped(b, "replayed") == 3)
+        a.broadcast("note", {"after": True})  # the sender's next message still goes through
+        await until(lambda: len(heard) == 2)
+        assert heard == [{"op": "lock-out", "client": "10.0.0.1"}, {"after": True}]
+    finally:
+        await spy.close()
 
 
 async def test_a_replica_with_another_key_is_not_heard(prefix: str) -> None:

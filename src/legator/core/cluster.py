@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
 import re
+import secrets
 import time
 import uuid
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,6 +60,13 @@ HEADER_ROOM = 512
 STATUS_HEADER, NO_RESPONDERS = "Status", "503"
 BROADCAST = "all"
 KEY_INFO = b"legator-cluster-bus|v1"
+# How far behind the newest message of a sender an older one may still arrive: nats-py hands
+# each subscription's messages to its own task, so one subscription's messages can be checked
+# after later ones of another. Further behind than this, its queue would be far past what a
+# healthy replica holds; such a message is refused as a replay might be.
+REPLAY_WINDOW = 1 << 16
+# A sender's record outlives anything it sent that the age check would still let in.
+REPLAY_FORGET_S = 2 * MAX_AGE_S + 60
 
 
 class ClusterUnavailable(ServiceUnavailable):
@@ -75,6 +85,53 @@ class SealError(Exception):
     pass
 
 
+class Replayed(SealError):
+    """An authentic message that was already delivered."""
+
+
+@dataclass(slots=True)
+class _Sender:
+    ring: array[int]  # slot ``n % window`` holds the last number accepted there
+    newest: int
+    seen_at: float
+
+
+class ReplayGuard:
+    """The sequence numbers each sender (a replica's run: its id and a random epoch) has had
+    accepted, over the last ``REPLAY_WINDOW`` of them, in a ring, so that a check costs the
+    same however busy the bus is."""
+
+    def __init__(self, window: int = REPLAY_WINDOW) -> None:
+        self.window = window
+        self._senders: dict[tuple[str, str], _Sender] = {}
+        self._next_sweep = time.monotonic() + REPLAY_FORGET_S
+
+    def admit(self, origin: str, epoch: str, number: int) -> None:
+        """Raise ``Replayed`` if ``number`` was accepted from this sender before, or is too
+        far behind its newest to tell."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._forget_idle(now)
+        sender = self._senders.get((origin, epoch))
+        if sender is None:
+            sender = _Sender(array("q", [-1]) * self.window, number, now)
+            self._senders[(origin, epoch)] = sender
+        if number <= sender.newest - self.window:
+            raise Replayed(f"message {number} from {origin} is too far behind its newest")
+        slot = number % self.window
+        if sender.ring[slot] == number:
+            raise Replayed(f"message {number} from {origin} was delivered before")
+        sender.ring[slot] = number
+        sender.newest = max(sender.newest, number)
+        sender.seen_at = now
+
+    def _forget_idle(self, now: float) -> None:
+        self._next_sweep = now + REPLAY_FORGET_S
+        for key, sender in list(self._senders.items()):
+            if sender.seen_at < now - REPLAY_FORGET_S:
+                del self._senders[key]
+
+
 def redact_url(url: str) -> str:
     """The server list as it may be logged: user names, passwords and tokens removed."""
     safe = []
@@ -86,17 +143,22 @@ def redact_url(url: str) -> str:
 
 
 class Sealer:
-    """AES-GCM over ``{origin, time, body}`` with the subject as associated data."""
+    """AES-GCM over ``{origin, epoch, number, time, body}`` with the subject as associated
+    data. The epoch is random for each sealer (each run of a replica) and the number counts
+    its messages, so that ``open`` can refuse one it has opened before."""
 
     def __init__(self, master_key: bytes) -> None:
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEY_INFO).derive(
             master_key
         )
         self._aead = AESGCM(key)
+        self._epoch = secrets.token_hex(8)
+        self._numbers = itertools.count(1)
+        self._seen = ReplayGuard()
 
     def seal(self, subject: str, origin: str, body: dict[str, Any]) -> bytes:
         plain = json.dumps(
-            {"o": origin, "t": time.time(), "b": body},
+            {"o": origin, "e": self._epoch, "n": next(self._numbers), "t": time.time(), "b": body},
             separators=(",", ":"),
             default=to_jsonable_python,
         ).encode()
@@ -119,7 +181,11 @@ class Sealer:
         age = (time.time() if now is None else now) - float(message["t"])
         if abs(age) > MAX_AGE_S:
             raise SealError(f"it is {age:.0f}s old (clocks apart, or replayed)")
-        return str(message["o"]), dict(message["b"])
+        origin, number = str(message["o"]), message.get("n")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise SealError(f"it carries no sequence number: {origin} runs an older Legator")
+        self._seen.admit(origin, str(message.get("e")), number)
+        return origin, dict(message["b"])
 
 
 @dataclass(frozen=True)
@@ -530,7 +596,9 @@ class ClusterLink:
         try:
             origin, body = self._sealer.open(msg.subject, data)
         except (SealError, ValueError, KeyError, TypeError) as exc:
-            self.dropped.labels("unauthenticated").inc()
+            self.dropped.labels(
+                "replayed" if isinstance(exc, Replayed) else "unauthenticated"
+            ).inc()
             now = time.monotonic()
             if now - self._last_bad_log >= 30:
                 self._last_bad_log = now
