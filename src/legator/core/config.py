@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         description="Tailscale sign-in trusts a trusted proxy's X-Forwarded-For for the caller.",
     )
     approval_ttl: int = Field(900, ge=30, le=7 * 24 * 3600, description="Approval expiry, seconds.")
+    model_network_approval: bool = Field(
+        True,
+        description="A command a model wrote (chat, task, MCP) that can reach another host "
+        "waits for a person, unless the target's approval mode is none.",
+    )
     secrets_dir: Path | None = Field(
         None, description="Secrets store directory; unset = <data_dir>/secrets."
     )

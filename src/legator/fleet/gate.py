@@ -17,10 +17,13 @@ from legator.core.auth.principal import Principal
 from legator.core.context import current_request_id
 from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut
 from legator.fleet.approvals.service import ApprovalService
-from legator.fleet.policy import REMEDIATE, Policy, evaluate, strongest
+from legator.fleet.policy import REMEDIATE, Policy, evaluate, reaches_network, strongest
 from legator.fleet.risk import CRITICAL, HIGH, classify_risk
 
 Outcome = Literal["allow", "queue", "deny"]
+# Where a model, not a person, wrote the command.
+MODEL_ORIGINS = frozenset({"chat", "fleet_chat", "task", "mcp"})
+MODEL_NETWORK = "written by a model and can reach another host"
 _MODE_ORDER = [
     ApprovalMode.NONE,
     ApprovalMode.MUTATION_GATE,
@@ -110,9 +113,14 @@ def needs_approval(mode: ApprovalMode, level: str, risk: str) -> list[str]:
 
 
 class Gate:
-    def __init__(self, approvals: ApprovalService, audit: AuditService) -> None:
+    def __init__(
+        self, approvals: ApprovalService, audit: AuditService, *, model_network_approval: bool
+    ) -> None:
         self.approvals = approvals
         self.audit = audit
+        # A prompt-injected model could send off what it has read with a low-level command
+        # (curl, nslookup, ping of a name carrying the data): a person sees those first.
+        self.model_network_approval = model_network_approval
 
     async def check(
         self,
@@ -147,6 +155,8 @@ class Gate:
         level = strongest(levels) if levels else REMEDIATE
         mode = strictest([t.approval_mode for t in allowed])
         drivers = needs_approval(mode, level, risk) if allowed else []
+        if allowed and mode is not ApprovalMode.NONE and self._model_networking(action):
+            drivers.append(MODEL_NETWORK)
         decision: Outcome = "deny" if not allowed else ("queue" if drivers else "allow")
         rationale: dict[str, Any] = {
             "decision": decision,
@@ -188,3 +198,10 @@ class Gate:
             return GateResult(decision, rationale, allowed_ids, approval, decision_audit=audit)
         await self.audit.log(**audit)
         return GateResult(decision, rationale, allowed_ids, approval)
+
+    def _model_networking(self, action: Action) -> bool:
+        return (
+            self.model_network_approval
+            and action.origin in MODEL_ORIGINS
+            and reaches_network(action.command, action.args, shell=action.shell)
+        )

@@ -12,7 +12,7 @@ from legator.fleet.gate import Gate
 
 def install_guardrails(app: FastAPI, core: Core) -> Gate:
     approvals = ApprovalService(core.db, core.audit, core.events, ttl_s=core.settings.approval_ttl)
-    gate = Gate(approvals, core.audit)
+    gate = Gate(approvals, core.audit, model_network_approval=core.settings.model_network_approval)
     app.state.approvals = approvals
     app.state.gate = gate
     app.include_router(approvals_router)

@@ -15,8 +15,8 @@ Modules: ``levels`` (the levels and their order), ``env`` (environment variables
 (programs known by name), ``programs`` (the table of per-program rules, kept in
 ``programs_text``, ``programs_net``, ``programs_system``, ``programs_containers`` and
 ``programs_tracers``), ``argv`` (one program invocation), ``shell`` (a shell line, a
-request), ``unwrap`` (the commands a line runs, for the block list) and ``decision``
-(``Policy`` and ``evaluate``).
+request), ``unwrap`` (the commands a line runs, for the block list), ``network`` (whether
+a command may reach another host) and ``decision`` (``Policy`` and ``evaluate``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 from legator.fleet.policy.decision import Decision, Policy, evaluate
 from legator.fleet.policy.env import classify_env
 from legator.fleet.policy.levels import DIAGNOSE, OBSERVE, REMEDIATE, rank, strongest, weakest
+from legator.fleet.policy.network import reaches_network
 from legator.fleet.policy.shell import classify, command_parts
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "command_parts",
     "evaluate",
     "rank",
+    "reaches_network",
     "strongest",
     "weakest",
 ]

@@ -107,6 +107,8 @@ def simple_commands(line: str) -> tuple[list[list[str]], list[str], bool]:
             dup = token.endswith("&") and (target.isdigit() or target == "-")
             if ">" in token and not dup and target not in SAFE_TARGETS:
                 writes.append(target or "?")
+            elif target.startswith(("/dev/tcp/", "/dev/udp/")):
+                writes.append(target)  # bash opens a connection, also to read from it
             next(it, None)  # the target word
             continue
         commands[-1].append(token)

@@ -1,0 +1,77 @@
+"""Whether a command can send something to another host: a request, a lookup, a probe.
+
+Used by the gate to hold back what a model wrote (a prompt-injected one could send off what it
+has read, with a command of a harmless level: ``curl``, ``nslookup``, ``ping`` of a name that
+carries the data). Looks at every command a line runs, past wrappers and into ``sh -c``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from legator.fleet.policy.unwrap import line_commands, unwrapped
+
+# Programs whose every use may reach another host (a name given to them is looked up at least).
+NETWORK_PROGRAMS = frozenset(
+    {
+        "curl",
+        "wget",
+        "ping",
+        "ping6",
+        "traceroute",
+        "traceroute6",
+        "tracepath",
+        "tracepath6",
+        "mtr",
+        "dig",
+        "nslookup",
+        "host",
+        "drill",
+        "whois",
+        "nmap",
+        "nc",
+        "ncat",
+        "netcat",
+        "socat",
+        "telnet",
+        "openssl",
+        "getent",
+        "resolvectl",
+        "showmount",
+        "arping",
+        "ssh",
+        "scp",
+        "sftp",
+        "rsync",
+        "ftp",
+        "git",
+        "snap",
+        "apt-file",
+    }
+)
+# Container tools reach a registry only for these.
+_REGISTRY_VERBS = frozenset({"search", "pull", "push", "login"})
+
+
+def _reaches(argv: Sequence[str]) -> bool:
+    program, args = argv[0], argv[1:]
+    if program in NETWORK_PROGRAMS:
+        return True
+    if program in ("docker", "podman", "nerdctl", "crictl"):
+        return any(arg in _REGISTRY_VERBS for arg in args)
+    if program == "kubectl":  # its own cluster is the operator's; another server is not
+        return any(arg in ("-s", "--server") or arg.startswith("--server=") for arg in args)
+    return any("/dev/tcp/" in arg or "/dev/udp/" in arg for arg in args)
+
+
+def reaches_network(command: str, args: Sequence[str] = (), *, shell: bool = False) -> bool:
+    """Whether running this may send anything to another host."""
+    if shell:
+        line = " ".join([command, *(shlex.quote(a) for a in args)])
+        if "/dev/tcp/" in line or "/dev/udp/" in line:
+            return True
+        commands = line_commands(line)
+    else:
+        commands = unwrapped([command, *args])
+    return any(_reaches(argv) for argv in commands if argv)
