@@ -141,7 +141,9 @@ def test_replicas_with_urls_serve_each_model_from_one_of_them(
             client.stream("POST", "/v1/chat/completions", json=body) as streamed,
         ):
             assert streamed.status_code == 200
-            next(streamed.iter_lines())
+            # Kept: a discarded iterator is closed at once, and httpx then closes the stream.
+            lines = streamed.iter_lines()
+            next(lines)
             soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 1, timeout=10)
         soon(lambda: gateway(home).scheduler.pools["slow"].in_use == 0, timeout=10)
         soon(lambda: upstream.active_streams == 0, timeout=10)
