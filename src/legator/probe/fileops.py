@@ -6,15 +6,23 @@ Whatever the policy allows, the probe never serves its own credentials: its ``pr
 any process's environment or memory under ``/proc`` (``environ``, ``mem``, ``pagemap``) or
 ``/proc/kcore``. Paths are compared after resolving symlinks and ``..``, and files by device
 and inode as well, so a symlink, a hard link or a bind mount of ``probe.yaml`` is refused
-too. A *copy* of the file is another file and cannot be recognised."""
+too. A *copy* of the file is another file and cannot be recognised.
+
+The check is on a path, the read on a file, and a local user who can write inside an allowed
+root could swap a component for a symlink in between (a race). So the file is opened one
+component at a time from ``/`` with ``O_NOFOLLOW`` (a symlink met on the way fails the
+operation), and what was opened is checked again before anything is read from it: its device
+and inode against the credentials files, and the kernel's name for it
+(``/proc/self/fd/N``) against the allowed roots and procfs's secrets."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat as stat_mod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,18 +42,66 @@ class FileDenied(Exception):
     pass
 
 
+def _within(real: Path, roots: Sequence[str]) -> bool:
+    for root in roots:
+        root_real = Path(os.path.realpath(root))
+        if real == root_real or root_real in real.parents:
+            return True
+    return False
+
+
 def resolve_allowed(path: str, roots: Sequence[str]) -> Path:
     if not path.startswith("/"):
         raise FileDenied(f"path {path!r} must be absolute")
     real = Path(os.path.realpath(path))
-    for root in roots:
-        root_real = Path(os.path.realpath(root))
-        if real == root_real or root_real in real.parents:
-            return real
+    if _within(real, roots):
+        return real
     raise FileDenied(
         f"{path!r} (resolved to {str(real)!r}) is outside the allowed paths: "
         f"{', '.join(roots) or 'none'}"
     )
+
+
+_O_PATH = getattr(os, "O_PATH", 0)  # Linux
+# Directories on the way are opened only to be walked through.
+_WALK = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | (_O_PATH or os.O_RDONLY)
+# What is read: never a symlink, never waiting on a FIFO, never a controlling terminal.
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+# What is only looked at (stat): O_PATH opens nothing for reading (no device's open runs);
+# with O_NOFOLLOW a symlink there is opened as itself, and refused once opened.
+_LOOK = os.O_NOFOLLOW | os.O_CLOEXEC | (_O_PATH or os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+
+
+def _swapped(path: str, where: str) -> FileDenied:
+    return FileDenied(
+        f"{path!r} changed while the probe was opening it ({where!r} is now a symbolic "
+        "link): refused"
+    )
+
+
+def open_nofollow(path: str, real: Path, flags: int) -> int:
+    """Open ``real`` (resolved: no symlink, no ``..``) one component at a time from ``/``,
+    each with ``O_NOFOLLOW``, so the file opened is the one at that very path: a component
+    swapped for a symlink since it was resolved and checked fails the open (a race), where
+    ``open(real)`` would follow it out of the allowed paths."""
+    parts = real.parts[1:]
+    fd = os.open("/", _WALK if parts else flags)
+    walked = Path("/")
+    for index, name in enumerate(parts):
+        last = index == len(parts) - 1
+        walked = walked / name
+        try:
+            fd_next = os.open(name, flags if last else _WALK, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                with contextlib.suppress(OSError):
+                    if stat_mod.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        raise _swapped(path, str(walked)) from None
+            raise OSError(exc.errno, exc.strerror, path) from None  # named as asked
+        finally:
+            os.close(fd)
+        fd = fd_next
+    return fd
 
 
 def own_secret_files(config_path: Path | str | None = None) -> list[Path]:
@@ -141,14 +197,40 @@ def check_not_secret(path: str, real: Path, secrets: Secrets) -> None:
         raise _refuse_own_file(path, real)  # a hard link or a bind mount of it
 
 
-def _check_opened(path: str, real: Path, fd: int, secrets: Secrets) -> None:
+def _check_opened(
+    path: str, real: Path, fd: int, roots: Sequence[str], secrets: Secrets
+) -> os.stat_result:
     """The same checks on what was actually opened, so a path swapped between the check
-    above and the open still cannot reach the config or a process's secrets."""
+    above and the open still cannot reach a file outside the allowed paths, the config or a
+    process's secrets. Its ``fstat``."""
     info = os.fstat(fd)
+    if stat_mod.S_ISLNK(info.st_mode):  # the last component, opened as itself (O_PATH)
+        raise _swapped(path, str(real))
     if (info.st_dev, info.st_ino) in secrets.identities:
         raise _refuse_own_file(path, real)
-    with contextlib.suppress(OSError):  # the kernel's name for the open file
-        _check_proc(path, Path(os.readlink(f"/proc/self/fd/{fd}")), secrets.proc_mounts)
+    try:  # the kernel's name for the open file (none without procfs)
+        opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return info
+    if opened.is_absolute():
+        _check_proc(path, opened, secrets.proc_mounts)
+        if not _within(opened, roots):
+            raise FileDenied(
+                f"{path!r} changed while the probe was opening it (what it opened is "
+                f"{str(opened)!r}, outside the allowed paths): refused"
+            )
+    return info
+
+
+@contextlib.contextmanager
+def _opened(
+    path: str, real: Path, flags: int, roots: Sequence[str], secrets: Secrets
+) -> Iterator[tuple[int, os.stat_result]]:
+    fd = open_nofollow(path, real, flags)
+    try:
+        yield fd, _check_opened(path, real, fd, roots, secrets)
+    finally:
+        os.close(fd)
 
 
 def perform(
@@ -160,7 +242,8 @@ def perform(
     secrets = Secrets.of(config_path)
     check_not_secret(request.path, target, secrets)
     if request.op == "stat":
-        info = target.stat()
+        with _opened(request.path, target, _LOOK, roots, secrets) as (_fd, info):
+            pass
         return {
             "path": str(target),
             "type": "dir" if stat_mod.S_ISDIR(info.st_mode) else "file",
@@ -170,11 +253,17 @@ def perform(
             "gid": info.st_gid,
             "mtime": info.st_mtime,
         }
-    if not target.is_file():
-        raise FileDenied(f"{request.path!r} is not a regular file")
+    with _opened(request.path, target, _READ, roots, secrets) as (fd, info):
+        if not stat_mod.S_ISREG(info.st_mode):
+            raise FileDenied(f"{request.path!r} is not a regular file")
+        os.set_blocking(fd, True)
+        return _read(request, fd)
+
+
+def _read(request: FileRequest, fd: int) -> Any:
+    """The operation on ``fd``, a regular file opened and checked (the caller closes it)."""
     if request.op == "read":
-        with target.open("rb") as handle:
-            _check_opened(request.path, target, handle.fileno(), secrets)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(request.max_bytes + 1)
         return {
             "content": data[: request.max_bytes].decode("utf-8", "replace"),
@@ -182,8 +271,7 @@ def perform(
         }
     if request.op == "readlines":
         lines, end = [], request.end or request.start + 999
-        with target.open(encoding="utf-8", errors="replace") as handle:
-            _check_opened(request.path, target, handle.fileno(), secrets)
+        with os.fdopen(fd, encoding="utf-8", errors="replace", closefd=False) as handle:
             for number, line in enumerate(handle, start=1):
                 if number > end:
                     break
@@ -192,8 +280,7 @@ def perform(
         return {"start": request.start, "lines": lines}
     pattern = re.compile(request.pattern or "")
     hits = []
-    with target.open(encoding="utf-8", errors="replace") as handle:
-        _check_opened(request.path, target, handle.fileno(), secrets)
+    with os.fdopen(fd, encoding="utf-8", errors="replace", closefd=False) as handle:
         for number, line in enumerate(handle, start=1):
             if pattern.search(line):
                 hits.append({"line": number, "text": line.rstrip("\n")})
