@@ -29,6 +29,11 @@ from tests.support import NATS_URL, until
 KEY = secrets.token_bytes(32)
 
 
+async def _enrolled_before_salts(probe_id: str) -> str:
+    """No database here: every probe's key has the empty salt."""
+    return ""
+
+
 class Replica:
     def __init__(self, prefix: str, name: str, interval_s: float) -> None:
         self.link = ClusterLink(
@@ -38,7 +43,7 @@ class Replica:
             master_key=KEY,
             registry=CollectorRegistry(),
         )
-        self.hub = Hub(KEY)
+        self.hub = Hub(KEY, salts=_enrolled_before_salts)
         self.cluster = FleetCluster(self.link, self.hub, interval_s=interval_s)
         self.hub.cluster = self.cluster
 
@@ -95,7 +100,7 @@ async def test_presence_follows_announcements_beats_and_silence(
 
 async def test_routing_errors_are_clear(replicas: tuple[Replica, Replica]) -> None:
     a, b = replicas
-    envelope = signed(T_PING, {}, a.hub.key_for("prb-9"))
+    envelope = signed(T_PING, {}, a.hub.key_for("prb-9", ""))
     with pytest.raises(ProbeNotConnected, match="not connected to any replica"):
         await a.hub.send_envelope("prb-9", envelope)
 
@@ -121,8 +126,8 @@ async def test_replies_go_back_to_the_replica_that_asked(
     seen: list[tuple[str, Any]] = []
     a.hub.remote_reply_hooks.append(lambda key, value: seen.append((key, value)))
     spec = CommandSpec(request_id="req-1", command="uname", timeout_s=5)
-    command = signed(T_COMMAND, spec, a.hub.key_for("prb-1"))
-    ping = signed(T_PING, {}, a.hub.key_for("prb-1"))
+    command = signed(T_COMMAND, spec, a.hub.key_for("prb-1", ""))
+    ping = signed(T_PING, {}, a.hub.key_for("prb-1", ""))
     b.cluster._expect_reply("a", command)  # as B does when it forwards them for A
     b.cluster._expect_reply("a", ping)
 

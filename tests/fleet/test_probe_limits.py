@@ -253,7 +253,7 @@ class _Stuck:
 
 def _stuck_hub() -> Hub:
     hub = Hub(b"k" * 32)
-    hub.connections["p1"] = Connection("p1", _Stuck(), hub.key_for("p1"))  # type: ignore[arg-type]
+    hub.connections["p1"] = Connection("p1", _Stuck(), hub.key_for("p1", ""))  # type: ignore[arg-type]
     return hub
 
 

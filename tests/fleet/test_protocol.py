@@ -15,6 +15,7 @@ from legator.fleet.protocol import (
     Verifier,
     derive_probe_key,
     new_envelope,
+    new_key_salt,
     sign,
     signed,
 )
@@ -23,9 +24,27 @@ MASTER = bytes(range(32))
 
 
 def test_probe_key_is_hmac_of_master_and_probe_id() -> None:
+    """The empty salt (probes enrolled before salts) derives the key such probes were given."""
     expected = hmac.new(MASTER, b"legator-probe-signing|prb-0011aabb", hashlib.sha256).hexdigest()
     assert derive_probe_key(MASTER, "prb-0011aabb") == expected
+    assert derive_probe_key(MASTER, "prb-0011aabb", "") == expected
     assert derive_probe_key(MASTER, "prb-0011aabc") != expected
+
+
+def test_each_enrolment_salt_gives_another_key() -> None:
+    salt = new_key_salt()
+    assert len(salt) == 32 and salt != new_key_salt()
+    material = f"legator-probe-signing|prb-0011aabb|{salt}".encode()
+    salted = derive_probe_key(MASTER, "prb-0011aabb", salt)
+    assert salted == hmac.new(MASTER, material, hashlib.sha256).hexdigest()
+    assert salted not in (
+        derive_probe_key(MASTER, "prb-0011aabb"),
+        derive_probe_key(MASTER, "prb-0011aabb", new_key_salt()),
+        derive_probe_key(MASTER, "prb-0011aabc", salt),
+    )
+    for salt_, probe_id in (("not hex", "prb-1"), ("AB", "prb-1"), ("", "prb|1")):
+        with pytest.raises(ValueError, match="salt"):
+            derive_probe_key(MASTER, probe_id, salt_)
 
 
 def test_signature_covers_id_type_ts_and_canonical_payload() -> None:

@@ -7,12 +7,14 @@ from typing import Any
 
 from legator.core.audit.service import AuditService
 from legator.core.db import Database, new_id
-from legator.core.errors import BadRequest, Forbidden, NotFound
+from legator.core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable
+from legator.core.security import sha256_hex
 from legator.fleet.commands.service import CommandService
-from legator.fleet.hub import Hub
+from legator.fleet.hub import Hub, ProbeNotConnected
 from legator.fleet.models import Probe
 from legator.fleet.policies import PolicyService
 from legator.fleet.protocol import (
+    SIGNING_KEY_ROTATED,
     T_FILE_REQUEST,
     T_POLICY_UPDATE,
     T_ROTATE_KEY,
@@ -23,6 +25,7 @@ from legator.fleet.protocol import (
     PolicySpec,
     RotateKey,
     UpdateSpec,
+    new_key_salt,
 )
 from legator.fleet.registry import ProbeRegistry, new_probe_key
 from legator.fleet.schemas import ProbeActionResult, UpdateRequest
@@ -105,15 +108,45 @@ class ProbeActions:
         )
 
     async def rotate_key(self, probe_id: str, *, actor: str) -> ProbeActionResult:
+        """A new probe key and, with it, a new signing key (a new salt), sent signed with
+        the current one. The probe saves both, then verifies with the new signing key; its
+        ack promotes them here, and its connection (on whichever replica holds it) signs with
+        the new key from then on. A probe that predates signing key rotation keeps its
+        signing key (its ack does not say it took the new one)."""
         await self.registry.get(probe_id)
-        new_key = new_probe_key()
-        await self.registry.set_pending_key(probe_id, new_key)
-        ack = await self._ack(probe_id, T_ROTATE_KEY, RotateKey(api_key=new_key))
+        new_key, salt = new_probe_key(), new_key_salt()
+        await self.registry.set_pending_key(probe_id, new_key, salt)
+        spec = RotateKey(api_key=new_key, signing_key=self.hub.key_for(probe_id, salt))
+        try:
+            ack = await self._ack(probe_id, T_ROTATE_KEY, spec)
+        except ProbeNotConnected:
+            raise
+        except ServiceUnavailable:
+            # The probe may have saved the new keys without its ack arriving: a connection
+            # still signing with the old key would have every message refused, so it ends;
+            # the probe reconnects with whichever key it holds (the new one is promoted then).
+            await self.hub.disconnect(probe_id, code=4000, reason="key rotation unconfirmed")
+            raise
         if not ack.ok:
             raise BadRequest(f"probe {probe_id} could not store its new key: {ack.error}")
-        await self.registry.promote_key(probe_id)
-        await self.audit.log(actor=actor, action="fleet.probe.rotate_key", target=probe_id)
-        return ProbeActionResult(probe_id=probe_id, ok=True, detail={"rotated": True})
+        signing = ack.detail.get("signing_key") == SIGNING_KEY_ROTATED
+        current = await self.registry.promote_key(probe_id, sha256_hex(new_key), signing=signing)
+        if signing and current == salt and not await self.hub.refresh_key(probe_id):
+            # Whatever still holds its socket signs with the old key: the probe reconnects.
+            await self.hub.disconnect(probe_id, code=4000, reason="signing key rotated")
+        await self.audit.log(
+            actor=actor,
+            action="fleet.probe.rotate_key",
+            target=probe_id,
+            details={"signing_rotated": signing},  # "signing_key" is redacted
+        )
+        detail: dict[str, Any] = {"rotated": True, "signing_key_rotated": signing}
+        if not signing:
+            detail["note"] = (
+                "the probe kept its signing key (it predates signing key rotation): "
+                "update it and rotate again, or re-enrol it"
+            )
+        return ProbeActionResult(probe_id=probe_id, ok=True, detail=detail)
 
     async def update(self, probe_id: str, body: UpdateRequest, *, actor: str) -> ProbeActionResult:
         await self.registry.get(probe_id)

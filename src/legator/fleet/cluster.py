@@ -234,6 +234,18 @@ class FleetCluster:
         except Exception as exc:
             log.warning("could not close a probe's socket on its replica", error=str(exc))
 
+    async def rekey_remote(self, probe_id: str) -> bool:
+        """Have the replica holding the probe's socket sign with its current key (its row's)."""
+        holder = self.holder(probe_id)
+        if holder is None:
+            return False
+        try:
+            answer = await self._ask(holder, probe_id, {"op": "rekey", "probe": probe_id})
+        except Exception as exc:
+            log.warning("could not refresh a probe's signing key on its replica", error=str(exc))
+            return False
+        return bool(answer.get("ok"))
+
     async def _ask(self, holder: str, probe_id: str, body: dict[str, Any]) -> dict[str, Any]:
         from legator.fleet.hub import ProbeNotConnected
 
@@ -283,6 +295,14 @@ class FleetCluster:
             if self.hub.detach(conn):
                 await conn.close(code=int(body.get("code") or 4000), reason=str(body.get("reason")))
             await self.link.respond(message, {"ok": True})
+            return
+        if body.get("op") == "rekey":  # a rotated signing key: read from the probe's row
+            try:
+                ok = await self.hub.refresh_key(probe_id, here_only=True)
+            except Exception as exc:
+                log.warning("could not refresh a probe's signing key", error=str(exc))
+                ok = False
+            await self.link.respond(message, {"ok": ok})
             return
         try:
             envelope = Envelope.model_validate(body.get("envelope"))

@@ -4,6 +4,11 @@ It holds this replica's sockets. With several replicas (``cluster`` set, see
 ``fleet/cluster.py``), a send to a probe held by another replica is signed here and routed
 there, a reply with no waiter here goes back to the replica that asked, and ``is_connected``
 covers the probes of every replica.
+
+A probe's signing key belongs to one enrolment (``Probe.key_salt``, see
+``protocol.derive_probe_key``): a connection signs with the key of the enrolment its probe key
+authenticated, a send to another replica's probe with the key of the probe's current row, and
+a connection whose enrolment was replaced before it attached is closed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
 
 log = get_logger("legator.fleet.hub")
 Handler = Callable[[str, Envelope], Awaitable[None]]
+# The current key salt of a probe, from its row; None when there is no such probe.
+SaltSource = Callable[[str], Awaitable[str | None]]
 # A probe that stops reading must not hold a sender (and, behind the connection's lock,
 # every later sender) for ever.
 SEND_TIMEOUT_S = 30.0
@@ -55,16 +62,28 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, master_key: bytes) -> None:
+    def __init__(self, master_key: bytes, salts: SaltSource | None = None) -> None:
         self.master_key = master_key
+        # Set by the registry (legator.fleet.registry), which reads the probes' rows.
+        self.salts = salts
         self.connections: dict[str, Connection] = {}
         self._waiters: dict[str, asyncio.Future[Any]] = {}
         self.cluster: FleetCluster | None = None
         # Called with (key, value) for each reply that came back from another replica.
         self.remote_reply_hooks: list[Callable[[str, Any], None]] = []
 
-    def key_for(self, probe_id: str) -> str:
-        return derive_probe_key(self.master_key, probe_id)
+    def key_for(self, probe_id: str, salt: str) -> str:
+        """The signing key of the probe's enrolment whose salt is ``salt``."""
+        return derive_probe_key(self.master_key, probe_id, salt)
+
+    async def current_key(self, probe_id: str) -> str:
+        """The signing key of the probe's current enrolment, as its row says now."""
+        if self.salts is None:
+            raise RuntimeError("the hub has no source of probe key salts")
+        salt = await self.salts(probe_id)
+        if salt is None:
+            raise self.not_connected(probe_id)
+        return self.key_for(probe_id, salt)
 
     def is_connected(self, probe_id: str) -> bool:
         return probe_id in self.connections or (
@@ -76,16 +95,45 @@ class Hub:
             return ProbeNotConnected(self.cluster.why_not(probe_id))
         return ProbeNotConnected(f"probe {probe_id} is not connected")
 
-    async def attach(self, probe_id: str, websocket: WebSocket) -> Connection:
-        """Register a new socket; an older one for the same probe is closed (replaced)."""
-        conn = Connection(probe_id, websocket, self.key_for(probe_id))
+    async def attach(self, probe_id: str, websocket: WebSocket, salt: str) -> Connection | None:
+        """Register a new socket, signing with the key of the enrolment (``salt``) that its
+        probe key authenticated; an older one for the same probe is closed (replaced).
+
+        None, with the socket closed, when that enrolment is no longer the probe's: it was
+        re-enrolled (or its key rotated) between the key check and now, and whoever holds
+        the old probe key gets nothing signed with the old signing key."""
+        conn = Connection(probe_id, websocket, self.key_for(probe_id, salt))
         old = self.connections.get(probe_id)
         self.connections[probe_id] = conn
         if self.cluster is not None:
             self.cluster.announce(probe_id, up=True, since=conn.since)
         if old is not None:
             await old.close(code=4000, reason="replaced by a newer connection")
+        # Looked up after the socket is registered: a re-enrolment that commits from now on
+        # finds it and closes it (registry.register); one that committed before shows here.
+        try:
+            current = salt if self.salts is None else await self.salts(probe_id)
+        except BaseException:
+            self.detach(conn)
+            await conn.close(code=1011, reason="probe key check failed")
+            raise
+        if current != salt:
+            self.detach(conn)
+            await conn.close(code=4401, reason="probe re-enrolled")
+            return None
         return conn
+
+    async def refresh_key(self, probe_id: str, *, here_only: bool = False) -> bool:
+        """After a confirmed key rotation: the probe's connection, on whichever replica holds
+        it, signs from now on with the key its row names. False if no replica confirmed it.
+        The replica holding it reads the row itself: no key ever travels between replicas."""
+        conn = self.connections.get(probe_id)
+        if conn is not None:
+            conn.key_hex = await self.current_key(probe_id)
+            return True
+        if here_only or self.cluster is None:
+            return False
+        return await self.cluster.rekey_remote(probe_id)
 
     def detach(self, conn: Connection) -> bool:
         """Forget ``conn`` if it is still the current one; True if it was."""
@@ -111,7 +159,7 @@ class Hub:
         """Sign ``payload`` with the probe's key and send it."""
         conn = self.connections.get(probe_id)
         if conn is None:
-            envelope = signed(type_, payload, self._remote_key(probe_id))
+            envelope = signed(type_, payload, await self._remote_key(probe_id))
             await self._route(probe_id, envelope)
             return envelope
         envelope = signed(type_, payload, conn.key_hex)
@@ -133,10 +181,12 @@ class Hub:
         except Exception as exc:
             raise ProbeNotConnected(f"probe {probe_id}: send failed ({exc})") from None
 
-    def _remote_key(self, probe_id: str) -> str:
+    async def _remote_key(self, probe_id: str) -> str:
+        """The key for a probe whose socket another replica may hold: that replica signs
+        nothing itself and forwards only what is signed with the key of its connection."""
         if self.cluster is None:
             raise ProbeNotConnected(f"probe {probe_id} is not connected")
-        return self.key_for(probe_id)
+        return await self.current_key(probe_id)
 
     async def _route(self, probe_id: str, envelope: Envelope) -> None:
         if self.cluster is None:
@@ -175,7 +225,7 @@ class Hub:
         the envelope id, which the probe's ``ack`` names in ``ref``); sending and waiting
         together take at most ``wait_s``."""
         conn = self.connections.get(probe_id)
-        key_hex = conn.key_hex if conn is not None else self._remote_key(probe_id)
+        key_hex = conn.key_hex if conn is not None else await self._remote_key(probe_id)
         envelope = signed(type_, payload, key_hex)
         key = reply_key or envelope.id
         future = self.expect(key)

@@ -70,6 +70,11 @@ class Probe(Base):
     policy_id: Mapped[str] = mapped_column(String(64), default="observe-only")
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     pending_key_hash: Mapped[str | None] = mapped_column(String(64))
+    # The signing key's salt (legator.fleet.protocol.derive_probe_key): new at every
+    # enrolment and rotation, so an old probe.yaml's signing key stops verifying anything.
+    # Empty for probes enrolled before salts existed: their key is the one they were given.
+    key_salt: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    pending_key_salt: Mapped[str | None] = mapped_column(String(64))  # with pending_key_hash
     max_level: Mapped[str | None] = mapped_column(String(16))  # the probe's own local maximum
     status: Mapped[str] = mapped_column(String(16), default="offline", index=True)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

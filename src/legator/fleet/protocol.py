@@ -3,13 +3,18 @@
 Shared by the control plane and the probe, so it stays pure: stdlib, Pydantic and
 ``legator.core.canonical`` only. Every control-plane→probe envelope carries
 ``sig = HMAC-SHA256(probe_key, id|type|ts|canonical_json(payload))``; the probe key is
-``HMAC-SHA256(master, "legator-probe-signing|" + probe_id)``.
+``HMAC-SHA256(master, "legator-probe-signing|" + probe_id + "|" + salt)``, where ``salt`` is
+random and new at every enrolment and key rotation, so a new enrolment gives the probe a new
+key and the old one verifies nothing. A probe enrolled before salts existed has an empty salt
+and keeps the key it was given, ``HMAC-SHA256(master, "legator-probe-signing|" + probe_id)``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -23,6 +28,7 @@ from legator.core.canonical import canonical_json
 PROTOCOL_VERSION = 1
 MAX_SKEW_S = 300.0
 KEY_CONTEXT = "legator-probe-signing|"
+_SALT = re.compile(r"[0-9a-f]{0,64}")
 LEVELS = ("observe", "diagnose", "remediate")
 Level = Literal["observe", "diagnose", "remediate"]
 
@@ -71,9 +77,22 @@ def parse_ts(value: str) -> float:
     return parsed.timestamp()
 
 
-def derive_probe_key(master: bytes, probe_id: str) -> str:
-    """The per-probe signing key, hex. Both ends hold exactly this value."""
-    return hmac.new(master, (KEY_CONTEXT + probe_id).encode(), hashlib.sha256).hexdigest()
+def new_key_salt() -> str:
+    """A fresh salt for one enrolment (or key rotation) of a probe: 128 random bits, hex."""
+    return secrets.token_hex(16)
+
+
+def derive_probe_key(master: bytes, probe_id: str, salt: str = "") -> str:
+    """The signing key of one enrolment of a probe, hex. Both ends hold exactly this value.
+
+    ``salt`` is the enrolment's (``Probe.key_salt``). The empty salt is the one of probes
+    enrolled before salts existed: it derives the key they were given then, unchanged.
+    """
+    if not _SALT.fullmatch(salt) or "|" in probe_id:
+        # Unambiguous material: no probe id/salt pair can stand for another.
+        raise ValueError("a probe key salt is hex, and a probe id holds no '|'")
+    material = KEY_CONTEXT + probe_id + (f"|{salt}" if salt else "")
+    return hmac.new(master, material.encode(), hashlib.sha256).hexdigest()
 
 
 class Envelope(BaseModel):
@@ -259,6 +278,12 @@ class PolicySpec(Payload):
 
 class RotateKey(Payload):
     api_key: str
+    # The signing key of the new salt. A probe that saves it says so in its ack's detail
+    # (``signing_key: "rotated"``); one that predates it ignores it and keeps its old key.
+    signing_key: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+SIGNING_KEY_ROTATED = "rotated"  # the value of ``signing_key`` in the ack's detail
 
 
 class UpdateSpec(Payload):

@@ -21,7 +21,7 @@ from legator.fleet.hub import Hub
 from legator.fleet.metrics import FleetMetrics
 from legator.fleet.models import Command, Probe
 from legator.fleet.policies import DEFAULT_POLICY_ID
-from legator.fleet.protocol import LEVELS
+from legator.fleet.protocol import LEVELS, new_key_salt
 from legator.fleet.schemas import Health, ProbeDetail, ProbeOut, RegisterRequest, Summary
 from legator.fleet.tokens import TokenService
 
@@ -62,6 +62,8 @@ class ProbeRegistry:
         self.metrics = metrics
         self.offline_after_s = offline_after_s
         self.flush_interval_s = flush_interval_s
+        # The hub signs with the key of each probe's current enrolment, which the row holds.
+        hub.salts = self.key_salt
         # Liveness buffered in memory and written in one transaction per interval.
         self._seen: dict[str, datetime] = {}
         self._beats: dict[str, dict[str, Any]] = {}
@@ -71,7 +73,11 @@ class ProbeRegistry:
     async def register(self, body: RegisterRequest) -> tuple[Probe, str]:
         """A new probe for a new hostname; or, with a token bound to a probe, that probe with a
         new key (its old key and connection end). Refused, with the token left unused, when
-        the hostname belongs to a probe the token is not for."""
+        the hostname belongs to a probe the token is not for.
+
+        Every enrolment draws a new key salt, so the probe's signing key
+        (``hub.key_for(probe.id, probe.key_salt)``) is new too: whoever kept the old
+        ``probe.yaml`` can neither connect nor sign anything the re-enrolled probe accepts."""
         api_key = new_probe_key()
         async with self.db.write() as session:
             consumed = await TokenService.consume(session, body.token)
@@ -109,7 +115,8 @@ class ProbeRegistry:
             fresh = consumed.probe_id is None
             probe.os, probe.arch, probe.version = body.os, body.arch, body.version
             probe.key_hash = sha256_hex(api_key)
-            probe.pending_key_hash = None
+            probe.key_salt = new_key_salt()
+            probe.pending_key_hash = probe.pending_key_salt = None
             try:
                 await session.flush()
             except IntegrityError:
@@ -144,8 +151,10 @@ class ProbeRegistry:
                 return candidate
 
     async def authenticate(self, raw_key: str) -> Probe | None:
-        """The probe a bearer key belongs to. A key still pending rotation is accepted and
-        promoted: the probe saved it, so the old one is now dead."""
+        """The probe a bearer key belongs to, as its row is now (``key_salt`` names the signing
+        key that goes with the key). A key still pending rotation is accepted and promoted,
+        with the signing key sent along with it: the probe saved both, so the old ones are
+        now dead."""
         if not raw_key.startswith(PROBE_KEY_PREFIX):
             return None
         digest = sha256_hex(raw_key)
@@ -154,28 +163,47 @@ class ProbeRegistry:
                 select(Probe).where(or_(Probe.key_hash == digest, Probe.pending_key_hash == digest))
             )
         if probe is not None and probe.pending_key_hash == digest:
-            await self.promote_key(probe.id)
+            await self.promote_key(probe.id, digest)
+            async with self.db.session() as session:
+                probe = await session.scalar(select(Probe).where(Probe.key_hash == digest))
         return probe
 
-    async def promote_key(self, probe_id: str) -> None:
+    async def key_salt(self, probe_id: str) -> str | None:
+        """The salt of the probe's current signing key; None if there is no such probe."""
+        async with self.db.session() as session:
+            return await session.scalar(select(Probe.key_salt).where(Probe.id == probe_id))
+
+    async def promote_key(self, probe_id: str, digest: str, *, signing: bool = True) -> str | None:
+        """Make the pending key (the one hashing to ``digest``) the probe's key, and its
+        pending signing key salt the current one unless ``signing`` is False (the probe did
+        not take the new signing key). The probe's key salt now; None if nothing was pending
+        under ``digest`` (already promoted, or replaced)."""
         async with self.db.write() as session:
             probe = await session.get(Probe, probe_id)
-            if probe is None or probe.pending_key_hash is None:
-                return
-            probe.key_hash, probe.pending_key_hash = probe.pending_key_hash, None
+            if probe is None or probe.pending_key_hash != digest:
+                return None
+            probe.key_hash, probe.pending_key_hash = digest, None
+            salt, probe.pending_key_salt = probe.pending_key_salt, None
+            rotated = signing and salt is not None
+            if signing and salt is not None:
+                probe.key_salt = salt
             await self.audit.record(
                 session,
                 actor=f"probe:{probe_id}",
                 action="fleet.probe.key_rotated",
                 target=probe_id,
+                details={"signing_rotated": rotated},
             )
+            return probe.key_salt
 
-    async def set_pending_key(self, probe_id: str, raw_key: str) -> None:
+    async def set_pending_key(self, probe_id: str, raw_key: str, salt: str) -> None:
+        """Remember a key being sent to the probe, with the salt of the signing key sent
+        along: the probe's next connection with it (or its ack) promotes both."""
         async with self.db.write() as session:
             result = await session.execute(
                 update(Probe)
                 .where(Probe.id == probe_id)
-                .values(pending_key_hash=sha256_hex(raw_key))
+                .values(pending_key_hash=sha256_hex(raw_key), pending_key_salt=salt)
             )
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise NotFound(f"no probe with id {probe_id}")

@@ -123,7 +123,7 @@ async def register(body: RegisterRequest, request: Request) -> Registered:
         probe_id=probe.id,
         api_key=api_key,
         policy_id=probe.policy_id,
-        signing_key=fleet.hub.key_for(probe.id),
+        signing_key=fleet.hub.key_for(probe.id, probe.key_salt),  # this enrolment's
     )
 
 

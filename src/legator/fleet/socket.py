@@ -38,7 +38,10 @@ async def probe_socket(websocket: WebSocket) -> None:
         )
         return
     await websocket.accept()
-    conn = await fleet.hub.attach(probe.id, websocket)
+    # Signs with the key of the enrolment this probe key belongs to; None: it was replaced.
+    conn = await fleet.hub.attach(probe.id, websocket, probe.key_salt)
+    if conn is None:
+        return
     await fleet.registry.on_connect(probe.id)
     pusher = _PolicyPusher(fleet, probe.id)
     try:

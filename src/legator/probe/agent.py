@@ -190,14 +190,22 @@ class Agent:
                 await self._ack(envelope, detail={"effective_level": self.policy.level})
             case p.T_ROTATE_KEY:
                 spec_key = p.RotateKey.model_validate(payload)
-                new = self.config.model_copy(update={"api_key": spec_key.api_key})
+                keys = {"api_key": spec_key.api_key}
+                if spec_key.signing_key is not None:
+                    keys["signing_key"] = spec_key.signing_key
+                new = self.config.model_copy(update=keys)
                 try:
                     config_mod.save(new, self.config_path)
                 except OSError as exc:
                     await self._ack(envelope, ok=False, error=f"cannot save new key: {exc}")
                     return
                 self.config = new
-                await self._ack(envelope)
+                detail: dict[str, Any] = {}
+                if spec_key.signing_key is not None:
+                    # From now on only the new signing key verifies (the replay memory stays).
+                    self.verifier.key_hex = spec_key.signing_key
+                    detail["signing_key"] = p.SIGNING_KEY_ROTATED
+                await self._ack(envelope, detail=detail)
             case p.T_UPDATE:
                 self._spawn(self._update(envelope, p.UpdateSpec.model_validate(payload)))
             case p.T_FILE_REQUEST:

@@ -43,6 +43,11 @@ def record_command(server: LiveServer, probe_id: str, command: str) -> str:
     return server.call(go())
 
 
+def probe_key(server: LiveServer, probe_id: str) -> str:
+    """The signing key of the probe's current enrolment, as the control plane signs with it."""
+    return server.call(fleet(server).hub.current_key(probe_id))  # type: ignore[no-any-return]
+
+
 def send_raw(server: LiveServer, probe_id: str, envelope: Envelope) -> None:
     server.call(fleet(server).hub.send_envelope(probe_id, envelope))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import stat
 import threading
@@ -15,9 +17,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from legator.core.security import sha256_hex
-from legator.fleet.protocol import derive_probe_key
+from legator.fleet.protocol import CommandSpec, derive_probe_key, signed
+from legator.fleet.schemas import RegisterRequest
 from tests.fleet.e2e.conftest import ProbeProcess, wait_for
-from tests.fleet.e2e.helpers import set_probe
+from tests.fleet.e2e.helpers import fleet, probe_key, record_command, send_raw, set_probe
 from tests.support import LiveServer
 
 
@@ -39,8 +42,10 @@ def test_token_shape_reuse_and_hashing(fleet_server: LiveServer, admin: httpx.Cl
     assert first.status_code == 201, first.text
     answer = first.json()
     assert answer["probe_id"].startswith("prb-") and len(answer["probe_id"]) == 12
+    salt = fleet_server.call(fleet(fleet_server).registry.key_salt(answer["probe_id"]))
+    assert len(salt) == 32  # this enrolment's
     assert answer["signing_key"] == derive_probe_key(
-        fleet_server.core.signing_key, answer["probe_id"]
+        fleet_server.core.signing_key, answer["probe_id"], salt
     )
     again = _register(fleet_server, body["token"], "beta")
     assert again.status_code == 401 and "token" in again.json()["error"]["message"]
@@ -157,7 +162,8 @@ def test_re_enrolment_token_keeps_the_id_and_ends_the_old_key(
     second, close_code = asyncio.run(reenrol_while_connected())
     assert close_code == 4401
     assert second["probe_id"] == probe_id and second["api_key"] != first["api_key"]
-    assert second["signing_key"] == first["signing_key"]
+    assert second["signing_key"] != first["signing_key"]
+    assert second["signing_key"] == probe_key(fleet_server, probe_id)
     assert asyncio.run(_socket_status(fleet_server, first["api_key"])) == 401
     assert asyncio.run(_socket_status(fleet_server, "lpk_" + "0" * 64)) == 401
     assert asyncio.run(_socket_status(fleet_server, second["api_key"])) == 101
@@ -165,6 +171,103 @@ def test_re_enrolment_token_keeps_the_id_and_ends_the_old_key(
     assert probe["tags"] == ["db"]
     audit = admin.get("/api/v1/audit", params={"action": "fleet.probe.register"}).json()
     assert any(e["target"] == probe_id and e["details"]["new"] is False for e in audit["events"])
+
+
+def _final(admin: httpx.Client, request_id: str) -> dict:  # type: ignore[type-arg]
+    return wait_for(
+        lambda: (
+            (c := admin.get(f"/api/v1/commands/{request_id}").json())["status"]
+            not in ("dispatched", "running")
+            and c
+        )
+    )
+
+
+def test_re_enrolment_gives_the_probe_a_new_signing_key(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe
+) -> None:  # type: ignore[no-untyped-def]
+    """Whoever copied the old probe.yaml (why an operator re-enrols) keeps nothing that works:
+    neither its probe key nor its signing key, which verified every command before."""
+    probe: ProbeProcess = spawn_probe("iota")
+    path = probe.config_dir / "probe.yaml"
+    stolen = yaml.safe_load(path.read_text())
+    probe.stop()
+    bound = admin.post(f"/api/v1/tokens?probe_id={probe.probe_id}").json()["token"]
+    done = probe.init(bound, hostname="iota")
+    assert done.returncode == 0, done.stderr
+    fresh = yaml.safe_load(path.read_text())
+    assert fresh["probe_id"] == stolen["probe_id"] == probe.probe_id
+    assert fresh["api_key"] != stolen["api_key"]
+    assert fresh["signing_key"] != stolen["signing_key"]
+    assert fresh["signing_key"] == probe_key(fleet_server, probe.probe_id)
+    probe.start()
+    wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
+    # The control plane signs with the new key: its commands run.
+    ran = admin.post(f"/api/v1/probes/{probe.probe_id}/command?wait=true", json={"command": "id"})
+    assert ran.status_code == 200 and ran.json()["status"] == "completed", ran.text
+    # A command signed with the stolen key (a forged control plane) is refused by the probe.
+    rid = record_command(fleet_server, probe.probe_id, "id")
+    spec = CommandSpec(request_id=rid, command="id")
+    send_raw(fleet_server, probe.probe_id, signed("command", spec, stolen["signing_key"]))
+    forged = _final(admin, rid)
+    assert forged["status"] == "rejected" and "invalid signature" in forged["error"]
+    # And the stolen probe key opens no socket.
+    assert asyncio.run(_socket_status(fleet_server, stolen["api_key"])) == 401
+
+
+def test_a_socket_authenticated_just_before_a_re_enrolment_is_closed(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    """The old probe key passed the check, then the probe was re-enrolled before its socket
+    was attached: that socket must not live on, signing with the old enrolment's key."""
+    token = admin.post("/api/v1/tokens").json()["token"]
+    first = _register(fleet_server, token, "lambda").json()
+    bound = admin.post(f"/api/v1/tokens?probe_id={first['probe_id']}").json()["token"]
+    registry = fleet(fleet_server).registry
+    authenticate = registry.authenticate
+
+    async def re_enrolled_meanwhile(raw_key: str):  # type: ignore[no-untyped-def]
+        probe = await authenticate(raw_key)
+        if raw_key == first["api_key"]:
+            await registry.register(RegisterRequest(token=bound, hostname="lambda"))
+        return probe
+
+    async def connect_with_the_old_key() -> tuple[int | None, str | None]:
+        ws_url = fleet_server.url.replace("http", "ws") + "/ws/probe"
+        headers = {"Authorization": f"Bearer {first['api_key']}"}
+        async with connect(ws_url, additional_headers=headers) as old:
+            await asyncio.wait_for(old.wait_closed(), 10)
+            return old.close_code, old.close_reason
+
+    registry.authenticate = re_enrolled_meanwhile  # type: ignore[method-assign]
+    try:
+        code, reason = asyncio.run(connect_with_the_old_key())
+    finally:
+        del registry.authenticate
+    assert (code, reason) == (4401, "probe re-enrolled")
+    assert first["probe_id"] not in fleet(fleet_server).hub.connections
+
+
+def test_a_probe_enrolled_before_key_salts_keeps_its_signing_key(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe
+) -> None:  # type: ignore[no-untyped-def]
+    """An upgrade leaves a probe enrolled earlier with the empty salt (the migration's
+    default): its probe.yaml holds the key of the old derivation, which still works."""
+    probe: ProbeProcess = spawn_probe("mu", start=False)
+    path = probe.config_dir / "probe.yaml"
+    legacy = hmac.new(
+        fleet_server.core.signing_key,
+        f"legator-probe-signing|{probe.probe_id}".encode(),
+        hashlib.sha256,
+    ).hexdigest()
+    set_probe(fleet_server, probe.probe_id, key_salt="")
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "signing_key": legacy}))
+    assert probe_key(fleet_server, probe.probe_id) == legacy
+    probe.start()
+    wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
+    ran = admin.post(f"/api/v1/probes/{probe.probe_id}/command?wait=true", json={"command": "id"})
+    assert ran.status_code == 200 and ran.json()["status"] == "completed", ran.text
 
 
 def test_re_enrolment_token_is_for_its_probe_only(

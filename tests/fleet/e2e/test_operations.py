@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as sync_connect
 
 from legator import __version__
+from legator.fleet.protocol import Ack, CommandSpec, Envelope, Verifier, new_envelope, signed
 from tests.fleet.e2e.conftest import wait_for
+from tests.fleet.e2e.helpers import probe_key, record_command, send_raw
 from tests.support import LiveServer
 
 
@@ -190,12 +194,30 @@ def _ws_status(server: LiveServer, key: str) -> int:
 def test_rotate_key(fleet_server: LiveServer, admin: httpx.Client, spawn_probe) -> None:  # type: ignore[no-untyped-def]
     probe = spawn_probe("rot-a")
     path = probe.config_dir / "probe.yaml"
-    old_key = yaml.safe_load(path.read_text())["api_key"]
+    old = yaml.safe_load(path.read_text())
+    old_key = old["api_key"]
     rotated = admin.post(f"/api/v1/probes/{probe.probe_id}/rotate-key")
     assert rotated.status_code == 200 and rotated.json()["ok"], rotated.text
-    new_key = yaml.safe_load(path.read_text())["api_key"]
+    new = yaml.safe_load(path.read_text())
+    new_key = new["api_key"]
     assert new_key != old_key
     assert _ws_status(fleet_server, old_key) == 401
+    # The signing key rotates with it, on the live connection: the control plane's commands
+    # still run, and one signed with the old key (from a copied probe.yaml) is refused.
+    assert new["signing_key"] != old["signing_key"]
+    assert rotated.json()["detail"]["signing_key_rotated"] is True
+    assert new["signing_key"] == probe_key(fleet_server, probe.probe_id)
+    ran = admin.post(f"/api/v1/probes/{probe.probe_id}/command?wait=true", json={"command": "id"})
+    assert ran.status_code == 200 and ran.json()["status"] == "completed", ran.text
+    rid = record_command(fleet_server, probe.probe_id, "id")
+    spec = CommandSpec(request_id=rid, command="id")
+    send_raw(fleet_server, probe.probe_id, signed("command", spec, old["signing_key"]))
+    forged = wait_for(
+        lambda: (c := admin.get(f"/api/v1/commands/{rid}").json())["status"] != "dispatched" and c
+    )
+    assert forged["status"] == "rejected" and "invalid signature" in forged["error"]
+    audit = admin.get("/api/v1/audit", params={"action": "fleet.probe.rotate_key"}).json()
+    assert audit["events"][0]["details"] == {"signing_rotated": True}
     probe.stop()
     probe.start()
     wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
@@ -203,6 +225,45 @@ def test_rotate_key(fleet_server: LiveServer, admin: httpx.Client, spawn_probe) 
         f"/api/v1/probes/{probe.probe_id}/command?wait=true", json={"command": "id"}
     ).json()
     assert result["status"] == "completed"
+
+
+def test_rotate_key_of_a_probe_that_predates_signing_key_rotation(
+    fleet_server: LiveServer, admin: httpx.Client
+) -> None:
+    """A probe that ignores the new signing key (an older release) acknowledges the new probe
+    key only: it keeps its signing key, and the control plane keeps signing with it."""
+    token = admin.post("/api/v1/tokens").json()["token"]
+    enrolled = httpx.post(
+        fleet_server.url + "/api/v1/register", json={"token": token, "hostname": "rot-old"}
+    ).json()
+    probe_id = enrolled["probe_id"]
+    url = fleet_server.url.replace("http", "ws") + "/ws/probe"
+    headers = {"Authorization": f"Bearer {enrolled['api_key']}"}
+    with (
+        sync_connect(url, additional_headers=headers) as ws,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        wait_for(lambda: admin.get(f"/api/v1/probes/{probe_id}").json()["connected"])
+        rotating = pool.submit(admin.post, f"/api/v1/probes/{probe_id}/rotate-key")
+        envelope = Envelope.model_validate_json(ws.recv(timeout=10))
+        assert envelope.type == "rotate_key"
+        Verifier(enrolled["signing_key"]).verify(envelope)
+        ack = Ack(ref=envelope.id, type=envelope.type)  # no word of a signing key
+        ws.send(new_envelope("ack", ack).model_dump_json())
+        rotated = rotating.result(timeout=30)
+        assert rotated.status_code == 200, rotated.text
+        assert rotated.json()["detail"]["signing_key_rotated"] is False
+        assert "re-enrol" in rotated.json()["detail"]["note"]
+        assert probe_key(fleet_server, probe_id) == enrolled["signing_key"]
+        # The connection still signs with the key the probe holds.
+        pinging = pool.submit(admin.post, f"/api/v1/probes/{probe_id}/apply-policy/observe-only")
+        push = Envelope.model_validate_json(ws.recv(timeout=10))
+        Verifier(enrolled["signing_key"]).verify(push)
+        ws.send(new_envelope("ack", Ack(ref=push.id, type=push.type)).model_dump_json())
+        assert pinging.result(timeout=30).status_code == 200
+    assert _ws_status(fleet_server, enrolled["api_key"]) == 401
+    audit = admin.get("/api/v1/audit", params={"action": "fleet.probe.rotate_key"}).json()
+    assert audit["events"][0]["details"] == {"signing_rotated": False}
 
 
 def test_update_with_a_bad_checksum_is_refused(

@@ -8,7 +8,7 @@ import httpx
 
 from legator.fleet.protocol import CommandSpec, new_envelope, sign, signed
 from tests.fleet.e2e.conftest import unattended_policy, wait_for
-from tests.fleet.e2e.helpers import fleet, record_command, send_raw, set_probe
+from tests.fleet.e2e.helpers import probe_key, record_command, send_raw, set_probe
 from tests.support import LiveServer
 
 
@@ -30,7 +30,7 @@ def test_tampered_unsigned_stale_and_foreign_key_are_rejected(
     fleet_server: LiveServer, admin: httpx.Client, spawn_probe
 ) -> None:  # type: ignore[no-untyped-def]
     probe = spawn_probe("sig-a")
-    key = fleet(fleet_server).hub.key_for(probe.probe_id)
+    key = probe_key(fleet_server, probe.probe_id)
 
     rid = record_command(fleet_server, probe.probe_id, "uname")
     tampered = signed("command", _spec(rid), key)
@@ -59,7 +59,7 @@ def test_replayed_envelope_is_refused_and_cannot_rewrite_a_result(
     fleet_server: LiveServer, admin: httpx.Client, spawn_probe
 ) -> None:  # type: ignore[no-untyped-def]
     probe = spawn_probe("sig-b")
-    key = fleet(fleet_server).hub.key_for(probe.probe_id)
+    key = probe_key(fleet_server, probe.probe_id)
     rid = record_command(fleet_server, probe.probe_id, "uname")
     envelope = signed("command", _spec(rid), key)
     send_raw(fleet_server, probe.probe_id, envelope)
@@ -117,7 +117,7 @@ def test_policy_refusal_at_each_end(
     send_raw(
         fleet_server,
         probe.probe_id,
-        signed("command", spec, fleet(fleet_server).hub.key_for(probe.probe_id)),
+        signed("command", spec, probe_key(fleet_server, probe.probe_id)),
     )
     assert _final(admin, rid)["status"] == "refused"
     assert not os.path.exists("/tmp/legator-x")
@@ -135,7 +135,7 @@ def test_policy_refusal_at_each_end(
     send_raw(
         fleet_server,
         probe.probe_id,
-        signed("command", spec, fleet(fleet_server).hub.key_for(probe.probe_id)),
+        signed("command", spec, probe_key(fleet_server, probe.probe_id)),
     )
     assert _final(admin, rid)["status"] == "refused"
     assert not os.path.exists(marker)
