@@ -1,16 +1,25 @@
 """The agent loop shared by chat, fleet chat and the task runner: ask the model, run the tools
 it calls (each through the gate), feed the results back, until it answers in words or a step
 or time limit is reached. A provider failure ends the loop with a clear error; a tool call
-already made is never repeated, because nothing here retries a step."""
+already made is never repeated, because nothing here retries a step.
+
+The time limit holds inside a step too: a model turn still streaming at the deadline is
+cancelled, and the tool calls of a turn are checked against it one by one (a call already
+running finishes: its command may have started on a host). At most
+``MAX_TOOL_CALLS_PER_TURN`` calls of one turn run; every call left over is answered to the
+model as not run, so the conversation stays well formed."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from legator.brain.providers import OnToken, Provider, ProviderError
-from legator.brain.tools import Toolbox
+from legator.brain.providers import OnToken, Provider, ProviderError, ToolCall
+from legator.brain.tools import Toolbox, ToolOutcome
+
+MAX_TOOL_CALLS_PER_TURN = 16
 
 
 @dataclass
@@ -32,6 +41,29 @@ class Transcript:
         }
 
 
+def _not_run(reason: str, why: str) -> ToolOutcome:
+    return ToolOutcome(f"not run: {why}", {"error": f"not run: {why}", "not_run": reason})
+
+
+def _limit(timeout_s: float) -> str:
+    return f"the time limit of {timeout_s:g}s was reached"
+
+
+async def _call(
+    toolbox: Toolbox, call: ToolCall, number: int, deadline: float, timeout_s: float
+) -> ToolOutcome:
+    """Run the ``number``-th call (from 0) of a turn, or say why it was not run."""
+    if number >= MAX_TOOL_CALLS_PER_TURN:
+        return _not_run(
+            "too_many_calls",
+            f"at most {MAX_TOOL_CALLS_PER_TURN} tool calls run in one turn; "
+            "ask for this one again in the next turn",
+        )
+    if time.monotonic() >= deadline:
+        return _not_run("time_limit", _limit(timeout_s))
+    return await toolbox.call(call.name, call.arguments)
+
+
 async def converse(
     provider: Provider,
     system: str,
@@ -48,28 +80,42 @@ async def converse(
     deadline = time.monotonic() + timeout_s
     toolbox.deadline = deadline
     for number in range(1, max_steps + 1):
-        if time.monotonic() >= deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             transcript.status = "time_limit"
-            transcript.error = f"the time limit of {timeout_s:.0f}s was reached"
+            transcript.error = _limit(timeout_s)
             return transcript
+        limit = asyncio.timeout(remaining)
         try:
-            turn = await provider.turn(system, messages, toolbox.tools, on_token)
+            async with limit:
+                turn = await provider.turn(system, messages, toolbox.tools, on_token)
         except ProviderError as exc:
             transcript.status = "error"
             transcript.error = str(exc)
+            return transcript
+        except TimeoutError:
+            if not limit.expired():  # not our deadline (the provider wraps its own)
+                raise
+            transcript.status = "time_limit"
+            transcript.error = f"{_limit(timeout_s)} while the model was answering"
             return transcript
         transcript.input_tokens += turn.input_tokens
         transcript.output_tokens += turn.output_tokens
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.tool_calls]
         messages.append({"role": "assistant", "content": turn.text, "tool_calls": calls})
         step: dict[str, Any] = {"step": number, "text": turn.text, "tools": []}
-        for call in turn.tool_calls:
-            outcome = await toolbox.call(call.name, call.arguments)
+        for index, call in enumerate(turn.tool_calls):
+            outcome = await _call(toolbox, call, index, deadline, timeout_s)
             messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.content})
             step["tools"].append({"name": call.name, "arguments": call.arguments, **outcome.record})
         transcript.steps.append(step)
         if on_step is not None:
             await on_step(step)
+        skipped = sum(1 for t in step["tools"] if t.get("not_run") == "time_limit")
+        if skipped:
+            transcript.status = "time_limit"
+            transcript.error = f"{_limit(timeout_s)}; {skipped} tool call(s) were not run"
+            return transcript
         if not turn.tool_calls:
             transcript.status = "completed"
             transcript.answer = turn.text

@@ -10,11 +10,15 @@ from typing import Any
 from starlette.requests import Request
 
 from legator.brain.providers import (
+    AnswerError,
+    CallbackFailed,
     ChatChunkReader,
     OnToken,
     OpenAIProvider,
     ProviderError,
+    TextSink,
     Turn,
+    unreadable,
 )
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
@@ -48,6 +52,9 @@ def _internal_request() -> Request:
     return Request(scope, receive=_never_disconnects)
 
 
+LABEL = "local provider (gateway)"
+
+
 class LocalProvider:
     def __init__(self, gateway: Any, model: str, max_tokens: int) -> None:
         self.gateway = gateway
@@ -75,13 +82,9 @@ class LocalProvider:
         except AppError as exc:
             raise ProviderError(f"local provider (gateway) refused: {exc.message}") from exc
         result = Turn()
-
-        async def emit(text: str) -> None:
-            result.text += text
-            if on_token is not None:
-                await on_token(text)
-
-        reader = ChatChunkReader(result, emit)
+        sink = TextSink(on_token)
+        reader = ChatChunkReader(result, sink)
+        # 499 unless set: a turn cancelled (its time limit) or whose caller went away.
         status, done, chunks = 499, False, 0
         try:
             upstream = await open_stream(adm, "/chat/completions", body)
@@ -99,6 +102,14 @@ class LocalProvider:
                 status = 502
                 raise ProviderError("local provider (gateway): the model's stream ended early")
             status = 200
+        except CallbackFailed as exc:
+            raise exc.__cause__ or exc from None
+        except AnswerError as exc:
+            status = 502
+            raise ProviderError(f"{LABEL}: {exc}") from exc
+        except ProviderError:
+            status = 502
+            raise
         except AppError as exc:
             status = getattr(exc, "status", 502)
             raise ProviderError(f"local provider (gateway) failed: {exc.message}") from exc
@@ -107,10 +118,14 @@ class LocalProvider:
             raise ProviderError(
                 f"local provider (gateway): the model's stream failed: {type(exc).__name__}"
             ) from exc
+        except Exception as exc:  # anything else reading the answer: never a bare 500
+            status = 502
+            raise unreadable(LABEL, exc) from exc
         finally:
             # A backend that reports no usage in streams is billed by chunks, as the gateway
             # bills any stream.
             result.output_tokens = result.output_tokens or chunks
             adm.finish(status, result.input_tokens, result.output_tokens)
         reader.finish()
+        result.text = sink.text
         return result

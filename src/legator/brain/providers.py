@@ -3,12 +3,20 @@
 Messages are kept in a neutral form (``user``/``assistant``/``tool`` dicts) and translated
 to each API's wire format here, so the chat, fleet chat and task runner never see a vendor
 shape. The official ``openai`` and ``anthropic`` SDKs speak the wire protocols; their
-clients are shared across calls through a ``ProviderPool``."""
+clients are shared across calls through a ``ProviderPool``.
+
+A provider's answer is untrusted input: whatever goes wrong while reading it (a broken
+connection, an event that is not JSON, a field of the wrong type, a limit passed) becomes a
+``ProviderError`` with a short message, so the conversation ends cleanly with its record.
+One turn keeps at most ``MAX_TURN_TEXT_CHARS`` of text, ``MAX_TOOL_ARGUMENTS_CHARS`` of
+arguments per tool call and ``MAX_TOOL_CALLS_READ`` tool calls; the agent loop bounds its
+time (``agent.converse``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +26,9 @@ from typing import Any, ClassVar, Protocol
 
 import anthropic
 import anyio
+import httpx
 import openai
+import pydantic
 
 from legator.core.config import Settings
 from legator.core.errors import ServiceUnavailable
@@ -35,8 +45,105 @@ NOT_CONFIGURED = (
 )
 
 
+# Limits of one model turn (see docs/brain.md, "Failures and limits"). A model that passes
+# one is looping or broken: the turn ends with a ProviderError rather than buffer without end.
+MAX_TURN_TEXT_CHARS = 1_000_000  # the text of one answer
+MAX_TOOL_ARGUMENTS_CHARS = 64 * 1024  # the JSON arguments of one tool call
+MAX_TOOL_NAME_CHARS = 256  # a tool call's name, and its id
+# Tool calls read from one answer; the agent runs at most ``agent.MAX_TOOL_CALLS_PER_TURN`` of
+# them and answers the rest as not run, and an answer with more than this is refused.
+MAX_TOOL_CALLS_READ = 64
+MAX_USAGE_TOKENS = 100_000_000  # a usage count above this in one turn is not believable
+ERROR_MESSAGE_CHARS = 300  # of a provider's own error text, which can quote a whole body
+
+
 class ProviderError(Exception):
     """The model could not be reached or answered with an error."""
+
+
+class AnswerError(ProviderError):
+    """The provider's answer broke its wire format or one of this module's limits."""
+
+
+class CallbackFailed(Exception):
+    """The caller's own token callback failed (a chat client gone, say): not the provider's
+    fault, so ``turn`` re-raises the original exception rather than a ``ProviderError``."""
+
+
+def short_message(message: str, secret: str = "") -> str:
+    """A provider's error text for a transcript: the key it was called with masked, on one
+    line, cut at ``ERROR_MESSAGE_CHARS`` (an SDK's message can carry the whole error body)."""
+    if len(secret) >= 8:
+        message = message.replace(secret, "***")
+    message = " ".join(message.split())
+    if len(message) > ERROR_MESSAGE_CHARS:
+        message = message[:ERROR_MESSAGE_CHARS] + "…"
+    return message
+
+
+def unreadable(label: str, exc: Exception) -> ProviderError:
+    """The ``ProviderError`` for an unexpected failure while reading ``label``'s answer. Only
+    the exception's type is named: its text can quote the body."""
+    if isinstance(exc, json.JSONDecodeError):
+        what = "an event of its stream is not valid JSON"
+    elif isinstance(exc, httpx.HTTPError):
+        what = "its stream broke off"
+    else:
+        what = "its answer could not be read"
+    log.warning(
+        "an LLM provider's answer could not be read", provider=label, error=type(exc).__name__
+    )
+    return ProviderError(f"{label}: {what} ({type(exc).__name__})")
+
+
+def count_tokens(value: Any, what: str) -> int:
+    """A usage count from an answer: absent is 0; anything but a believable count is refused."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS:
+        raise AnswerError(f"its usage {what!r} is not a count of tokens")
+    return value
+
+
+def as_json(value: Any) -> Any:
+    """An SDK's event as plain JSON values, as it came: the SDKs build their models without
+    validating them, so a field can hold any type and is checked here, not by the model."""
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(warnings=False)
+    return value
+
+
+class TextSink:
+    """Where a turn's text goes as it streams: kept, at most ``MAX_TURN_TEXT_CHARS`` of it, in
+    pieces (joined once at the end: ``+=`` on an attribute copies the whole text each time),
+    and passed on to the caller's callback."""
+
+    def __init__(self, on_token: OnToken | None) -> None:
+        self.on_token = on_token
+        self.parts: list[str] = []
+        self.size = 0
+
+    async def __call__(self, text: str) -> None:
+        if not isinstance(text, str):
+            raise AnswerError("a piece of its text is not a string")
+        self.size += len(text)
+        if self.size > MAX_TURN_TEXT_CHARS:
+            raise AnswerError(
+                f"its answer passed the limit of {MAX_TURN_TEXT_CHARS:,} characters of text "
+                "in one turn"
+            )
+        self.parts.append(text)
+        if self.on_token is not None:
+            try:
+                await self.on_token(text)
+            except Exception as exc:
+                raise CallbackFailed() from exc
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 @dataclass
@@ -79,7 +186,7 @@ def parse_arguments(raw: str | None) -> dict[str, Any]:
     """A tool call's JSON arguments; what is not a JSON object is kept for the model to see."""
     try:
         value = json.loads(raw or "{}")
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # nested past the stack is not an object either
         return {"_invalid_json": raw}
     return value if isinstance(value, dict) else {"_invalid_json": raw}
 
@@ -125,21 +232,24 @@ class _SdkProvider:
         on_token: OnToken | None = None,
     ) -> Turn:
         result = Turn()
-
-        async def emit(text: str) -> None:
-            result.text += text
-            if on_token is not None:
-                await on_token(text)
-
+        sink = TextSink(on_token)
         request = {
             "model": self.model,
             "max_tokens": self.max_tokens,
             **self.request(system, messages, tools),
         }
         try:
-            await self.stream(request, result, emit)
+            await self.stream(request, result, sink)
+        except CallbackFailed as exc:
+            raise exc.__cause__ or exc from None
+        except AnswerError as exc:
+            raise ProviderError(f"{self.label}: {exc}") from exc
         except self.api_error as exc:
-            raise ProviderError(f"{self.label} failed: {exc}") from exc
+            secret = str(getattr(self.client, "api_key", "") or "")
+            raise ProviderError(f"{self.label} failed: {short_message(str(exc), secret)}") from exc
+        except Exception as exc:  # anything else reading the answer: never a bare 500
+            raise unreadable(self.label, exc) from exc
+        result.text = sink.text
         return result
 
 
@@ -212,47 +322,133 @@ class OpenAIProvider(_SdkProvider):
 
     async def stream(self, request: dict[str, Any], result: Turn, emit: OnToken) -> None:
         reader = ChatChunkReader(result, emit)
-        async for chunk in await self.client.chat.completions.create(**request):
-            await reader.feed(chunk.model_dump())
+        # ``async with``: a turn that ends early (a limit, a cancel) closes the stream now.
+        async with await self.client.chat.completions.create(**request) as stream:
+            async for chunk in stream:
+                await reader.feed(as_json(chunk))
         reader.finish()
+
+
+def _string(value: Any, what: str, limit: int) -> str:
+    """A string field of an answer: absent is empty; another type, or past ``limit``
+    characters, is refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise AnswerError(f"{what} is not a string")
+    if len(value) > limit:
+        raise AnswerError(f"{what} passed the limit of {limit:,} characters")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """A JSON object of an answer: absent is empty; another type is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AnswerError(f"{what} is not a JSON object")
+    return value
+
+
+@dataclass
+class _CallSlot:
+    """A tool call being assembled from its streamed fragments (kept as pieces: see
+    ``TextSink``)."""
+
+    id: str = ""
+    name: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+    name_chars: int = 0
+    argument_chars: int = 0
+
+    def add(self, name: str, arguments: str) -> None:
+        self.name_chars += len(name)
+        self.argument_chars += len(arguments)
+        if self.name_chars > MAX_TOOL_NAME_CHARS:
+            raise AnswerError(
+                f"a tool call's name passed the limit of {MAX_TOOL_NAME_CHARS} characters"
+            )
+        if self.argument_chars > MAX_TOOL_ARGUMENTS_CHARS:
+            raise AnswerError(
+                f"a tool call's arguments passed the limit of {MAX_TOOL_ARGUMENTS_CHARS:,} "
+                "characters"
+            )
+        self.name.append(name)
+        self.arguments.append(arguments)
+
+
+def _slot_for(calls: dict[int, _CallSlot], index: int) -> _CallSlot:
+    slot = calls.get(index)
+    if slot is None:
+        if len(calls) >= MAX_TOOL_CALLS_READ:
+            raise AnswerError(
+                f"it asked for more than {MAX_TOOL_CALLS_READ} tool calls in one turn"
+            )
+        slot = calls[index] = _CallSlot()
+    return slot
 
 
 class ChatChunkReader:
     """Builds a ``Turn`` from OpenAI chat-completion chunks (as JSON objects): text emitted as
-    it comes, tool calls assembled from their fragments, usage from the chunk that has it."""
+    it comes, tool calls assembled from their fragments, usage from the chunk that has it.
+    Every field is checked: a chunk of the wrong shape raises ``AnswerError``."""
 
     def __init__(self, result: Turn, emit: OnToken) -> None:
         self.result = result
         self.emit = emit
-        self.calls: dict[int, dict[str, str]] = {}
+        self.calls: dict[int, _CallSlot] = {}
 
-    async def feed(self, chunk: dict[str, Any]) -> None:
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.result.input_tokens = int(usage.get("prompt_tokens") or 0)
-            self.result.output_tokens = int(usage.get("completion_tokens") or 0)
-        choices = chunk.get("choices") or []
-        delta = choices[0].get("delta") if choices and isinstance(choices[0], dict) else None
-        if not isinstance(delta, dict):
-            return
-        if delta.get("content"):
-            await self.emit(str(delta["content"]))
-        for part in delta.get("tool_calls") or []:
-            slot = self.calls.setdefault(
-                int(part.get("index") or 0), {"id": "", "name": "", "arguments": ""}
+    async def feed(self, chunk: Any) -> None:
+        chunk = _object(chunk, "a chunk of its stream")
+        if chunk.get("usage") is not None:
+            usage = _object(chunk["usage"], "its usage")
+            self.result.input_tokens = count_tokens(usage.get("prompt_tokens"), "prompt_tokens")
+            self.result.output_tokens = count_tokens(
+                usage.get("completion_tokens"), "completion_tokens"
             )
-            if part.get("id"):
-                slot["id"] = str(part["id"])
-            function = part.get("function") or {}
-            slot["name"] += function.get("name") or ""
-            slot["arguments"] += function.get("arguments") or ""
+        choices = chunk.get("choices")
+        if choices is None:
+            return
+        if not isinstance(choices, list):
+            raise AnswerError("its 'choices' is not a list")
+        if not choices:
+            return
+        delta = _object(_object(choices[0], "a choice").get("delta"), "a choice's delta")
+        content = _string(delta.get("content"), "a text delta", MAX_TURN_TEXT_CHARS)
+        if content:
+            await self.emit(content)
+        parts = delta.get("tool_calls")
+        if parts is None:
+            return
+        if not isinstance(parts, list):
+            raise AnswerError("its 'tool_calls' is not a list")
+        for part in parts:
+            part = _object(part, "a tool call")
+            index = part.get("index")
+            if index is None:  # some servers leave it out when there is one call
+                index = 0
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise AnswerError("a tool call's 'index' is not a non-negative integer")
+            slot = _slot_for(self.calls, index)
+            call_id = _string(part.get("id"), "a tool call's 'id'", MAX_TOOL_NAME_CHARS)
+            if call_id:
+                slot.id = call_id
+            function = _object(part.get("function"), "a tool call's 'function'")
+            slot.add(
+                _string(function.get("name"), "a tool call's 'name'", MAX_TOOL_NAME_CHARS),
+                _string(
+                    function.get("arguments"),
+                    "a tool call's 'arguments'",
+                    MAX_TOOL_ARGUMENTS_CHARS,
+                ),
+            )
 
     def finish(self) -> None:
         self.result.tool_calls = [
             ToolCall(
-                id=slot["id"] or f"call_{index}",
-                name=slot["name"],
-                arguments=parse_arguments(slot["arguments"]),
+                id=slot.id or f"call_{index}",
+                name="".join(slot.name),
+                arguments=parse_arguments("".join(slot.arguments)),
             )
             for index, slot in sorted(self.calls.items())
         ]
@@ -316,16 +512,92 @@ class AnthropicProvider(_SdkProvider):
         return request
 
     async def stream(self, request: dict[str, Any], result: Turn, emit: OnToken) -> None:
-        async with self.client.messages.stream(**request) as stream:
-            async for text in stream.text_stream:
-                await emit(text)
-            final = await stream.get_final_message()
-        for block in final.content:
-            if block.type == "tool_use":
-                arguments = block.input if isinstance(block.input, dict) else {}
-                result.tool_calls.append(ToolCall(block.id, block.name, dict(arguments)))
-        result.input_tokens = final.usage.input_tokens
-        result.output_tokens = final.usage.output_tokens
+        # The raw events, read here rather than by the SDK's ``messages.stream`` helper: that
+        # one re-parses a tool call's whole partial input at every fragment and appends text
+        # to an attribute, both quadratic in the answer's length, and checks no field.
+        reader = MessageEventReader(result, emit)
+        async with await self.client.messages.create(**request, stream=True) as stream:
+            async for event in stream:
+                await reader.feed(as_json(event))
+        reader.finish()
+
+
+class MessageEventReader:
+    """Builds a ``Turn`` from Anthropic Messages stream events (as JSON objects), checking
+    every field it uses, as ``ChatChunkReader`` does for OpenAI's chunks."""
+
+    def __init__(self, result: Turn, emit: OnToken) -> None:
+        self.result = result
+        self.emit = emit
+        self.calls: dict[int, _CallSlot] = {}
+        self.inputs: dict[int, dict[str, Any]] = {}  # a tool_use block's input at its start
+        self.other_chars = 0  # thinking and the like: not kept, but bounded all the same
+
+    def _usage(self, usage: Any) -> None:
+        usage = _object(usage, "its usage")
+        if usage.get("input_tokens") is not None:
+            self.result.input_tokens = count_tokens(usage["input_tokens"], "input_tokens")
+        if usage.get("output_tokens") is not None:
+            self.result.output_tokens = count_tokens(usage["output_tokens"], "output_tokens")
+
+    async def feed(self, event: Any) -> None:
+        event = _object(event, "an event of its stream")
+        kind = event.get("type")
+        if kind == "message_start":
+            self._usage(_object(event.get("message"), "its message").get("usage"))
+        elif kind == "message_delta":
+            self._usage(event.get("usage"))
+        elif kind == "content_block_start":
+            block = _object(event.get("content_block"), "a content block")
+            if block.get("type") == "tool_use":
+                index = self._index(event)
+                slot = _slot_for(self.calls, index)
+                slot.id = _string(block.get("id"), "a tool call's 'id'", MAX_TOOL_NAME_CHARS)
+                slot.add(
+                    _string(block.get("name"), "a tool call's 'name'", MAX_TOOL_NAME_CHARS), ""
+                )
+                start = _object(block.get("input"), "a tool call's 'input'")
+                if start and len(json.dumps(start)) > MAX_TOOL_ARGUMENTS_CHARS:
+                    raise AnswerError(
+                        "a tool call's arguments passed the limit of "
+                        f"{MAX_TOOL_ARGUMENTS_CHARS:,} characters"
+                    )
+                self.inputs[index] = start
+        elif kind == "content_block_delta":
+            delta = _object(event.get("delta"), "a content block's delta")
+            if delta.get("type") == "text_delta":
+                await self.emit(_string(delta.get("text"), "a text delta", MAX_TURN_TEXT_CHARS))
+            elif delta.get("type") == "input_json_delta":
+                index = self._index(event)
+                if index not in self.calls:
+                    raise AnswerError("a tool call's input came before the tool call")
+                piece = _string(
+                    delta.get("partial_json"), "a tool call's input", MAX_TOOL_ARGUMENTS_CHARS
+                )
+                self.calls[index].add("", piece)
+            else:
+                self.other_chars += sum(len(v) for v in delta.values() if isinstance(v, str))
+                if self.other_chars > MAX_TURN_TEXT_CHARS:
+                    raise AnswerError(
+                        f"its answer passed the limit of {MAX_TURN_TEXT_CHARS:,} characters "
+                        "in one turn"
+                    )
+
+    @staticmethod
+    def _index(event: dict[str, Any]) -> int:
+        index = event.get("index")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise AnswerError("a content block's 'index' is not a non-negative integer")
+        return index
+
+    def finish(self) -> None:
+        calls = []
+        for index, slot in sorted(self.calls.items()):
+            raw = "".join(slot.arguments)
+            # No input fragments: the input came whole with the block's start.
+            arguments = parse_arguments(raw) if raw else dict(self.inputs.get(index) or {})
+            calls.append(ToolCall(slot.id or f"toolu_{index}", "".join(slot.name), arguments))
+        self.result.tool_calls = calls
 
 
 def config_from_settings(settings: Settings) -> ProviderConfig | None:
