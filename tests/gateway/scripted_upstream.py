@@ -4,7 +4,8 @@ The request's ``model`` picks the behaviour: ``echo`` (default), ``slow`` (50 ms
 0.5 s per answer), ``die`` (the connection drops mid-stream), ``fail500``, ``tools``,
 ``redirect`` (a 307 to a private address of its own, as a hostile backend could send) and
 ``huge`` (an answer, or a stream's first event, of ``HUGE_BYTES`` that never ends) and
-``reports`` (a stream that reports an error in an event after two chunks, as vLLM does).
+``reports`` (a stream that reports an error in an event after two chunks, as vLLM does) and
+``badusage`` (echo, with a usage that no column holds and one that is not a number).
 Every request body it received is kept in ``requests`` so tests can check what the gateway sent.
 """
 
@@ -45,7 +46,13 @@ def words(text: str) -> list[str]:
     return [p if i == 0 else " " + p for i, p in enumerate(parts)]
 
 
-def usage(body: dict[str, Any], completion: int) -> dict[str, int]:
+# What ``badusage`` reports: a count no column holds, a count that is not a number.
+BAD_USAGE = {"prompt_tokens": 5_000_000_000, "completion_tokens": "lots", "total_tokens": -1}
+
+
+def usage(body: dict[str, Any], completion: int) -> dict[str, Any]:
+    if body.get("model") == "badusage":
+        return BAD_USAGE
     prompt = len(json.dumps(body.get("messages") or body.get("prompt") or "").split())
     return {
         "prompt_tokens": prompt,

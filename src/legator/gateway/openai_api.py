@@ -12,6 +12,7 @@ from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import BadRequest
 from legator.core.http.deps import require
+from legator.gateway.counts import usage_counts
 from legator.gateway.errors import UpstreamError
 from legator.gateway.relay import (
     StreamState,
@@ -62,13 +63,6 @@ def check_common(body: dict[str, Any]) -> tuple[str | None, bool]:
     return model, stream
 
 
-def _usage_of(data: dict[str, Any]) -> tuple[int, int]:
-    usage = data.get("usage") or {}
-    if not isinstance(usage, dict):
-        return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-
 async def relay_openai(
     request: Request, principal: Principal, kind: str, body: dict[str, Any]
 ) -> Response:
@@ -106,7 +100,7 @@ async def _one_shot(adm: Admission, path: str, body: dict[str, Any]) -> Response
     status, tokens_in, tokens_out = 499, 0, 0
     try:
         data, raw = await call_upstream(adm, path, body)
-        tokens_in, tokens_out = _usage_of(data)
+        tokens_in, tokens_out = usage_counts(data.get("usage"))
         status = 200
         return Response(raw, media_type="application/json")
     except UpstreamError as exc:

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from legator.core.http.protocol import ABORT_EXTENSION
 from legator.core.logging import get_logger
+from legator.gateway.counts import usage_counts
 from legator.gateway.errors import UpstreamError
 from legator.gateway.service import Admission
 
@@ -268,8 +269,7 @@ class StreamState:
     def take_usage(self, data: Any) -> None:
         usage = data.get("usage") if isinstance(data, dict) else None
         if isinstance(usage, dict):
-            self.input_tokens = int(usage.get("prompt_tokens") or 0)
-            self.output_tokens = int(usage.get("completion_tokens") or 0)
+            self.input_tokens, self.output_tokens = usage_counts(usage)
 
     @property
     def status(self) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 from legator.core.db import new_id
 from legator.core.errors import BadRequest
+from legator.gateway.counts import usage_counts
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -250,7 +251,7 @@ def openai_to_message(data: dict[str, Any], model: str, stops: list[str]) -> dic
                 "input": _tool_input(function.get("arguments")),
             }
         )
-    usage = data.get("usage") or {}
+    tokens_in, tokens_out = usage_counts(data.get("usage"))
     return {
         "id": "msg_" + new_id().replace("-", ""),
         "type": "message",
@@ -259,10 +260,7 @@ def openai_to_message(data: dict[str, Any], model: str, stops: list[str]) -> dic
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": {
-            "input_tokens": int(usage.get("prompt_tokens") or 0),
-            "output_tokens": int(usage.get("completion_tokens") or 0),
-        },
+        "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
     }
 
 
@@ -323,8 +321,7 @@ class StreamTranslator:
         out = b""
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self.input_tokens = int(usage.get("prompt_tokens") or 0)
-            self.output_tokens = int(usage.get("completion_tokens") or 0)
+            self.input_tokens, self.output_tokens = usage_counts(usage)
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             text = delta.get("content")
