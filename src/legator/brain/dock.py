@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from legator.brain.models import FeatureRoute, ModelProfile, ProfileUsage
 from legator.brain.providers import ProviderConfig, config_from_settings
@@ -228,16 +229,30 @@ class ModelDock:
     async def account(
         self, profile: str, feature: str, tokens_in: int, tokens_out: int, requests: int
     ) -> None:
-        async with self.core.db.write() as session:
-            row = await session.get(ProfileUsage, (profile, feature))
-            if row is None:
-                row = ProfileUsage(
-                    profile=profile, feature=feature, requests=0, input_tokens=0, output_tokens=0
-                )
-                session.add(row)
-            row.requests += requests
-            row.input_tokens += tokens_in
-            row.output_tokens += tokens_out
+        """Add to the totals in one statement, so turns ending together on several
+        connections all count (a read, add and write would lose some)."""
+        added = {
+            "requests": ProfileUsage.requests + requests,
+            "input_tokens": ProfileUsage.input_tokens + tokens_in,
+            "output_tokens": ProfileUsage.output_tokens + tokens_out,
+        }
+        where = (ProfileUsage.profile == profile) & (ProfileUsage.feature == feature)
+        for _ in range(2):
+            try:
+                async with self.core.db.write() as session:
+                    updated = await session.execute(update(ProfileUsage).where(where).values(added))
+                    if updated.rowcount == 0:  # type: ignore[attr-defined]
+                        first = ProfileUsage(
+                            profile=profile,
+                            feature=feature,
+                            requests=requests,
+                            input_tokens=tokens_in,
+                            output_tokens=tokens_out,
+                        )
+                        session.add(first)
+                return
+            except IntegrityError:
+                continue  # another turn made the row first: add to it
 
     async def usage(self) -> list[dict[str, Any]]:
         async with self.core.db.session() as session:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String
+from sqlalchemy import JSON, BigInteger, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from legator.core.db.base import Base, UTCDateTime, new_id, utcnow
@@ -58,6 +58,7 @@ class ProfileUsage(Base):
 
     profile: Mapped[str] = mapped_column(String(100), primary_key=True)
     feature: Mapped[str] = mapped_column(String(32), primary_key=True)
-    requests: Mapped[int] = mapped_column(Integer, default=0)
-    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Totals since the profile began: past 32 bits on a busy one.
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
