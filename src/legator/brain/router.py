@@ -1,27 +1,56 @@
-"""HTTP API of the brain: task runner, probe chat (REST and WebSocket) and fleet chat."""
+"""HTTP API of the brain: task runner, probe chat (REST and WebSocket) and fleet chat.
+
+A conversation can outlive its credential (a task waits for approvals; a chat socket stays
+open for hours), so the credential is authenticated again, through the core, before each tool
+call and, on the socket, before each message, every ``RECHECK_S`` and at its expiry."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from contextlib import suppress
+from datetime import datetime
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocketDisconnected
 
 from legator.brain.dock import ActivateIn, ProfileIn, ProfileOut, ProfilePatch
 from legator.brain.schemas import ChatIn, FleetChatIn, TaskIn
-from legator.brain.service import BrainService
+from legator.brain.service import BrainService, ensure_may_converse
 from legator.core.auth.permissions import Permission as P
 from legator.core.auth.principal import Principal
-from legator.core.errors import AppError
-from legator.core.http.deps import _same_origin, cross_site, require
+from legator.core.db.base import utcnow
+from legator.core.errors import AppError, Forbidden, Unauthorized
+from legator.core.http.deps import _same_origin, authenticate, cross_site, require
+
+# An open chat socket's credential is authenticated again before every message and tool
+# call, and at least this often while the socket idles or a conversation waits (an approval).
+RECHECK_S = 10.0
+# Messages a client may send ahead of the answers; one more ends the socket.
+INBOX_MAX = 16
+POLICY_VIOLATION = 1008  # WebSocket close code
 
 router = APIRouter(prefix="/api/v1", tags=["brain"])
 ws_router = APIRouter(tags=["brain"])
 
 
-def brain_of(request: Request) -> BrainService:
-    return request.app.state.brain  # type: ignore[no-any-return]
+def brain_of(conn: HTTPConnection) -> BrainService:
+    return conn.app.state.brain  # type: ignore[no-any-return]
+
+
+async def reauthenticate(conn: HTTPConnection) -> Principal:
+    """The connection's own credential (its key or session) authenticated again by the core,
+    now, with what a conversation needs: a key revoked, a user disabled or deleted, a session
+    signed out or expired since the connection opened fail with 401 or 403."""
+    conn.state.principal = None  # not the principal cached when the connection opened
+    principal = await authenticate(conn)
+    ensure_may_converse(principal)
+    return principal
 
 
 @router.post("/probes/{probe_id}/task")
@@ -31,7 +60,12 @@ async def run_task(
     """Run an agent loop towards ``goal`` on one probe; returns the transcript. Commands pass
     the gate; one that needs approval holds the task until it is decided."""
     return await brain_of(request).run_task(
-        principal, probe_id, body.goal, max_steps=body.max_steps, timeout_s=body.timeout_s
+        principal,
+        probe_id,
+        body.goal,
+        max_steps=body.max_steps,
+        timeout_s=body.timeout_s,
+        recheck=partial(reauthenticate, request),
     )
 
 
@@ -40,7 +74,13 @@ async def probe_chat(
     probe_id: str, body: ChatIn, request: Request, principal: Principal = require(P.FLEET_COMMAND)
 ) -> dict[str, Any]:
     """One message in a persistent per-probe conversation (omit ``session_id`` to start)."""
-    return await brain_of(request).probe_chat(principal, probe_id, body.message, body.session_id)
+    return await brain_of(request).probe_chat(
+        principal,
+        probe_id,
+        body.message,
+        body.session_id,
+        recheck=partial(reauthenticate, request),
+    )
 
 
 @router.get("/probes/{probe_id}/chat/sessions")
@@ -66,7 +106,12 @@ async def fleet_chat(
 ) -> dict[str, Any]:
     """Chat about a probe, a tag or the whole fleet; commands on a tag are one fan-out."""
     return await brain_of(request).fleet_chat(
-        principal, body.message, probe=body.probe, tag=body.tag, session_id=body.session_id
+        principal,
+        body.message,
+        probe=body.probe,
+        tag=body.tag,
+        session_id=body.session_id,
+        recheck=partial(reauthenticate, request),
     )
 
 
@@ -133,57 +178,188 @@ async def chat_socket(
 ) -> None:
     """Streaming chat. Send ``{"message", "probe" | "tag" | neither (whole fleet),
     "session_id"?}``; receive ``token`` events as the model writes, ``tool`` events
-    (command results, pending approvals), then ``done`` with the transcript, or ``error``."""
+    (command results, pending approvals), then ``done`` with the transcript, or ``error``.
+    A credential that no longer holds gets an ``error`` and the close code 1008."""
     # A browser's socket must come from our own pages: with a session cookie always, and with
     # authentication off (every caller an admin) whenever it names another site.
     if (principal.method == "session" and not _same_origin(websocket)) or (
         principal.method == "anonymous" and cross_site(websocket)
     ):
-        await websocket.close(code=1008, reason="cross-site WebSocket refused")
+        await websocket.close(code=POLICY_VIOLATION, reason="cross-site WebSocket refused")
         return
-    await websocket.accept()
-    brain: BrainService = websocket.app.state.brain
-
-    async def on_token(text: str) -> None:
-        await websocket.send_json({"type": "token", "text": text})
-
-    async def emit(kind: str, data: dict[str, Any]) -> None:
-        await websocket.send_json({"type": "tool", "event": kind, "data": _jsonable(data)})
-
     try:
-        while True:
-            raw = await websocket.receive_json()
-            try:
-                body = FleetChatIn.model_validate(raw)
-                if body.probe and not body.tag:
-                    result = await brain.probe_chat(
-                        principal,
-                        body.probe,
-                        body.message,
-                        body.session_id,
-                        on_token=on_token,
-                        emit=emit,
-                    )
-                else:
-                    result = await brain.fleet_chat(
-                        principal,
-                        body.message,
-                        tag=body.tag,
-                        session_id=body.session_id,
-                        on_token=on_token,
-                        emit=emit,
-                    )
-            except ValidationError as exc:
-                await websocket.send_json({"type": "error", "message": str(exc)})
-                continue
-            except AppError as exc:
-                await websocket.send_json(
-                    {"type": "error", "code": exc.code, "message": exc.message}
-                )
-                continue
-            await websocket.send_json({"type": "done", **_jsonable(result)})
-    except WebSocketDisconnect:
+        ensure_may_converse(principal)  # fleet:read as well, as the REST routes need
+    except Forbidden:
+        await websocket.close(code=POLICY_VIOLATION, reason="needs fleet:command and fleet:read")
         return
+    brain = brain_of(websocket)
+    expires = await brain.credential_expiry(principal)
+    await websocket.accept()
+    await ChatSocket(websocket, brain, principal, expires).serve()
+
+
+class ChatSocket:
+    """One ``/ws/chat`` connection. A reader task queues what the client sends and notices at
+    once when it goes; each message is answered in its own task, watched while it runs. The
+    socket ends, cancelling the conversation (and so the approval it waits on), when the
+    client goes, or when its credential fails a check: before each message and tool call,
+    every ``RECHECK_S`` and at its expiry."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        brain: BrainService,
+        principal: Principal,
+        expires: datetime | None,
+    ) -> None:
+        self.websocket = websocket
+        self.brain = brain
+        self.principal = principal
+        self.deadline = (
+            None if expires is None else time.monotonic() + (expires - utcnow()).total_seconds()
+        )
+        self.inbox: asyncio.Queue[str | bytes] = asyncio.Queue(INBOX_MAX)
+        self.gone = asyncio.Event()
+        self.refusal: str | None = None  # why the credential no longer holds
+        self.flooded = False
+
+    async def serve(self) -> None:
+        reader = asyncio.ensure_future(self._read())
+        try:
+            while True:
+                receiving = asyncio.ensure_future(self.inbox.get())
+                if not await self._watch(receiving):
+                    return
+                if not await self._check():  # a fresh principal for each message
+                    return
+                answering = asyncio.ensure_future(self._answer(receiving.result()))
+                if not await self._watch(answering) or not answering.result():
+                    return
+        finally:
+            reader.cancel()
+            await asyncio.wait({reader})
+            await self._end()
+
+    async def _read(self) -> None:
+        # Not on cancellation (the socket ends on this side; the client may still be there):
+        # on a disconnect, a failed connection or a flood, the client is gone.
+        with suppress(RuntimeError, OSError):
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                try:
+                    self.inbox.put_nowait(message.get("text") or message.get("bytes") or "")
+                except asyncio.QueueFull:  # sends without reading the answers: end it
+                    self.flooded = True
+                    break
+        self.gone.set()
+
+    async def _watch(self, work: asyncio.Future[Any]) -> bool:
+        """Wait for ``work`` while the client stays and its credential holds; otherwise
+        cancel it, let it withdraw what it started (a pending approval), and return False."""
+        gone = asyncio.ensure_future(self.gone.wait())
+        try:
+            while True:
+                await asyncio.wait(
+                    {work, gone}, timeout=self._until_check(), return_when=asyncio.FIRST_COMPLETED
+                )
+                if gone.done():
+                    return False
+                if work.done():
+                    return True
+                if not await self._check():
+                    return False
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.wait({work})
+
+    def _until_check(self) -> float:
+        if self.deadline is None:
+            return RECHECK_S
+        return max(0.0, min(RECHECK_S, self.deadline - time.monotonic()))
+
+    async def _check(self) -> bool:
+        try:
+            await self._recheck()
+        except AppError as exc:
+            self.refusal = exc.message
+            return False
+        return True
+
+    async def _recheck(self) -> Principal:
+        """The socket's credential authenticated again, and not past its expiry; also what
+        the toolbox calls before each tool call."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise Unauthorized("your credential has expired; connect again with a valid one")
+        self.principal = await reauthenticate(self.websocket)
+        return self.principal
+
+    async def _answer(self, raw: str | bytes) -> bool:
+        """Answer one message; False when the socket must end."""
+        try:
+            reply = {"type": "done", **_jsonable(await self._converse(raw))}
+        except ValidationError as exc:
+            reply = {"type": "error", "message": str(exc)}
+        except (Unauthorized, Forbidden) as exc:  # the credential failed a tool call's check
+            self.refusal = exc.message
+            return False
+        except AppError as exc:
+            reply = {"type": "error", "code": exc.code, "message": exc.message}
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            self.gone.set()
+            return False
+        try:
+            await self._send(reply)
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            self.gone.set()
+            return False
+        return True
+
+    async def _converse(self, raw: str | bytes) -> dict[str, Any]:
+        body = FleetChatIn.model_validate_json(raw)
+        if body.probe and not body.tag:
+            return await self.brain.probe_chat(
+                self.principal,
+                body.probe,
+                body.message,
+                body.session_id,
+                on_token=self._token,
+                emit=self._emit,
+                recheck=self._recheck,
+            )
+        return await self.brain.fleet_chat(
+            self.principal,
+            body.message,
+            tag=body.tag,
+            session_id=body.session_id,
+            on_token=self._token,
+            emit=self._emit,
+            recheck=self._recheck,
+        )
+
+    async def _send(self, data: dict[str, Any]) -> None:
+        await self.websocket.send_json(data)
+
+    async def _token(self, text: str) -> None:
+        await self._send({"type": "token", "text": text})
+
+    async def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        await self._send({"type": "tool", "event": kind, "data": _jsonable(data)})
+
+    async def _end(self) -> None:
+        """Tell a client whose credential failed why, and close the socket with 1008."""
+        reason = "credential refused" if self.refusal is not None else "too many messages"
+        if self.refusal is None and not self.flooded:
+            return  # the client went away, or an error ends the handler: closed as it is
+        try:
+            if self.refusal is not None and not self.gone.is_set():
+                await self._send({"type": "error", "code": "unauthorized", "message": self.refusal})
+            await self.websocket.close(code=POLICY_VIOLATION, reason=reason)
+        except (WebSocketDisconnect, WebSocketDisconnected, RuntimeError, OSError):
+            pass  # gone meanwhile
 
 
 def _jsonable(value: dict[str, Any]) -> dict[str, Any]:

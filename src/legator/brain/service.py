@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -18,11 +19,13 @@ from legator.brain.providers import (
     ProviderPool,
     check_config,
 )
-from legator.brain.tools import Emit, Toolbox
+from legator.brain.tools import Emit, OpenApprovals, Recheck, Toolbox
 from legator.core.audit.service import AuditFilter
+from legator.core.auth.models import Session
+from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.db.base import utcnow
-from legator.core.errors import BadRequest, NotFound
+from legator.core.errors import AppError, BadRequest, Forbidden, NotFound
 from legator.core.runtime import Core
 
 SYSTEM = (
@@ -33,6 +36,20 @@ SYSTEM = (
 )
 
 HISTORY_TOKEN_BUDGET = 6000
+
+# What a conversation needs: it runs commands (``fleet:command``, the routes' permission) and
+# shows the model fleet data, the probe's inventory, health, policy and recent commands, and
+# the read tools (``fleet:read``, what those views need over REST and MCP).
+CONVERSATION_PERMISSIONS = (Permission.FLEET_COMMAND, Permission.FLEET_READ)
+
+
+def ensure_may_converse(principal: Principal) -> None:
+    missing = [p.value for p in CONVERSATION_PERMISSIONS if not principal.can(p)]
+    if missing:
+        raise Forbidden(
+            "chat and tasks need both 'fleet:command' and 'fleet:read' (the model is shown "
+            f"the fleet's data); this caller lacks {', '.join(repr(m) for m in missing)}"
+        )
 
 
 def _tokens(message: dict[str, Any]) -> int:
@@ -62,10 +79,31 @@ class BrainService:
         # One SDK client per provider, base URL and key, shared by every call and closed
         # when its profile changes or goes, and at shutdown.
         self.clients = ProviderPool()
+        # The approvals conversations wait on: cancelled when their conversation ends first,
+        # and at shutdown (this hook runs before the fleet's, while the database is open).
+        self.open_approvals = OpenApprovals(state)
         core.shutdown_hooks.append(self.aclose)
 
     async def aclose(self) -> None:
+        await self.open_approvals.aclose()
         await self.clients.aclose()
+
+    async def credential_expiry(self, principal: Principal) -> datetime | None:
+        """When the principal's key or session expires (None: never, or no credential, as
+        with authentication off). A connection that outlives it must end there."""
+        if principal.method == "api_key" and principal.key_id:
+            try:
+                key = await self.core.auth.get_key(principal.key_id)
+            except NotFound:
+                return utcnow()  # gone: over already
+            return key.expires_at
+        if principal.method == "session" and principal.session_id:
+            async with self.core.db.session() as session:
+                expires: datetime | None = await session.scalar(
+                    select(Session.expires_at).where(Session.id == principal.session_id)
+                )
+            return expires or utcnow()  # gone: over already
+        return None
 
     async def resolve(self, feature: str) -> tuple[str, ProviderConfig]:
         """The profile routed to ``feature`` (Model Dock), else the LEGATOR_LLM_* one, and its
@@ -96,6 +134,7 @@ class BrainService:
         allowed: set[str] | None = None,
         fleet_tags: bool = False,
         emit: Emit | None = None,
+        recheck: Recheck | None = None,
     ) -> Toolbox:
         return Toolbox(
             self.state,
@@ -106,6 +145,8 @@ class BrainService:
             allowed_probes=allowed,
             fleet_tags=fleet_tags,
             emit=emit,
+            recheck=recheck,
+            open_approvals=self.open_approvals,
         )
 
     async def _probe_context(self, probe_id: str) -> str:
@@ -149,26 +190,38 @@ class BrainService:
         max_steps: int | None = None,
         timeout_s: float | None = None,
         emit: Emit | None = None,
+        recheck: Recheck | None = None,
     ) -> dict[str, Any]:
+        """``recheck`` authenticates the caller again before each tool call (see Toolbox)."""
+        ensure_may_converse(principal)
         profile, config = await self.resolve("task")  # 503 first when none is configured
         await self.state.fleet.registry.get(probe_id)  # 404 before any model call
         system = f"{SYSTEM}\n\n{await self._probe_context(probe_id)}"
         messages: list[dict[str, Any]] = [{"role": "user", "content": f"Goal: {goal}"}]
-        toolbox = self._toolbox(principal, "task", allowed={probe_id}, emit=emit)
+        toolbox = self._toolbox(principal, "task", allowed={probe_id}, emit=emit, recheck=recheck)
 
         async def on_step(step: dict[str, Any]) -> None:
             await self._audit(principal, "brain.task.step", probe_id, {"goal": goal, **step})
 
         async with self.provider("task", config) as provider:
-            transcript = await converse(
-                provider,
-                system,
-                messages,
-                toolbox,
-                max_steps=max_steps or self.settings.brain_max_steps,
-                timeout_s=timeout_s or self.settings.brain_task_timeout_s,
-                on_step=on_step,
-            )
+            try:
+                transcript = await converse(
+                    provider,
+                    system,
+                    messages,
+                    toolbox,
+                    max_steps=max_steps or self.settings.brain_max_steps,
+                    timeout_s=timeout_s or self.settings.brain_task_timeout_s,
+                    on_step=on_step,
+                )
+            except AppError as exc:  # the credential no longer holds (Toolbox.recheck)
+                await self._audit(
+                    principal,
+                    "brain.task.finished",
+                    probe_id,
+                    {"goal": goal, "status": "unauthorized", "error": exc.message},
+                )
+                raise
         await self._account(profile, "task", transcript)
         await self._audit(
             principal,
@@ -228,15 +281,24 @@ class BrainService:
         )
         messages = list(history)
         async with self.provider(feature, config) as provider:
-            transcript: Transcript = await converse(
-                provider,
-                system,
-                messages,
-                toolbox,
-                max_steps=self.settings.brain_max_steps,
-                timeout_s=self.settings.brain_task_timeout_s,
-                on_token=on_token,
-            )
+            try:
+                transcript: Transcript = await converse(
+                    provider,
+                    system,
+                    messages,
+                    toolbox,
+                    max_steps=self.settings.brain_max_steps,
+                    timeout_s=self.settings.brain_task_timeout_s,
+                    on_token=on_token,
+                )
+            except AppError as exc:  # the credential no longer holds (Toolbox.recheck)
+                await self._audit(
+                    principal,
+                    f"brain.{scope}_chat",
+                    target,
+                    {"session": row.id, "status": "unauthorized", "error": exc.message},
+                )
+                raise
         await self._account(profile, feature, transcript)
         if transcript.status == "completed":
             await self._save(row, messages)
@@ -257,7 +319,9 @@ class BrainService:
         *,
         on_token: OnToken | None = None,
         emit: Emit | None = None,
+        recheck: Recheck | None = None,
     ) -> dict[str, Any]:
+        ensure_may_converse(principal)
         resolved = await self.resolve("probe_chat")  # 503 first when none is configured
         await self.state.fleet.registry.get(probe_id)
         return await self._chat(
@@ -269,7 +333,9 @@ class BrainService:
             system=f"{SYSTEM}\n\n{await self._probe_context(probe_id)}",
             message=message,
             session_id=session_id,
-            toolbox=self._toolbox(principal, "chat", allowed={probe_id}, emit=emit),
+            toolbox=self._toolbox(
+                principal, "chat", allowed={probe_id}, emit=emit, recheck=recheck
+            ),
             on_token=on_token,
         )
 
@@ -283,7 +349,9 @@ class BrainService:
         session_id: str | None = None,
         on_token: OnToken | None = None,
         emit: Emit | None = None,
+        recheck: Recheck | None = None,
     ) -> dict[str, Any]:
+        ensure_may_converse(principal)
         resolved = await self.resolve("fleet_chat")  # 503 first when none is configured
         if probe and tag:
             raise BadRequest("give either a probe or a tag, not both")
@@ -315,7 +383,12 @@ class BrainService:
             message=message,
             session_id=session_id,
             toolbox=self._toolbox(
-                principal, "fleet_chat", allowed={p.id for p in rows}, fleet_tags=True, emit=emit
+                principal,
+                "fleet_chat",
+                allowed={p.id for p in rows},
+                fleet_tags=True,
+                emit=emit,
+                recheck=recheck,
             ),
             on_token=on_token,
         )

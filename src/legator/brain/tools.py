@@ -2,21 +2,40 @@
 
 ``run_command`` goes through ``CommandService.run`` (the one gate): allowed commands run and
 return their result; queued ones wait for the human decision and then read the result of the
-command the approval queue dispatched (once); denials are returned to the model as text."""
+command the approval queue dispatched (once); denials are returned to the model as text.
+
+Each call first checks the conversation's credential again (``recheck``) where the caller gives
+one, so a key revoked or a user disabled mid-conversation runs nothing more, and each tool needs
+the permission its REST route needs. An approval a conversation waits on is cancelled when the
+conversation ends before the decision (the client went away, the server shuts down), so it
+cannot run later with nobody waiting for it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import AppError
+from legator.core.logging import get_logger
 from legator.fleet.schemas import CommandRequest
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+# Authenticates the conversation's caller again and returns the principal as it is now; raises
+# ``Unauthorized`` or ``Forbidden`` when the credential no longer holds, which ends the
+# conversation.
+Recheck = Callable[[], Awaitable[Principal]]
+
+log = get_logger("legator.brain")
+
+ENDED = "the conversation ended before a decision"
+SHUTDOWN = "the server shut down before a decision"
 
 
 _STR = {"type": "string"}
@@ -105,10 +124,72 @@ FLEET_TOOL: dict[str, Any] = {
 }
 
 
+# What each tool needs, as over REST: views need ``fleet:read``; commands and file reads (which
+# run on the host) ``fleet:command``.
+TOOL_PERMISSIONS: dict[str, Permission] = {
+    "run_command": Permission.FLEET_COMMAND,
+    "run_on_tag": Permission.FLEET_COMMAND,
+    "read_file": Permission.FLEET_COMMAND,
+    "search_files": Permission.FLEET_COMMAND,
+    "get_inventory": Permission.FLEET_READ,
+    "get_health": Permission.FLEET_READ,
+    "list_probes": Permission.FLEET_READ,
+    "get_command_result": Permission.FLEET_READ,
+}
+
+
 def truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return text[:limit] + f"\n…[truncated: {len(text) - limit} more characters]"
+
+
+class OpenApprovals:
+    """The approvals conversations are waiting on, shared by every toolbox of a server: one
+    whose conversation ends undecided is cancelled, and at shutdown all still open are."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state  # the app's state: its approval service, once the fleet installs it
+        self._open: dict[str, Principal] = {}
+        self._cancelling: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def hold(self, approval_id: str, principal: Principal) -> None:
+        self._open[approval_id] = principal
+
+    def release(self, approval_id: str) -> None:
+        self._open.pop(approval_id, None)
+
+    async def abandon(self, approval_id: str, reason: str) -> None:
+        """Cancel the approval if nobody has decided it yet. The cancellation runs in its own
+        task, shielded: a caller being cancelled (the reason we are here) does not stop it."""
+        principal = self._open.pop(approval_id, None)
+        if principal is None:
+            return
+        task = asyncio.ensure_future(self._cancel(approval_id, principal, reason))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+        await asyncio.shield(task)
+
+    async def _cancel(self, approval_id: str, principal: Principal, reason: str) -> None:
+        try:
+            await self.state.approvals.cancel(approval_id, principal, reason)
+        except AppError:
+            pass  # decided (or cancelled) in the meantime: nothing left to withdraw
+        except Exception:
+            log.exception("could not cancel an abandoned approval", approval=approval_id)
+        else:
+            log.info("approval cancelled", approval=approval_id, reason=reason)
+
+    async def aclose(self) -> None:
+        """At shutdown: cancel every approval a conversation still waits on, and let the
+        cancellations under way finish while the database is still open."""
+        for approval_id in list(self._open):
+            await self.abandon(approval_id, SHUTDOWN)
+        if self._cancelling:
+            await asyncio.gather(*self._cancelling, return_exceptions=True)
 
 
 @dataclass
@@ -131,9 +212,13 @@ class Toolbox:
         allowed_probes: set[str] | None = None,
         fleet_tags: bool = False,
         emit: Emit | None = None,
+        recheck: Recheck | None = None,
+        open_approvals: OpenApprovals | None = None,
     ) -> None:
         self.fleet = state.fleet
         self.approvals = state.approvals
+        self.open_approvals = OpenApprovals(state) if open_approvals is None else open_approvals
+        self.recheck = recheck
         self.principal = principal
         self.origin = origin
         self.approval_wait_s = approval_wait_s
@@ -159,6 +244,14 @@ class Toolbox:
         handler = getattr(self, f"_tool_{name}", None)
         if handler is None or name not in {tool["name"] for tool in self.tools}:
             return ToolOutcome(f"error: there is no tool named {name!r}", {"error": "unknown"})
+        if self.recheck is not None:
+            # The credential as it is now, not as it was when the conversation started. A
+            # failure raises out of the conversation: nothing more runs under it.
+            self.principal = await self.recheck()
+        needed = TOOL_PERMISSIONS[name]
+        if not self.principal.can(needed):
+            text = f"not permitted: {name} needs the {needed.value!r} permission, which you lack"
+            return ToolOutcome(f"error: {text}", {"error": text})
         if "_invalid_json" in arguments:
             return ToolOutcome("error: the arguments were not a JSON object", {"error": "json"})
         try:
@@ -214,9 +307,10 @@ class Toolbox:
     async def _await_approval(
         self, approval: Any, probe_id: str, request: CommandRequest, record: dict[str, Any]
     ) -> ToolOutcome:
-        record["approval"] = {"id": approval.id, "rationale": approval.rationale}
-        await self._emit("approval_pending", record)
-        decided = await self._wait(approval.id)
+        async with self._holding(approval):
+            record["approval"] = {"id": approval.id, "rationale": approval.rationale}
+            await self._emit("approval_pending", record)
+            decided = await self._wait(approval.id)
         record["approval"]["status"] = decided.status
         if decided.status != "dispatched":
             await self._emit("approval_decided", record)
@@ -236,6 +330,23 @@ class Toolbox:
         record["result"] = self._command_view(row)
         await self._emit("command_result", record)
         return ToolOutcome(json.dumps(record["result"]), record)
+
+    @asynccontextmanager
+    async def _holding(self, approval: Any) -> AsyncIterator[None]:
+        """From the moment a command's approval exists until its decision is read: any error
+        or cancellation on the way (the client gone, its socket closed, the server stopping)
+        cancels the approval before it propagates, so it cannot run with nobody waiting."""
+        if approval is None:
+            yield
+            return
+        self.open_approvals.hold(approval.id, self.principal)
+        try:
+            yield
+        except BaseException:
+            await self.open_approvals.abandon(approval.id, ENDED)
+            raise
+        finally:
+            self.open_approvals.release(approval.id)
 
     async def _wait(self, approval_id: str) -> Any:
         """Wait for the decision within the conversation's limits. An approval nobody decided
@@ -275,18 +386,21 @@ class Toolbox:
             reason=str(arguments.get("reason") or "")[:500],
         )
         record["decision"] = verdict.decision
+        approval = verdict.approval if verdict.decision == "queue" else None
         results: dict[str, Any] = {}
-        for item in outcome.results:
-            if item.result is not None:
-                row = await self.fleet.commands.get(item.result.request_id)
-                results[item.probe_id] = self._command_view(row)
-            else:
-                results[item.probe_id] = {"error": item.error}
-        if verdict.decision == "queue":
-            approval = verdict.approval
-            record["approval"] = {"id": approval.id, "rationale": approval.rationale}
-            await self._emit("approval_pending", record)
-            decided = await self._wait(approval.id)
+        decided = None
+        async with self._holding(approval):
+            for item in outcome.results:
+                if item.result is not None:
+                    row = await self.fleet.commands.get(item.result.request_id)
+                    results[item.probe_id] = self._command_view(row)
+                else:
+                    results[item.probe_id] = {"error": item.error}
+            if approval is not None:
+                record["approval"] = {"id": approval.id, "rationale": approval.rationale}
+                await self._emit("approval_pending", record)
+                decided = await self._wait(approval.id)
+        if decided is not None:
             record["approval"]["status"] = decided.status
             if decided.status == "dispatched":
                 for probe_id, request_id in (decided.result or {}).get("request_ids", {}).items():
