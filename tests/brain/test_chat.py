@@ -154,3 +154,33 @@ def test_no_provider_answers_503_with_how_to_configure(api: httpx.Client) -> Non
         assert response.status_code == 503, response.text
         assert "LEGATOR_LLM_PROVIDER" in response.json()["error"]["message"]
     assert api.get("/api/v1/fleet/summary").status_code == 200
+
+
+def test_a_chat_that_ends_early_keeps_what_happened_in_its_session(
+    admin: httpx.Client, spawn_probe, llm: ScriptedLLM
+) -> None:  # type: ignore[no-untyped-def]
+    """The provider fails after a command ran: the session still holds the message, the
+    command and its result, and says how the turn ended; the next message goes on from it."""
+    probe = spawn_probe("chat-ends")
+    pid = probe.probe_id
+    llm.script = [
+        {"tools": [("run_command", {"probe": pid, "command": "uptime", "reason": "asked"})]},
+        {"status": 400, "message": "context window exceeded"},
+        {"text": "It was up; the last answer failed."},
+    ]
+    first = admin.post(f"/api/v1/probes/{pid}/chat", json={"message": "How long is it up?"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["status"] == "error" and body["session_id"]
+    sessions = admin.get(f"/api/v1/probes/{pid}/chat/sessions").json()
+    assert [s["id"] for s in sessions] == [body["session_id"]]
+    stored = sessions[0]["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"]
+    assert "load average" in stored[2]["content"]
+    assert stored[3]["content"].startswith("[this turn ended: error")
+    second = admin.post(
+        f"/api/v1/probes/{pid}/chat",
+        json={"message": "And now?", "session_id": body["session_id"]},
+    ).json()
+    assert second["status"] == "completed", second
+    assert "load average" in tool_results(llm.requests[-1])[0]  # the command's result, again

@@ -300,8 +300,11 @@ class BrainService:
                 )
                 raise
         await self._account(profile, feature, transcript)
-        if transcript.status == "completed":
-            await self._save(row, messages)
+        if transcript.status != "completed":
+            # What ran stays in the session; the note keeps the turns alternating.
+            ended = f"[this turn ended: {transcript.status}: {transcript.error or 'no answer'}]"
+            messages.append({"role": "assistant", "content": ended})
+        await self._save(row, messages)
         await self._audit(
             principal,
             f"brain.{scope}_chat",
