@@ -92,8 +92,10 @@ async def create_token(
         expires_at=row.expires_at,
         multi_use=row.multi_use,
         probe_id=row.probe_id,
-        install_command=f"curl -fsSL {base}/install.sh | sudo sh -s -- "
-        f"--server {base} --token {raw}",
+        # The token goes through the environment, never an argument: arguments show in
+        # `ps` to every user of the host (`sudo VAR=value` would put it in sudo's).
+        install_command=f"export LEGATOR_TOKEN={raw}; curl -fsSL {base}/install.sh | "
+        f"sudo --preserve-env=LEGATOR_TOKEN sh -s -- --server {base}",
     )
 
 
