@@ -350,15 +350,50 @@ def test_rotate_kek_from_env_needs_a_new_key_file(tmp_path: Path) -> None:
     new = generate_key()
     new_file = tmp_path / "new.key"
     new_file.write_text(new.hex())
-    done = run_cli(
-        "legerd", "rotate-kek", "--state-dir", str(state), "--new-key-file", str(new_file), env=env
-    )
+    new_file.chmod(0o644)
+    rotate = ("legerd", "rotate-kek", "--state-dir", str(state), "--new-key-file", str(new_file))
+    readable = run_cli(*rotate, env=env)
+    assert readable.returncode == 1 and "readable by others" in readable.stderr
+    assert SecretStore(state / "secrets.db", Kek(old, "old")).get("a") == (b"alpha", 1)
+    new_file.chmod(0o600)
+    done = run_cli(*rotate, env=env)
     assert done.returncode == 0, done.stderr
     assert "1 stored value(s) verified" in done.stdout
+    assert f"install it in ${KEK_ENV} before restarting" in done.stdout
     assert SecretStore(state / "secrets.db", Kek(new, "new")).get("a") == (b"alpha", 1)
     with pytest.raises(KekError):
         SecretStore(state / "secrets.db", Kek(old, "old"))
     assert not (state / "keys").exists()  # nothing written where the key did not come from
+
+
+def test_rotate_kek_with_a_new_key_file_replaces_main_key(tmp_path: Path) -> None:
+    # The current key is keys/main.key: the new key from the file must land there, or the
+    # next `legerd serve` (which reads main.key) cannot open the store.
+    state = tmp_path / "state"
+    main_key = state / "keys" / "main.key"
+    store = SecretStore(state / "secrets.db", load_kek(main_key))
+    store.put("a", b"alpha")
+    store.close()
+    new = generate_key()
+    new_file = tmp_path / "new.key"
+    new_file.write_text(new.hex() + "\n")
+    new_file.chmod(0o600)
+    done = run_cli(
+        "legerd",
+        "rotate-kek",
+        "--state-dir",
+        str(state),
+        "--new-key-file",
+        str(new_file),
+        env={"LEGERD_KEK": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"copied from {new_file}" in done.stdout
+    assert bytes.fromhex(main_key.read_text().strip()) == new
+    assert main_key.stat().st_mode & 0o777 == 0o600
+    reopened = SecretStore(state / "secrets.db", load_kek(main_key, create=False))
+    assert reopened.get("a") == (b"alpha", 1)
+    reopened.close()
 
 
 def test_libpq_url_from_the_control_planes_url() -> None:

@@ -10,7 +10,7 @@ import typer
 from legator.cli.common import EXIT_USAGE, fail
 from legator.core.logging import configure_logging
 from legator.secrets.acl import AclError
-from legator.secrets.crypto import Kek, generate_key, load_kek, parse_key, write_key_file
+from legator.secrets.crypto import Kek, generate_key, load_kek, load_key_file, write_key_file
 from legator.secrets.errors import SecretsError
 from legator.secrets.server import (
     DEFAULT_ACL,
@@ -102,8 +102,10 @@ def rotate_kek(
     new_key_file: Path | None = typer.Option(
         None,
         "--new-key-file",
-        help="Read the new key (64 hex) from this file instead of generating one; use this "
-        "when the key comes from $LEGERD_KEK or a systemd credential.",
+        help="Read the new key (64 hex) from this file (0600: one others can read is "
+        "refused) instead of generating one. When the current key is <state-dir>/keys/"
+        "main.key, the new key replaces it there; when it comes from $LEGERD_KEK or a "
+        "systemd credential, install the new key there yourself.",
     ),
 ) -> None:
     """Re-wrap the data key under a new key-encryption key (values are not re-encrypted).
@@ -113,31 +115,46 @@ def rotate_kek(
     config = LegerdConfig(state_dir=state_dir)
     if not config.db_path.exists():
         fail(f"no store at {config.db_path}", 3)
+    if new_key_file is not None and not new_key_file.is_file():
+        fail(f"--new-key-file {new_key_file}: no such file", EXIT_USAGE)
     try:
         old = load_kek(config.key_file, create=False)
-        if new_key_file is None and old.source != str(config.key_file):
+        # Where `legerd serve` will look for the key: replaced here, or by the operator.
+        in_key_file = old.source == str(config.key_file)
+        if new_key_file is None and not in_key_file:
             fail(
                 f"the current key comes from {old.source}; give --new-key-file and "
                 "install that key there yourself"
             )
         if new_key_file is not None:
-            new = Kek(parse_key(new_key_file.read_text(), str(new_key_file)), str(new_key_file))
+            new = load_key_file(new_key_file, create=False)  # refuses one others can read
         else:
             new = Kek(generate_key(), str(config.key_file))
         if new.key_id == old.key_id:
             fail("the new key is the same as the current one")
         store = SecretStore(config.db_path, old)
-        store.add_kek(new, old)
-        if new_key_file is None:
-            write_key_file(config.key_file, new.key)
-        store.drop_other_keks(new)
+        try:
+            # Each step commits before the next, and the store opens with the key file as
+            # it is after any of them: (1) the data key is wrapped under both keys; (2) the
+            # key file is replaced atomically (a new 0600 file renamed over it); (3) only
+            # then is the old key's wrapping dropped.
+            store.add_kek(new, old)
+            if in_key_file:
+                write_key_file(config.key_file, new.key)
+            store.drop_other_keks(new)
+        finally:
+            store.close()
         checked = SecretStore(config.db_path, new).verify_all()
-        store.close()
     except SecretsError as exc:
         fail(exc.message)
     except OSError as exc:
         fail(str(exc))
-    where = config.key_file if new_key_file is None else new_key_file
+    if in_key_file:
+        where = str(config.key_file)
+        if new_key_file is not None:
+            where += f", copied from {new_key_file}"
+    else:
+        where = f"{new_key_file}; install it in {old.source} before restarting legerd"
     typer.echo(
         f"data key re-wrapped under key {new.key_id} ({where}); {checked} stored value(s) verified"
     )
