@@ -58,6 +58,7 @@ def test_an_unreachable_database_or_unwritable_path_is_a_one_line_error(tmp_path
     nobody_listens = f"postgresql://postgres@127.0.0.1:{free_port()}/legator"
     refused = run_cli("legator", "db", "current", env={"LEGATOR_DATABASE_URL": nobody_listens})
     assert refused.returncode == 1 and "database: " in refused.stderr
+    assert run_cli("legator", "db", "upgrade", "--data-dir", str(tmp_path)).returncode == 0
     unwritable = run_cli("legator", "backup", "/proc/legator/copy.db", "--data-dir", str(tmp_path))
     assert unwritable.returncode == 1 and "cannot write /proc/legator/copy.db" in unwritable.stderr
     for failed in (refused, unwritable):
@@ -66,7 +67,7 @@ def test_an_unreachable_database_or_unwritable_path_is_a_one_line_error(tmp_path
 
 def test_offline_commands_need_a_data_dir() -> None:
     result = run_cli("legator", "users", "list", env={"LEGATOR_DATA_DIR": ""})
-    assert result.returncode == 1 and "LEGATOR_DATA_DIR" in result.stderr
+    assert result.returncode == 2 and "LEGATOR_DATA_DIR" in result.stderr
 
 
 def test_first_start_prints_credentials_once_and_restart_keeps_state(tmp_path: Path) -> None:

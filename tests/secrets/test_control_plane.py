@@ -7,11 +7,15 @@ import base64
 import getpass
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 
+from legator.deploy.client import Login, save_login
 from legator.secrets.client import Client
 from legator.secrets.errors import AccessDenied, VersionClaimed
+from tests.fake_proxy import fake_proxy
 from tests.secrets.conftest import LegerdThread
 from tests.support import LiveServer, run_cli
 
@@ -90,7 +94,7 @@ def test_viewer_is_denied_and_audited(
 
 
 def test_sync_copies_deploy_secrets_into_legerd(
-    server: LiveServer, api: httpx.Client, dev_legerd: LegerdThread
+    server: LiveServer, api: httpx.Client, dev_legerd: LegerdThread, tmp_path: Path
 ) -> None:
     for name, value in (
         ("deploy/admin/db-password", b"pw"),
@@ -126,8 +130,44 @@ def test_sync_copies_deploy_secrets_into_legerd(
         assert local.get(f"leger/{me}/db-password") == (b"pw2", 2)
         assert local.get(f"leger/{me}/api-token") == (b"tok", 1)
         assert all("someone-else" not in i.name and "llm" not in i.name for i in local.list())
-    no_key = run_cli(*args)
+    no_key = run_cli(*args, env={"LEGER_CONFIG_DIR": str(tmp_path / "nologin")})
     assert no_key.returncode == 2 and "LEGATOR_API_KEY" in no_key.stderr
+
+
+def test_sync_uses_the_login_of_leger_auth_login(
+    server: LiveServer, api: httpx.Client, dev_legerd: LegerdThread, tmp_path: Path
+) -> None:
+    put = api.post("/api/v1/secrets/put", json={"Name": "deploy/admin/tls", "Value": b64(b"k")})
+    assert put.status_code == 200
+    config = tmp_path / "config"
+    env = {"LEGER_CONFIG_DIR": str(config), "LEGATOR_API_KEY": "", "LEGATOR_URL": ""}
+    sync = ("leger", "secrets", "--server", dev_legerd.url or "", "sync")
+    not_logged_in = run_cli(*sync, env=env)
+    assert not_logged_in.returncode == 2, not_logged_in.stderr
+    assert "leger auth login" in not_logged_in.stderr
+    login = Login(
+        server=server.url,
+        token=server.admin_key,
+        method="api_key",
+        username="admin",
+        key_id=None,
+        expires_at=None,
+        logged_in_at=datetime.now(UTC).isoformat(),
+    )
+    save_login(config / "auth.json", login)
+    done = run_cli(*sync, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"Name": f"leger/{getpass.getuser()}/tls", "Version": 1}]
+    # The stored token goes only to the server that issued it.
+    with fake_proxy() as elsewhere:
+        other = run_cli(*sync, "--control-plane", elsewhere, env=env)
+        assert other.returncode == 2 and f"logged in to {server.url}" in other.stderr
+        # A sign-in page in front of the control plane: one line, exit 1.
+        login.server = elsewhere
+        save_login(config / "auth.json", login)
+        proxied = run_cli(*sync, env=env)
+    assert proxied.returncode == 1 and "Traceback" not in proxied.stderr
+    assert f"{elsewhere} did not answer with JSON" in proxied.stderr
 
 
 def test_secrets_kek_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]

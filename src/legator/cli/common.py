@@ -11,8 +11,10 @@ from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,7 +33,10 @@ EXIT_CONFLICT = 4
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: one line however narrow the terminal (or 80 columns when not one), so a
+    # log or a grep gets the whole message.
+    # escape: a server's message is text, never Rich markup ("[admin] …" stays as written).
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -72,13 +77,48 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(to_jsonable(value), indent=2, default=str) + "\n")
 
 
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+# Columns whose values are pasted back into other commands (`keys revoke ID`, `tokens delete
+# ID`, `probes show ID`, …): shown whole, never cut to "66cf833…" on a narrow terminal.
+KEY_COLUMNS = frozenset(
+    {"id", "prefix", "name", "probe", "for probe", "model", "user", "username", "unit", "secret"}
+)
+_OTHER_MIN = 4  # the narrowest a squeezed column gets ("ab…" and its padding)
+
+
+def print_table(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    keys: Iterable[str] | None = None,
+) -> None:
+    """A table on stdout. The key columns (``keys``, default ``KEY_COLUMNS`` by name) keep
+    every character on one line; the others wrap, and are cut with "…" when the terminal is
+    too narrow. Where even the key columns do not fit, the whole table is printed at its
+    natural width, wider than the terminal (which wraps its lines), rather than cut an id."""
+    key_names = {k.lower() for k in (KEY_COLUMNS if keys is None else keys)}
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
-    console.print(table)
+    frame = 1 + 3 * len(columns)  # the borders and a space each side of every cell
+    needed = natural = frame
+    for index, column in enumerate(columns):
+        widest = max(
+            [cell_len(column), *(cell_len(row[index]) for row in cells if index < len(row))]
+        )
+        natural += widest
+        if column.lower() in key_names:
+            table.add_column(column, no_wrap=True, min_width=widest)
+            needed += widest
+        else:
+            table.add_column(column)
+            needed += min(widest, _OTHER_MIN)
+    for row in cells:
+        table.add_row(*row)
+    if needed <= console.width:
+        console.print(table)
+    else:
+        table.width = natural
+        console.print(table, crop=False)
 
 
 def print_listing(
@@ -98,6 +138,22 @@ def print_listing(
 def print_fields(title: str, fields: Iterable[tuple[str, Any]]) -> None:
     """One object as a two-column table of its fields."""
     print_table(title, ["field", "value"], fields)
+
+
+def validation_message(exc: ValidationError | ValueError) -> str:
+    """Every error of a Pydantic validation, as ``field: message`` joined with "; " (one line
+    for ``fail``): ``username: must be 1-64 characters…; password: must be at least 12
+    characters``. Any other ``ValueError`` as its text."""
+    if not isinstance(exc, ValidationError):
+        return one_line(exc)
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if field:
+            message = message.removeprefix(f"{field} ")  # "password must be…": "must be…"
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts) or one_line(exc)
 
 
 def fmt_time(value: datetime | None) -> str:

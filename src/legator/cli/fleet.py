@@ -25,6 +25,7 @@ from legator.cli.online import (
     call,
     check,
     client,
+    not_json,
 )
 
 tokens_app = typer.Typer(help="Probe enrolment tokens: create, list, delete.", no_args_is_help=True)
@@ -205,11 +206,16 @@ def run(
 
 
 def _follow(server: str, url: str) -> dict[str, Any]:
+    """Print a command's output as its event stream delivers it; the final result. The
+    server going away mid-stream ends the command with one line (``client``)."""
     final: dict[str, Any] = {}
     with client(server) as http, http.stream("GET", url) as response:
         if response.status_code >= 400:
             response.read()
             check(response)
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            response.read()
+            fail(not_json(response, "an event stream"))  # a proxy's page, say
         event = ""
         for line in response.iter_lines():
             if line.startswith("event: "):

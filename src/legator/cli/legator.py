@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from legator.cli import brain as brain_cli
 from legator.cli import fleet as fleet_cli
@@ -27,8 +29,9 @@ from legator.cli.common import (
     print_table,
     read_secret,
     run_async,
+    validation_message,
 )
-from legator.cli.offline import backup_database, offline_auth
+from legator.cli.offline import backup_database, offline_auth, offline_database_url
 from legator.cli.online import LegatorGroup
 from legator.core.auth.permissions import Role
 from legator.core.auth.schemas import UserCreate, UserUpdate
@@ -163,8 +166,12 @@ def backup(
     settings = settings_or_exit(data_dir=data_dir)
     try:
         size = backup_database(settings, path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
     except BadRequest as exc:
         fail(exc.message)
+    except subprocess.CalledProcessError as exc:
+        fail(f"pg_dump failed (exit {exc.returncode}); {path} was not kept")
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")
     console.print(f"backup written to {path} ({size:,} bytes)")
@@ -279,7 +286,8 @@ def secrets_import_sqlite(
 
     async def run_import() -> ImportReport:
         # Each secret copied is audited with it, and a finished import once more as a whole.
-        async with offline_auth(settings) as auth:
+        # Moving secrets into a new control plane is first-time setup: its database may be new.
+        async with offline_auth(settings, create=True) as auth:
             return await job.run(auth.audit)
 
     try:
@@ -323,11 +331,12 @@ def secrets_import_sqlite(
 
 @db_app.command("upgrade")
 def db_upgrade(data_dir: DataDir = None) -> None:
-    """Apply every pending migration (the server also does this at start)."""
+    """Apply every pending migration (the server also does this at start). A data dir that
+    does not exist yet is created, with a new database (first-time setup)."""
     settings = settings_or_exit(data_dir=data_dir)
 
     async def go() -> str | None:
-        db = Database(settings.effective_database_url)
+        db = Database(offline_database_url(settings, create=True))
         try:
             await upgrade(db)
             return await current_revision(db)
@@ -343,7 +352,7 @@ def db_current(data_dir: DataDir = None) -> None:
     settings = settings_or_exit(data_dir=data_dir)
 
     async def go() -> str | None:
-        db = Database(settings.effective_database_url)
+        db = Database(offline_database_url(settings))
         try:
             return await current_revision(db)
         finally:
@@ -378,18 +387,22 @@ def users_create(
     ] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Create a user. Without a password on stdin or a terminal, a random one is printed once."""
+    """Create a user. Without --password-stdin or a terminal, a random password is printed
+    once. The first user of a new data dir may be created here: a data dir or database that
+    does not exist yet is created (and a line on stderr says so)."""
     settings = settings_or_exit(data_dir=data_dir)
     password = read_secret("Password", from_stdin=password_stdin)
+    if password is None and password_stdin:
+        fail("--password-stdin: standard input held no password", EXIT_USAGE)
     generated = password is None
     password = password or random_password()
     try:
         data = UserCreate(username=username, password=password, role=role)
-    except ValueError as exc:
-        fail(str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc), EXIT_USAGE)
+    except ValidationError as exc:
+        fail(validation_message(exc), EXIT_USAGE)
 
     async def go() -> None:
-        async with offline_auth(settings) as auth:
+        async with offline_auth(settings, create=True) as auth:
             await auth.create_user(data, actor="cli")
 
     run_async(go)
@@ -458,8 +471,8 @@ def users_set_password(
         fail("give the password on stdin (--password-stdin) or run on a terminal", EXIT_USAGE)
     try:
         update = UserUpdate(password=password)
-    except ValueError:
-        fail("password must be at least 12 characters", EXIT_USAGE)
+    except ValidationError as exc:
+        fail(validation_message(exc), EXIT_USAGE)
     _update_user(username, update, data_dir, f"password of {username!r} changed")
 
 

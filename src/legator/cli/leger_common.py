@@ -12,9 +12,23 @@ import typer
 from pydantic import ValidationError
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from legator.cli.common import EXIT_CONFLICT, EXIT_FAILED, EXIT_NOT_FOUND, err_console, fail
+from legator.cli.common import (
+    EXIT_CONFLICT,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    err_console,
+    fail,
+    validation_message,
+)
 from legator.deploy.backups import BackupError
-from legator.deploy.client import AuthError, load_login
+from legator.deploy.client import (
+    ControlPlaneError,
+    RemoteConflict,
+    RemoteNotFound,
+    RemoteRejected,
+    load_login,
+)
 from legator.deploy.installer import ConflictError, Deployer, DeployError, RolledBack
 from legator.deploy.layout import Layout, layout
 from legator.deploy.lock import DEFAULT_TIMEOUT, LockTimeout
@@ -71,7 +85,17 @@ def guard(action: Callable[[], T]) -> T:
     except DeployError as exc:
         code = EXIT_NOT_FOUND if str(exc).startswith("no deployment") else EXIT_FAILED
         fail(str(exc), code)
-    except (MissingSecret, AuthError, SourceError, ChecksumMismatch) as exc:
+    except RemoteNotFound as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
+    except RemoteConflict as exc:
+        fail(str(exc), EXIT_CONFLICT)
+    except RemoteRejected as exc:
+        # The control plane refused what the arguments asked for (a version that is not one).
+        fail(str(exc), EXIT_USAGE)
+    except SourceError as exc:
+        fail(str(exc), _source_exit(str(exc)))
+    except (MissingSecret, ControlPlaneError, ChecksumMismatch) as exc:
+        # ControlPlaneError here: out of reach, not JSON, not logged in, refused (401, 403).
         fail(str(exc), EXIT_FAILED)
     except (PodmanError, SystemdError, LockTimeout) as exc:
         fail(str(exc), EXIT_FAILED)
@@ -79,9 +103,17 @@ def guard(action: Callable[[], T]) -> T:
         # Invalid quadlets are a validation failure (1), like `leger validate`, not usage (2).
         fail(f"invalid quadlet: {exc}", EXIT_FAILED)
     except ValidationError as exc:
-        fail(f"invalid data: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}", EXIT_FAILED)
+        fail(f"invalid data: {validation_message(exc)}", EXIT_FAILED)
     except ValueError as exc:
-        fail(str(exc), 2)
+        fail(str(exc), EXIT_USAGE)
+
+
+# A --source that names nothing there (no such directory, not a git URL) is a bad argument.
+_BAD_SOURCE = ("is neither a directory nor a git URL", "is not a directory")
+
+
+def _source_exit(message: str) -> int:
+    return EXIT_USAGE if message.endswith(_BAD_SOURCE) else EXIT_FAILED
 
 
 @contextmanager

@@ -9,12 +9,12 @@ import secrets as pysecrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import typer
 
 from legator.cli.common import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE, fail, print_table
-from legator.secrets.client import Client
+from legator.secrets.client import Client, Unavailable
 from legator.secrets.errors import InvalidRequest, SecretNotFound, SecretsError, VersionClaimed
 from legator.secrets.server import DEFAULT_SOCKET
 from legator.secrets.service import validate_name
@@ -182,7 +182,12 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
 
 
 @app.command("info")
-def info(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def info(
+    name: str,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the name, versions and active version as JSON."
+    ),
+) -> None:
     """A secret's versions and active version."""
     name = _name(name)
     result = _run(lambda c: c.info(name))
@@ -236,24 +241,29 @@ def delete_version(
 
 @app.command("sync")
 def sync(
-    control_plane: str = typer.Option(
-        ..., "--control-plane", envvar="LEGATOR_URL", help="The control plane's URL."
+    control_plane: str | None = typer.Option(
+        None,
+        "--control-plane",
+        envvar="LEGATOR_URL",
+        help="The control plane's URL (default: the one of `leger auth login`).",
     ),
     user: str = typer.Option(
         None, "--user", help="Local namespace leger/<user>/ (default: your login name)."
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the synced names and versions as JSON."
+    ),
 ) -> None:
     """Copy your deploy secrets (deploy/<you>/<name> on the control plane) into the local
-    legerd as leger/<user>/<name>. The API key comes from $LEGATOR_API_KEY."""
+    legerd as leger/<user>/<name>. The control plane and the token are those of
+    `leger auth login`; --control-plane ($LEGATOR_URL) and $LEGATOR_API_KEY override them."""
     from legator.secrets.sync import sync_deploy_secrets
 
-    key = os.environ.get("LEGATOR_API_KEY")
-    if not key:
-        fail("set LEGATOR_API_KEY to an API key of the control plane", EXIT_USAGE)
+    server, key = _sync_credentials(control_plane, os.environ.get("LEGATOR_API_KEY"))
     local_user = user or getpass.getuser()
     try:
-        with Client(control_plane, api_key=key, prefix="/api/v1/secrets") as remote:
+        with Client(server, api_key=key, prefix="/api/v1/secrets") as client:
+            remote = cast(Client, _JsonOrError(client, server))
             copied = _run(lambda local: sync_deploy_secrets(remote, local, local_user))
     except SecretsError as exc:
         fail(exc.message)
@@ -263,6 +273,53 @@ def sync(
     for name, version in copied:
         typer.echo(f"{name}: version {version}")
     typer.echo(f"{len(copied)} secret(s) synced")
+
+
+class _JsonOrError:
+    """The control plane's client, for ``sync``: an answer that is not JSON (a sign-in page
+    from a proxy in front of it) is a ``SecretsError`` that names the server, not a
+    traceback."""
+
+    def __init__(self, client: Client, server: str) -> None:
+        self._client, self._server = client, server
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except json.JSONDecodeError:
+                raise Unavailable(
+                    f"{self._server} did not answer with JSON (an HTML page: a proxy in front?)"
+                ) from None
+
+        return guarded
+
+
+def _sync_credentials(control_plane: str | None, env_key: str | None) -> tuple[str, str]:
+    """The control plane and API key for ``sync``: the stored login's, unless overridden. The
+    stored token only ever goes to the server it was issued by."""
+    from legator.deploy.client import ControlPlaneError, require_login
+    from legator.deploy.layout import layout
+
+    override = control_plane.rstrip("/") if control_plane else None
+    if override and env_key:
+        return override, env_key
+    try:
+        login = require_login(layout(False).auth_file)
+    except ControlPlaneError as exc:
+        fail(f"{exc}, or give --control-plane URL with LEGATOR_API_KEY set", EXIT_USAGE)
+    server = override or login.server
+    if env_key:
+        return server, env_key
+    if login.server.rstrip("/") != server:
+        fail(
+            f"logged in to {login.server}, not {server}: set LEGATOR_API_KEY to an API key "
+            "of that control plane",
+            EXIT_USAGE,
+        )
+    return server, login.token
 
 
 @app.command()

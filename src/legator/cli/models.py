@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.progress import (
     BarColumn,
@@ -17,6 +16,7 @@ from rich.progress import (
 )
 
 from legator.cli.common import (
+    EXIT_CONFLICT,
     EXIT_FAILED,
     console,
     fail,
@@ -31,6 +31,8 @@ from legator.cli.online import (
     call,
     check,
     client,
+    error_message,
+    not_json,
 )
 
 models_app = typer.Typer(help="Pull, list, show and remove gateway models.", no_args_is_help=True)
@@ -132,9 +134,31 @@ def show_model(
 
 
 @models_app.command("rm")
-def remove_model(model_id: str, server: ServerOpt = DEFAULT_SERVER) -> None:
-    """Delete a model (its backend is stopped first)."""
-    call(server, "DELETE", f"/api/v1/gateway/models/{model_id}")
+def remove_model(
+    model_id: str,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Also revoke the API keys pinned to this model (else refused, exit 4)."
+        ),
+    ] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+) -> None:
+    """Delete a model (its backend is stopped first). Refused while API keys are pinned to
+    it, unless --force: then those keys are revoked with it."""
+    params = {"force": "true"} if force else {}
+    with client(server) as http:
+        response = http.delete(f"/api/v1/gateway/models/{model_id}", params=params)
+    if response.status_code == 409:
+        # The server's hint speaks HTTP ("delete with force=true"); say it as this command.
+        message = error_message(response)
+        hint = f"legator models rm {model_id} --force"
+        if "force=true" in message:
+            message = message.replace("delete with force=true", f"delete with `{hint}`")
+        else:
+            message += f" (`{hint}` revokes them with the model)"
+        fail(f"{message} (HTTP 409)", EXIT_CONFLICT)
+    check(response)
     console.print(f"model {model_id} deleted")
 
 
@@ -177,13 +201,12 @@ def backend_logs(
     server: ServerOpt = DEFAULT_SERVER,
 ) -> None:
     """The last lines a managed backend wrote."""
-    try:
-        with client(server) as http:
-            response = http.get(f"/api/v1/gateway/backends/{model_id}/logs", params={"tail": tail})
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach {server}: {exc}")
+    with client(server) as http:
+        response = http.get(f"/api/v1/gateway/backends/{model_id}/logs", params={"tail": tail})
     if response.status_code >= 400:
         check(response)
+    if response.is_redirect or response.headers.get("content-type", "").startswith("text/html"):
+        fail(not_json(response, "the backend's log"))  # a sign-in page, say
     typer.echo(response.text)
 
 

@@ -3,11 +3,17 @@
 The server comes from ``--server`` or ``LEGATOR_SERVER_URL``; the API key only from
 ``LEGATOR_API_KEY``: an argument would show in process listings, so ``--api-key`` is refused
 with a message that says where the key goes.
+
+Every request goes through ``client`` (a context manager) and ``check``: a server out of reach
+or an answer that is not the API's JSON (an HTML page from a proxy in front, say) ends the
+command with one line on stderr and exit 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import httpx
@@ -15,6 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from legator.cli.common import EXIT_CONFLICT, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
+from legator.deploy.client import not_json, unreachable
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 KEY_ENV = "LEGATOR_API_KEY"
@@ -49,32 +56,50 @@ def api_key() -> str:
     return key
 
 
-def client(server: str) -> httpx.Client:
-    return httpx.Client(
-        base_url=server.rstrip("/"),
-        headers={"Authorization": f"Bearer {api_key()}"},
-        timeout=httpx.Timeout(30, read=None),
-    )
+@contextmanager
+def client(server: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the control plane with the API key. A request that gets no answer
+    (refused, timed out, broken off, in the block or while streaming) ends the command:
+    ``error: cannot reach URL: reason``, exit 1."""
+    try:
+        with httpx.Client(
+            base_url=server.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key()}"},
+            timeout=httpx.Timeout(30, read=None),
+        ) as http:
+            yield http
+    except httpx.HTTPError as exc:
+        fail(unreachable(server, exc))
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's message for an error response, or what the answer was instead."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        text = " ".join(response.text.split())
+        return text[:300] if text and not text.startswith("<") else not_json(response)
 
 
 def check(response: httpx.Response) -> Any:
     """The JSON body of a successful response; otherwise the server's message and an exit
-    code that says what went wrong."""
+    code that says what went wrong. An answer that is not JSON (a sign-in page, a redirect
+    to one) is an error too, not a traceback."""
+    if response.is_redirect:
+        fail(not_json(response))
     if response.status_code < 400:
-        return response.json() if response.content else None
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:300]
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            fail(not_json(response))
     fail(
-        f"{message} (HTTP {response.status_code})",
+        f"{error_message(response)} (HTTP {response.status_code})",
         _EXIT_FOR_STATUS.get(response.status_code, EXIT_FAILED),
     )
 
 
 def call(server: str, method: str, path: str, **kwargs: Any) -> Any:
-    try:
-        with client(server) as http:
-            return check(http.request(method, path, **kwargs))
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach {server}: {exc}")
+    with client(server) as http:
+        return check(http.request(method, path, **kwargs))
