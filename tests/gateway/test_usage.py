@@ -425,3 +425,57 @@ async def _seed_is_summed_per_minute(url: str) -> None:
 
 def test_the_scheduler_is_seeded_per_minute(db_url: str) -> None:
     asyncio.run(_seed_is_summed_per_minute(db_url))
+
+
+async def _a_refused_row_is_dropped_alone(url: str) -> None:
+    async with _usage_db(url) as (db, recorder):
+        registry = CollectorRegistry()
+        GatewayMetrics(registry, Scheduler(), recorder)
+        committed: list[str] = []
+        recorder.on_written.append(lambda batch: committed.extend(r.id for r in batch))
+        rows = [_row(i) for i in range(FLUSH_BATCH + 40)]
+        # What a database refuses for what a row holds: too long for its column, out of range.
+        rows[3].model_id = "m" * 101
+        rows[FLUSH_BATCH + 7].input_tokens = 2**40
+        for row in rows:
+            recorder.record(row)
+        await recorder.flush()
+        good = {row.id for i, row in enumerate(rows) if i not in (3, FLUSH_BATCH + 7)}
+        assert await _ids(db) == good
+        assert set(committed) == good and len(committed) == len(good)
+        assert (recorder.written, recorder.refused, recorder.waiting) == (len(good), 2, 0)
+        assert registry.get_sample_value("legator_gateway_usage_rows_refused_total") == 2
+
+
+@pytest.mark.postgres
+def test_a_row_the_database_refuses_is_dropped_alone(pg_url: str) -> None:
+    # SQLite takes any length and any integer; PostgreSQL checks both.
+    asyncio.run(_a_refused_row_is_dropped_alone(pg_url))
+
+
+async def _an_outage_mid_batch_keeps_the_unwritten_rows(path: Path) -> None:
+    async with _usage_db(f"sqlite+aiosqlite:///{path}") as (db, recorder):
+        rows = [_row(i) for i in range(FLUSH_BATCH + 10)]
+        for row in rows:
+            recorder.record(row)
+        real_write = db.write
+        calls = 0
+
+        def write_then_fail():  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise ConnectionError("the database went away")
+            return real_write()
+
+        db.write = write_then_fail  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            await recorder.flush()
+        assert recorder.written == FLUSH_BATCH and recorder.waiting == 10
+        db.write = real_write  # type: ignore[method-assign]
+        await recorder.flush()
+        assert await _ids(db) == {row.id for row in rows}
+
+
+def test_an_outage_after_a_batch_keeps_only_the_unwritten_rows(tmp_path: Path) -> None:
+    asyncio.run(_an_outage_mid_batch_keeps_the_unwritten_rows(tmp_path / "usage.db"))

@@ -56,6 +56,11 @@ class _UsageCollector(Collector):
             "Usage rows dropped because too many were waiting for the database.",
             value=self.recorder.dropped,
         )
+        yield CounterMetricFamily(
+            "legator_gateway_usage_rows_refused",
+            "Usage rows dropped because the database refused what they hold.",
+            value=self.recorder.refused,
+        )
 
 
 class GatewayMetrics:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, String, case, func, insert, select
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from legator.core.db import Database, new_sorted_id, retention, utcnow
 from legator.core.logging import get_logger
@@ -82,6 +83,7 @@ class UsageRecorder:
         self._closed = False
         self.written = 0
         self.dropped = 0  # rows lost because MAX_PENDING were already waiting
+        self.refused = 0  # rows the database refused for what they hold
         self._dropped_reported = 0
         self.on_written: list[Callable[[list[UsageRecord]], None]] = []
 
@@ -113,20 +115,49 @@ class UsageRecorder:
         async with self.writing:
             while self._pending:
                 batch, self._pending = self._pending[:FLUSH_BATCH], self._pending[FLUSH_BATCH:]
+                await self._write(batch)
+
+    async def _write(self, batch: list[UsageRecord]) -> None:
+        """Insert ``batch``. A batch the database refuses for what a row holds (a value too
+        long or out of range) is split until the rows at fault are alone, and those are
+        dropped and counted: one bad row must not hold back every row after it, forever.
+        Any other failure (the database out of reach) puts the unwritten rows back and
+        raises, so that the next flush retries them."""
+        parts = [batch]
+        while parts:
+            part = parts.pop(0)
+            try:
+                async with self.db.write() as session:
+                    # The table's Core insert: the ORM's bulk path costs a fifth more per row.
+                    await session.execute(_INSERT, [vars(r) for r in part])
+            except (DataError, IntegrityError) as exc:
+                if len(part) > 1:
+                    half = len(part) // 2
+                    parts[:0] = [part[:half], part[half:]]
+                else:
+                    self._refuse(part[0], exc)
+                continue
+            except Exception:
+                self._pending[:0] = [row for rows in (part, *parts) for row in rows]
+                raise
+            self.written += len(part)
+            for hook in self.on_written:
                 try:
-                    async with self.db.write() as session:
-                        # The table's Core insert: the ORM's bulk path costs a fifth more per row.
-                        await session.execute(_INSERT, [vars(r) for r in batch])
-                    self.written += len(batch)
+                    hook(part)
                 except Exception:
-                    # Keep the rows: the next flush retries them.
-                    self._pending[:0] = batch
-                    raise
-                for hook in self.on_written:
-                    try:
-                        hook(batch)
-                    except Exception:
-                        log.exception("a usage hook failed")
+                    log.exception("a usage hook failed")
+
+    def _refuse(self, row: UsageRecord, exc: DBAPIError) -> None:
+        self.refused += 1
+        log.error(
+            "the database refused a usage row; it is dropped",
+            row_id=row.id,
+            user=row.username,
+            model=row.model_id,
+            # The driver's first line ("value too long for type character varying(100)"),
+            # not the statement and its parameters.
+            error=(str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0],
+        )
 
     async def run(self) -> None:
         while not self._closed:
