@@ -212,3 +212,27 @@ def test_model_details_are_for_admins(gw: LiveServer, admin: httpx.Client) -> No
     assert catalog.models["creds"].backend_url == "http://tok@h:1/v1"
     audit = admin.get("/api/v1/audit", params={"action": "gateway.model.*"}).text
     assert "tok@" not in audit and "pw@" not in audit
+
+
+def test_a_key_pin_never_reveals_a_disabled_model(gw: LiveServer, catalogue: httpx.Client) -> None:
+    catalogue.patch("/api/v1/gateway/models/coder-b", json={"state": "disabled"})
+    new_key(catalogue, "olga", role="operator")
+    login = catalogue.post("/api/v1/keys", json={"user": "olga"}).json()["key"]
+    with gw.client(login) as olga:
+        # Pinning her own key to a model she may not see is answered as for an unknown one.
+        hidden = olga.post("/api/v1/gateway/keys", json={"model": "coder-b"})
+        unknown = olga.post("/api/v1/gateway/keys", json={"model": "no-such-model"})
+        assert (hidden.status_code, unknown.status_code) == (400, 400)
+        assert hidden.json()["error"]["message"] == "model: 'coder-b' does not exist"
+        category_key = olga.post("/api/v1/gateway/keys", json={"category": "code"}).json()["key"]
+    # A key pinned to the category lists its models that are not disabled.
+    listed = openai.OpenAI(base_url=gw.url + "/v1", api_key=category_key).models.list()
+    assert [m.id for m in listed.data] == ["coder-a"]
+    # An admin may still pin a key to it (to use once enabled); it lists nothing meanwhile.
+    pinned = catalogue.post("/api/v1/gateway/keys", json={"user": "olga", "model": "coder-b"})
+    assert pinned.status_code == 201
+    pinned_key = pinned.json()["key"]
+    assert openai.OpenAI(base_url=gw.url + "/v1", api_key=pinned_key).models.list().data == []
+    catalogue.patch("/api/v1/gateway/models/coder-b", json={"state": "ready"})
+    listed = openai.OpenAI(base_url=gw.url + "/v1", api_key=pinned_key).models.list()
+    assert [m.id for m in listed.data] == ["coder-b"]

@@ -291,13 +291,14 @@ class Catalog:
     def visible(self, principal: Principal) -> list[ModelOut]:
         """The models a key may use, for ``GET /v1/models`` and non-admins' catalogue."""
         pinned_model, pinned_category = key_pin(principal)
+        models = sorted(
+            (m for m in self.models.values() if m.state != "disabled"), key=lambda m: m.id
+        )
         if pinned_model:
-            model = self.models.get(pinned_model)
-            return [model] if model else []
-        models = sorted(self.models.values(), key=lambda m: m.id)
+            return [m for m in models if m.id == pinned_model]
         if pinned_category:
             return [m for m in models if pinned_category in m.categories]
-        return [m for m in models if m.state != "disabled"]
+        return models
 
     def get_visible(self, principal: Principal, model_id: str) -> ModelOut:
         """A model ``principal`` may see; any other is as absent (404) as an unknown one."""

@@ -55,7 +55,14 @@ class InferenceKeys:
         owner = data.user or principal.user_id
         if owner is None:
             raise BadRequest("user: required when authentication is disabled")
-        if data.model and data.model not in self.catalog.models:
+        # A model the caller may not see (a disabled one) is as absent as an unknown one: a
+        # different answer would tell which hidden models exist.
+        usable = (
+            self.catalog.models
+            if admin
+            else {m.id for m in self.catalog.visible(principal) if m.id == data.model}
+        )
+        if data.model and data.model not in usable:
             raise BadRequest(f"model: {data.model!r} does not exist")
         if data.category and data.category not in self.catalog.categories:
             raise BadRequest(f"category: {data.category!r} does not exist")
