@@ -423,3 +423,25 @@ def test_two_overlapping_reservations_are_never_both_approved(tmp_path: Path, db
             outcomes = server.call(approve_both(ids))
             refused = [o for o in outcomes if isinstance(o, Conflict)]
             assert len(refused) == 1, outcomes
+
+
+def test_a_reservation_is_bounded_in_length_and_in_time(
+    gw: LiveServer, admin: httpx.Client
+) -> None:
+    url = "/api/v1/gateway/reservations"
+    days = reservations.MAX_LENGTH.days
+    too_long = admin.post(url, json=window(length_min=(24 * days + 1) * 60))
+    assert too_long.status_code == 400
+    assert f"at most {days} days" in too_long.json()["error"]["message"]
+    assert admin.post(url, json=window(length_min=24 * days * 60)).status_code == 201
+    start = window()["starts_at"]
+    # Past the last moment a date can hold once in UTC: 400, not a crash.
+    for body in (
+        {"starts_at": start, "ends_at": "9999-12-31T23:30:00-05:00"},
+        {"starts_at": "0001-01-01T00:00:00+05:00", "ends_at": start},
+    ):
+        refused = admin.post(url, json=body)
+        assert refused.status_code == 400, refused.text
+        assert "between the years 1 and 9999" in refused.json()["error"]["message"]
+    forever = admin.post(url, json={"starts_at": start, "ends_at": "9999-12-31T23:30:00Z"})
+    assert forever.status_code == 400

@@ -6,8 +6,8 @@ cancels pending ones that were never approved before their start. It reads only 
 however many reservations wait for later, a tick costs the same.
 
 Anyone who may read the gateway may ask for a reservation, so how many one user may have
-waiting (``MAX_WAITING_PER_USER``, admins excepted) and how far ahead one may start
-(``MAX_LEAD``) are bounded.
+waiting (``MAX_WAITING_PER_USER``, admins excepted), how far ahead one may start
+(``MAX_LEAD``) and how long one lasts (``MAX_LENGTH``) are bounded.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ WAITING = ("pending", "approved")  # not begun yet
 # start: anyone with gateway:read may ask for one.
 MAX_WAITING_PER_USER = 10
 MAX_LEAD = timedelta(days=90)
+MAX_LENGTH = timedelta(days=7)
 # The name under which changes that must not overlap another reservation take turns, across
 # replicas: two approvals checked at once would each see no overlap.
 TURNS = "gateway-reservations"
@@ -55,17 +56,23 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
 
 def _on_boundary(value: datetime) -> bool:
     # In UTC: a zone of a quarter or half hour off (+05:45) would shift the grid.
-    value = value.astimezone(UTC)
     return value.minute in (0, 30) and value.second == 0 and value.microsecond == 0
 
 
 def _validate_window(starts_at: datetime, ends_at: datetime) -> None:
     if starts_at.tzinfo is None or ends_at.tzinfo is None:
         raise BadRequest("starts_at and ends_at need a time zone (e.g. a trailing Z)")
+    try:
+        starts_at, ends_at = starts_at.astimezone(UTC), ends_at.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:30-05:00 is past the last representable moment
+        raise BadRequest("starts_at and ends_at must lie between the years 1 and 9999") from None
     if not (_on_boundary(starts_at) and _on_boundary(ends_at)):
         raise BadRequest("reservations start and end on a 30-minute boundary (:00 or :30)")
     if ends_at - starts_at < SLOT:
         raise BadRequest("a reservation lasts at least 30 minutes")
+    if ends_at - starts_at > MAX_LENGTH:
+        # Approved, a longer one would shut everyone else out for as long as it lasts.
+        raise BadRequest(f"a reservation lasts at most {MAX_LENGTH.days} days")
     now = utcnow()
     if starts_at <= now:
         raise BadRequest("a reservation must start in the future")
