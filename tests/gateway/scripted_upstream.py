@@ -162,6 +162,8 @@ class ScriptedUpstream:
                 self.slow_answers -= 1
         if body.get("stream"):
             return StreamingResponse(self._stream(body, mode), media_type="text/event-stream")
+        if mode == "shapeless":  # JSON, but not a chat completion's shape
+            return JSONResponse({"choices": [{"message": "hello"}]})
         text = reply_text(body)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = "stop"
@@ -218,6 +220,9 @@ class ScriptedUpstream:
                         await asyncio.sleep(0.05)
                     if mode == "die" and i == 2:
                         raise RuntimeError("scripted upstream dies mid-stream")
+                    if mode == "shapeless" and i == 2:
+                        yield b'data: {"choices": ["x"]}\n\n'
+                        continue
                     if mode == "reports" and i == 2:
                         error = {"error": {"message": REPORTED, "type": "server_error"}}
                         yield b"data: " + json.dumps(error).encode() + b"\n\n"

@@ -209,3 +209,44 @@ def test_deeply_nested_json_is_a_bad_request(gw: LiveServer) -> None:
             )
             assert answer.status_code == 400, (path, answer.text)
             assert "nested too deeply" in answer.text
+
+
+def test_a_streamed_stop_sequence_is_never_sent(gw: LiveServer) -> None:
+    # The scripted backend echoes the prompt word by word and leaves "END" in its text.
+    with sdk(gw, gw.admin_key).messages.stream(
+        model="echo",
+        max_tokens=32,
+        stop_sequences=["END"],
+        messages=[{"role": "user", "content": "a b END"}],
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == "echo: a b " == final.content[0].text  # type: ignore[union-attr]
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
+
+
+def test_an_answer_of_another_shape_is_a_502(
+    gw: LiveServer, admin: httpx.Client, upstream: ScriptedUpstream
+) -> None:
+    register(admin, "shapeless", upstream.url, upstream_model="shapeless")
+    client = sdk(gw, gw.admin_key)
+    with pytest.raises(anthropic.APIStatusError) as err:
+        client.messages.create(
+            model="shapeless", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
+    assert err.value.status_code == 502
+    assert "not an object" in err.value.message
+    with gw.client(gw.admin_key) as raw:
+        streamed = raw.post(
+            "/v1/messages",
+            json={
+                "model": "shapeless",
+                "max_tokens": 16,
+                "stream": True,
+                "messages": [{"role": "user", "content": "a b c d"}],
+            },
+        )
+    kinds = [line[7:] for line in streamed.text.splitlines() if line.startswith("event: ")]
+    assert kinds[-1] == "error" and "message_stop" not in kinds
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
+    assert usage_statuses(gw, "shapeless") == [502, 502]

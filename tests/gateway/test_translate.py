@@ -9,6 +9,7 @@ import pytest
 from legator.core.errors import BadRequest
 from legator.gateway.translate import (
     StreamTranslator,
+    UnexpectedAnswer,
     UntranslatableStream,
     messages_to_openai,
     openai_to_message,
@@ -190,7 +191,7 @@ def test_stream_translation_switches_blocks() -> None:
     )
     raw += t.feed({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
     raw += t.feed({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}})
-    raw += t.end([])
+    raw += t.end()
     events = _events(raw)
     assert [e for e, _ in events] == [
         "message_start",
@@ -217,7 +218,7 @@ def test_stream_translation_switches_blocks() -> None:
 
 def test_stream_error_ends_with_an_error_event() -> None:
     t = StreamTranslator("m")
-    raw = t.start() + t.feed({"choices": [{"delta": {"content": "Hi"}}]}) + t.end([], "gone")
+    raw = t.start() + t.feed({"choices": [{"delta": {"content": "Hi"}}]}) + t.end("gone")
     events = _events(raw)
     assert [e for e, _ in events][-2:] == ["content_block_stop", "error"]
     assert events[-1][1]["error"] == {"type": "api_error", "message": "gone"}
@@ -251,7 +252,7 @@ def test_calls_sent_under_one_index_with_new_ids_are_separate_blocks() -> None:
     raw += t.feed(_call(0, '"a.py"}'))
     raw += t.feed(_call(0, '{"p":"b.py"}', "c2", "read"))
     raw += t.feed({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
-    raw += t.end([])
+    raw += t.end()
     events = _events(raw)
     assert _tool_blocks(events) == {0: ("c1", '{"p":"a.py"}'), 1: ("c2", '{"p":"b.py"}')}
     starts = [e for e, _ in events if e in ("content_block_start", "content_block_stop")]
@@ -271,13 +272,142 @@ def test_interleaved_call_arguments_are_refused_not_mixed_up() -> None:
 def test_a_streamed_call_cut_off_by_the_limit_is_max_tokens() -> None:
     t = StreamTranslator("m")
     raw = t.start() + t.feed(_call(0, '{"path": "/etc/pas', "c1", "read"))
-    raw += t.feed({"choices": [{"delta": {}, "finish_reason": "length"}]}) + t.end([])
+    raw += t.feed({"choices": [{"delta": {}, "finish_reason": "length"}]}) + t.end()
     assert _events(raw)[-2][1]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
 
 
 def test_a_streamed_stop_sequence_named_by_the_backend() -> None:
-    t = StreamTranslator("m")
+    t = StreamTranslator("m", ["END"])
     raw = t.start() + t.feed({"choices": [{"delta": {"content": "1 2 3 "}}]})
     raw += t.feed({"choices": [{"delta": {}, "finish_reason": "stop", "stop_reason": "END"}]})
-    raw += t.end(["END"])
+    raw += t.end()
     assert _events(raw)[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+def _text(raw: bytes) -> str:
+    return "".join(
+        str(data["delta"]["text"])  # type: ignore[index]
+        for kind, data in _events(raw)
+        if kind == "content_block_delta" and data["delta"]["type"] == "text_delta"  # type: ignore[index]
+    )
+
+
+@pytest.mark.parametrize(
+    ("pieces", "sent", "reason"),
+    [
+        (["abc", "END"], "abc", "stop_sequence"),  # the backend left the sequence in
+        (["abcE", "ND"], "abc", "stop_sequence"),  # split across chunks
+        (["abcE"], "abcE", "end_turn"),  # a beginning that came to nothing
+        (["aEb", "cE", "Nx", "yz"], "aEbcENxyz", "end_turn"),
+        (["ab", "\n\nHuman:"], "ab", "stop_sequence"),
+    ],
+)
+def test_a_stream_never_sends_the_stop_sequence(pieces: list[str], sent: str, reason: str) -> None:
+    t = StreamTranslator("m", ["END", "\n\nHuman:"])
+    raw = t.start()
+    for piece in pieces:
+        raw += t.feed({"choices": [{"delta": {"content": piece}}]})
+    raw += t.feed({"choices": [{"delta": {}, "finish_reason": "stop"}]}) + t.end()
+    assert _text(raw) == sent
+    assert _events(raw)[-2][1]["delta"]["stop_reason"] == reason  # type: ignore[index]
+
+
+def test_text_held_for_a_stop_sequence_goes_out_before_a_tool_call() -> None:
+    t = StreamTranslator("m", ["END"])
+    raw = t.start() + t.feed({"choices": [{"delta": {"content": "see E"}}]})
+    assert _text(raw) == "see "
+    raw += t.feed(_call(0, "{}", "c1", "read")) + t.end()
+    kinds = [(kind, data.get("index")) for kind, data in _events(raw)]
+    assert _text(raw) == "see E"
+    assert kinds.index(("content_block_stop", 0)) < kinds.index(("content_block_start", 1))
+
+
+def test_a_chunk_that_fails_half_way_leaves_well_formed_events() -> None:
+    t = StreamTranslator("m")
+    raw = t.start() + t.feed(_call(0, "", "c1", "read"))
+    both = {
+        "choices": [
+            {
+                "delta": {
+                    "tool_calls": [
+                        {"index": 1, "id": "c2", "function": {"name": "read", "arguments": ""}},
+                        {"index": 0, "function": {"arguments": "{}"}},
+                    ]
+                }
+            }
+        ]
+    }
+    with pytest.raises(UntranslatableStream):
+        t.feed(both)
+    raw += t.drain() + t.end("interleaved")
+    kinds = [(kind, data.get("index")) for kind, data in _events(raw)]
+    assert kinds == [
+        ("message_start", None),
+        ("content_block_start", 0),
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        ("content_block_stop", 1),
+        ("error", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": ["x"]},
+        {"choices": {"a": 1}},
+        {"choices": [{"delta": "hello"}]},
+        {"choices": [{"delta": {"content": ["part"]}}]},
+        {"choices": [{"delta": {"tool_calls": ["x"]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": "f"}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": 5}}]}}]},
+    ],
+)
+def test_a_chunk_of_another_shape_is_untranslatable(chunk: dict[str, object]) -> None:
+    with pytest.raises(UntranslatableStream):
+        StreamTranslator("m").feed(chunk)
+
+
+def test_streamed_arguments_sent_as_an_object_are_json_text() -> None:
+    t = StreamTranslator("m")
+    raw = t.feed(_call(0, {"path": "a.py"}, "c1", "read"))  # type: ignore[arg-type]
+    deltas = [d["delta"] for k, d in _events(raw) if k == "content_block_delta"]
+    assert deltas == [{"type": "input_json_delta", "partial_json": '{"path": "a.py"}'}]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"choices": {"a": 1}},
+        {"choices": [{"message": "hello"}]},
+        {"choices": [{"message": {"tool_calls": ["x"]}}]},
+        {"choices": [{"message": {"tool_calls": {"a": 1}}}]},
+        {"choices": [{"message": {"content": 5}}]},
+    ],
+)
+def test_an_answer_of_another_shape_is_unexpected(data: dict[str, object]) -> None:
+    with pytest.raises(UnexpectedAnswer):
+        openai_to_message(data, "m", [])
+
+
+def test_an_answer_in_parts_is_joined_text() -> None:
+    data = {
+        "choices": [
+            {"message": {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}}
+        ]
+    }
+    assert openai_to_message(data, "m", [])["content"] == [{"type": "text", "text": "ab"}]
+
+
+@pytest.mark.parametrize("content", ["", []])
+def test_an_empty_user_turn_is_refused(content: object) -> None:
+    body = {
+        "max_tokens": 5,
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": content},
+        ],
+    }
+    with pytest.raises(BadRequest, match=r"messages\.2\.content: must not be empty"):
+        messages_to_openai(body)

@@ -29,6 +29,7 @@ from legator.gateway.relay import (
 from legator.gateway.service import Admission, ClientGone
 from legator.gateway.translate import (
     StreamTranslator,
+    UnexpectedAnswer,
     UntranslatableStream,
     messages_to_openai,
     openai_to_message,
@@ -57,7 +58,10 @@ async def create_message(
         status, tokens_in, tokens_out = 499, 0, 0
         try:
             data = await call_json(adm, "/chat/completions", chat)
-            message = openai_to_message(data, name, stops)
+            try:
+                message = openai_to_message(data, name, stops)
+            except UnexpectedAnswer as exc:
+                raise UpstreamError(f"model {adm.model.id!r} backend's answer: {exc}") from None
             tokens_in = message["usage"]["input_tokens"]
             tokens_out = message["usage"]["output_tokens"]
             status = 200
@@ -76,7 +80,7 @@ async def create_message(
         adm.finish(499)
         raise
     state = StreamState()
-    content = _events(adm, upstream, state, StreamTranslator(name), stops)
+    content = _events(adm, upstream, state, StreamTranslator(name, stops))
     return stream_response(adm, upstream, content, state)
 
 
@@ -85,7 +89,6 @@ async def _events(
     upstream: aiohttp.ClientResponse,
     state: StreamState,
     translator: StreamTranslator,
-    stops: list[str],
 ) -> AsyncIterator[bytes]:
     yield translator.start()
     tail = b""
@@ -107,6 +110,7 @@ async def _events(
                 try:
                     out += translator.feed(data)
                 except UntranslatableStream as exc:
+                    out += translator.drain()  # what the chunk began, for the end to close
                     state.error = f"model {adm.model.id!r}: {exc}"
                     break
             if state.done or state.error:
@@ -119,4 +123,4 @@ async def _events(
     if not state.done and state.error is None:
         state.error = f"the backend of model {adm.model.id!r} ended the stream early"
     state.last = True
-    yield tail + translator.end(stops, state.error)
+    yield tail + translator.end(state.error)

@@ -50,6 +50,9 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _user_messages(content: Any, where: str) -> list[dict[str, Any]]:
+    if not content and isinstance(content, str | list):
+        # Dropped, it would turn the assistant turn before it into a prefill.
+        raise BadRequest(f"{where}.content: must not be empty")
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     if not isinstance(content, list):
@@ -214,9 +217,7 @@ def _stop(
     return reason, None
 
 
-def _tool_input(arguments: Any) -> dict[str, Any]:
-    if isinstance(arguments, dict):
-        return arguments
+def _tool_input(arguments: str) -> dict[str, Any]:
     try:
         value = json.loads(arguments or "{}")
     except (ValueError, RecursionError):
@@ -224,31 +225,67 @@ def _tool_input(arguments: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
+class UnexpectedAnswer(Exception):
+    """The backend's answer is JSON but not the shape of a chat completion."""
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnexpectedAnswer(f"{what} is not an object")
+    return value
+
+
+def _answer_text(content: Any) -> str:
+    """A message's content: a string, or a list of parts whose text parts are joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+    raise UnexpectedAnswer("message.content is neither text nor a list of parts")
+
+
+def _arguments(value: Any) -> str:
+    """A tool call's arguments as JSON text (some servers send the object itself)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    raise UnexpectedAnswer("a tool call's arguments are neither a string nor an object")
+
+
 def openai_to_message(data: dict[str, Any], model: str, stops: list[str]) -> dict[str, Any]:
+    """A chat completion as an Anthropic message; ``UnexpectedAnswer`` for any other shape."""
     choices = data.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
+    if not isinstance(choices, list):
+        raise UnexpectedAnswer("choices is not a list")
+    choice = _object(choices[0], "choices[0]")
+    message = _object(choice.get("message"), "choices[0].message")
     content: list[dict[str, Any]] = []
-    text = message.get("content") or ""
+    text = _answer_text(message.get("content"))
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise UnexpectedAnswer("message.tool_calls is not a list")
     reason, sequence = _stop(
         choice.get("finish_reason"),
         choice.get("stop_reason"),
         text,
         stops,
-        bool(message.get("tool_calls")),
+        bool(calls),
     )
     if sequence is not None and text.endswith(sequence):
         text = text[: -len(sequence)]  # Anthropic's text stops before the sequence
     if text:
         content.append({"type": "text", "text": text})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
+    for call in calls:
+        function = _object(_object(call, "a tool call").get("function"), "a tool call's function")
         content.append(
             {
                 "type": "tool_use",
-                "id": call.get("id") or f"toolu_{new_id().replace('-', '')[:24]}",
-                "name": function.get("name", ""),
-                "input": _tool_input(function.get("arguments")),
+                "id": str(call.get("id") or f"toolu_{new_id().replace('-', '')[:24]}"),
+                "name": str(function.get("name") or ""),
+                "input": _tool_input(_arguments(function.get("arguments"))),
             }
         )
     tokens_in, tokens_out = usage_counts(data.get("usage"))
@@ -274,10 +311,19 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 class StreamTranslator:
     """OpenAI chunks in, Anthropic events out: message_start, content blocks, message_delta,
-    message_stop (or an error event), emitted as each chunk arrives."""
+    message_stop (or an error event), emitted as each chunk arrives.
 
-    def __init__(self, model: str) -> None:
+    Events go through a buffer: what a chunk built before it turned out untranslatable is
+    still sent (``drain``), so the events stay well-formed. With
+    stop sequences, text that could be the start of one is held back until it is known not to
+    be: Anthropic's text never contains the sequence that stopped it."""
+
+    def __init__(self, model: str, stops: list[str] | None = None) -> None:
         self.model = model
+        self.stops = [stop for stop in stops or [] if stop]
+        self.longest = max((len(stop) for stop in self.stops), default=0)
+        self.firsts = {stop[0] for stop in self.stops}
+        self.held = ""  # streamed text not sent yet: it may be a stop sequence's beginning
         self.index = -1
         self.open: str | None = None  # "text" or "tool:<openai index>:<call id>"
         self.finish: str | None = None
@@ -288,6 +334,7 @@ class StreamTranslator:
         self.matched: Any = None  # the stop sequence that hit, where the backend says (vLLM)
         # Each OpenAI tool-call index: the id of the call under it and its block's index.
         self.calls: dict[Any, tuple[str, int]] = {}
+        self._out: list[bytes] = []
 
     def start(self) -> bytes:
         message = {
@@ -302,67 +349,114 @@ class StreamTranslator:
         }
         return sse("message_start", {"type": "message_start", "message": message})
 
-    def _close(self) -> bytes:
-        if self.open is None:
-            return b""
-        self.open = None
-        return sse("content_block_stop", {"type": "content_block_stop", "index": self.index})
+    def drain(self) -> bytes:
+        """The events built since the last call."""
+        out, self._out = b"".join(self._out), []
+        return out
 
-    def _begin(self, kind: str, block: dict[str, Any]) -> bytes:
-        out = self._close()
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        self._out.append(sse(event, data))
+
+    def _close(self) -> None:
+        if self.open is None:
+            return
+        if self.open == "text" and self.held:
+            self._text_delta(self.held)  # not at the end after all
+            self.held = ""
+        self.open = None
+        self._emit("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+    def _begin(self, kind: str, block: dict[str, Any]) -> None:
+        self._close()
         self.index += 1
         self.open = kind
-        return out + sse(
+        self._emit(
             "content_block_start",
             {"type": "content_block_start", "index": self.index, "content_block": block},
         )
 
+    def _text_delta(self, text: str) -> None:
+        self._emit(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": self.index,
+                "delta": {"type": "text_delta", "text": text},
+            },
+        )
+
+    def _releasable(self, text: str) -> str:
+        """Of the held text and ``text``, what may be sent now: all but the part from the
+        first character, among the last ``longest``, that begins a stop sequence."""
+        pending = self.held + text
+        cut = len(pending)
+        for i in range(max(0, len(pending) - self.longest), len(pending)):
+            if pending[i] in self.firsts:
+                cut = i
+                break
+        self.held = pending[cut:]
+        return pending[:cut]
+
     def feed(self, chunk: dict[str, Any]) -> bytes:
-        out = b""
+        """The events for one chunk. ``UntranslatableStream`` for a chunk of a shape
+        Anthropic's events cannot carry, or not a chat completion chunk's: the events it
+        had built by then are left for ``drain``."""
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.input_tokens, self.output_tokens = usage_counts(usage)
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                if self.open != "text":
-                    out += self._begin("text", {"type": "text", "text": ""})
-                self.text_tail = (self.text_tail + text)[-200:]
-                out += sse(
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list):
+            raise UntranslatableStream("a chunk's choices is not a list")
+        for choice in choices:
+            self._choice(choice)
+        return self.drain()
+
+    def _choice(self, choice: Any) -> None:
+        if not isinstance(choice, dict) or not isinstance(choice.get("delta") or {}, dict):
+            raise UntranslatableStream("a chunk's choice is not an object with a delta")
+        delta = choice.get("delta") or {}
+        text = delta.get("content")
+        if text is not None and not isinstance(text, str):
+            raise UntranslatableStream("a chunk's delta.content is not text")
+        if text:
+            if self.open != "text":
+                self._begin("text", {"type": "text", "text": ""})
+            self.text_tail = (self.text_tail + text)[-max(200, self.longest) :]
+            if released := self._releasable(text) if self.stops else text:
+                self._text_delta(released)
+        calls = delta.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise UntranslatableStream("a chunk's delta.tool_calls is not a list of objects")
+        for call in calls:
+            function = call.get("function") or {}
+            if not isinstance(function, dict):
+                raise UntranslatableStream("a tool call's function is not an object")
+            try:
+                arguments = _arguments(function.get("arguments"))
+            except UnexpectedAnswer as exc:
+                raise UntranslatableStream(str(exc)) from None
+            self._tool_call(call, function)
+            if arguments:
+                self._emit(
                     "content_block_delta",
                     {
                         "type": "content_block_delta",
                         "index": self.index,
-                        "delta": {"type": "text_delta", "text": text},
+                        "delta": {"type": "input_json_delta", "partial_json": arguments},
                     },
                 )
-            for call in delta.get("tool_calls") or []:
-                out += self._tool_call(call)
-                function = call.get("function") or {}
-                if function.get("arguments"):
-                    out += sse(
-                        "content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": self.index,
-                            "delta": {
-                                "type": "input_json_delta",
-                                "partial_json": function["arguments"],
-                            },
-                        },
-                    )
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
-            if isinstance(choice.get("stop_reason"), str):
-                self.matched = choice["stop_reason"]
-        return out
+        if choice.get("finish_reason"):
+            self.finish = str(choice["finish_reason"])
+        if isinstance(choice.get("stop_reason"), str):
+            self.matched = choice["stop_reason"]
 
-    def _tool_call(self, call: dict[str, Any]) -> bytes:
+    def _tool_call(self, call: dict[str, Any], function: dict[str, Any]) -> None:
         """Opens the call's block when the call is new: under an index not seen yet, or under
         one seen with another id (some servers send every call as index 0, each with its id).
         Raises ``UntranslatableStream`` for a fragment of a call whose block has closed."""
         position = call.get("index", 0)
+        if not isinstance(position, int | str):
+            raise UntranslatableStream("a tool call's index is not a number")
         known = self.calls.get(position)
         call_id = call.get("id")
         if known is not None and (not call_id or call_id == known[0]):
@@ -371,34 +465,33 @@ class StreamTranslator:
                     "the backend interleaved the arguments of several tool calls, which "
                     "Anthropic's stream events cannot carry"
                 )
-            return b""
+            return
         self.tool_seen = True
-        call_id = call_id or f"toolu_{new_id().replace('-', '')[:24]}"
-        name = (call.get("function") or {}).get("name", "")
-        block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
-        out = self._begin(f"tool:{position}:{call_id}", block)
+        call_id = str(call_id or f"toolu_{new_id().replace('-', '')[:24]}")
+        block = {"type": "tool_use", "id": call_id, "name": str(function.get("name") or "")}
+        self._begin(f"tool:{position}:{call_id}", {**block, "input": {}})
         self.calls[position] = (call_id, self.index)
-        return out
 
-    def end(self, stops: list[str], error: str | None = None) -> bytes:
-        out = self._close()
+    def end(self, error: str | None = None) -> bytes:
+        """The events that end the stream: the held text (less the stop sequence that ended
+        it), the open block's end, then message_delta and message_stop, or the error."""
         if error is not None:
-            return out + sse(
-                "error", {"type": "error", "error": {"type": "api_error", "message": error}}
-            )
-        reason, sequence = _stop(self.finish, self.matched, self.text_tail, stops, self.tool_seen)
-        return (
-            out
-            + sse(
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                    "usage": {
-                        "input_tokens": self.input_tokens,
-                        "output_tokens": self.output_tokens,
-                    },
-                },
-            )
-            + sse("message_stop", {"type": "message_stop"})
+            self._close()
+            self._emit("error", {"type": "error", "error": {"type": "api_error", "message": error}})
+            return self.drain()
+        reason, sequence = _stop(
+            self.finish, self.matched, self.text_tail, self.stops, self.tool_seen
         )
+        if self.held and sequence is not None and self.held.endswith(sequence):
+            self.held = self.held[: -len(sequence)]
+        self._close()
+        self._emit(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
+            },
+        )
+        self._emit("message_stop", {"type": "message_stop"})
+        return self.drain()
