@@ -19,7 +19,7 @@ def test_fleet_cli(fleet_server: LiveServer, admin: httpx.Client, spawn_probe) -
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["token"].startswith("prb_")
     plain = run_cli("legator", "tokens", "create", env=env)
-    assert plain.stdout.startswith("curl -fsSL ") and "install.sh" in plain.stdout
+    assert plain.stdout.startswith("export LEGATOR_TOKEN=prb_") and "install.sh" in plain.stdout
     tokens = json.loads(run_cli("legator", "tokens", "list", "--json", env=env).stdout)
     assert len(tokens) == 2 and all("token" not in t for t in tokens)
     first = json.loads(created.stdout)
