@@ -160,7 +160,7 @@ def fmt_time(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
 
 
-_DURATION = re.compile(r"^(\d+)([dhm]?)$")
+_DURATION = re.compile(r"^(\d+)([dhm]?)\Z")
 
 
 def parse_duration(text: str) -> timedelta:

@@ -48,7 +48,7 @@ from legator.core.errors import ServiceUnavailable
 from legator.core.logging import get_logger
 
 log = get_logger("legator.core.cluster")
-TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 MAX_AGE_S = 300.0
 OUTBOX_LIMIT = 100_000
 PART_HEADER = "Legator-Part"

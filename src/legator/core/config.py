@@ -13,10 +13,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LEGATOR_"
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}$")
-_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token characters
+_HEX = re.compile(r"^[0-9a-fA-F]+\Z")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}\Z")
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+\Z")  # RFC 6749 scope-token characters
 OIDC_CALLBACK_PATH = "/api/v1/auth/oidc/callback"
 
 

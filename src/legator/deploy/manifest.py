@@ -9,8 +9,8 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_NAME = "manifest.json"
-_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,200}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,200}\Z")
+_SHA = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class ManifestFile(BaseModel):

@@ -17,7 +17,7 @@ from legator.secrets.client import Client
 from legator.secrets.errors import SecretNotFound, SecretsError
 from legator.secrets.server import DEFAULT_SOCKET
 
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}$")
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}\Z")
 
 
 class MissingSecret(LookupError):

@@ -27,8 +27,8 @@ class GitSource:
     subpath: str
 
 
-_GITHUB = re.compile(r"^(https://github\.com/[^/]+/[^/]+?)(?:\.git)?/tree/([^/]+)(?:/(.*))?$")
-_GITLAB = re.compile(r"^(https://[^/]*gitlab[^/]*/.+?)(?:\.git)?/-/tree/([^/]+)(?:/(.*))?$")
+_GITHUB = re.compile(r"^(https://github\.com/[^/]+/[^/]+?)(?:\.git)?/tree/([^/]+)(?:/(.*))?\Z")
+_GITLAB = re.compile(r"^(https://[^/]*gitlab[^/]*/.+?)(?:\.git)?/-/tree/([^/]+)(?:/(.*))?\Z")
 
 
 def parse_git(url: str) -> GitSource | None:

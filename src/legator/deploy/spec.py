@@ -85,7 +85,7 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
 
-_INSTANCE = re.compile(r"^[a-z0-9]{1,20}$")
+_INSTANCE = re.compile(r"^[a-z0-9]{1,20}\Z")
 
 
 @dataclass(frozen=True)

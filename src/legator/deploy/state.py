@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from legator.core.security import write_private_file
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
 def check_name(name: str) -> str:

@@ -42,7 +42,7 @@ from legator.fleet.wing import fleet_of
 
 router = APIRouter(prefix="/api/v1", tags=["fleet"])
 P = Permission
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION = re.compile(r"^(\d+)([smhdw])\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

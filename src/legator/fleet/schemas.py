@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from legator.fleet.approvals.schemas import ApprovalMode
 from legator.fleet.protocol import Level
 
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}\Z")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
 
 
 def check_tags(tags: list[str]) -> list[str]:
@@ -128,7 +128,7 @@ class CommandRequest(BaseModel):
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", name):
                 raise ValueError(f"environment variable name {name!r} is not valid")
         return value
 

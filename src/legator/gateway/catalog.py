@@ -185,12 +185,14 @@ class Catalog:
     # ----- categories ------------------------------------------------------------------------
 
     async def create_category(self, data: CategoryIn, *, actor: str) -> CategoryOut:
-        if data.preferred_model:
-            self.get_model(data.preferred_model)
+        if data.preferred_model and data.preferred_model not in self.models:
+            raise BadRequest(f"preferred_model: model {data.preferred_model!r} does not exist")
         async with self.db.write() as session:
             if await session.get(GatewayCategory, data.name):
                 raise Conflict(f"category {data.name!r} already exists")
-            row = GatewayCategory(**data.model_dump())
+            row = GatewayCategory(
+                **{**data.model_dump(), "preferred_model": data.preferred_model or None}
+            )
             session.add(row)
             await session.flush()
             await self.audit.record(
@@ -207,8 +209,13 @@ class Catalog:
 
     async def update_category(self, name: str, data: CategoryUpdate, *, actor: str) -> CategoryOut:
         changes = data.model_dump(exclude_unset=True)
-        if changes.get("preferred_model"):
-            self.get_model(changes["preferred_model"])
+        if changes.get("description", "") is None:
+            del changes["description"]  # null leaves it as it is, as PATCH of a model does
+        if "preferred_model" in changes:
+            # null or "" clears it; a model that does not exist is a bad value, not a 404
+            preferred = changes["preferred_model"] = changes["preferred_model"] or None
+            if preferred is not None and preferred not in self.models:
+                raise BadRequest(f"preferred_model: model {preferred!r} does not exist")
         async with self.db.write() as session:
             row = await session.get(GatewayCategory, name)
             if row is None:

@@ -31,7 +31,7 @@ EXPIRE_S = 3 * BEAT_S
 RECHECK_S = 30.0
 # Whether a replica's URL answers from here.
 Reachable = Callable[[str], Awaitable[bool]]
-_URL = re.compile(r"^https?://\S+$")
+_URL = re.compile(r"^https?://\S+\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from legator.core.security import mask_url
 
-_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}\Z")
 MODEL_STATES = ("ready", "disabled", "unavailable")
 
 

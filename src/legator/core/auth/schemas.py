@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from legator.core.auth.permissions import Role, validate_scopes
 
-USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
+USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}\Z")
 MIN_PASSWORD = 12
 
 

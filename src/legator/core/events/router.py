@@ -13,7 +13,7 @@ from legator.core.errors import BadRequest
 from legator.core.http.deps import core_of, require
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
-_PATTERN = re.compile(r"^(\*|[a-z0-9_]+(\.[a-z0-9_]+)*(\.\*)?)$")
+_PATTERN = re.compile(r"^(\*|[a-z0-9_]+(\.[a-z0-9_]+)*(\.\*)?)\Z")
 
 
 def topic_patterns(

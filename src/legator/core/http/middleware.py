@@ -20,7 +20,7 @@ from legator.core.http.errors import error_response
 from legator.core.logging import get_logger
 from legator.core.metrics import Labelled, Metrics
 
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}\Z")
 _STRICT_CSP = (
     b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
     b"frame-ancestors 'none'; base-uri 'none'; form-action 'self'"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 QUADLET_TYPES = (".container", ".volume", ".network", ".pod", ".kube", ".image", ".build")
-_SECTION = re.compile(r"^\[([A-Za-z0-9_-]+)\]$")
-_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_SECTION = re.compile(r"^\[([A-Za-z0-9_-]+)\]\Z")
+_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
 class ParseError(ValueError):

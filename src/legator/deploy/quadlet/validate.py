@@ -15,7 +15,7 @@ _PORT = re.compile(
     r"(?P<container>\d+(?:-\d+)?)(?:/(?P<proto>tcp|udp|sctp))?$"
 )
 _SECRET_OPTS = {"type", "target", "uid", "gid", "mode"}
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ SAVE_EVERY_S = 1.0
 WRITE_BATCH_BYTES = 4 << 20
 RETRIES = 5
 PART = ".part"
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9._:-]+")
 
 
