@@ -63,7 +63,11 @@ class BackendRegistry:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=_CONNECTIONS, limit_per_host=0),
                 timeout=_TIMEOUT,
+                # Bodies are relayed and size-capped as they come: ask for them uncompressed
+                # (aiohttp would otherwise offer gzip, and a compressing backend's answer
+                # would read as garbage).
                 auto_decompress=False,
+                headers={"Accept-Encoding": "identity"},
             )
         return self._session
 

@@ -35,12 +35,11 @@ def core_of(conn: HTTPConnection) -> Core:
 
 
 def bearer_credential(conn: HTTPConnection) -> str | None:
-    header = conn.headers.get("authorization")
-    if header:
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() == "bearer" and credential.strip():
-            return credential.strip()
-        return None
+    """The Bearer token of ``Authorization``, else ``x-api-key`` (Anthropic's clients): an
+    Authorization of another scheme (a proxy's Basic) does not hide the key."""
+    scheme, _, credential = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credential.strip():
+        return credential.strip()
     return conn.headers.get("x-api-key") or None
 
 
