@@ -5,7 +5,11 @@ The request's ``model`` picks the behaviour: ``echo`` (default), ``slow`` (50 ms
 ``redirect`` (a 307 to a private address of its own, as a hostile backend could send) and
 ``huge`` (an answer, or a stream's first event, of ``HUGE_BYTES`` that never ends) and
 ``reports`` (a stream that reports an error in an event after two chunks, as vLLM does) and
-``badusage`` (echo, with a usage that no column holds and one that is not a number).
+``badusage`` (echo, with a usage that no column holds and one that is not a number) and
+``slowjson`` (echo, after ``SLOW_JSON_S``, before a stream's headers too; it gives up when the
+gateway disconnects, counted in ``abandoned``) and ``donenospace``/``doneid`` (streams ending
+``data:[DONE]``, or ``id: 3`` then ``data: [DONE]``) and ``html``/``ignorestream`` (a stream
+asked for, answered 200 with an HTML page, or with a JSON completion).
 Every request body it received is kept in ``requests`` so tests can check what the gateway sent.
 """
 
@@ -31,6 +35,9 @@ REPORTED = "out of memory on the GPU"
 # What ``redirect`` points the gateway at: only this host can read it.
 INTERNAL_SECRET = {"AccessKeyId": "ASIA-INTERNAL-ONLY", "SecretAccessKey": "never-to-a-client"}
 HUGE_BYTES = 3 * 1024 * 1024
+SLOW_JSON_S = 5.0
+# How the modes that end a stream differently end it; the others send ``data: [DONE]``.
+DONE_LINES = {"donenospace": b"data:[DONE]\n\n", "doneid": b"id: 3\ndata: [DONE]\n\n"}
 
 
 def reply_text(body: dict[str, Any]) -> str:
@@ -80,6 +87,7 @@ class ScriptedUpstream:
         self.active_streams = 0
         self.slow_answers = 0  # ``slow`` answers being prepared now
         self.peak_slow_answers = 0  # the most at once
+        self.abandoned = 0  # ``slowjson`` requests whose client (the gateway) left first
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -160,7 +168,11 @@ class ScriptedUpstream:
                 await asyncio.sleep(0.5)
             finally:
                 self.slow_answers -= 1
-        if body.get("stream"):
+        if mode == "slowjson" and not await self._outwait(request, SLOW_JSON_S):
+            return Response(status_code=499)
+        if mode == "html" and body.get("stream"):
+            return Response("<html><body>Welcome to nginx!</body></html>", media_type="text/html")
+        if body.get("stream") and mode != "ignorestream":
             return StreamingResponse(self._stream(body, mode), media_type="text/event-stream")
         if mode == "shapeless":  # JSON, but not a chat completion's shape
             return JSONResponse({"choices": [{"message": "hello"}]})
@@ -191,6 +203,16 @@ class ScriptedUpstream:
                 "usage": usage(body, len(words(text))),
             }
         )
+
+    async def _outwait(self, request: Request, seconds: float) -> bool:
+        """Whether the client stayed connected for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            if await request.is_disconnected():
+                self.abandoned += 1
+                return False
+        return True
 
     async def _stream(self, body: dict[str, Any], mode: str) -> AsyncIterator[bytes]:
         self.active_streams += 1
@@ -240,7 +262,7 @@ class ScriptedUpstream:
                     "usage": usage(body, len(pieces)),
                 }
                 yield b"data: " + json.dumps(data).encode() + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield DONE_LINES.get(mode, b"data: [DONE]\n\n")
         finally:
             self.active_streams -= 1
 

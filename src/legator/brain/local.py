@@ -24,9 +24,9 @@ from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import AppError
 from legator.gateway.relay import (
-    DONE,
     UPSTREAM_ERRORS,
     event_json,
+    is_done,
     open_stream,
     sse_batches,
 )
@@ -91,7 +91,7 @@ class LocalProvider:
             try:
                 async for batch in sse_batches(upstream, self.gateway.max_answer_bytes):
                     for event in batch:
-                        done = done or event.startswith(DONE)
+                        done = done or is_done(event)
                         data = event_json(event)
                         if isinstance(data, dict):
                             chunks += 1

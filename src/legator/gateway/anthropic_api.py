@@ -15,16 +15,17 @@ from legator.core.http.deps import require
 from legator.gateway.errors import UpstreamError
 from legator.gateway.openai_api import check_common, gateway_of, read_json
 from legator.gateway.relay import (
-    DONE,
     UPSTREAM_ERRORS,
     StreamState,
     call_json,
     died,
     event_json,
+    is_done,
     open_stream,
     reported,
     sse_batches,
     stream_response,
+    unless_gone,
 )
 from legator.gateway.service import Admission, ClientGone
 from legator.gateway.translate import (
@@ -57,7 +58,7 @@ async def create_message(
     if not stream:
         status, tokens_in, tokens_out = 499, 0, 0
         try:
-            data = await call_json(adm, "/chat/completions", chat)
+            data = await unless_gone(request, call_json(adm, "/chat/completions", chat))
             try:
                 message = openai_to_message(data, name, stops)
             except UnexpectedAnswer as exc:
@@ -69,13 +70,18 @@ async def create_message(
         except UpstreamError as exc:
             status = exc.status
             raise
+        except ClientGone:
+            return Response(status_code=499)
         finally:
             adm.finish(status, tokens_in, tokens_out)
     try:
-        upstream = await open_stream(adm, "/chat/completions", chat)
+        upstream = await open_stream(adm, "/chat/completions", chat, request)
     except UpstreamError as exc:
         adm.finish(exc.status)
         raise
+    except ClientGone:
+        adm.finish(499)
+        return Response(status_code=499)
     except BaseException:
         adm.finish(499)
         raise
@@ -96,7 +102,7 @@ async def _events(
         async for batch in sse_batches(upstream, adm.gateway.max_answer_bytes):
             out = b""
             for event in batch:
-                if event.startswith(DONE):
+                if is_done(event):
                     state.done = True
                     break
                 data: Any = event_json(event)

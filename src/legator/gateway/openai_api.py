@@ -20,6 +20,7 @@ from legator.gateway.relay import (
     open_stream,
     openai_events,
     stream_response,
+    unless_gone,
 )
 from legator.gateway.service import Admission, ClientGone, Gateway
 
@@ -37,10 +38,20 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
+class _NotJson(ValueError):
+    """NaN, Infinity or -Infinity: Python's json takes them, JSON (and backends) have none."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"request body is not valid JSON: {name} is not a JSON value")
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
+    except _NotJson as exc:
+        raise BadRequest(str(exc)) from None
     except ValueError:
         raise BadRequest("request body is not valid JSON") from None
     except RecursionError:
@@ -60,6 +71,8 @@ def check_common(body: dict[str, Any]) -> tuple[str | None, bool]:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("stream_options: must be an object")
+    if options and not isinstance(options.get("include_usage", False), bool | None):
+        raise BadRequest("stream_options.include_usage: must be true or false")
     return model, stream
 
 
@@ -81,12 +94,15 @@ async def relay_openai(
         return Response(status_code=499)
     path = _PATHS[kind]
     if not stream:
-        return await _one_shot(adm, path, body)
+        return await _one_shot(adm, request, path, body)
     try:
-        upstream = await open_stream(adm, path, body)
+        upstream = await open_stream(adm, path, body, request)
     except UpstreamError as exc:
         adm.finish(exc.status)
         raise
+    except ClientGone:
+        adm.finish(499)
+        return Response(status_code=499)
     except BaseException:
         adm.finish(499)
         raise
@@ -96,16 +112,18 @@ async def relay_openai(
     return stream_response(adm, upstream, content, state)
 
 
-async def _one_shot(adm: Admission, path: str, body: dict[str, Any]) -> Response:
+async def _one_shot(adm: Admission, request: Request, path: str, body: dict[str, Any]) -> Response:
     status, tokens_in, tokens_out = 499, 0, 0
     try:
-        data, raw = await call_upstream(adm, path, body)
+        data, raw = await unless_gone(request, call_upstream(adm, path, body))
         tokens_in, tokens_out = usage_counts(data.get("usage"))
         status = 200
         return Response(raw, media_type="application/json")
     except UpstreamError as exc:
         status = exc.status
         raise
+    except ClientGone:
+        return Response(status_code=499)
     finally:
         adm.finish(status, tokens_in, tokens_out)
 

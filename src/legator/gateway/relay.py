@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -20,11 +21,15 @@ from legator.core.http.protocol import ABORT_EXTENSION
 from legator.core.logging import get_logger
 from legator.gateway.counts import usage_counts
 from legator.gateway.errors import UpstreamError
-from legator.gateway.service import Admission
+from legator.gateway.service import Admission, ClientGone, _wait_disconnect
 
 log = get_logger("legator.gateway.relay")
+T = TypeVar("T")
 
 DONE = b"data: [DONE]"
+# What any event that ends a stream holds, however its fields are written (``data:[DONE]``,
+# after an ``id:`` line): looked for where ``DONE`` alone would miss those.
+DONE_DATA = b"[DONE]"
 USAGE = b'"usage"'
 ERROR = b'"error"'
 # Of an error answer, enough for its message: the rest is not read.
@@ -110,6 +115,23 @@ def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
     raise UpstreamError(f"model {model_id!r} backend failed with HTTP {status}: {message}")
 
 
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client disconnects first: ``work`` is then cancelled,
+    which closes its connection to the backend (so that stops too), and ``ClientGone`` raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
 async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str, Any]:
     data, _raw = await call_upstream(adm, path, body)
     return data
@@ -142,23 +164,36 @@ async def call_upstream(
     return data, raw
 
 
-async def open_stream(adm: Admission, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+async def open_stream(
+    adm: Admission, path: str, body: dict[str, Any], request: Request | None = None
+) -> aiohttp.ClientResponse:
+    """The backend's answer to a stream, once its headers say it is one; ``ClientGone`` when
+    ``request``'s client leaves before those came."""
     registry = adm.gateway.backends
     payload = upstream_body(adm, body)
     payload["stream"] = True
     payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     try:
-        response = await registry.post(adm.backend, path, payload)
+        posting = registry.post(adm.backend, path, payload)
+        response = await (posting if request is None else unless_gone(request, posting))
     except UPSTREAM_ERRORS as exc:
         raise UpstreamError(unreachable(adm, exc)) from None
-    if response.status >= 300:
+    status = response.status
+    events = response.content_type == "text/event-stream"
+    if status >= 300 or not events:
         try:
             raw = await response.content.read(ERROR_BODY_BYTES)
         except UPSTREAM_ERRORS:
             raw = b""
         finally:
             response.release()
-        check_status(response.status, raw, response.reason or "", adm.model.id)
+        check_status(status, raw, response.reason or "", adm.model.id)
+        # An HTML page, or a whole completion from a backend that ignored ``stream``: not
+        # to be relayed as if it were events.
+        raise UpstreamError(
+            f"model {adm.model.id!r} backend answered a stream with {response.content_type}, "
+            "not text/event-stream"
+        )
     return response
 
 
@@ -227,11 +262,21 @@ def event_json(event: bytes) -> Any:
     return None
 
 
+def is_done(event: bytes) -> bool:
+    """Whether ``event`` ends the stream: its data is ``[DONE]``, however it is written."""
+    if event.startswith(DONE):
+        return True
+    if DONE_DATA not in event:
+        return False
+    data = [line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(d[1:] if d.startswith(b" ") else d for d in data).strip() == DONE_DATA
+
+
 def special_start(block: bytes) -> int:
     """Where the first event of ``block`` that may end the stream, report an error or carry a
     usage that is not null begins, or -1. The events before it are content deltas, passed on
     as they came."""
-    cut = block.find(DONE)
+    cut = block.find(DONE_DATA)
     error = block.find(ERROR)
     if error >= 0 and (cut < 0 or error < cut):
         cut = error
@@ -305,7 +350,7 @@ async def openai_events(
             for event in block[start:].split(b"\n\n"):
                 if not event:
                     continue
-                if event.startswith(DONE):
+                if is_done(event):
                     state.done = True
                     out += DONE + b"\n\n"
                     break
