@@ -310,6 +310,28 @@ async def test_closing_a_pool_fails_its_waiters() -> None:
         await pool.acquire("w")
 
 
+async def test_a_pool_made_again_counts_the_leases_still_running_in_the_dropped_one() -> None:
+    scheduler, pool, _ = make_pool()
+    running = await pool.acquire("x")
+    scheduler.drop("m")  # the model deleted (or its backend stopped) while x runs
+    again = scheduler.pool("m", 1)
+    assert again.in_use == 1 and again.try_acquire("y") is None
+    order: list[str] = []
+    task = queue(again, "y", order)
+    await settle()
+    assert order == []
+    running.release()
+    await settle()
+    assert order == ["y"]
+    task.result().release()
+    running.release()  # still idempotent: never frees a slot twice
+    assert again.in_use == 0 and pool.in_use == 0
+    scheduler.drop("m")
+    fresh = scheduler.pool("m", 2)
+    assert fresh.in_use == 0 and fresh.parallel == 2
+    (await fresh.acquire("z")).release()
+
+
 async def test_growing_a_pool_serves_waiters() -> None:
     scheduler, pool, _ = make_pool()
     holder = await pool.acquire("x")

@@ -21,7 +21,7 @@ from legator.core.http.protocol import ABORT_EXTENSION
 from legator.core.logging import get_logger
 from legator.gateway.counts import usage_counts
 from legator.gateway.errors import UpstreamError
-from legator.gateway.service import Admission, ClientGone, _wait_disconnect
+from legator.gateway.service import Admission, ClientGone, wait_disconnect
 
 log = get_logger("legator.gateway.relay")
 T = TypeVar("T")
@@ -119,7 +119,7 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:
     """``work``'s result, unless the client disconnects first: ``work`` is then cancelled,
     which closes its connection to the backend (so that stops too), and ``ClientGone`` raised."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_wait_disconnect(request))
+    gone = asyncio.ensure_future(wait_disconnect(request))
     try:
         await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -294,6 +294,11 @@ class SlotPool:
         self.parallel = parallel
         self._dispatch()
 
+    def reopen(self, parallel: int) -> None:
+        """Serve again after ``close()``, the leases still held counting against ``parallel``."""
+        self._closed = False
+        self.resize(parallel)
+
     def close(self) -> None:
         """Stop serving: every waiter gets PoolClosed; held leases still release normally."""
         self._closed = True
@@ -313,13 +318,20 @@ class Scheduler:
         self.clock = clock or LoopClock()
         self.usage = UsageWindow(self.clock, lambda: self.config.window_minutes * 60)
         self.pools: dict[str, SlotPool] = {}
+        # Dropped pools whose leases were still running at the time: their requests still
+        # occupy the backend, so a pool made again for the model reopens one of these.
+        self._draining: dict[str, SlotPool] = {}
 
     def pool(self, model: str, parallel: int) -> SlotPool:
         pool = self.pools.get(model)
         if pool is None:
-            pool = SlotPool(
-                model, parallel, config=lambda: self.config, usage=self.usage, clock=self.clock
-            )
+            pool = self._draining.pop(model, None)
+            if pool is not None:
+                pool.reopen(parallel)
+            else:
+                pool = SlotPool(
+                    model, parallel, config=lambda: self.config, usage=self.usage, clock=self.clock
+                )
             self.pools[model] = pool
         elif pool.parallel != parallel:
             pool.resize(parallel)
@@ -329,6 +341,8 @@ class Scheduler:
         pool = self.pools.pop(model, None)
         if pool is not None:
             pool.close()
+            self._draining[model] = pool
+        self._draining = {m: p for m, p in self._draining.items() if p.in_use}
 
 
 class VirtualClock:

@@ -99,7 +99,8 @@ class Admission:
         self.gateway.account(self.usage)
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def wait_disconnect(request: Request) -> None:
+    """Returns once ``request``'s client has gone (its body already read)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
@@ -109,7 +110,7 @@ async def _wait_disconnect(request: Request) -> None:
 async def wait_for_slot(acquiring: Awaitable[Lease], request: Request) -> Lease:
     """Wait for a slot, leaving the queue if the client disconnects meanwhile."""
     slot: asyncio.Task[Lease] = asyncio.ensure_future(acquiring)
-    gone = asyncio.ensure_future(_wait_disconnect(request))
+    gone = asyncio.ensure_future(wait_disconnect(request))
     try:
         await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
@@ -197,7 +198,7 @@ class Gateway:
             await self.catalog.reload()
             await self.supervisor.refresh_elsewhere()
         elif part == "settings":
-            await self._load_settings()
+            await self._apply_settings(await self.get_settings())
         elif part == "usage":
             await self._reseed_usage()
         else:
@@ -205,6 +206,14 @@ class Gateway:
 
     async def _load_settings(self) -> None:
         self.scheduler.config = SchedulerConfig(**(await self.get_settings()).model_dump())
+
+    async def _apply_settings(self, settings: SchedulerSettings) -> None:
+        config = SchedulerConfig(**settings.model_dump())
+        grew = config.window_minutes > self.scheduler.config.window_minutes
+        self.scheduler.config = config
+        if grew:
+            # The window kept nothing older than its old length: read that from the database.
+            await self._reseed_usage()
 
     async def _seed_usage(self) -> None:
         self._fill_usage(await self._recent_usage())
@@ -273,7 +282,7 @@ class Gateway:
                 target="gateway:settings",
                 details=updates,
             )
-        self.scheduler.config = SchedulerConfig(**merged.model_dump())
+        await self._apply_settings(merged)
         if self.sync is not None:
             self.sync.changed("settings")
         return merged
@@ -323,16 +332,17 @@ class Gateway:
         try:
             lease = pool.try_acquire(user)
         except PoolClosed as exc:
+            self._refused(usage, 503, time.perf_counter())
             raise ServiceUnavailable(str(exc)) from None
         if lease is None:
-            lease = await self._queue(pool, user, request, usage, principal)
+            lease, model, backend = await self._queue(pool, user, request, usage, principal)
         return Admission(self, model, resolved.category, backend, lease, usage)
 
     async def _queue(
         self, pool: SlotPool, user: str, request: Request, usage: UsageRecord, principal: Principal
-    ) -> Lease:
-        """A slot after waiting for it. A request refused or given up meanwhile leaves a
-        usage row too: those waited longest."""
+    ) -> tuple[Lease, ModelOut, Backend]:
+        """A slot after waiting for it, with the model and backend as they are now. A request
+        refused or given up meanwhile leaves a usage row too: those waited longest."""
         started = time.perf_counter()
         try:
             lease = await wait_for_slot(pool.acquire(user), request)
@@ -340,18 +350,36 @@ class Gateway:
             self._refused(usage, 429, started)
             raise TooManyRequests(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         except PoolClosed as exc:
+            self._refused(usage, 503, started)
             raise ServiceUnavailable(str(exc)) from None
         except ClientGone:
             self._refused(usage, 499, started)
             raise
         try:
-            # A reservation that began while the request waited holds for it as well.
+            # A reservation that began while the request waited holds for it as well, and an
+            # admin's change to the model (disabled, another backend) applies to it too.
             self.reservations.check(principal)
+            model, backend = self._serving(usage.model_id)
         except ServiceUnavailable:
             lease.release()
             self._refused(usage, 503, started)
             raise
-        return lease
+        return lease, model, backend
+
+    def _serving(self, model_id: str) -> tuple[ModelOut, Backend]:
+        """The model as catalogued now and its backend, if both are ready to serve."""
+        model = self.catalog.models.get(model_id)
+        if model is None:
+            raise ServiceUnavailable(f"model {model_id!r} was deleted")
+        if model.state != "ready":
+            raise ServiceUnavailable(f"model {model_id!r} is {model.state}, not ready")
+        try:
+            backend = self.backends.get(model)
+        except LookupError as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        if not backend.ready:
+            raise ServiceUnavailable(f"the backend of model {model_id!r} is not ready")
+        return model, backend
 
     def _refused(self, usage: UsageRecord, status: int, started: float) -> None:
         usage.status = status
