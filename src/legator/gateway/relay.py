@@ -117,19 +117,30 @@ def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
 
 async def unless_gone(request: Request, work: Awaitable[T]) -> T:
     """``work``'s result, unless the client disconnects first: ``work`` is then cancelled,
-    which closes its connection to the backend (so that stops too), and ``ClientGone`` raised."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(wait_disconnect(request))
+    which closes its connection to the backend (so that stops too), and ``ClientGone`` raised.
+
+    ``work`` runs in this task, and one watcher cancels it if the client goes: racing it as a
+    task of its own with ``asyncio.wait`` cost every request a tenth of a millisecond more."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await wait_disconnect(request)
+        gone = True
+        handler.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled for another reason (shutdown): not ours to absorb
+        handler.uncancel()
+        raise ClientGone from None
     finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
+        watcher.cancel()
 
 
 async def call_json(adm: Admission, path: str, body: dict[str, Any]) -> dict[str, Any]:
