@@ -181,6 +181,9 @@ def test_a_task_whose_key_is_revoked_runs_no_further_tool(
         response = client.post(f"/api/v1/probes/{pid}/task", json={"goal": "touch it"})
     assert response.status_code == 401, response.text
     assert not marker.exists() and dispatches(admin) == [] and len(llm.requests) == 2
+    # The two model turns it took are billed to the profile all the same.
+    usage = {row["feature"]: row for row in admin.get("/api/v1/brain/usage").json()}["task"]
+    assert usage["requests"] >= 1 and usage["input_tokens"] >= 2 * 11, usage
     finished = admin.get("/api/v1/audit", params={"action": "brain.task.finished"}).json()
     assert [e["details"]["status"] for e in finished["events"]] == ["unauthorized"]
 

@@ -74,9 +74,12 @@ async def converse(
     timeout_s: float,
     on_token: OnToken | None = None,
     on_step: Any = None,
+    transcript: Transcript | None = None,
 ) -> Transcript:
-    """Run the loop; ``messages`` is extended in place with every assistant and tool turn."""
-    transcript = Transcript()
+    """Run the loop; ``messages`` is extended in place with every assistant and tool turn.
+    ``transcript`` (a new one unless given) fills as the loop goes: a caller that passes its
+    own still knows what was spent when the loop raises."""
+    transcript = Transcript() if transcript is None else transcript
     deadline = time.monotonic() + timeout_s
     toolbox.deadline = deadline
     for number in range(1, max_steps + 1):

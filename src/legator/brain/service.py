@@ -203,9 +203,10 @@ class BrainService:
         async def on_step(step: dict[str, Any]) -> None:
             await self._audit(principal, "brain.task.step", probe_id, {"goal": goal, **step})
 
+        transcript = Transcript()
         async with self.provider("task", config) as provider:
             try:
-                transcript = await converse(
+                await converse(
                     provider,
                     system,
                     messages,
@@ -213,8 +214,10 @@ class BrainService:
                     max_steps=max_steps or self.settings.brain_max_steps,
                     timeout_s=timeout_s or self.settings.brain_task_timeout_s,
                     on_step=on_step,
+                    transcript=transcript,
                 )
             except AppError as exc:  # the credential no longer holds (Toolbox.recheck)
+                await self._account(profile, "task", transcript)  # spent all the same
                 await self._audit(
                     principal,
                     "brain.task.finished",
@@ -280,9 +283,10 @@ class BrainService:
             [*(row.messages or []), {"role": "user", "content": message}], HISTORY_TOKEN_BUDGET
         )
         messages = list(history)
+        transcript = Transcript()
         async with self.provider(feature, config) as provider:
             try:
-                transcript: Transcript = await converse(
+                await converse(
                     provider,
                     system,
                     messages,
@@ -290,8 +294,10 @@ class BrainService:
                     max_steps=self.settings.brain_max_steps,
                     timeout_s=self.settings.brain_task_timeout_s,
                     on_token=on_token,
+                    transcript=transcript,
                 )
             except AppError as exc:  # the credential no longer holds (Toolbox.recheck)
+                await self._account(profile, feature, transcript)  # spent all the same
                 await self._audit(
                     principal,
                     f"brain.{scope}_chat",
