@@ -411,3 +411,47 @@ def test_an_empty_user_turn_is_refused(content: object) -> None:
     }
     with pytest.raises(BadRequest, match=r"messages\.2\.content: must not be empty"):
         messages_to_openai(body)
+
+
+def test_images_in_a_tool_result_follow_the_tool_messages() -> None:
+    png = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    chat = messages_to_openai(
+        base(
+            messages=[
+                {"role": "user", "content": "look"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "t1", "name": "shot", "input": {}},
+                        {"type": "tool_use", "id": "t2", "name": "ls", "input": {}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t1",
+                            "content": [
+                                {"type": "text", "text": "a screenshot"},
+                                {"type": "image", "source": png},
+                            ],
+                        },
+                        {"type": "tool_result", "tool_use_id": "t2", "content": "a.py"},
+                        {"type": "text", "text": "what do you see?"},
+                    ],
+                },
+            ]
+        )
+    )
+    roles = [m["role"] for m in chat["messages"]]
+    assert roles == ["user", "assistant", "tool", "tool", "user"]
+    assert chat["messages"][2]["content"] == "a screenshot"
+    assert chat["messages"][4]["content"] == [
+        {"type": "text", "text": "[images from tool result t1]"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "text", "text": "what do you see?"},
+    ]
+    bad = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "image"}]}
+    with pytest.raises(BadRequest, match=r"messages\.0\.content\.0\.content\.0\.source"):
+        messages_to_openai(base(messages=[{"role": "user", "content": [bad]}]))

@@ -49,6 +49,23 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+def _tool_result(content: Any, where: str) -> tuple[str, list[dict[str, Any]]]:
+    """A tool result's text, and its image blocks as ``image_url`` parts."""
+    if not content or isinstance(content, str):
+        return content or "", []
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}: must be a string or a list of blocks")
+    images = [
+        _image_part(block, f"{where}.{i}")
+        for i, block in enumerate(content)
+        if isinstance(block, dict) and block.get("type") == "image"
+    ]
+    texts = [
+        block for block in content if not (isinstance(block, dict) and block.get("type") == "image")
+    ]
+    return _text_of(texts, where), images
+
+
 def _user_messages(content: Any, where: str) -> list[dict[str, Any]]:
     if not content and isinstance(content, str | list):
         # Dropped, it would turn the assistant turn before it into a prefill.
@@ -68,11 +85,15 @@ def _user_messages(content: Any, where: str) -> list[dict[str, Any]]:
         elif kind == "tool_result":
             if not block.get("tool_use_id"):
                 raise BadRequest(f"{where}.content.{i}.tool_use_id: field required")
-            result = block.get("content", "")
-            text = _text_of(result, f"{where}.content.{i}.content") if result else ""
+            text, images = _tool_result(block.get("content", ""), f"{where}.content.{i}.content")
             if block.get("is_error"):
                 text = f"[error] {text}"
             out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            if images:
+                # A tool message carries text only: its images follow in the user message that
+                # comes after the tool messages, named after the call they came from.
+                label = f"[images from tool result {block['tool_use_id']}]"
+                parts.extend([{"type": "text", "text": label}, *images])
         else:
             raise BadRequest(f"{where}.content.{i}: unsupported block type {kind!r}")
     if parts:
