@@ -69,6 +69,16 @@ def tokens_by_user(rows: list[UsageRecord]) -> dict[str, int]:
     return totals
 
 
+def _refused_for_content(exc: DBAPIError) -> bool:
+    """Whether the database refused the rows for what they hold (SQLSTATE class 22, data
+    exception, or 23, integrity constraint), not for being out of reach. asyncpg's errors
+    of class 22 reach SQLAlchemy as a plain ``DBAPIError``: the SQLSTATE tells."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return isinstance(state, str) and state[:2] in ("22", "23")
+
+
 class UsageRecorder:
     """Rows are appended in memory and written every half second; ``close()`` writes the rest.
     Each ``on_written`` hook sees every batch once it is committed."""
@@ -130,7 +140,10 @@ class UsageRecorder:
                 async with self.db.write() as session:
                     # The table's Core insert: the ORM's bulk path costs a fifth more per row.
                     await session.execute(_INSERT, [vars(r) for r in part])
-            except (DataError, IntegrityError) as exc:
+            except DBAPIError as exc:
+                if not _refused_for_content(exc):
+                    self._pending[:0] = [row for rows in (part, *parts) for row in rows]
+                    raise
                 if len(part) > 1:
                     half = len(part) // 2
                     parts[:0] = [part[:half], part[half:]]
