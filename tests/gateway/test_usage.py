@@ -451,10 +451,10 @@ async def _a_refused_row_is_dropped_alone(url: str) -> None:
 def test_a_row_the_database_refuses_is_dropped_alone(pg_url: str) -> None:
     # SQLite takes any length and any integer; PostgreSQL checks both. Through asyncpg, as
     # the server connects (its class-22 errors are no DataError there), and psycopg.
-    asyncio.run(
-        _a_refused_row_is_dropped_alone(pg_url.replace("postgresql:", "postgresql+asyncpg:"))
-    )
     asyncio.run(_a_refused_row_is_dropped_alone(pg_url))
+    asyncio.run(
+        _a_refused_row_is_dropped_alone(pg_url.replace("postgresql:", "postgresql+psycopg:"))
+    )
 
 
 async def _an_outage_mid_batch_keeps_the_unwritten_rows(path: Path) -> None:

@@ -67,6 +67,11 @@ class Database:
     """One per process. ``session()`` for reads, ``write()`` for a transaction that commits."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
+        scheme, _, rest = url.partition("://")
+        if scheme in ("postgres", "postgresql"):
+            # asyncpg, as the settings choose: SQLAlchemy's default for a bare URL is psycopg,
+            # whose errors and types differ.
+            url = f"postgresql+asyncpg://{rest}"
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.in_memory = self.is_sqlite and url.rstrip("/") in ("sqlite+aiosqlite:", "sqlite:")
