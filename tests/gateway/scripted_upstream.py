@@ -156,6 +156,9 @@ class ScriptedUpstream:
         mode = body.get("model", "echo")
         if mode == "fail500":
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if mode == "ratelimited":
+            error = {"error": {"message": "slow down", "type": "rate_limit_error"}}
+            return JSONResponse(error, status_code=429, headers={"Retry-After": "7"})
         if mode == "redirect":
             location = f"http://127.0.0.1:{self.port}/internal/credentials"
             return Response(status_code=307, headers={"location": location})

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from legator.gateway.relay import _retry_after
 from tests.gateway.conftest import register, usage_statuses
 from tests.gateway.scripted_upstream import ScriptedUpstream
 from tests.support import LiveServer
@@ -123,3 +124,31 @@ def test_include_usage_must_be_a_boolean(gw: LiveServer, upstream: ScriptedUpstr
         assert answer.status_code == 200
         assert '"usage": {' not in answer.text  # the usage chunk it did not ask for is dropped
     assert usage_statuses(gw, "echo") == [200]
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_rate_limited_backend_is_a_429_with_its_retry_after(
+    gw: LiveServer, admin: httpx.Client, upstream: ScriptedUpstream, path: str, stream: bool
+) -> None:
+    register(admin, "ratelimited", upstream.url, upstream_model="ratelimited")
+    with gw.client(gw.admin_key) as client:
+        response = client.post(path, json=_body(path, "ratelimited", stream))
+    assert response.status_code == 429, response.text
+    assert response.headers["retry-after"] == "7"
+    error = response.json()["error"]
+    assert error["type"] == "rate_limit_error" and "slow down" in error["message"]
+    assert usage_statuses(gw, "ratelimited") == [429]
+
+
+def test_a_backends_retry_after_is_bounded() -> None:
+    assert [
+        _retry_after(v) for v in (None, "", "0", "7", "99999", "Wed, 21 Oct 2026 07:28:00 GMT")
+    ] == [
+        "1",
+        "1",
+        "1",
+        "7",
+        "3600",
+        "1",
+    ]

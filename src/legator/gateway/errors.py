@@ -73,15 +73,18 @@ def anthropic_formatter(
 
 
 class UpstreamError(AppError):
-    """The backend failed (connection refused, 5xx, garbage): the client gets 502."""
+    """The backend failed (connection refused, 5xx, garbage): the client gets 502; or it
+    refused the request (400) or is rate limited (429, with its ``Retry-After``)."""
 
     status_code = 502
     code = "bad_gateway"
 
-    def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, status: int = 502, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, headers=headers)
         self.status_code = status
-        self.code = "bad_gateway" if status == 502 else "bad_request"
+        self.code = {502: "bad_gateway", 429: "rate_limit_exceeded"}.get(status, "bad_request")
 
     @property
     def status(self) -> int:

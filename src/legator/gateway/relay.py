@@ -99,7 +99,15 @@ def _upstream_message(raw: bytes, reason: str) -> str:
     return str(data)[:500]
 
 
-def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
+def _retry_after(value: str | None) -> str:
+    """A backend's Retry-After as whole seconds, 1 to 3600 (1 when absent or a date)."""
+    seconds = int(value) if value and value.strip().isdigit() else 1
+    return str(min(max(seconds, 1), 3600))
+
+
+def check_status(
+    status: int, raw: bytes, reason: str, model_id: str, retry_after: str | None = None
+) -> None:
     if status < 300:
         return
     if status < 400:
@@ -112,6 +120,14 @@ def check_status(status: int, raw: bytes, reason: str, model_id: str) -> None:
         # The backend refused the request itself (too long a prompt, bad field): the
         # client's to fix, so it is theirs as a 400.
         raise UpstreamError(f"model {model_id!r} rejected the request: {message}", 400)
+    if status == 429:
+        # Rate limited (a hosted backend): the client may back off and retry, as it would
+        # with the backend itself.
+        raise UpstreamError(
+            f"model {model_id!r} backend is rate limited: {message}",
+            429,
+            headers={"Retry-After": _retry_after(retry_after)},
+        )
     raise UpstreamError(f"model {model_id!r} backend failed with HTTP {status}: {message}")
 
 
@@ -157,13 +173,14 @@ async def call_upstream(
     try:
         async with await registry.post(adm.backend, path, upstream_body(adm, body)) as response:
             status, reason = response.status, response.reason or ""
+            retry_after = response.headers.get("Retry-After")
             if status < 300:
                 raw = await read_capped(response, adm.gateway.max_answer_bytes)
             else:
                 raw = await response.content.read(ERROR_BODY_BYTES)
     except UPSTREAM_ERRORS as exc:
         raise UpstreamError(unreachable(adm, exc)) from None
-    check_status(status, raw, reason, adm.model.id)
+    check_status(status, raw, reason, adm.model.id, retry_after)
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):  # a backend's JSON can be nested past the stack
@@ -198,7 +215,9 @@ async def open_stream(
             raw = b""
         finally:
             response.release()
-        check_status(status, raw, response.reason or "", adm.model.id)
+        check_status(
+            status, raw, response.reason or "", adm.model.id, response.headers.get("Retry-After")
+        )
         # An HTML page, or a whole completion from a backend that ignored ``stream``: not
         # to be relayed as if it were events.
         raise UpstreamError(
