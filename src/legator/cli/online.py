@@ -21,7 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from legator.cli.common import EXIT_CONFLICT, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, fail
-from legator.deploy.client import not_json, unreachable
+from legator.deploy.client import error_message, not_json, unreachable
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 KEY_ENV = "LEGATOR_API_KEY"
@@ -70,15 +70,6 @@ def client(server: str) -> Iterator[httpx.Client]:
             yield http
     except httpx.HTTPError as exc:
         fail(unreachable(server, exc))
-
-
-def error_message(response: httpx.Response) -> str:
-    """The server's message for an error response, or what the answer was instead."""
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        text = " ".join(response.text.split())
-        return text[:300] if text and not text.startswith("<") else not_json(response)
 
 
 def check(response: httpx.Response) -> Any:

@@ -76,6 +76,15 @@ def not_json(response: httpx.Response, expected: str = "JSON") -> str:
     return f"{origin(response.request.url)} did not answer with {expected} ({what})"
 
 
+def error_message(response: httpx.Response) -> str:
+    """The API's message for an error response, or what the answer was instead."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        text = " ".join(response.text.split())
+        return text[:300] if text and not text.startswith("<") else not_json(response)
+
+
 def json_of(response: httpx.Response) -> Any:
     """The JSON body of a response; ``ControlPlaneError`` when it is not JSON."""
     if response.is_redirect:
@@ -177,11 +186,7 @@ def _raise_for(response: httpx.Response) -> None:
     and 403, ``RemoteNotFound`` for 404, …), with the server's message."""
     if response.status_code < 400:
         return
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        text = " ".join(response.text.split())
-        message = text[:300] if text and not text.startswith("<") else not_json(response)
+    message = error_message(response)
     error = _ERROR_FOR_STATUS.get(response.status_code, ControlPlaneError)
     raise error(
         f"{response.request.method} {response.url.path}: {response.status_code} {message}",
