@@ -10,6 +10,7 @@ server shut down). Chat shows the model fleet data, so it needs ``fleet:read`` a
 from __future__ import annotations
 
 import json
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -254,6 +255,54 @@ def test_a_socket_that_goes_away_cancels_its_pending_approval(
     assert late.status_code == 409, late.text
     time.sleep(1)
     assert victim.exists() and dispatches(admin) == []
+
+
+def post_and_hang_up(server: LiveServer, path: str, body: dict[str, Any]) -> socket.socket:
+    """A POST sent on a raw connection, left unanswered until the caller closes it."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: legator\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {server.admin_key}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    connection.sendall(head.encode() + data)
+    return connection
+
+
+@pytest.mark.parametrize("provider", ["openai"])
+@pytest.mark.parametrize("kind", ["task", "chat"])
+def test_a_rest_conversation_whose_client_goes_away_ends_and_cancels_its_approval(
+    fleet_server: LiveServer,
+    admin: httpx.Client,
+    spawn_probe,  # type: ignore[no-untyped-def]
+    llm: ScriptedLLM,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    pid = spawn_probe(f"rest-gone-{kind}", max_level="remediate", policy="full-remediate").probe_id
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    llm.script = [rm_rf(pid, victim), {"text": "ok"}]
+    body = {"goal": "clean up"} if kind == "task" else {"message": "clean up"}
+    connection = post_and_hang_up(fleet_server, f"/api/v1/probes/{pid}/{kind}", body)
+    approval = pending_approval(admin)
+    connection.close()
+    # Gone, well before LEGATOR_BRAIN_APPROVAL_WAIT_S (900 s): nobody waits for it any more.
+    wait_for(
+        lambda: admin.get(f"/api/v1/approvals/{approval['id']}").json()["status"] == "cancelled",
+        timeout=15,
+    )
+    action = "brain.task.finished" if kind == "task" else "brain.probe_chat"
+    ended = wait_for(
+        lambda: admin.get("/api/v1/audit", params={"action": action}).json()["events"],
+        timeout=15,
+    )
+    assert [e["details"]["status"] for e in ended] == ["cancelled"]
+    # The model turn it took is billed all the same.
+    feature = "task" if kind == "task" else "probe_chat"
+    usage = {row["feature"]: row for row in admin.get("/api/v1/brain/usage").json()}
+    assert usage[feature]["input_tokens"] > 0, usage
+    assert victim.exists() and dispatches(admin) == [] and len(llm.requests) == 1
 
 
 def test_a_socket_closed_at_once_leaves_no_pending_approval(

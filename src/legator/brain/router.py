@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
@@ -27,6 +28,7 @@ from legator.core.auth.principal import Principal
 from legator.core.db.base import utcnow
 from legator.core.errors import AppError, Forbidden, Unauthorized
 from legator.core.http.deps import _same_origin, authenticate, cross_site, require
+from legator.core.http.disconnect import ClientGone, unless_gone
 
 # An open chat socket's credential is authenticated again before every message and tool
 # call, and at least this often while the socket idles or a conversation waits (an approval).
@@ -53,33 +55,50 @@ async def reauthenticate(conn: HTTPConnection) -> Principal:
     return principal
 
 
-@router.post("/probes/{probe_id}/task")
+async def until_gone(
+    request: Request, conversation: Awaitable[dict[str, Any]]
+) -> dict[str, Any] | Response:
+    """A conversation's result; the conversation is cancelled if its client disconnects
+    first (it stops where it is, bills what the model spent and is audited as cancelled)."""
+    try:
+        return await unless_gone(request, conversation)
+    except ClientGone:
+        return Response(status_code=499)
+
+
+@router.post("/probes/{probe_id}/task", response_model=None)
 async def run_task(
     probe_id: str, body: TaskIn, request: Request, principal: Principal = require(P.FLEET_COMMAND)
-) -> dict[str, Any]:
+) -> dict[str, Any] | Response:
     """Run an agent loop towards ``goal`` on one probe; returns the transcript. Commands pass
     the gate; one that needs approval holds the task until it is decided."""
-    return await brain_of(request).run_task(
-        principal,
-        probe_id,
-        body.goal,
-        max_steps=body.max_steps,
-        timeout_s=body.timeout_s,
-        recheck=partial(reauthenticate, request),
+    return await until_gone(
+        request,
+        brain_of(request).run_task(
+            principal,
+            probe_id,
+            body.goal,
+            max_steps=body.max_steps,
+            timeout_s=body.timeout_s,
+            recheck=partial(reauthenticate, request),
+        ),
     )
 
 
-@router.post("/probes/{probe_id}/chat")
+@router.post("/probes/{probe_id}/chat", response_model=None)
 async def probe_chat(
     probe_id: str, body: ChatIn, request: Request, principal: Principal = require(P.FLEET_COMMAND)
-) -> dict[str, Any]:
+) -> dict[str, Any] | Response:
     """One message in a persistent per-probe conversation (omit ``session_id`` to start)."""
-    return await brain_of(request).probe_chat(
-        principal,
-        probe_id,
-        body.message,
-        body.session_id,
-        recheck=partial(reauthenticate, request),
+    return await until_gone(
+        request,
+        brain_of(request).probe_chat(
+            principal,
+            probe_id,
+            body.message,
+            body.session_id,
+            recheck=partial(reauthenticate, request),
+        ),
     )
 
 
@@ -100,18 +119,21 @@ async def probe_chat_sessions(
     ]
 
 
-@router.post("/fleet/chat")
+@router.post("/fleet/chat", response_model=None)
 async def fleet_chat(
     body: FleetChatIn, request: Request, principal: Principal = require(P.FLEET_COMMAND)
-) -> dict[str, Any]:
+) -> dict[str, Any] | Response:
     """Chat about a probe, a tag or the whole fleet; commands on a tag are one fan-out."""
-    return await brain_of(request).fleet_chat(
-        principal,
-        body.message,
-        probe=body.probe,
-        tag=body.tag,
-        session_id=body.session_id,
-        recheck=partial(reauthenticate, request),
+    return await until_gone(
+        request,
+        brain_of(request).fleet_chat(
+            principal,
+            body.message,
+            probe=body.probe,
+            tag=body.tag,
+            session_id=body.session_id,
+            recheck=partial(reauthenticate, request),
+        ),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -37,6 +38,7 @@ SYSTEM = (
 
 HISTORY_TOKEN_BUDGET = 6000
 
+
 # What a conversation needs: it runs commands (``fleet:command``, the routes' permission) and
 # shows the model fleet data, the probe's inventory, health, policy and recent commands, and
 # the read tools (``fleet:read``, what those views need over REST and MCP).
@@ -68,6 +70,14 @@ def trim_history(messages: list[dict[str, Any]], budget: int) -> list[dict[str, 
         while start < last_user and kept[start]["role"] != "user":
             start += 1
     return kept[start:]
+
+
+def ended_from_outside(exc: BaseException) -> dict[str, str]:
+    """How a conversation ended from outside, for its audit record: its credential no longer
+    held (``Toolbox.recheck``), or it was cancelled (its client gone, the server stopping)."""
+    if isinstance(exc, AppError):
+        return {"status": "unauthorized", "error": exc.message}
+    return {"status": "cancelled", "error": "the caller went away, or the server stopped"}
 
 
 class BrainService:
@@ -216,13 +226,13 @@ class BrainService:
                     on_step=on_step,
                     transcript=transcript,
                 )
-            except AppError as exc:  # the credential no longer holds (Toolbox.recheck)
+            except (AppError, asyncio.CancelledError) as exc:
                 await self._account(profile, "task", transcript)  # spent all the same
                 await self._audit(
                     principal,
                     "brain.task.finished",
                     probe_id,
-                    {"goal": goal, "status": "unauthorized", "error": exc.message},
+                    {"goal": goal, **ended_from_outside(exc)},
                 )
                 raise
         await self._account(profile, "task", transcript)
@@ -296,13 +306,15 @@ class BrainService:
                     on_token=on_token,
                     transcript=transcript,
                 )
-            except AppError as exc:  # the credential no longer holds (Toolbox.recheck)
-                await self._account(profile, feature, transcript)  # spent all the same
+            except (AppError, asyncio.CancelledError) as exc:
+                # Spent all the same. The session is left as it was: a turn cancelled between
+                # a tool call and its result would leave a history no model accepts.
+                await self._account(profile, feature, transcript)
                 await self._audit(
                     principal,
                     f"brain.{scope}_chat",
                     target,
-                    {"session": row.id, "status": "unauthorized", "error": exc.message},
+                    {"session": row.id, **ended_from_outside(exc)},
                 )
                 raise
         await self._account(profile, feature, transcript)

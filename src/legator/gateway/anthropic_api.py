@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.http.deps import require
+from legator.core.http.disconnect import ClientGone, unless_gone
 from legator.gateway.errors import UpstreamError
 from legator.gateway.openai_api import check_common, gateway_of, read_json
 from legator.gateway.relay import (
@@ -25,9 +26,8 @@ from legator.gateway.relay import (
     reported,
     sse_batches,
     stream_response,
-    unless_gone,
 )
-from legator.gateway.service import Admission, ClientGone
+from legator.gateway.service import Admission
 from legator.gateway.translate import (
     StreamTranslator,
     UnexpectedAnswer,

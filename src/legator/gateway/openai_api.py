@@ -12,6 +12,7 @@ from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.errors import BadRequest
 from legator.core.http.deps import require
+from legator.core.http.disconnect import ClientGone, unless_gone
 from legator.gateway.counts import usage_counts
 from legator.gateway.errors import UpstreamError
 from legator.gateway.relay import (
@@ -20,9 +21,8 @@ from legator.gateway.relay import (
     open_stream,
     openai_events,
     stream_response,
-    unless_gone,
 )
-from legator.gateway.service import Admission, ClientGone, Gateway
+from legator.gateway.service import Admission, Gateway
 
 router = APIRouter(prefix="/v1", tags=["inference (OpenAI)"])
 INFER = require(Permission.GATEWAY_INFER)

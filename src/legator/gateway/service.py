@@ -18,6 +18,7 @@ from starlette.requests import Request
 from legator.core.auth.principal import Principal
 from legator.core.db import retention
 from legator.core.errors import ServiceUnavailable, TooManyRequests
+from legator.core.http.disconnect import ClientGone, wait_disconnect
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
 from legator.core.security import constant_time_equal, hmac_sha256_hex
@@ -68,10 +69,6 @@ class ForwardToReplica(Exception):
         self.model_id, self.replica, self.url = model_id, replica, url
 
 
-class ClientGone(Exception):
-    """The client disconnected while its request waited for a slot."""
-
-
 @dataclass
 class Admission:
     """One admitted request: its model, backend and slot, and what it will be billed."""
@@ -97,14 +94,6 @@ class Admission:
         self.usage.latency_ms = int((time.perf_counter() - self.started) * 1000)
         self.usage.queued_ms = int(self.lease.queued_s * 1000)
         self.gateway.account(self.usage)
-
-
-async def wait_disconnect(request: Request) -> None:
-    """Returns once ``request``'s client has gone (its body already read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def wait_for_slot(acquiring: Awaitable[Lease], request: Request) -> Lease:
