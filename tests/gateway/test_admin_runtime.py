@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from legator.core.db import utcnow
 from legator.gateway.models import GatewaySetting, GatewayUsage
@@ -111,13 +112,14 @@ def depth(gw: LiveServer, model: str) -> int:
 
 
 def one_running_one_queued(
-    gw: LiveServer, calls: ThreadPoolExecutor, gated: GatedUpstream, model: str
+    gw: LiveServer, calls: ThreadPoolExecutor, gated: GatedUpstream, model: str, pool: str = ""
 ) -> tuple[Future[httpx.Response], Future[httpx.Response]]:
-    """A request held by ``gated`` and one queued behind it (``model`` has one slot)."""
+    """A request held by ``gated`` and one queued behind it (``model`` has one slot; a
+    category's name as ``model`` queues on the ``pool`` of the model it resolves to)."""
     running = calls.submit(chat, gw, model, "running")
     eventually(lambda: gated.active, 1)
     queued = calls.submit(chat, gw, model, "queued")
-    eventually(lambda: depth(gw, model), 1)
+    eventually(lambda: depth(gw, pool or model), 1)
     return running, queued
 
 
@@ -175,6 +177,72 @@ def test_requests_dropped_from_a_deleted_models_queue_leave_a_row(
     gated.gate.set()
     assert running.result().status_code == 200
     assert usage_statuses(gw, "doomed") == [200, 503]
+
+
+def category_of_two(admin: httpx.Client, gated: GatedUpstream, upstream: ScriptedUpstream) -> None:
+    """Category ``pair``: ``first`` (gated, one slot) preferred, ``second`` (echo) beside it."""
+    assert admin.post("/api/v1/gateway/categories", json={"name": "pair"}).status_code == 201
+    register(admin, "first", gated.url, categories=["pair"])
+    register(admin, "second", upstream.url, upstream_model="echo", categories=["pair"])
+    preferred = admin.patch("/api/v1/gateway/categories/pair", json={"preferred_model": "first"})
+    assert preferred.status_code == 200, preferred.text
+
+
+def usage_rows(gw: LiveServer) -> list[tuple[str, str | None, int]]:
+    gw.call(gateway(gw).recorder.flush())
+
+    async def read() -> list[tuple[str, str | None, int]]:
+        async with gw.core.db.session() as session:  # type: ignore[union-attr]
+            query = select(GatewayUsage.model_id, GatewayUsage.category, GatewayUsage.status)
+            return sorted(tuple(row) for row in (await session.execute(query)).all())
+
+    return gw.call(read())
+
+
+@pytest.mark.parametrize("change", ["disable", "delete"])
+def test_a_request_queued_through_a_category_goes_to_another_of_its_models(
+    gw: LiveServer,
+    admin: httpx.Client,
+    gated: GatedUpstream,
+    upstream: ScriptedUpstream,
+    calls: ThreadPoolExecutor,
+    change: str,
+) -> None:
+    category_of_two(admin, gated, upstream)
+    running, queued = one_running_one_queued(gw, calls, gated, "pair", pool="first")
+    if change == "disable":
+        changed = admin.patch("/api/v1/gateway/models/first", json={"state": "disabled"})
+        assert changed.status_code == 200, changed.text
+        gated.gate.set()
+    else:
+        assert admin.delete("/api/v1/gateway/models/first").status_code == 204
+    served = queued.result()
+    assert served.status_code == 200, served.text
+    assert served.json()["choices"][0]["message"]["content"] == "echo: queued"
+    gated.gate.set()
+    assert running.result().status_code == 200
+    assert [b["messages"][0]["content"] for b in gated.bodies] == ["running"]
+    assert usage_rows(gw) == [("first", "pair", 200), ("second", "pair", 200)]
+    assert gateway(gw).scheduler.pools["second"].in_use == 0
+
+
+def test_a_request_queued_through_a_category_with_no_other_model_ready_is_refused(
+    gw: LiveServer,
+    admin: httpx.Client,
+    gated: GatedUpstream,
+    upstream: ScriptedUpstream,
+    calls: ThreadPoolExecutor,
+) -> None:
+    category_of_two(admin, gated, upstream)
+    assert admin.patch("/api/v1/gateway/models/second", json={"state": "disabled"}).is_success
+    running, queued = one_running_one_queued(gw, calls, gated, "pair", pool="first")
+    assert admin.patch("/api/v1/gateway/models/first", json={"state": "disabled"}).is_success
+    gated.gate.set()
+    refused = queued.result()
+    assert refused.status_code == 503, refused.text
+    assert "no model of category 'pair' is ready" in refused.text
+    assert running.result().status_code == 200
+    assert usage_rows(gw) == [("first", "pair", 200), ("first", "pair", 503)]
 
 
 def test_a_model_recreated_while_a_request_runs_keeps_its_slot_count(

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from legator.core.auth.principal import Principal
 from legator.core.db import retention
-from legator.core.errors import ServiceUnavailable, TooManyRequests
+from legator.core.errors import AppError, ServiceUnavailable, TooManyRequests
 from legator.core.http.disconnect import ClientGone, wait_disconnect
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
@@ -324,36 +324,81 @@ class Gateway:
             self._refused(usage, 503, time.perf_counter())
             raise ServiceUnavailable(str(exc)) from None
         if lease is None:
-            lease, model, backend = await self._queue(pool, user, request, usage, principal)
+            lease, model, backend = await self._queue(
+                pool, user, request, usage, principal, requested
+            )
         return Admission(self, model, resolved.category, backend, lease, usage)
 
     async def _queue(
-        self, pool: SlotPool, user: str, request: Request, usage: UsageRecord, principal: Principal
+        self,
+        pool: SlotPool,
+        user: str,
+        request: Request,
+        usage: UsageRecord,
+        principal: Principal,
+        requested: str | None,
     ) -> tuple[Lease, ModelOut, Backend]:
         """A slot after waiting for it, with the model and backend as they are now. A request
-        refused or given up meanwhile leaves a usage row too: those waited longest."""
+        refused or given up meanwhile leaves a usage row too: those waited longest.
+
+        A request that came through a category and whose model stopped serving while it
+        waited (disabled, deleted, its backend down) waits once more, for another model of
+        the category, within what is left of ``queue_timeout_s``."""
         started = time.perf_counter()
-        try:
-            lease = await wait_for_slot(pool.acquire(user), request)
-        except (QueueFull, QueueTimeout) as exc:
-            self._refused(usage, 429, started)
-            raise TooManyRequests(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-        except PoolClosed as exc:
-            self._refused(usage, 503, started)
-            raise ServiceUnavailable(str(exc)) from None
-        except ClientGone:
-            self._refused(usage, 499, started)
-            raise
-        try:
-            # A reservation that began while the request waited holds for it as well, and an
-            # admin's change to the model (disabled, another backend) applies to it too.
-            self.reservations.check(principal)
-            model, backend = self._serving(usage.model_id)
-        except ServiceUnavailable:
-            lease.release()
-            self._refused(usage, 503, started)
-            raise
-        return lease, model, backend
+        rerouted = False
+        while True:
+            # A second wait has what is left of the first's limit.
+            left = self.scheduler.config.queue_timeout_s - (time.perf_counter() - started)
+            max_wait = max(left, 0.0) if rerouted else None
+            try:
+                lease = await wait_for_slot(pool.acquire(user, max_wait=max_wait), request)
+            except (QueueFull, QueueTimeout) as exc:
+                self._refused(usage, 429, started)
+                headers = {"Retry-After": str(exc.retry_after)}
+                raise TooManyRequests(str(exc), headers=headers) from None
+            except ClientGone:
+                self._refused(usage, 499, started)
+                raise
+            except PoolClosed as exc:
+                unserved = ServiceUnavailable(str(exc))
+            else:
+                try:
+                    # A reservation that began while the request waited holds for it as well.
+                    self.reservations.check(principal)
+                except ServiceUnavailable:
+                    lease.release()
+                    self._refused(usage, 503, started)
+                    raise
+                try:
+                    # So does an admin's change to the model (disabled, another backend).
+                    model, backend = self._serving(usage.model_id)
+                except ServiceUnavailable as exc:
+                    lease.release()
+                    unserved = exc
+                else:
+                    if rerouted:
+                        lease.queued_s = time.perf_counter() - started
+                    return lease, model, backend
+            if rerouted or usage.category is None:
+                self._refused(usage, 503, started)
+                raise unserved
+            rerouted = True
+            try:
+                model = self._instead(principal, requested, usage.model_id)
+            except AppError as exc:
+                self._refused(usage, exc.status_code, started)
+                raise
+            usage.model_id = model.id
+            pool = self.scheduler.pool(model.id, model.parallel)
+
+    def _instead(self, principal: Principal, requested: str | None, model_id: str) -> ModelOut:
+        """The category's model that serves a request instead of ``model_id``, which stopped
+        serving while the request waited: resolved again, as a new request would be."""
+        model = self.catalog.resolve(principal, requested).model
+        if model.id == model_id or self.served_by(model.id) is not None:
+            raise ServiceUnavailable(f"model {model_id!r} stopped serving and no other is ready")
+        self._serving(model.id)
+        return model
 
     def _serving(self, model_id: str) -> tuple[ModelOut, Backend]:
         """The model as catalogued now and its backend, if both are ready to serve."""
