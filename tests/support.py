@@ -147,6 +147,15 @@ def run_cli(
     )
 
 
+def one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The one ``error: …`` line a CLI printed on failing with ``code``, no traceback."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "╭" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
 class ServerProcess:
     """`legator serve` as a separate process, the way an operator runs it."""
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from legator.cli import common
 from tests.fake_proxy import closed_url, fake_proxy
-from tests.support import LiveServer, live_server, run_cli
+from tests.support import LiveServer, live_server, one_line_error, run_cli
 
 KEY = {"LEGATOR_API_KEY": "lgk_" + "0" * 64}
 
@@ -27,14 +27,6 @@ COMMANDS = [
     ("backends", "logs", "m"),
     ("approvals", "list"),
 ]
-
-
-def one_line_error(result, code: int = 1) -> str:  # type: ignore[no-untyped-def]
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and "╭" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return str(lines[0])
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))

@@ -11,7 +11,7 @@ import pytest
 
 from legator.deploy.client import Login, save_login
 from tests.fake_proxy import closed_url, fake_proxy
-from tests.support import LiveServer, live_server, run_cli
+from tests.support import LiveServer, live_server, one_line_error, run_cli
 
 
 @pytest.fixture
@@ -43,14 +43,6 @@ def log_in(env: dict[str, str], server: str, token: str = "lgk_" + "0" * 64) -> 
 
 def leger(env: dict[str, str], *args: str):  # type: ignore[no-untyped-def]
     return run_cli("leger", *args, env=env)
-
-
-def one_line_error(result, code: int) -> str:  # type: ignore[no-untyped-def]
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and "╭" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return str(lines[0])
 
 
 PULLS = [("config", "pull"), ("deploy", "install", "--dry-run")]
