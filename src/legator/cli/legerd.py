@@ -19,6 +19,7 @@ from legator.secrets.server import (
     DEFAULT_TAILSCALE_SOCKET,
     ConfigProblem,
     LegerdConfig,
+    rotation_lock,
     serve,
 )
 from legator.secrets.store import SecretStore
@@ -118,33 +119,34 @@ def rotate_kek(
     if new_key_file is not None and not new_key_file.is_file():
         fail(f"--new-key-file {new_key_file}: no such file", EXIT_USAGE)
     try:
-        old = load_kek(config.key_file, create=False)
-        # Where `legerd serve` will look for the key: replaced here, or by the operator.
-        in_key_file = old.source == str(config.key_file)
-        if new_key_file is None and not in_key_file:
-            fail(
-                f"the current key comes from {old.source}; give --new-key-file and "
-                "install that key there yourself"
-            )
-        if new_key_file is not None:
-            new = load_key_file(new_key_file, create=False)  # refuses one others can read
-        else:
-            new = Kek(generate_key(), str(config.key_file))
-        if new.key_id == old.key_id:
-            fail("the new key is the same as the current one")
-        store = SecretStore(config.db_path, old)
-        try:
-            # Each step commits before the next, and the store opens with the key file as
-            # it is after any of them: (1) the data key is wrapped under both keys; (2) the
-            # key file is replaced atomically (a new 0600 file renamed over it); (3) only
-            # then is the old key's wrapping dropped.
-            store.add_kek(new, old)
-            if in_key_file:
-                write_key_file(config.key_file, new.key)
-            store.drop_other_keks(new)
-        finally:
-            store.close()
-        checked = SecretStore(config.db_path, new).verify_all()
+        with rotation_lock(config):
+            old = load_kek(config.key_file, create=False)
+            # Where `legerd serve` will look for the key: replaced here, or by the operator.
+            in_key_file = old.source == str(config.key_file)
+            if new_key_file is None and not in_key_file:
+                fail(
+                    f"the current key comes from {old.source}; give --new-key-file and "
+                    "install that key there yourself"
+                )
+            if new_key_file is not None:
+                new = load_key_file(new_key_file, create=False)  # refuses one others can read
+            else:
+                new = Kek(generate_key(), str(config.key_file))
+            if new.key_id == old.key_id:
+                fail("the new key is the same as the current one")
+            store = SecretStore(config.db_path, old)
+            try:
+                # Each step commits before the next, and the store opens with the key file as
+                # it is after any of them: (1) the data key is wrapped under both keys; (2) the
+                # key file is replaced atomically (a new 0600 file renamed over it); (3) only
+                # then is the old key's wrapping dropped.
+                store.add_kek(new, old)
+                if in_key_file:
+                    write_key_file(config.key_file, new.key)
+                store.drop_other_keks(new)
+            finally:
+                store.close()
+            checked = SecretStore(config.db_path, new).verify_all()
     except SecretsError as exc:
         fail(exc.message)
     except OSError as exc:

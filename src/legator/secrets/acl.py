@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,8 +28,10 @@ ALL_ACTIONS = frozenset(Action)
 
 def _compile(pattern: str) -> re.Pattern[str]:
     # Only ``*`` is special (any run of characters, ``/`` included), as in setec; fnmatch
-    # would also give meaning to ``?`` and ``[``, which are legal in secret names.
-    return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$")
+    # would also give meaning to ``?`` and ``[``, which are legal in secret names. \Z, not $,
+    # which also matches before a final newline (Go's $, setec's, does not).
+    body = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.compile(r"\A" + body + r"\Z")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,13 @@ def parse_grant(entry: Any, where: str) -> Rule:
     return Rule.build(actions, secrets)
 
 
+def refuse_if_others_may_write(path: Path) -> None:
+    """The policy grants access to secrets: whoever may rewrite it may grant themselves any."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o022:
+        raise AclError(f"{path}: writable by others (mode {mode:o}); chmod go-w it")
+
+
 @dataclass(frozen=True)
 class PolicyEntry:
     principals: tuple[re.Pattern[str], ...]
@@ -94,6 +104,7 @@ class Policy:
         if path is None:
             return cls()
         try:
+            refuse_if_others_may_write(path)
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise AclError(f"{path}: no such file") from None

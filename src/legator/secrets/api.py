@@ -38,6 +38,7 @@ from legator.secrets.identity import (
     caller_from_whois,
     is_loopback,
     unix_caller,
+    unmapped,
 )
 from legator.secrets.service import SecretsService
 from legator.secrets.wire import (
@@ -110,7 +111,7 @@ class Identifier:
         client = request.scope.get("client")
         if not client:
             raise IdentityError("caller has no address and no peer credentials")
-        host, port = client[0], client[1]
+        host, port = unmapped(client[0]), client[1]
         if self.dev and is_loopback(host):
             return DEV_CALLER
         if self.whois is None:
@@ -237,8 +238,10 @@ def create_legerd_app(
             body = json.loads(await read_body(request))
         except BodyTooLarge:
             return text_error(400, "bad request: body larger than 2 MiB")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
             return text_error(400, "bad request")
+        if body is None:
+            body = {}  # as Go decodes null into a request struct: setec documents it for list
         if not isinstance(body, dict):
             return text_error(400, "bad request")
         try:

@@ -55,7 +55,19 @@ def generate_key() -> bytes:
 
 
 def write_key_file(path: Path, key: bytes) -> None:
+    """Replace ``path`` with ``key`` (0600), the rename itself on disk when this returns: key
+    rotation drops the old key's wrapping next, and a key file that came back as the old key
+    after a crash would open nothing."""
     write_private_file(path, key.hex() + "\n")
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_kek(key_file: Path, *, create: bool = True) -> Kek:

@@ -68,7 +68,7 @@ def unix_caller(cred: PeerCred, policy: Policy) -> Caller:
     if cred.uid == 0:
         return Caller(f"unix:{username}", principals, (ALLOW_ALL,), "unix")
     # Escaped, not a pattern: a '*' in a user name must not widen the namespace.
-    own = Rule(ALL_ACTIONS, (re.compile("^" + re.escape(f"leger/{username}/") + ".*$"),))
+    own = Rule(ALL_ACTIONS, (re.compile(r"\A" + re.escape(f"leger/{username}/") + r".*\Z"),))
     return Caller(f"unix:{username}", principals, (own, *policy.rules_for(principals)), "unix")
 
 
@@ -77,6 +77,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def unmapped(host: str) -> str:
+    """The peer's address as tailscaled knows it: an IPv4 caller of a dual-stack (``[::]``)
+    listener arrives as ``::ffff:a.b.c.d``, which whois does not match."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else host
 
 
 def caller_from_whois(who: dict[str, Any], policy: Policy) -> Caller:

@@ -4,10 +4,13 @@ one uvicorn server, and hand each unix-socket request the peer's credentials."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from legator.secrets.acl import AclError, Policy
 from legator.secrets.api import PEER_STATE_KEY, Identifier, create_legerd_app
 from legator.secrets.audit import AuditLog
 from legator.secrets.crypto import load_kek
+from legator.secrets.errors import KekError
 from legator.secrets.identity import is_loopback, peer_credentials
 from legator.secrets.service import SecretsService
 from legator.secrets.store import SecretStore
@@ -72,6 +76,25 @@ class LegerdConfig:
         return self.state_dir / "audit.log"
 
 
+@contextmanager
+def rotation_lock(config: LegerdConfig) -> Iterator[None]:
+    """Held for a whole ``rotate-kek``: two at once could each drop the wrapping of the data
+    key that the other has just added and written to the key file."""
+    # A file of its own: closing any descriptor of secrets.db would drop SQLite's locks on it.
+    fd = os.open(config.state_dir / "rotate-kek.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KekError(
+                f"another `legerd rotate-kek` is running on {config.state_dir}; "
+                "let it finish, then run this one again if still needed"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class ConfigProblem(ValueError):
     pass
 
@@ -95,6 +118,25 @@ def validate(config: LegerdConfig) -> None:
             )
     if config.listen is not None:
         parse_listen(config.listen)
+    if config.socket_path is not None and socket_is_served(config.socket_path):
+        # Unlinking it would leave that process running, unreachable, its callers sent here.
+        raise ConfigProblem(
+            f"--socket {config.socket_path}: another process is already serving on it; "
+            "stop it or give another --socket"
+        )
+
+
+def socket_is_served(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket at ``path`` (a socket file
+    that refuses them is what a killed process leaves behind)."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def open_service(config: LegerdConfig) -> tuple[SecretsService, AuditLog]:
@@ -116,7 +158,10 @@ def bind_sockets(config: LegerdConfig) -> list[socket.socket]:
         sockets.append(tcp)
     if config.socket_path is not None:
         path = config.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+            # Every local user is to reach the socket: not 0700, as `serve`'s umask would make it.
+            path.parent.chmod(0o755)
         if path.is_socket():
             path.unlink()
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -12,12 +12,11 @@ from legator.secrets.acl import Action
 from legator.secrets.audit import AuditSink
 from legator.secrets.errors import AccessDenied, InvalidRequest, ValueNotChanged
 from legator.secrets.identity import Caller
-from legator.secrets.store import SecretInfo, SqlStore
+from legator.secrets.store import MAX_VERSION, SecretInfo, SqlStore
 
 MAX_NAME_BYTES = 512
 RESERVED_PREFIX = "_internal/"
 MAX_VALUE_BYTES = 1 << 20
-MAX_VERSION = (1 << 63) - 1  # SQLite's INTEGER
 
 
 def validate_name(name: object) -> str:

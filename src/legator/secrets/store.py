@@ -11,6 +11,8 @@ committed state.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -29,6 +31,10 @@ from legator.secrets.errors import (
 )
 
 Hook = Callable[[int], None] | None
+
+# The highest version number: PostgreSQL's INTEGER (SQLite's holds more), so that both
+# backends accept the same versions and a put always has a next number to take.
+MAX_VERSION = (1 << 31) - 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS data_keys (
@@ -119,6 +125,7 @@ class SqlStore(ABC):
         with self._transaction() as conn:
             rows = conn.execute("SELECT kek_id, wrapped FROM data_keys").fetchall()
             if not rows:
+                refuse_if_values_are_sealed(conn)
                 dek = generate_key()
                 conn.execute(
                     "INSERT INTO data_keys (kek_id, wrapped) VALUES (?, ?)",
@@ -149,7 +156,16 @@ class SqlStore(ABC):
             )
 
     def drop_other_keks(self, keep: Kek) -> None:
+        """Drop every wrapping of the data key but ``keep``'s (last step of a rotation)."""
         with self._transaction() as conn:
+            kept = conn.execute(
+                "SELECT 1 FROM data_keys WHERE kek_id = ?", (keep.key_id,)
+            ).fetchone()
+            if kept is None:
+                raise KekError(
+                    f"the data key is not wrapped under the key from {keep.source} "
+                    f"(id {keep.key_id}): dropping the other wrappings would leave none"
+                )
             conn.execute("DELETE FROM data_keys WHERE kek_id != ?", (keep.key_id,))
 
     # reads
@@ -164,7 +180,8 @@ class SqlStore(ABC):
         for name, active, version in rows:
             info = result.setdefault(name, SecretInfo(name, [], active))
             info.versions.append(version)
-        return list(result.values())
+        # Byte order, as setec lists: PostgreSQL's ORDER BY follows the database's collation.
+        return sorted(result.values(), key=lambda info: info.name)
 
     def info(self, name: str) -> SecretInfo:
         conn = self._reader()
@@ -226,6 +243,11 @@ class SqlStore(ABC):
                     if before_commit:
                         before_commit(latest)
                     return latest
+                if latest >= MAX_VERSION:
+                    raise InvalidRequest(
+                        f"bad request: {name!r} has reached the highest version, {MAX_VERSION}; "
+                        "delete the secret to number its versions from 1 again"
+                    )
                 version = latest + 1
                 conn.execute("UPDATE secrets SET latest = ? WHERE name = ?", (version, name))
             conn.execute(
@@ -272,6 +294,9 @@ class SqlStore(ABC):
             if row is None:
                 raise SecretNotFound()
             if int(row[0]) == version:
+                # Nothing to change, yet audited as every activate is (setec logs each call).
+                if before_commit:
+                    before_commit(version)
                 return
             live = conn.execute(
                 "SELECT 1 FROM versions WHERE name = ? AND version = ? AND sealed IS NOT NULL",
@@ -397,17 +422,37 @@ class SqlStore(ABC):
         return count
 
 
+def refuse_if_values_are_sealed(conn: Any) -> None:
+    """A store without a data key gets a new one only while it holds no value: one with values
+    has lost its data key, and a new one would open none of them."""
+    (sealed,) = conn.execute("SELECT COUNT(*) FROM versions WHERE sealed IS NOT NULL").fetchone()
+    if sealed:
+        raise KekError(
+            f"the store holds {sealed} sealed value(s) but no data key to open them; "
+            "restore the data_keys table from a backup"
+        )
+
+
+def make_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (SQLite creates its -wal and
+    -shm files with the database file's mode), and bring an existing store's files to 0600."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            file.chmod(0o600)
+
+
 class SecretStore(SqlStore):
     """SQLite: one file, one writer connection, one reader connection per thread."""
 
     def __init__(self, path: Path, kek: Kek) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
-        path.chmod(0o600)
         self._sealer = Sealer(self._load_or_create_dek(kek))
 
     def _connect(self) -> sqlite3.Connection:
