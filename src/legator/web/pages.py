@@ -12,7 +12,7 @@ from fastapi.templating import Jinja2Templates
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.auth.router import set_session_cookie
-from legator.core.errors import AppError, TooManyRequests
+from legator.core.errors import AppError, Forbidden, TooManyRequests, Unauthorized
 from legator.core.http.deps import SESSION_COOKIE, authenticate, core_of, cross_site, require
 from legator.core.http.net import client_ip, is_local_path
 from legator.core.version import build_info
@@ -50,6 +50,13 @@ def _sso_message(reason: str) -> str | None:
     return SSO_MESSAGES.get(reason, SSO_FALLBACK) if reason else None
 
 
+def _never_stored(response: Response) -> Response:
+    """For a page that shows who is signed in or what was typed into the form: neither the
+    browser (Back after signing out on a shared computer) nor a proxy may keep it."""
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def _safe_next(target: str) -> str:
     # Only same-site relative paths: never an open redirect.
     return target if is_local_path(target) else "/"
@@ -58,7 +65,7 @@ def _safe_next(target: str) -> str:
 def _login_page(
     request: Request, *, next: str, error: str | None = None, username: str = "", status: int = 200
 ) -> Response:
-    return templates.TemplateResponse(
+    page = templates.TemplateResponse(
         request,
         "login.html",
         {
@@ -70,6 +77,7 @@ def _login_page(
         },
         status_code=status,
     )
+    return _never_stored(page)
 
 
 async def _optional_principal(request: Request) -> Principal | None:
@@ -100,7 +108,7 @@ async def home(request: Request, sso_error: str = "") -> Response:
     principal = await _optional_principal(request)
     if principal is None:
         return RedirectResponse("/login", status_code=303)
-    return templates.TemplateResponse(
+    page = templates.TemplateResponse(
         request,
         "home.html",
         {
@@ -110,6 +118,7 @@ async def home(request: Request, sso_error: str = "") -> Response:
             "error": _sso_message(sso_error),
         },
     )
+    return _never_stored(page)
 
 
 @router.get("/favicon.ico", dependencies=[require(Permission.PUBLIC)])
@@ -157,11 +166,19 @@ async def login_submit(
     return response
 
 
-@router.post("/logout")
-async def logout(
-    request: Request, principal: Principal = require(Permission.AUTHENTICATED)
-) -> Response:
-    await core_of(request).auth.logout(principal)
+@router.post("/logout", dependencies=[require(Permission.PUBLIC)])
+async def logout(request: Request) -> Response:
+    """Ends the session and clears its cookie. A session that already ended (expired, signed
+    out in another tab, its user disabled) has only its cookie left to clear: the page's
+    button must still lead to the sign-in form, not to a JSON error."""
+    if cross_site(request):
+        raise Forbidden("cross-site request refused: Origin does not match this server")
+    try:
+        principal: Principal | None = await authenticate(request)
+    except Unauthorized:
+        principal = None
+    if principal is not None:
+        await core_of(request).auth.logout(principal)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
