@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -140,3 +143,34 @@ def test_the_access_log_can_be_turned_off_alone(tmp_path: Path, access_log: str)
         }
     else:
         assert requests == []
+
+
+def test_open_event_streams_do_not_hold_up_a_shutdown(tmp_path: Path) -> None:
+    # uvicorn waits for every response under way (up to 10 s); streams that never end by
+    # themselves end as soon as the shutdown begins.
+    server = ServerProcess(tmp_path / "data").start()
+    _password, key = parse_credentials(server.stop())
+    server.start()
+    opened = threading.Barrier(3)
+
+    def follow(path: str) -> None:
+        with (
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as api,
+            api.stream("GET", path, timeout=30) as response,
+        ):
+            assert response.status_code == 200
+            opened.wait(10)
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in response.iter_bytes():
+                    pass
+
+    streams = [
+        threading.Thread(target=follow, args=(path,), daemon=True)
+        for path in ("/api/v1/events", "/api/v1/gateway/events")
+    ]
+    for stream in streams:
+        stream.start()
+    opened.wait(10)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 5, "open streams held up the shutdown"

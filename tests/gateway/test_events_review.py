@@ -15,8 +15,7 @@ import openai
 import pytest
 
 from legator.core.errors import TooManyRequests
-from legator.gateway.metrics import LiveStreams
-from legator.gateway.router import LIVE_STREAMS_PER_USER
+from legator.core.http.live import PER_HOLDER, LiveStreams
 from tests.support import LiveServer, eventually
 
 EVENTS = "/api/v1/gateway/events"
@@ -110,7 +109,7 @@ def test_stream_follows_a_demotion(gw: LiveServer, admin: httpx.Client) -> None:
 def test_one_user_cannot_hold_unbounded_streams(gw: LiveServer, admin: httpx.Client) -> None:
     key = user_key(admin, "hoarder")["key"]
     with ExitStack() as streams:
-        for _ in range(LIVE_STREAMS_PER_USER):
+        for _ in range(PER_HOLDER):
             client = streams.enter_context(gw.client(key))
             response = streams.enter_context(client.stream("GET", EVENTS))
             assert response.status_code == 200
@@ -128,7 +127,7 @@ def test_closed_streams_leave_no_task_behind(gw: LiveServer, admin: httpx.Client
     at_rest = open_tasks(gw)
     with ExitStack() as streams:
         reading = []  # a reader dropped would close its response
-        for _ in range(LIVE_STREAMS_PER_USER):
+        for _ in range(PER_HOLDER):
             client = streams.enter_context(gw.client(key))
             reading.append(snapshots(streams.enter_context(client.stream("GET", EVENTS))))
             next(reading[-1])
@@ -138,7 +137,7 @@ def test_closed_streams_leave_no_task_behind(gw: LiveServer, admin: httpx.Client
 
 def test_thousands_of_users_cannot_shut_admins_out() -> None:
     """Past ``total`` open streams, non-admins are refused; an admin still gets one."""
-    streams = LiveStreams(per_holder=2, total=3)
+    streams = LiveStreams("live metrics", per_holder=2, total=3)
     with ExitStack() as held:
         for user in ("u1", "u2", "u3"):
             held.enter_context(streams.hold(user, admin=False))

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter as Tally
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from legator.core.errors import TooManyRequests
 from legator.core.metrics import LATENCY_BUCKETS, Labelled
 
 if TYPE_CHECKING:
@@ -115,42 +112,3 @@ class GatewayMetrics:
         self._tokens(row.model_id, "output").inc(row.output_tokens)
         self._wait(row.model_id).observe(row.queued_ms / 1000)
         self._latency(row.model_id, row.endpoint).observe(row.latency_ms / 1000)
-
-
-class LiveStreams:
-    """The live metrics streams open on this replica, counted per holder (a user, or a key
-    without one). Each holds a connection and a few tasks and computes a snapshot every
-    interval, so one holder may keep only ``per_holder`` of them, and non-admins together
-    ``total``: an admin's dashboard still opens when others have taken every place."""
-
-    def __init__(self, *, per_holder: int, total: int) -> None:
-        self.per_holder = per_holder
-        self.total = total
-        self._by_holder: Tally[str] = Tally()
-        self.open = 0
-
-    def _refusal(self, holder: str, *, admin: bool) -> str | None:
-        if self._by_holder[holder] >= self.per_holder:
-            return (
-                f"{self.per_holder} live metrics streams are already open for you; "
-                "close one (another tab or client) first"
-            )
-        if not admin and self.open >= self.total:
-            return f"this server already has {self.total} live metrics streams open"
-        return None
-
-    @contextmanager
-    def hold(self, holder: str, *, admin: bool) -> Iterator[None]:
-        """A place for one stream of ``holder`` while the block runs; 429 when none is left."""
-        refusal = self._refusal(holder, admin=admin)
-        if refusal is not None:
-            raise TooManyRequests(refusal, headers={"Retry-After": "10"})
-        self._by_holder[holder] += 1
-        self.open += 1
-        try:
-            yield
-        finally:
-            self.open -= 1
-            self._by_holder[holder] -= 1
-            if not self._by_holder[holder]:
-                del self._by_holder[holder]

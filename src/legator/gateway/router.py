@@ -7,21 +7,21 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
-from legator.core.errors import AppError, BadRequest, Conflict
-from legator.core.http.deps import authenticate, core_of, require
+from legator.core.errors import BadRequest, Conflict
+from legator.core.http.deps import core_of, require
+from legator.core.http.live import pause, still_allowed, stream_place
 from legator.core.security import mask_url
 from legator.gateway import system
 from legator.gateway.gguf import Estimate, GGUFInfo, estimate
 from legator.gateway.hub import client as hub
 from legator.gateway.hub.downloads import DownloadOut, DownloadRequest
 from legator.gateway.keys import InferenceKeys
-from legator.gateway.metrics import LiveStreams
 from legator.gateway.openai_api import gateway_of
 from legator.gateway.reservations import TRANSITIONS
 from legator.gateway.schemas import (
@@ -50,10 +50,6 @@ P = Permission
 READ = require(P.GATEWAY_READ)
 ADMIN = require(P.GATEWAY_ADMIN)
 LIVE_INTERVAL_S = 2.0
-# Live metrics streams one user (or key without a user) may hold open on a replica: a few
-# browser tabs and a script; and all non-admins together.
-LIVE_STREAMS_PER_USER = 8
-LIVE_STREAMS_TOTAL = 1000
 
 
 def _keys(request: Request) -> InferenceKeys:
@@ -402,39 +398,10 @@ async def delete_reservation(
 # ----- live metrics ------------------------------------------------------------------------
 
 
-def _live_streams(request: Request) -> LiveStreams:
-    state = request.app.state
-    streams: LiveStreams | None = getattr(state, "gateway_live_streams", None)
-    if streams is None:
-        streams = LiveStreams(per_holder=LIVE_STREAMS_PER_USER, total=LIVE_STREAMS_TOTAL)
-        state.gateway_live_streams = streams
-    return streams
-
-
-async def _live_stream_place(
-    request: Request, principal: Principal = READ
-) -> AsyncIterator[Principal]:
-    """The caller, holding a place for its stream (429 when none is left) until it ends."""
-    holder = principal.user_id or principal.key_id or principal.username
-    with _live_streams(request).hold(holder, admin=principal.can(P.GATEWAY_ADMIN)):
-        yield principal
-
-
-async def _still_allowed(request: Request) -> Principal | None:
-    """The stream's own credential authenticated again, now: None once its key is revoked,
-    its session signed out or expired, or its user disabled or left without the permission.
-    A changed role takes effect on what the next snapshot shows."""
-    request.state.principal = None  # not the one cached when the stream opened
-    try:
-        principal = await authenticate(request)
-    except AppError:
-        return None
-    return principal if principal.can(P.GATEWAY_READ) else None
-
-
 @router.get("/events", response_class=EventSourceResponse)
 async def live_metrics(
-    request: Request, principal: Principal = Depends(_live_stream_place)
+    request: Request,
+    principal: Principal = stream_place("live metrics", P.GATEWAY_READ, exempt=P.GATEWAY_ADMIN),
 ) -> AsyncIterator[ServerSentEvent]:
     """Every 2 s: queue depth and wait, slots in use, tokens/s per model, active reservation.
     The stream ends once its credential no longer holds (revoked, signed out, disabled)."""
@@ -443,8 +410,9 @@ async def live_metrics(
     while current is not None and not await request.is_disconnected():
         snapshot = gateway.snapshot(current, admin=current.can(P.GATEWAY_ADMIN))
         yield ServerSentEvent(data=snapshot, event="gateway.metrics")
-        await asyncio.sleep(LIVE_INTERVAL_S)
-        current = await _still_allowed(request)
+        if not await pause(request, LIVE_INTERVAL_S):
+            return
+        current = await still_allowed(request, P.GATEWAY_READ)
 
 
 # ----- hub ---------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ extensions), for a response that must end while a write to a client that stopped
 still waiting: returning from the app would only ``close()`` the transport, which waits for a
 buffer that never drains, and log an error as if the app had a bug. And it keeps the address
 the connection comes from (``PEER_EXTENSION``), which uvicorn's proxy-header handling
-replaces in ``client`` with what a trusted proxy's X-Forwarded-For says.
+replaces in ``client`` with what a trusted proxy's X-Forwarded-For says. Last, it tells the
+app when the server begins to shut down (``DRAINING_EXTENSION``, an event set then): uvicorn
+waits for every response under way, and a stream that never ends by itself (live events)
+would hold every shutdown for its whole graceful period.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ HEAD_MAX_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
 ABORT_EXTENSION = "legator.abort"
 PEER_EXTENSION = "legator.peer"
+DRAINING_EXTENSION = "legator.draining"
 
 
 class HeadTooLarge(Exception):
@@ -37,7 +41,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._draining = asyncio.Event()
         self._await_head()
+
+    def shutdown(self) -> None:
+        self._draining.set()
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_arrived()
@@ -62,6 +71,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         extensions = self.scope.setdefault("extensions", {})
         extensions[ABORT_EXTENSION] = self.transport.abort
         extensions[PEER_EXTENSION] = self.client
+        extensions[DRAINING_EXTENSION] = self._draining
         super().on_headers_complete()
 
     def _count(self, size: int) -> None:
