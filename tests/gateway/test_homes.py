@@ -132,3 +132,27 @@ async def test_a_url_is_used_only_once_it_answers(monkeypatch: pytest.MonkeyPatc
     await hear("http://cp-2.internal:8080")
     assert member.home_of(homed[0]) == Home("cp-2", "http://cp-2.internal:8080")
     await member.close()
+
+
+async def test_a_replica_leaving_while_its_url_is_checked_is_no_home() -> None:
+    answer = asyncio.Event()
+
+    async def reachable(_url: str) -> bool:
+        await answer.wait()
+        return True
+
+    link = _Link("cp-1")
+    member = Homes(link, "http://cp-1:8080", reachable)  # type: ignore[arg-type]
+    link.handler("cp-2", {"url": "http://cp-2:8080"})
+    await asyncio.sleep(0)  # the check is under way
+    link.handler("cp-2", {"leaving": True})
+    answer.set()  # its URL still answered the check, from before it left
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert all(member.home_of(f"m{i}") is None for i in range(40))
+    # It comes back: a new check runs, and it is a home again once its URL answers.
+    link.handler("cp-2", {"url": "http://cp-2:8080"})
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert any(member.home_of(f"m{i}") is not None for i in range(40))
+    await member.close()

@@ -1,4 +1,5 @@
-"""GGUF header metadata (through the ``gguf`` package) and a memory estimate for serving it.
+"""GGUF header metadata (read within bounds; the ``gguf`` package's constants) and a memory
+estimate for serving it.
 
 The estimate follows how llama.cpp allocates: the weights as stored, an f16 KV cache of
 ``layers x kv_heads x (key_length + value_length) x 2 bytes`` per token over the whole context
@@ -8,10 +9,14 @@ a compute/overhead allowance.
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from pydantic import BaseModel, Field
 
 GIB = 1024**3
@@ -22,6 +27,175 @@ OVERHEAD_RATIO = 0.05  # compute graph grows with the model
 
 class GGUFError(ValueError):
     """The file is not a readable GGUF model."""
+
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+GGML_MAX_DIMS = 4
+DEFAULT_ALIGNMENT = 32
+# Bounds a real model stays far below (the largest vocabularies with their merges list about
+# 700 000 strings; no model has more than a few thousand tensors or keys); a crafted header
+# past them is refused before it costs time.
+MAX_HEADER_STRINGS = 2_000_000
+MAX_TENSORS = 65_536
+MAX_KEYS = 65_536
+# Values kept for reading: the scalars and the short per-layer arrays the estimate needs.
+# Longer strings (a chat template) and arrays (a vocabulary) are only stepped over.
+MAX_KEPT_STRING_BYTES = 4096
+MAX_KEPT_ARRAY_ITEMS = 4096
+_FORMATS = {
+    GGUFValueType.UINT8: "B",
+    GGUFValueType.INT8: "b",
+    GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I",
+    GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f",
+    GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q",
+    GGUFValueType.FLOAT64: "d",
+}
+
+
+@dataclass
+class _Header:
+    keys: set[str] = field(default_factory=set)  # every key of the file
+    values: dict[str, Any] = field(default_factory=dict)  # those kept (see above)
+    tensor_bytes: int = 0
+
+
+class _HeaderReader:
+    """Reads a GGUF header (keys, values, tensor descriptions), checking every length against
+    the file. Written by hand rather than with the gguf package's GGUFReader: that one makes
+    numpy objects for each string of the header (about 1.6 KB and 35 µs apiece), so a crafted
+    24 MB header of empty strings took it 5 GB and 100 s, and it recursed into nested arrays
+    without bound; here nothing is kept but the dozen values the estimate uses."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        self.offset = 0
+        self.order = "<"
+        self.strings = 0
+        self.header = _Header()
+
+    def _take(self, size: int, what: str) -> int:
+        start = self.offset
+        if size > len(self.data) - start:
+            raise GGUFError(f"truncated at byte {start}: {what} needs {size} more bytes")
+        self.offset = start + size
+        return start
+
+    def _unpack(self, code: str, count: int, what: str) -> tuple[Any, ...]:
+        fmt = f"{self.order}{count}{code}"
+        return struct.unpack_from(fmt, self.data, self._take(struct.calcsize(fmt), what))
+
+    def _u32(self, what: str) -> int:
+        return int(self._unpack("I", 1, what)[0])
+
+    def _u64(self, what: str) -> int:
+        return int(self._unpack("Q", 1, what)[0])
+
+    def _string(self, what: str) -> str | None:
+        """The string at the offset, or None (stepped over) when it is too long to keep."""
+        size = self._u64(what)
+        start = self._take(size, what)
+        if size > MAX_KEPT_STRING_BYTES:
+            return None
+        try:
+            return bytes(self.data[start : start + size]).decode()
+        except UnicodeDecodeError:
+            raise GGUFError(f"{what} is not UTF-8") from None
+
+    def _skip_strings(self, count: int, what: str) -> None:
+        self.strings += count
+        if self.strings > MAX_HEADER_STRINGS:
+            raise GGUFError(f"more than {MAX_HEADER_STRINGS} strings in the header")
+        for _ in range(count):
+            self._take(self._u64(what), what)
+
+    def _array(self, what: str) -> list[Any] | None:
+        item_type, count = self._u32(what), self._u64(what)
+        if item_type == GGUFValueType.STRING:
+            self._skip_strings(count, what)
+            return None
+        if item_type == GGUFValueType.ARRAY:
+            raise GGUFError(f"{what} holds nested arrays, which llama.cpp cannot read")
+        code = _FORMATS.get(item_type)  # type: ignore[call-overload]
+        if code is None:
+            raise GGUFError(f"{what} is an array of unknown type {item_type}")
+        if count > MAX_KEPT_ARRAY_ITEMS:
+            self._take(count * struct.calcsize(code), what)
+            return None
+        return list(self._unpack(code, count, what))
+
+    def _value(self, value_type: int, what: str) -> Any:
+        if value_type == GGUFValueType.STRING:
+            return self._string(what)
+        if value_type == GGUFValueType.ARRAY:
+            return self._array(what)
+        code = _FORMATS.get(value_type)  # type: ignore[call-overload]
+        if code is None:
+            raise GGUFError(f"{what} has unknown type {value_type}")
+        return self._unpack(code, 1, what)[0]
+
+    def _tensor_bytes(self, index: int) -> tuple[int, int]:
+        """(offset in the data section, size) of a tensor, from its description."""
+        what = f"the description of tensor {index}"
+        self._take(self._u64(what), what)  # its name
+        dims = self._u32(what)
+        if dims > GGML_MAX_DIMS:
+            raise GGUFError(f"tensor {index} has {dims} dimensions")
+        elements = math.prod(self._unpack("Q", dims, what))
+        raw_type = self._u32(what)
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+        except (ValueError, KeyError):
+            raise GGUFError(f"tensor {index} has unknown type {raw_type}") from None
+        return self._u64(what), elements * type_size // block
+
+    def read(self) -> _Header:
+        if bytes(self.data[:4]) != GGUF_MAGIC:
+            raise GGUFError("no GGUF magic at the start")
+        self.offset = 4
+        version = self._u32("the version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in GGUF_VERSIONS:
+            raise GGUFError(f"GGUF version {version} is not supported")
+        tensors, keys = self._u64("the tensor count"), self._u64("the key count")
+        if tensors > MAX_TENSORS or keys > MAX_KEYS:
+            raise GGUFError(f"{tensors} tensors and {keys} keys: more than {MAX_TENSORS}")
+        header = self.header
+        for index in range(keys):
+            name = self._string(f"the name of key {index}")
+            if name is None or name in header.keys:
+                raise GGUFError(f"key {index} has an overlong or repeated name")
+            value = self._value(self._u32(f"the type of {name}"), name)
+            header.keys.add(name)
+            if value is not None:
+                header.values[name] = value
+        layout = [self._tensor_bytes(index) for index in range(tensors)]
+        self._check_tensor_data(layout)
+        header.tensor_bytes = sum(size for _, size in layout)
+        return header
+
+    def _check_tensor_data(self, layout: list[tuple[int, int]]) -> None:
+        alignment = self.header.values.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"general.alignment {alignment!r} is not a power of two")
+        start = -(-self.offset // alignment) * alignment
+        for index, (offset, size) in enumerate(layout):
+            if start + offset + size > len(self.data):
+                raise GGUFError(f"tensor {index} lies past the end of the file (truncated?)")
+
+
+def _read_header(path: Path) -> _Header:
+    with path.open("rb") as fh:
+        if path.stat().st_size < 4:
+            raise GGUFError("too short for a GGUF header")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _HeaderReader(data).read()
 
 
 class GGUFInfo(BaseModel):
@@ -58,45 +232,45 @@ class Estimate(BaseModel):
     ram_available_bytes: int
 
 
-def _scalar(reader: GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value
-
-
 def _int(value: Any) -> int | None:
-    if value is None or isinstance(value, list):
+    if value is None:
+        return None
+    if isinstance(value, list):
         # Some architectures store per-layer head counts; the maximum bounds the cache.
-        return max(int(v) for v in value) if value else None
+        return max(_int(v) or 0 for v in value) if value else None
+    if isinstance(value, str):
+        raise GGUFError(f"{value[:40]!r} where a number belongs")
     return int(value)
 
 
 def read_metadata(path: Path) -> GGUFInfo:
     """Read the header of ``path``; raises GGUFError when it is not a GGUF model."""
     try:
-        reader = GGUFReader(str(path), "r")
-    except (OSError, ValueError, KeyError) as exc:
+        return _info(path, _read_header(path))
+    except (GGUFError, OSError, ValueError, OverflowError) as exc:
         raise GGUFError(f"{path.name}: not a readable GGUF file ({exc})") from None
-    arch = _scalar(reader, "general.architecture")
+
+
+def _info(path: Path, header: _Header) -> GGUFInfo:
+    values = header.values
+    arch = values.get("general.architecture")
     if not isinstance(arch, str):
-        raise GGUFError(f"{path.name}: GGUF header has no general.architecture")
+        raise GGUFError("the header has no general.architecture")
 
     def a(key: str) -> Any:
-        return _scalar(reader, f"{arch}.{key}")
+        return values.get(f"{arch}.{key}")
 
     pattern = a("attention.sliding_window_pattern")
     if isinstance(pattern, list):
         pattern = [bool(v) for v in pattern]
     elif pattern is not None:
-        pattern = int(pattern)
+        pattern = _int(pattern)
     return GGUFInfo(
         architecture=arch,
-        name=str(_scalar(reader, "general.name") or ""),
-        file_type=_int(_scalar(reader, "general.file_type")),
+        name=str(values.get("general.name") or ""),
+        file_type=_int(values.get("general.file_type")),
         file_size=path.stat().st_size,
-        tensor_bytes=int(sum(int(t.n_bytes) for t in reader.tensors)),
+        tensor_bytes=header.tensor_bytes,
         context_length=_int(a("context_length")),
         block_count=_int(a("block_count")),
         embedding_length=_int(a("embedding_length")),
@@ -108,7 +282,7 @@ def read_metadata(path: Path) -> GGUFInfo:
         sliding_window_pattern=pattern,
         expert_count=_int(a("expert_count")),
         expert_used_count=_int(a("expert_used_count")),
-        chat_template=_scalar(reader, "tokenizer.chat_template") is not None,
+        chat_template="tokenizer.chat_template" in header.keys,
     )
 
 

@@ -100,6 +100,9 @@ class Homes:
         if body.get("leaving") is True:
             self._peers.pop(origin, None)
             self._unreachable.pop(origin, None)
+            check = self._checks.pop(origin, None)
+            if check is not None:  # its answer, from before it left, must not make it a home
+                check.cancel()
             return
         url = body.get("url")
         if not isinstance(url, str) or len(url) > 512 or not _URL.match(url):
@@ -130,7 +133,8 @@ class Homes:
         except Exception:
             answered = False
         finally:
-            self._checks.pop(origin, None)
+            if self._checks.get(origin) is asyncio.current_task():  # not a newer check's
+                del self._checks[origin]
         if answered:
             self._join(origin, url)
             return

@@ -275,6 +275,11 @@ class Supervisor:
                 handle = await runtime.start(launch)
             except RuntimeError_ as exc:
                 raise ServiceUnavailable(f"could not start {model_id!r}: {exc}") from None
+            if model_id not in self.catalog.models:
+                # Deleted while it was being launched: forget_model found nothing to stop then,
+                # and nothing would ever stop it later.
+                await runtime.stop(handle, grace_s=0)
+                raise Conflict(f"model {model_id!r} was deleted while its backend started")
             live = Live(model_id, model.backend_kind, launch.port, launch.api_key, handle, workdir)
             self.live[model_id] = live
             self.registry.forget(model_id)
@@ -345,7 +350,8 @@ class Supervisor:
 
     async def stop_backend(self, model_id: str, *, actor: str) -> BackendStatus:
         self.catalog.get_model(model_id)
-        live = self.live.get(model_id)
+        async with self._lock:  # a start under way has launched and registered it by then
+            live = self.live.get(model_id)
         if live is None or live.state == "stopped":
             other = await self._held_elsewhere(model_id)
             if other is not None:
@@ -451,13 +457,18 @@ class Supervisor:
                 state="starting",
                 started_at=row.started_at or utcnow(),
             )
-            if live.api_key and await runtime.alive(handle) and await self._healthy(live, runtime):
+            alive = bool(live.api_key) and await runtime.alive(handle)
+            if alive and await self._healthy(live, runtime):
                 known.add(row.container or str(row.pid))
                 self.live[row.model_id] = live
                 await self._mark_ready(live)
                 log.info("adopted running backend", model=row.model_id)
             elif row.owner is None and self.replica is not None:
                 continue  # recorded before owners were: perhaps another replica's
+            elif alive:
+                known.add(row.container or str(row.pid))
+                self.live[row.model_id] = live
+                await self._adopt_unhealthy(live, runtime)
             else:
                 known.add(row.container or str(row.pid))
                 self.live[row.model_id] = live
@@ -471,6 +482,14 @@ class Supervisor:
             if model.managed and model.id not in self.live and model.id not in self.elsewhere:
                 await self._set_model_state(model.id, "unavailable")
                 self.scheduler.drop(model.id)
+
+    async def _adopt_unhealthy(self, live: Live, runtime: Runtime) -> None:
+        """Running but not answering: still loading its model (the control plane restarted
+        during a start) or slow this once. It gets the start timeout, as at a start."""
+        await self._save(live)
+        await self._set_model_state(live.model_id, "unavailable")
+        self._tasks[live.model_id] = asyncio.ensure_future(self._await_healthy(live, runtime))
+        log.info("adopted running backend; waiting for its health", model=live.model_id)
 
     # ----- several replicas ------------------------------------------------------------------
 

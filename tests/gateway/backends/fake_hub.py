@@ -39,6 +39,9 @@ class FakeHub:
     drop_after: int | None = None  # the next transfer closes the connection after N bytes
     trickle: tuple[int, float] | None = None  # (bytes, seconds) per chunk
     ranges: list[str] = field(default_factory=list)  # Range headers of GET requests seen
+    pad: int = 0  # a broken or hostile hub: transfers send this many bytes more than listed
+    gone: set[str] = field(default_factory=set)  # files listed whose transfer answers 404
+    sent: int = 0  # bytes of file bodies sent so far
     port: int = field(default_factory=free_port)
 
     @property
@@ -107,7 +110,7 @@ class FakeHub:
     async def resolve(self, request: Request) -> Response:
         repo = self.repos.get(f"{request.path_params['owner']}/{request.path_params['name']}")
         data = repo.files.get(request.path_params["file"]) if repo else None
-        if data is None:
+        if data is None or request.path_params["file"] in self.gone:
             return JSONResponse(
                 {"error": "Entry not found"},
                 status_code=404,
@@ -126,7 +129,7 @@ class FakeHub:
         start = 0
         if header.startswith("bytes="):
             start = int(header[6:].split("-")[0])
-        body = data[start:]
+        body = data[start:] + b"\0" * self.pad
         status = 206 if header else 200
         if header:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
@@ -146,6 +149,7 @@ class FakeHub:
                 raise ConnectionResetError("fake hub: transfer interrupted")
             yield piece
             sent += len(piece)
+            self.sent += len(piece)
             if pause:
                 await asyncio.sleep(pause)
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.backends.conftest import register_managed, wait_state
+from tests.gateway.backends.conftest import backend, register_managed, wait_state
 from tests.gateway.backends.fake_hub import FakeHub
 from tests.gateway.backends.llama_image import build
 from tests.gateway.backends.test_hub import REPO, hub, wait_download  # noqa: F401 (fixture)
@@ -131,6 +132,47 @@ def test_podman_backend_end_to_end(pgw: LiveServer, gguf_file: Path, tmp_path: P
             == 1
         )
         assert "sovereign-llamacpp-tiny-key" not in podman("secret", "ls")
+
+
+def test_a_running_container_is_adopted_after_a_control_plane_crash(
+    pgw: LiveServer, gguf_file: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(gguf_file, models / "tiny.gguf")
+    with pgw.client(pgw.admin_key, timeout=120) as admin:
+        register_managed(admin, "tiny", models / "tiny.gguf", kind="podman")
+        started = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
+        assert started.json()["state"] == "ready", started.text
+    pgw.app.state.gateway.supervisor.live.clear()  # type: ignore[union-attr]
+    pgw.restart()  # as after a crash: the container kept running meanwhile
+    with pgw.client(pgw.admin_key, timeout=120) as admin:
+        wait_state(admin, "tiny", "ready", timeout=30)
+        supervisor = pgw.app.state.gateway.supervisor  # type: ignore[union-attr]
+        assert supervisor.live["tiny"].handle.container == started.json()["container"]
+        client = openai.OpenAI(base_url=pgw.url + "/v1", api_key=pgw.admin_key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+        )
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        assert admin.post("/api/v1/gateway/backends/tiny/stop").json()["state"] == "stopped"
+
+
+def test_models_whose_ids_differ_by_a_colon_run_side_by_side(
+    pgw: LiveServer, gguf_file: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(gguf_file, models / "tiny.gguf")
+    with pgw.client(pgw.admin_key, timeout=120) as admin:
+        for model_id in ("tiny:1", "tiny-1"):
+            register_managed(admin, model_id, models / "tiny.gguf", kind="podman")
+            started = admin.post(f"/api/v1/gateway/backends/{model_id}/start?wait=true")
+            assert started.json()["state"] == "ready", started.text
+        time.sleep(5)  # two monitor rounds: each container still answers its own model
+        for model_id in ("tiny:1", "tiny-1"):
+            assert backend(admin, model_id)["state"] == "ready", backend(admin, model_id)
+            admin.post(f"/api/v1/gateway/backends/{model_id}/stop")
 
 
 def test_pull_then_serve_with_podman(pgw: LiveServer, hub: FakeHub) -> None:  # noqa: F811

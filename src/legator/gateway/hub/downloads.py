@@ -21,14 +21,15 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
+from legator.core.audit.sanitiser import sanitise_text
 from legator.core.errors import AppError, BadRequest, Conflict, NotFound
 from legator.core.logging import get_logger
 from legator.core.runtime import Core
 from legator.gateway.catalog import Catalog
-from legator.gateway.gguf import GGUFError, read_metadata
+from legator.gateway.gguf import GGUFError, GGUFInfo, read_metadata
 from legator.gateway.hub import client
 from legator.gateway.models import GatewayDownload
-from legator.gateway.schemas import ModelCreate
+from legator.gateway.schemas import ModelCreate, _slug
 
 log = get_logger("legator.gateway.downloads")
 ACTIVE = ("queued", "running")
@@ -48,6 +49,10 @@ def _relative(path: str) -> bool:
         and ".." not in path.split("/")
         and ("\\" not in path)
     )
+
+
+class OversizedTransfer(Exception):
+    """The hub sent more than the size it listed: never retried, the file is dropped."""
 
 
 class InsufficientStorage(AppError):
@@ -70,6 +75,12 @@ class DownloadRequest(BaseModel):
         if not _REPO.match(value) or ".." in value:
             raise ValueError("expected owner/name")
         return value
+
+    @field_validator("model_id")
+    @classmethod
+    def _check_model_id(cls, value: str | None) -> str | None:
+        # As the catalogue will check it, once the download is complete: refused now instead.
+        return None if value is None else _slug(value)
 
     @field_validator("file")
     @classmethod
@@ -211,6 +222,10 @@ class Downloads:
             raise NotFound(f"{req.repo} has no file {filename!r}")
         if not entry.gguf:
             raise BadRequest(f"{filename}: only .gguf files can be served by llama.cpp")
+        if entry.size <= 0:
+            # The listed size bounds the transfer (and the disk guard): without one, a broken
+            # or hostile hub could stream until the disk is full.
+            raise BadRequest(f"{req.repo} lists no size for {filename}; it cannot be fetched")
         model_id = req.model_id or _model_id_from(filename)
         if model_id in self.catalog.models:
             raise Conflict(f"model {model_id!r} already exists; choose another model_id")
@@ -341,9 +356,16 @@ class Downloads:
                 raise OSError(f"got {size} bytes, expected {row.total_bytes}")
             if expected_sha and await asyncio.to_thread(_sha256, part) != expected_sha:
                 raise OSError("sha256 of the downloaded file does not match the hub's")
+            # Checked before it takes its place: a file that is no model must not stay there,
+            # where it would make every later download of it a 409.
+            info = await asyncio.to_thread(_model_info, part)
             await asyncio.to_thread(part.replace, dest)
-            await asyncio.to_thread(_share_with_backends, dest)
-            model_id = await self._register(row, dest)
+            try:
+                await asyncio.to_thread(_share_with_backends, dest)
+                model_id = await self._register(row, dest, info)
+            except Exception:
+                await asyncio.to_thread(dest.unlink, missing_ok=True)
+                raise
             await self._set(
                 download_id, state="completed", done_bytes=size, error="", model_id=model_id
             )
@@ -356,9 +378,11 @@ class Downloads:
                 await asyncio.shield(self._set(download_id, done_bytes=done))
             raise
         except Exception as exc:
-            log.warning("download failed", id=download_id, error=str(exc))
+            # The hub's URL may carry a mirror's credentials (HF_ENDPOINT), and httpx names it.
+            error = sanitise_text(str(exc))
+            log.warning("download failed", id=download_id, error=error)
             await asyncio.to_thread(part.unlink, missing_ok=True)
-            await self._set(download_id, state="failed", error=str(exc)[:2000])
+            await self._set(download_id, state="failed", error=error[:2000])
             # Why it failed is for admins, at /downloads: the event stream reaches viewers.
             await self.core.events.publish("gateway.download.failed", {"id": download_id})
         finally:
@@ -391,6 +415,10 @@ class Downloads:
             with part.open(mode, buffering=0) as sink:
                 try:
                     async for chunk in response.aiter_bytes():
+                        if total and done + len(chunk) > total:
+                            raise OversizedTransfer(
+                                f"the hub sent more than the {total} bytes it listed"
+                            )
                         pending += chunk
                         done += len(chunk)
                         self._done[download_id] = done
@@ -408,13 +436,9 @@ class Downloads:
         if total and done < total:
             raise httpx.ReadError(f"connection closed at {done} of {total} bytes")
 
-    async def _register(self, row: GatewayDownload, dest: Path) -> str | None:
+    async def _register(self, row: GatewayDownload, dest: Path, info: GGUFInfo) -> str | None:
         if not row.model_id or row.model_id in self.catalog.models:
             return None
-        try:
-            info = await asyncio.to_thread(read_metadata, dest)
-        except GGUFError as exc:
-            raise OSError(str(exc)) from None
         context = min(4096, info.context_length or 4096)
         await self.catalog.create_model(
             ModelCreate(
@@ -428,6 +452,13 @@ class Downloads:
             actor="system:gateway",
         )
         return row.model_id
+
+
+def _model_info(path: Path) -> GGUFInfo:
+    try:
+        return read_metadata(path)
+    except GGUFError as exc:
+        raise OSError(str(exc)) from None
 
 
 def _size(path: Path) -> int:

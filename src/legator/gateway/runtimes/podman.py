@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from legator.core.security import write_private_file
 from legator.gateway.runtimes.base import (
     LOG_MAX_BYTES,
     STOP_GRACE_S,
@@ -33,6 +34,7 @@ OWNER_LABEL = "io.legator.owner"  # another control plane's containers on this h
 INNER_PORT = 8080
 UID_MIN, UID_MAX = 10000, 65000
 SECRET_DIR = "/run/secrets"  # noqa: S105 (a path, not a secret)
+_NAME_ESCAPES = {"_": "__", ":": "_-"}
 
 
 async def podman(
@@ -92,7 +94,9 @@ class PodmanRuntime(Runtime):
 
     @staticmethod
     def name(model_id: str) -> str:
-        return PREFIX + model_id.replace(":", "-")
+        """A container name for ``model_id``, distinct for distinct ids: Podman's names allow
+        no ':', so '_' escapes (``_`` -> ``__``, ``:`` -> ``_-``)."""
+        return PREFIX + "".join(_NAME_ESCAPES.get(char, char) for char in model_id)
 
     async def _uids_in_use(self) -> set[int]:
         out = await podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.ID}}")
@@ -162,6 +166,9 @@ class PodmanRuntime(Runtime):
         name = self.name(launch.model.id)
         secret = name + "-key"
         await self._remove(name)
+        # Podman will not hand a secret back: the control plane keeps its own copy of the key,
+        # as for the process runtime, to adopt the container after a restart of its own.
+        await asyncio.to_thread(write_private_file, launch.workdir / "api_key", launch.api_key)
         payload, command = self._secret_payload(launch)
         await podman("secret", "create", secret, "-", stdin=payload)
         uid = await self._pick_uid(launch.model.id)

@@ -52,6 +52,9 @@ def _python_server_config(launch: Launch) -> dict[str, object]:
     }
 
 
+KILL_WAIT_S = 10.0  # how long a stop waits for a killed server to be gone
+
+
 class ProcessRuntime(Runtime):
     kind = "process"
 
@@ -169,8 +172,11 @@ class ProcessRuntime(Runtime):
         if self._process(handle) is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.sleep(0.1)
-            self._process(handle)
+            # Killed, it still takes a while to exit when it holds a large model's memory:
+            # until it has, that memory is not free for the next start (and it is not reaped).
+            deadline = loop.time() + KILL_WAIT_S
+            while loop.time() < deadline and self._process(handle) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
 
     async def logs(self, handle: Handle, workdir: Path, tail: int) -> str:
         return tail_file(workdir / "server.log", tail)
