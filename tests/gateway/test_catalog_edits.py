@@ -46,3 +46,12 @@ def test_category_edits(admin: httpx.Client) -> None:
     admin.patch(f"{url}/code", json={"preferred_model": "echo"})
     cleared = admin.patch(f"{url}/code", json={"preferred_model": ""})
     assert cleared.json()["preferred_model"] is None
+
+
+@pytest.mark.parametrize("directory", ["/srv/models:v2", "/srv/a,b"])
+def test_a_podman_model_directory_podman_cannot_mount_is_refused(directory: str) -> None:
+    with pytest.raises(ValidationError, match="cannot have ':' or ','"):
+        ModelCreate(id="m", backend_kind="podman", model_path=f"{directory}/m.gguf")
+    # A process backend reads the path as it is; a comma in the file's own name is mounted fine.
+    ModelCreate(id="m", backend_kind="process", model_path=f"{directory}/m.gguf")
+    ModelCreate(id="m", backend_kind="podman", model_path="/srv/models/m,q4.gguf")

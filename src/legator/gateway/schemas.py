@@ -85,6 +85,12 @@ class ModelCreate(ModelBase):
         if self.backend_kind != "external":
             if not self.model_path.startswith("/"):
                 raise ValueError(f"a {self.backend_kind} backend needs an absolute model_path")
+            directory = self.model_path.rpartition("/")[0]
+            if self.backend_kind == "podman" and any(c in directory for c in ":,"):
+                # Podman's --volume separates its fields with them: the mount would fail.
+                raise ValueError(
+                    "a podman backend's model_path cannot have ':' or ',' in its directory"
+                )
             if self.backend_url:
                 raise ValueError("backend_url is set by the runtime of a managed backend")
         return self
