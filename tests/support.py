@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 import uvicorn
 from fastapi import FastAPI
@@ -240,6 +241,29 @@ def eventually(read: Callable[[], T], expected: T, timeout: float = 10) -> None:
 
 
 NATS_URL = "nats://127.0.0.1:4222"  # the machine's NATS server, shared by every test
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextmanager
+def fresh_pg_database(options: str = "") -> Iterator[str]:
+    """A new database on the machine's real PostgreSQL server (``options`` follow its CREATE
+    DATABASE), dropped afterwards."""
+    name = "legator_test_" + secrets.token_hex(4)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}" {options}'.rstrip()))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def cluster_settings(pg_url: str, nats_url: str = NATS_URL, **extra: Any) -> dict[str, Any]:

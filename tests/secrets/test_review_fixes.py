@@ -4,16 +4,13 @@ failed before its fix."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import secrets
 import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from typer.testing import CliRunner
@@ -33,7 +30,6 @@ from legator.secrets.server import (
 )
 from legator.secrets.service import MAX_VERSION
 from legator.secrets.store import SecretStore, SqlStore
-from tests.conftest import PG_ADMIN
 from tests.secrets.conftest import (
     SETEC_HEADERS,
     Backend,
@@ -42,7 +38,7 @@ from tests.secrets.conftest import (
     make_config,
     whois_user,
 )
-from tests.support import free_port
+from tests.support import free_port, fresh_pg_database
 
 ALL = ["get", "info", "put", "activate", "delete", "create-version"]
 ADMIN_IP = "127.0.0.3"
@@ -114,25 +110,9 @@ def test_a_put_past_the_highest_version_is_a_bad_request(admin: httpx.Client) ->
 def icu_pg_url() -> Iterator[str]:
     """A fresh database whose default collation is ICU's en-US (case and punctuation
     insensitive at the first level), as many PostgreSQL installations have."""
-    name = "legator_test_" + secrets.token_hex(4)
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(
-        admin(
-            f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
-            "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-        )
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    with fresh_pg_database(icu) as url:
+        yield url
 
 
 NAMES = ["b", "B", "a", "A-1", "a-2", "_x", "Z"]
