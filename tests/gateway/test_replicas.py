@@ -3,6 +3,7 @@ one replica, the other serves within moments, without a restart."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,13 @@ def chat(client: httpx.Client, model: str) -> httpx.Response:
 def gateway(server: LiveServer) -> Gateway:
     assert server.app is not None
     return server.app.state.gateway  # type: ignore[no-any-return]
+
+
+def live_entry(server: LiveServer, key: str, model: str) -> dict[str, Any]:
+    """``model``'s entry in the first event of the live metrics stream ``key`` opens."""
+    with server.client(key) as client, client.stream("GET", "/api/v1/gateway/events") as stream:
+        data = next(line for line in stream.iter_lines() if line.startswith("data:"))
+    return next(m for m in json.loads(data[5:])["models"] if m["model"] == model)
 
 
 def test_the_catalogue_changed_through_one_replica_is_served_by_the_other(
@@ -111,6 +119,11 @@ def test_replicas_with_urls_serve_each_model_from_one_of_them(
         home_id = "replica-a" if home is a else "replica-b"
         assert gateway(other).served_by("slow") == home_id
         assert gateway(home).served_by("slow") is None
+        # The live metrics name the serving replica to admins only.
+        assert live_entry(other, a.admin_key, "slow")["served_by"] == home_id
+        login = admin_a.post("/api/v1/keys", json={"user": "alice"}).json()["key"]
+        seen = live_entry(other, login, "slow")
+        assert seen["served_elsewhere"] is True and "served_by" not in seen
         soon(lambda: chat(admin_b, "slow").status_code == 200, timeout=10)
         before = upstream.requests.__len__()
 

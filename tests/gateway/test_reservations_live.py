@@ -164,7 +164,7 @@ def test_reservation_events_name_no_one(gw: LiveServer, admin: httpx.Client) -> 
 
 def test_live_metrics_stream(gw: LiveServer, admin: httpx.Client) -> None:
     chat(gw, gw.admin_key)
-    viewer_key = new_key(admin, "viewer1", model="slow")
+    new_key(admin, "viewer1")
     with admin.stream("GET", "/api/v1/gateway/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         data = next(line for line in response.iter_lines() if line.startswith("data:"))
@@ -172,13 +172,19 @@ def test_live_metrics_stream(gw: LiveServer, admin: httpx.Client) -> None:
     echo = next(m for m in snapshot["models"] if m["model"] == "echo")
     assert echo["slots"] == 1 and echo["in_use"] == 0 and echo["queue_depth"] == 0
     assert echo["served_by"] is None  # one replica: it serves every model
+    assert echo["served_elsewhere"] is False
     assert echo["tokens_per_s"] > 0
-    # A non-admin sees only the models it may use.
+    # A model no request has reached yet is listed too, idle, with its catalogue slots.
+    slow = next(m for m in snapshot["models"] if m["model"] == "slow")
+    assert slow["slots"] == 1 and slow["in_use"] == 0 and slow["tokens_per_s"] == 0
+    # A non-admin sees only the models they may use: not a disabled one.
+    assert admin.patch("/api/v1/gateway/models/die", json={"state": "disabled"}).status_code == 200
     login = admin.post("/api/v1/keys", json={"user": "viewer1"}).json()["key"]
-    assert viewer_key
-    with gw.client(login) as viewer, viewer.stream("GET", "/api/v1/gateway/events") as response:
-        data = next(line for line in response.iter_lines() if line.startswith("data:"))
-    assert [m["model"] for m in json.loads(data[5:])["models"]] == ["echo"]
+    with gw.client(login) as viewer, viewer.stream("GET", "/api/v1/gateway/events") as got:
+        data = next(line for line in got.iter_lines() if line.startswith("data:"))
+    seen = json.loads(data[5:])["models"]
+    assert [m["model"] for m in seen] == ["echo", "fail500", "slow", "tools"]
+    assert all("served_by" not in m and m["served_elsewhere"] is False for m in seen)
 
 
 def test_usage_rows_survive_a_clean_shutdown(gw: LiveServer, admin: httpx.Client) -> None:

@@ -469,24 +469,32 @@ class Gateway:
         return home.replica if home is not None else None
 
     def snapshot(self, principal: Principal, *, admin: bool) -> dict[str, Any]:
-        """Live state for the metrics stream; non-admins see only models they may use."""
-        visible = {m.id for m in self.catalog.visible(principal)}
+        """Live state for the metrics stream; non-admins see only models they may use, and
+        not which replica serves one (the cluster's layout is the operator's business)."""
+        pools = self.scheduler.pools
+        if admin:
+            shown = set(self.catalog.models) | set(pools)
+        else:
+            shown = {m.id for m in self.catalog.visible(principal)}
         models = []
-        for model_id, pool in sorted(self.scheduler.pools.items()):
-            if not admin and model_id not in visible:
-                continue
-            models.append(
-                {
-                    "model": model_id,
-                    "slots": pool.parallel,
-                    "in_use": pool.in_use,
-                    "queue_depth": pool.depth,
-                    "oldest_wait_s": round(pool.oldest_wait(), 3),
-                    "last_wait_s": round(pool.last_wait_s, 3),
-                    "tokens_per_s": round(self.tokens_per_s(model_id), 2),
-                    "served_by": self.served_by(model_id),
-                }
-            )
+        # A model this replica has not served yet (one another replica serves, say) has no
+        # pool: it is listed idle, with the catalogue's slots.
+        for model_id in sorted(shown):
+            pool = pools.get(model_id)
+            replica = self.served_by(model_id)
+            entry: dict[str, Any] = {"model": model_id}
+            if pool is None:
+                entry.update(slots=self.catalog.models[model_id].parallel, in_use=0)
+                entry.update(queue_depth=0, oldest_wait_s=0.0, last_wait_s=0.0)
+            else:
+                entry.update(slots=pool.parallel, in_use=pool.in_use, queue_depth=pool.depth)
+                entry["oldest_wait_s"] = round(pool.oldest_wait(), 3)
+                entry["last_wait_s"] = round(pool.last_wait_s, 3)
+            entry["tokens_per_s"] = round(self.tokens_per_s(model_id), 2)
+            entry["served_elsewhere"] = replica is not None
+            if admin:
+                entry["served_by"] = replica
+            models.append(entry)
         active = self.reservations.active
         reservation = None
         if active is not None:
