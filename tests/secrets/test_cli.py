@@ -60,5 +60,9 @@ def test_legerd_flags_are_checked(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
     dev = run_cli("legerd", "serve", "--dev", "--state-dir", str(tmp_path), "--listen", "0.0.0.0:1")
     assert dev.returncode == 2 and "loopback" in dev.stderr
+    port = run_cli(
+        "legerd", "serve", "--state-dir", str(tmp_path), "--allowed-hosts", "a.example, b:8573"
+    )
+    assert port.returncode == 2 and "'b:8573'" in port.stderr
     nothing = run_cli("legerd", "rotate-kek", "--state-dir", str(tmp_path / "none"))
     assert nothing.returncode == 3

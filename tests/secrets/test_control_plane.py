@@ -76,6 +76,16 @@ def test_mount_speaks_setec_with_control_plane_auth(
     actions = {(e["action"], e["target"], e["actor"]) for e in items}
     assert ("secrets.put", "llm/openai", "admin") in actions
     assert ("secrets.get", "llm/openai", "admin") in actions
+    # Authorised calls that fail are audited as failures, legerd's outcome in the details.
+    failed = {
+        (e["action"], e["target"], e["details"]["outcome"])
+        for e in items
+        if e["outcome"] == "failure"
+    }
+    assert failed == {
+        ("secrets.get", "nope", "not-found"),
+        ("secrets.create-version", "llm/openai", "version-claimed"),
+    }
     assert "sk-1" not in json.dumps(items) and b64(b"sk-1") not in json.dumps(items)
 
 

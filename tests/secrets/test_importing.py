@@ -20,9 +20,14 @@ from legator.core.config import Settings
 from legator.core.db import Database
 from legator.core.db.migrate import upgrade
 from legator.secrets.crypto import load_key_file
-from legator.secrets.importing import IMPORT_ACTION, SUMMARY_ACTION, open_sqlite_import
+from legator.secrets.importing import (
+    IMPORT_ACTION,
+    SUMMARY_ACTION,
+    VersionsOutOfRange,
+    open_sqlite_import,
+)
 from legator.secrets.location import open_store
-from legator.secrets.store import ImportReport, SecretStore, SqlStore
+from legator.secrets.store import MAX_VERSION, ImportReport, SecretStore, SqlStore
 from tests.support import run_cli
 
 
@@ -203,3 +208,27 @@ def test_the_cli_audits_each_secret_on_a_sqlite_control_plane(tmp_path: Path, ol
         (IMPORT_ACTION, "mail/key"),
         (SUMMARY_ACTION, str(old / "secrets.db")),
     ]
+
+
+async def test_versions_beyond_what_the_target_holds_stop_the_import_before_it_copies(
+    plane: Plane, old: Path
+) -> None:
+    """SQLite numbers versions up to 2^63 - 1, the stores here up to 2^31 - 1 (PostgreSQL's
+    INTEGER): such a secret is named, with its version, before anything is copied."""
+    source = SecretStore(old / "secrets.db", load_key_file(old / "keys" / "main.key"))
+    source.create_version("big/secret", MAX_VERSION + 1, b"b1g-value")
+    source.create_version("db/password", MAX_VERSION + 5, b"pw-huge")
+    source.activate("db/password", 3)
+    source.delete_version("db/password", MAX_VERSION + 5)  # deleted, still claimed
+    source.close()
+    with pytest.raises(VersionsOutOfRange) as refused:
+        await plane.run_import(old)
+    assert refused.value.message.startswith(
+        f"{old / 'secrets.db'}: 'big/secret' version {MAX_VERSION + 1}, "
+        f"'db/password' version {MAX_VERSION + 5} above {MAX_VERSION}, "
+    )
+    assert "nothing was imported" in refused.value.message
+    here = plane.store()
+    assert here.list() == []
+    here.close()
+    assert await plane.events(IMPORT_ACTION) == []

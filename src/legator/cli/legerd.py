@@ -69,6 +69,13 @@ def serve_command(
         envvar="LEGERD_TAILSCALE_SOCKET",
         help="tailscaled's LocalAPI socket, asked who each TCP caller is.",
     ),
+    allowed_hosts: str = typer.Option(
+        "",
+        "--allowed-hosts",
+        envvar="LEGERD_ALLOWED_HOSTS",
+        help="Comma-separated host names TCP callers may use besides IP literals and "
+        "localhost (e.g. legerd.example.ts.net); empty: any. Defeats DNS rebinding.",
+    ),
     log_level: str = typer.Option(
         "warning", "--log-level", help="debug, info, warning or error.", envvar="LEGERD_LOG_LEVEL"
     ),
@@ -86,6 +93,7 @@ def serve_command(
         dev=dev,
         acl_path=acl,
         tailscale_socket=tailscale_socket,
+        allowed_hosts=tuple(name.strip() for name in allowed_hosts.split(",") if name.strip()),
     )
     try:
         serve(config, log_level=log_level)

@@ -5,6 +5,7 @@ local policy file, whose entries also name the principals they apply to."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 from collections.abc import Iterable
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from legator.core.logging import get_logger
+
+log = get_logger("legerd")
 
 
 class Action(StrEnum):
@@ -24,6 +29,20 @@ class Action(StrEnum):
 
 
 ALL_ACTIONS = frozenset(Action)
+
+# setec's older names for two actions (its ``list`` became ``info``, ``set-active`` became
+# ``activate``): grants written for an older setec keep meaning what they meant.
+LEGACY_ACTIONS = {"list": Action.INFO, "set-active": Action.ACTIVATE}
+
+
+def known_action(name: str) -> Action | None:
+    """The action ``name`` grants (a current or a legacy name), else None."""
+    if name in LEGACY_ACTIONS:
+        return LEGACY_ACTIONS[name]
+    try:
+        return Action(name)
+    except ValueError:
+        return None
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -41,7 +60,15 @@ class Rule:
 
     @classmethod
     def build(cls, actions: Iterable[str], secrets: Iterable[str]) -> Rule:
-        return cls(frozenset(Action(a) for a in actions), tuple(_compile(s) for s in secrets))
+        """A rule for ``actions`` (legacy names included) on ``secrets``; an unknown action
+        is a ValueError."""
+        granted = set()
+        for name in actions:
+            action = known_action(name)
+            if action is None:
+                raise ValueError(f"unknown action {name!r}")
+            granted.add(action)
+        return cls(frozenset(granted), tuple(_compile(s) for s in secrets))
 
     def allows(self, action: Action, name: str) -> bool:
         return action in self.actions and any(p.match(name) for p in self.secrets)
@@ -54,27 +81,46 @@ class AclError(ValueError):
     pass
 
 
-def parse_grant(entry: Any, where: str) -> Rule:
-    """One setec grant ``{"action": [...], "secret": [...]}``."""
+_warned: set[tuple[str, ...]] = set()
+
+
+def parse_grant(entry: Any, where: str, *, ignore_unknown: bool = False) -> Rule:
+    """One setec grant ``{"action": [...], "secret": [...]}``. An action neither current nor
+    legacy is refused (AclError), or with ``ignore_unknown`` grants nothing, as in setec: a
+    tailnet grant is only read while a request waits, and must not turn it into a 500."""
     if not isinstance(entry, dict):
         raise AclError(f"{where}: a rule must be an object")
     actions, secrets = entry.get("action"), entry.get("secret")
     if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
         raise AclError(f"{where}: 'action' must be a list of strings")
-    unknown = sorted(set(actions) - {a.value for a in Action})
+    unknown = sorted({a for a in actions if known_action(a) is None})
     if unknown:
-        raise AclError(
-            f"{where}: unknown action(s) {', '.join(unknown)}; "
-            f"known: {', '.join(a.value for a in Action)}"
-        )
+        if not ignore_unknown:
+            raise AclError(
+                f"{where}: unknown action(s) {', '.join(unknown)}; known: "
+                f"{', '.join(a.value for a in Action)} (and the older "
+                f"{', '.join(LEGACY_ACTIONS)})"
+            )
+        if (where, *unknown) not in _warned:  # once, not on every request
+            _warned.add((where, *unknown))
+            log.warning("unknown actions in a grant grant nothing", where=where, unknown=unknown)
+        actions = [a for a in actions if a not in unknown]
     if not isinstance(secrets, list) or not all(isinstance(s, str) and s for s in secrets):
         raise AclError(f"{where}: 'secret' must be a list of non-empty patterns")
     return Rule.build(actions, secrets)
 
 
 def refuse_if_others_may_write(path: Path) -> None:
-    """The policy grants access to secrets: whoever may rewrite it may grant themselves any."""
-    mode = stat.S_IMODE(path.stat().st_mode)
+    """The policy grants access to secrets: whoever may rewrite it may grant themselves any.
+    So it must belong to root or to legerd's own user, and neither group nor others may
+    write it."""
+    info = path.stat()
+    if info.st_uid not in (0, os.geteuid()):
+        raise AclError(
+            f"{path}: owned by uid {info.st_uid}, who could grant themselves any secret; "
+            f"it must belong to root or to legerd's user (uid {os.geteuid()}): chown it"
+        )
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o022:
         raise AclError(f"{path}: writable by others (mode {mode:o}); chmod go-w it")
 

@@ -7,6 +7,7 @@ well under a millisecond.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -96,6 +97,44 @@ def json_response(body: Any) -> Response:
 
 
 NOT_MODIFIED = Response(status_code=304, headers={"Content-Type": "application/json"})
+
+
+def from_a_browser(request: Request) -> bool:
+    """Whether the request carries a header only browsers send. ``/`` and ``/metrics`` do not
+    require setec's anti-browser header (Prometheus cannot send it), so a page whose DNS was
+    rebound to legerd's address could otherwise read them with its visitor's identity."""
+    return any(key == "origin" or key.startswith("sec-fetch-") for key in request.headers)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8573`` is ``::1``."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return name.lower().rstrip(".")
+
+
+def host_allowed(request: Request, allowed: frozenset[str]) -> bool:
+    """Whether legerd answers a request with this Host: any, when no names are configured;
+    else those names, IP literals and ``localhost``; any on the unix socket."""
+    if not allowed or PEER_STATE_KEY in request.scope.get("state", {}):
+        return True
+    host = request.headers.get("host")
+    if host is None:  # HTTP/1.0: no browser sends none
+        return True
+    name = host_name(host)
+    if name == "localhost" or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+BROWSER_REFUSED = "access denied: legerd does not answer browsers (Origin or Sec-Fetch-* header)"
+HOST_REFUSED = "access denied: legerd does not answer to this Host name (see allowed hosts)"
 
 
 class Identifier:
@@ -205,10 +244,23 @@ class Metrics:
 def create_legerd_app(
     service: SecretsService,
     identifier: Identifier,
+    allowed_hosts: frozenset[str] = frozenset(),
 ) -> Starlette:
+    """``allowed_hosts``: the Host names TCP callers may use besides IP literals and
+    ``localhost`` (none: any)."""
     metrics = Metrics()
 
+    def refused(request: Request, *, browsers_too: bool) -> Response | None:
+        if not host_allowed(request, allowed_hosts):
+            return text_error(403, HOST_REFUSED)
+        if browsers_too and from_a_browser(request):
+            return text_error(403, BROWSER_REFUSED)
+        return None
+
     async def api_call(request: Request) -> Response:
+        # No browser check: setec's anti-browser header, which no page can set, is required.
+        if (refusal := refused(request, browsers_too=False)) is not None:
+            return refusal
         call = request.path_params["call"]
         handler = CALLS.get(call)
         if handler is None:
@@ -259,6 +311,8 @@ def create_legerd_app(
             return text_error(500, "internal error")
 
     async def index(request: Request) -> Response:
+        if (refusal := refused(request, browsers_too=True)) is not None:
+            return refusal
         try:
             caller = await identifier.identify(request)
         except IdentityError:
@@ -271,6 +325,8 @@ def create_legerd_app(
 
     async def prometheus(request: Request) -> Response:
         # Counts only (no secret names); still, only callers legerd can identify may read them.
+        if (refusal := refused(request, browsers_too=True)) is not None:
+            return refusal
         try:
             await identifier.identify(request)
         except IdentityError:

@@ -110,7 +110,8 @@ def caller_from_whois(who: dict[str, Any], policy: Policy) -> Caller:
     for cap in _CAP_NAMES:
         for index, grant in enumerate(cap_map.get(cap) or []):
             try:
-                rules.append(parse_grant(grant, f"capability {cap} grant {index}"))
+                where = f"capability {cap} grant {index}"
+                rules.append(parse_grant(grant, where, ignore_unknown=True))
             except (AclError, ValueError) as exc:
                 raise IdentityError(str(exc)) from None
     rules.extend(policy.rules_for(principals))

@@ -26,7 +26,13 @@ from legator.secrets.crypto import load_key_file
 from legator.secrets.errors import SecretsError
 from legator.secrets.location import open_store, sqlite_dir
 from legator.secrets.pgstore import PgSecretStore
-from legator.secrets.store import ImportReport, SecretStore, SourceSecret, SqlStore
+from legator.secrets.store import (
+    MAX_VERSION,
+    ImportReport,
+    SecretStore,
+    SourceSecret,
+    SqlStore,
+)
 
 IMPORT_ACTION = "secrets.import"
 SUMMARY_ACTION = "secrets.import.summary"
@@ -34,6 +40,24 @@ SUMMARY_ACTION = "secrets.import.summary"
 
 class SourceUnreadable(SecretsError):
     message = "not a readable SQLite secrets store"
+
+
+class VersionsOutOfRange(SecretsError):
+    """The source numbers versions beyond what the target holds (SQLite's INTEGER holds more
+    than PostgreSQL's); raised before anything is copied."""
+
+
+def refuse_versions_out_of_range(source: SecretStore, source_path: Path) -> None:
+    too_high = source.versions_above(MAX_VERSION)
+    if not too_high:
+        return
+    named = ", ".join(f"{name!r} version {version}" for name, version in too_high[:5])
+    more = f" and {len(too_high) - 5} more secret(s)" if len(too_high) > 5 else ""
+    raise VersionsOutOfRange(
+        f"{source_path}: {named}{more} above {MAX_VERSION}, the highest version a store here "
+        "holds; nothing was imported. Save those secrets' values, delete them from the "
+        "source store, import again, then put them here anew"
+    )
 
 
 def import_event(secret: SourceSecret, source: Path, actor: str) -> dict[str, Any]:
@@ -63,7 +87,9 @@ class SqliteImport:
     async def run(self, audit: AuditService, *, actor: str = "cli") -> ImportReport:
         """What became of each secret, audited in ``audit``: the control plane's log, on the
         database the target store's settings name. Raises ``SecretsError`` for a value that
-        cannot be opened, ``psycopg.Error`` or SQLAlchemy's errors for the database."""
+        cannot be opened or a version beyond ``MAX_VERSION`` (then before copying anything),
+        ``psycopg.Error`` or SQLAlchemy's errors for the database."""
+        refuse_versions_out_of_range(self.source, self.source_path)
         if isinstance(self.target, PgSecretStore):
             report = await _import_in_one_database(self, self.target, audit, actor)
         else:

@@ -83,12 +83,20 @@ class CoreAudit:
         durable: bool = False,
         **extra: Any,
     ) -> None:
+        # The service's outcome (ok, unchanged, denied, not-found, …) stays in the details.
+        outcome = extra.get("outcome", "ok")
+        if not authorized:
+            core_outcome = "denied"
+        elif outcome in ("ok", "unchanged"):
+            core_outcome = "success"
+        else:
+            core_outcome = "error" if outcome == "error" else "failure"
         anyio.from_thread.run(
             lambda: self.core.audit.log(
                 actor=principal,
                 action=f"secrets.{action}",
                 target=secret,
-                outcome="success" if authorized else "denied",
+                outcome=core_outcome,
                 details={"version": version, **extra},
             )
         )

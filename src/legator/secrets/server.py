@@ -62,6 +62,9 @@ class LegerdConfig:
     dev: bool = False
     acl_path: Path | None = None
     tailscale_socket: Path | None = DEFAULT_TAILSCALE_SOCKET
+    # Host names TCP callers may reach legerd by, besides IP literals and localhost (a page
+    # whose DNS was rebound to legerd's address sends its own name); empty: any.
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def db_path(self) -> Path:
@@ -118,6 +121,12 @@ def validate(config: LegerdConfig) -> None:
             )
     if config.listen is not None:
         parse_listen(config.listen)
+    for name in config.allowed_hosts:
+        if not name or any(c in name for c in ":/[] "):
+            raise ConfigProblem(
+                f"allowed host {name!r}: expected a host name without scheme or port, "
+                "e.g. legerd.example.ts.net"
+            )
     if config.socket_path is not None and socket_is_served(config.socket_path):
         # Unlinking it would leave that process running, unreachable, its callers sent here.
         raise ConfigProblem(
@@ -193,7 +202,11 @@ class Legerd:
         self.sockets = bind_sockets(config)
         self.server = uvicorn.Server(
             uvicorn.Config(
-                create_legerd_app(self.service, self.identifier),
+                create_legerd_app(
+                    self.service,
+                    self.identifier,
+                    frozenset(name.lower().rstrip(".") for name in config.allowed_hosts),
+                ),
                 http=PeerCredProtocol,
                 lifespan="off",
                 log_config=None,

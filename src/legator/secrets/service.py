@@ -6,11 +6,20 @@ knows callers and rules, not HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from legator.secrets.acl import Action
 from legator.secrets.audit import AuditSink
-from legator.secrets.errors import AccessDenied, InvalidRequest, ValueNotChanged
+from legator.secrets.errors import (
+    AccessDenied,
+    InvalidRequest,
+    SecretNotFound,
+    SecretsError,
+    ValueNotChanged,
+    VersionClaimed,
+)
 from legator.secrets.identity import Caller
 from legator.secrets.store import MAX_VERSION, SecretInfo, SqlStore
 
@@ -50,6 +59,20 @@ def validate_value(value: object) -> bytes:
     return value
 
 
+# The ``outcome`` of an audit line: what became of an authorised call that failed.
+OK, DENIED = "ok", "denied"
+
+
+def failure_outcome(exc: SecretsError) -> str:
+    if isinstance(exc, SecretNotFound):
+        return "not-found"
+    if isinstance(exc, VersionClaimed):
+        return "version-claimed"
+    if isinstance(exc, InvalidRequest):
+        return "refused"
+    return "error"
+
+
 @dataclass(frozen=True)
 class SecretValue:
     value: bytes
@@ -69,9 +92,33 @@ class SecretsService:
                 secret=name,
                 version=version,
                 authorized=False,
+                outcome=DENIED,
                 transport=caller.transport,
             )
             raise AccessDenied()
+
+    @contextmanager
+    def _audit_failure(
+        self, caller: Caller, action: str, name: str, version: int = 0
+    ) -> Iterator[None]:
+        """An authorised call that fails in the store (no such secret or version, a version
+        already used, a refused change) is audited too, with its outcome. Nothing changed, so
+        its line needs no fsync of its own."""
+        try:
+            yield
+        except ValueNotChanged:
+            raise  # audited as a read of the version the caller holds
+        except SecretsError as exc:
+            self.audit.record(
+                principal=caller.principal,
+                action=action,
+                secret=name,
+                version=version,
+                authorized=True,
+                outcome=failure_outcome(exc),
+                transport=caller.transport,
+            )
+            raise
 
     def _audit_hook(self, caller: Caller, action: str, name: str):  # type: ignore[no-untyped-def]
         def hook(version: int) -> None:
@@ -82,18 +129,22 @@ class SecretsService:
                 version=version,
                 authorized=True,
                 durable=True,
+                outcome=OK,
                 transport=caller.transport,
             )
 
         return hook
 
-    def _audit_read(self, caller: Caller, action: str, name: str, version: int) -> None:
+    def _audit_read(
+        self, caller: Caller, action: str, name: str, version: int, outcome: str = OK
+    ) -> None:
         self.audit.record(
             principal=caller.principal,
             action=action,
             secret=name,
             version=version,
             authorized=True,
+            outcome=outcome,
             transport=caller.transport,
         )
 
@@ -107,7 +158,8 @@ class SecretsService:
     def info(self, caller: Caller, name: str) -> SecretInfo:
         name = validate_name(name)
         self._check(caller, Action.INFO, name)
-        info = self.store.info(name)
+        with self._audit_failure(caller, "info", name):
+            info = self.store.info(name)
         self._audit_read(caller, "info", name, info.active_version)
         return info
 
@@ -120,12 +172,13 @@ class SecretsService:
         name = validate_name(name)
         version = validate_version(version)
         self._check(caller, Action.GET, name, version)
-        if update_if_changed and version:
-            if self.store.active_version(name) == version:
-                self._audit_read(caller, "get", name, version)
-                raise ValueNotChanged()
-            version = 0
-        value, served = self.store.get(name, version)
+        with self._audit_failure(caller, "get", name, version):
+            if update_if_changed and version:
+                if self.store.active_version(name) == version:
+                    self._audit_read(caller, "get", name, version, "unchanged")
+                    raise ValueNotChanged()
+                version = 0
+            value, served = self.store.get(name, version)
         self._audit_read(caller, "get", name, served)
         return SecretValue(value, served)
 
@@ -135,30 +188,37 @@ class SecretsService:
         name = validate_name(name)
         value = validate_value(value)
         self._check(caller, Action.PUT, name)
-        return self.store.put(name, value, self._audit_hook(caller, "put", name))
+        with self._audit_failure(caller, "put", name):
+            return self.store.put(name, value, self._audit_hook(caller, "put", name))
 
     def create_version(self, caller: Caller, name: str, version: int, value: bytes) -> None:
         name = validate_name(name)
         version = validate_version(version, allow_zero=False)
         value = validate_value(value)
         self._check(caller, Action.CREATE_VERSION, name, version)
-        self.store.create_version(
-            name, version, value, self._audit_hook(caller, "create-version", name)
-        )
+        with self._audit_failure(caller, "create-version", name, version):
+            self.store.create_version(
+                name, version, value, self._audit_hook(caller, "create-version", name)
+            )
 
     def activate(self, caller: Caller, name: str, version: int) -> None:
         name = validate_name(name)
         version = validate_version(version, allow_zero=False)
         self._check(caller, Action.ACTIVATE, name, version)
-        self.store.activate(name, version, self._audit_hook(caller, "activate", name))
+        with self._audit_failure(caller, "activate", name, version):
+            self.store.activate(name, version, self._audit_hook(caller, "activate", name))
 
     def delete(self, caller: Caller, name: str) -> None:
         name = validate_name(name)
         self._check(caller, Action.DELETE, name)
-        self.store.delete(name, self._audit_hook(caller, "delete", name))
+        with self._audit_failure(caller, "delete", name):
+            self.store.delete(name, self._audit_hook(caller, "delete", name))
 
     def delete_version(self, caller: Caller, name: str, version: int) -> None:
         name = validate_name(name)
         version = validate_version(version, allow_zero=False)
         self._check(caller, Action.DELETE, name, version)
-        self.store.delete_version(name, version, self._audit_hook(caller, "delete-version", name))
+        with self._audit_failure(caller, "delete-version", name, version):
+            self.store.delete_version(
+                name, version, self._audit_hook(caller, "delete-version", name)
+            )

@@ -351,6 +351,23 @@ class SqlStore(ABC):
             }
             yield SourceSecret(name, int(active), int(latest), values)
 
+    def versions_above(self, limit: int) -> list[tuple[str, int]]:
+        """Each secret numbered beyond ``limit`` (a version, deleted or not, or its active or
+        latest number), with its highest number, in name order."""
+        conn = self._reader()
+        highest: dict[str, int] = {}
+        rows = [
+            *conn.execute("SELECT name, version FROM versions WHERE version > ?", (limit,)),
+            *conn.execute(
+                "SELECT name, active FROM secrets WHERE active > ? "
+                "UNION ALL SELECT name, latest FROM secrets WHERE latest > ?",
+                (limit, limit),
+            ),
+        ]
+        for name, number in rows:
+            highest[name] = max(int(number), highest.get(name, 0))
+        return sorted(highest.items())
+
     def sealed_versions(self, secret: SourceSecret) -> list[tuple[int, bytes | None]]:
         """``secret``'s versions sealed under this store's data key (``None``: deleted)."""
         return [
