@@ -9,11 +9,17 @@ With several replicas, a backend belongs to the replica that started it (its hos
 directory, which outlive a restart): the others never adopt, stop or fail it, and a start
 elsewhere is refused while its owner keeps its row fresh (every LEASE_S / 3); once the owner
 has been silent for LEASE_S, another replica may start the model itself.
+
+A backend's port is picked free, but another process may take it before the backend binds it:
+the backend is declared ready only while it holds its port itself (nothing else gets its key
+or its requests), and one whose start failed because its port was taken is launched again on
+another, PORT_TRIES ports in all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import tempfile
@@ -36,7 +42,7 @@ from legator.core.security import random_hex
 from legator.gateway.backends import Backend, BackendRegistry, ExternalBackend
 from legator.gateway.catalog import Catalog
 from legator.gateway.models import GatewayRuntime
-from legator.gateway.runtimes.base import Handle, Launch, Runtime, RuntimeError_
+from legator.gateway.runtimes.base import Handle, Launch, PortTaken, Runtime, RuntimeError_
 from legator.gateway.runtimes.podman import PodmanRuntime, podman_available
 from legator.gateway.runtimes.process import ProcessRuntime
 from legator.gateway.scheduler import Scheduler
@@ -49,6 +55,7 @@ HEALTH_TIMEOUT_S = 2.0
 MISSES_TO_FAIL = 2  # consecutive failed health checks: 2 x (2 s + 2 s) stays under 10 s
 ACTIVE = ("starting", "ready")
 LEASE_S = 30.0
+PORT_TRIES = 3  # a start gives up once this many of the ports it picked were taken meanwhile
 
 
 class BackendStatus(BaseModel):
@@ -89,6 +96,7 @@ class Live:
     misses: int = 0
     failing: bool = False  # being stopped after a failure: no new requests
     started_at: Any = field(default_factory=utcnow)
+    taken: list[int] = field(default_factory=list)  # ports another process took during its start
 
     @property
     def base_url(self) -> str:
@@ -126,9 +134,19 @@ def _elsewhere(row: GatewayRuntime) -> Elsewhere:
 
 
 def _free_port() -> int:
+    # Free now, not reserved: another process may bind it before the backend does (see
+    # Supervisor._launch and _answers).
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ports_taken(ports: list[int]) -> str:
+    listed = ", ".join(str(port) for port in ports)
+    return (
+        f"another process took the port picked for it before it could listen, {len(ports)}"
+        f" times in a row (ports {listed}); giving up"
+    )
 
 
 class Supervisor:
@@ -264,15 +282,10 @@ class Supervisor:
             workdir = self.root / model_id
             workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
             workdir.chmod(0o700)
-            launch = Launch(
-                model=model,
-                port=_free_port(),
-                api_key=random_hex(32),
-                workdir=workdir,
-                owner=self.owner,
-            )
+            api_key = random_hex(32)
+            taken: list[int] = []  # ports another process took before the backend bound them
             try:
-                handle = await runtime.start(launch)
+                port, handle = await self._launch(runtime, model, api_key, workdir, taken)
             except RuntimeError_ as exc:
                 raise ServiceUnavailable(f"could not start {model_id!r}: {exc}") from None
             if model_id not in self.catalog.models:
@@ -280,7 +293,7 @@ class Supervisor:
                 # and nothing would ever stop it later.
                 await runtime.stop(handle, grace_s=0)
                 raise Conflict(f"model {model_id!r} was deleted while its backend started")
-            live = Live(model_id, model.backend_kind, launch.port, launch.api_key, handle, workdir)
+            live = Live(model_id, model.backend_kind, port, api_key, handle, workdir, taken=taken)
             self.live[model_id] = live
             self.registry.forget(model_id)
             await self._save(live)
@@ -293,6 +306,54 @@ class Supervisor:
         if wait:
             await asyncio.shield(task)
         return self.status(model_id)
+
+    async def _launch(
+        self, runtime: Runtime, model: ModelOut, api_key: str, workdir: Path, taken: list[int]
+    ) -> tuple[int, Handle]:
+        """Launch on a free port, and on another while the runtime finds it taken (Podman
+        binds it at once); ``taken`` collects the ports lost, PORT_TRIES at most."""
+        while True:
+            port = _free_port()
+            launch = Launch(
+                model=model, port=port, api_key=api_key, workdir=workdir, owner=self.owner
+            )
+            try:
+                return port, await runtime.start(launch)
+            except PortTaken:
+                taken.append(port)
+                if len(taken) >= PORT_TRIES:
+                    raise RuntimeError_(_ports_taken(taken)) from None
+                log.warning("backend port taken; trying another", model=model.id, port=port)
+
+    async def _relaunch(self, live: Live, runtime: Runtime) -> None:
+        """The backend exited during its start because another process had taken its port:
+        launch it again on another. RuntimeError_ once PORT_TRIES ports were lost."""
+        live.taken.append(live.port)
+        if len(live.taken) >= PORT_TRIES:
+            raise RuntimeError_(_ports_taken(live.taken))
+        model = self.catalog.models.get(live.model_id)
+        if model is None:
+            raise RuntimeError_("its model was deleted during its start")
+        log.warning("backend port taken; starting it again", model=live.model_id, port=live.port)
+        launching = asyncio.ensure_future(
+            self._launch(runtime, model, live.api_key, live.workdir, live.taken)
+        )
+        try:
+            live.port, live.handle = await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            # Stopped meanwhile: the stop that cancelled this stops live.handle once this
+            # returns, so it must be the backend just launched, not the one that exited.
+            with contextlib.suppress(Exception):
+                live.port, live.handle = await launching
+            raise
+        await self._save(live)
+
+    async def _answers(self, live: Live, runtime: Runtime) -> bool:
+        """Healthy, and the backend itself answers: a process that took its port is never
+        sent its key (the health request carries it), nor declared ready in its place."""
+        return await runtime.holds_port(live.handle, live.port) and await self._healthy(
+            live, runtime
+        )
 
     async def _healthy(self, live: Live, runtime: Runtime) -> bool:
         url = live.base_url + runtime.health_path
@@ -311,9 +372,17 @@ class Supervisor:
         deadline = loop.time() + self.start_timeout_s
         while live.state == "starting":
             if not await runtime.alive(live.handle):
-                await self._fail(live, runtime, "exited during start-up; see its logs")
-                return
-            if await self._healthy(live, runtime):
+                if not await runtime.port_taken(live.handle, live.workdir):
+                    await self._fail(live, runtime, "exited during start-up; see its logs")
+                    return
+                try:
+                    await self._relaunch(live, runtime)
+                except RuntimeError_ as exc:
+                    await self._fail(live, runtime, str(exc))
+                    return
+                deadline = loop.time() + self.start_timeout_s  # each launch has the timeout
+                continue
+            if await self._answers(live, runtime):
                 await self._mark_ready(live)
                 return
             if loop.time() >= deadline:
@@ -458,7 +527,7 @@ class Supervisor:
                 started_at=row.started_at or utcnow(),
             )
             alive = bool(live.api_key) and await runtime.alive(handle)
-            if alive and await self._healthy(live, runtime):
+            if alive and await self._answers(live, runtime):
                 known.add(row.container or str(row.pid))
                 self.live[row.model_id] = live
                 await self._mark_ready(live)
@@ -560,10 +629,15 @@ class Supervisor:
         return ""
 
     async def shutdown(self) -> None:
-        """Stop every managed backend: none outlives a clean control-plane stop."""
-        for live in list(self.live.values()):
-            if live.state != "stopped":
-                try:
-                    await self._stop(live)
-                except Exception:
-                    log.exception("backend stop failed", model=live.model_id)
+        """Stop every managed backend: none outlives a clean control-plane stop. All at once:
+        N backends slow to stop hold it up for one grace period, not N."""
+
+        async def stop(live: Live) -> None:
+            try:
+                await self._stop(live)
+            except Exception:
+                log.exception("backend stop failed", model=live.model_id)
+
+        await asyncio.gather(
+            *(stop(live) for live in list(self.live.values()) if live.state != "stopped")
+        )

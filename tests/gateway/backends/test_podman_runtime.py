@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from legator.gateway import supervisor as supervisor_module
 from tests.gateway.backends.conftest import backend, register_managed, wait_state
 from tests.gateway.backends.fake_hub import FakeHub
 from tests.gateway.backends.llama_image import build
@@ -228,3 +229,48 @@ def test_start_up_removes_only_its_own_orphan_containers(tmp_path: Path, image: 
     finally:
         for name in labelled:
             subprocess.run(["podman", "rm", "--force", name], capture_output=True)
+
+
+def test_a_published_port_taken_meanwhile_is_replaced(
+    pgw: LiveServer, gguf_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process binds the port picked for the container before `podman run`: Podman
+    refuses it (address already in use) and the start goes on with another port."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(gguf_file, models / "tiny.gguf")
+    with socket.socket() as holder, pgw.client(pgw.admin_key, timeout=120) as admin:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = int(holder.getsockname()[1])
+        real = supervisor_module._free_port
+        picks = [taken]
+        monkeypatch.setattr(
+            supervisor_module, "_free_port", lambda: picks.pop() if picks else real()
+        )
+        register_managed(admin, "tiny", models / "tiny.gguf", kind="podman")
+        started = admin.post("/api/v1/gateway/backends/tiny/start", params={"wait": "true"})
+        assert started.status_code == 200, started.text
+        assert started.json()["state"] == "ready", started.text
+        assert started.json()["port"] != taken
+        assert admin.post("/api/v1/gateway/backends/tiny/stop").json()["state"] == "stopped"
+
+
+def test_shutdown_removes_every_container(pgw: LiveServer, gguf_file: Path, tmp_path: Path) -> None:
+    """The backends are stopped all at once at shutdown: each container and its secret is
+    still removed before the backend is recorded stopped."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(gguf_file, models / "tiny.gguf")
+    names = ("tiny-a", "tiny-b")
+    with pgw.client(pgw.admin_key, timeout=120) as admin:
+        for model_id in names:
+            register_managed(admin, model_id, models / "tiny.gguf", kind="podman")
+            started = admin.post(f"/api/v1/gateway/backends/{model_id}/start?wait=true")
+            assert started.json()["state"] == "ready", started.text
+        supervisor = pgw.app.state.gateway.supervisor  # type: ignore[union-attr]
+        pgw.call(supervisor.shutdown())
+        for model_id in names:
+            assert not container_exists(f"sovereign-llamacpp-{model_id}")
+            assert backend(admin, model_id)["state"] == "stopped"
+        assert "sovereign-llamacpp-tiny" not in podman("secret", "ls")

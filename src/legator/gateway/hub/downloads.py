@@ -130,6 +130,10 @@ class Downloads:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, int] = {}
         self._rates: dict[str, deque[tuple[float, int]]] = {}
+        # Held by a download from its file's final rename until it is registered and marked
+        # completed, and by whoever cancels a download (cancel, stop): a cancel never lands in
+        # between, where the file would stay on disk with no model pointing at it.
+        self._finishing = asyncio.Lock()
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -151,10 +155,12 @@ class Downloads:
             self._launch(row.id)
 
     async def stop(self) -> None:
-        """Interrupt transfers without changing their state: the next start resumes them."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
+        """Interrupt transfers without changing their state: the next start resumes them.
+        One being registered finishes first."""
+        async with self._finishing:
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _launch(self, download_id: str) -> None:
@@ -299,19 +305,25 @@ class Downloads:
         return self.models_dir
 
     async def cancel(self, download_id: str, *, actor: str) -> DownloadOut:
-        async with self.core.db.write() as session:
-            row = await session.get(GatewayDownload, download_id)
-            if row is None:
-                raise NotFound(f"download {download_id!r} does not exist")
-            if row.state not in ACTIVE:
-                raise Conflict(f"download {download_id!r} is already {row.state}")
-            row.state = "cancelled"
-            await self.core.audit.record(
-                session, actor=actor, action="gateway.download.cancel", target=f"download:{row.id}"
-            )
-        task = self._tasks.get(download_id)
+        # A download being registered finishes first: then it is completed, and a 409 says so.
+        async with self._finishing:
+            async with self.core.db.write() as session:
+                row = await session.get(GatewayDownload, download_id)
+                if row is None:
+                    raise NotFound(f"download {download_id!r} does not exist")
+                if row.state not in ACTIVE:
+                    raise Conflict(f"download {download_id!r} is already {row.state}")
+                row.state = "cancelled"
+                await self.core.audit.record(
+                    session,
+                    actor=actor,
+                    action="gateway.download.cancel",
+                    target=f"download:{row.id}",
+                )
+            task = self._tasks.get(download_id)
+            if task is not None:
+                task.cancel()  # before the lock is free: it cannot start to finish now
         if task is not None:
-            task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(Path(row.dest + PART).unlink, missing_ok=True)
         return await self.get(download_id)
@@ -359,16 +371,20 @@ class Downloads:
             # Checked before it takes its place: a file that is no model must not stay there,
             # where it would make every later download of it a 409.
             info = await asyncio.to_thread(_model_info, part)
-            await asyncio.to_thread(part.replace, dest)
-            try:
-                await asyncio.to_thread(_share_with_backends, dest)
-                model_id = await self._register(row, dest, info)
-            except Exception:
-                await asyncio.to_thread(dest.unlink, missing_ok=True)
-                raise
-            await self._set(
-                download_id, state="completed", done_bytes=size, error="", model_id=model_id
-            )
+            async with self._finishing:  # no cancel from here until it is completed
+                if await self._set(download_id) is None:  # cancelled through another replica
+                    await asyncio.to_thread(part.unlink, missing_ok=True)
+                    return
+                await asyncio.to_thread(part.replace, dest)
+                try:
+                    await asyncio.to_thread(_share_with_backends, dest)
+                    model_id = await self._register(row, dest, info)
+                except Exception:
+                    await asyncio.to_thread(dest.unlink, missing_ok=True)
+                    raise
+                await self._set(
+                    download_id, state="completed", done_bytes=size, error="", model_id=model_id
+                )
             await self.core.events.publish(
                 "gateway.download.completed", {"id": download_id, "model": model_id}
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,16 @@ from legator.gateway.schemas import ModelOut, RuntimeArgs
 # A backend keeps at most this much of its own output (llama.cpp logs every request).
 LOG_MAX_BYTES = 64 << 20
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
+# How a server (llama-server, uvicorn) or Podman says that another process holds its port.
+PORT_TAKEN = re.compile(r"address already in use|couldn't bind", re.IGNORECASE)
 
 
 class RuntimeError_(Exception):
     """A runtime could not do what it was asked; the message says why."""
+
+
+class PortTaken(RuntimeError_):
+    """The port picked for the backend was taken by another process before it could bind it."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,18 @@ class Runtime(ABC):
 
     @abstractmethod
     async def logs(self, handle: Handle, workdir: Path, tail: int) -> str: ...
+
+    async def holds_port(self, handle: Handle, port: int) -> bool:
+        """Whether the backend itself listens on ``port``: not another process that took the
+        port between its pick and the backend's bind. Podman binds a container's published
+        port itself at ``podman run`` (which fails if it is taken) and holds it while the
+        container lives, so nothing else can answer there."""
+        return True
+
+    async def port_taken(self, handle: Handle, workdir: Path) -> bool:
+        """After the backend exited during its start: whether it was because its port was
+        taken (its output says so)."""
+        return False
 
     async def trim_logs(self, workdir: Path) -> None:
         """Keep a running backend's log from filling the disk (called every monitor round);

@@ -20,9 +20,11 @@ from pathlib import Path
 from legator.core.security import write_private_file
 from legator.gateway.runtimes.base import (
     LOG_MAX_BYTES,
+    PORT_TAKEN,
     STOP_GRACE_S,
     Handle,
     Launch,
+    PortTaken,
     Runtime,
     RuntimeError_,
 )
@@ -194,8 +196,11 @@ class PodmanRuntime(Runtime):
                 image,
                 *command,
             )  # fmt: skip
-        except RuntimeError_:
+        except RuntimeError_ as exc:
             await self._remove(name)
+            # Podman binds the published port itself: taken since it was picked, it says so.
+            if PORT_TAKEN.search(str(exc)):
+                raise PortTaken(str(exc)) from None
             raise
         return Handle(container=name)
 

@@ -24,6 +24,7 @@ import psutil
 from legator.core.security import write_private_file
 from legator.gateway.runtimes.base import (
     LOG_MAX_BYTES,
+    PORT_TAKEN,
     STOP_GRACE_S,
     Handle,
     Launch,
@@ -53,6 +54,7 @@ def _python_server_config(launch: Launch) -> dict[str, object]:
 
 
 KILL_WAIT_S = 10.0  # how long a stop waits for a killed server to be gone
+START_OUTPUT_BYTES = 64 * 1024  # how much of a failed start's output is searched for why
 
 
 class ProcessRuntime(Runtime):
@@ -61,6 +63,7 @@ class ProcessRuntime(Runtime):
     def __init__(self, server: str = "auto") -> None:
         self.server = server
         self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.log_starts: dict[int, int] = {}  # pid -> size of server.log when it was started
 
     def flavour(self) -> tuple[str, str | None]:
         """('llama-server', path) or ('llama-cpp-python', None)."""
@@ -112,8 +115,10 @@ class ProcessRuntime(Runtime):
     async def start(self, launch: Launch) -> Handle:
         # Both on a thread: command() writes and fsyncs the backend's key file.
         command = await asyncio.to_thread(self.command, launch)
+        log_start = await asyncio.to_thread(_size, launch.workdir / "server.log")
         child = await asyncio.to_thread(self._spawn, command, launch.workdir)
         self.children[child.pid] = child
+        self.log_starts[child.pid] = log_start
         return Handle(pid=child.pid, pid_started=psutil.Process(child.pid).create_time())
 
     @staticmethod
@@ -155,7 +160,21 @@ class ProcessRuntime(Runtime):
     async def alive(self, handle: Handle) -> bool:
         return self._process(handle) is not None
 
+    async def holds_port(self, handle: Handle, port: int) -> bool:
+        proc = self._process(handle)
+        return proc is not None and await asyncio.to_thread(_listens_on, proc, port)
+
+    async def port_taken(self, handle: Handle, workdir: Path) -> bool:
+        # Only what this start wrote: the log keeps the output of earlier ones.
+        start = self.log_starts.pop(handle.pid, None) if handle.pid is not None else None
+        if start is None:
+            return False
+        output = await asyncio.to_thread(_read_from, workdir / "server.log", start)
+        return PORT_TAKEN.search(output) is not None
+
     async def stop(self, handle: Handle, *, grace_s: float = STOP_GRACE_S) -> None:
+        if handle.pid is not None:
+            self.log_starts.pop(handle.pid, None)
         proc = self._process(handle)
         if proc is None:
             return
@@ -224,6 +243,41 @@ def trim_log(path: Path, max_bytes: int) -> None:
         kept = source.read()
     path.with_name(path.name + ".1").write_bytes(kept)
     os.truncate(path, 0)
+
+
+def _listens_on(proc: psutil.Process, port: int) -> bool:
+    """Whether ``proc`` or one of its children (a wrapper script's server) listens on
+    ``port``."""
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for member in family:
+        try:
+            connections = member.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections):
+            return True
+    return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """At most START_OUTPUT_BYTES of ``path`` from ``offset`` on: its end, where it is longer."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(min(offset, size), size - START_OUTPUT_BYTES))
+            return fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
 
 
 def tail_file(path: Path, lines: int) -> str:
