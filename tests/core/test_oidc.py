@@ -1144,3 +1144,27 @@ def test_flow_on_postgresql(
         with server.client(server.admin_key) as admin:
             users = [u["username"] for u in admin.get("/api/v1/users").json()]
             assert users.count("alice-example") == 1
+
+
+def test_a_name_shaped_like_another_users_id_takes_nothing_of_theirs(
+    sso_server: LiveServer, admin: httpx.Client, provider: FakeProvider, person: dict[str, Any]
+) -> None:
+    """Users are named by id or by username (``/users/{ref}``, the keys' owner): a provider's
+    user calling itself by the first admin's id must get neither that name nor a key that
+    acts as the admin."""
+    admin_id = admin.get("/api/v1/me").json()["user_id"]
+    person["preferred_username"] = admin_id
+    with sso_server.client() as browser:
+        assert sign_in(browser).status_code == 303
+        me = browser.get("/api/v1/me").json()
+        assert me["role"] == "operator" and me["user_id"] != admin_id
+        assert me["username"] != admin_id
+        created = browser.post(
+            "/api/v1/keys", json={"name": "mine"}, headers={"Origin": sso_server.url}
+        )
+        assert created.status_code == 201, created.text
+        assert created.json()["user_id"] == me["user_id"]
+        with sso_server.client(created.json()["key"]) as keyed:
+            assert keyed.get("/api/v1/me").json()["role"] == "operator"
+    assert admin.get(f"/api/v1/users/{admin_id}").json()["username"] == "admin"
+    admin.delete(f"/api/v1/users/{me['user_id']}")

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.auth.models import User
 from legator.core.auth.oidc_provider import IdentityClaims
-from legator.core.auth.schemas import USERNAME_RE
+from legator.core.auth.schemas import is_username
 from legator.core.auth.service import SYSTEM_ACTOR
 from legator.core.security import sha256_hex
 
@@ -34,14 +34,15 @@ def verified_email(claims: dict[str, Any]) -> str | None:
 
 def username_candidate(identity: IdentityClaims) -> str:
     """A valid username from preferred_username, else the e-mail address when the provider
-    vouches for it, else the subject. Never a reserved name: a provider's user calling
-    itself "admin" or "system" gets the subject-based name instead."""
+    vouches for it, else the subject. Never a reserved name, nor one shaped like a user id: a
+    provider's user calling itself "admin", "system" or another user's id gets the
+    subject-based name instead."""
     claims = identity.claims
     for source in (claims.get("preferred_username"), verified_email(claims)):
         if isinstance(source, str):
             name = _NOT_USERNAME.sub("-", source.strip().lower())
             name = name.lstrip("._@-")[:64]
-            if USERNAME_RE.match(name) and not _reserved(name):
+            if is_username(name) and not _reserved(name):
                 return name
     return "sso-" + sha256_hex(f"{identity.issuer}|{identity.subject}")[:12]
 

@@ -174,16 +174,17 @@ async def create_key(
     """Create an API key (your own: ``account``; another user's: ``keys:admin``). The response
     holds the key itself, shown this once."""
     auth = core_of(request).auth
-    owner = body.user or principal.username
-    if owner not in (principal.username, principal.user_id):
+    if body.user is not None and body.user not in (principal.username, principal.user_id):
         if not principal.can(P.KEYS_ADMIN):
             raise Forbidden("creating keys for other users needs the 'keys:admin' permission")
-        role = (await auth.get_user(owner)).role
+        other = await auth.get_user(body.user)
+        owner, role = other.id, other.role
     else:
         if principal.user_id is None:
             raise Forbidden("an anonymous caller has no user to own a key; name one in 'user'")
         ensure_may_manage_own_keys(principal)
-        role = principal.role
+        # By id: the caller's own row, whatever other user its name might also match.
+        owner, role = principal.user_id, principal.role
     if not scoped_permissions(role, body.scopes) <= principal.permissions:
         raise Forbidden("a new key cannot hold permissions that the calling key lacks")
     expires_at = utcnow() + timedelta(days=body.expires_in_days) if body.expires_in_days else None

@@ -11,12 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from legator.core.auth.permissions import Role, validate_scopes
 
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}\Z")
+# What a user id looks like (a UUID). Users are named by id or by username alike (/users/{ref},
+# a key's owner), so a username of that shape could stand for another user.
+ID_SHAPED_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 MIN_PASSWORD = 12
+
+
+def is_username(value: str) -> bool:
+    """Whether ``value`` (already lowercased) may name a user."""
+    return USERNAME_RE.match(value) is not None and ID_SHAPED_RE.match(value) is None
 
 
 def check_username(value: str) -> str:
     value = value.strip().lower()
-    if not USERNAME_RE.match(value):
+    if ID_SHAPED_RE.match(value):
+        raise ValueError("username must not look like a user id (a UUID)")
+    if not is_username(value):
         raise ValueError(
             "username must be 1-64 characters: lowercase letters, digits, '.', '_', '@', '-'"
         )

@@ -148,7 +148,12 @@ class AuthService:
             return int(await session.scalar(select(func.count()).select_from(User)) or 0)
 
     async def _user(self, session: AsyncSession, ref: str) -> User:
-        user = await session.scalar(select(User).where((User.id == ref) | (User.username == ref)))
+        """The user of id ``ref``, else of username ``ref``: by id first, so that a username
+        equal to another user's id (refused since, but perhaps in an older database) never
+        stands for that user."""
+        user = await session.get(User, ref) or await session.scalar(
+            select(User).where(User.username == ref)
+        )
         if user is None:
             raise NotFound(f"user {ref!r} does not exist")
         return user

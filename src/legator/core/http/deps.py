@@ -53,20 +53,41 @@ def _same_origin(conn: HTTPConnection) -> bool:
     source = conn.headers.get("origin") or conn.headers.get("referer")
     if not source:
         return False
-    return urlsplit(source).netloc == _host(conn)
+    return _netloc(source) == _host(conn)
 
 
 def cross_site(conn: HTTPConnection) -> bool:
     """Whether a browser says the request comes from another site's page. Browsers send
     Origin on every cross-site POST; a client that sends neither header is not a browser."""
     source = conn.headers.get("origin") or conn.headers.get("referer")
-    return bool(source) and urlsplit(source).netloc != _host(conn)
+    return bool(source) and _netloc(source) != _host(conn)
+
+
+def _netloc(url: str) -> str | None:
+    """The ``host[:port]`` of a URL; None for one that does not parse (an unclosed IPv6
+    bracket), which then matches no server."""
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return None
 
 
 def _named_by_address(conn: HTTPConnection) -> bool:
     """Whether the request names this server by a loopback name or an IP address, as a page
-    that reached it by DNS rebinding (its own name resolving to 127.0.0.1) cannot."""
-    host = urlsplit(f"//{_host(conn)}").hostname or ""
+    that reached it by DNS rebinding (its own name resolving to 127.0.0.1) cannot. Every name
+    the request gives must be one: such a page is same-origin with its own name, so it may add
+    an X-Forwarded-Host of its choosing to its fetch(), but its Host is the browser's."""
+    names = [conn.headers.get("host", "")]
+    if "x-forwarded-host" in conn.headers:
+        names.append(conn.headers["x-forwarded-host"])
+    return all(_is_address(name) for name in names)
+
+
+def _is_address(name: str) -> bool:
+    try:
+        host = urlsplit(f"//{name}").hostname or ""
+    except ValueError:
+        return False
     if host == "localhost":
         return True
     try:
