@@ -106,3 +106,26 @@ def test_a_forwarded_address_counts_only_when_told_to(
         forged = _login(server, TAILNET_IP)
     assert forged.status_code == 401 and "api_key" not in forged.text
     assert not any(call.startswith(TAILNET_IP) for call in tailscale.calls)
+
+
+def test_a_login_names_one_user_or_none(ts_server: LiveServer, tailscale: FakeTailscale) -> None:
+    """A username is unique and wins; an e-mail address two users share names neither of them
+    (which one got the key depended on their order before), and a disabled user's name never
+    falls through to another user's e-mail."""
+    tailscale.identities[TAILNET_IP] = whois_user("alice@example.com")
+    with ts_server.client(ts_server.admin_key) as api:
+        other = {"username": "alias", "email": "alice@example.com", "role": "admin"}
+        assert api.post("/api/v1/users", json=other).status_code == 201
+        shared = _login(ts_server, TAILNET_IP)
+        assert shared.status_code == 401 and "several" in shared.json()["error"]["message"]
+        assert "api_key" not in shared.text
+
+        named = {"username": "alice@example.com", "email": "x@example.com", "role": "viewer"}
+        assert api.post("/api/v1/users", json=named).status_code == 201
+        response = _login(ts_server, TAILNET_IP)
+        assert response.status_code == 200 and response.json()["username"] == "alice@example.com"
+
+        disabled = api.patch("/api/v1/users/alice@example.com", json={"disabled": True})
+        assert disabled.status_code == 200, disabled.text
+        refused = _login(ts_server, TAILNET_IP)
+        assert refused.status_code == 401 and "no enabled" in refused.json()["error"]["message"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from legator.core.audit.service import AuditService
+from legator.core.auth.schemas import UserOut
 from legator.core.auth.service import AuthService
 from legator.core.auth.tailscale import WhoIs, WhoIsError, is_tailnet, login_name
 from legator.core.db.base import utcnow
@@ -35,24 +36,16 @@ class TailscaleLogins:
         name = login_name(who)
         if name is None:
             raise Unauthorized("a tagged device acts for no user; use an API key or a device code")
-        wanted = name.lower()
-        user = next(
-            (
-                u
-                for u in await self.auth.list_users()
-                if not u.disabled and (u.username == wanted or (u.email or "").lower() == wanted)
-            ),
-            None,
-        )
+        user, reason = matching_user(await self.auth.list_users(), name)
         if user is None:
             await self.audit.log(
                 actor=f"tailscale:{name}",
                 action="deploy.tailscale_login",
                 target=f"client:{client_name}",
                 outcome="denied",
-                details={"client_ip": client_ip, "reason": "no matching user"},
+                details={"client_ip": client_ip, "reason": reason},
             )
-            raise Unauthorized(f"no enabled Legator user matches the Tailscale login {name}")
+            raise Unauthorized(f"{reason}: the Tailscale login {name}")
         key, raw = await self.auth.create_key(
             user.id,
             name=f"leger {client_name} (tailscale)"[:100],
@@ -60,3 +53,20 @@ class TailscaleLogins:
             actor=f"tailscale:{name}",
         )
         return {"api_key": raw, "expires_at": key.expires_at, "username": user.username}
+
+
+def matching_user(users: list[UserOut], login: str) -> tuple[UserOut | None, str]:
+    """The user a Tailscale login stands for: the one of that username (unique), else the one
+    user whose e-mail it is. E-mail addresses are not unique (an identity provider vouches for
+    its users' own), so one shared by several users names none of them; nor does a disabled
+    user's name fall through to another's e-mail. The second value says why none."""
+    wanted = login.lower()
+    named = next((u for u in users if u.username == wanted), None)
+    if named is None:
+        by_email = [u for u in users if (u.email or "").lower() == wanted]
+        if len(by_email) > 1:
+            return None, "several Legator users have this e-mail address; none is chosen"
+        named = by_email[0] if by_email else None
+    if named is None or named.disabled:
+        return None, "no enabled Legator user matches"
+    return named, ""
