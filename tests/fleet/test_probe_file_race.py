@@ -109,8 +109,9 @@ def test_reads_are_unchanged_inside_the_allowed_paths(tmp_path: Path) -> None:
     assert _perform(allowed / "logs" / "link.log", allowed, "readlines") == {
         "start": 1,
         "lines": ["harmless"],
+        "truncated": False,
     }
-    assert _perform(target, allowed, "search") == {"matches": []}
+    assert _perform(target, allowed, "search") == {"matches": [], "truncated": False}
     info = _perform(allowed / "logs", allowed, "stat")
     assert info["type"] == "dir" and info["path"] == str(allowed / "logs")  # type: ignore[index]
     with pytest.raises(fileops.FileDenied, match="not a regular file"):

@@ -86,7 +86,16 @@ class Agent:
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
             backoff = min(backoff * 2, BACKOFF_MAX)
         if self.restart_requested:
+            await self._end_tasks()
             updater.reexec()
+
+    async def _end_tasks(self) -> None:
+        """Cancel what is under way before the probe re-executes itself: a command's process
+        group is killed when its task is cancelled, where the new process would never kill
+        it at its timeout."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _session(self, ws: ClientConnection) -> None:
         self.ws = ws

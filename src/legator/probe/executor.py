@@ -1,10 +1,11 @@
 """Runs commands: bounded concurrency, argv by default, a process group per command that is
-killed whole on timeout, output capped per stream, and an environment without the probe's
-own credentials."""
+killed whole on timeout and when the command ends, output capped per stream, and an
+environment without the probe's own credentials."""
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import os
 import shlex
@@ -18,7 +19,9 @@ from legator.fleet.protocol import CommandResult, CommandSpec, OutputChunk
 # from variables with this prefix; none of them reaches a command.
 PROBE_ENV_PREFIX = "LEGATOR_"
 OUTPUT_CAP = 1024 * 1024  # bytes kept per stream
-READ_SIZE = 64 * 1024
+# One read, decoded with the up to 3 bytes of a character that the previous read cut, is one
+# output chunk: at most 64 KiB characters (``protocol.MAX_CHUNK_CHARS``).
+READ_SIZE = 64 * 1024 - 3
 Emit = Callable[[OutputChunk], Awaitable[None]]
 
 
@@ -64,12 +67,15 @@ class Executor:
                 env=env,
                 cwd=self.work_dir,
             )
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        except (OSError, ValueError) as exc:
+            # Not found, not executable, no interpreter (ENOEXEC), arguments over the kernel's
+            # limit (E2BIG), a NUL byte in them (ValueError): an answer, never a silent loss.
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return CommandResult(
                 request_id=spec.request_id,
                 status="error",
                 exit_code=127,
-                error=f"cannot start {argv[0]!r}: {exc.strerror or exc}",
+                error=f"cannot start {argv[0]!r}: {why}",
             )
         seq = [0]
         out, err = _Capture(), _Capture()
@@ -77,19 +83,26 @@ class Executor:
         async def pump(reader: asyncio.StreamReader | None, cap: _Capture, name: str) -> None:
             if reader is None:
                 return
+            # A read can end inside a multi-byte character: decode across reads, so that
+            # the stream shows the same text as the result.
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+            async def send(text: str) -> None:
+                if emit is None or not text:
+                    return
+                number = seq[0]
+                seq[0] += 1
+                chunk = OutputChunk(
+                    request_id=spec.request_id,
+                    seq=number,
+                    stream=name,  # type: ignore[arg-type]
+                    data=text,
+                )
+                await emit(chunk)
+
             while chunk := await reader.read(READ_SIZE):
-                kept = cap.add(chunk)
-                if emit is not None and kept:
-                    number = seq[0]
-                    seq[0] += 1
-                    await emit(
-                        OutputChunk(
-                            request_id=spec.request_id,
-                            seq=number,
-                            stream=name,  # type: ignore[arg-type]
-                            data=kept.decode("utf-8", "replace"),
-                        )
-                    )
+                await send(decoder.decode(cap.add(chunk)))
+            await send(decoder.decode(b"", final=True))
 
         pumps = asyncio.gather(
             pump(proc.stdout, out, "stdout"), pump(proc.stderr, err, "stderr"), proc.wait()
@@ -112,6 +125,11 @@ class Executor:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             raise
+        else:
+            # What the command left running in its group ends with it: ``cmd >/dev/null &``
+            # holds no pipe, so no timeout comes to kill it, and it would run on for good.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         duration = int((time.monotonic() - started) * 1000)
         code = proc.returncode
         if timed_out:

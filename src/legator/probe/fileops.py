@@ -19,23 +19,32 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
+import json
 import os
 import re
 import stat as stat_mod
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from legator.fleet.protocol import FileRequest
 from legator.probe.config import CONFIG_NAME, DEFAULT_CONFIG_DIR, default_config_dir
 
 MAX_SEARCH_HITS = 1000
+SEARCH_TIMEOUT_S = 20.0  # under the 30 s the control plane waits for the answer
+_SEARCH_CHILD = "import sys, legator.probe.fileops as f; f.search_child(sys.stdin.read())"
 # Per-process files under procfs that hold secrets: the environment (enrolment tokens, API
 # keys), the memory itself and the physical page map. ``cmdline``, ``status``, ``maps`` and
 # the rest stay readable for diagnosis.
 PROC_SECRET_NAMES = frozenset({"environ", "mem", "pagemap"})
 PROC_SECRET_TOP = frozenset({"kcore"})  # all physical memory, as an ELF core file
+# The kernel's log queue: a regular file whose read blocks until the kernel logs something
+# and takes each message it returns away from the system's logger.
+PROC_QUEUE_TOP = frozenset({"kmsg"})
 
 
 class FileDenied(Exception):
@@ -182,6 +191,12 @@ def _check_proc(path: str, real: Path, mounts: frozenset[Path]) -> None:
                 f"{path!r} (resolved to {str(real)!r}) holds a process's environment or "
                 "memory: the probe never serves it, whatever the policy allows"
             )
+        if len(inside) == 1 and inside[0] in PROC_QUEUE_TOP:
+            raise FileDenied(
+                f"{path!r} (resolved to {str(real)!r}) is the kernel's log queue (a read "
+                "waits for messages and takes them from the system's logger): the probe "
+                "never serves it, whatever the policy allows"
+            )
 
 
 def check_not_secret(path: str, real: Path, secrets: Secrets) -> None:
@@ -239,6 +254,8 @@ def perform(
     """Run one file operation. ``config_path`` is where this probe loaded its config from;
     it and the default locations are refused whatever ``roots`` allow."""
     target = resolve_allowed(request.path, roots)
+    if request.op == "search":
+        _pattern(request.pattern)  # a pattern that does not compile is refused before anything
     secrets = Secrets.of(config_path)
     check_not_secret(request.path, target, secrets)
     if request.op == "stat":
@@ -257,11 +274,50 @@ def perform(
         if not stat_mod.S_ISREG(info.st_mode):
             raise FileDenied(f"{request.path!r} is not a regular file")
         os.set_blocking(fd, True)
+        if request.op == "search":
+            return _search(request, fd)
         return _read(request, fd)
 
 
+def _pattern(pattern: str | None) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern or "")
+    except re.error as exc:  # not a ValueError: it would end the request without an answer
+        raise ValueError(f"search pattern {pattern!r} does not compile: {exc}") from None
+
+
+def _lines(handle: TextIO, limit: int) -> Iterator[tuple[str, bool]]:
+    """The file's lines without their newline, each cut to ``limit`` characters, and whether
+    it was cut. The rest of a longer line is read in pieces and dropped, never held whole: a
+    sparse file of one enormous line costs whoever writes it no disk."""
+    while piece := handle.readline(limit + 1):
+        text, cut = piece.removesuffix("\n")[:limit], False
+        while len(piece) > limit and not piece.endswith("\n"):
+            cut = True
+            piece = handle.readline(limit + 1)
+        yield text, cut
+
+
+def _bounded(
+    rows: Iterable[tuple[int, tuple[str, bool]]], max_bytes: int, max_rows: int
+) -> tuple[list[tuple[int, str]], bool]:
+    """The numbered lines of ``rows`` that fit in ``max_bytes`` characters (a line counts one
+    more, for its newline) and ``max_rows``, and whether anything was left out."""
+    kept: list[tuple[int, str]] = []
+    budget, truncated = max_bytes, False
+    for number, (text, cut) in rows:
+        if not budget or len(kept) >= max_rows:
+            return kept, True
+        part = text[: budget - 1]
+        budget -= len(part) + 1
+        truncated = truncated or cut or len(part) < len(text)
+        kept.append((number, part))
+    return kept, truncated
+
+
 def _read(request: FileRequest, fd: int) -> Any:
-    """The operation on ``fd``, a regular file opened and checked (the caller closes it)."""
+    """``read`` or ``readlines`` of ``fd``, a regular file opened and checked (the caller
+    closes it): at most ``max_bytes`` of it, and whether some was left out."""
     if request.op == "read":
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(request.max_bytes + 1)
@@ -269,21 +325,50 @@ def _read(request: FileRequest, fd: int) -> Any:
             "content": data[: request.max_bytes].decode("utf-8", "replace"),
             "truncated": len(data) > request.max_bytes,
         }
-    if request.op == "readlines":
-        lines, end = [], request.end or request.start + 999
-        with os.fdopen(fd, encoding="utf-8", errors="replace", closefd=False) as handle:
-            for number, line in enumerate(handle, start=1):
-                if number > end:
-                    break
-                if number >= request.start:
-                    lines.append(line.rstrip("\n"))
-        return {"start": request.start, "lines": lines}
-    pattern = re.compile(request.pattern or "")
-    hits = []
+    end = request.end or request.start + 999
     with os.fdopen(fd, encoding="utf-8", errors="replace", closefd=False) as handle:
-        for number, line in enumerate(handle, start=1):
-            if pattern.search(line):
-                hits.append({"line": number, "text": line.rstrip("\n")})
-                if len(hits) >= MAX_SEARCH_HITS:
-                    break
-    return {"matches": hits}
+        numbered = enumerate(_lines(handle, request.max_bytes), start=1)
+        wanted = itertools.islice(numbered, request.start - 1, end)
+        found, truncated = _bounded(wanted, request.max_bytes, end)
+    return {"start": request.start, "lines": [text for _, text in found], "truncated": truncated}
+
+
+def _search(request: FileRequest, fd: int) -> Any:
+    """``search`` of ``fd`` in a child process, killed after ``SEARCH_TIMEOUT_S``.
+
+    ``re`` backtracks and holds the GIL for the whole of one match, so a pattern such as
+    ``(a+)+$`` against a line of a's would freeze the probe itself (heartbeats, commands,
+    every other request) for good. The child reads the file through the descriptor opened
+    and checked here, and gets nothing of the probe's environment."""
+    job = {"fd": fd, "pattern": request.pattern or "", "max_bytes": request.max_bytes}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _SEARCH_CHILD],
+            input=json.dumps(job),
+            pass_fds=(fd,),
+            capture_output=True,
+            text=True,
+            timeout=SEARCH_TIMEOUT_S,
+            check=False,
+            env={"PYTHONPATH": os.pathsep.join(path for path in sys.path if path)},
+        )
+    except subprocess.TimeoutExpired:
+        raise ValueError(
+            f"search of {request.path!r} stopped after {SEARCH_TIMEOUT_S:g}s (a pattern "
+            "that backtracks without end, or a very large file)"
+        ) from None
+    if done.returncode != 0:
+        raise ValueError(f"search of {request.path!r} failed: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout)
+
+
+def search_child(job_text: str) -> None:
+    """The child's side of :func:`_search`: the matches, as JSON on stdout."""
+    job = json.loads(job_text)
+    pattern = _pattern(job["pattern"])
+    with os.fdopen(job["fd"], encoding="utf-8", errors="replace") as handle:
+        numbered = enumerate(_lines(handle, job["max_bytes"]), start=1)
+        matching = (row for row in numbered if pattern.search(row[1][0]))
+        found, truncated = _bounded(matching, job["max_bytes"], MAX_SEARCH_HITS)
+    hits = [{"line": number, "text": text} for number, text in found]
+    sys.stdout.write(json.dumps({"matches": hits, "truncated": truncated}))
