@@ -209,3 +209,46 @@ def test_run_command_waits_for_the_approval_and_its_result(
         key: value for key, value in out["approved"].items() if key != "approval_id"
     }
     assert "wait_for_approval_s" in error_text(out["too_long"])
+
+
+def test_an_agent_cannot_approve_what_another_agent_wrote(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Two MCP clients on two users' keys would otherwise wave each other's actions through,
+    and no person would see them; a request a person wrote may still be decided over MCP."""
+    pid = spawn_probe("mcp-d", max_level="remediate", policy="full-remediate").probe_id
+    victim = tmp_path / "y"
+    victim.mkdir()
+    created = admin.post(
+        "/api/v1/users",
+        json={"username": "otto", "password": "correct horse battery", "role": "admin"},
+    )
+    assert created.status_code == 201, created.text
+    other_key = admin.post("/api/v1/keys", json={"name": "mcp", "user": "otto"}).json()["key"]
+
+    async def ask(session: ClientSession) -> Any:
+        body = {"probe_id": pid, "command": f"rm -rf {victim}", "shell": True, "reason": "x"}
+        return payload(await session.call_tool("run_command", body))
+
+    asked = with_session(fleet_server, fleet_server.admin_key, ask)
+    assert asked["status"] == "pending_approval"
+    queued = admin.post(
+        f"/api/v1/probes/{pid}/command", json={"command": "rm", "args": ["-rf", str(victim)]}
+    )
+    assert queued.status_code == 202, queued.text
+    by_person = queued.json()
+
+    async def approve_both(session: ClientSession) -> tuple[Any, Any]:
+        agents = await session.call_tool(
+            "decide_approval", {"approval_id": asked["approval_id"], "decision": "approve"}
+        )
+        persons = await session.call_tool(
+            "decide_approval", {"approval_id": by_person["approval_id"], "decision": "deny"}
+        )
+        return agents, persons
+
+    agents, persons = with_session(fleet_server, other_key, approve_both)
+    assert "cannot approve a request a model wrote (origin mcp)" in error_text(agents)
+    assert payload(persons)["status"] == "denied"
+    still = admin.get(f"/api/v1/approvals/{asked['approval_id']}").json()
+    assert still["status"] == "pending" and victim.exists()

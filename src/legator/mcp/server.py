@@ -24,6 +24,7 @@ from legator.core.errors import AppError
 from legator.core.http.deps import require
 from legator.core.runtime import Core
 from legator.fleet.approvals.schemas import ApprovalStatus
+from legator.fleet.gate import MODEL_ORIGINS
 from legator.fleet.schemas import CommandRequest
 
 MCP_PATH = "/mcp"
@@ -179,6 +180,14 @@ def build_server(core: Core, state: Any) -> MCPServer:
                 # a person approves it, in the web UI, the CLI or the API.
                 raise ToolDenied(
                     "an MCP client cannot approve a request its own user made; "
+                    "a person decides it in the web UI, the CLI or the API"
+                )
+            origin = pending.rationale.get("origin")
+            if origin in MODEL_ORIGINS:
+                # Nor may another agent (another user's key): two agents would approve each
+                # other's actions, and no person would have seen them.
+                raise ToolDenied(
+                    f"an MCP client cannot approve a request a model wrote (origin {origin}); "
                     "a person decides it in the web UI, the CLI or the API"
                 )
         out = await _call(state.approvals.decide(approval_id, principal, decision, reason))
