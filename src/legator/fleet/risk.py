@@ -16,7 +16,10 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 
-from legator.fleet.policy import DIAGNOSE, OBSERVE, REMEDIATE, classify, command_parts
+from legator.fleet.policy import DIAGNOSE, OBSERVE, REMEDIATE, classify
+from legator.fleet.policy.lexer import Unparseable, simple_commands, split_substitutions
+from legator.fleet.policy.options import parse
+from legator.fleet.policy.unwrap import WRAPPER_SYNTAX
 
 LOW, MEDIUM, HIGH, CRITICAL = "low", "medium", "high", "critical"
 TIERS = (LOW, MEDIUM, HIGH, CRITICAL)
@@ -75,7 +78,7 @@ _WRAPPERS = frozenset(
     {"sudo", "doas", "nice", "nohup", "time", "timeout", "ionice", "stdbuf", "command",
      "builtin", "exec", "env", "xargs", "watch", "chroot", "nsenter", "setsid", "unbuffer"}
 )  # fmt: skip
-_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox", "su"})
 _SYSTEMCTL_CRITICAL = frozenset({"poweroff", "reboot", "halt", "kexec", "emergency", "rescue"})
 _SYSTEMCTL_READ = frozenset(
     {"status", "show", "cat", "list-units", "list-unit-files", "list-timers", "list-sockets",
@@ -95,6 +98,9 @@ def _unwrap(argv: list[str]) -> list[str]:
     while argv and _program(argv[0]) in _WRAPPERS:
         wrapper = _program(argv[0])
         rest = argv[1:]
+        syntax = WRAPPER_SYNTAX.get(wrapper)
+        if syntax is not None:  # its own option syntax: ``time -o ls rm`` runs rm, not ls
+            rest = parse(rest, syntax).words
         while rest and (rest[0].startswith("-") or "=" in rest[0]):
             option = rest.pop(0)
             takes_value = option in ("-n", "-u", "-g", "-c", "-s", "-k", "-p", "-I", "-d", "-C")
@@ -102,6 +108,8 @@ def _unwrap(argv: list[str]) -> list[str]:
                 rest.pop(0)
         if wrapper == "timeout" and rest and rest[0][:1].isdigit():
             rest.pop(0)
+        if wrapper == "watch" and rest:
+            return ["sh", "-c", " ".join(rest)]  # watch runs its words as a sh -c line
         argv = rest
     return argv
 
@@ -111,6 +119,8 @@ def _argv_risk(argv: list[str]) -> str:
     if not argv:
         return LOW
     program, args = _program(argv[0]), argv[1:]
+    if program == "eval":
+        return highest([HIGH, shell_risk(" ".join(args))])
     if program in _SHELLS:
         for index, arg in enumerate(args):
             if arg.startswith("-") and "c" in arg[1:] and index + 1 < len(args):
@@ -233,26 +243,17 @@ def _every_word_risk(line: str) -> str:
 
 
 def shell_risk(line: str) -> str:
-    """The risk of a ``/bin/sh -c`` command line."""
-    parts = command_parts(line, shell=True)
-    if len(parts) == 1 and parts[0] == line and _looks_compound(line):
-        return _every_word_risk(line)  # command_parts could not split it
-    risks = [_LEVEL_FLOOR[classify(line, shell=True)]]
-    for part in parts:
-        try:
-            argv = shlex.split(part)
-        except ValueError:
-            return _every_word_risk(line)
-        risks.append(_argv_risk(argv))
-    return highest(risks)
-
-
-def _looks_compound(line: str) -> bool:
+    """The risk of a ``/bin/sh -c`` command line: each simple command, as the words the shell
+    gives it (a quoted ``sh -c 'ls; rm -rf /'`` stays one word), and each substitution."""
     try:
-        shlex.split(line)
-    except ValueError:
-        return True
-    return any(op in line for op in (";", "&", "|", "`", "$(", "\n", ">", "<"))
+        outer, inner = split_substitutions(line)
+        commands, _, _ = simple_commands(outer)
+    except Unparseable:
+        return _every_word_risk(line)
+    risks = [_LEVEL_FLOOR[classify(line, shell=True)]]
+    risks += [_argv_risk(argv) for argv in commands]
+    risks += [shell_risk(sub) for sub in inner]
+    return highest(risks)
 
 
 def classify_risk(command: str, args: Sequence[str] = (), *, shell: bool = False) -> str:

@@ -38,6 +38,23 @@ def required_approvals(mode: ApprovalMode, risk: str) -> int:
     return 2 if mode is ApprovalMode.TWO_PERSON and risk in (HIGH, CRITICAL) else 1
 
 
+def approvals_short(approval: ApprovalOut, mode: ApprovalMode) -> str:
+    """Why ``approval`` does not satisfy ``mode`` as the policy now stands (empty: it does).
+    A policy made ``two_person`` after the request was queued asks for two approvers other
+    than the requester before a high or critical action runs."""
+    needed = required_approvals(mode, approval.risk)
+    if needed < 2:
+        return ""
+    approvers = {d.approver for d in approval.decisions if d.decision == "approve"}
+    approvers.discard(approval.requester)
+    if len(approvers) >= needed:
+        return ""
+    return (
+        f"the policy ({mode.value}) now needs two approvers other than the requester; "
+        f"{len(approvers)} approved"
+    )
+
+
 def to_out(row: Approval) -> ApprovalOut:
     return ApprovalOut.model_validate(row)
 

@@ -27,6 +27,7 @@ from legator.core.errors import AppError, Forbidden, NotFound
 from legator.core.events import InMemoryEventBus
 from legator.core.logging import get_logger
 from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut
+from legator.fleet.approvals.service import approvals_short
 from legator.fleet.batching import GroupCommitter
 from legator.fleet.gate import Action, Gate, GateResult, Target
 from legator.fleet.hub import Hub, ProbeNotConnected
@@ -246,6 +247,15 @@ class CommandService:
         started: dict[str, str] = {}
         errors: dict[str, str] = {}
         for probe_id in approval.targets:
+            try:
+                mode = (await self.target(await self._probe(probe_id))).approval_mode
+            except AppError as exc:
+                errors[probe_id] = exc.message
+                continue
+            short = approvals_short(approval, mode)
+            if short:
+                errors[probe_id] = short
+                continue
             await self._wait_connected(probe_id, RECONNECT_WAIT_S)
             try:
                 row = await self._record_and_send(

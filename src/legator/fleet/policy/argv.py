@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Sequence
 
 from legator.fleet.policy.env import classify_env, is_assignment
 from legator.fleet.policy.known import DIAGNOSE_COMMANDS, OBSERVE_COMMANDS, SHELLS, WRAPPERS
 from legator.fleet.policy.levels import DIAGNOSE, OBSERVE, REMEDIATE, strongest
+from legator.fleet.policy.options import parse
 from legator.fleet.policy.programs import SPECIAL
+from legator.fleet.policy.unwrap import WRAPPER_SYNTAX
+
+# Where the system keeps its programs: a known name elsewhere (/tmp/ls, ./cat) is a file
+# anyone may have written, not the program the name stands for.
+SYSTEM_DIRS = frozenset(
+    {"/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"}
+)
 
 
 def _program(argv: Sequence[str]) -> tuple[str, list[str], list[str]]:
-    """The program's basename, its arguments, and the variables a ``VAR=value`` prefix sets."""
+    """The program's basename, its arguments, and the variables a ``VAR=value`` prefix sets;
+    a path outside :data:`SYSTEM_DIRS` gives a name no rule knows (so, ``remediate``)."""
     words = list(argv)
     assigned: list[str] = []
     while words and is_assignment(words[0]):
         assigned.append(words.pop(0).split("=", 1)[0])
     if not words:
         return "", [], assigned
-    return os.path.basename(words[0]), words[1:], assigned
+    program = words[0]
+    if "/" in program and posixpath.dirname(posixpath.normpath(program)) not in SYSTEM_DIRS:
+        return program, words[1:], assigned
+    return os.path.basename(program), words[1:], assigned
 
 
 def classify_argv(argv: Sequence[str]) -> str:
@@ -32,9 +45,12 @@ def classify_argv(argv: Sequence[str]) -> str:
     if prog in SHELLS or prog.startswith("$") or prog == "__subst__":
         return REMEDIATE
     if prog in WRAPPERS:
-        rest = list(args)
-        while rest and (rest[0].startswith("-") or (prog == "timeout" and rest[0][:1].isdigit())):
-            rest.pop(0)
+        # Read the wrapper's options as it does: ``time -o ls rm …`` writes ./ls and runs rm.
+        parsed = parse(args, WRAPPER_SYNTAX[prog])
+        writes = prog == "time" and parsed.has("-o", "--output")
+        if writes or not all(o.sure for o in parsed.options):
+            return REMEDIATE  # time -o writes a file; an abbreviation may have taken a value
+        rest = parsed.words[1:] if prog == "timeout" else parsed.words  # past the duration
         return strongest([DIAGNOSE if prog in {"ionice", "nice"} else OBSERVE, classify_argv(rest)])
     special = SPECIAL.get(prog)
     if special is not None:

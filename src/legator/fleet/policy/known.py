@@ -97,7 +97,6 @@ OBSERVE_COMMANDS = frozenset(
         "yes",
         "expr",
         "bc",
-        "dc",
         "timedatectl",
         "localectl",
         "loginctl",

@@ -93,6 +93,11 @@ def parse(args: Sequence[str], syntax: Syntax) -> _Parsed:
                     value, equals = args[i], "="
                     i += 1
                 items.append(_Opt("--" + given, value if equals else None, True))
+            elif len(names) == 1:  # a unique abbreviation is that option, value and all
+                if names[0] in syntax.long_values and not equals and i < len(args):
+                    value, equals = args[i], "="
+                    i += 1
+                items.append(_Opt("--" + names[0], value if equals else None, False))
             elif names:
                 items += [_Opt("--" + name, value if equals else None, False) for name in names]
             else:

@@ -1,4 +1,5 @@
-"""Rules for network clients and configuration: curl, wget and ip."""
+"""Rules for network clients and configuration: curl, wget, ip, tcpdump, ncat, nmap and
+openssl."""
 
 from __future__ import annotations
 
@@ -120,8 +121,76 @@ def _ip(args: list[str]) -> str:
     return REMEDIATE
 
 
+_TCPDUMP = Syntax(short_values="BcCEFGijMmrsTVwWyzZQ")
+
+
+def _tcpdump(args: list[str]) -> str:
+    # -w writes a capture file; -z runs a command on each file it rotates.
+    return REMEDIATE if parse(args, _TCPDUMP).has("-w", "-z") else DIAGNOSE
+
+
+_NCAT = Syntax(
+    short_values="cegGimopsdwx",
+    long_values=names("exec sh-exec lua-exec output hex-dump"),
+    long_flags=names("append-output"),
+)
+_NCAT_WRITES = frozenset(
+    {"-e", "-c", "-o", "-x", "--exec", "--sh-exec", "--lua-exec", "--output", "--hex-dump",
+     "--append-output"}
+)  # fmt: skip
+
+
+def _ncat(args: list[str]) -> str:
+    return REMEDIATE if parse(args, _NCAT).has(*_NCAT_WRITES) else DIAGNOSE
+
+
+# nmap reads long options with one dash too; these run scripts (NSE is Lua with os.execute)
+# or read or write files.
+_NMAP_LONG = ("script", "append-output", "resume", "datadir", "servicedb", "versiondb")
+
+
+def _nmap(args: list[str]) -> str:
+    for arg in args:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if not arg.startswith("-") or not name:
+            continue
+        if len(name) >= 3 and any(option.startswith(name) for option in _NMAP_LONG):
+            return REMEDIATE
+        if name.startswith("script") or name == "A" or (name[0] == "s" and "C" in name):
+            return REMEDIATE  # -A and -sC run the default scripts
+        if name[0] == "o" and name[1:2] in tuple("NXSGAMH"):
+            return REMEDIATE  # -oN FILE…
+    return DIAGNOSE
+
+
+# openssl subcommands that only read or print (what they write goes to standard output), and
+# the options (one or two dashes, ``-opt=value`` too) that write files or load code.
+_OPENSSL_READ = frozenset(
+    {"version", "s_client", "x509", "verify", "ciphers", "list", "crl", "asn1parse", "dgst",
+     "sess_id", "errstr", "help", "pkey", "rsa", "ec", "pkcs7", "rand", "base64", "enc",
+     "md5", "sha1", "sha256", "sha384", "sha512"}
+)  # fmt: skip
+_OPENSSL_WRITES = frozenset(
+    {"out", "keyout", "engine", "provider", "provider-path", "sess_out", "keylogfile",
+     "msgfile", "writerand", "CA", "CAserial", "CAcreateserial", "config"}
+)  # fmt: skip
+
+
+def _openssl(args: list[str]) -> str:
+    if not args or args[0] not in _OPENSSL_READ:
+        return REMEDIATE
+    for arg in args[1:]:
+        if arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] in _OPENSSL_WRITES:
+            return REMEDIATE
+    return DIAGNOSE
+
+
 RULES: dict[str, Callable[[list[str]], str]] = {
     "curl": _curl,
     "wget": _wget,
     "ip": _ip,
+    "tcpdump": _tcpdump,
+    "ncat": _ncat,
+    "nmap": _nmap,
+    "openssl": _openssl,
 }

@@ -1,5 +1,6 @@
 """Rules for system administration tools: systemd's ``*ctl`` programs and journalctl, date,
-hostname, sysctl, mount, fuser, package managers and firewalls."""
+hostname, sysctl, mount, fuser, package managers, firewalls, and the inspection tools that
+can also change something (dmesg, ss, route, arp, ethtool, smartctl, nvidia-smi, sar…)."""
 
 from __future__ import annotations
 
@@ -193,7 +194,15 @@ def _dpkg(args: list[str]) -> str:
     )
 
 
+# --pipe runs a shell command; --eval and --define expand macros, and ``%(cmd)`` runs cmd;
+# --macros, --rcfile and --load read macro files; --dbpath and --root use another database.
+_RPM_CODE = ("--pipe", "--eval", "-E", "--define", "-D", "--macros", "--rcfile", "--load",
+             "--dbpath", "--root", "-r")  # fmt: skip
+
+
 def _rpm(args: list[str]) -> str:
+    if _has_flag(args, *_RPM_CODE):
+        return REMEDIATE
     return (
         DIAGNOSE
         if (args and args[0].startswith("-q")) or _has_flag(args, "--query", "-V", "--verify")
@@ -237,6 +246,114 @@ def _nft(args: list[str]) -> str:
 _READ_ONLY_TABLES = (
     "-L", "-S", "--list", "--list-rules", "-n", "-v", "-t", "--line-numbers", "-x"
 )  # fmt: skip
+
+
+def _unless(
+    syntax: Syntax, writes: frozenset[str], level: str = DIAGNOSE
+) -> Callable[[list[str]], str]:
+    """A program that reads, unless given one of ``writes`` (an abbreviation of one counts)."""
+
+    def check(args: list[str]) -> str:
+        return REMEDIATE if parse(args, syntax).has(*writes) else level
+
+    return check
+
+
+_DMESG = Syntax(
+    short_values="Fflns",
+    long_values=names("file facility level console-level buffer-size since until time-format"),
+    long_flags=names("clear read-clear console-off console-on"),
+)
+_DMESG_WRITES = frozenset(
+    {"-C", "-c", "-D", "-E", "-n", "--clear", "--read-clear", "--console-off", "--console-on",
+     "--console-level"}
+)  # fmt: skip
+_SS = Syntax(
+    short_values="fAFDN",
+    long_values=names("family query socket filter diag net"),
+    long_flags=names("kill"),
+)
+_LASTLOG = Syntax(
+    short_values="btu", long_values=names("before time user"), long_flags=names("clear set")
+)
+_DMIDECODE = Syntax(
+    short_values="dstH",
+    long_values=names("dev-mem string type handle dump-bin from-dump"),
+)
+_FILE = Syntax(short_values="mefFP", long_values=names("magic-file exclude separator parameter"),
+               long_flags=names("compile"))  # fmt: skip
+_SMARTCTL = Syntax(
+    short_values="dTbrnFvlgPBsoStqf",
+    long_values=names("smart offlineauto saveauto test set"),
+    long_flags=names("abort captive"),
+)
+_SMARTCTL_WRITES = frozenset(
+    {"-s", "-o", "-S", "-t", "-X", "-C", "--smart", "--offlineauto", "--saveauto", "--test",
+     "--set", "--abort", "--captive"}
+)  # fmt: skip
+_ARP = Syntax(
+    short_values="HiAp",
+    long_values=names("hw-type device protocol"),
+    long_flags=names("delete set file"),
+)
+_SENSORS = Syntax(short_values="c", long_values=names("config-file"), long_flags=names("set"))
+
+
+def _route(args: list[str]) -> str:
+    """``route`` and ``route -n`` list; any word (``add``, ``del``…) changes the table."""
+    parsed = parse(args, Syntax(short_values="A", long_values=names("family")))
+    return REMEDIATE if parsed.words else DIAGNOSE
+
+
+_ETHTOOL_READ = frozenset(
+    {"-a", "-c", "-g", "-i", "-k", "-l", "-P", "-S", "-T", "-d", "-e", "-m", "-n", "-u", "-x",
+     "--show-pause", "--show-coalesce", "--show-ring", "--driver", "--show-features",
+     "--show-offload", "--show-channels", "--show-permaddr", "--statistics",
+     "--show-time-stamping", "--register-dump", "--eeprom-dump", "--dump-module-eeprom",
+     "--module-info", "--show-nfc", "--show-ntuple", "--show-rxfh-indir", "--show-rxfh",
+     "--show-eee", "--show-fec", "--show-priv-flags", "--show-tunnels"}
+)  # fmt: skip
+
+
+def _ethtool(args: list[str]) -> str:
+    """Showing only: ``ethtool DEV`` or one of the ``--show-*`` style options and its device;
+    every other option (``-s``, ``-K``, ``-E``, ``-f``…) sets or flashes something."""
+    rest = [a for a in args if a not in ("--json", "-j", "-I", "--include-statistics")]
+    if len(rest) == 1 and not rest[0].startswith("-"):
+        return DIAGNOSE
+    if rest and rest[0] in _ETHTOOL_READ and not any(a.startswith("-") for a in rest[1:]):
+        return DIAGNOSE
+    return REMEDIATE
+
+
+_NVIDIA_SMI_READ = frozenset({"-q", "--query", "-L", "--list-gpus", "-x", "--xml-format",
+                              "-u", "--unit", "-h", "--help"})  # fmt: skip
+_NVIDIA_SMI_VALUES = frozenset({"-i", "--id", "-d", "--display", "-l", "--loop", "-lms",
+                                "--loop-ms"})  # fmt: skip
+
+
+def _nvidia_smi(args: list[str]) -> str:
+    """Queries only: every other option (``-r``, ``-pm``, ``-pl``, ``-f FILE``…) resets the
+    card, changes a setting or writes a file."""
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        name = arg.split("=", 1)[0]
+        if name in _NVIDIA_SMI_VALUES:
+            if "=" not in arg and rest:
+                rest.pop(0)
+        elif not (arg in _NVIDIA_SMI_READ or name.startswith("--query-") or name == "--format"):
+            return REMEDIATE
+    return DIAGNOSE
+
+
+def _sar(args: list[str]) -> str:
+    return REMEDIATE if any(a.startswith("-o") for a in args) else DIAGNOSE  # -o FILE writes
+
+
+def _pidstat(args: list[str]) -> str:
+    return REMEDIATE if _has_flag(args, "-e") else DIAGNOSE  # -e PROGRAM runs it
+
 
 RULES: dict[str, Callable[[list[str]], str]] = {
     "systemctl": _systemctl,
@@ -291,4 +408,17 @@ RULES: dict[str, Callable[[list[str]], str]] = {
     "mount": _mount,
     "ufw": _ufw,
     "fuser": _fuser,
+    "dmesg": _unless(_DMESG, _DMESG_WRITES),
+    "ss": _unless(_SS, frozenset({"-K", "--kill", "-D", "--diag"})),
+    "lastlog": _unless(_LASTLOG, frozenset({"-C", "-S", "--clear", "--set"}), OBSERVE),
+    "dmidecode": _unless(_DMIDECODE, frozenset({"--dump-bin"}), OBSERVE),
+    "file": _unless(_FILE, frozenset({"-C", "--compile"}), OBSERVE),
+    "smartctl": _unless(_SMARTCTL, _SMARTCTL_WRITES),
+    "arp": _unless(_ARP, frozenset({"-d", "-s", "-f", "--delete", "--set", "--file"})),
+    "sensors": _unless(_SENSORS, frozenset({"-s", "--set"})),
+    "route": _route,
+    "ethtool": _ethtool,
+    "nvidia-smi": _nvidia_smi,
+    "sar": _sar,
+    "pidstat": _pidstat,
 }

@@ -12,7 +12,7 @@ from legator.fleet.policy.env import is_assignment
 from legator.fleet.policy.lexer import Unparseable, simple_commands, split_substitutions
 from legator.fleet.policy.options import Syntax, names, parse
 
-_WRAPPER_SYNTAX = {
+WRAPPER_SYNTAX = {
     "command": Syntax(stop_at_word=True),
     "builtin": Syntax(stop_at_word=True),
     "exec": Syntax(short_values="a", stop_at_word=True),
@@ -27,11 +27,21 @@ _WRAPPER_SYNTAX = {
         stop_at_word=True,
     ),
     "doas": Syntax(short_values="uC", stop_at_word=True),
-    "timeout": Syntax(short_values="sk", long_values=names("signal kill-after"), stop_at_word=True),
+    "timeout": Syntax(
+        short_values="sk",
+        long_values=names("signal kill-after"),
+        long_flags=names("foreground preserve-status verbose help version"),
+        stop_at_word=True,
+    ),
     "stdbuf": Syntax(
         short_values="ioe", long_values=names("input output error"), stop_at_word=True
     ),
-    "time": Syntax(short_values="fo", long_values=names("format output"), stop_at_word=True),
+    "time": Syntax(
+        short_values="fo",
+        long_values=names("format output"),
+        long_flags=names("append portability quiet verbose help version"),
+        stop_at_word=True,
+    ),
     "ionice": Syntax(short_values="cnpPu", stop_at_word=True),
     "env": Syntax(
         short_values="uCS",
@@ -54,7 +64,7 @@ def unwrapped(argv: Sequence[str], depth: int = 0) -> list[list[str]]:
         return []
     program, args = os.path.basename(words[0]), words[1:]
     found = [[program, *args]]
-    syntax = _WRAPPER_SYNTAX.get(program)
+    syntax = WRAPPER_SYNTAX.get(program)
     if syntax is not None:
         parsed = parse(args, syntax)
         rest = parsed.words
