@@ -79,12 +79,28 @@ def init_cmd(
             callback=_check_level,
         ),
     ] = "diagnose",
+    allow_updates: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-updates/--no-allow-updates",
+            help="Whether the control plane may replace this probe's code (self-update). "
+            "Default: only with --max-level remediate.",
+        ),
+    ] = None,
     config_dir: ConfigDir = None,
 ) -> None:
     """Register this host with a token and write probe.yaml (mode 0600)."""
     path = _config_path(None, config_dir)
     try:
-        config = init(server, token, path, tags=_tags(tags), hostname=hostname, max_level=max_level)  # type: ignore[arg-type]
+        config = init(
+            server,
+            token,
+            path,
+            tags=_tags(tags),
+            hostname=hostname,
+            max_level=max_level,  # type: ignore[arg-type]
+            allow_updates=allow_updates,
+        )
     except EnrolError as exc:
         _fail(str(exc))
         return
@@ -151,6 +167,7 @@ def status(
         "server": loaded.server,
         "server_reachable": reachable,
         "max_level": loaded.policy_level,
+        "updates_allowed": loaded.updates_allowed(),
         "tags": loaded.tags,
         "config": str(path),
     }

@@ -6,7 +6,8 @@
 # --token T still works but shows the token in `ps` to every user. It reaches
 # legator-probe init through the environment only, never a command line.
 # Options: --server URL [--token-file FILE] [--tags a,b] [--arch ARCH] [--version V]
-#          [--config-dir DIR] [--max-level observe|diagnose|remediate] [--no-start]
+#          [--config-dir DIR] [--max-level observe|diagnose|remediate] [--allow-updates]
+#          [--no-start]   (--allow-updates: self-updates below remediate, see docs/fleet.md)
 # LEGATOR_ROOT (default /) installs into another root; used by tests.
 set -eu
 
@@ -15,6 +16,7 @@ TOKEN="${LEGATOR_TOKEN:-}"
 unset LEGATOR_TOKEN
 SERVER="" TOKEN_FILE="" TAGS="" ARCH="$(uname -m)" VERSION="@VERSION@" CONFIG_DIR="" START=1
 MAX_LEVEL="diagnose"
+UPDATES=""
 ROOT="${LEGATOR_ROOT:-}"
 PYTHON="${LEGATOR_PYTHON:-python3}"
 
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
         --version) VERSION="${2:?--version needs a value}"; shift 2 ;;
         --config-dir) CONFIG_DIR="${2:?--config-dir needs a path}"; shift 2 ;;
         --max-level) MAX_LEVEL="${2:?--max-level needs a level}"; shift 2 ;;
+        --allow-updates) UPDATES="--allow-updates"; shift ;;
         --no-start) START=0; shift ;;
         -h|--help) sed -n '2,11p' "$0" 2>/dev/null || true; exit 0 ;;
         *) die "unknown option: $1" ;;
@@ -116,6 +119,7 @@ UNIT
 
 set -- init --server "$SERVER" --config-dir "$CONF" --max-level "$MAX_LEVEL"
 [ -n "$TAGS" ] && set -- "$@" --tags "$TAGS"
+[ -n "$UPDATES" ] && set -- "$@" "$UPDATES"
 # The token through the environment of this one command (readable only by its user and
 # root), never its arguments (readable by every user in /proc/*/cmdline and ps).
 LEGATOR_TOKEN="$TOKEN" "$PYTHON" "$PYZ" "$@"

@@ -278,6 +278,15 @@ class Agent:
         await self._send(p.T_FILE_RESULT, result)
 
     async def _update(self, envelope: p.Envelope, spec: p.UpdateSpec) -> None:
+        if not self.config.updates_allowed():
+            # An update runs whatever code it brings: past any local maximum below remediate,
+            # which no control-plane message may raise.
+            error = (
+                f"updates are off on this probe (local maximum {self.config.policy_level}); "
+                "its owner turns them on with allow_updates: true in probe.yaml"
+            )
+            await self._ack(envelope, ok=False, error=error)
+            return
         try:
             await asyncio.to_thread(updater.apply, spec, updater.current_zipapp())
         except (updater.UpdateRefused, OSError) as exc:

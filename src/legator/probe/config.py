@@ -24,12 +24,20 @@ class ProbeConfig(BaseModel):
     api_key: str
     signing_key: str = Field(pattern=r"^[0-9a-f]{64}$")
     policy_level: Level = "diagnose"  # the local maximum: nothing from the server raises it
+    # Whether the control plane may replace this probe's code (an update runs whatever it
+    # sends, as the probe's user): unset, only where the local maximum is remediate.
+    allow_updates: bool | None = None
     policy_id: str = ""
     tags: list[str] = Field(default_factory=list)
     heartbeat_s: float = Field(30.0, gt=0, le=3600)
     inventory_s: float = Field(900.0, gt=0, le=86400)
     max_concurrent: int = Field(4, ge=1, le=256)
     work_dir: str | None = None
+
+    def updates_allowed(self) -> bool:
+        if self.allow_updates is None:
+            return self.policy_level == "remediate"
+        return self.allow_updates
 
 
 def default_config_dir() -> Path:

@@ -54,6 +54,7 @@ def init(
     tags: list[str],
     hostname: str | None,
     max_level: Level,
+    allow_updates: bool | None = None,
 ) -> ProbeConfig:
     if not server.startswith(("http://", "https://")):
         raise EnrolError(f"server {server!r} must start with http:// or https://")
@@ -65,6 +66,7 @@ def init(
         signing_key=answer["signing_key"],
         policy_id=answer.get("policy_id", ""),
         policy_level=max_level,
+        allow_updates=allow_updates,
         tags=tags,
     )
     save(config, config_path)

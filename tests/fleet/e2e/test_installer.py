@@ -88,6 +88,7 @@ def test_install_run_and_self_update(
         token,
         "--tags",
         "edge,lab",
+        "--allow-updates",  # its local maximum is diagnose
         "--no-start",
     )
     assert done.returncode == 0, done.stderr

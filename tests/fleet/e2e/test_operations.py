@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from legator import __version__
 from legator.fleet.protocol import Ack, CommandSpec, Envelope, Verifier, new_envelope, signed
 from tests.fleet.e2e.conftest import wait_for
 from tests.fleet.e2e.helpers import probe_key, record_command, send_raw
-from tests.support import LiveServer
+from tests.support import LiveServer, run_cli
 
 
 def test_tags_views_and_fan_out(admin: httpx.Client, spawn_probe) -> None:  # type: ignore[no-untyped-def]
@@ -269,7 +270,7 @@ def test_rotate_key_of_a_probe_that_predates_signing_key_rotation(
 def test_update_with_a_bad_checksum_is_refused(
     fleet_server: LiveServer, admin: httpx.Client, spawn_probe
 ) -> None:  # type: ignore[no-untyped-def]
-    probe = spawn_probe("upd-a")
+    probe = spawn_probe("upd-a", max_level="remediate")  # where updates are on by default
     url = f"{fleet_server.url}/download/legator-probe-{__version__}.pyz"
     data = httpx.get(url).content
     assert data[:2] == b"#!"
@@ -288,6 +289,23 @@ def test_update_with_a_bad_checksum_is_refused(
     assert admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"]
     audit = admin.get("/api/v1/audit", params={"action": "fleet.probe.update"}).json()["events"]
     assert audit[0]["outcome"] == "failure"
+
+
+def test_updates_are_off_below_remediate_unless_the_host_allows_them(
+    fleet_server: LiveServer, admin: httpx.Client, spawn_probe
+) -> None:  # type: ignore[no-untyped-def]
+    """An update runs whatever code it brings: a probe whose local maximum is diagnose would
+    otherwise run anything its control plane sends, past the ceiling no message may raise."""
+    probe = spawn_probe("upd-off")
+    url = f"{fleet_server.url}/download/legator-probe-{__version__}.pyz"
+    body = {"url": url, "version": __version__, "sha256": "0" * 64}
+    refused = admin.post(f"/api/v1/probes/{probe.probe_id}/update", json=body)
+    assert refused.status_code == 400
+    assert "updates are off on this probe (local maximum diagnose)" in refused.text
+    assert "allow_updates: true" in refused.text
+    status = run_cli("legator-probe", "status", "--json", "--config-dir", str(probe.config_dir))
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["updates_allowed"] is False
 
 
 def test_delete_and_cleanup(fleet_server: LiveServer, admin: httpx.Client, spawn_probe) -> None:  # type: ignore[no-untyped-def]

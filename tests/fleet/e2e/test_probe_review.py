@@ -238,7 +238,7 @@ def test_a_self_update_ends_the_commands_that_were_running(
 ) -> None:  # type: ignore[no-untyped-def]
     """The probe re-executes itself after an update; a command it was running kept running
     without anyone to kill it at its timeout (the same process, so the same systemd unit)."""
-    probe = spawn_probe("upd-run", start=False)
+    probe = spawn_probe("upd-run", start=False, max_level="remediate")
     url = f"{fleet_server.url}/download/legator-probe-{__version__}.pyz"
     data = httpx.get(url).content
     pyz = tmp_path / "legator-probe.pyz"
