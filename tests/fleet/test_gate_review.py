@@ -12,8 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from legator.fleet.policy import DIAGNOSE, OBSERVE, REMEDIATE, classify, rank, reaches_network
-from legator.fleet.risk import CRITICAL, classify_risk, tier_rank
+from legator.fleet.policy import (
+    DIAGNOSE,
+    OBSERVE,
+    REMEDIATE,
+    Policy,
+    classify,
+    evaluate,
+    rank,
+    reaches_network,
+)
+from legator.fleet.policy.shell import command_parts
+from legator.fleet.risk import CRITICAL, HIGH, classify_risk, tier_rank
 
 # The option value of a wrapper was read as the program it runs, and ``time`` writes files.
 WRAPPER_BYPASSES = [
@@ -313,3 +323,16 @@ def test_known_names_outside_system_directories_are_remediate(line: str) -> None
 )
 def test_system_paths_keep_their_level(line: str) -> None:
     assert classify(line, shell=True) in (OBSERVE, DIAGNOSE), line
+
+
+@pytest.mark.parametrize("opening", ["$(", "<(", "$( ( "])
+def test_substitutions_nested_without_end_are_remediate_not_a_crash(opening: str) -> None:
+    """Each nested substitution is classified by a call of its own: 3,000 of them were a
+    RecursionError, so the command request was a 500 instead of a refusal."""
+    line = opening * 3000 + "ls" + ")" * (3000 * opening.count("("))
+    assert classify(line, shell=True) == REMEDIATE
+    assert classify_risk(line, shell=True) in (HIGH, CRITICAL)
+    assert reaches_network(line, shell=True) is False
+    assert command_parts(line, shell=True)
+    assert evaluate(Policy(level="remediate"), line, shell=True).allowed
+    assert classify("echo " + "$(echo " * 30 + "ls" + ")" * 30, shell=True) == OBSERVE

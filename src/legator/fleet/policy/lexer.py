@@ -12,6 +12,11 @@ class Unparseable(ValueError):
     pass
 
 
+# Each nested substitution is classified by a call of its own: past this depth a line is
+# refused (remediate), not a RecursionError, and no real command comes near it.
+MAX_NESTING = 32
+
+
 def split_substitutions(line: str) -> tuple[str, list[str]]:
     """Replace ``$( )``, ``<( )``, ``>( )`` and backtick substitutions by a placeholder word,
     returning the outer line and the inner command lines; unquoted newlines become ``;``."""
@@ -62,6 +67,8 @@ def split_substitutions(line: str) -> tuple[str, list[str]]:
             while j < n and depth:
                 if line[j] == "(":
                     depth += 1
+                    if depth > MAX_NESTING:
+                        raise Unparseable(f"parentheses nested more than {MAX_NESTING} deep")
                 elif line[j] == ")":
                     depth -= 1
                 j += 1
