@@ -14,6 +14,8 @@ PACKAGES=(
   cmake              # ditto
   nats-server        # Fleet: the private NATS servers tests stop and restart (replicas)
   chromium           # the web pages' browser tests (Playwright drives /usr/bin/chromium)
+  time               # Fleet: the gate tests run GNU time's -o to show what it does
+  dc                 # Fleet: the gate tests run dc's ! to show it runs a shell command
 )
 
 missing=()
