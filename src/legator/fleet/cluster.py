@@ -82,6 +82,7 @@ class FleetCluster:
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_beat = 0.0
+        self._left = False  # said bye: stopping, so no more beats
         self._arrived = asyncio.Event()  # set when a probe's socket appears on a replica
         link.on_broadcast(PRESENCE, self._on_presence)
         link.on_state(self._on_state)
@@ -125,6 +126,8 @@ class FleetCluster:
         )
 
     def beat(self) -> None:
+        if self._left:
+            return  # a beat after the bye would have the others count this replica again
         self._last_beat = time.monotonic()
         probes = list(self.hub.connections)
         for start in range(0, max(len(probes), 1), BEAT_CHUNK):
@@ -133,6 +136,7 @@ class FleetCluster:
 
     def leave(self) -> None:
         """Tell the others at once that this replica's probes are no longer here."""
+        self._left = True
         self.link.broadcast(PRESENCE, {"op": "bye"})
 
     def prune(self) -> None:
