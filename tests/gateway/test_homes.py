@@ -84,6 +84,20 @@ def test_only_live_replicas_with_a_valid_url_are_homes(monkeypatch: pytest.Monke
     assert member.home_of(moved[0]) is None
 
 
+async def test_a_replica_that_left_beats_no_more() -> None:
+    """Its beat task may still run while it stops (backends take seconds to stop): a beat
+    after the leave would have the others send it requests again."""
+    link = _Link("cp-1")
+    member = Homes(link, "http://cp-1:8080")  # type: ignore[arg-type]
+    beats = asyncio.create_task(member.run())
+    await asyncio.sleep(0)
+    member.leave()
+    member._beat()
+    beats.cancel()
+    await asyncio.gather(beats, return_exceptions=True)
+    assert link.sent == [{"url": "http://cp-1:8080"}, {"leaving": True}]
+
+
 def test_a_replica_without_a_url_serves_everything_itself() -> None:
     link = _Link("cp-1")
     member = Homes(link, None)  # type: ignore[arg-type]

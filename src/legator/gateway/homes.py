@@ -57,6 +57,7 @@ class Homes:
         # their models are served here meanwhile, rather than clients getting errors.
         self._unreachable: dict[str, tuple[str, float]] = {}
         self._checks: dict[str, asyncio.Task[None]] = {}
+        self._left = False  # said it is leaving: stopping, so no more beats
         link.on_broadcast(KIND, self._heard)
         link.on_state(self._on_state)
 
@@ -93,7 +94,9 @@ class Homes:
             await asyncio.sleep(BEAT_S)
 
     def _beat(self) -> None:
-        if self.url is not None:
+        # Not after leave(): the beat task may still run while the replica stops (its
+        # backends take seconds), and the others would send it requests again.
+        if self.url is not None and not self._left:
             self.link.broadcast(KIND, {"url": self.url})
 
     def _heard(self, origin: str, body: dict[str, object]) -> None:
@@ -163,6 +166,7 @@ class Homes:
         """Shutting down: the others stop sending this replica requests now, not in
         ``EXPIRE_S``."""
         if self.url is not None:
+            self._left = True
             self.link.broadcast(KIND, {"leaving": True})
 
     async def close(self) -> None:
