@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
 from legator.secrets.server import ConfigProblem, Legerd
@@ -124,3 +126,32 @@ def test_a_forwarded_address_does_not_name_the_caller(
         )
     assert (response.status_code, response.text) == (500, "unable to identify caller\n")
     assert not any(call.startswith("100.64.0.22") for call in tailscale.calls)
+
+
+def _first_address_beyond_loopback() -> str:
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    raise AssertionError("this host has no IPv4 address beyond loopback")
+
+
+def test_a_caller_on_legerds_own_host_is_not_taken_for_the_host_node(
+    tmp_path: Path, shared_dir: Path, tailscale: FakeTailscale
+) -> None:
+    """tailscaled names the host's own node for the host's own (tailnet) address: over TCP,
+    any local user would get the host's grants. Local callers use the unix socket."""
+    own = _first_address_beyond_loopback()  # stands for the host's tailnet address
+    grant = [{"action": ["get", "info"], "secret": ["*"]}]
+    tailscale.identities[own] = whois_tagged(["tag:host"], grant)
+    tailscale.identities["127.0.0.1"] = whois_tagged(["tag:host"], grant)
+    config = make_config(tmp_path / "state", shared_dir, tailscale)
+    with LegerdThread(config) as running:
+        with running.unix() as root:
+            root.post("/api/put", json={"Name": "db/password", "Value": b64(b"hunter2")})
+        # From the address the listener is on, and from another of the host's addresses.
+        for source in ("127.0.0.1", own):
+            with running.tcp(source) as local:
+                response = local.post("/api/get", json={"Name": "db/password"})
+            assert (response.status_code, response.text) == (500, "unable to identify caller\n")
+    assert not any(call.startswith((own, "127.0.0.1:")) for call in tailscale.calls)

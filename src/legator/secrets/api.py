@@ -37,6 +37,7 @@ from legator.secrets.identity import (
     IdentityError,
     PeerCred,
     caller_from_whois,
+    from_this_host,
     is_loopback,
     unix_caller,
     unmapped,
@@ -155,6 +156,12 @@ class Identifier:
             return DEV_CALLER
         if self.whois is None:
             raise IdentityError("no Tailscale LocalAPI socket is configured")
+        server = request.scope.get("server")
+        if from_this_host(host, unmapped(server[0]) if server else None):
+            raise IdentityError(
+                "the caller runs on legerd's own host, for which tailscaled would name the "
+                "host rather than its user: local callers use the unix socket"
+            )
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return caller_from_whois(await self.whois.whois(addr), self.policy)
 

@@ -8,8 +8,11 @@ import pwd
 import re
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from legator.core.auth.tailscale import WhoIsError
 from legator.secrets.acl import ALL_ACTIONS, ALLOW_ALL, AclError, Action, Policy, Rule, parse_grant
@@ -77,6 +80,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+OWN_ADDRESSES_TTL_S = 10.0
+_own: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+
+def own_addresses() -> frozenset[str]:
+    """The addresses of this host's interfaces (its tailnet ones included), re-read every
+    OWN_ADDRESSES_TTL_S."""
+    global _own
+    read_at, addresses = _own
+    if time.monotonic() - read_at > OWN_ADDRESSES_TTL_S:
+        addresses = frozenset(
+            unmapped(a.address.split("%", 1)[0])
+            for nic in psutil.net_if_addrs().values()
+            for a in nic
+            if a.family in (socket.AF_INET, socket.AF_INET6)
+        )
+        _own = (time.monotonic(), addresses)
+    return addresses
+
+
+def from_this_host(host: str, local: str | None) -> bool:
+    """Whether a TCP caller at ``host`` runs on legerd's own host (``local``: the address it
+    reached). tailscaled names the host's node for its own tailnet address, so every local
+    user would get the host's grants; they use the unix socket, identified by uid."""
+    return host == local or host in own_addresses()
 
 
 def unmapped(host: str) -> str:
