@@ -11,7 +11,7 @@ from legator.cli.leger_deploy import HEALTH_OPTION, _report
 from legator.deploy import staging
 from legator.deploy.client import load_login
 from legator.deploy.diff import affected_services, changed_files, unified
-from legator.deploy.installer import Result, apply_staged
+from legator.deploy.installer import Result, apply_staged, discard_staged, stage_update
 from legator.deploy.sources import resolve
 
 app = typer.Typer(help="Staged updates: stage, list, diff, apply, discard.", no_args_is_help=True)
@@ -30,7 +30,8 @@ def stage_cmd(
     """Download every file, verify every checksum into a temporary directory, then move it
     into staged/NAME atomically. Nothing running changes."""
     where = scope(system)
-    current = deployer(system).deployments.get(name)
+    dep = deployer(system)
+    current = dep.deployments.get(name)
     origin = source or (current.source if current else None)
 
     def run() -> staging.Staged:
@@ -38,7 +39,8 @@ def stage_cmd(
             progress("downloading and verifying")
             fetched = resolve(origin, load_login(where.auth_file))
             fetched.source = origin or "leger:latest"
-            return staging.stage(where.staged, name, fetched)
+            dep.progress = progress
+            return stage_update(dep, name, fetched)
 
     staged = guard(run)
     console.print(
@@ -119,5 +121,5 @@ def apply_cmd(
 @app.command("discard")
 def discard_cmd(name: str = typer.Argument("default"), system: bool = SYSTEM_OPTION) -> None:
     """Throw a staged update away."""
-    guard(lambda: staging.discard(scope(system).staged, name))
+    guard(lambda: discard_staged(deployer(system), name))
     console.print(f"discarded staged {name}")

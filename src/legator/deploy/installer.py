@@ -13,12 +13,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import json
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Concatenate, ParamSpec, TypeVar
 
 from legator.core.security import random_hex, write_private_file
@@ -35,7 +39,7 @@ from legator.deploy.quadlet.validate import secret_name
 from legator.deploy.sealed import SealedSecrets, SealError
 from legator.deploy.secrets_source import SecretSource
 from legator.deploy.sources import Fetched
-from legator.deploy.staging import discard, stage, swap_in
+from legator.deploy.staging import Staged, discard, stage, swap_in
 from legator.deploy.staging import load as load_staged
 from legator.deploy.state import Deployment, Deployments, check_name, now
 from legator.deploy.systemd import Systemd, SystemdError
@@ -112,6 +116,25 @@ def locked(
     return run_locked
 
 
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill PID``, a service manager stopping leger) interrupts like Ctrl-C, so an
+    apply rolls back instead of dying with the new files installed under the old record.
+    Only the main thread receives signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _units(files: dict[str, bytes]) -> list[Unit]:
     return [parse_unit(name, data.decode()) for name, data in sorted(files.items())]
 
@@ -176,7 +199,8 @@ class Deployer:
     def hold_lock(self) -> Iterator[None]:
         """Hold leger's state lock: apply, remove and restore run one at a time per host and
         scope, so two of them never interleave their changes to files, Podman and
-        ``deployments.json``. A second one waits up to ``lock_timeout`` seconds."""
+        ``deployments.json``. A second one waits up to ``lock_timeout`` seconds. While it is
+        held, SIGTERM interrupts like Ctrl-C (an apply rolls back)."""
         if self._lock_depth:
             self._lock_depth += 1
             try:
@@ -184,10 +208,13 @@ class Deployer:
             finally:
                 self._lock_depth -= 1
             return
-        with state_lock(
-            self.layout.state,
-            timeout=self.lock_timeout,
-            waiting=lambda: self.progress("waiting for another leger operation"),
+        with (
+            state_lock(
+                self.layout.state,
+                timeout=self.lock_timeout,
+                waiting=lambda: self.progress("waiting for another leger operation"),
+            ),
+            _sigterm_interrupts(),
         ):
             self._lock_depth = 1
             try:
@@ -208,6 +235,24 @@ class Deployer:
         if not key_path.exists():
             write_private_file(key_path, random_hex(32))
         return hmac.new(key_path.read_bytes(), value, hashlib.sha256).hexdigest()
+
+    def _applying(self, name: str) -> Path:
+        """Present from the backup of an apply of ``name`` until it is recorded or rolled
+        back: found by a later operation, it means that apply was killed half-way."""
+        return self.layout.state / f".applying-{name}"
+
+    def _check_not_interrupted(self, name: str) -> None:
+        try:
+            backup = json.loads(self._applying(name).read_text())["backup"]
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError):
+            backup = "(see `leger backup list`)"
+        raise DeployError(
+            f"an earlier apply of {name} was interrupted and may have left its files half "
+            f"installed: run `leger backup restore {backup}` to put back what was there "
+            "before it, then try again"
+        )
 
     # ----- checks done before anything changes -------------------------------------------
 
@@ -305,6 +350,8 @@ class Deployer:
         staged_dir: Path,
         opts: Options,
     ) -> Result:
+        check_name(name)
+        self._check_not_interrupted(name)
         self.progress("validating")
         report = self.validate(staged_dir)
         if not report.ok:
@@ -338,6 +385,7 @@ class Deployer:
             reason=f"before applying version {manifest.version}",
             automatic=True,
         )
+        write_private_file(self._applying(name), json.dumps({"backup": backup.id}))
         replaced: dict[str, bytes | None] = {}  # secret -> its earlier value (None: unknown)
         try:
             self.progress("stopping affected services")
@@ -365,6 +413,7 @@ class Deployer:
                     f"{exc}; the rollback failed too ({again}): restore by hand with "
                     f"`leger backup restore {backup.id}`"
                 ) from again
+            self._applying(name).unlink(missing_ok=True)
             kept = ""
             if back := sorted(s for s, old in replaced.items() if old is not None):
                 kept += f"; secrets {', '.join(back)} have their previous value again"
@@ -393,6 +442,7 @@ class Deployer:
                 started=opts.start,
             )
         )
+        self._applying(name).unlink(missing_ok=True)
         return Result(plan, backup, states, applied=True)
 
     def _swap(self, name: str, old: dict[str, bytes], new: dict[str, bytes]) -> None:
@@ -507,12 +557,15 @@ class Deployer:
             )
         self.progress("stopping services")
         self.systemd.stop(list(reversed(current.services)))
-        networks = network_names(self.active_files(name))
-        for path in current.files:
+        active = self.active_files(name)
+        networks = network_names(active)
+        # The active files too: an apply killed half-way installed files the record lacks.
+        for path in set(current.files) | set(active):
             (self.layout.quadlets / path).unlink(missing_ok=True)
         shutil.rmtree(self.layout.active / name, ignore_errors=True)
         self.systemd.daemon_reload()
         self._forget(current, networks)
+        self._applying(name).unlink(missing_ok=True)
         if remove_volumes or backup_volumes:
             for volume in current.volumes:
                 self.podman.volume_remove(volume)
@@ -543,8 +596,10 @@ class Deployer:
         current = self.deployments.get(info.deployment)
         files = self.backups.files(backup_id)
         old_files = self.active_files(info.deployment)
-        if current:
-            self.systemd.stop(list(reversed(current.services)))
+        # Every service of the active files: an apply killed half-way may have started some
+        # that the record does not list.
+        running = service_units(old_files, current.services if current else [])
+        self.systemd.stop(list(reversed(running)))
         self._swap(info.deployment, old_files, files)
         self.backups.restore_volumes(backup_id)
         if not files:
@@ -569,6 +624,8 @@ class Deployer:
                     secrets=current.secrets if current else {},
                 )
             )
+        self._applying(info.deployment).unlink(missing_ok=True)  # files and record agree
+        if files:
             self.systemd.start(services)
         return info
 
@@ -583,6 +640,19 @@ def install(deployer: Deployer, name: str, fetched: Fetched, source: str, opts: 
         return deployer.apply(name, staged.manifest, staged.files(), source, staged.directory, opts)
     finally:
         shutil.rmtree(staged.directory, ignore_errors=True)
+
+
+@locked
+def stage_update(deployer: Deployer, name: str, fetched: Fetched) -> Staged:
+    """Write ``staged/NAME`` holding the lock (the download is done before): a ``staged apply``
+    running meanwhile would otherwise discard this newer update when it finishes."""
+    return stage(deployer.layout.staged, name, fetched)
+
+
+@locked
+def discard_staged(deployer: Deployer, name: str) -> None:
+    """Throw ``staged/NAME`` away, never while a ``staged apply`` is applying it."""
+    discard(deployer.layout.staged, name)
 
 
 @locked

@@ -20,9 +20,17 @@ class Rendered:
     manifest: Manifest
 
 
+def _literal(value: object) -> object:
+    """Every ``{{ value }}`` in a template: systemd resolves ``%x`` specifiers in the lines the
+    generator writes (``ExecStart=`` holds ``Exec=``, ``Environment=`` and ``PublishPort=``),
+    where ``a%20b`` fails the unit and ``%h`` becomes a path; ``%%`` is one literal ``%``."""
+    return value.replace("%", "%%") if isinstance(value, str) else value
+
+
 @cache
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
+        finalize=_literal,
         loader=jinja2.PackageLoader("legator.deploy.catalog", "templates"),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

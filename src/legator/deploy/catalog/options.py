@@ -16,8 +16,10 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 class ServiceOptions(BaseModel):
     """Every string option lands in a unit file, where a line break would start a directive
-    of the caller's choosing (``ExecStartPre=``, run on the host): none may hold a control
-    character, and each is checked against what it names."""
+    of the caller's choosing (``ExecStartPre=``, run on the host) and a trailing backslash
+    would continue the line into the next directive (or swallow a section header): none may
+    hold a control character or end in a backslash, and each is checked against what it
+    names. A ``%`` is escaped when rendered (``render``), so systemd reads it literally."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,6 +34,8 @@ class ServiceOptions(BaseModel):
     def _one_line(cls, value: object) -> object:
         if isinstance(value, str) and _CONTROL.search(value):
             raise ValueError("must not contain line breaks or other control characters")
+        if isinstance(value, str) and value.rstrip().endswith("\\"):
+            raise ValueError("must not end with a backslash (it would continue the unit line)")
         return value
 
     @field_validator("image")
@@ -45,9 +49,13 @@ class ServiceOptions(BaseModel):
     @classmethod
     def _bind(cls, value: str) -> str:
         try:
-            return str(ipaddress.ip_address(value))
+            address = ipaddress.ip_address(value)
         except ValueError:
             raise ValueError("must be an IP address such as 127.0.0.1 or ::1") from None
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            # `PublishPort=[fe80::1%eth0]:…` is refused by leger's validation.
+            raise ValueError("must be an IP address without a %scope (zone) id")
+        return str(address)
 
     @field_validator("command")
     @classmethod
@@ -85,7 +93,8 @@ class RedisOptions(ServiceOptions):
 class SearXNGOptions(ServiceOptions):
     image: str = "docker.io/searxng/searxng:latest"
     port: Port | None = 8888
-    base_url: str = Field("http://localhost:8888/", pattern=r"^https?://\S+$")
+    # No quotes: the generator unquotes ``Environment=`` values, so they would vanish.
+    base_url: str = Field("http://localhost:8888/", pattern=r"^https?://[^\s\"']+$")
 
 
 class WhisperOptions(ServiceOptions):
@@ -103,6 +112,6 @@ class JupyterOptions(ServiceOptions):
 class LlamaCppOptions(ServiceOptions):
     image: str = "ghcr.io/ggml-org/llama.cpp:server"
     port: Port | None = 8081
-    model_path: str = Field("/models/model.gguf", pattern=r"^/\S+\.gguf$")
+    model_path: str = Field("/models/model.gguf", pattern=r"^/[^\s\"']+\.gguf$")
     context: int = Field(4096, ge=256, le=1_048_576)
     gpu_layers: int = Field(0, ge=0, le=1000)
