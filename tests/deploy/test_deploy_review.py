@@ -55,11 +55,13 @@ def test_options_the_unit_file_would_misread_are_refused(
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_a_percent_in_an_option_is_literal_for_systemd(tmp_path: Path, generator: str) -> None:
+def test_a_percent_or_dollar_in_an_option_is_literal_for_systemd(
+    tmp_path: Path, generator: str
+) -> None:
     """systemd resolves ``%x`` specifiers in ``ExecStart=``: ``a%20b`` in a URL made the unit
     one systemd refuses to load (``Failed to resolve unit specifiers``)."""
     services: dict[str, dict[str, object]] = {
-        "searxng": {"base_url": "http://x/a%20b", "command": "echo 100%"},
+        "searxng": {"base_url": "http://x/a%20b", "command": "sh -c 'echo 100% ${HOME} $X'"},
     }
     source = rendered_dir(tmp_path / "quadlets", services)
     out = tmp_path / "units"
@@ -77,7 +79,8 @@ def test_a_percent_in_an_option_is_literal_for_systemd(tmp_path: Path, generator
     assert "fatal error" not in verify.stderr, verify.stderr
     unit = (out / "searxng.service").read_text()
     assert "SEARXNG_BASE_URL=http://x/a%%20b" in unit
-    assert "echo 100%%" in unit
+    # and $ literal too: systemd expands ${VAR} and $VAR in ExecStart=, $$ is one $.
+    assert "echo 100%% $${HOME} $$X" in unit
 
 
 @pytest.mark.parametrize(

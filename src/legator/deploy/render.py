@@ -21,10 +21,14 @@ class Rendered:
 
 
 def _literal(value: object) -> object:
-    """Every ``{{ value }}`` in a template: systemd resolves ``%x`` specifiers in the lines the
-    generator writes (``ExecStart=`` holds ``Exec=``, ``Environment=`` and ``PublishPort=``),
-    where ``a%20b`` fails the unit and ``%h`` becomes a path; ``%%`` is one literal ``%``."""
-    return value.replace("%", "%%") if isinstance(value, str) else value
+    """Every ``{{ value }}`` in a template: systemd resolves ``%x`` specifiers and expands
+    ``$VAR``/``${VAR}`` in the ``ExecStart=`` the generator writes (it holds ``Exec=``,
+    ``Environment=`` and ``PublishPort=`` verbatim), where ``a%20b`` fails the unit, ``%h``
+    becomes a path and ``${HOME}`` the manager's value or nothing; ``%%`` and ``$$`` are
+    one literal ``%`` and ``$``."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("%", "%%").replace("$", "$$")
 
 
 @cache
