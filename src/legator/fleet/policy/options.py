@@ -3,8 +3,10 @@ words, and the verb (first word) when no option before it leaves it unsure."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+from legator.fleet.policy.levels import DIAGNOSE, REMEDIATE
 
 
 @dataclass(frozen=True)
@@ -130,3 +132,16 @@ def verb(parsed: _Parsed, index: int = 0) -> str | None:
         return None
     words = parsed.words
     return words[index] if index < len(words) else ""
+
+
+def unless_given(
+    syntax: Syntax, writes: Iterable[str], level: str = DIAGNOSE
+) -> Callable[[list[str]], str]:
+    """A program that reads (at ``level``), unless given one of ``writes``, an abbreviation
+    of one included: then it is ``remediate``."""
+    given = tuple(writes)
+
+    def check(args: list[str]) -> str:
+        return REMEDIATE if parse(args, syntax).has(*given) else level
+
+    return check

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from legator.fleet.policy.levels import DIAGNOSE, OBSERVE, REMEDIATE
-from legator.fleet.policy.options import Syntax, names, parse
+from legator.fleet.policy.options import Syntax, names, parse, unless_given
 
 _CURL = Syntax(
     short_values="AbCcDdEeFHKmoPQrTtuUwXxYyz",
@@ -124,9 +124,8 @@ def _ip(args: list[str]) -> str:
 _TCPDUMP = Syntax(short_values="BcCEFGijMmrsTVwWyzZQ")
 
 
-def _tcpdump(args: list[str]) -> str:
-    # -w writes a capture file; -z runs a command on each file it rotates.
-    return REMEDIATE if parse(args, _TCPDUMP).has("-w", "-z") else DIAGNOSE
+# -w writes a capture file; -z runs a command on each file it rotates.
+_tcpdump = unless_given(_TCPDUMP, ("-w", "-z"))
 
 
 _NCAT = Syntax(
@@ -138,10 +137,7 @@ _NCAT_WRITES = frozenset(
     {"-e", "-c", "-o", "-x", "--exec", "--sh-exec", "--lua-exec", "--output", "--hex-dump",
      "--append-output"}
 )  # fmt: skip
-
-
-def _ncat(args: list[str]) -> str:
-    return REMEDIATE if parse(args, _NCAT).has(*_NCAT_WRITES) else DIAGNOSE
+_ncat = unless_given(_NCAT, _NCAT_WRITES)
 
 
 # nmap reads long options with one dash too; these run scripts (NSE is Lua with os.execute)

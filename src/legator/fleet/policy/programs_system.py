@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from legator.fleet.policy.levels import DIAGNOSE, OBSERVE, REMEDIATE
-from legator.fleet.policy.options import Syntax, names, parse, verb
+from legator.fleet.policy.options import Syntax, names, parse, unless_given, verb
 
 _SYSTEMCTL_READ = frozenset(
     {
@@ -248,17 +248,6 @@ _READ_ONLY_TABLES = (
 )  # fmt: skip
 
 
-def _unless(
-    syntax: Syntax, writes: frozenset[str], level: str = DIAGNOSE
-) -> Callable[[list[str]], str]:
-    """A program that reads, unless given one of ``writes`` (an abbreviation of one counts)."""
-
-    def check(args: list[str]) -> str:
-        return REMEDIATE if parse(args, syntax).has(*writes) else level
-
-    return check
-
-
 _DMESG = Syntax(
     short_values="Fflns",
     long_values=names("file facility level console-level buffer-size since until time-format"),
@@ -408,14 +397,14 @@ RULES: dict[str, Callable[[list[str]], str]] = {
     "mount": _mount,
     "ufw": _ufw,
     "fuser": _fuser,
-    "dmesg": _unless(_DMESG, _DMESG_WRITES),
-    "ss": _unless(_SS, frozenset({"-K", "--kill", "-D", "--diag"})),
-    "lastlog": _unless(_LASTLOG, frozenset({"-C", "-S", "--clear", "--set"}), OBSERVE),
-    "dmidecode": _unless(_DMIDECODE, frozenset({"--dump-bin"}), OBSERVE),
-    "file": _unless(_FILE, frozenset({"-C", "--compile"}), OBSERVE),
-    "smartctl": _unless(_SMARTCTL, _SMARTCTL_WRITES),
-    "arp": _unless(_ARP, frozenset({"-d", "-s", "-f", "--delete", "--set", "--file"})),
-    "sensors": _unless(_SENSORS, frozenset({"-s", "--set"})),
+    "dmesg": unless_given(_DMESG, _DMESG_WRITES),
+    "ss": unless_given(_SS, frozenset({"-K", "--kill", "-D", "--diag"})),
+    "lastlog": unless_given(_LASTLOG, frozenset({"-C", "-S", "--clear", "--set"}), OBSERVE),
+    "dmidecode": unless_given(_DMIDECODE, frozenset({"--dump-bin"}), OBSERVE),
+    "file": unless_given(_FILE, frozenset({"-C", "--compile"}), OBSERVE),
+    "smartctl": unless_given(_SMARTCTL, _SMARTCTL_WRITES),
+    "arp": unless_given(_ARP, frozenset({"-d", "-s", "-f", "--delete", "--set", "--file"})),
+    "sensors": unless_given(_SENSORS, frozenset({"-s", "--set"})),
     "route": _route,
     "ethtool": _ethtool,
     "nvidia-smi": _nvidia_smi,
