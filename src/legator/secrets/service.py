@@ -84,17 +84,30 @@ class SecretsService:
         self.store = store
         self.audit = audit
 
+    def _record(
+        self,
+        caller: Caller,
+        action: str,
+        name: str,
+        version: int,
+        outcome: str,
+        *,
+        durable: bool = False,
+    ) -> None:
+        self.audit.record(
+            principal=caller.principal,
+            action=action,
+            secret=name,
+            version=version,
+            authorized=outcome != DENIED,
+            durable=durable,
+            outcome=outcome,
+            transport=caller.transport,
+        )
+
     def _check(self, caller: Caller, action: Action, name: str, version: int = 0) -> None:
         if not caller.can(action, name):
-            self.audit.record(
-                principal=caller.principal,
-                action=action.value,
-                secret=name,
-                version=version,
-                authorized=False,
-                outcome=DENIED,
-                transport=caller.transport,
-            )
+            self._record(caller, action.value, name, version, DENIED)
             raise AccessDenied()
 
     @contextmanager
@@ -109,44 +122,19 @@ class SecretsService:
         except ValueNotChanged:
             raise  # audited as a read of the version the caller holds
         except SecretsError as exc:
-            self.audit.record(
-                principal=caller.principal,
-                action=action,
-                secret=name,
-                version=version,
-                authorized=True,
-                outcome=failure_outcome(exc),
-                transport=caller.transport,
-            )
+            self._record(caller, action, name, version, failure_outcome(exc))
             raise
 
     def _audit_hook(self, caller: Caller, action: str, name: str):  # type: ignore[no-untyped-def]
         def hook(version: int) -> None:
-            self.audit.record(
-                principal=caller.principal,
-                action=action,
-                secret=name,
-                version=version,
-                authorized=True,
-                durable=True,
-                outcome=OK,
-                transport=caller.transport,
-            )
+            self._record(caller, action, name, version, OK, durable=True)
 
         return hook
 
     def _audit_read(
         self, caller: Caller, action: str, name: str, version: int, outcome: str = OK
     ) -> None:
-        self.audit.record(
-            principal=caller.principal,
-            action=action,
-            secret=name,
-            version=version,
-            authorized=True,
-            outcome=outcome,
-            transport=caller.transport,
-        )
+        self._record(caller, action, name, version, outcome)
 
     # reads
 
