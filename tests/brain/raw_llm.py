@@ -156,6 +156,7 @@ class RawLLM:
     def __init__(self) -> None:
         self.script: list[Step] = []
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # of each request, as received
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._stopping = False
@@ -199,6 +200,7 @@ class RawLLM:
 
     async def _answer(self, request: Request, provider: str) -> Response:
         self.requests.append(await request.json())
+        self.headers.append(dict(request.headers))
         step = self.script.pop(0) if self.script else answer(provider, "done.")
         if isinstance(step, dict):
             return Response(

@@ -218,7 +218,8 @@ def test_a_malformed_answer_from_the_local_gateway_model_is_a_provider_error(
 
 def test_tool_arguments_nested_past_the_stack_are_kept_as_invalid(raw: RawLLM) -> None:
     nested = "[" * 50_000  # json.loads raises RecursionError, not a JSONDecodeError
-    raw.script = [[tool_part(0, "list_probes", nested, "call_0"), "data: [DONE]\n\n"]]
+    ended = [chunk({}, "tool_calls"), "data: [DONE]\n\n"]
+    raw.script = [[tool_part(0, "list_probes", nested, "call_0"), *ended]]
     (call,) = _turn("openai", raw).tool_calls
     assert call.name == "list_probes" and call.arguments == {"_invalid_json": nested}
 

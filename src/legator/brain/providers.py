@@ -9,8 +9,8 @@ A provider's answer is untrusted input: whatever goes wrong while reading it (a 
 connection, an event that is not JSON, a field of the wrong type, a limit passed) becomes a
 ``ProviderError`` with a short message, so the conversation ends cleanly with its record.
 One turn keeps at most ``MAX_TURN_TEXT_CHARS`` of text, ``MAX_TOOL_ARGUMENTS_CHARS`` of
-arguments per tool call and ``MAX_TOOL_CALLS_READ`` tool calls; the agent loop bounds its
-time (``agent.converse``)."""
+arguments per tool call and ``MAX_TOOL_CALLS_READ`` tool calls, and one event of its stream is
+at most ``MAX_EVENT_BYTES`` as it comes; the agent loop bounds its time (``agent.converse``)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Protocol
 import anthropic
 import anyio
 import httpx
+import httpx2
 import openai
 import pydantic
 
@@ -55,6 +56,12 @@ MAX_TOOL_NAME_CHARS = 256  # a tool call's name, and its id
 MAX_TOOL_CALLS_READ = 64
 MAX_USAGE_TOKENS = 100_000_000  # a usage count above this in one turn is not believable
 ERROR_MESSAGE_CHARS = 300  # of a provider's own error text, which can quote a whole body
+# One event of a streamed answer (or an error body), in bytes as they come: the SDKs buffer an
+# event whole, copying the buffer at each read, before any limit above can be checked. Room
+# for a turn's whole text in one event, escaped.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+# A stream that closes before the API's end of answer (a connection cut cleanly) is no answer.
+ENDED_EARLY = "its stream ended before the answer did"
 
 
 class ProviderError(Exception):
@@ -182,6 +189,48 @@ class Provider(Protocol):
     ) -> Turn: ...
 
 
+class _EventCap(httpx2.AsyncByteStream):
+    """A response body that ends with an ``AnswerError`` once ``MAX_EVENT_BYTES`` pass without
+    the blank line that ends an event (an error body, which has none, is bounded the same way;
+    so is a compressed body, whose blank lines are not visible in its bytes)."""
+
+    BOUNDARIES = (b"\n\n", b"\r\r", b"\n\r\n")
+
+    def __init__(self, stream: httpx2.AsyncByteStream) -> None:
+        self.stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        run, tail = 0, b""  # bytes since the last boundary; the end of the previous chunk
+        async for chunk in self.stream:
+            data = tail + chunk
+            ends = [data.rfind(b) + len(b) for b in self.BOUNDARIES if b in data]
+            run = len(data) - max(ends) if ends else run + len(chunk)
+            if run > MAX_EVENT_BYTES:
+                raise AnswerError(
+                    f"an event of its stream passed the limit of {MAX_EVENT_BYTES:,} bytes"
+                )
+            tail = data[-2:]
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _cap_events(response: httpx2.Response) -> None:
+    assert isinstance(response.stream, httpx2.AsyncByteStream)
+    response.stream = _EventCap(response.stream)
+
+
+def _split_userinfo(base_url: str | None) -> tuple[str | None, httpx2.BasicAuth | None]:
+    """``base_url`` without its credentials (``https://user:pw@proxy/v1``), and those as the
+    Basic auth the HTTP client would make of them: sent the same, but the client logs each
+    request's URL whole."""
+    url = httpx2.URL(base_url) if base_url else None
+    if url is None or not url.userinfo:
+        return base_url, None
+    return str(url.copy_with(userinfo=b"")), httpx2.BasicAuth(url.username, url.password)
+
+
 def parse_arguments(raw: str | None) -> dict[str, Any]:
     """A tool call's JSON arguments; what is not a JSON object is kept for the model to see."""
     try:
@@ -197,6 +246,7 @@ class _SdkProvider:
     ``request`` (the API's own fields) and ``stream`` (reading its streamed answer)."""
 
     sdk: ClassVar[Callable[..., Any]]
+    http_client: ClassVar[Callable[..., httpx2.AsyncClient]]  # the SDK's, with its defaults
     api_error: ClassVar[type[Exception]]
     label: ClassVar[str]
 
@@ -210,10 +260,17 @@ class _SdkProvider:
         """A new SDK client: an httpx client with its own connection pool and SSL context,
         whose CA bundle alone costs tens of milliseconds of CPU to load. Share it
         (``ProviderPool``) rather than build one a call."""
+        base_url, auth = _split_userinfo(config.base_url)
         return cls.sdk(
             api_key=config.api_key or "none",
-            base_url=config.base_url,
+            base_url=base_url,
             max_retries=max_retries,
+            # Uncompressed, so that the size of an event can be bounded as it comes.
+            http_client=cls.http_client(
+                auth=auth,
+                headers={"Accept-Encoding": "identity"},
+                event_hooks={"response": [_cap_events]},
+            ),
         )
 
     def request(
@@ -245,6 +302,8 @@ class _SdkProvider:
         except AnswerError as exc:
             raise ProviderError(f"{self.label}: {exc}") from exc
         except self.api_error as exc:
+            if isinstance(exc.__cause__, AnswerError):  # _EventCap, while the SDK sent
+                raise ProviderError(f"{self.label}: {exc.__cause__}") from exc
             secret = str(getattr(self.client, "api_key", "") or "")
             raise ProviderError(f"{self.label} failed: {short_message(str(exc), secret)}") from exc
         except Exception as exc:  # anything else reading the answer: never a bare 500
@@ -257,6 +316,7 @@ class OpenAIProvider(_SdkProvider):
     """Any OpenAI-compatible chat completions API (OpenAI, Ollama, vLLM, llama.cpp)."""
 
     sdk = openai.AsyncOpenAI
+    http_client = openai.DefaultAsyncHttpxClient
     api_error = openai.APIError
     label = "OpenAI-compatible provider"
 
@@ -326,6 +386,8 @@ class OpenAIProvider(_SdkProvider):
         async with await self.client.chat.completions.create(**request) as stream:
             async for chunk in stream:
                 await reader.feed(as_json(chunk))
+        if not reader.finished:  # the connection closed cleanly, but early
+            raise AnswerError(ENDED_EARLY)
         reader.finish()
 
 
@@ -397,10 +459,12 @@ class ChatChunkReader:
         self.result = result
         self.emit = emit
         self.calls: dict[int, _CallSlot] = {}
+        self.finished = False  # a finish_reason or the usage came: the answer is whole
 
     async def feed(self, chunk: Any) -> None:
         chunk = _object(chunk, "a chunk of its stream")
         if chunk.get("usage") is not None:
+            self.finished = True  # the last chunk a stream with include_usage sends
             usage = _object(chunk["usage"], "its usage")
             self.result.input_tokens = count_tokens(usage.get("prompt_tokens"), "prompt_tokens")
             self.result.output_tokens = count_tokens(
@@ -413,7 +477,9 @@ class ChatChunkReader:
             raise AnswerError("its 'choices' is not a list")
         if not choices:
             return
-        delta = _object(_object(choices[0], "a choice").get("delta"), "a choice's delta")
+        choice = _object(choices[0], "a choice")
+        self.finished = self.finished or choice.get("finish_reason") is not None
+        delta = _object(choice.get("delta"), "a choice's delta")
         content = _string(delta.get("content"), "a text delta", MAX_TURN_TEXT_CHARS)
         if content:
             await self.emit(content)
@@ -458,6 +524,7 @@ class AnthropicProvider(_SdkProvider):
     """Anthropic's native Messages API, with tool_use / tool_result blocks."""
 
     sdk = anthropic.AsyncAnthropic
+    http_client = anthropic.DefaultAsyncHttpxClient
     api_error = anthropic.APIError
     label = "Anthropic provider"
 
@@ -519,6 +586,8 @@ class AnthropicProvider(_SdkProvider):
         async with await self.client.messages.create(**request, stream=True) as stream:
             async for event in stream:
                 await reader.feed(as_json(event))
+        if not reader.stopped:  # the connection closed cleanly, but early
+            raise AnswerError(ENDED_EARLY)
         reader.finish()
 
 
@@ -532,6 +601,7 @@ class MessageEventReader:
         self.calls: dict[int, _CallSlot] = {}
         self.inputs: dict[int, dict[str, Any]] = {}  # a tool_use block's input at its start
         self.other_chars = 0  # thinking and the like: not kept, but bounded all the same
+        self.stopped = False  # message_stop came: the answer is whole
 
     def _usage(self, usage: Any) -> None:
         usage = _object(usage, "its usage")
@@ -543,7 +613,9 @@ class MessageEventReader:
     async def feed(self, event: Any) -> None:
         event = _object(event, "an event of its stream")
         kind = event.get("type")
-        if kind == "message_start":
+        if kind == "message_stop":
+            self.stopped = True
+        elif kind == "message_start":
             self._usage(_object(event.get("message"), "its message").get("usage"))
         elif kind == "message_delta":
             self._usage(event.get("usage"))

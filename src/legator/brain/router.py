@@ -35,7 +35,11 @@ from legator.core.http.disconnect import ClientGone, unless_gone
 RECHECK_S = 10.0
 # Messages a client may send ahead of the answers; one more ends the socket.
 INBOX_MAX = 16
-POLICY_VIOLATION = 1008  # WebSocket close code
+# The most a message may be, in characters, as received: room for the longest valid one
+# (``ChatIn.message``, escaped). One past it is not kept, and ends the socket.
+MESSAGE_MAX_CHARS = 256 * 1024
+POLICY_VIOLATION = 1008  # WebSocket close codes
+MESSAGE_TOO_BIG = 1009
 
 router = APIRouter(prefix="/api/v1", tags=["brain"])
 ws_router = APIRouter(tags=["brain"])
@@ -244,6 +248,7 @@ class ChatSocket:
         self.gone = asyncio.Event()
         self.refusal: str | None = None  # why the credential no longer holds
         self.flooded = False
+        self.oversized = False
 
     async def serve(self) -> None:
         reader = asyncio.ensure_future(self._read())
@@ -270,8 +275,12 @@ class ChatSocket:
                 message = await self.websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
+                data = message.get("text") or message.get("bytes") or ""
+                if len(data) > MESSAGE_MAX_CHARS:  # no valid message is this long: end it
+                    self.oversized = True
+                    break
                 try:
-                    self.inbox.put_nowait(message.get("text") or message.get("bytes") or "")
+                    self.inbox.put_nowait(data)
                 except asyncio.QueueFull:  # sends without reading the answers: end it
                     self.flooded = True
                     break
@@ -372,14 +381,19 @@ class ChatSocket:
         await self._send({"type": "tool", "event": kind, "data": _jsonable(data)})
 
     async def _end(self) -> None:
-        """Tell a client whose credential failed why, and close the socket with 1008."""
-        reason = "credential refused" if self.refusal is not None else "too many messages"
-        if self.refusal is None and not self.flooded:
+        """Tell a client whose credential failed why, and close the socket with 1008 (1009
+        for a message too long)."""
+        code, reason = POLICY_VIOLATION, "too many messages"
+        if self.refusal is not None:
+            reason = "credential refused"
+        elif self.oversized:
+            code, reason = MESSAGE_TOO_BIG, "message too long"
+        elif not self.flooded:
             return  # the client went away, or an error ends the handler: closed as it is
         try:
             if self.refusal is not None and not self.gone.is_set():
                 await self._send({"type": "error", "code": "unauthorized", "message": self.refusal})
-            await self.websocket.close(code=POLICY_VIOLATION, reason=reason)
+            await self.websocket.close(code=code, reason=reason)
         except (WebSocketDisconnect, WebSocketDisconnected, RuntimeError, OSError):
             pass  # gone meanwhile
 

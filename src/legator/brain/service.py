@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import AbstractAsyncContextManager
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +28,14 @@ from legator.core.auth.models import Session
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.db.base import utcnow
-from legator.core.errors import AppError, BadRequest, Forbidden, NotFound
+from legator.core.errors import (
+    AppError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    TooManyRequests,
+)
 from legator.core.runtime import Core
 
 SYSTEM = (
@@ -37,6 +46,9 @@ SYSTEM = (
 )
 
 HISTORY_TOKEN_BUDGET = 6000
+# Chats and tasks one user may run at once (per server process): each holds a model stream,
+# spends the provider's tokens and may wait for an approval up to its time limit.
+MAX_CONVERSATIONS_PER_USER = 8
 
 
 # What a conversation needs: it runs commands (``fleet:command``, the routes' permission) and
@@ -92,7 +104,44 @@ class BrainService:
         # The approvals conversations wait on: cancelled when their conversation ends first,
         # and at shutdown (this hook runs before the fleet's, while the database is open).
         self.open_approvals = OpenApprovals(state)
+        self.running: Counter[str] = Counter()  # conversations under way, per user
+        self.answering: set[str] = set()  # chat sessions a message is being answered in
         core.shutdown_hooks.append(self.aclose)
+
+    @asynccontextmanager
+    async def _slot(self, principal: Principal) -> AsyncIterator[None]:
+        """One of the caller's ``MAX_CONVERSATIONS_PER_USER``, for a conversation's length."""
+        actor = principal.actor
+        if self.running[actor] >= MAX_CONVERSATIONS_PER_USER:
+            raise TooManyRequests(
+                f"at most {MAX_CONVERSATIONS_PER_USER} chats and tasks of one user run at "
+                "once; try again when one has ended"
+            )
+        self.running[actor] += 1
+        try:
+            yield
+        finally:
+            self.running[actor] -= 1
+            if not self.running[actor]:
+                del self.running[actor]
+
+    @asynccontextmanager
+    async def _answering(self, session_id: str | None) -> AsyncIterator[None]:
+        """One message at a time in a session: each writes back the history it read, so a
+        second at once would erase the first's exchange."""
+        if session_id is None:  # a new session: nobody else has its id yet
+            yield
+            return
+        if session_id in self.answering:
+            raise Conflict(
+                f"chat session {session_id} is answering another message; send this one "
+                "when it has ended"
+            )
+        self.answering.add(session_id)
+        try:
+            yield
+        finally:
+            self.answering.discard(session_id)
 
     async def aclose(self) -> None:
         await self.open_approvals.aclose()
@@ -213,16 +262,18 @@ class BrainService:
         async def on_step(step: dict[str, Any]) -> None:
             await self._audit(principal, "brain.task.step", probe_id, {"goal": goal, **step})
 
+        steps_limit, time_limit = self.settings.brain_max_steps, self.settings.brain_task_timeout_s
         transcript = Transcript()
-        async with self.provider("task", config) as provider:
+        async with self._slot(principal), self.provider("task", config) as provider:
             try:
                 await converse(
                     provider,
                     system,
                     messages,
                     toolbox,
-                    max_steps=max_steps or self.settings.brain_max_steps,
-                    timeout_s=timeout_s or self.settings.brain_task_timeout_s,
+                    # The operator's settings are the most a task may take; it may ask less.
+                    max_steps=min(max_steps or steps_limit, steps_limit),
+                    timeout_s=min(timeout_s or time_limit, time_limit),
                     on_step=on_step,
                     transcript=transcript,
                 )
@@ -294,7 +345,11 @@ class BrainService:
         )
         messages = list(history)
         transcript = Transcript()
-        async with self.provider(feature, config) as provider:
+        async with (
+            self._answering(row.id),
+            self._slot(principal),
+            self.provider(feature, config) as provider,
+        ):
             try:
                 await converse(
                     provider,
