@@ -252,3 +252,17 @@ def test_an_agent_cannot_approve_what_another_agent_wrote(
     assert payload(persons)["status"] == "denied"
     still = admin.get(f"/api/v1/approvals/{asked['approval_id']}").json()
     assert still["status"] == "pending" and victim.exists()
+
+
+def test_file_arguments_are_held_to_the_rest_limits(fleet_server: LiveServer, spawn_probe) -> None:  # type: ignore[no-untyped-def]
+    """REST takes paths of at most 4,096 characters; the tools passed any length on (and
+    the refusal quoted the whole path back)."""
+    pid = spawn_probe("mcp-f").probe_id
+
+    async def work(session: ClientSession) -> Any:
+        path = "/var/log/" + "a" * 70_000
+        return await session.call_tool("read_file", {"probe_id": pid, "path": path})
+
+    text = error_text(with_session(fleet_server, fleet_server.admin_key, work))
+    assert "path: String should have at most 4096 characters" in text
+    assert len(text) < 1000

@@ -5,9 +5,12 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
+from pydantic import ValidationError
+
 from legator.core.audit.service import AuditService
 from legator.core.db import Database, new_id
 from legator.core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable
+from legator.core.http.errors import validation_details
 from legator.core.security import sha256_hex
 from legator.fleet.commands.service import CommandService
 from legator.fleet.hub import Hub, ProbeNotConnected
@@ -173,7 +176,11 @@ class ProbeActions:
     async def file_op(self, probe_id: str, request: dict[str, Any], *, actor: str) -> Any:
         probe = await self.registry.get(probe_id)
         policy, name = await self.commands.effective_policy(probe)
-        spec = FileRequest(request_id=new_id(), **request)
+        try:
+            spec = FileRequest(request_id=new_id(), **request)
+        except ValidationError as exc:  # the REST route checks first; the brain and MCP not
+            detail = validation_details(list(exc.errors()))[0]
+            raise BadRequest(f"{detail['field']}: {detail['message']}") from None
         if not path_allowed(spec.path, policy.paths):
             raise Forbidden(
                 f"policy {name!r} does not allow files under {spec.path!r} "

@@ -296,10 +296,10 @@ class UpdateSpec(Payload):
 class FileRequest(Payload):
     request_id: str
     op: Literal["read", "readlines", "search", "stat"]
-    path: str
+    path: str = Field(min_length=1, max_length=4096)  # PATH_MAX
     start: int = Field(1, ge=1)
     end: int | None = Field(None, ge=1)
-    pattern: str | None = None
+    pattern: str | None = Field(None, max_length=1000)
     max_bytes: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
 
 
