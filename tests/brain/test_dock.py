@@ -158,3 +158,9 @@ def test_a_profiles_url_credentials_are_masked_and_kept(
         admin.patch(f"/api/v1/brain/profiles/{created['id']}", json=patch).json()["base_url"]
         == "https://llm.example/v2"
     )
+    # A key in the query string is a credential too.
+    patch = {"base_url": "https://llm.example/v3?api-version=1&key=QUERYSECRET9"}
+    changed = admin.patch(f"/api/v1/brain/profiles/{created['id']}", json=patch).json()
+    assert changed["base_url"] == "https://llm.example/v3?api-version=***&key=***"
+    with fleet_server.client(viewer_key) as viewer:
+        assert "QUERYSECRET9" not in viewer.get("/api/v1/brain/profiles").text

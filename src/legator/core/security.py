@@ -114,11 +114,18 @@ def load_or_create_signing_key(configured: str | None, data_dir: Path | None) ->
 
 
 def mask_url(url: str) -> str:
-    """``url`` with the credentials of its userinfo hidden: ``http://user:pw@host`` →
-    ``http://user:***@host``, ``http://token@host`` → ``http://***@host``."""
+    """``url`` with the credentials it may hold hidden: those of its userinfo
+    (``http://user:pw@host`` → ``http://user:***@host``, ``http://token@host`` →
+    ``http://***@host``) and every query value (``?key=sk-1`` → ``?key=***``: a service
+    that takes its key in the query string gets no other place for it)."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, colon, _secret = userinfo.partition(":")
-    return urlunsplit(parts._replace(netloc=f"{user + ':' if colon else ''}***@{host}"))
+    if "@" in parts.netloc:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, colon, _secret = userinfo.partition(":")
+        parts = parts._replace(netloc=f"{user + ':' if colon else ''}***@{host}")
+    if parts.query:
+        names = (field.partition("=") for field in parts.query.split("&"))
+        parts = parts._replace(
+            query="&".join(f"{n}{eq}{'***' if eq else ''}" for n, eq, _ in names)
+        )
+    return urlunsplit(parts)
