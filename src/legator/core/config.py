@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 ENV_PREFIX = "LEGATOR_"
 _HEX = re.compile(r"^[0-9a-fA-F]+\Z")
@@ -224,10 +226,25 @@ class Settings(BaseSettings):
             return None
         scheme = value.split("://", 1)[0].lower() if "://" in value else ""
         if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
-            return "postgresql+asyncpg://" + value.split("://", 1)[1]
-        if scheme in ("sqlite", "sqlite+aiosqlite"):
-            return "sqlite+aiosqlite://" + value.split("://", 1)[1]
-        raise ValueError("expected a sqlite:/// or postgresql:// URL")
+            value = "postgresql+asyncpg://" + value.split("://", 1)[1]
+        elif scheme in ("sqlite", "sqlite+aiosqlite"):
+            value = "sqlite+aiosqlite://" + value.split("://", 1)[1]
+        else:
+            raise ValueError("expected a sqlite:/// or postgresql:// URL")
+        # What the engine would refuse only once started, with a message naming nothing (the
+        # URL may hold a password: the messages never echo it).
+        try:
+            url = make_url(value)
+            port = url.port
+        except (ArgumentError, ValueError):
+            raise ValueError(
+                "expected a URL like postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+            ) from None
+        if port is not None and not 0 < port < 65536:
+            raise ValueError("expected a port from 1 to 65535")
+        if url.get_backend_name() == "sqlite" and url.host:
+            raise ValueError("expected sqlite:////absolute/path.db (three slashes, then the path)")
+        return value
 
     @field_validator("secrets_kek")
     @classmethod

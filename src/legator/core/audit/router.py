@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -30,10 +30,18 @@ def audit_filter(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> AuditFilter:
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and value.tzinfo is None:
-            raise BadRequest(f"{name} needs a timezone, e.g. 2026-01-01T00:00:00Z")
+    since = _in_utc("since", since) if since is not None else None
+    until = _in_utc("until", until) if until is not None else None
     return AuditFilter(actor, action, target, outcome, since, until)
+
+
+def _in_utc(name: str, moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise BadRequest(f"{name} needs a timezone, e.g. 2026-01-01T00:00:00Z")
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is in the year 0 in UTC
+        raise BadRequest(f"{name} is outside the years 1 to 9999 in UTC") from None
 
 
 @router.get("", response_model=AuditPage, dependencies=[require(Permission.AUDIT_READ)])
@@ -99,19 +107,16 @@ def parse_cutoff(text: str) -> datetime:
     match = re.fullmatch(r"(\d+)([dhm])", text.strip())
     if match:
         amount, unit = int(match.group(1)), match.group(2)
-        span = {
-            "d": timedelta(days=amount),
-            "h": timedelta(hours=amount),
-            "m": timedelta(minutes=amount),
-        }
-        return utcnow() - span[unit]
+        try:
+            span = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
+            return utcnow() - span[unit] * amount
+        except OverflowError:  # past the calendar's first year
+            raise BadRequest("older_than reaches before the year 1; use a shorter one") from None
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise BadRequest("older_than must be a duration like 90d or an RFC 3339 time") from None
-    if moment.tzinfo is None:
-        raise BadRequest("older_than needs a timezone, e.g. 2026-01-01T00:00:00Z")
-    return moment
+    return _in_utc("older_than", moment)
 
 
 @router.get("/export", dependencies=[require(Permission.AUDIT_READ)])

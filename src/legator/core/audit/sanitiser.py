@@ -44,6 +44,7 @@ _SECRET_PAIRS = frozenset(
         ("auth", "header"),
     }
 )
+_RUN_TOGETHER = ("password", "passwd", "passphrase")
 _SPLIT_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SPLIT_WORDS = re.compile(r"[^a-z0-9]+")
 
@@ -72,9 +73,21 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (
         re.compile(
             r"(?i)\b([\w.-]*(?:pass(?:word|wd)?|secret|token|api[_-]?key|apikey|credential)"
-            r"[\w.-]*)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&;,]+)"
+            # The name may end a quoted key of Python's repr ('password': 'x') or of JSON
+            # inside a JSON string (\"password\": \"x\"), as in exception messages.
+            r"[\w.-]*)((?:'|\\\")?\s*[=:]\s*)"
+            r"(\\\"(?:(?!\\\").)*\\\"|\"[^\"]*\"|'[^']*'|[^\s&;,]+)"
         ),
         r"\1\2" + REDACTED,
+    ),
+    # A command line's option naming a secret, with its value as the next argument:
+    # --password x (never the flag after an option without a value: --password-stdin -u).
+    (
+        re.compile(
+            r"(?i)((?<![\w-])--?[\w.-]*(?:pass(?:word|wd)?|secret|token|api[_-]?key|apikey"
+            r"|credential)[\w.-]*\s+)(?!-)(\"[^\"]*\"|'[^']*'|\S+)"
+        ),
+        r"\1" + REDACTED,
     ),
     # The same names as JSON keys, quoted: {"DB_PASSWORD": "x"} (a payload in an SQL error).
     (
@@ -86,6 +99,10 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     ),
 ]
 
+
+_SECRET_OPTION = re.compile(
+    r"(?i)--?[\w.-]*(?:pass(?:word|wd)?|secret|token|api[_-]?key|apikey|credential)[\w.-]*\Z"
+)
 
 # Every pattern above needs one of these words; text with none of them (most of it) is
 # returned after one search instead of a dozen substitutions.
@@ -101,6 +118,9 @@ def is_secret_key(name: str) -> bool:
     ``password``…), judged by whole words so that ``input_tokens`` is not one."""
     words = [w for w in _SPLIT_WORDS.split(_SPLIT_CAMEL.sub("_", name).lower()) if w]
     if words == ["key"] or any(word in _SECRET_WORDS for word in words):
+        return True
+    # Run together (PGPASSWORD, adminpasswd), as the text patterns already catch them.
+    if any(part in "".join(words) for part in _RUN_TOGETHER):
         return True
     return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
 
@@ -129,5 +149,15 @@ def sanitise(value: Any, *, _depth: int = 0) -> Any:
             for key, item in value.items()
         }
     if isinstance(value, list | tuple):
-        return [sanitise(item, _depth=_depth + 1) for item in value]
+        # An argument list: the value after an option naming a secret is that secret.
+        return [
+            REDACTED
+            if index
+            and isinstance(item, str)
+            and not item.startswith("-")
+            and isinstance(value[index - 1], str)
+            and _SECRET_OPTION.match(value[index - 1])
+            else sanitise(item, _depth=_depth + 1)
+            for index, item in enumerate(value)
+        ]
     return value

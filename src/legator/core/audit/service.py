@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
 
-from sqlalchemy import Select, delete, func, insert, select, text
+from sqlalchemy import ColumnElement, Select, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.models import AuditEvent
@@ -67,9 +67,11 @@ def _decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, seq = raw.partition(":")
-        if kind != "a":
+        position = int(seq)
+        # Beyond a 64-bit integer the database refuses the query itself (a 500, not a 400).
+        if kind != "a" or not 0 <= position < 2**63:
             raise ValueError
-        return int(seq)
+        return position
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidCursor("cursor is not one this server handed out") from None
 
@@ -156,7 +158,7 @@ class AuditService:
             query = query.where(AuditEvent.actor == flt.actor)
         if flt.action:
             query = (
-                query.where(AuditEvent.action.startswith(flt.action[:-1]))
+                query.where(AuditEvent.action.startswith(flt.action[:-1], autoescape=True))
                 if flt.action.endswith("*")
                 else query.where(AuditEvent.action == flt.action)
             )
@@ -235,6 +237,10 @@ class AuditService:
         an earlier event needs a purge record inside the verified chain naming it: only the
         newest chained purge counts, and the event it names (itself, when it left none) must
         be the oldest row of the log. Rows the database never numbers (``seq`` < 1) fail."""
+        return await self._verify(self.iterate(AuditFilter()))
+
+    async def _verify(self, events: AsyncIterator[AuditEvent]) -> ChainReport:
+        """``verify`` over ``events``, every row of the log oldest first."""
         if self.chain_key is None:
             return ChainReport(
                 chained=False,
@@ -248,7 +254,7 @@ class AuditService:
         first: AuditEvent | None = None  # the oldest row
         anchor: AuditEvent | None = None  # the oldest hashed row: where the chain starts
         purge_left: str | None = None  # the oldest event the newest chained purge left
-        async for event in self.iterate(AuditFilter()):
+        async for event in events:
             name = anchor.id if anchor else None
             if event.seq < 1:
                 why = "the event sits at a position the database never hands out"
@@ -290,7 +296,7 @@ class AuditService:
         async with self.db.write() as session:
             await self._lock_chain(session)
             last = await session.scalar(
-                select(func.max(AuditEvent.seq)).where(AuditEvent.ts < cutoff)
+                select(func.max(AuditEvent.seq)).where(await self._older(session, cutoff))
             )
             deleted = await self._delete_through(session, last)
             anchor = await self._record_purge(session, cutoff, actor, deleted)
@@ -308,7 +314,7 @@ class AuditService:
                 await self._lock_chain(session)
                 oldest = (
                     select(AuditEvent.seq)
-                    .where(AuditEvent.ts < cutoff)
+                    .where(await self._older(session, cutoff))
                     .order_by(AuditEvent.seq)
                     .limit(batch)
                     .subquery()
@@ -321,6 +327,15 @@ class AuditService:
                 await self._record_purge(session, cutoff, actor, batch_deleted)
             deleted += batch_deleted
             await asyncio.sleep(retention.PRUNE_PAUSE_S)
+
+    @staticmethod
+    async def _older(session: AsyncSession, cutoff: datetime) -> ColumnElement[bool]:
+        """The events older than ``cutoff`` that precede every event from ``cutoff`` on: a
+        purge cuts the log by position, and one stamped long ago by a replica whose clock ran
+        behind must not take the younger events written before it along."""
+        kept = await session.scalar(select(func.min(AuditEvent.seq)).where(AuditEvent.ts >= cutoff))
+        older = AuditEvent.ts < cutoff
+        return older if kept is None else older & (AuditEvent.seq < kept)
 
     @staticmethod
     async def _delete_through(session: AsyncSession, last: int | None) -> int:
@@ -355,11 +370,21 @@ class AuditService:
         SHA-256 sums. Returns the number of events."""
         count = 0
         with tempfile.TemporaryFile() as events:
-            async for event in self.iterate(AuditFilter()):
-                events.write(to_out(event).model_dump_json().encode() + b"\n")
-                count += 1
+
+            async def written() -> AsyncIterator[AuditEvent]:
+                nonlocal count
+                async for event in self.iterate(AuditFilter()):
+                    events.write(to_out(event).model_dump_json().encode() + b"\n")
+                    count += 1
+                    yield event
+
+            # The report is over the very rows the file holds, not a second reading of a log
+            # that the running server keeps appending to (or purging) meanwhile.
+            rows = written()
+            report = (await self._verify(rows)).model_dump_json(indent=2).encode()
+            async for _ in rows:  # a broken chain ends the check early, not the export
+                pass
             events.seek(0)
-            report = (await self.verify()).model_dump_json(indent=2).encode()
             # Compressing and hashing a large log takes seconds: not on the event loop.
             await asyncio.to_thread(_write_bundle, target, events, report, count)
         return count

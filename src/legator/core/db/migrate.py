@@ -50,7 +50,9 @@ async def current_revision(db: Database) -> str | None:
 
 
 async def upgrade(db: Database, revision: str = "head") -> None:
-    async with db.write() as session:
+    # Replicas starting together on PostgreSQL take turns: the first migrates, the others
+    # then find the database at head (at once, each would fail creating the same tables).
+    async with db.write(turns="legator:migrate") as session:
         connection = await session.connection()
         await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), revision))
 
