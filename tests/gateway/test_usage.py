@@ -357,6 +357,11 @@ def test_a_report_covers_a_range_and_refuses_a_bad_one(gw: LiveServer, admin: ht
         ({"since": "2026-11-02", "until": "2026-11-01"}, "since must be before until"),
         ({"since": "2024-01-01", "until": "2026-01-01"}, "at most 366 days"),
         ({"since": "yesterday"}, "since"),
+        ({"since": "0001-01-01T00:00:00+14:00"}, "outside the years 1 to 9999 in UTC"),
+        (
+            {"since": "9999-12-31T00:00:00Z", "until": "9999-12-31T23:59:59-14:00"},
+            "outside the years 1 to 9999 in UTC",
+        ),
     ):
         bad = admin.get("/api/v1/gateway/usage/all", params=params)
         assert bad.status_code in (400, 422), (params, bad.text)
