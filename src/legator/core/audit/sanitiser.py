@@ -56,6 +56,17 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         ),
         REDACTED,
     ),
+    # The Authorization header's value, whatever its scheme (Token, Bot, ApiKey…), or none;
+    # first, so that Bearer and Basic below leave it as it is.
+    (
+        re.compile(
+            r"(?i)\b((?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?)"
+            r"(?!(?:[a-z][\w-]*\s+)?\[REDACTED\])"
+            r"((?:bearer|basic|token|bot|apikey|api-key|key|digest|negotiate|hmac)\s+)?"
+            r"[^\s,;\"']+"
+        ),
+        r"\1\2" + REDACTED,
+    ),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 " + REDACTED),
     (re.compile(r"\blgk_[0-9a-fA-F]{8,}"), "lgk_" + REDACTED),
     (re.compile(r"\bprb_[A-Za-z0-9_-]{8,}"), "prb_" + REDACTED),
@@ -69,7 +80,8 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b(sk-(?:ant-)?[A-Za-z0-9_-]{16,})"), REDACTED),
     (re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{20,})"), REDACTED),
     (re.compile(r"\b(hf_[A-Za-z0-9]{20,})"), REDACTED),
-    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@"), r"\1" + REDACTED + "@"),
+    # A URL's password, which may hold '/' (base64): up to the last '@' before the host.
+    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^@\s]+@"), r"\1" + REDACTED + "@"),
     (
         re.compile(
             r"(?i)\b([\w.-]*(?:pass(?:word|wd)?|secret|token|api[_-]?key|apikey|credential)"
@@ -107,7 +119,7 @@ _SECRET_OPTION = re.compile(
 # Every pattern above needs one of these words; text with none of them (most of it) is
 # returned after one search instead of a dozen substitutions.
 _MAY_HOLD_SECRET = re.compile(
-    r"(?i)-----BEGIN|bearer|basic|lgk_|prb_|lpk_|eyJ|AKIA|ASIA|sk-|gh[pousr]_|hf_|://"
+    r"(?i)-----BEGIN|bearer|basic|authorization|lgk_|prb_|lpk_|eyJ|AKIA|ASIA|sk-|gh[pousr]_|hf_|://"
     r"|pass|secret|token|api|credential"
 )
 
