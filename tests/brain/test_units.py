@@ -67,6 +67,19 @@ def test_tool_turns_on_both_wires() -> None:
     assert [m["role"] for m in openai_wire] == ["system", "user", "assistant", "tool", "tool"]
 
 
+def test_an_empty_answer_is_no_empty_anthropic_turn() -> None:
+    """Anthropic refuses an assistant message with empty content ("all messages must have
+    non-empty content"): a session holding an empty answer failed on every later message."""
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "still there?"},
+    ]
+    wire = AnthropicProvider.wire_messages(messages)
+    assert all(m["content"] for m in wire)
+    assert [m["role"] for m in wire] == ["user", "user"]  # the API joins consecutive turns
+
+
 def test_truncate_marks_what_it_cut() -> None:
     assert truncate("abc", 10) == "abc"
     assert truncate("a" * 30, 10) == "a" * 10 + "\n…[truncated: 20 more characters]"

@@ -556,7 +556,10 @@ class AnthropicProvider(_SdkProvider):
                             "input": call["arguments"],
                         }
                     )
-                out.append({"role": "assistant", "content": blocks})
+                # An empty answer (no text, no calls) is stored as it came, but the API
+                # refuses an assistant turn without content: the next message would fail.
+                if blocks:
+                    out.append({"role": "assistant", "content": blocks})
             else:
                 out.append({"role": "user", "content": message["content"]})
         return out
