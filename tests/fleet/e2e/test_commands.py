@@ -10,7 +10,7 @@ import uuid
 
 import httpx
 
-from tests.fleet.e2e.conftest import ProbeProcess, unattended_policy, wait_for
+from tests.fleet.e2e.conftest import UNATTENDED, ProbeProcess, unattended_policy, wait_for
 from tests.support import LiveServer
 
 
@@ -73,20 +73,37 @@ def test_commands_do_not_inherit_the_probes_legator_variables(  # type: ignore[n
     assert "PROBE_HOST_VAR=kept" in lines  # and the rest of the probe's environment
 
 
-def test_commands_run_concurrently_on_the_probe(admin: httpx.Client, spawn_probe) -> None:  # type: ignore[no-untyped-def]
-    probe = spawn_probe("cmd-b")
-    started = time.monotonic()
+def test_commands_run_concurrently_on_the_probe(  # type: ignore[no-untyped-def]
+    admin: httpx.Client, spawn_probe, tmp_path
+) -> None:
+    # A rendezvous, not a stopwatch: each command marks that it started, then waits up to 10 s
+    # for all four marks. Run one after another, the first gives up and fails; a stalled
+    # dispatch on a loaded machine changes nothing.
+    probe = spawn_probe("cmd-b", max_level="remediate", policy=UNATTENDED)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = (
+        f"touch {marks}/{{}}; n=0; "
+        f'while [ "$(ls {marks} | wc -l)" -lt 4 ] && [ "$n" -lt 200 ]; '
+        "do sleep 0.05; n=$((n+1)); done; "
+        f'[ "$(ls {marks} | wc -l)" -ge 4 ]'
+    )
     ids = [
-        _run(admin, probe, query="", command="sleep", args=["1"]).json()["request_id"]
-        for _ in range(4)
+        _run(admin, probe, query="", command=script.format(i), shell=True).json()["request_id"]
+        for i in range(4)
     ]
-    for request_id in ids:
+    results = [
         wait_for(
             lambda rid=request_id: (
-                admin.get(f"/api/v1/commands/{rid}").json()["status"] == "completed"
-            )
+                (c := admin.get(f"/api/v1/commands/{rid}").json())["status"]
+                in ("completed", "failed")
+                and c
+            ),
+            timeout=30,
         )
-    assert time.monotonic() - started < 3.5  # four 1 s sleeps in parallel, not 4 s in a row
+        for request_id in ids
+    ]
+    assert [r["exit_code"] for r in results] == [0, 0, 0, 0], results
 
 
 def test_shell_only_when_asked_and_output_cap(admin: httpx.Client, spawn_probe) -> None:  # type: ignore[no-untyped-def]
