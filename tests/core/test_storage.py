@@ -208,7 +208,7 @@ def test_postgresql_migrations_identity_and_chain(pg_url: str, tmp_path: Path) -
         live_server(
             tmp_path / "d",
             database_url=pg_url,
-            audit_chain_key="pg-chain",
+            audit_chain_key="pg-chain-key-0123456789",
             secrets_kek="ab" * 32,
         ) as server,
         server.client(server.admin_key) as api,

@@ -86,7 +86,9 @@ async def offline_auth(settings: Settings, *, create: bool = False) -> AsyncIter
             if settings.audit_chain_key
             else None
         )
-        yield AuthService(db, AuditService(db, chain_key))
+        # The server's key may live only in its unit's environment: an event written without
+        # it, or with another, would break the chain, so a write refuses instead (exit 2).
+        yield AuthService(db, AuditService(db, chain_key, check_key=True))
     finally:
         await db.dispose()
 

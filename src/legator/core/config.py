@@ -15,6 +15,9 @@ from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
 
 ENV_PREFIX = "LEGATOR_"
+# Shortest LEGATOR_AUDIT_CHAIN_KEY: anyone who guesses the key can rewrite the log and its
+# chain alike, and 16 random characters are beyond guessing (docs suggest 64 hex).
+AUDIT_CHAIN_KEY_MIN_CHARS = 16
 _HEX = re.compile(r"^[0-9a-fA-F]+\Z")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 _SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}\Z")
@@ -263,6 +266,19 @@ class Settings(BaseSettings):
         raw = value.get_secret_value()
         if len(raw) < 64 or len(raw) % 2 or not _HEX.match(raw):
             raise ValueError("expected at least 64 hexadecimal characters (32 bytes)")
+        return value
+
+    @field_validator("audit_chain_key")
+    @classmethod
+    def _check_audit_chain_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        if len(value.get_secret_value().strip()) < AUDIT_CHAIN_KEY_MIN_CHARS:
+            # The value is a secret: name the rule, never echo it.
+            raise ValueError(
+                f"expected at least {AUDIT_CHAIN_KEY_MIN_CHARS} characters, e.g. the output of "
+                "`openssl rand -hex 32`"
+            )
         return value
 
     @field_validator(

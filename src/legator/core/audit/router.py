@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from legator.core.audit.schemas import AuditPage, ChainReport, PurgeOut
-from legator.core.audit.service import AuditFilter, InvalidCursor
+from legator.core.audit.service import AuditFilter, InvalidCursor, InvalidHead
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
 from legator.core.db import utcnow
@@ -60,9 +60,20 @@ async def list_events(
 
 
 @router.get("/verify", response_model=ChainReport, dependencies=[require(Permission.AUDIT_READ)])
-async def verify(request: Request) -> ChainReport:
+async def verify(
+    request: Request,
+    head: str | None = Query(
+        None,
+        description="The 'head' of an earlier report, kept elsewhere: fail if that event was "
+        "deleted since (the chain alone cannot tell that its newest events were).",
+        max_length=100,
+    ),
+) -> ChainReport:
     """Recompute the HMAC chain from its anchor (needs LEGATOR_AUDIT_CHAIN_KEY)."""
-    return await core_of(request).audit.verify()
+    try:
+        return await core_of(request).audit.verify(head)
+    except InvalidHead as exc:
+        raise BadRequest(str(exc)) from None
 
 
 @router.get("/export/bundle", dependencies=[require(Permission.AUDIT_READ)])

@@ -32,6 +32,10 @@ class ChainReport(BaseModel):
     unchained: int
     first_break: str | None = None
     anchor: str | None = None
+    # The newest chained event, as HASH@TIME and by id: keep the head elsewhere and pass
+    # it back to verify, which then fails if that event was deleted (see docs/api.md).
+    head: str | None = None
+    head_event: str | None = None
     message: str
 
 

@@ -8,11 +8,12 @@ import binascii
 import csv
 import hashlib
 import io
+import re
 import tempfile
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from sqlalchemy import ColumnElement, Select, delete, func, insert, select, text
@@ -22,6 +23,7 @@ from legator.core.audit.models import AuditEvent
 from legator.core.audit.sanitiser import sanitise, sanitise_text
 from legator.core.audit.schemas import AuditEventOut, ChainReport
 from legator.core.canonical import canonical_json
+from legator.core.config import ConfigError
 from legator.core.context import current_request_id
 from legator.core.db import Database, new_id, retention, utcnow
 from legator.core.security import constant_time_equal, hmac_sha256_hex
@@ -31,6 +33,8 @@ PURGE_ACTION = "audit.purge"
 RETENTION_ACTOR = "legator:retention"  # who the scheduled purges are recorded as
 _PG_CHAIN_LOCK = 0x4C4547  # advisory lock id serialising chain appends on PostgreSQL
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_HASH = re.compile(r"^[0-9a-fA-F]{64}\Z")
+_NEVER = datetime.min.replace(tzinfo=UTC)
 CSV_FIELDS = ("id", "ts", "actor", "action", "target", "outcome", "request_id", "details", "hash")
 
 # Longest string kept in an event's details; the rest is cut and marked.
@@ -50,6 +54,14 @@ class AuditFilter:
 
 class InvalidCursor(ValueError):
     pass
+
+
+class InvalidHead(ValueError):
+    """A head handed back to ``verify`` that no report of this server could have given."""
+
+
+class ChainKeyMismatch(ConfigError):
+    """A writer's LEGATOR_AUDIT_CHAIN_KEY (or its absence) does not fit the chained log."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,64 @@ def _decode_cursor(cursor: str) -> int:
         return position
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidCursor("cursor is not one this server handed out") from None
+
+
+def head_of(event: AuditEvent) -> str:
+    """The token a report gives for its newest chained event: its hash and its time."""
+    return f"{event.hash}@{event.ts.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}"
+
+
+def parse_head(head: str) -> tuple[str, datetime]:
+    digest, sep, stamp = head.strip().partition("@")
+    try:
+        moment = datetime.fromisoformat(stamp) if sep and _HASH.match(digest) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidHead("head must be the 'head' of an earlier report: HASH@TIME")
+    return digest.lower(), moment
+
+
+@dataclass
+class _HeadCheck:
+    """Whether the log still holds the event a head from an earlier report names. The chain
+    alone cannot tell that its newest events were deleted: what is left still links up.
+
+    Positions cannot tell a purge from a cut (SQLite numbers an emptied table afresh), so the
+    head carries its event's time: it may be gone only if a purge recorded after it, in the
+    verified chain, cut events older than it."""
+
+    digest: str
+    ts: datetime
+    found: bool = False
+    purged: bool = False
+
+    def see(self, event: AuditEvent) -> None:
+        if event.hash == self.digest:
+            self.found = True
+        elif event.hash is not None and event.action == PURGE_ACTION and event.ts >= self.ts:
+            self.purged = self.purged or _cutoff(event) > self.ts
+
+    def problem(self) -> str | None:
+        """Why the log fails the head, or None (only asked of a chain that verified)."""
+        if self.found or self.purged:
+            return None
+        return (
+            f"the event the head names (written {self.ts.isoformat()}) is gone and no purge "
+            "took it: events were deleted from the end of the log"
+        )
+
+
+def _cutoff(purge: AuditEvent) -> datetime:
+    """The ``older_than`` a purge record names; the earliest time when it names none."""
+    stamp = purge.details.get("older_than") if isinstance(purge.details, dict) else None
+    try:
+        moment = datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        return _NEVER
+    return moment
 
 
 def _chain_material(event: AuditEvent) -> str:
@@ -101,9 +171,16 @@ def to_out(event: AuditEvent) -> AuditEventOut:
 
 
 class AuditService:
-    def __init__(self, db: Database, chain_key: bytes | None = None) -> None:
+    def __init__(
+        self, db: Database, chain_key: bytes | None = None, *, check_key: bool = False
+    ) -> None:
+        """``check_key``: before its first append, make sure the key (or its absence) fits
+        the log, refusing (ChainKeyMismatch) rather than writing an event that breaks the
+        chain. For writers beside the server, such as the offline CLI, whose environment
+        may lack the server's key."""
         self.db = db
         self.chain_key = chain_key
+        self._key_unchecked = check_key
 
     async def record(
         self,
@@ -129,8 +206,10 @@ class AuditService:
             details=sanitise(_clipped(details or {})),
             request_id=(request_id if request_id is not None else current_request_id())[:64],
         )
+        await self._lock_chain(session)
+        if self._key_unchecked:
+            await self._check_key(session)
         if self.chain_key is not None:
-            await self._lock_chain(session)
             last = await session.scalar(
                 select(AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
             )
@@ -140,6 +219,24 @@ class AuditService:
         values = {column: getattr(event, column) for column in _INSERTED}
         await (await session.connection()).execute(_INSERT, values)
         return event
+
+    async def _check_key(self, session: AsyncSession) -> None:
+        """Refuse to append to a chained log without its key, or with another key: the event
+        would fail verification, and it would be too late to tell who wrote it and how."""
+        newest = await session.scalar(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1))
+        if newest is not None and newest.hash is not None:
+            if self.chain_key is None:
+                raise ChainKeyMismatch(
+                    "LEGATOR_AUDIT_CHAIN_KEY: not set, but the audit log is hash-chained; set "
+                    "the key the server uses (an event written without it would break the chain)"
+                )
+            expected = hmac_sha256_hex(self.chain_key, _chain_material(newest))
+            if not constant_time_equal(expected, newest.hash):
+                raise ChainKeyMismatch(
+                    "LEGATOR_AUDIT_CHAIN_KEY: not the key the audit log is chained with (its "
+                    "newest event does not verify under it); set the key the server uses"
+                )
+        self._key_unchecked = False
 
     async def _lock_chain(self, session: AsyncSession) -> None:
         """Serialise chain appends and purges on PostgreSQL (SQLite writers already queue on
@@ -228,8 +325,13 @@ class AuditService:
                 buffer.truncate()
         yield buffer.getvalue()
 
-    async def verify(self) -> ChainReport:
+    async def verify(self, head: str | None = None) -> ChainReport:
         """Walk every row oldest first and recompute each link of the chain.
+
+        The report names the newest chained event as ``head`` (``HASH@TIME``). Given the
+        head of an earlier report, kept where whoever can change the database cannot,
+        verification also fails when that event is gone or replaced: the newest events were
+        deleted. InvalidHead for a head no report could have given.
 
         The chain starts at the oldest hashed event (the anchor). Rows without a hash may only
         precede a chain that starts afresh (``prev_hash`` empty: the key was set on an existing
@@ -237,9 +339,12 @@ class AuditService:
         an earlier event needs a purge record inside the verified chain naming it: only the
         newest chained purge counts, and the event it names (itself, when it left none) must
         be the oldest row of the log. Rows the database never numbers (``seq`` < 1) fail."""
-        return await self._verify(self.iterate(AuditFilter()))
+        check = _HeadCheck(*parse_head(head)) if head is not None else None
+        return await self._verify(self.iterate(AuditFilter()), check)
 
-    async def _verify(self, events: AsyncIterator[AuditEvent]) -> ChainReport:
+    async def _verify(
+        self, events: AsyncIterator[AuditEvent], head: _HeadCheck | None = None
+    ) -> ChainReport:
         """``verify`` over ``events``, every row of the log oldest first."""
         if self.chain_key is None:
             return ChainReport(
@@ -254,7 +359,10 @@ class AuditService:
         first: AuditEvent | None = None  # the oldest row
         anchor: AuditEvent | None = None  # the oldest hashed row: where the chain starts
         purge_left: str | None = None  # the oldest event the newest chained purge left
+        newest: AuditEvent | None = None  # the newest hashed row: the head
         async for event in events:
+            if head is not None:
+                head.see(event)
             name = anchor.id if anchor else None
             if event.seq < 1:
                 why = "the event sits at a position the database never hands out"
@@ -274,6 +382,7 @@ class AuditService:
                 left = event.details.get("anchor") if isinstance(event.details, dict) else None
                 purge_left = left if isinstance(left, str) else event.id
             previous = event.hash
+            newest = event
             checked += 1
         if anchor is not None and anchor.prev_hash is not None and purge_left != anchor.id:
             why = "earlier events are missing and no purge says so"
@@ -281,14 +390,17 @@ class AuditService:
         if first is not None and purge_left is not None and purge_left != first.id:
             why = "the event precedes the oldest event the last purge left"
             return self._broken(0, unchained, anchor.id if anchor else None, first, why)
-        return ChainReport(
+        report = ChainReport(
             chained=True,
             ok=True,
             checked=checked,
             unchained=unchained,
             anchor=anchor.id if anchor else None,
+            head=head_of(newest) if newest else None,
+            head_event=newest.id if newest else None,
             message=f"{checked} chained events verified",
         )
+        return report if head is None else _with_head(report, head)
 
     async def purge(self, cutoff: datetime, *, actor: str) -> PurgeResult:
         """Delete events older than ``cutoff``; the purge itself is recorded, naming the oldest
@@ -402,6 +514,15 @@ class AuditService:
             first_break=event.id,
             message=f"chain broken at event {event.id}: {why}",
         )
+
+
+def _with_head(report: ChainReport, head: _HeadCheck) -> ChainReport:
+    """``report`` of a chain that verified, judged against the head of an earlier report."""
+    problem = head.problem()
+    if problem is None:
+        kept = "still in the log" if head.found else "purged since"
+        return report.model_copy(update={"message": f"{report.message}; the head given is {kept}"})
+    return report.model_copy(update={"ok": False, "message": f"chain broken: {problem}"})
 
 
 def _csv_cell(value: str) -> str:
