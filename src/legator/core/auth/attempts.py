@@ -8,6 +8,7 @@ import ipaddress
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from legator.core.logging import get_logger
@@ -19,6 +20,12 @@ log = get_logger("legator.core.auth.attempts")
 # What one replica tells the others it did to a shared limiter's count of a client.
 _OPERATIONS = frozenset({"count", "refund", "forget"})
 _MAX_CLIENT_CHARS = 400  # an address and a username, with room
+# Guesses at one account over all addresses (a guesser with many), per longer window: about
+# 2,900 a day at most. Addresses that signed in to the account within KNOWN_ADDRESS_S are
+# spared, so that guessing cannot keep the account's owner out.
+SIGN_INS_PER_USERNAME = 30
+USERNAME_WINDOW_S = 900.0
+KNOWN_ADDRESS_S = 30 * 86400.0
 
 
 def client_key(client_ip: str) -> str:
@@ -135,33 +142,79 @@ class AttemptLimiter:
         self._seen.clear()
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A sign-in refused: whose limit was used up, and for how long at most."""
+
+    whose: str
+    retry_after_s: float
+
+
 class SignInThrottle:
     """Password sign-ins: at most ``per_account`` attempts per address and username (guessing
     one account's password) and ``per_address`` per address over all usernames (trying one
-    password on many accounts) in a sliding ``window_s``. An attempt is counted before its
-    password is checked, so concurrent guesses cannot all pass the check together; a correct
-    password forgives its address's earlier failures on that account and its own count."""
+    password on many accounts) in a sliding ``window_s``; and at most ``per_username`` per
+    username over all addresses in ``username_window_s`` (one guesser with many addresses).
 
-    def __init__(self, *, per_account: int, per_address: int, window_s: float) -> None:
+    That last limit would let a guesser keep an account's owner out for as long as the guessing
+    goes on, so it spares an address that signed in to the account before (within
+    ``known_for_s``): such an address has only its own per-account limit. Refusals are bounded
+    by the windows, never a lock an administrator has to lift.
+
+    An attempt is counted before its password is checked, so concurrent guesses cannot all pass
+    the check together; a correct password forgives its address's earlier failures on that
+    account and its own count."""
+
+    def __init__(
+        self,
+        *,
+        per_account: int,
+        per_address: int,
+        window_s: float,
+        per_username: int = SIGN_INS_PER_USERNAME,
+        username_window_s: float = USERNAME_WINDOW_S,
+        known_for_s: float = KNOWN_ADDRESS_S,
+    ) -> None:
         self.window_s = window_s
+        self.username_window_s = username_window_s
         self._accounts = AttemptLimiter(per_account, window_s)
         self._addresses = AttemptLimiter(per_address, window_s)
+        # Roomier: a guesser could otherwise try this many other names to push an account's
+        # count out of the table, then guess at it afresh.
+        self._usernames = AttemptLimiter(per_username, username_window_s, max_clients=100_000)
+        # A limit of one: an address|username pair counted once is known for known_for_s.
+        self._known = AttemptLimiter(1, known_for_s)
 
     def share(self, cluster: ClusterLink) -> None:
         """Count sign-ins on every replica alike (``AttemptLimiter.share``)."""
         self._accounts.share(cluster, "sign-in-account")
         self._addresses.share(cluster, "sign-in-address")
+        self._usernames.share(cluster, "sign-in-username")
+        self._known.share(cluster, "sign-in-known")
 
-    def admit(self, client_ip: str, username: str) -> bool:
-        """Count an attempt; False (and not counted) when either limit is used up."""
+    def refusal(self, client_ip: str, username: str) -> Refusal | None:
+        """Count an attempt; or, when a limit is used up, count nothing and say which."""
         address = client_key(client_ip)
         account = f"{address}|{username}"
-        if self._addresses.over(address) or not self._accounts.count(account):
-            return False
+        if self._addresses.over(address) or self._accounts.over(account):
+            return Refusal("this address", self.window_s)
+        if not self._known.over(account) and not self._usernames.count(username):
+            return Refusal("this account", self.username_window_s)
+        self._accounts.count(account)
         self._addresses.count(address)
-        return True
+        return None
+
+    def admit(self, client_ip: str, username: str) -> bool:
+        """Count an attempt; False (and not counted) when a limit is used up."""
+        return self.refusal(client_ip, username) is None
 
     def succeeded(self, client_ip: str, username: str) -> None:
         address = client_key(client_ip)
-        self._accounts.forget(f"{address}|{username}")
+        account = f"{address}|{username}"
+        self._accounts.forget(account)
         self._addresses.refund(address)
+        if not self._known.over(account):
+            # This attempt counted against the username (unknown addresses' attempts do);
+            # the others stay counted: the owner signing in must not reset a guesser's count.
+            self._usernames.refund(username)
+            self._known.count(account)

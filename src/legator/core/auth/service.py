@@ -494,12 +494,14 @@ class AuthService:
         self, username: str, password: str, *, user_agent: str = "", client_ip: str = ""
     ) -> tuple[str, UserOut] | None:
         """Returns (session token, user) or None. Failures are audited without the password;
-        TooManyRequests once the address has used up its sign-ins (SignInThrottle)."""
+        TooManyRequests once the address or the account has used up its sign-ins
+        (SignInThrottle)."""
         username = username.strip().lower()
-        if not self._sign_ins.admit(client_ip, username):
+        refused = self._sign_ins.refusal(client_ip, username)
+        if refused is not None:
             raise TooManyRequests(
-                "too many sign-in attempts from this address; try again in a few minutes",
-                headers={"Retry-After": str(int(SIGN_IN_WINDOW_S))},
+                f"too many sign-in attempts for {refused.whose}; try again in a few minutes",
+                headers={"Retry-After": str(int(refused.retry_after_s))},
             )
         async with self.db.session() as session:
             user = await session.scalar(select(User).where(User.username == username))
