@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from legator.brain.agent import MAX_TOOL_CALLS_PER_TURN, RESULTS_BUDGET_CHARS, make_room, shown
 from legator.brain.providers import (
     AnthropicProvider,
     OpenAIProvider,
@@ -13,7 +15,7 @@ from legator.brain.providers import (
     ProviderPool,
 )
 from legator.brain.service import trim_history
-from legator.brain.tools import truncate
+from legator.brain.tools import result_chars, truncate
 from legator.core.errors import ServiceUnavailable
 
 
@@ -149,3 +151,22 @@ async def test_pool_is_bounded_and_closes_everything_at_shutdown() -> None:
     with pytest.raises(ServiceUnavailable, match="LEGATOR_LLM_PROVIDER"):
         async with pool.lease("owner-1", None):
             pass
+
+
+def test_tool_results_stay_within_the_budget_however_long_the_conversation() -> None:
+    """The most a conversation can hold: 100 steps of 16 results, each as long as a result
+    may be. The oldest give way to notes, and when the notes alone would pass the budget the
+    oldest notes to a shorter one; the newest results stay whole."""
+    limit = result_chars(4000)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "go"}]
+    for n in range(100 * MAX_TOOL_CALLS_PER_TURN):
+        content = shown(f'{{"request_id": "r{n}", "stdout": "' + "z" * 20_000, limit)
+        assert len(content) == limit and content.endswith("characters not shown]")
+        messages.append({"role": "tool", "tool_call_id": f"c{n}", "content": content})
+        make_room(messages, RESULTS_BUDGET_CHARS)
+        results = [m["content"] for m in messages if m["role"] == "tool"]
+        assert sum(map(len, results)) <= RESULTS_BUDGET_CHARS
+    assert results[-1].startswith(f'{{"request_id": "r{n}"')
+    notes = [r for r in results if r.startswith("[dropped by Legator")]
+    assert any('It began: {"request_id"' in r for r in notes)  # the id of one to ask again
+    assert len(results) == 100 * MAX_TOOL_CALLS_PER_TURN  # every call keeps its answer

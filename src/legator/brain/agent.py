@@ -7,7 +7,13 @@ The time limit holds inside a step too: a model turn still streaming at the dead
 cancelled, and the tool calls of a turn are checked against it one by one (a call already
 running finishes: its command may have started on a host). At most
 ``MAX_TOOL_CALLS_PER_TURN`` calls of one turn run; every call left over is answered to the
-model as not run, so the conversation stays well formed."""
+model as not run, so the conversation stays well formed.
+
+What tools put into the conversation is bounded where it enters it: one result at most
+``Toolbox.result_chars`` (the rest cut, with a marker saying how much), and all the results
+the model is shown at once at most ``RESULTS_BUDGET_CHARS``: past it the oldest give way to
+a short note, however many probes a call reached or steps a conversation took. The
+transcript keeps each result as the tool gave it."""
 
 from __future__ import annotations
 
@@ -20,6 +26,13 @@ from legator.brain.providers import OnToken, Provider, ProviderError, ToolCall
 from legator.brain.tools import Toolbox, ToolOutcome
 
 MAX_TOOL_CALLS_PER_TURN = 16
+# All the tool results a model is shown at once: about 25,000 tokens at four characters a
+# token, so every request of a conversation stays well within what a provider accepts.
+RESULTS_BUDGET_CHARS = 100_000
+DROPPED_HEAD_CHARS = 120  # kept of a result that gives way: a command's request id comes first
+DROPPED = "[dropped by Legator"
+GONE = f"{DROPPED}: an earlier result]"
+CUT = "\n…[cut by Legator: {cut:,} of {whole:,} characters not shown]"
 
 
 @dataclass
@@ -47,6 +60,59 @@ def _not_run(reason: str, why: str) -> ToolOutcome:
 
 def _limit(timeout_s: float) -> str:
     return f"the time limit of {timeout_s:g}s was reached"
+
+
+def shown(content: str, limit: int) -> str:
+    """``content`` as the model sees it: at most ``limit`` characters, marker included."""
+    whole = len(content)
+    if whole <= limit:
+        return content
+    keep = max(0, limit - len(CUT.format(cut=whole, whole=whole)))
+    return content[:keep] + CUT.format(cut=whole - keep, whole=whole)
+
+
+def _dropped(content: str) -> str:
+    if content.startswith(DROPPED):
+        return content
+    head = content[:DROPPED_HEAD_CHARS]
+    return (
+        f"{DROPPED}: an earlier result of {len(content):,} characters, to keep the "
+        f"conversation within its budget; call the tool again if you need it. It began: {head}]"
+    )
+
+
+NOTE_CHARS = len(_dropped("")) + DROPPED_HEAD_CHARS + 16  # the longest a note can be
+
+
+def _fit(content: str, room: int) -> str:
+    """``content`` if it fits ``room``, else its note, else the shorter of it and ``GONE``."""
+    if len(content) <= room:
+        return content
+    note = _dropped(content)
+    return note if len(note) <= room else min(content, GONE, key=len)
+
+
+def make_room(messages: list[dict[str, Any]], budget: int) -> None:
+    """Fit the tool results into ``budget``, the newest first: each stays whole while it
+    fits, else becomes a note, else (a long conversation's oldest) a shorter one. Messages are
+    replaced, not changed: they may be a stored history's."""
+    results = [i for i, m in enumerate(messages) if m["role"] == "tool"]
+    if sum(len(messages[i]["content"]) for i in results) <= budget:
+        return
+    left = budget
+    for older, index in reversed(list(enumerate(results))):
+        # Leave the older results room for a note each while those notes take at most a
+        # quarter of the budget, else (a long conversation) for their shortest form.
+        reserve = NOTE_CHARS if older * NOTE_CHARS <= budget // 4 else len(GONE)
+        fitted = _fit(messages[index]["content"], left - older * reserve)
+        left -= len(fitted)
+        if fitted != messages[index]["content"]:
+            messages[index] = {**messages[index], "content": fitted}
+
+
+def results_budget(toolbox: Toolbox) -> int:
+    # Room for two whole results at least, where an operator asks for longer outputs.
+    return max(RESULTS_BUDGET_CHARS, 2 * toolbox.result_chars)
 
 
 async def _call(
@@ -82,6 +148,7 @@ async def converse(
     transcript = Transcript() if transcript is None else transcript
     deadline = time.monotonic() + timeout_s
     toolbox.deadline = deadline
+    budget = results_budget(toolbox)
     for number in range(1, max_steps + 1):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -109,7 +176,9 @@ async def converse(
         step: dict[str, Any] = {"step": number, "text": turn.text, "tools": []}
         for index, call in enumerate(turn.tool_calls):
             outcome = await _call(toolbox, call, index, deadline, timeout_s)
-            messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.content})
+            content = shown(outcome.content, toolbox.result_chars)
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+            make_room(messages, budget)
             step["tools"].append({"name": call.name, "arguments": call.arguments, **outcome.record})
         transcript.steps.append(step)
         if on_step is not None:

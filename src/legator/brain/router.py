@@ -13,9 +13,9 @@ from collections.abc import Awaitable
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnected
@@ -38,6 +38,9 @@ INBOX_MAX = 16
 # The most a message may be, in characters, as received: room for the longest valid one
 # (``ChatIn.message``, escaped). One past it is not kept, and ends the socket.
 MESSAGE_MAX_CHARS = 256 * 1024
+# Chat sessions one list answers by default, the newest first: each message sent without a
+# session starts one, each with its history, and none is ever deleted.
+SESSIONS_LISTED = 50
 POLICY_VIOLATION = 1008  # WebSocket close codes
 MESSAGE_TOO_BIG = 1009
 
@@ -108,9 +111,13 @@ async def probe_chat(
 
 @router.get("/probes/{probe_id}/chat/sessions")
 async def probe_chat_sessions(
-    probe_id: str, request: Request, principal: Principal = require(P.FLEET_READ)
+    probe_id: str,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=200)] = SESSIONS_LISTED,
+    principal: Principal = require(P.FLEET_READ),
 ) -> list[dict[str, Any]]:
-    rows = await brain_of(request).sessions(principal, probe_id)
+    """The caller's sessions about a probe (or ``all``, ``tag:…``), the newest first."""
+    rows = await brain_of(request).sessions(principal, probe_id, limit)
     return [
         {
             "id": row.id,

@@ -22,7 +22,7 @@ from legator.brain.providers import (
     ProviderPool,
     check_config,
 )
-from legator.brain.tools import Emit, OpenApprovals, Recheck, Toolbox
+from legator.brain.tools import MAX_LISTED_PROBES, Emit, OpenApprovals, Recheck, Toolbox
 from legator.core.audit.service import AuditFilter
 from legator.core.auth.models import Session
 from legator.core.auth.permissions import Permission
@@ -82,6 +82,19 @@ def trim_history(messages: list[dict[str, Any]], budget: int) -> list[dict[str, 
         while start < last_user and kept[start]["role"] != "user":
             start += 1
     return kept[start:]
+
+
+def probe_listing(rows: list[Any]) -> str:
+    """Fleet chat's list of its probes for the system prompt, sent with every model request:
+    at most ``MAX_LISTED_PROBES``, then how many more there are."""
+    lines = [
+        f"- {p.id} {p.hostname} status={p.status} tags={','.join(p.tags or [])}"
+        for p in rows[:MAX_LISTED_PROBES]
+    ]
+    if len(rows) > MAX_LISTED_PROBES:
+        more = len(rows) - MAX_LISTED_PROBES
+        lines.append(f"- … and {more} more of {len(rows)} probes (list_probes with a tag)")
+    return "\n".join(lines)
 
 
 def ended_from_outside(exc: BaseException) -> dict[str, str]:
@@ -443,9 +456,7 @@ class BrainService:
         else:
             rows = await registry.rows()
             target = "all"
-        listing = "\n".join(
-            f"- {p.id} {p.hostname} status={p.status} tags={','.join(p.tags or [])}" for p in rows
-        )
+        listing = probe_listing(rows)
         system = f"{SYSTEM}\n\nThis conversation covers {target}. Probes:\n{listing}\n" + (
             f"Use run_on_tag with tag {tag!r} to act on all of them at once." if tag else ""
         )
@@ -469,11 +480,12 @@ class BrainService:
             on_token=on_token,
         )
 
-    async def sessions(self, principal: Principal, target: str) -> list[ChatSession]:
+    async def sessions(self, principal: Principal, target: str, limit: int) -> list[ChatSession]:
         async with self.core.db.session() as session:
             rows = await session.scalars(
                 select(ChatSession)
                 .where(ChatSession.owner == principal.actor, ChatSession.target == target)
                 .order_by(ChatSession.updated_at.desc())
+                .limit(limit)
             )
             return list(rows)

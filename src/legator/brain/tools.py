@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -138,6 +139,20 @@ TOOL_PERMISSIONS: dict[str, Permission] = {
 }
 
 
+# The most probes one list shows the model (``list_probes``, fleet chat's prompt); past it, a
+# count of the rest and how to narrow the list.
+MAX_LISTED_PROBES = 100
+# The least of each stream a fan-out shows of one probe, however many probes share its result.
+FAN_OUT_MIN_STREAM_CHARS = 200
+FAN_OUT_FIELDS_CHARS = 200  # room for one probe's fields other than its streams, and the summary
+
+
+def result_chars(output_chars: int) -> int:
+    """The most one tool result puts into the conversation (``agent.converse`` cuts the rest):
+    one command's two streams of ``output_chars`` whole, with room for its other fields."""
+    return 2 * output_chars + 1_000
+
+
 def truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
@@ -223,6 +238,7 @@ class Toolbox:
         self.origin = origin
         self.approval_wait_s = approval_wait_s
         self.output_chars = output_chars
+        self.result_chars = result_chars(output_chars)
         self.allowed_probes = allowed_probes
         self.emit = emit
         self.deadline: float | None = None  # monotonic; the conversation's time limit
@@ -264,15 +280,33 @@ class Toolbox:
 
     # ---- commands ------------------------------------------------------------------------
 
-    def _command_view(self, row: Any) -> dict[str, Any]:
+    def _command_view(self, row: Any, limit: int | None = None) -> dict[str, Any]:
+        """A command's result with each stream cut at ``limit`` (else ``output_chars``)."""
+        limit = self.output_chars if limit is None else limit
         return {
             "request_id": row.id,
             "status": row.status,
             "exit_code": row.exit_code,
-            "stdout": truncate(row.stdout or "", self.output_chars),
-            "stderr": truncate(row.stderr or "", self.output_chars),
+            "stdout": truncate(row.stdout or "", limit),
+            "stderr": truncate(row.stderr or "", limit),
             "error": row.error,
         }
+
+    def _probe_view(self, ended: Any, limit: int) -> dict[str, Any]:
+        """One probe of a fan-out: its command's result, or (a dict) why it has none."""
+        return ended if isinstance(ended, dict) else self._command_view(ended, limit)
+
+    def _fan_out_text(self, decision: str, approval: dict[str, Any], ended: dict[str, Any]) -> str:
+        """What the model is shown of a fan-out: a count of outcomes first, then every probe
+        with an equal share of one result's room, so a large tag shows each probe's start
+        rather than the first probes whole and the rest cut off."""
+        count = max(1, len(ended))  # none where an approval ended undispatched
+        room = self.result_chars - FAN_OUT_FIELDS_CHARS * (count + 1)
+        share = max(FAN_OUT_MIN_STREAM_CHARS, min(self.output_chars, room // (2 * count)))
+        results = {probe: self._probe_view(value, share) for probe, value in ended.items()}
+        outcomes = Counter(_outcome(view) for view in results.values())
+        shown = {"decision": decision, **approval, "probes": len(results)}
+        return json.dumps({**shown, "outcomes": dict(outcomes), "results": results})
 
     async def _tool_run_command(self, arguments: dict[str, Any]) -> ToolOutcome:
         probe_id = self._probe(arguments)
@@ -387,15 +421,14 @@ class Toolbox:
         )
         record["decision"] = verdict.decision
         approval = verdict.approval if verdict.decision == "queue" else None
-        results: dict[str, Any] = {}
+        ended: dict[str, Any] = {}  # per probe: its command's row, or a dict of its error
         decided = None
         async with self._holding(approval):
             for item in outcome.results:
                 if item.result is not None:
-                    row = await self.fleet.commands.get(item.result.request_id)
-                    results[item.probe_id] = self._command_view(row)
+                    ended[item.probe_id] = await self.fleet.commands.get(item.result.request_id)
                 else:
-                    results[item.probe_id] = {"error": item.error}
+                    ended[item.probe_id] = {"error": item.error}
             if approval is not None:
                 record["approval"] = {"id": approval.id, "rationale": approval.rationale}
                 await self._emit("approval_pending", record)
@@ -404,15 +437,16 @@ class Toolbox:
             record["approval"]["status"] = decided.status
             if decided.status == "dispatched":
                 for probe_id, request_id in (decided.result or {}).get("request_ids", {}).items():
-                    row = await self.fleet.commands.wait_finished(
+                    ended[probe_id] = await self.fleet.commands.wait_finished(
                         request_id, request.timeout_s + 30
                     )
-                    results[probe_id] = self._command_view(row)
                 for probe_id, error in (decided.result or {}).get("errors", {}).items():
-                    results[probe_id] = {"error": error}
-        record["results"] = results
+                    ended[probe_id] = {"error": error}
+        record["results"] = {
+            probe: self._probe_view(value, self.output_chars) for probe, value in ended.items()
+        }
         await self._emit("command_result", record)
-        text = json.dumps({"decision": verdict.decision, **record.get("approval", {}), **results})
+        text = self._fan_out_text(verdict.decision, record.get("approval", {}), ended)
         return ToolOutcome(text, record)
 
     async def _tool_get_command_result(self, arguments: dict[str, Any]) -> ToolOutcome:
@@ -425,9 +459,12 @@ class Toolbox:
     # ---- reads ---------------------------------------------------------------------------
 
     async def _file(self, probe_id: str, request: dict[str, Any]) -> ToolOutcome:
-        data = await self.fleet.actions.file_op(probe_id, request, actor=self.principal.actor)
+        # The probe reads (or finds) no more than the model is shown, and says whether it
+        # left some out, rather than send up to a MiB for all but the start to be dropped.
+        asked = {**request, "max_bytes": self.output_chars}
+        data = await self.fleet.actions.file_op(probe_id, asked, actor=self.principal.actor)
         text = data if isinstance(data, str) else json.dumps(data, default=str)
-        return ToolOutcome(truncate(text, self.output_chars), {"probe": probe_id, **request})
+        return ToolOutcome(text, {"probe": probe_id, **request})
 
     async def _tool_read_file(self, arguments: dict[str, Any]) -> ToolOutcome:
         probe_id = self._probe(arguments)
@@ -461,4 +498,18 @@ class Toolbox:
             for p in probes
             if self.allowed_probes is None or p.id in self.allowed_probes
         ]
-        return ToolOutcome(json.dumps(rows), {"tag": tag, "count": len(rows)})
+        shown: dict[str, Any] = {"total": len(rows), "probes": rows[:MAX_LISTED_PROBES]}
+        if len(rows) > MAX_LISTED_PROBES:
+            shown["not_listed"] = (
+                f"{len(rows) - MAX_LISTED_PROBES} more, not listed; give a tag to list fewer"
+            )
+        return ToolOutcome(json.dumps(shown), {"tag": tag, "count": len(rows)})
+
+
+def _outcome(view: dict[str, Any]) -> str:
+    """How one probe's command ended, to count a fan-out's outcomes by."""
+    if "status" not in view:
+        return "error"
+    if view["exit_code"] is None:
+        return str(view["status"])
+    return f"{view['status']}, exit {view['exit_code']}"
