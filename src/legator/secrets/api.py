@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,6 +43,7 @@ from legator.secrets.identity import (
     unix_caller,
     unmapped,
 )
+from legator.secrets.ratelimit import Limiter
 from legator.secrets.service import SecretsService
 from legator.secrets.wire import (
     field_bool,
@@ -134,6 +136,44 @@ def host_allowed(request: Request, allowed: frozenset[str]) -> bool:
     return True
 
 
+def source_of(request: Request) -> str:
+    """What the rate limit counts calls by: the peer's uid on the unix socket, else its
+    address (one per tailnet node), both known before the caller is identified."""
+    peer: PeerCred | None = request.scope.get("state", {}).get(PEER_STATE_KEY)
+    if peer is not None:
+        return f"uid:{peer.uid}"
+    client = request.scope.get("client")
+    return unmapped(client[0]) if client else "unknown"
+
+
+def throttled(limiter: Limiter, wait: float) -> Response:
+    response = text_error(
+        429,
+        f"rate limit exceeded: at most {limiter.limit.per_second:g} calls a second from one "
+        f"caller after a burst of {limiter.limit.burst}; retry in {math.ceil(wait)} s",
+    )
+    response.headers["Retry-After"] = str(math.ceil(wait))
+    return response
+
+
+class ThrottleLog:
+    """A warning when a source is throttled, at most once a minute per source: the metrics
+    count every refusal, the log says who."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def note(self, source: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(source, -self.every) < self.every:
+            return
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[source] = now
+        log.warning("caller rate-limited", source=source)
+
+
 BROWSER_REFUSED = "access denied: legerd does not answer browsers (Origin or Sec-Fetch-* header)"
 HOST_REFUSED = "access denied: legerd does not answer to this Host name (see allowed hosts)"
 
@@ -169,8 +209,14 @@ class Identifier:
 Handler = Callable[[SecretsService, Caller, dict[str, Any]], Awaitable[Response]]
 
 
-async def _list(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+def _list_body(svc: SecretsService, caller: Caller) -> Response:
     return json_response([info_json(i) for i in svc.list(caller)])
+
+
+async def _list(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
+    # Off the event loop: a list reads and filters every secret (150 ms for 10,000), and a
+    # caller asking for it again and again would hold every other caller's get that long.
+    return await anyio.to_thread.run_sync(_list_body, svc, caller)
 
 
 async def _get(svc: SecretsService, caller: Caller, body: dict[str, Any]) -> Response:
@@ -252,23 +298,30 @@ def create_legerd_app(
     service: SecretsService,
     identifier: Identifier,
     allowed_hosts: frozenset[str] = frozenset(),
+    limiter: Limiter | None = None,
 ) -> Starlette:
     """``allowed_hosts``: the Host names TCP callers may use besides IP literals and
-    ``localhost`` (none: any)."""
+    ``localhost`` (none: any). ``limiter``: the request rate per source (none: no limit)."""
     metrics = Metrics()
+    throttle_log = ThrottleLog()
 
     def refused(request: Request, *, browsers_too: bool) -> Response | None:
         if not host_allowed(request, allowed_hosts):
             return text_error(403, HOST_REFUSED)
+        if limiter is not None and (wait := limiter.wait(source := source_of(request))):
+            throttle_log.note(source)
+            return throttled(limiter, wait)
         if browsers_too and from_a_browser(request):
             return text_error(403, BROWSER_REFUSED)
         return None
 
     async def api_call(request: Request) -> Response:
         # No browser check: setec's anti-browser header, which no page can set, is required.
-        if (refusal := refused(request, browsers_too=False)) is not None:
-            return refusal
         call = request.path_params["call"]
+        if (refusal := refused(request, browsers_too=False)) is not None:
+            if refusal.status_code == 429 and call in CALLS:  # known calls only: bounded labels
+                metrics.calls.labels(call, "429").inc()
+            return refusal
         handler = CALLS.get(call)
         if handler is None:
             return text_error(404, "404 page not found")
@@ -324,7 +377,8 @@ def create_legerd_app(
             caller = await identifier.identify(request)
         except IdentityError:
             return text_error(500, "unable to identify caller")
-        page = _INDEX.render(principal=caller.principal, secrets=service.list(caller))
+        secrets = await anyio.to_thread.run_sync(service.list, caller)  # as for /api/list
+        page = _INDEX.render(principal=caller.principal, secrets=secrets)
         return HTMLResponse(
             page,
             headers={"Content-Security-Policy": "default-src 'none'", "X-Frame-Options": "DENY"},

@@ -4,6 +4,7 @@ plane's ``/api/v1/secrets`` mount (same calls, bearer key)."""
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ _BY_STATUS: dict[int, type[SecretsError]] = {
     404: SecretNotFound,
     412: VersionClaimed,
 }
+
+
+# A throttled call (429) is retried after the server's Retry-After when that is this short.
+RETRY_AFTER_MAX_S = 5
+RETRIES = 3
+
+
+def _retry_after(response: httpx.Response) -> int | None:
+    text = response.headers.get("retry-after", "")
+    return int(text) if text.isdigit() and int(text) <= RETRY_AFTER_MAX_S else None
 
 
 class Unavailable(SecretsError):
@@ -83,15 +94,24 @@ class Client:
         self._http.close()
 
     def call(self, method: str, body: dict[str, Any]) -> httpx.Response:
-        try:
-            response = self._http.post(f"{self.prefix}/{method}", json=body)
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"cannot reach the secrets server at {self.where}: {exc}") from None
+        response = self._post(method, body)
+        for _ in range(RETRIES):
+            wait = _retry_after(response) if response.status_code == 429 else None
+            if wait is None:
+                break
+            time.sleep(wait)
+            response = self._post(method, body)
         if response.status_code in (200, 304):
             return response
         error = _BY_STATUS.get(response.status_code, SecretsError)
         message = _error_message(response) or error.message
         raise error(f"{method}: {message} (HTTP {response.status_code})")
+
+    def _post(self, method: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return self._http.post(f"{self.prefix}/{method}", json=body)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"cannot reach the secrets server at {self.where}: {exc}") from None
 
     def whoami(self) -> str:
         """The control plane's name for this client's API key (control plane only)."""

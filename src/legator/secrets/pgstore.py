@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.secrets.crypto import Kek, Sealer
+from legator.secrets.quota import row_weight
 from legator.secrets.store import SourceSecret, SqlStore
 
 SCHEMA = "legator_secrets"
@@ -38,6 +39,12 @@ _IMPORT_LOCK = text("SELECT pg_advisory_xact_lock(:lock)")
 _IMPORT_HERE = text("SELECT 1 FROM legator_secrets.secrets WHERE name = :name")
 _IMPORT_SECRET = text(
     "INSERT INTO legator_secrets.secrets (name, active, latest) VALUES (:name, :active, :latest)"
+)
+# An imported secret counts for no writer (see quota.py), in the total.
+_IMPORT_USAGE = text(
+    "INSERT INTO legator_secrets.writer_usage AS u (writer, bytes, secrets) "
+    "VALUES ('', :weight, 1) ON CONFLICT (writer) DO UPDATE "
+    "SET bytes = u.bytes + excluded.bytes, secrets = u.secrets + excluded.secrets"
 )
 _IMPORT_VERSION = text(
     "INSERT INTO legator_secrets.versions (name, version, sealed) VALUES (:name, :version, :sealed)"
@@ -102,6 +109,7 @@ class PgSecretStore(SqlStore):
             # makes it one at a time.
             for statement in filter(None, (s.strip() for s in _DDL.split(";"))):
                 conn.execute(statement)
+            self._add_quota_accounting(conn)
         self._sealer = Sealer(self._load_or_create_dek(kek))
 
     def _connect(self) -> psycopg.Connection[Any]:
@@ -125,6 +133,20 @@ class PgSecretStore(SqlStore):
             if conn is not None:
                 conn.close()
 
+    def _columns(self, conn: Any, table: str) -> set[str]:
+        rows = conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name = ?",
+            (SCHEMA, table),
+        )
+        return {row[0] for row in rows.fetchall()}
+
+    def _tables(self, conn: Any) -> set[str]:
+        rows = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", (SCHEMA,)
+        )
+        return {row[0] for row in rows.fetchall()}
+
     async def import_secret_in(self, session: AsyncSession, secret: SourceSecret) -> bool:
         """``import_secret`` inside the caller's transaction on the control plane's database
         (the same database: the caller's audit record commits with the rows, or neither
@@ -140,6 +162,8 @@ class PgSecretStore(SqlStore):
         ]
         if rows:
             await session.execute(_IMPORT_VERSION, rows)
+        weight = sum(row_weight(secret.name, row["sealed"] or b"") for row in rows)
+        await session.execute(_IMPORT_USAGE, {"weight": weight})
         return True
 
     @contextmanager

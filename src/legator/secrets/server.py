@@ -25,6 +25,8 @@ from legator.secrets.audit import AuditLog
 from legator.secrets.crypto import load_kek
 from legator.secrets.errors import KekError
 from legator.secrets.identity import is_loopback, peer_credentials
+from legator.secrets.quota import Quota
+from legator.secrets.ratelimit import Limiter, RateLimit
 from legator.secrets.service import SecretsService
 from legator.secrets.store import SecretStore
 
@@ -65,6 +67,10 @@ class LegerdConfig:
     # Host names TCP callers may reach legerd by, besides IP literals and localhost (a page
     # whose DNS was rebound to legerd's address sends its own name); empty: any.
     allowed_hosts: tuple[str, ...] = ()
+    # Storage quotas; None: from the LEGERD_MAX_* environment, else the defaults.
+    quota: Quota | None = None
+    # Calls per second per source; None: from LEGERD_RATE_LIMIT/_BURST, else the defaults.
+    rate_limit: RateLimit | None = None
 
     @property
     def db_path(self) -> Path:
@@ -148,12 +154,31 @@ def socket_is_served(path: Path) -> bool:
     return True
 
 
+def quota_of(config: LegerdConfig) -> Quota:
+    if config.quota is not None:
+        return config.quota
+    try:
+        return Quota.from_env()
+    except ValueError as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
+def rate_limit_of(config: LegerdConfig) -> RateLimit:
+    if config.rate_limit is not None:
+        return config.rate_limit
+    try:
+        return RateLimit.from_env(dev=config.dev)
+    except ValueError as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
 def open_service(config: LegerdConfig) -> tuple[SecretsService, AuditLog]:
+    quota = quota_of(config)  # a bad setting stops start-up before the store is touched
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     kek = load_kek(config.key_file)
     store = SecretStore(config.db_path, kek)
     audit = AuditLog(config.audit_path)
-    return SecretsService(store, audit), audit
+    return SecretsService(store, audit, quota), audit
 
 
 def bind_sockets(config: LegerdConfig) -> list[socket.socket]:
@@ -196,6 +221,7 @@ class Legerd:
 
     def __init__(self, config: LegerdConfig, *, log_level: str = "warning") -> None:
         validate(config)
+        limiter = Limiter(rate_limit_of(config))
         self.identifier = build_identifier(config)  # a bad policy file fails before anything
         self.config = config
         self.service, self.audit = open_service(config)
@@ -206,6 +232,7 @@ class Legerd:
                     self.service,
                     self.identifier,
                     frozenset(name.lower().rstrip(".") for name in config.allowed_hosts),
+                    limiter,
                 ),
                 http=PeerCredProtocol,
                 lifespan="off",

@@ -21,6 +21,7 @@ from legator.secrets.errors import (
     VersionClaimed,
 )
 from legator.secrets.identity import Caller
+from legator.secrets.quota import Quota, QuotaExceeded
 from legator.secrets.store import MAX_VERSION, SecretInfo, SqlStore
 
 MAX_NAME_BYTES = 512
@@ -68,6 +69,8 @@ def failure_outcome(exc: SecretsError) -> str:
         return "not-found"
     if isinstance(exc, VersionClaimed):
         return "version-claimed"
+    if isinstance(exc, QuotaExceeded):
+        return "over-quota"
     if isinstance(exc, InvalidRequest):
         return "refused"
     return "error"
@@ -80,9 +83,10 @@ class SecretValue:
 
 
 class SecretsService:
-    def __init__(self, store: SqlStore, audit: AuditSink) -> None:
+    def __init__(self, store: SqlStore, audit: AuditSink, quota: Quota | None = None) -> None:
         self.store = store
         self.audit = audit
+        self.quota = quota or Quota()
 
     def _record(
         self,
@@ -177,7 +181,13 @@ class SecretsService:
         value = validate_value(value)
         self._check(caller, Action.PUT, name)
         with self._audit_failure(caller, "put", name):
-            return self.store.put(name, value, self._audit_hook(caller, "put", name))
+            return self.store.put(
+                name,
+                value,
+                self._audit_hook(caller, "put", name),
+                writer=caller.principal,
+                quota=self.quota,
+            )
 
     def create_version(self, caller: Caller, name: str, version: int, value: bytes) -> None:
         name = validate_name(name)
@@ -186,7 +196,12 @@ class SecretsService:
         self._check(caller, Action.CREATE_VERSION, name, version)
         with self._audit_failure(caller, "create-version", name, version):
             self.store.create_version(
-                name, version, value, self._audit_hook(caller, "create-version", name)
+                name,
+                version,
+                value,
+                self._audit_hook(caller, "create-version", name),
+                writer=caller.principal,
+                quota=self.quota,
             )
 
     def activate(self, caller: Caller, name: str, version: int) -> None:

@@ -18,7 +18,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,15 @@ from legator.secrets.errors import (
     KekError,
     SecretNotFound,
     VersionClaimed,
+)
+from legator.secrets.quota import (
+    WEIGHT_BY_WRITER,
+    Quota,
+    Write,
+    add_usage,
+    create_usage,
+    enforce,
+    row_weight,
 )
 
 Hook = Callable[[int], None] | None
@@ -53,6 +62,10 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (name, version)
 );
 """
+# Who put each version and who created each secret, for the per-writer quotas (NULL: before
+# quotas, or imported). Added apart from _SCHEMA: CREATE TABLE IF NOT EXISTS leaves an older
+# store's tables as they are.
+_QUOTA_COLUMNS = (("versions", "writer"), ("secrets", "creator"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,22 @@ class SqlStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the connections."""
+
+    @abstractmethod
+    def _columns(self, conn: Any, table: str) -> set[str]:
+        """The column names of ``table``."""
+
+    @abstractmethod
+    def _tables(self, conn: Any) -> set[str]:
+        """The names of the store's tables."""
+
+    def _add_quota_accounting(self, conn: Any) -> None:
+        """Bring a store from before quotas up to date, inside a writer transaction."""
+        for table, column in _QUOTA_COLUMNS:
+            if column not in self._columns(conn, table):
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        if "writer_usage" not in self._tables(conn):
+            create_usage(conn)
 
     # keys
 
@@ -225,12 +254,26 @@ class SqlStore(ABC):
 
     # writes
 
-    def put(self, name: str, value: bytes, before_commit: Hook = None) -> int:
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        before_commit: Hook = None,
+        *,
+        writer: str | None = None,
+        quota: Quota | None = None,
+    ) -> int:
+        """Store ``value`` as the next version (the first is active), unless it equals the
+        latest; ``quota`` is enforced on ``writer`` in the same transaction."""
         with self._transaction() as conn:
             row = conn.execute("SELECT latest FROM secrets WHERE name = ?", (name,)).fetchone()
+            creates = row is None
             if row is None:
                 version = 1
-                conn.execute("INSERT INTO secrets (name, active, latest) VALUES (?, 1, 1)", (name,))
+                conn.execute(
+                    "INSERT INTO secrets (name, active, latest, creator) VALUES (?, 1, 1, ?)",
+                    (name, writer),
+                )
             else:
                 latest = int(row[0])
                 current = conn.execute(
@@ -250,16 +293,34 @@ class SqlStore(ABC):
                     )
                 version = latest + 1
                 conn.execute("UPDATE secrets SET latest = ? WHERE name = ?", (version, name))
-            conn.execute(
-                "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
-                (name, version, self._sealer.seal(name, version, value)),
-            )
+            self._insert_version(conn, Write(writer, name, 0, creates), version, value, quota)
             if before_commit:
                 before_commit(version)
             return version
 
+    def _insert_version(
+        self, conn: Any, write: Write, version: int, value: bytes, quota: Quota | None
+    ) -> None:
+        """Seal and store one version, within ``quota`` (none: unlimited), and count it."""
+        sealed = self._sealer.seal(write.name, version, value)
+        write = replace(write, weight=row_weight(write.name, sealed))
+        if quota is not None:
+            enforce(conn, quota, write)
+        conn.execute(
+            "INSERT INTO versions (name, version, sealed, writer) VALUES (?, ?, ?, ?)",
+            (write.name, version, sealed, write.writer or None),
+        )
+        add_usage(conn, write.writer, weight=write.weight, secrets=int(write.creates))
+
     def create_version(
-        self, name: str, version: int, value: bytes, before_commit: Hook = None
+        self,
+        name: str,
+        version: int,
+        value: bytes,
+        before_commit: Hook = None,
+        *,
+        writer: str | None = None,
+        quota: Quota | None = None,
     ) -> None:
         if version <= 0:
             raise InvalidRequest("invalid version, please specify a version > 0")
@@ -267,8 +328,8 @@ class SqlStore(ABC):
             row = conn.execute("SELECT latest FROM secrets WHERE name = ?", (name,)).fetchone()
             if row is None:
                 conn.execute(
-                    "INSERT INTO secrets (name, active, latest) VALUES (?, ?, ?)",
-                    (name, version, version),
+                    "INSERT INTO secrets (name, active, latest, creator) VALUES (?, ?, ?, ?)",
+                    (name, version, version, writer),
                 )
             else:
                 claimed = conn.execute(
@@ -281,10 +342,8 @@ class SqlStore(ABC):
                     "latest = CASE WHEN latest > ? THEN latest ELSE ? END WHERE name = ?",
                     (version, version, version, name),
                 )
-            conn.execute(
-                "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
-                (name, version, self._sealer.seal(name, version, value)),
-            )
+            write = Write(writer, name, 0, creates=row is None)
+            self._insert_version(conn, write, version, value, quota)
             if before_commit:
                 before_commit(version)
 
@@ -312,6 +371,12 @@ class SqlStore(ABC):
         """Delete every version; a secret that does not exist is a no-op, as in setec (its
         ``kv.deleteSecret``), still audited."""
         with self._transaction() as conn:
+            weights = conn.execute(WEIGHT_BY_WRITER, (name,)).fetchall()
+            for writer, weight in weights:
+                add_usage(conn, writer, weight=-int(weight))
+            created = conn.execute("SELECT creator FROM secrets WHERE name = ?", (name,))
+            for (creator,) in created.fetchall():
+                add_usage(conn, creator, secrets=-1)
             conn.execute("DELETE FROM versions WHERE name = ?", (name,))
             conn.execute("DELETE FROM secrets WHERE name = ?", (name,))
             if before_commit:
@@ -326,13 +391,17 @@ class SqlStore(ABC):
                 raise SecretNotFound()
             if int(row[0]) == version:
                 raise InvalidRequest("cannot delete the active version")
-            cur = conn.execute(
-                "UPDATE versions SET sealed = NULL WHERE name = ? AND version = ? "
+            live = conn.execute(
+                "SELECT writer, LENGTH(sealed) FROM versions WHERE name = ? AND version = ? "
                 "AND sealed IS NOT NULL",
                 (name, version),
-            )
-            if cur.rowcount == 0:
+            ).fetchone()
+            if live is None:
                 raise SecretNotFound()
+            conn.execute(
+                "UPDATE versions SET sealed = NULL WHERE name = ? AND version = ?", (name, version)
+            )
+            add_usage(conn, live[0], weight=-int(live[1]))
             if before_commit:
                 before_commit(version)
 
@@ -387,11 +456,14 @@ class SqlStore(ABC):
                 "INSERT INTO secrets (name, active, latest) VALUES (?, ?, ?)",
                 (secret.name, secret.active, secret.latest),
             )
+            weight = 0
             for version, sealed in self.sealed_versions(secret):
                 conn.execute(
                     "INSERT INTO versions (name, version, sealed) VALUES (?, ?, ?)",
                     (secret.name, version, sealed),
                 )
+                weight += row_weight(secret.name, sealed or b"")
+            add_usage(conn, None, weight=weight, secrets=1)
             if before_commit:
                 before_commit(secret)
             return True
@@ -470,6 +542,8 @@ class SecretStore(SqlStore):
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
+        with self._transaction() as conn:
+            self._add_quota_accounting(conn)
         self._sealer = Sealer(self._load_or_create_dek(kek))
 
     def _connect(self) -> sqlite3.Connection:
@@ -490,6 +564,13 @@ class SecretStore(SqlStore):
 
     def close(self) -> None:
         self._writer.close()
+
+    def _columns(self, conn: Any, table: str) -> set[str]:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+    def _tables(self, conn: Any) -> set[str]:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {row[0] for row in rows}
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
