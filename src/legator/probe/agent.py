@@ -23,6 +23,7 @@ from legator.probe import config as config_mod
 from legator.probe import fileops, inventory, updater
 from legator.probe.config import ProbeConfig
 from legator.probe.executor import Executor
+from legator.probe.filepool import Busy, FilePool
 from legator.probe.version import PROBE_VERSION
 
 BACKOFF_START, BACKOFF_MAX, AUTH_BACKOFF = 1.0, 300.0, 30.0
@@ -41,12 +42,14 @@ class Agent:
         self.config_path = config_path
         self.verifier = p.Verifier(config.signing_key)
         self.executor = Executor(config.max_concurrent, config.work_dir)
+        self.files = FilePool()
         self.policy = Policy(level=config.policy_level)
         self.policy_name = "local maximum"
         self.ws: ClientConnection | None = None
         self.outbox: deque[p.Envelope] = deque(maxlen=OUTBOX_LIMIT)
         self.tasks: set[asyncio.Task[None]] = set()
         self.restart_requested = False
+        self.updating = False
 
     @property
     def ws_url(self) -> str:
@@ -155,7 +158,9 @@ class Agent:
     async def _on_message(self, raw: str) -> None:
         try:
             envelope = p.Envelope.model_validate(json.loads(raw))
-        except (ValueError, ValidationError) as exc:
+        except (ValueError, ValidationError, RecursionError) as exc:
+            # RecursionError: JSON nested deeper than the parser goes, which would end the
+            # probe's loop, and the probe, before any signature is looked at.
             await self._reject(None, "malformed", f"unreadable message: {str(exc)[:200]}")
             return
         request_id = envelope.payload.get("request_id")
@@ -269,11 +274,11 @@ class Agent:
 
     async def _file(self, request: p.FileRequest) -> None:
         try:
-            data = await asyncio.to_thread(
+            data = await self.files.run(
                 fileops.perform, request, self.policy.paths, self.config_path
             )
             result = p.FileResult(request_id=request.request_id, ok=True, data=data)
-        except (fileops.FileDenied, OSError, ValueError) as exc:
+        except (fileops.FileDenied, Busy, OSError, ValueError) as exc:
             result = p.FileResult(request_id=request.request_id, ok=False, error=str(exc))
         await self._send(p.T_FILE_RESULT, result)
 
@@ -287,11 +292,18 @@ class Agent:
             )
             await self._ack(envelope, ok=False, error=error)
             return
+        if self.updating:
+            # Each download holds a thread of the shared pool and up to 200 MiB of memory.
+            await self._ack(envelope, ok=False, error="an update is already under way")
+            return
+        self.updating = True
         try:
             await asyncio.to_thread(updater.apply, spec, updater.current_zipapp())
         except (updater.UpdateRefused, OSError) as exc:
             await self._ack(envelope, ok=False, error=str(exc))
             return
+        finally:
+            self.updating = False
         await self._ack(envelope, detail={"version": spec.version})
         self.restart_requested = True
         if self.ws is not None:

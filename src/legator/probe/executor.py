@@ -14,14 +14,26 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from legator.fleet.protocol import CommandResult, CommandSpec, OutputChunk
+from legator.probe.jsonfit import MAX_ANSWER_CHARS, fit
 
 # The probe's own settings and credentials (LEGATOR_TOKEN, LEGATOR_SERVER_URL, …) are read
 # from variables with this prefix; none of them reaches a command.
 PROBE_ENV_PREFIX = "LEGATOR_"
 OUTPUT_CAP = 1024 * 1024  # bytes kept per stream
+# Both streams go in one result: each is cut to half of what a message carries once encoded
+# (1 MiB of NULs is 6 MiB of JSON).
+STREAM_CHARS = MAX_ANSWER_CHARS // 2
 # One read, decoded with the up to 3 bytes of a character that the previous read cut, is one
 # output chunk: at most 64 KiB characters (``protocol.MAX_CHUNK_CHARS``).
 READ_SIZE = 64 * 1024 - 3
+# Once a command's own process has exited, what it wrote is already in its pipes: they drain
+# in this long, unless a background child holds them open.
+DRAIN_GRACE_S = 1.0
+# Once its group is killed, how long its pipes and exit status may take to come in.
+REAP_GRACE_S = 2.0
+# Commands that may wait for a slot, per slot; beyond, one is refused at once: each waiting
+# one holds its request (up to the 8 MiB a message may be) and a task, up to its timeout.
+WAITING_PER_SLOT = 16
 Emit = Callable[[OutputChunk], Awaitable[None]]
 
 
@@ -37,19 +49,54 @@ def command_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 class Executor:
     def __init__(self, max_concurrent: int = 4, work_dir: str | None = None) -> None:
+        self.max_concurrent = max_concurrent
         self._slots = asyncio.Semaphore(max_concurrent)
         self.work_dir = work_dir
         self.running: set[str] = set()
+        self._waiting = 0
 
     async def run(self, spec: CommandSpec, emit: Emit | None = None) -> CommandResult:
-        async with self._slots:
-            self.running.add(spec.request_id)
-            try:
-                return await self._run(spec, emit)
-            finally:
-                self.running.discard(spec.request_id)
+        """Run ``spec`` once a slot is free. Its timeout counts from now, waiting included:
+        the control plane gives the command up at its timeout (and a grace) from sending
+        it, so one started later would run (a restart, a deletion) after it was reported
+        lost."""
+        received = time.monotonic()
+        refusal = await self._take_slot(spec)
+        if refusal is not None:
+            return refusal
+        self.running.add(spec.request_id)
+        try:
+            left = spec.timeout_s - (time.monotonic() - received)
+            return await self._run(spec, emit, left)
+        finally:
+            self.running.discard(spec.request_id)
+            self._slots.release()
 
-    async def _run(self, spec: CommandSpec, emit: Emit | None) -> CommandResult:
+    async def _take_slot(self, spec: CommandSpec) -> CommandResult | None:
+        """None once ``spec`` holds a slot; else the answer it gets instead."""
+        if self._slots.locked() and self._waiting >= self.max_concurrent * WAITING_PER_SLOT:
+            why = (
+                f"the probe is busy: {self.max_concurrent} commands running and "
+                f"{self._waiting} waiting, the most it takes; try again later"
+            )
+            return CommandResult(
+                request_id=spec.request_id, status="refused", reason="busy", error=why
+            )
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(spec.timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            why = (
+                f"never started: all {self.max_concurrent} command slots stayed busy "
+                f"for its whole {spec.timeout_s:g}s timeout"
+            )
+            return CommandResult(request_id=spec.request_id, status="timeout", error=why)
+        finally:
+            self._waiting -= 1
+        return None
+
+    async def _run(self, spec: CommandSpec, emit: Emit | None, timeout_s: float) -> CommandResult:
         argv = (
             ["/bin/sh", "-c", " ".join([spec.command, *(shlex.quote(a) for a in spec.args)])]
             if spec.shell
@@ -104,48 +151,79 @@ class Executor:
                 await send(decoder.decode(cap.add(chunk)))
             await send(decoder.decode(b"", final=True))
 
-        pumps = asyncio.gather(
-            pump(proc.stdout, out, "stdout"), pump(proc.stderr, err, "stderr"), proc.wait()
-        )
-        timed_out = False
+        reading = asyncio.gather(pump(proc.stdout, out, "stdout"), pump(proc.stderr, err, "stderr"))
+        exited = asyncio.ensure_future(_exited(proc))
         try:
-            await asyncio.wait_for(asyncio.shield(pumps), spec.timeout_s)
-        except TimeoutError:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            # Grandchildren may hold the pipes open; stop reading after a short while.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(pumps), 2)
-            if not pumps.done():
-                pumps.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pumps
+            timed_out = await _run_to_exit(exited, reading, timeout_s)
         except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
+            reading.cancel()
+            exited.cancel()
             raise
-        else:
-            # What the command left running in its group ends with it: ``cmd >/dev/null &``
-            # holds no pipe, so no timeout comes to kill it, and it would run on for good.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        # What the command left running in its group ends with it: ``cmd >/dev/null &`` holds
+        # no pipe and would run on for good, ``cmd &`` holds them and would run on as well.
+        _kill_group(proc.pid)
+        await asyncio.wait({reading, exited}, timeout=REAP_GRACE_S)
+        exited.cancel()
+        if reading.done():
+            reading.result()  # a pump's failure is the command's, as it always was
+        else:  # held by a process that left the group (``setsid``)
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
         duration = int((time.monotonic() - started) * 1000)
         code = proc.returncode
         if timed_out:
             status, error = "timeout", f"killed after {spec.timeout_s:g}s timeout"
         else:
             status, error = ("completed" if code == 0 else "failed"), None
+        stdout, stderr = out.text(), err.text()  # each marks itself truncated if cut
         return CommandResult(
             request_id=spec.request_id,
             status=status,  # type: ignore[arg-type]
             exit_code=code,
-            stdout=out.text(),
-            stderr=err.text(),
+            stdout=stdout,
+            stderr=stderr,
             duration_ms=duration,
             truncated=out.truncated or err.truncated,
             error=error,
         )
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Returns once the command's own process has exited. ``proc.wait()`` would also wait
+    for its pipes to close (Python 3.11), which a background child (``sleep 100 &``) holds
+    open for as long as it runs; ``returncode`` is set as soon as the process is reaped. So
+    the two race: the wait answers at once in the usual case, polling when a child holds on."""
+    waited = asyncio.ensure_future(proc.wait())
+    try:
+        pause = 0.005
+        while proc.returncode is None and not waited.done():
+            await asyncio.wait({waited}, timeout=pause)
+            pause = min(pause * 2, 0.2)
+    finally:
+        waited.cancel()
+
+
+async def _run_to_exit(
+    exited: asyncio.Future[None], reading: asyncio.Future[object], timeout_s: float
+) -> bool:
+    """Whether the command ran out of time. Its output is read until its own process has
+    exited, then for ``DRAIN_GRACE_S`` at most (within the timeout): a background child
+    holding the pipes must not turn a finished command into a timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    await asyncio.wait({exited}, timeout=timeout_s)
+    if not exited.done():
+        return True
+    grace = max(0.0, min(DRAIN_GRACE_S, deadline - loop.time()))
+    await asyncio.wait({reading}, timeout=grace)
+    return False
 
 
 class _Capture:
@@ -166,4 +244,7 @@ class _Capture:
         return kept
 
     def text(self) -> str:
-        return self.buffer.decode("utf-8", "replace")
+        text = self.buffer.decode("utf-8", "replace")
+        kept = fit(text, STREAM_CHARS)
+        self.truncated = self.truncated or len(kept) < len(text)
+        return kept

@@ -23,9 +23,11 @@ import itertools
 import json
 import os
 import re
+import signal
 import stat as stat_mod
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +35,13 @@ from typing import Any, TextIO
 
 from legator.fleet.protocol import FileRequest
 from legator.probe.config import CONFIG_NAME, DEFAULT_CONFIG_DIR, default_config_dir
+from legator.probe.jsonfit import MAX_ANSWER_CHARS, encoded_len, fit
 
 MAX_SEARCH_HITS = 1000
 SEARCH_TIMEOUT_S = 20.0  # under the 30 s the control plane waits for the answer
+# ``readlines`` reads every line before ``start``: a far one in a huge (or sparse) file is a
+# scan of hours, so the scan stops after this long, with what it found or an error.
+READLINES_TIMEOUT_S = 10.0
 _SEARCH_CHILD = "import sys, legator.probe.fileops as f; f.search_child(sys.stdin.read())"
 # Per-process files under procfs that hold secrets: the environment (enrolment tokens, API
 # keys), the memory itself and the physical page map. ``cmdline``, ``status``, ``maps`` and
@@ -286,30 +292,54 @@ def _pattern(pattern: str | None) -> re.Pattern[str]:
         raise ValueError(f"search pattern {pattern!r} does not compile: {exc}") from None
 
 
-def _lines(handle: TextIO, limit: int) -> Iterator[tuple[str, bool]]:
+@dataclass
+class _Scan:
+    """How far one read of lines may go in time, how many it read, and whether it stopped
+    for lack of time."""
+
+    stop_at: float
+    lines: int = 0
+    out_of_time: bool = False
+
+    def expired(self) -> bool:
+        self.out_of_time = self.out_of_time or time.monotonic() >= self.stop_at
+        return self.out_of_time
+
+
+def _lines(handle: TextIO, limit: int, scan: _Scan | None = None) -> Iterator[tuple[str, bool]]:
     """The file's lines without their newline, each cut to ``limit`` characters, and whether
     it was cut. The rest of a longer line is read in pieces and dropped, never held whole: a
-    sparse file of one enormous line costs whoever writes it no disk."""
+    sparse file of one enormous line costs whoever writes it no disk. With ``scan``, the
+    lines end where its time does (a line being read then ends there, cut)."""
     while piece := handle.readline(limit + 1):
         text, cut = piece.removesuffix("\n")[:limit], False
         while len(piece) > limit and not piece.endswith("\n"):
             cut = True
+            if scan is not None and scan.expired():
+                break
             piece = handle.readline(limit + 1)
+        if scan is not None:
+            scan.lines += 1
         yield text, cut
+        if scan is not None and scan.expired():
+            return
 
 
 def _bounded(
-    rows: Iterable[tuple[int, tuple[str, bool]]], max_bytes: int, max_rows: int
+    rows: Iterable[tuple[int, tuple[str, bool]]], max_bytes: int, max_rows: int, row_chars: int
 ) -> tuple[list[tuple[int, str]], bool]:
     """The numbered lines of ``rows`` that fit in ``max_bytes`` characters (a line counts one
-    more, for its newline) and ``max_rows``, and whether anything was left out."""
+    more, for its newline), in ``MAX_ANSWER_CHARS`` once encoded (a line counts
+    ``row_chars`` more, for what the answer puts around it) and in ``max_rows``, and whether
+    anything was left out."""
     kept: list[tuple[int, str]] = []
-    budget, truncated = max_bytes, False
+    budget, wire, truncated = max_bytes, MAX_ANSWER_CHARS, False
     for number, (text, cut) in rows:
-        if not budget or len(kept) >= max_rows:
+        if not budget or wire <= row_chars or len(kept) >= max_rows:
             return kept, True
-        part = text[: budget - 1]
+        part = fit(text[: budget - 1], wire - row_chars)
         budget -= len(part) + 1
+        wire -= encoded_len(part) + row_chars
         truncated = truncated or cut or len(part) < len(text)
         kept.append((number, part))
     return kept, truncated
@@ -321,16 +351,25 @@ def _read(request: FileRequest, fd: int) -> Any:
     if request.op == "read":
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(request.max_bytes + 1)
+        text = data[: request.max_bytes].decode("utf-8", "replace")
+        content = fit(text, MAX_ANSWER_CHARS)
         return {
-            "content": data[: request.max_bytes].decode("utf-8", "replace"),
-            "truncated": len(data) > request.max_bytes,
+            "content": content,
+            "truncated": len(data) > request.max_bytes or len(content) < len(text),
         }
     end = request.end or request.start + 999
+    scan = _Scan(time.monotonic() + READLINES_TIMEOUT_S)
     with os.fdopen(fd, encoding="utf-8", errors="replace", closefd=False) as handle:
-        numbered = enumerate(_lines(handle, request.max_bytes), start=1)
+        numbered = enumerate(_lines(handle, request.max_bytes, scan), start=1)
         wanted = itertools.islice(numbered, request.start - 1, end)
-        found, truncated = _bounded(wanted, request.max_bytes, end)
-    return {"start": request.start, "lines": [text for _, text in found], "truncated": truncated}
+        found, truncated = _bounded(wanted, request.max_bytes, end, row_chars=3)  # "",
+    if scan.out_of_time and not found:
+        raise ValueError(
+            f"readlines of {request.path!r} stopped after {READLINES_TIMEOUT_S:g}s, "
+            f"{scan.lines} lines in, before reaching line {request.start}"
+        )
+    lines = [text for _, text in found]
+    return {"start": request.start, "lines": lines, "truncated": truncated or scan.out_of_time}
 
 
 def _search(request: FileRequest, fd: int) -> Any:
@@ -364,11 +403,14 @@ def _search(request: FileRequest, fd: int) -> Any:
 
 def search_child(job_text: str) -> None:
     """The child's side of :func:`_search`: the matches, as JSON on stdout."""
+    # The probe kills the child at its timeout, unless the probe is gone first (killed,
+    # crashed, re-executed by an update): then the kernel does, a little later.
+    signal.alarm(int(SEARCH_TIMEOUT_S) + 5)
     job = json.loads(job_text)
     pattern = _pattern(job["pattern"])
     with os.fdopen(job["fd"], encoding="utf-8", errors="replace") as handle:
         numbered = enumerate(_lines(handle, job["max_bytes"]), start=1)
         matching = (row for row in numbered if pattern.search(row[1][0]))
-        found, truncated = _bounded(matching, job["max_bytes"], MAX_SEARCH_HITS)
+        found, truncated = _bounded(matching, job["max_bytes"], MAX_SEARCH_HITS, row_chars=40)
     hits = [{"line": number, "text": text} for number, text in found]
     sys.stdout.write(json.dumps({"matches": hits, "truncated": truncated}))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 from legator.fleet.protocol import UpdateSpec
 
 MAX_SIZE = 200 * 1024 * 1024
+# The socket timeout bounds each read, not the download: a server sending a byte a minute
+# would hold it (and refuse every later update) for good.
+DOWNLOAD_TIMEOUT_S = 300.0
 
 
 class UpdateRefused(Exception):
@@ -26,10 +30,7 @@ def current_zipapp() -> Path | None:
 def apply(spec: UpdateSpec, target: Path | None) -> Path:
     if not spec.url.startswith(("http://", "https://")):
         raise UpdateRefused(f"update URL {spec.url!r} must be http(s)")
-    with urllib.request.urlopen(spec.url, timeout=60) as response:  # noqa: S310 - checked above
-        data = response.read(MAX_SIZE + 1)
-    if len(data) > MAX_SIZE:
-        raise UpdateRefused("update is larger than 200 MiB")
+    data = _download(spec.url)
     digest = hashlib.sha256(data).hexdigest()
     if digest != spec.sha256:
         raise UpdateRefused(f"checksum mismatch: expected {spec.sha256}, downloaded {digest}")
@@ -43,6 +44,19 @@ def apply(spec: UpdateSpec, target: Path | None) -> Path:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
     return target
+
+
+def _download(url: str) -> bytes:
+    deadline = time.monotonic() + DOWNLOAD_TIMEOUT_S
+    data = bytearray()
+    with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - checked by apply
+        while piece := response.read1(1024 * 1024):
+            data += piece
+            if len(data) > MAX_SIZE:
+                raise UpdateRefused("update is larger than 200 MiB")
+            if time.monotonic() > deadline:
+                raise UpdateRefused(f"update download took over {DOWNLOAD_TIMEOUT_S:g}s")
+    return bytes(data)
 
 
 def reexec() -> None:
