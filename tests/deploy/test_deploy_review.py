@@ -5,6 +5,7 @@ else, and an apply interrupted by SIGTERM. Real quadlet generator, real ``system
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -102,17 +103,22 @@ def test_quotes_the_generator_would_drop_are_refused(
 
 
 def stub_systemctl(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
-    """A ``systemctl`` on PATH: ``start`` hangs ``$STUB_SLEEP`` seconds (60), writing its pid
-    to ``hanging``, once while ``hang`` exists; ``is-active`` says ``failed`` while
-    ``failing`` exists; ``stop`` appends its arguments to ``stops``; else it answers at
-    once. Also writes v1, v2 and v3 of a one-container source under ``tmp_path``."""
+    """A ``systemctl`` on PATH: any command COMMAND takes 3 s, writing its pid to
+    ``in-COMMAND``, once while ``slow-COMMAND`` exists; ``start`` hangs ``$STUB_SLEEP`` seconds
+    (60), writing its pid to ``hanging``, once while ``hang`` exists; ``is-active`` says
+    ``failed`` while ``failing`` exists; ``stop`` and ``start`` append their arguments to
+    ``stops`` and ``starts``; else it answers at once. Also writes v1, v2 and v3 of a
+    one-container source under ``tmp_path``."""
     bin_dir = tmp_path / "stub"
     bin_dir.mkdir()
     hang, hanging, failing = tmp_path / "hang", tmp_path / "hanging", tmp_path / "failing"
     (bin_dir / "systemctl").write_text(
         "#!/bin/sh\n"
+        f'if [ -e "{tmp_path}/slow-$2" ]; then rm "{tmp_path}/slow-$2"; '
+        f'echo $$ > "{tmp_path}/in-$2"; sleep 3; fi\n'
         f'case "$2" in stop) echo "$@" >> {tmp_path / "stops"};; '
-        f"start) [ -e {hang} ] && rm {hang} && echo $$ > {hanging} "
+        f'start) echo "$@" >> {tmp_path / "starts"}; '
+        f"[ -e {hang} ] && rm {hang} && echo $$ > {hanging} "
         "&& exec sleep ${STUB_SLEEP:-60};; is-active) shift 2; "
         f"for u; do if [ -e {failing} ]; then echo failed; else echo active; fi; done;; "
         "esac\nexit 0\n"
@@ -129,9 +135,10 @@ def stub_systemctl(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
 
 @contextmanager
 def hung_in_start(
-    tmp_path: Path, env: dict[str, str], *args: str
+    tmp_path: Path, env: dict[str, str], *args: str, own_group: bool = False
 ) -> Iterator[subprocess.Popen[str]]:
-    """``leger ARGS`` in the background, yielded once its ``systemctl start`` hangs."""
+    """``leger ARGS`` in the background, yielded once its ``systemctl start`` hangs.
+    ``own_group``: in a process group of its own, as a shell runs a foreground command."""
     (tmp_path / "hang").touch()
     hanging = tmp_path / "hanging"
     proc = subprocess.Popen(
@@ -140,6 +147,7 @@ def hung_in_start(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        process_group=0 if own_group else None,
     )
     try:
         deadline = time.monotonic() + 60
@@ -173,6 +181,85 @@ def test_sigterm_during_an_apply_rolls_back(tmp_path: Path, leger_env: dict[str,
     assert record is not None and record.source.endswith("v1")
     assert proc.returncode == 5, err
     assert "terminated by signal 15; rolled back" in err
+
+
+def test_signals_during_a_rollback_do_not_cut_it_short(
+    tmp_path: Path, leger_env: dict[str, str]
+) -> None:
+    """A second SIGTERM (a service manager stopping leger again) or a Ctrl-C (SIGINT to the
+    whole process group) while an apply rolls back after a first SIGTERM: the rollback was
+    abandoned half-way, its `systemctl stop` killed, v2's files left installed under v1's
+    record and v1 never started again. Now the rollback finishes."""
+    env = stub_systemctl(tmp_path, leger_env)
+    first = leger(env, "deploy", "install", "demo", "--source", str(tmp_path / "v1"))
+    assert first.returncode == 0, first.stderr
+    stopping = tmp_path / "in-stop"
+    with hung_in_start(
+        tmp_path, env, "deploy", "install", "demo", "--source", str(tmp_path / "v2"), own_group=True
+    ) as proc:
+        (tmp_path / "slow-stop").touch()  # the rollback's first step takes 3 s
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not (stopping.exists() and stopping.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    quadlets = Path(env["LEGER_QUADLET_DIR"])
+    assert "Image=localhost/x:1" in (quadlets / "web.container").read_text(), err
+    assert proc.returncode == 5, err
+    assert "terminated by signal 15; rolled back" in err
+    record = Deployments(Path(env["XDG_DATA_HOME"]) / "leger/deployments.json").get("demo")
+    assert record is not None and record.source.endswith("v1")
+    # The rollback's stop ran its course, and v1's service was started again.
+    starts = (tmp_path / "starts").read_text().splitlines()
+    assert starts == ["--user start web.service"] * 3  # v1, v2 (hung), v1 again
+    assert not list((Path(env["XDG_DATA_HOME"]) / "leger").glob(".applying-*"))
+    again = leger(env, "deploy", "install", "demo", "--source", str(tmp_path / "v3"))
+    assert again.returncode == 0, again.stderr
+
+
+def test_an_interrupted_restore_is_noticed_like_an_interrupted_apply(
+    tmp_path: Path, leger_env: dict[str, str]
+) -> None:
+    """SIGTERM during `backup restore`, after it put the backup's files back but before it
+    recorded them: v1's files were installed under v2's record, and nothing said so. The
+    next apply went ahead and labelled its backup of v1's files "version 2". Now the next
+    apply is refused, naming the backup whose restore was cut short."""
+    env = stub_systemctl(tmp_path, leger_env)
+    for version in ("v1", "v2"):
+        done = leger(env, "deploy", "install", "demo", "--source", str(tmp_path / version))
+        assert done.returncode == 0, done.stderr
+    backups = json.loads(leger(env, "backup", "list", "--json").stdout)
+    before_v2 = next(b["id"] for b in backups if b["version"] == 0)
+    (tmp_path / "slow-daemon-reload").touch()  # restore reloads after it swapped the files
+    proc = subprocess.Popen(
+        [LEGER, "backup", "restore", before_v2],
+        env={**os.environ, "NO_COLOR": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reloading = tmp_path / "in-daemon-reload"
+    deadline = time.monotonic() + 60
+    while not (reloading.exists() and reloading.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    quadlets = Path(env["LEGER_QUADLET_DIR"])
+    assert "Image=localhost/x:1" in (quadlets / "web.container").read_text()
+
+    after = leger(env, "deploy", "install", "demo", "--source", str(tmp_path / "v3"))
+    assert after.returncode == 1, (after.returncode, after.stderr)
+    assert "was interrupted" in after.stderr and f"leger backup restore {before_v2}" in after.stderr
+    assert leger(env, "backup", "restore", before_v2).returncode == 0
+    record = Deployments(Path(env["XDG_DATA_HOME"]) / "leger/deployments.json").get("demo")
+    assert record is not None and record.version == 0 and record.files == ["web.container"]
+    again = leger(env, "deploy", "install", "demo", "--source", str(tmp_path / "v3"))
+    assert again.returncode == 0, again.stderr
+    assert "Image=localhost/x:3" in (quadlets / "web.container").read_text()
 
 
 def test_staging_during_a_staged_apply_is_not_lost(

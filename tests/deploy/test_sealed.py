@@ -17,12 +17,15 @@ from tests.deploy.test_installer import RecordingSystemd, make_layout, set_secre
 
 def test_a_copy_opens_only_for_its_name_and_podman_id(tmp_path: Path) -> None:
     sealed = SealedSecrets(tmp_path)
-    sealed.put({"db": ("id-1", b"pw"), "api": ("id-2", b"key")})
-    assert sealed.get("db", "id-1") == b"pw"
+    # A value long enough that random base64 of the sealed copies never contains it by chance
+    # ("pw" did, now and then).
+    password = b"db-password-in-plain-text"
+    sealed.put({"db": ("id-1", password), "api": ("id-2", b"key")})
+    assert sealed.get("db", "id-1") == password
     assert sealed.get("db", "id-9") is None  # Podman's secret is another one now
     assert sealed.get("nope", "id-1") is None
     raw = json.loads(sealed.path.read_text())
-    assert b"pw" not in sealed.path.read_bytes()
+    assert password not in sealed.path.read_bytes()
     raw["secrets"]["db"]["sealed"] = raw["secrets"]["api"]["sealed"]  # moved onto another name
     raw["secrets"]["db"]["id"] = "id-2"
     sealed.path.write_text(json.dumps(raw))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,6 +40,22 @@ class RemoteRejected(ControlPlaneError):
 
 class RemoteConflict(ControlPlaneError):
     """The control plane refused the request as conflicting with its state (409)."""
+
+
+class AnswerTooLarge(ControlPlaneError):
+    """An answer longer than leger accepts for what was asked; refused while it was still
+    arriving, so a hostile or broken server cannot make leger hold more than the limit."""
+
+
+MAX_JSON_BYTES = 4 * 1024 * 1024
+"""The most leger reads of a JSON answer: a configuration (its spec is at most 256 KiB),
+a manifest, a list of keys."""
+MAX_ERROR_BYTES = 64 * 1024
+"""The most leger reads of an error answer; only the start of its message is shown."""
+REQUEST_DEADLINE = 300.0
+"""Seconds an answer's body may take to arrive in all. The client's ``timeout`` bounds each
+wait for more bytes only: a server dripping a byte at a time could otherwise hold leger
+forever. (The status line and headers are bounded by h11's size limit and that timeout.)"""
 
 
 _ERROR_FOR_STATUS: dict[int, type[ControlPlaneError]] = {
@@ -174,11 +191,66 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _send(http: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+def size_text(limit: int) -> str:
+    """``1 MiB``, ``64 KiB`` or ``300 bytes``: a limit as people read it."""
+    for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if limit >= factor and limit % factor == 0:
+            return f"{limit // factor} {unit}"
+    return f"{limit} bytes"
+
+
+def _read_body(response: httpx.Response, limit: int, give_up_at: float) -> bytes:
+    """The body, read a chunk at a time. A success answer past ``limit`` bytes is refused;
+    an error answer is cut at ``MAX_ERROR_BYTES`` (only its message is shown). Past the
+    ``give_up_at`` instant (``time.monotonic``) the request fails."""
+    failed = response.is_error or response.is_redirect
+    cap = MAX_ERROR_BYTES if failed else limit
+    where = f"{response.request.method} {response.request.url.path}"
+    declared = response.headers.get("content-length", "")
+    if not failed and declared.isdigit() and int(declared) > cap:
+        raise AnswerTooLarge(
+            f"{where}: the answer is {declared} bytes, over the {size_text(cap)} leger accepts"
+        )
+    body = bytearray()
+    # Each piece as it arrives (a network read, at most 64 KiB before decoding). Decoded bytes
+    # are counted, so a compressed answer cannot expand past the limit either.
+    for chunk in response.iter_bytes():
+        if time.monotonic() > give_up_at:
+            raise ControlPlaneError(
+                f"{where}: no complete answer within {REQUEST_DEADLINE:g} s; gave up"
+            )
+        body += chunk
+        if len(body) > cap:
+            if failed:
+                return bytes(body[:cap])
+            raise AnswerTooLarge(
+                f"{where}: the answer is over the {size_text(cap)} leger accepts; "
+                "stopped reading it there"
+            )
+    return bytes(body)
+
+
+def _send(
+    http: httpx.Client, method: str, path: str, *, limit: int = MAX_JSON_BYTES, **kwargs: Any
+) -> httpx.Response:
+    """The answer with its body read, at most ``limit`` bytes of it (``AnswerTooLarge``
+    beyond) within ``REQUEST_DEADLINE`` seconds from the request: never more than that is
+    held, nor waited for, whatever the server sends."""
+    give_up_at = time.monotonic() + REQUEST_DEADLINE
     try:
-        return http.request(method, path, **kwargs)
+        with http.stream(method, path, **kwargs) as streamed:
+            body = _read_body(streamed, limit, give_up_at)
     except httpx.HTTPError as exc:
         raise ControlPlaneError(unreachable(str(http.base_url), exc)) from None
+    # The body is already decoded: the encoding and length headers no longer describe it.
+    headers = [
+        (key, value)
+        for key, value in streamed.headers.multi_items()
+        if key.lower() not in {"content-encoding", "content-length", "transfer-encoding"}
+    ]
+    return httpx.Response(
+        streamed.status_code, headers=headers, content=body, request=streamed.request
+    )
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -207,13 +279,14 @@ class ControlPlane:
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
-    def get_json(self, path: str) -> Any:
-        response = _send(self.http, "GET", path)
+    def get_json(self, path: str, *, limit: int = MAX_JSON_BYTES) -> Any:
+        response = _send(self.http, "GET", path, limit=limit)
         _raise_for(response)
         return json_of(response)
 
-    def get_bytes(self, path: str) -> bytes:
-        response = _send(self.http, "GET", path)
+    def get_bytes(self, path: str, *, limit: int) -> bytes:
+        """The body of ``path``, refused past ``limit`` bytes while it arrives."""
+        response = _send(self.http, "GET", path, limit=limit)
         _raise_for(response)
         if response.is_redirect:
             raise ControlPlaneError(not_json(response), response.status_code)
@@ -224,20 +297,32 @@ def login_with_tailscale(server: str, client_name: str, *, timeout: float = 15) 
     """Sign in by this host's Tailscale identity; None when the control plane cannot do it for
     this request (not over the tailnet, Tailscale not configured there, no matching user)."""
     server = server.rstrip("/")
-    try:
-        response = httpx.post(
-            server + "/api/v1/deploy/auth/tailscale",
-            json={"client_name": client_name},
-            timeout=timeout,
-        )
-    except httpx.HTTPError as exc:
-        raise ControlPlaneError(unreachable(server, exc)) from None
+    with httpx.Client(base_url=server, timeout=timeout) as http:
+        body = {"client_name": client_name}
+        response = _send(http, "POST", "/api/v1/deploy/auth/tailscale", json=body)
     if response.status_code in (401, 403, 404, 503):
         return None
     _raise_for(response)
     login = login_with_key(server, json_of(response)["api_key"], timeout=timeout)
     login.method = "tailscale"
     return login
+
+
+MAX_DEVICE_WAIT = 15 * 60
+"""The longest leger waits for a device code's approval, whatever the grant says."""
+
+
+def _polling(grant: dict[str, Any]) -> tuple[float, int]:
+    """Seconds between polls (1 to 60) and seconds to wait in all (at most
+    ``MAX_DEVICE_WAIT``): the grant comes from the server and must not make leger poll
+    without pause, or wait for years."""
+    try:
+        interval, expires_in = float(grant["interval"]), int(grant["expires_in"])
+        if not math.isfinite(interval):
+            raise ValueError(interval)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise ControlPlaneError(f"not a device-code grant: {str(grant)[:200]}") from None
+    return min(max(interval, 1.0), 60.0), min(max(expires_in, 0), MAX_DEVICE_WAIT)
 
 
 def login_with_device(
@@ -257,10 +342,11 @@ def login_with_device(
         )
         _raise_for(started)
         grant = json_of(started)
-        show_code(grant["user_code"], grant["expires_in"])
-        deadline = time.monotonic() + grant["expires_in"]
+        interval, expires_in = _polling(grant)
+        show_code(grant["user_code"], expires_in)
+        deadline = time.monotonic() + expires_in
         while time.monotonic() < deadline:
-            sleep(grant["interval"])
+            sleep(interval)
             poll = {"device_code": grant["device_code"]}
             polled = _send(http, "POST", "/api/v1/deploy/device/token", json=poll)
             _raise_for(polled)

@@ -116,23 +116,41 @@ def locked(
     return run_locked
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _hold_off_signals() -> None:
+    """Ignore SIGTERM and SIGINT until the operation holding the lock is over: a rollback cut
+    short by a second signal (an impatient Ctrl-C, a service manager stopping leger again)
+    left the files, secrets and services of neither version. SIG_IGN rather than a handler:
+    the systemctl and podman children started meanwhile inherit it, so a Ctrl-C sent to the
+    whole process group does not kill the rollback's own steps either."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def _signals_interrupt_once() -> Iterator[None]:
     """SIGTERM (``kill PID``, a service manager stopping leger) interrupts like Ctrl-C, so an
     apply rolls back instead of dying with the new files installed under the old record.
-    Only the main thread receives signals; elsewhere nothing changes."""
+    Only the first SIGTERM or SIGINT interrupts; later ones are ignored (``_hold_off_signals``)
+    until the body is over. Only the main thread receives signals; elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
+        _hold_off_signals()
+        verb = "terminated" if signum == signal.SIGTERM else "interrupted"
+        raise KeyboardInterrupt(f"{verb} by signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _units(files: dict[str, bytes]) -> list[Unit]:
@@ -200,7 +218,7 @@ class Deployer:
         """Hold leger's state lock: apply, remove and restore run one at a time per host and
         scope, so two of them never interleave their changes to files, Podman and
         ``deployments.json``. A second one waits up to ``lock_timeout`` seconds. While it is
-        held, SIGTERM interrupts like Ctrl-C (an apply rolls back)."""
+        held, SIGTERM interrupts like Ctrl-C (an apply rolls back), once."""
         if self._lock_depth:
             self._lock_depth += 1
             try:
@@ -214,7 +232,7 @@ class Deployer:
                 timeout=self.lock_timeout,
                 waiting=lambda: self.progress("waiting for another leger operation"),
             ),
-            _sigterm_interrupts(),
+            _signals_interrupt_once(),
         ):
             self._lock_depth = 1
             try:
@@ -238,8 +256,13 @@ class Deployer:
 
     def _applying(self, name: str) -> Path:
         """Present from the backup of an apply of ``name`` until it is recorded or rolled
-        back: found by a later operation, it means that apply was killed half-way."""
+        back, and from the start of a restore until it is recorded: found by a later
+        operation, it means that apply or restore was killed half-way."""
         return self.layout.state / f".applying-{name}"
+
+    def _mark_applying(self, name: str, backup_id: str) -> None:
+        """``backup_id``: the backup whose restore puts back a known state."""
+        write_private_file(self._applying(name), json.dumps({"backup": backup_id}))
 
     def _check_not_interrupted(self, name: str) -> None:
         try:
@@ -249,9 +272,9 @@ class Deployer:
         except (ValueError, KeyError, TypeError):
             backup = "(see `leger backup list`)"
         raise DeployError(
-            f"an earlier apply of {name} was interrupted and may have left its files half "
-            f"installed: run `leger backup restore {backup}` to put back what was there "
-            "before it, then try again"
+            f"an earlier apply or restore of {name} was interrupted and may have left its "
+            f"files half installed: run `leger backup restore {backup}` to put a complete "
+            "version back, then try again"
         )
 
     # ----- checks done before anything changes -------------------------------------------
@@ -385,7 +408,7 @@ class Deployer:
             reason=f"before applying version {manifest.version}",
             automatic=True,
         )
-        write_private_file(self._applying(name), json.dumps({"backup": backup.id}))
+        self._mark_applying(name, backup.id)
         replaced: dict[str, bytes | None] = {}  # secret -> its earlier value (None: unknown)
         try:
             self.progress("stopping affected services")
@@ -405,6 +428,7 @@ class Deployer:
                     detail = ", ".join(f"{u} is {s}" for u, s in unhealthy.items())
                     raise SystemdError(f"health check failed: {detail}")
         except (SystemdError, PodmanError, OSError, KeyboardInterrupt) as exc:
+            _hold_off_signals()
             self.progress("rolling back")
             try:
                 self._rollback(name, files, old_files, backup, current, before, replaced, values)
@@ -596,6 +620,9 @@ class Deployer:
         current = self.deployments.get(info.deployment)
         files = self.backups.files(backup_id)
         old_files = self.active_files(info.deployment)
+        # Killed before it has recorded what it put back, the files would not match the
+        # record: the next apply is refused, pointing at this backup.
+        self._mark_applying(info.deployment, backup_id)
         # Every service of the active files: an apply killed half-way may have started some
         # that the record does not list.
         running = service_units(old_files, current.services if current else [])

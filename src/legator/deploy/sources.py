@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from legator.deploy.client import ControlPlane, Login
+from legator.deploy.client import ControlPlane, Login, size_text
 from legator.deploy.manifest import MANIFEST_NAME, Manifest, build_manifest, verify
 from legator.deploy.quadlet.conflicts import is_quadlet
 from legator.deploy.quadlet.parse import ParseError, parse_unit
@@ -47,6 +47,15 @@ def parse_git(url: str) -> GitSource | None:
     return None
 
 
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_FILES = 1024
+"""A rendered configuration has at most 256 services, each a few quadlet files."""
+MAX_FILE_BYTES = 1024 * 1024
+MAX_TOTAL_BYTES = 16 * 1024 * 1024
+"""Quadlet files are small text: the limits only stop a hostile or broken server, or a
+repository someone else controls, from making leger hold unbounded files in memory."""
+
+
 @dataclass
 class Fetched:
     """Verified files and the manifest that lists them."""
@@ -60,13 +69,48 @@ def from_control_plane(login: Login, version: str = "latest") -> Fetched:
     """Download the manifest, then every file it lists, verifying each checksum."""
     base = f"/api/v1/deploy/rendered/{version}"
     with ControlPlane(login) as api:
-        manifest = Manifest.model_validate(api.get_json(f"{base}/{MANIFEST_NAME}"))
+        manifest_path = f"{base}/{MANIFEST_NAME}"
+        manifest = Manifest.model_validate(api.get_json(manifest_path, limit=MAX_MANIFEST_BYTES))
+        _check_sizes(manifest_path, _sizes(manifest))
         files: dict[str, bytes] = {}
         for entry in manifest.files:
-            data = api.get_bytes(f"{base}/{entry.path}")
+            # No more than the manifest says is read: a longer answer is refused as it arrives.
+            data = api.get_bytes(f"{base}/{entry.path}", limit=entry.size)
             verify(entry, data)
             files[entry.path] = data
     return Fetched(manifest, files, f"{login.server}#version={manifest.version}")
+
+
+def _sizes(manifest: Manifest) -> dict[str, int]:
+    return {entry.path: entry.size for entry in manifest.files}
+
+
+def _check_sizes(where: str, sizes: dict[str, int]) -> None:
+    """Refuse, before reading any file, a set of files leger would not hold (``sizes``:
+    name -> bytes, as a manifest or the file system gives them)."""
+    if len(sizes) > MAX_FILES:
+        raise SourceError(f"{where}: lists {len(sizes)} files, over the {MAX_FILES} leger accepts")
+    for name, size in sizes.items():
+        if size > MAX_FILE_BYTES:
+            raise SourceError(
+                f"{where}: {name} is {size} bytes, over the "
+                f"{size_text(MAX_FILE_BYTES)} leger accepts for a file"
+            )
+    total = sum(sizes.values())
+    if total > MAX_TOTAL_BYTES:
+        raise SourceError(
+            f"{where}: its files are {total} bytes in all, over the "
+            f"{size_text(MAX_TOTAL_BYTES)} leger accepts for a deployment"
+        )
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """``path``'s bytes, refused past ``limit`` (it may have grown since it was listed)."""
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise SourceError(f"{path}: over the {size_text(limit)} leger accepts")
+    return data
 
 
 def from_directory(directory: Path) -> Fetched:
@@ -76,21 +120,20 @@ def from_directory(directory: Path) -> Fetched:
         raise SourceError(f"{directory} is not a directory")
     manifest_path = directory / MANIFEST_NAME
     if manifest_path.exists():
-        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+        manifest = Manifest.model_validate_json(_read_bounded(manifest_path, MAX_MANIFEST_BYTES))
+        _check_sizes(str(manifest_path), _sizes(manifest))
         files = {}
         for entry in manifest.files:
             path = directory / entry.path
             if not path.is_file():
                 raise SourceError(f"{entry.path} is listed in the manifest but missing")
-            data = path.read_bytes()
+            data = _read_bounded(path, entry.size)
             verify(entry, data)
             files[entry.path] = data
         return Fetched(manifest, files, str(directory.resolve()))
-    files = {
-        p.name: p.read_bytes()
-        for p in sorted(directory.iterdir())
-        if p.is_file() and is_quadlet(p.name)
-    }
+    paths = [p for p in sorted(directory.iterdir()) if p.is_file() and is_quadlet(p.name)]
+    _check_sizes(str(directory), {p.name: p.stat().st_size for p in paths})
+    files = {p.name: _read_bounded(p, MAX_FILE_BYTES) for p in paths}
     if not files:
         raise SourceError(f"{directory} has no quadlet files and no manifest.json")
     secrets: list[str] = []
