@@ -195,3 +195,18 @@ def test_a_huge_file_in_a_directory_source_is_refused_unread(
     line = one_line_error(run.result, 1)
     assert f"{huge.name} is 536870912 bytes, over the 1 MiB leger accepts for a file" in line
     assert run.peak_rss < MAX_RSS, f"leger peaked at {run.peak_rss >> 20} MiB"
+
+
+def test_config_pull_keeps_only_a_configuration(env: dict[str, str]) -> None:
+    """Any other JSON (here `{"pad": "…"}`) is refused and config.json is not written; a
+    version that is not a number never reaches the server (it would name another path)."""
+    plan = Plan(10, "/api/v1/deploy/configs/latest")
+    with hostile_plane(plan) as url:
+        log_in(env, url)
+        pulled = run_measured(env, "config", "pull").result
+        traversal = run_measured(env, "config", "pull", "--version", "../../keys").result
+    line = one_line_error(pulled, 1)
+    assert "not a configuration (version: Field required)" in line, line
+    assert "--version '../../keys': expected a version number" in one_line_error(traversal, 2)
+    assert plan.paths.count("/api/v1/deploy/configs/latest") == 1
+    assert left_on_disk(env) == []
