@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from legator.core.auth.tailscale import WhoIs
 from legator.secrets.server import ConfigProblem, Legerd
-from tests.secrets.conftest import FakeTailscale, LegerdThread, make_config, whois_tagged
+from tests.secrets.conftest import (
+    FakeTailscale,
+    LegerdThread,
+    make_config,
+    whois_tagged,
+    whois_user,
+)
 
 # Runs as another user with nothing but the standard library: one setec call over the socket.
 _CALL_AS_USER = r"""
@@ -155,3 +164,63 @@ def test_a_caller_on_legerds_own_host_is_not_taken_for_the_host_node(
                 response = local.post("/api/get", json={"Name": "db/password"})
             assert (response.status_code, response.text) == (500, "unable to identify caller\n")
     assert not any(call.startswith((own, "127.0.0.1:")) for call in tailscale.calls)
+
+
+# tailscaled's whois cache: a tailnet address belongs to one node, whatever the port.
+
+
+def _ask(whois: WhoIs, addresses: list[str]) -> list[str]:
+    async def run() -> list[str]:
+        try:
+            return [(await whois.whois(a))["Node"]["Name"] for a in addresses]
+        finally:
+            await whois.aclose()
+
+    return asyncio.run(run())
+
+
+def test_whois_asks_tailscaled_once_per_node_not_once_per_connection(
+    tailscale: FakeTailscale,
+) -> None:
+    """Before: the cache was keyed by IP:port, so each new connection (a new source port) of
+    the same node cost a call to tailscaled: 40 connections, 40 calls. Now 2 (one per node)."""
+    tailscale.identities["100.64.0.22"] = whois_tagged(["tag:web"])
+    tailscale.identities["fd7a:115c:a1e0::22"] = whois_user("alice@example.com")
+    addresses = [f"100.64.0.22:{40000 + n}" for n in range(20)]
+    addresses += [f"[fd7a:115c:a1e0::22]:{40000 + n}" for n in range(20)]
+    names = _ask(WhoIs(tailscale.path), addresses)
+    assert names == ["web-1.example.ts.net."] * 20 + ["alice-laptop.example.ts.net."] * 20
+    assert tailscale.calls == ["100.64.0.22:40000", "[fd7a:115c:a1e0::22]:40000"]
+
+
+def test_whois_asks_per_port_for_addresses_outside_the_tailnet(tailscale: FakeTailscale) -> None:
+    """tailscaled names the peer of a loopback connection it proxied (userspace networking,
+    `tailscale serve`) by that connection's port: one loopback address stands for many
+    nodes, so the answer for one port is never reused for another."""
+    tailscale.identities["127.0.0.2"] = whois_tagged(["tag:web"])
+    _ask(WhoIs(tailscale.path), ["127.0.0.2:40000", "127.0.0.2:40001", "127.0.0.2:40000"])
+    assert tailscale.calls == ["127.0.0.2:40000", "127.0.0.2:40001"]
+
+
+def test_a_reused_tailnet_address_is_seen_as_its_new_node_within_the_ttl(
+    tailscale: FakeTailscale,
+) -> None:
+    """A node deleted and its address given to another: the cached answer is dropped TTL
+    seconds after it was asked, however often it is used meanwhile (no sliding expiry)."""
+    tailscale.identities["100.64.0.22"] = whois_tagged(["tag:web"])
+    whois = WhoIs(tailscale.path, ttl=0.5)
+
+    async def run() -> list[str]:
+        names = []
+        try:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                names.append((await whois.whois("100.64.0.22:1"))["Node"]["Name"])
+                tailscale.identities["100.64.0.22"] = whois_user("bob@example.com")
+                await asyncio.sleep(0.05)
+        finally:
+            await whois.aclose()
+        return names
+
+    names = asyncio.run(run())
+    assert names[0] == "web-1.example.ts.net." and names[-1] == "bob-laptop.example.ts.net."

@@ -86,7 +86,9 @@ def serve_command(
 LEGERD_MAX_VERSIONS_PER_SECRET (1000), LEGERD_MAX_SECRETS_PER_WRITER (10000), \
 LEGERD_MAX_BYTES_PER_WRITER (256 MiB), LEGERD_MAX_TOTAL_BYTES (2 GiB), LEGERD_RATE_LIMIT \
 calls a second per source (50, after a burst of LEGERD_RATE_BURST, 1000; none with --dev). \
-See docs/secrets.md."""
+The audit log is rotated at LEGERD_AUDIT_MAX_BYTES (100 MiB; 0: never, for an external \
+logrotate), keeping LEGERD_AUDIT_KEEP files (10); SIGHUP reloads the policy and reopens \
+audit.log. See docs/secrets.md."""
     if log_level not in ("debug", "info", "warning", "error"):
         fail(f"--log-level {log_level!r}: expected debug, info, warning or error", EXIT_USAGE)
     configure_logging(log_level, "auto")

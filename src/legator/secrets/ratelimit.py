@@ -1,8 +1,8 @@
 """A request-rate limit per source: a token bucket per peer address (TCP) or uid (socket).
 
-Every call legerd answers writes an audit line, a denied one included, and legerd does not
-rotate its audit log: without a limit, any node that can reach it fills the disk at the rate
-it can ask. The source is known before the caller is identified, so a throttled request
+Every call legerd answers writes an audit line, a denied one included: without a limit, any
+node that can reach it fills the audit log (and, rotated, pushes out everyone else's lines) at
+the rate it can ask. The source is known before the caller is identified, so a throttled request
 costs neither a tailscaled ``whois`` nor a line of any log.
 """
 

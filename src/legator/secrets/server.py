@@ -21,7 +21,7 @@ from legator.core.auth.tailscale import WhoIs
 from legator.core.logging import get_logger
 from legator.secrets.acl import AclError, Policy
 from legator.secrets.api import PEER_STATE_KEY, Identifier, create_legerd_app
-from legator.secrets.audit import AuditLog
+from legator.secrets.audit import AuditLog, AuditRotation
 from legator.secrets.crypto import load_kek
 from legator.secrets.errors import KekError
 from legator.secrets.identity import is_loopback, peer_credentials
@@ -71,6 +71,8 @@ class LegerdConfig:
     quota: Quota | None = None
     # Calls per second per source; None: from LEGERD_RATE_LIMIT/_BURST, else the defaults.
     rate_limit: RateLimit | None = None
+    # Audit log rotation; None: from LEGERD_AUDIT_MAX_BYTES/_KEEP, else the defaults.
+    audit_rotation: AuditRotation | None = None
 
     @property
     def db_path(self) -> Path:
@@ -172,12 +174,22 @@ def rate_limit_of(config: LegerdConfig) -> RateLimit:
         raise ConfigProblem(str(exc)) from None
 
 
+def audit_rotation_of(config: LegerdConfig) -> AuditRotation:
+    if config.audit_rotation is not None:
+        return config.audit_rotation
+    try:
+        return AuditRotation.from_env()
+    except ValueError as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
 def open_service(config: LegerdConfig) -> tuple[SecretsService, AuditLog]:
-    quota = quota_of(config)  # a bad setting stops start-up before the store is touched
+    # A bad setting stops start-up before the store is touched.
+    quota, rotation = quota_of(config), audit_rotation_of(config)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     kek = load_kek(config.key_file)
     store = SecretStore(config.db_path, kek)
-    audit = AuditLog(config.audit_path)
+    audit = AuditLog(config.audit_path, rotation=rotation)
     return SecretsService(store, audit, quota), audit
 
 
@@ -257,10 +269,21 @@ class Legerd:
         log.warning("policy reloaded", path=str(self.config.acl_path))
         return True
 
+    def reopen_audit_log(self) -> None:
+        """Go on in a new audit.log (on SIGHUP, after logrotate renamed it away)."""
+        try:
+            self.audit.reopen()
+        except OSError as exc:
+            log.error("audit log reopen failed; writing on in the current file", error=str(exc))
+
+    def reload(self) -> None:
+        self.reload_policy()
+        self.reopen_audit_log()
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
-            loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.server.serve(sockets=self.sockets)
 
     def run(self) -> None:

@@ -29,6 +29,18 @@ def is_tailnet(host: str) -> bool:
     return any(address in network for network in TAILNET_NETWORKS)
 
 
+def cache_key(addr: str) -> str:
+    """What a whois answer for ``addr`` (``IP``, ``IP:PORT`` or ``[IP]:PORT``) holds for.
+
+    tailscaled looks a node up by its address, whatever the port: one answer serves every
+    connection from a tailnet address. Any other address keeps its port: tailscaled names
+    the peer of a loopback connection it proxied (userspace networking, `tailscale serve`)
+    by that connection's port, so one such address stands for many nodes.
+    """
+    host = addr if is_tailnet(addr) else addr.rpartition(":")[0].strip("[]")
+    return str(ipaddress.ip_address(host)) if is_tailnet(host) else addr
+
+
 def login_name(who: dict[str, Any]) -> str | None:
     """The user a whois answer names, or None for a tagged device (which acts for no user)."""
     node = who.get("Node") or {}
@@ -39,8 +51,14 @@ def login_name(who: dict[str, Any]) -> str | None:
 
 
 class WhoIs:
-    """A client of tailscaled's LocalAPI on its unix socket, with a short cache per peer
-    address (a keep-alive connection asks once, not on every request)."""
+    """A client of tailscaled's LocalAPI on its unix socket, with a short cache per node
+    (see ``cache_key``): a node asks once per ``ttl``, not once per connection or request.
+
+    ``ttl`` bounds how long a changed identity goes unseen: grants or tags edited, or a node
+    deleted and its address given to another node, which is taken for the old one until the
+    answer asked before the change expires. An answer expires ``ttl`` after it was asked,
+    however often it is used meanwhile.
+    """
 
     def __init__(self, socket_path: Path, ttl: float = 5.0) -> None:
         self.socket_path = socket_path
@@ -53,8 +71,8 @@ class WhoIs:
         )
 
     async def whois(self, addr: str) -> dict[str, Any]:
-        now = time.monotonic()
-        hit = self._cache.get(addr)
+        now, key = time.monotonic(), cache_key(addr)
+        hit = self._cache.get(key)
         if hit and hit[0] > now:
             return hit[1]
         try:
@@ -74,7 +92,7 @@ class WhoIs:
             raise WhoIsError(f"whois {addr}: LocalAPI answered an unexpected shape")
         if len(self._cache) > 4096:
             self._cache.clear()
-        self._cache[addr] = (now + self._ttl, body)
+        self._cache[key] = (now + self._ttl, body)
         return body
 
     async def aclose(self) -> None:
