@@ -9,10 +9,12 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -29,6 +31,8 @@ from legator.secrets.quota import Quota
 from legator.secrets.ratelimit import Limiter, RateLimit
 from legator.secrets.service import SecretsService
 from legator.secrets.store import SecretStore
+
+T = TypeVar("T")
 
 log = get_logger("legerd")
 DEFAULT_STATE_DIR = Path("/var/lib/legerd")
@@ -156,36 +160,21 @@ def socket_is_served(path: Path) -> bool:
     return True
 
 
-def quota_of(config: LegerdConfig) -> Quota:
-    if config.quota is not None:
-        return config.quota
+def setting(given: T | None, from_env: Callable[[], T]) -> T:
+    """``given`` (a test's or an embedder's), else read from the environment, where a bad
+    value is a ConfigProblem naming the variable."""
+    if given is not None:
+        return given
     try:
-        return Quota.from_env()
-    except ValueError as exc:
-        raise ConfigProblem(str(exc)) from None
-
-
-def rate_limit_of(config: LegerdConfig) -> RateLimit:
-    if config.rate_limit is not None:
-        return config.rate_limit
-    try:
-        return RateLimit.from_env(dev=config.dev)
-    except ValueError as exc:
-        raise ConfigProblem(str(exc)) from None
-
-
-def audit_rotation_of(config: LegerdConfig) -> AuditRotation:
-    if config.audit_rotation is not None:
-        return config.audit_rotation
-    try:
-        return AuditRotation.from_env()
+        return from_env()
     except ValueError as exc:
         raise ConfigProblem(str(exc)) from None
 
 
 def open_service(config: LegerdConfig) -> tuple[SecretsService, AuditLog]:
     # A bad setting stops start-up before the store is touched.
-    quota, rotation = quota_of(config), audit_rotation_of(config)
+    quota = setting(config.quota, Quota.from_env)
+    rotation = setting(config.audit_rotation, AuditRotation.from_env)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     kek = load_kek(config.key_file)
     store = SecretStore(config.db_path, kek)
@@ -233,7 +222,7 @@ class Legerd:
 
     def __init__(self, config: LegerdConfig, *, log_level: str = "warning") -> None:
         validate(config)
-        limiter = Limiter(rate_limit_of(config))
+        limiter = Limiter(setting(config.rate_limit, partial(RateLimit.from_env, dev=config.dev)))
         self.identifier = build_identifier(config)  # a bad policy file fails before anything
         self.config = config
         self.service, self.audit = open_service(config)
