@@ -218,3 +218,21 @@ async def test_an_emptied_log_fails_a_head(tmp_path: Path) -> None:
             await audit.verify("a" * 64 + "@2026-01-01T00:00:00")  # no time zone
     finally:
         await db.dispose()
+
+
+def test_a_server_started_with_another_key_says_so(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Not fatal (a lost key must not take the control plane down), but said at start-up:
+    every event from then on fails verification."""
+    with live_server(tmp_path / "d", audit_chain_key=KEY):
+        pass
+    capfd.readouterr()
+    with live_server(tmp_path / "d", audit_chain_key=KEY):
+        pass
+    assert "audit chain key does not fit" not in capfd.readouterr().out
+    with live_server(tmp_path / "d", audit_chain_key="another-chain-key-0123456789"):
+        pass
+    out = capfd.readouterr().out
+    assert "the audit chain key does not fit the audit log" in out, out
+    assert "not the key the audit log is chained with" in out and KEY not in out

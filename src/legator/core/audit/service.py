@@ -223,20 +223,31 @@ class AuditService:
     async def _check_key(self, session: AsyncSession) -> None:
         """Refuse to append to a chained log without its key, or with another key: the event
         would fail verification, and it would be too late to tell who wrote it and how."""
-        newest = await session.scalar(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1))
-        if newest is not None and newest.hash is not None:
-            if self.chain_key is None:
-                raise ChainKeyMismatch(
-                    "LEGATOR_AUDIT_CHAIN_KEY: not set, but the audit log is hash-chained; set "
-                    "the key the server uses (an event written without it would break the chain)"
-                )
-            expected = hmac_sha256_hex(self.chain_key, _chain_material(newest))
-            if not constant_time_equal(expected, newest.hash):
-                raise ChainKeyMismatch(
-                    "LEGATOR_AUDIT_CHAIN_KEY: not the key the audit log is chained with (its "
-                    "newest event does not verify under it); set the key the server uses"
-                )
+        if problem := await self._key_problem(session):
+            raise ChainKeyMismatch(problem)
         self._key_unchecked = False
+
+    async def key_problem(self) -> str | None:
+        """Why this writer's key (or its absence) does not fit the chained log, or None."""
+        async with self.db.session() as session:
+            return await self._key_problem(session)
+
+    async def _key_problem(self, session: AsyncSession) -> str | None:
+        newest = await session.scalar(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1))
+        if newest is None or newest.hash is None:
+            return None
+        if self.chain_key is None:
+            return (
+                "LEGATOR_AUDIT_CHAIN_KEY: not set, but the audit log is hash-chained; set "
+                "the key the server uses (an event written without it would break the chain)"
+            )
+        expected = hmac_sha256_hex(self.chain_key, _chain_material(newest))
+        if not constant_time_equal(expected, newest.hash):
+            return (
+                "LEGATOR_AUDIT_CHAIN_KEY: not the key the audit log is chained with (its "
+                "newest event does not verify under it); set the key the server uses"
+            )
+        return None
 
     async def _lock_chain(self, session: AsyncSession) -> None:
         """Serialise chain appends and purges on PostgreSQL (SQLite writers already queue on

@@ -58,6 +58,10 @@ def create_core_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await upgrade(core.db)
+        if problem := await core.audit.key_problem():
+            # Not fatal: the control plane must not go down with a lost key. But every event
+            # from now on fails verification, which an auditor would take for tampering.
+            log.error("the audit chain key does not fit the audit log", problem=problem)
         # Cached from here on; it may run git, which the first /version must not do on the loop.
         await asyncio.to_thread(build_info)
         creds = await core.auth.bootstrap_admin()
