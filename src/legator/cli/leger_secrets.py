@@ -9,12 +9,12 @@ import secrets as pysecrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
 import typer
 
 from legator.cli.common import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE, fail, print_table
-from legator.secrets.client import Client, Unavailable
+from legator.secrets.client import Client
 from legator.secrets.errors import InvalidRequest, SecretNotFound, SecretsError, VersionClaimed
 from legator.secrets.server import DEFAULT_SOCKET
 from legator.secrets.service import validate_name
@@ -262,8 +262,7 @@ def sync(
     server, key = _sync_credentials(control_plane, os.environ.get("LEGATOR_API_KEY"))
     local_user = user or getpass.getuser()
     try:
-        with Client(server, api_key=key, prefix="/api/v1/secrets") as client:
-            remote = cast(Client, _JsonOrError(client, server))
+        with Client(server, api_key=key, prefix="/api/v1/secrets") as remote:
             copied = _run(lambda local: sync_deploy_secrets(remote, local, local_user))
     except SecretsError as exc:
         fail(exc.message)
@@ -273,28 +272,6 @@ def sync(
     for name, version in copied:
         typer.echo(f"{name}: version {version}")
     typer.echo(f"{len(copied)} secret(s) synced")
-
-
-class _JsonOrError:
-    """The control plane's client, for ``sync``: an answer that is not JSON (a sign-in page
-    from a proxy in front of it) is a ``SecretsError`` that names the server, not a
-    traceback."""
-
-    def __init__(self, client: Client, server: str) -> None:
-        self._client, self._server = client, server
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._client, name)
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return method(*args, **kwargs)
-            except json.JSONDecodeError:
-                raise Unavailable(
-                    f"{self._server} did not answer with JSON (an HTML page: a proxy in front?)"
-                ) from None
-
-        return guarded
 
 
 def _sync_credentials(control_plane: str | None, env_key: str | None) -> tuple[str, str]:

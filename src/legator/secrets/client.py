@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
+# leger's bounded reading of answers, shared; the module itself so that its deadline is read
+# at each call, one setting for every download leger makes.
+from legator.deploy import client as deploy_client
+from legator.deploy.client import MAX_JSON_BYTES, ControlPlaneError, not_json
 from legator.secrets.errors import (
     AccessDenied,
     InvalidRequest,
@@ -18,6 +23,8 @@ from legator.secrets.errors import (
     VersionClaimed,
 )
 from legator.secrets.store import SecretInfo
+
+T = TypeVar("T")
 
 _BY_STATUS: dict[int, type[SecretsError]] = {
     400: InvalidRequest,
@@ -41,6 +48,28 @@ def _retry_after(response: httpx.Response) -> int | None:
 class Unavailable(SecretsError):
     status_code = 503
     message = "secrets server unavailable"
+
+
+class BadAnswer(SecretsError):
+    """An answer that is not the call's: not JSON (a proxy's sign-in page), or JSON of
+    another shape."""
+
+    status_code = 502
+    message = "not a setec answer"
+
+
+class AnswerTooLarge(SecretsError):
+    """An answer longer than any the call can have; refused while it was still arriving."""
+
+    status_code = 502
+    message = "answer too large"
+
+
+MAX_LIST_BYTES = 16 * 1024 * 1024
+"""The most read of a list: about 200,000 secrets as names are usually written, or the
+10,000 legerd lets one writer create with 512-byte names and 90 versions each."""
+MAX_ANSWER_BYTES = MAX_JSON_BYTES
+"""The most read of any other answer: the largest is a 1 MiB value, base64 in JSON."""
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -93,59 +122,87 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def call(self, method: str, body: dict[str, Any]) -> httpx.Response:
-        response = self._post(method, body)
+    def call(
+        self, method: str, body: dict[str, Any], *, limit: int = MAX_ANSWER_BYTES
+    ) -> httpx.Response:
+        response = self._post(method, body, limit)
         for _ in range(RETRIES):
             wait = _retry_after(response) if response.status_code == 429 else None
             if wait is None:
                 break
             time.sleep(wait)
-            response = self._post(method, body)
+            response = self._post(method, body, limit)
         if response.status_code in (200, 304):
             return response
         error = _BY_STATUS.get(response.status_code, SecretsError)
         message = _error_message(response) or error.message
         raise error(f"{method}: {message} (HTTP {response.status_code})")
 
-    def _post(self, method: str, body: dict[str, Any]) -> httpx.Response:
+    def _post(self, method: str, body: dict[str, Any], limit: int) -> httpx.Response:
+        return self._send("POST", f"{self.prefix}/{method}", limit, "the secrets server", body)
+
+    def _send(
+        self, method: str, path: str, limit: int, server: str, body: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        """The answer, its body read as it arrives: at most ``limit`` bytes of it, within
+        leger's deadline for a whole answer (the timeout bounds each wait for bytes only)."""
+        give_up_at = time.monotonic() + deploy_client.REQUEST_DEADLINE
         try:
-            return self._http.post(f"{self.prefix}/{method}", json=body)
+            with self._http.stream(method, path, json=body) as streamed:
+                content = deploy_client._read_body(streamed, limit, give_up_at)
         except httpx.HTTPError as exc:
-            raise Unavailable(f"cannot reach the secrets server at {self.where}: {exc}") from None
+            raise Unavailable(f"cannot reach {server} at {self.where}: {exc}") from None
+        except deploy_client.AnswerTooLarge as exc:
+            raise AnswerTooLarge(f"{self.where}: {exc}") from None
+        except ControlPlaneError as exc:
+            # The deadline passed: as good as out of reach, like a timeout.
+            raise Unavailable(f"{self.where}: {exc}") from None
+        return _read(streamed, content)
 
     def whoami(self) -> str:
         """The control plane's name for this client's API key (control plane only)."""
-        try:
-            response = self._http.get("/api/v1/me")
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"cannot reach the control plane at {self.where}: {exc}") from None
+        response = self._send("GET", "/api/v1/me", MAX_ANSWER_BYTES, "the control plane")
         if response.status_code != 200:
             error = _BY_STATUS.get(response.status_code, SecretsError)
             raise error(f"me: {_error_message(response)} (HTTP {response.status_code})")
-        return str(response.json()["username"])
+        return self._parsed(response, lambda body: str(body["username"]))
+
+    def _parsed(self, response: httpx.Response, read: Callable[[Any], T]) -> T:
+        """``read`` of the JSON body; ``BadAnswer`` naming the server and path when the body
+        is not JSON or not of the shape ``read`` expects."""
+        try:
+            body = response.json()
+        except ValueError:
+            raise BadAnswer(not_json(response)) from None
+        try:
+            return read(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            where = f"{response.request.method} {response.request.url.path}"
+            raise BadAnswer(
+                f"{self.where}: {where}: not the answer the call expects ({exc!r})"
+            ) from None
 
     # the calls
 
     def list(self) -> list[SecretInfo]:
-        return [_info(i) for i in self.call("list", {}).json()]
+        response = self.call("list", {}, limit=MAX_LIST_BYTES)
+        return self._parsed(response, lambda body: [_info(i) for i in body])
 
     def get(self, name: str, version: int = 0) -> tuple[bytes, int]:
-        body = self.call("get", {"Name": name, "Version": version}).json()
-        return base64.b64decode(body["Value"]), int(body["Version"])
+        return self._parsed(self.call("get", {"Name": name, "Version": version}), _value)
 
     def get_if_changed(self, name: str, version: int) -> tuple[bytes, int] | None:
         """The active value, or None when the active version is still ``version``."""
         response = self.call("get", {"Name": name, "Version": version, "UpdateIfChanged": True})
         if response.status_code == 304:
             return None
-        body = response.json()
-        return base64.b64decode(body["Value"]), int(body["Version"])
+        return self._parsed(response, _value)
 
     def info(self, name: str) -> SecretInfo:
-        return _info(self.call("info", {"Name": name}).json())
+        return self._parsed(self.call("info", {"Name": name}), _info)
 
     def put(self, name: str, value: bytes) -> int:
-        return int(self.call("put", {"Name": name, "Value": _b64(value)}).json())
+        return self._parsed(self.call("put", {"Name": name, "Value": _b64(value)}), int)
 
     def activate(self, name: str, version: int) -> None:
         self.call("activate", {"Name": name, "Version": version})
@@ -160,8 +217,22 @@ class Client:
         self.call("create-version", {"Name": name, "Version": version, "Value": _b64(value)})
 
 
+def _read(streamed: httpx.Response, content: bytes) -> httpx.Response:
+    """``streamed`` with ``content`` as its body, already decoded: the encoding and length
+    headers no longer describe it."""
+    stale = {"content-encoding", "content-length", "transfer-encoding"}
+    headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in stale]
+    return httpx.Response(
+        streamed.status_code, headers=headers, content=content, request=streamed.request
+    )
+
+
 def _b64(value: bytes) -> str:
     return base64.b64encode(value).decode()
+
+
+def _value(body: dict[str, Any]) -> tuple[bytes, int]:
+    return base64.b64decode(body["Value"], validate=True), int(body["Version"])
 
 
 def _info(body: dict[str, Any]) -> SecretInfo:
