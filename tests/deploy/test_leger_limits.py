@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from legator.deploy import client
-from legator.deploy.client import ControlPlane, ControlPlaneError, Login
+from legator.core import bounded_http
+from legator.deploy.client import ControlPlane, ControlPlaneError, Login, login_with_device
 from tests.deploy.hostile_plane import Plan, hostile_plane
 from tests.deploy.test_leger_errors import log_in
 from tests.support import one_line_error
@@ -87,19 +87,19 @@ INSTALL = ("deploy", "install", "app", "--no-start")
         (
             Plan(FLOOD, f"{RENDERED}/app.container"),
             INSTALL,
-            f"GET {RENDERED}/app.container: the answer is over the 32 bytes leger accepts",
+            f"GET {RENDERED}/app.container: the answer is over the 32 bytes accepted",
         ),
         # The manifest itself never ends.
         (
             Plan(FLOOD, f"{RENDERED}/manifest.json"),
             INSTALL,
-            f"GET {RENDERED}/manifest.json: the answer is over the 1 MiB leger accepts",
+            f"GET {RENDERED}/manifest.json: the answer is over the 1 MiB accepted",
         ),
         # A configuration that never ends, written to config.json by `config pull`.
         (
             Plan(FLOOD, "/api/v1/deploy/configs/latest"),
             ("config", "pull"),
-            "GET /api/v1/deploy/configs/latest: the answer is over the 4 MiB leger accepts",
+            "GET /api/v1/deploy/configs/latest: the answer is over the 4 MiB accepted",
         ),
         # An error page that never ends: only its start is read, for the message.
         (
@@ -141,7 +141,7 @@ def test_a_dripping_answer_is_given_up_at_the_deadline(monkeypatch: pytest.Monke
     """A byte every 0.2 s never trips the 30 s wait for the next bytes: a server could hold
     leger (and a timer's `leger deploy update`) forever. Each request now has a deadline in
     all (``REQUEST_DEADLINE``, 300 s; 2 s here)."""
-    monkeypatch.setattr(client, "REQUEST_DEADLINE", 2.0, raising=False)
+    monkeypatch.setattr(bounded_http, "REQUEST_DEADLINE", 2.0)
     plan = Plan(100, "/api/v1/deploy/configs/latest", drip=0.2)  # 20 s in all
     with hostile_plane(plan) as url:
         login = Login(url, "lgk_" + "0" * 64, "api_key", "admin", None, None, "2026-01-01")
@@ -171,7 +171,7 @@ def test_a_device_grant_cannot_ask_for_endless_polling() -> None:
             raise Stop
 
     with hostile_plane(Plan(0, "/none")) as url, pytest.raises(Stop):
-        client.login_with_device(url, "host", lambda _code, ttl: shown.append(ttl), sleep=sleep)
+        login_with_device(url, "host", lambda _code, ttl: shown.append(ttl), sleep=sleep)
     assert shown == [15 * 60]
     assert waits == [1, 1, 1]
 

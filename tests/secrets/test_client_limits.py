@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from legator.deploy import client as deploy_client
+from legator.core import bounded_http
 from legator.secrets.client import Client, Unavailable
 from tests.deploy.hostile_plane import JSON, Plan, _handler
 from tests.deploy.test_leger_limits import run_measured
@@ -94,25 +94,25 @@ SYNC = ("secrets", "sync", "--control-plane", "{url}")
         (
             Plan(FLOOD, "/api/list"),
             (*LOCAL, "list"),
-            "POST /api/list: the answer is over the 16 MiB leger accepts",
+            "POST /api/list: the answer is over the 16 MiB accepted",
         ),
         # One value (at most 1 MiB in legerd, base64 in JSON).
         (
             Plan(FLOOD, "/api/get"),
             (*LOCAL, "get", "app/key"),
-            "POST /api/get: the answer is over the 4 MiB leger accepts",
+            "POST /api/get: the answer is over the 4 MiB accepted",
         ),
         # `sync`'s first question to the control plane.
         (
             Plan(FLOOD, "/api/v1/me"),
             SYNC,
-            "GET /api/v1/me: the answer is over the 4 MiB leger accepts",
+            "GET /api/v1/me: the answer is over the 4 MiB accepted",
         ),
         # The control plane's list of secrets.
         (
             Plan(FLOOD, "/api/v1/secrets/list"),
             SYNC,
-            "POST /api/v1/secrets/list: the answer is over the 16 MiB leger accepts",
+            "POST /api/v1/secrets/list: the answer is over the 16 MiB accepted",
         ),
         # An error page that never ends: only its start is read, for the message.
         (
@@ -149,9 +149,9 @@ def test_a_dripping_answer_is_given_up_at_the_deadline(
 ) -> None:
     """A byte every 0.2 s never trips the 10 s wait for the next bytes: legerd or a proxy
     could hold `leger secrets`, a deploy or a program's poller forever. Each call now has
-    leger's deadline in all (``REQUEST_DEADLINE``, 300 s; 2 s here), and missing it is
+    the deadline in all (``REQUEST_DEADLINE``, 300 s; 2 s here), and missing it is
     ``Unavailable`` as a timeout is (a ``Store`` serves its cached copy)."""
-    monkeypatch.setattr(deploy_client, "REQUEST_DEADLINE", 2.0)
+    monkeypatch.setattr(bounded_http, "REQUEST_DEADLINE", 2.0)
     plan = Plan(100, path, drip=0.2)  # 20 s in all
     with hostile_setec(plan) as url:
         started = time.monotonic()

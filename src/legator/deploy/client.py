@@ -13,6 +13,12 @@ from typing import Any
 
 import httpx
 
+from legator.core.bounded_http import (
+    BodyTooLarge,
+    BodyTooSlow,
+    bounded_request,
+    not_json,
+)
 from legator.core.security import write_private_file
 
 
@@ -50,12 +56,6 @@ class AnswerTooLarge(ControlPlaneError):
 MAX_JSON_BYTES = 4 * 1024 * 1024
 """The most leger reads of a JSON answer: a configuration (its spec is at most 256 KiB),
 a manifest, a list of keys."""
-MAX_ERROR_BYTES = 64 * 1024
-"""The most leger reads of an error answer; only the start of its message is shown."""
-REQUEST_DEADLINE = 300.0
-"""Seconds an answer's body may take to arrive in all. The client's ``timeout`` bounds each
-wait for more bytes only: a server dripping a byte at a time could otherwise hold leger
-forever. (The status line and headers are bounded by h11's size limit and that timeout.)"""
 
 
 _ERROR_FOR_STATUS: dict[int, type[ControlPlaneError]] = {
@@ -68,29 +68,10 @@ _ERROR_FOR_STATUS: dict[int, type[ControlPlaneError]] = {
 }
 
 
-def origin(url: httpx.URL | str) -> str:
-    """``scheme://host[:port]`` of a URL: the server a message names."""
-    url = httpx.URL(str(url))
-    return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
-
-
 def unreachable(server: str, exc: httpx.HTTPError) -> str:
     """One line for a request that got no answer: refused, timed out, broken off."""
     reason = " ".join(str(exc).split()) or type(exc).__name__
     return f"cannot reach {server.rstrip('/')}: {reason}"
-
-
-def not_json(response: httpx.Response, expected: str = "JSON") -> str:
-    """One line for an answer that is not the API's JSON (an SSO page, a proxy's error), or
-    not the ``expected`` other thing."""
-    kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if kind == "text/html" or response.content.lstrip()[:1] == b"<":
-        what = "an HTML page: a proxy in front?"
-    elif response.is_redirect:
-        what = f"a redirect to {response.headers.get('location', '?')}: a sign-in proxy in front?"
-    else:
-        what = f"HTTP {response.status_code}, {kind or 'no content type'}"
-    return f"{origin(response.request.url)} did not answer with {expected} ({what})"
 
 
 def error_message(response: httpx.Response) -> str:
@@ -191,66 +172,20 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def size_text(limit: int) -> str:
-    """``1 MiB``, ``64 KiB`` or ``300 bytes``: a limit as people read it."""
-    for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
-        if limit >= factor and limit % factor == 0:
-            return f"{limit // factor} {unit}"
-    return f"{limit} bytes"
-
-
-def _read_body(response: httpx.Response, limit: int, give_up_at: float) -> bytes:
-    """The body, read a chunk at a time. A success answer past ``limit`` bytes is refused;
-    an error answer is cut at ``MAX_ERROR_BYTES`` (only its message is shown). Past the
-    ``give_up_at`` instant (``time.monotonic``) the request fails."""
-    failed = response.is_error or response.is_redirect
-    cap = MAX_ERROR_BYTES if failed else limit
-    where = f"{response.request.method} {response.request.url.path}"
-    declared = response.headers.get("content-length", "")
-    if not failed and declared.isdigit() and int(declared) > cap:
-        raise AnswerTooLarge(
-            f"{where}: the answer is {declared} bytes, over the {size_text(cap)} leger accepts"
-        )
-    body = bytearray()
-    # Each piece as it arrives (a network read, at most 64 KiB before decoding). Decoded bytes
-    # are counted, so a compressed answer cannot expand past the limit either.
-    for chunk in response.iter_bytes():
-        if time.monotonic() > give_up_at:
-            raise ControlPlaneError(
-                f"{where}: no complete answer within {REQUEST_DEADLINE:g} s; gave up"
-            )
-        body += chunk
-        if len(body) > cap:
-            if failed:
-                return bytes(body[:cap])
-            raise AnswerTooLarge(
-                f"{where}: the answer is over the {size_text(cap)} leger accepts; "
-                "stopped reading it there"
-            )
-    return bytes(body)
-
-
 def _send(
     http: httpx.Client, method: str, path: str, *, limit: int = MAX_JSON_BYTES, **kwargs: Any
 ) -> httpx.Response:
     """The answer with its body read, at most ``limit`` bytes of it (``AnswerTooLarge``
-    beyond) within ``REQUEST_DEADLINE`` seconds from the request: never more than that is
-    held, nor waited for, whatever the server sends."""
-    give_up_at = time.monotonic() + REQUEST_DEADLINE
+    beyond) within ``REQUEST_DEADLINE`` seconds: never more than that is held, nor waited
+    for, whatever the server sends."""
     try:
-        with http.stream(method, path, **kwargs) as streamed:
-            body = _read_body(streamed, limit, give_up_at)
+        return bounded_request(http, method, path, limit=limit, **kwargs)
     except httpx.HTTPError as exc:
         raise ControlPlaneError(unreachable(str(http.base_url), exc)) from None
-    # The body is already decoded: the encoding and length headers no longer describe it.
-    headers = [
-        (key, value)
-        for key, value in streamed.headers.multi_items()
-        if key.lower() not in {"content-encoding", "content-length", "transfer-encoding"}
-    ]
-    return httpx.Response(
-        streamed.status_code, headers=headers, content=body, request=streamed.request
-    )
+    except BodyTooLarge as exc:
+        raise AnswerTooLarge(str(exc)) from None
+    except BodyTooSlow as exc:
+        raise ControlPlaneError(str(exc)) from None
 
 
 def _raise_for(response: httpx.Response) -> None:

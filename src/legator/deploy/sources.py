@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from legator.deploy.client import ControlPlane, Login, size_text
+from legator.core.bounded_http import size_text
+from legator.deploy.client import ControlPlane, Login
 from legator.deploy.manifest import MANIFEST_NAME, Manifest, build_manifest, verify
 from legator.deploy.quadlet.conflicts import is_quadlet
 from legator.deploy.quadlet.parse import ParseError, parse_unit

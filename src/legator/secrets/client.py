@@ -11,10 +11,12 @@ from typing import Any, TypeVar
 
 import httpx
 
-# leger's bounded reading of answers, shared; the module itself so that its deadline is read
-# at each call, one setting for every download leger makes.
-from legator.deploy import client as deploy_client
-from legator.deploy.client import MAX_JSON_BYTES, ControlPlaneError, not_json
+from legator.core.bounded_http import (
+    BodyTooLarge,
+    BodyTooSlow,
+    bounded_request,
+    not_json,
+)
 from legator.secrets.errors import (
     AccessDenied,
     InvalidRequest,
@@ -68,7 +70,7 @@ class AnswerTooLarge(SecretsError):
 MAX_LIST_BYTES = 16 * 1024 * 1024
 """The most read of a list: about 200,000 secrets as names are usually written, or the
 10,000 legerd lets one writer create with 512-byte names and 90 versions each."""
-MAX_ANSWER_BYTES = MAX_JSON_BYTES
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 """The most read of any other answer: the largest is a 1 MiB value, base64 in JSON."""
 
 
@@ -145,19 +147,16 @@ class Client:
         self, method: str, path: str, limit: int, server: str, body: dict[str, Any] | None = None
     ) -> httpx.Response:
         """The answer, its body read as it arrives: at most ``limit`` bytes of it, within
-        leger's deadline for a whole answer (the timeout bounds each wait for bytes only)."""
-        give_up_at = time.monotonic() + deploy_client.REQUEST_DEADLINE
+        ``bounded_http.REQUEST_DEADLINE`` (the timeout bounds each wait for bytes only)."""
         try:
-            with self._http.stream(method, path, json=body) as streamed:
-                content = deploy_client._read_body(streamed, limit, give_up_at)
+            return bounded_request(self._http, method, path, limit=limit, json=body)
         except httpx.HTTPError as exc:
             raise Unavailable(f"cannot reach {server} at {self.where}: {exc}") from None
-        except deploy_client.AnswerTooLarge as exc:
+        except BodyTooLarge as exc:
             raise AnswerTooLarge(f"{self.where}: {exc}") from None
-        except ControlPlaneError as exc:
-            # The deadline passed: as good as out of reach, like a timeout.
+        except BodyTooSlow as exc:
+            # As good as out of reach, like a timeout.
             raise Unavailable(f"{self.where}: {exc}") from None
-        return _read(streamed, content)
 
     def whoami(self) -> str:
         """The control plane's name for this client's API key (control plane only)."""
@@ -215,16 +214,6 @@ class Client:
 
     def create_version(self, name: str, version: int, value: bytes) -> None:
         self.call("create-version", {"Name": name, "Version": version, "Value": _b64(value)})
-
-
-def _read(streamed: httpx.Response, content: bytes) -> httpx.Response:
-    """``streamed`` with ``content`` as its body, already decoded: the encoding and length
-    headers no longer describe it."""
-    stale = {"content-encoding", "content-length", "transfer-encoding"}
-    headers = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in stale]
-    return httpx.Response(
-        streamed.status_code, headers=headers, content=content, request=streamed.request
-    )
 
 
 def _b64(value: bytes) -> str:
