@@ -39,7 +39,9 @@ def list_cmd(
     system: bool = SYSTEM_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Every backup, automatic ones included, newest first."""
+    """Every backup, newest first: manual ones, and the automatic ones an apply kept (the
+    newest --keep-backups of each deployment, and the only copies of its recorded and
+    previous version)."""
     items = deployer(system).backups.list(name)
     if as_json:
         print_json(items)

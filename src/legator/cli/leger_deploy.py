@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import typer
 
 from legator.cli.common import console, print_json, print_table
 from legator.cli.leger_common import JSON_OPTION, SYSTEM_OPTION, deployer, die, guard, scope, steps
+from legator.deploy.backups import DEFAULT_KEEP_BACKUPS
 from legator.deploy.client import load_login
 from legator.deploy.installer import Options, Plan, Result, install
 from legator.deploy.sources import resolve
@@ -16,6 +18,30 @@ from legator.deploy.state import check_name
 app = typer.Typer(help="Install and manage deployments on this host.", no_args_is_help=True)
 
 HEALTH_OPTION = typer.Option(30.0, "--health-timeout", min=0.5, help="Seconds to wait for health.")
+KEEP_BACKUPS_OPTION = typer.Option(
+    None,
+    "--keep-backups",
+    min=0,
+    show_default=False,
+    help="Automatic backups of the deployment to keep after a successful apply, newest first "
+    f"(0: all; default $LEGER_KEEP_BACKUPS, else {DEFAULT_KEEP_BACKUPS}).",
+)
+
+
+def keep_backups(flag: int | None) -> int:
+    """``--keep-backups``, else ``LEGER_KEEP_BACKUPS``, else the default."""
+    if flag is not None:
+        return flag
+    raw = os.environ.get("LEGER_KEEP_BACKUPS")
+    if not raw:
+        return DEFAULT_KEEP_BACKUPS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        die(f"LEGER_KEEP_BACKUPS={raw!r} is not a number of backups (0 keeps all)", 2)
+    return value
 
 
 def _show_plan(plan: Plan, *, dry_run: bool) -> None:
@@ -43,12 +69,15 @@ def _report(result: Result, as_json: bool, dry_run: bool) -> None:
                 "plan": vars(result.plan),
                 "backup": result.backup.id if result.backup else None,
                 "states": result.states,
+                "pruned_backups": result.pruned,
             }
         )
     else:
         _show_plan(result.plan, dry_run=dry_run)
         if result.backup:
             console.print(f"  backup: {result.backup.id}")
+        if result.pruned:
+            console.print(f"  pruned old backups: {', '.join(result.pruned)}")
 
 
 @app.command("install")
@@ -66,10 +95,12 @@ def install_cmd(
     no_secrets: bool = typer.Option(False, "--no-secrets", help="Do not create Podman secrets."),
     system: bool = SYSTEM_OPTION,
     health_timeout: float = HEALTH_OPTION,
+    keep: int | None = KEEP_BACKUPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Fetch, verify, validate and install a deployment, then start it and check its health.
-    A missing secret stops the install before anything changes; a failed start rolls back."""
+    A missing secret stops the install before anything changes; a failed start rolls back.
+    Once applied, automatic backups past the newest --keep-backups are pruned."""
     guard(lambda: check_name(name))
     where = scope(system)
     opts = Options(
@@ -78,6 +109,7 @@ def install_cmd(
         secrets=not no_secrets,
         dry_run=dry_run,
         health_timeout=health_timeout,
+        keep_backups=keep_backups(keep),
     )
 
     def run() -> Result:
@@ -97,6 +129,7 @@ def update_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show the plan only."),
     system: bool = SYSTEM_OPTION,
     health_timeout: float = HEALTH_OPTION,
+    keep: int | None = KEEP_BACKUPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Fetch the deployment's source again and apply it (backup, rollback on failure)."""
@@ -104,7 +137,12 @@ def update_cmd(
     current = deployer(system).deployments.get(name)
     if current is None:
         die(f"no deployment {name!r}", 3)
-    opts = Options(start=current.started, dry_run=dry_run, health_timeout=health_timeout)
+    opts = Options(
+        start=current.started,
+        dry_run=dry_run,
+        health_timeout=health_timeout,
+        keep_backups=keep_backups(keep),
+    )
 
     def run() -> Result:
         with steps(f"updating {name}", quiet=as_json) as progress:

@@ -7,7 +7,7 @@ from rich.syntax import Syntax
 
 from legator.cli.common import console, print_json, print_table
 from legator.cli.leger_common import JSON_OPTION, SYSTEM_OPTION, deployer, guard, scope, steps
-from legator.cli.leger_deploy import HEALTH_OPTION, _report
+from legator.cli.leger_deploy import HEALTH_OPTION, KEEP_BACKUPS_OPTION, _report, keep_backups
 from legator.deploy import staging
 from legator.deploy.client import load_login
 from legator.deploy.diff import affected_services, changed_files, unified
@@ -104,15 +104,22 @@ def apply_cmd(
     system: bool = SYSTEM_OPTION,
     force: bool = typer.Option(False, "--force", help="Take over files and ignore conflicts."),
     health_timeout: float = HEALTH_OPTION,
+    keep: int | None = KEEP_BACKUPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Back up, stop affected services, swap, install, reload, start, check health; roll back
-    files and volumes automatically if anything fails (exit 5)."""
+    files and volumes automatically if anything fails (exit 5). Then prune the automatic
+    backups past the newest --keep-backups."""
+    keep_count = keep_backups(keep)
 
     def run() -> Result:
         with steps(f"applying {name}", quiet=as_json) as progress:
             return apply_staged(
-                deployer(system, progress), name, force=force, health_timeout=health_timeout
+                deployer(system, progress),
+                name,
+                force=force,
+                health_timeout=health_timeout,
+                keep_backups=keep_count,
             )
 
     _report(guard(run), as_json, dry_run=False)

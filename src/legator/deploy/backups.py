@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from legator.deploy.podman import Podman
 from legator.deploy.state import now
 
 META = "backup.json"
+DEFAULT_KEEP_BACKUPS = 10
+# A temporary tree of ``create`` this old belongs to no live process: ``backup create`` runs
+# without the state lock, so age is what tells a killed one from one still being written.
+STALE_SECONDS = 3600
 
 
 class BackupError(RuntimeError):
@@ -31,6 +36,9 @@ class BackupInfo(BaseModel):
     files: list[str]
     volumes: list[str]
     size: int
+    # Orders backups taken within one second (``created_at`` has whole seconds): pruning
+    # must know which is the newest. 0 in backups written before it existed.
+    created_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Backups:
                 files=sorted(files),
                 volumes=saved,
                 size=size,
+                created_ns=time.time_ns(),
             )
             (tmp / META).write_text(info.model_dump_json(indent=2))
             os.rename(tmp, self.root / backup_id)
@@ -88,7 +97,7 @@ class Backups:
                 info = BackupInfo.model_validate_json((path / META).read_text())
                 if deployment is None or info.deployment == deployment:
                     found.append(info)
-        return sorted(found, key=lambda b: b.created_at, reverse=True)
+        return sorted(found, key=lambda b: (b.created_at, b.created_ns), reverse=True)
 
     def info(self, backup_id: str) -> BackupInfo:
         path = self.root / backup_id
@@ -108,3 +117,38 @@ class Backups:
             self.podman.volume_remove(volume)
             self.podman.volume_import(volume, self.root / backup_id / "volumes" / f"{volume}.tar")
         return info.volumes
+
+    def prune(self, deployment: str, keep: int, *, protect: set[int]) -> list[str]:
+        """Delete the automatic backups of ``deployment`` past the newest ``keep`` (0 keeps
+        all), except the newest one of each version in ``protect``: the only copy of that
+        version's files and volumes. Manual backups are never pruned. Returns the ids."""
+        self._clear_leftovers()
+        if keep <= 0:
+            return []
+        automatic = [b for b in self.list(deployment) if b.automatic]
+        kept = {b.id for b in automatic[:keep]}
+        for version in protect:
+            newest = next((b for b in automatic if b.version == version), None)
+            if newest is not None:
+                kept.add(newest.id)
+        doomed = [b.id for b in automatic if b.id not in kept]
+        for backup_id in doomed:
+            self._delete(backup_id)
+        return doomed
+
+    def _delete(self, backup_id: str) -> None:
+        """Rename first, so that ``list`` never shows a backup half deleted; a deletion cut
+        short leaves a dot-name that ``_clear_leftovers`` finishes."""
+        doomed = self.root / f".{backup_id}.deleting"
+        os.rename(self.root / backup_id, doomed)
+        shutil.rmtree(doomed)
+
+    def _clear_leftovers(self) -> None:
+        if not self.root.exists():
+            return
+        stale = time.time() - STALE_SECONDS
+        for path in self.root.iterdir():
+            if not path.name.startswith(".bk_") or path.is_symlink() or not path.is_dir():
+                continue
+            if path.name.endswith(".deleting") or path.stat().st_mtime < stale:
+                shutil.rmtree(path, ignore_errors=True)

@@ -14,8 +14,10 @@ import functools
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +28,7 @@ from types import FrameType
 from typing import Concatenate, ParamSpec, TypeVar
 
 from legator.core.security import random_hex, write_private_file
-from legator.deploy.backups import BackupInfo, Backups
+from legator.deploy.backups import DEFAULT_KEEP_BACKUPS, BackupInfo, Backups
 from legator.deploy.diff import affected_services, changed_files
 from legator.deploy.layout import Layout
 from legator.deploy.lock import DEFAULT_TIMEOUT, state_lock
@@ -39,7 +41,7 @@ from legator.deploy.quadlet.validate import secret_name
 from legator.deploy.sealed import SealedSecrets, SealError
 from legator.deploy.secrets_source import SecretSource
 from legator.deploy.sources import Fetched
-from legator.deploy.staging import Staged, discard, stage, swap_in
+from legator.deploy.staging import Staged, clear_leftovers, discard, stage, swap_in
 from legator.deploy.staging import load as load_staged
 from legator.deploy.state import Deployment, Deployments, check_name, now
 from legator.deploy.systemd import Systemd, SystemdError
@@ -72,6 +74,7 @@ class Options:
     secrets: bool = True
     dry_run: bool = False
     health_timeout: float = 30.0
+    keep_backups: int = DEFAULT_KEEP_BACKUPS  # automatic backups kept per deployment; 0: all
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Result:
     backup: BackupInfo | None
     states: dict[str, str]
     applied: bool
+    pruned: list[str] = field(default_factory=list)  # automatic backups deleted after it
 
 
 def locked(
@@ -116,33 +120,57 @@ def locked(
     return run_locked
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: the terminal went away (an ssh session dropped) and the kernel hung up the
+# foreground process group; by default that killed leger half-way through an apply.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_VERBS = {signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 
 def _hold_off_signals() -> None:
-    """Ignore SIGTERM and SIGINT until the operation holding the lock is over: a rollback cut
-    short by a second signal (an impatient Ctrl-C, a service manager stopping leger again)
-    left the files, secrets and services of neither version. SIG_IGN rather than a handler:
-    the systemctl and podman children started meanwhile inherit it, so a Ctrl-C sent to the
-    whole process group does not kill the rollback's own steps either."""
+    """Ignore SIGTERM, SIGINT and SIGHUP until the operation holding the lock is over: a
+    rollback cut short by a second signal (an impatient Ctrl-C, a service manager stopping
+    leger again) left the files, secrets and services of neither version. SIG_IGN rather than
+    a handler: the systemctl and podman children started meanwhile inherit it, so a Ctrl-C or
+    a hang-up sent to the whole process group does not kill the rollback's own steps either."""
     if threading.current_thread() is threading.main_thread():
         for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
 
+def _let_go_of_a_lost_terminal() -> None:
+    """Point stdin, stdout and stderr at /dev/null where they were a terminal that hung up
+    (a character device that is no longer a tty): every write there fails with EIO, and the
+    progress display or the final message failing that way ended a finished rollback with a
+    traceback and exit 1 instead of 5. Pipes, files and a terminal still there are kept."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            try:
+                lost = stat.S_ISCHR(os.fstat(fd).st_mode) and not os.isatty(fd)
+            except OSError:
+                continue
+            if lost:
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 @contextmanager
 def _signals_interrupt_once() -> Iterator[None]:
-    """SIGTERM (``kill PID``, a service manager stopping leger) interrupts like Ctrl-C, so an
-    apply rolls back instead of dying with the new files installed under the old record.
-    Only the first SIGTERM or SIGINT interrupts; later ones are ignored (``_hold_off_signals``)
-    until the body is over. Only the main thread receives signals; elsewhere nothing changes."""
+    """SIGTERM (``kill PID``, a service manager stopping leger) and SIGHUP (the terminal is
+    lost) interrupt like Ctrl-C, so an apply rolls back instead of dying with the new files
+    installed under the old record. Only the first of them interrupts; later ones are ignored
+    (``_hold_off_signals``) until the body is over. Only the main thread receives signals;
+    elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, _frame: FrameType | None) -> None:
         _hold_off_signals()
-        verb = "terminated" if signum == signal.SIGTERM else "interrupted"
+        if signum == signal.SIGHUP:
+            _let_go_of_a_lost_terminal()
+        verb = _VERBS.get(signal.Signals(signum), "interrupted")
         raise KeyboardInterrupt(f"{verb} by signal {signum}")
 
     previous = {signum: signal.signal(signum, interrupt) for signum in _STOP_SIGNALS}
@@ -467,7 +495,30 @@ class Deployer:
             )
         )
         self._applying(name).unlink(missing_ok=True)
-        return Result(plan, backup, states, applied=True)
+        versions = {manifest.version, backup.version}
+        pruned = self._prune_backups(name, opts.keep_backups, versions, plan)
+        return Result(plan, backup, states, applied=True, pruned=pruned)
+
+    def _prune_backups(self, name: str, keep: int, versions: set[int], plan: Plan) -> list[str]:
+        """The apply has succeeded and is recorded: a failure to prune only warns."""
+        self.progress("pruning old backups")
+        try:
+            return self.backups.prune(name, keep, protect=versions)
+        except OSError as exc:
+            plan.warnings.append(f"old backups were not pruned: {exc}")
+            return []
+
+    def clear_leftovers(self) -> None:
+        """Remove the temporary trees of a ``staged stage`` or ``install`` killed half-way.
+        Call holding the state lock: every writer of ``staged/`` and ``.incoming/`` holds it
+        while it writes, so none of them belongs to a live process."""
+        clear_leftovers(self.layout.staged)
+        shutil.rmtree(self.incoming, ignore_errors=True)
+
+    @property
+    def incoming(self) -> Path:
+        """Where ``install`` writes the fetched files before applying them."""
+        return self.layout.state / ".incoming"
 
     def _swap(self, name: str, old: dict[str, bytes], new: dict[str, bytes]) -> None:
         active = self.layout.active / name
@@ -661,8 +712,8 @@ class Deployer:
 def install(deployer: Deployer, name: str, fetched: Fetched, source: str, opts: Options) -> Result:
     """Write the fetched files to a private incoming directory (checksums verified), then apply
     them. Used by ``deploy install`` and ``deploy update``; ``staged apply`` uses staged/."""
-    incoming = deployer.layout.state / ".incoming"
-    staged = stage(incoming, name, fetched)
+    deployer.clear_leftovers()
+    staged = stage(deployer.incoming, name, fetched)
     try:
         return deployer.apply(name, staged.manifest, staged.files(), source, staged.directory, opts)
     finally:
@@ -673,6 +724,7 @@ def install(deployer: Deployer, name: str, fetched: Fetched, source: str, opts: 
 def stage_update(deployer: Deployer, name: str, fetched: Fetched) -> Staged:
     """Write ``staged/NAME`` holding the lock (the download is done before): a ``staged apply``
     running meanwhile would otherwise discard this newer update when it finishes."""
+    deployer.clear_leftovers()
     return stage(deployer.layout.staged, name, fetched)
 
 
@@ -683,12 +735,22 @@ def discard_staged(deployer: Deployer, name: str) -> None:
 
 
 @locked
-def apply_staged(deployer: Deployer, name: str, *, force: bool, health_timeout: float) -> Result:
+def apply_staged(
+    deployer: Deployer,
+    name: str,
+    *,
+    force: bool,
+    health_timeout: float,
+    keep_backups: int = DEFAULT_KEEP_BACKUPS,
+) -> Result:
     """Apply ``staged/NAME`` and discard it once applied (kept when the apply fails)."""
     staged = load_staged(deployer.layout.staged, name)
     current = deployer.deployments.get(name)
     opts = Options(
-        start=current.started if current else True, force=force, health_timeout=health_timeout
+        start=current.started if current else True,
+        force=force,
+        health_timeout=health_timeout,
+        keep_backups=keep_backups,
     )
     result = deployer.apply(
         name, staged.manifest, staged.files(), staged.source, staged.directory, opts

@@ -75,6 +75,43 @@ def swap_in(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def clear_leftovers(root: Path) -> None:
+    """Remove what a ``write_tree`` killed half-way left in ``root``: its temporary tree
+    (``.NAME.*``, a new name each time, so never reused) and a ``.NAME.old`` whose ``NAME``
+    exists. A ``.NAME.old`` alone is a complete tree caught between the two renames of
+    ``swap_in``: it is put back. Only while holding the state lock, which every writer of
+    ``root`` holds: then none of these belongs to a live process, whatever its age."""
+    if not root.exists():
+        return
+    for path in root.iterdir():
+        if not path.name.startswith("."):
+            continue
+        target = root / path.name[1:].removesuffix(".old")
+        if path.name.endswith(".old") and _complete(path) and _restorable(target):
+            os.rename(path, target)
+        elif path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            # A leftover that cannot go must not stop the stage that found it.
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _restorable(target: Path) -> bool:
+    try:
+        check_name(target.name)
+    except ValueError:
+        return False
+    return not target.exists()
+
+
+def _complete(directory: Path) -> bool:
+    return (
+        not directory.is_symlink()
+        and (directory / MANIFEST_NAME).is_file()
+        and (directory / META).is_file()
+    )
+
+
 def stage(root: Path, name: str, fetched: Fetched) -> Staged:
     check_name(name)
     write_tree(root / name, fetched, {"staged_at": now()})
