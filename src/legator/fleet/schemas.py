@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from legator.fleet.approvals.schemas import ApprovalMode
+from legator.fleet.policy.limits import MAX_ENTRIES, MAX_ENTRY_CHARS, MAX_PATH_CHARS
 from legator.fleet.protocol import Level
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}\Z")
@@ -162,15 +163,21 @@ class Dispatched(BaseModel):
     stream_url: str | None = None
 
 
+PolicyEntry = Annotated[str, Field(max_length=MAX_ENTRY_CHARS)]
+PolicyPath = Annotated[str, Field(max_length=MAX_PATH_CHARS)]
+
+
 class PolicyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = Field("", max_length=500)
     level: Level
-    allow: list[str] = Field(default_factory=list, max_length=500)
-    block: list[str] = Field(default_factory=list, max_length=500)
-    paths: list[str] = Field(default_factory=list, max_length=500)
+    # Bounded (policy.limits; the probe checks a pushed policy again): matching a command
+    # against a policy costs what these allow.
+    allow: list[PolicyEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
+    block: list[PolicyEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
+    paths: list[PolicyPath] = Field(default_factory=list, max_length=MAX_ENTRIES)
     approval_mode: ApprovalMode = Field(
         ApprovalMode.MUTATION_GATE,
         description="none, mutation_gate, every_action or two_person (see docs/guardrails.md).",

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import random
 import socket
 import sys
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,16 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import legator.fleet.protocol as p
-from legator.fleet.policy import Policy, evaluate, weakest
+from legator.fleet.policy import Policy, evaluate, policy_problem, weakest
 from legator.probe import config as config_mod
 from legator.probe import fileops, inventory, updater
 from legator.probe.config import ProbeConfig
 from legator.probe.executor import Executor
 from legator.probe.filepool import Busy, FilePool
+from legator.probe.outbox import Outbox
 from legator.probe.version import PROBE_VERSION
 
 BACKOFF_START, BACKOFF_MAX, AUTH_BACKOFF = 1.0, 300.0, 30.0
-OUTBOX_LIMIT = 1000
 
 
 def log(message: str, **fields: Any) -> None:
@@ -43,10 +44,12 @@ class Agent:
         self.verifier = p.Verifier(config.signing_key)
         self.executor = Executor(config.max_concurrent, config.work_dir)
         self.files = FilePool()
+        self.checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-check")
         self.policy = Policy(level=config.policy_level)
         self.policy_name = "local maximum"
+        self.policy_refusal: str | None = None  # set while the pushed policy was refused
         self.ws: ClientConnection | None = None
-        self.outbox: deque[p.Envelope] = deque(maxlen=OUTBOX_LIMIT)
+        self.outbox = Outbox()
         self.tasks: set[asyncio.Task[None]] = set()
         self.restart_requested = False
         self.updating = False
@@ -112,7 +115,7 @@ class Agent:
         )
         await self._send(p.T_HELLO, hello)
         while self.outbox:
-            await ws.send(self.outbox[0].model_dump_json())
+            await ws.send(self.outbox.first().model_dump_json())
             self.outbox.popleft()
         loops = [
             asyncio.create_task(self._heartbeats()),
@@ -193,15 +196,7 @@ class Agent:
             case p.T_COMMAND:
                 self._spawn(self._command(p.CommandSpec.model_validate(payload)))
             case p.T_POLICY_UPDATE:
-                spec = p.PolicySpec.model_validate(payload)
-                self.policy = Policy(
-                    level=weakest(self.config.policy_level, spec.level),
-                    allow=tuple(spec.allow),
-                    block=tuple(spec.block),
-                    paths=tuple(spec.paths),
-                )
-                self.policy_name = spec.name or spec.policy_id or "pushed"
-                await self._ack(envelope, detail={"effective_level": self.policy.level})
+                await self._policy_update(envelope, p.PolicySpec.model_validate(payload))
             case p.T_ROTATE_KEY:
                 spec_key = p.RotateKey.model_validate(payload)
                 keys = {"api_key": spec_key.api_key}
@@ -227,6 +222,26 @@ class Agent:
             case p.T_PING:
                 await self._ack(envelope)
 
+    async def _policy_update(self, envelope: p.Envelope, spec: p.PolicySpec) -> None:
+        name = spec.name or spec.policy_id or "pushed"
+        problem = policy_problem(spec.allow, spec.block, spec.paths)
+        if problem is not None:
+            # Keeping the previous policy could keep fewer blocks than the new one meant:
+            # refuse every command and file operation until one that fits arrives.
+            self.policy = Policy(level=weakest(self.config.policy_level, spec.level))
+            self.policy_name, self.policy_refusal = name, f"policy too large: {problem}"
+            log("policy refused", policy=name, reason=problem)
+            await self._ack(envelope, ok=False, error=self.policy_refusal)
+            return
+        self.policy = Policy(
+            level=weakest(self.config.policy_level, spec.level),
+            allow=tuple(spec.allow),
+            block=tuple(spec.block),
+            paths=tuple(spec.paths),
+        )
+        self.policy_name, self.policy_refusal = name, None
+        await self._ack(envelope, detail={"effective_level": self.policy.level})
+
     async def _ack(
         self,
         envelope: p.Envelope,
@@ -244,23 +259,16 @@ class Agent:
         task.add_done_callback(self.tasks.discard)
 
     async def _command(self, spec: p.CommandSpec) -> None:
-        decision = evaluate(
-            self.policy,
-            spec.command,
-            spec.args,
-            shell=spec.shell,
-            requested=spec.level,
-            env=spec.env,  # LESSOPEN=…, LD_PRELOAD=…: what it sets can change what runs
-        )
-        if not decision.allowed:
-            log("command refused", request_id=spec.request_id, reason=decision.reason)
+        refusal = await self._refusal(spec)
+        if refusal is not None:
+            log("command refused", request_id=spec.request_id, reason=refusal)
             await self._send(
                 p.T_COMMAND_RESULT,
                 p.CommandResult(
                     request_id=spec.request_id,
                     status="refused",
                     reason="policy",
-                    error=f"refused by the probe ({self.policy_name}): {decision.reason}",
+                    error=f"refused by the probe ({self.policy_name}): {refusal}",
                 ),
                 keep=True,
             )
@@ -271,6 +279,24 @@ class Agent:
 
         result = await self.executor.run(spec, emit if spec.stream else None)
         await self._send(p.T_COMMAND_RESULT, result, keep=True)
+
+    async def _refusal(self, spec: p.CommandSpec) -> str | None:
+        """Why the local policy refuses ``spec``, or None. Checked on a thread of its own:
+        a long line takes up to a second or so, during which heartbeats and other messages
+        go on; commands are still checked one at a time, in order."""
+        if self.policy_refusal is not None:
+            return self.policy_refusal
+        check = functools.partial(
+            evaluate,
+            self.policy,
+            spec.command,
+            spec.args,
+            shell=spec.shell,
+            requested=spec.level,
+            env=spec.env,  # LESSOPEN=…, LD_PRELOAD=…: what it sets can change what runs
+        )
+        decision = await asyncio.get_running_loop().run_in_executor(self.checker, check)
+        return None if decision.allowed else decision.reason
 
     async def _file(self, request: p.FileRequest) -> None:
         try:

@@ -15,7 +15,8 @@ Modules: ``levels`` (the levels and their order), ``env`` (environment variables
 (programs known by name), ``programs`` (the table of per-program rules, kept in
 ``programs_text``, ``programs_net``, ``programs_system``, ``programs_containers`` and
 ``programs_tracers``), ``argv`` (one program invocation), ``shell`` (a shell line, a
-request), ``unwrap`` (the commands a line runs, for the block list), ``network`` (whether
+request), ``unwrap`` (the commands a line runs, for the block list), ``prefixes`` (an allow
+or block list compiled once), ``limits`` (how large a policy may be), ``network`` (whether
 a command may reach another host) and ``decision`` (``Policy`` and ``evaluate``).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 from legator.fleet.policy.decision import Decision, Policy, evaluate
 from legator.fleet.policy.env import classify_env
 from legator.fleet.policy.levels import DIAGNOSE, OBSERVE, REMEDIATE, rank, strongest, weakest
+from legator.fleet.policy.limits import policy_problem
 from legator.fleet.policy.network import reaches_network
 from legator.fleet.policy.shell import classify, command_parts
 
@@ -37,6 +39,7 @@ __all__ = [
     "classify_env",
     "command_parts",
     "evaluate",
+    "policy_problem",
     "rank",
     "reaches_network",
     "strongest",

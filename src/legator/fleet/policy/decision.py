@@ -6,10 +6,17 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
-from legator.fleet.policy.levels import OBSERVE, rank, strongest
+from legator.fleet.policy.levels import OBSERVE, REMEDIATE, rank, strongest
+from legator.fleet.policy.prefixes import Prefixes
 from legator.fleet.policy.shell import classify, command_parts
-from legator.fleet.policy.unwrap import blocked, line_commands, unwrapped
+from legator.fleet.policy.unwrap import line_commands, unwrapped
+
+# The kernel takes no single argument longer (``MAX_ARG_STRLEN``), and a shell line is one
+# argument of ``/bin/sh -c``: a longer request cannot run, so it is refused before it is
+# read (the classifier takes about 8 µs a character; a message may carry 8 MiB).
+MAX_REQUEST_CHARS = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,16 @@ class Policy:
     def __post_init__(self) -> None:
         rank(self.level)
 
+    # Compiled on first use, once per policy object: the probe and the control plane keep
+    # one per policy, not one per command.
+    @cached_property
+    def allowed_prefixes(self) -> Prefixes:
+        return Prefixes(self.allow)
+
+    @cached_property
+    def blocked_prefixes(self) -> Prefixes:
+        return Prefixes(self.block)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -29,15 +46,6 @@ class Decision:
     required: str
     reason: str
     parts: list[str] = field(default_factory=list)
-
-
-def _matches(part: str, prefix: str) -> bool:
-    prefix = prefix.strip()
-    return (
-        part == prefix
-        or part.startswith(prefix + " ")
-        or (prefix.endswith(" ") and part.startswith(prefix))
-    )
 
 
 def evaluate(
@@ -58,6 +66,10 @@ def evaluate(
     ``command``, ``timeout 5``, ``sh -c``…): the same program basename, with the entry's
     other words among its arguments in order (``systemctl stop`` blocks
     ``/bin/systemctl --no-block stop sshd``)."""
+    size = len(command) + sum(len(arg) + 1 for arg in args)
+    if size > MAX_REQUEST_CHARS:
+        why = f"the command is {size} characters, over the {MAX_REQUEST_CHARS} one may have"
+        return Decision(False, REMEDIATE, why)
     required = classify(command, args, shell=shell, env=env)
     if requested is not None:
         required = strongest([required, requested])
@@ -66,20 +78,11 @@ def evaluate(
         runs = line_commands(" ".join([command, *(shlex.quote(a) for a in args)]))
     else:
         runs = unwrapped([command, *args])
-    for prefix in policy.block:
-        for part in parts:
-            if _matches(part, prefix):
-                return Decision(
-                    False, required, f"{part!r} matches blocked prefix {prefix!r}", parts
-                )
-        for argv in runs:
-            if blocked(prefix, argv):
-                shown = " ".join(argv)
-                return Decision(False, required, f"{shown!r} matches blocked {prefix!r}", parts)
-    if policy.allow:
-        for part in parts:
-            if not any(_matches(part, prefix) for prefix in policy.allow):
-                return Decision(False, required, f"{part!r} matches no allowed prefix", parts)
+    refusal = _blocked(policy.blocked_prefixes, parts, runs)
+    if refusal is None and policy.allow:
+        refusal = _not_allowed(policy.allowed_prefixes, parts)
+    if refusal is not None:
+        return Decision(False, required, refusal, parts)
     if rank(required) > rank(policy.level):
         return Decision(
             False,
@@ -88,3 +91,40 @@ def evaluate(
             parts,
         )
     return Decision(True, required, f"level {required} within {policy.level}", parts)
+
+
+def _blocked(block: Prefixes, parts: list[str], runs: list[list[str]]) -> str | None:
+    """Why the first block entry (in the list's order) that names a part, or else a command
+    the line runs, refuses it; None if none does."""
+    if not block:
+        return None
+    by_part = min(
+        (
+            (index, order)
+            for order, part in enumerate(parts)
+            if (index := block.naming_part(part)) is not None
+        ),
+        default=None,
+    )
+    by_run = min(
+        (
+            (index, order)
+            for order, argv in enumerate(runs)
+            if (index := block.naming_command(argv)) is not None
+        ),
+        default=None,
+    )
+    if by_part is not None and (by_run is None or by_part[0] <= by_run[0]):
+        entry, part = block.entries[by_part[0]], parts[by_part[1]]
+        return f"{part!r} matches blocked prefix {entry!r}"
+    if by_run is not None:
+        entry, shown = block.entries[by_run[0]], " ".join(runs[by_run[1]])
+        return f"{shown!r} matches blocked {entry!r}"
+    return None
+
+
+def _not_allowed(allow: Prefixes, parts: list[str]) -> str | None:
+    for part in parts:
+        if allow.naming_part(part) is None:
+            return f"{part!r} matches no allowed prefix"
+    return None

@@ -1,10 +1,9 @@
 """The commands a line or argv runs, past assignments and wrappers (``sudo``, ``env``,
-``timeout 5``…), into ``sh -c`` strings, ``eval`` and ``find -exec``; and whether a block-list
-entry names one of them. Used to match the ``block`` list, not to classify."""
+``timeout 5``…), into ``sh -c`` strings, ``eval`` and ``find -exec``. Used to match the
+``block`` list (``prefixes``), not to classify."""
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Sequence
 
@@ -50,6 +49,7 @@ WRAPPER_SYNTAX = {
     ),
     "xargs": Syntax(short_values="aEdIsnLP", short_optional="eil", stop_at_word=True),
 }
+_FIND_ACTIONS = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
 _SHELL_C = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "su"})
 
 
@@ -84,11 +84,26 @@ def unwrapped(argv: Sequence[str], depth: int = 0) -> list[list[str]]:
         for script in scripts:
             found += line_commands(script, depth + 1)
     elif program == "find":
-        for index, arg in enumerate(args):
-            if arg in ("-exec", "-execdir", "-ok", "-okdir"):
-                nested = list(itertools.takewhile(lambda a: a not in (";", "+"), args[index + 1 :]))
-                found += unwrapped(nested, depth + 1)
+        for nested in _find_actions(args):
+            found += unwrapped(nested, depth + 1)
     return found
+
+
+def _find_actions(args: Sequence[str]) -> list[list[str]]:
+    """The commands of ``find``'s ``-exec``, ``-execdir``, ``-ok`` and ``-okdir``, each read
+    up to its ``;`` or ``+``. Inside one, ``-exec`` is an argument as ``find`` reads it: read
+    again from each, a line of them without a ``;`` was quadratic."""
+    actions: list[list[str]] = []
+    index = 0
+    while index < len(args):
+        if args[index] in _FIND_ACTIONS:
+            end = index + 1
+            while end < len(args) and args[end] not in (";", "+"):
+                end += 1
+            actions.append(list(args[index + 1 : end]))
+            index = end
+        index += 1
+    return actions
 
 
 def line_commands(line: str, depth: int = 0) -> list[list[str]]:
@@ -102,13 +117,3 @@ def line_commands(line: str, depth: int = 0) -> list[list[str]]:
     for sub in inner:
         found += line_commands(sub, depth + 1)
     return found
-
-
-def blocked(entry: str, argv: Sequence[str]) -> bool:
-    """Whether ``entry`` ("rm", "/sbin/reboot", "systemctl stop") names this command: the
-    same program, and the entry's other words among its arguments, in order."""
-    words = entry.split()
-    if not words or not argv or os.path.basename(words[0]) != argv[0]:
-        return False
-    remaining = iter(argv[1:])
-    return all(any(arg == word for arg in remaining) for word in words[1:])
