@@ -332,7 +332,7 @@ def test_substitutions_nested_without_end_are_remediate_not_a_crash(opening: str
     line = opening * 3000 + "ls" + ")" * (3000 * opening.count("("))
     assert classify(line, shell=True) == REMEDIATE
     assert classify_risk(line, shell=True) in (HIGH, CRITICAL)
-    assert reaches_network(line, shell=True) is False
+    assert reaches_network(line, shell=True) is True  # what cannot be read may reach anything
     assert command_parts(line, shell=True)
     assert evaluate(Policy(level="remediate"), line, shell=True).allowed
     assert classify("echo " + "$(echo " * 30 + "ls" + ")" * 30, shell=True) == OBSERVE

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from legator.fleet.policy.levels import OBSERVE, REMEDIATE, rank, strongest
+from legator.fleet.policy.lexer import Unparseable
 from legator.fleet.policy.prefixes import Prefixes
 from legator.fleet.policy.shell import classify, command_parts
 from legator.fleet.policy.unwrap import line_commands, unwrapped
@@ -74,10 +75,18 @@ def evaluate(
     if requested is not None:
         required = strongest([required, requested])
     parts = command_parts(command, args, shell=shell)
-    if shell:
-        runs = line_commands(" ".join([command, *(shlex.quote(a) for a in args)]))
-    else:
-        runs = unwrapped([command, *args])
+    try:
+        if shell:
+            runs = line_commands(" ".join([command, *(shlex.quote(a) for a in args)]))
+        else:
+            runs = unwrapped([command, *args])
+    except Unparseable as exc:
+        # What cannot be read cannot be matched: the shell runs the commands before a syntax
+        # error, so a guess at them would let `ls $((1)); rm -rf /` past a block on `rm`.
+        if policy.allow or policy.block:
+            why = f"the command cannot be checked against this policy's lists: {exc}"
+            return Decision(False, required, why, parts)
+        runs = []
     refusal = _blocked(policy.blocked_prefixes, parts, runs)
     if refusal is None and policy.allow:
         refusal = _not_allowed(policy.allowed_prefixes, parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
+from legator.fleet.policy.lexer import Unparseable
 from legator.fleet.policy.unwrap import line_commands, unwrapped
 
 # Programs whose every use may reach another host (a name given to them is looked up at least).
@@ -93,11 +94,14 @@ def _reaches(argv: Sequence[str]) -> bool:
 
 def reaches_network(command: str, args: Sequence[str] = (), *, shell: bool = False) -> bool:
     """Whether running this may send anything to another host."""
-    if shell:
-        line = " ".join([command, *(shlex.quote(a) for a in args)])
-        if "/dev/tcp/" in line or "/dev/udp/" in line:
-            return True
-        commands = line_commands(line)
-    else:
-        commands = unwrapped([command, *args])
+    try:
+        if shell:
+            line = " ".join([command, *(shlex.quote(a) for a in args)])
+            if "/dev/tcp/" in line or "/dev/udp/" in line:
+                return True
+            commands = line_commands(line)
+        else:
+            commands = unwrapped([command, *args])
+    except Unparseable:
+        return True  # what cannot be read may reach anything
     return any(_reaches(argv) for argv in commands if argv)

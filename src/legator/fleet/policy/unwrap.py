@@ -51,17 +51,21 @@ WRAPPER_SYNTAX = {
 }
 _FIND_ACTIONS = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
 _SHELL_C = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "su"})
+MAX_DEPTH = 8  # wrappers, shells and substitutions within one another
 
 
 def unwrapped(argv: Sequence[str], depth: int = 0) -> list[list[str]]:
     """The commands an argv runs, each as ``[program basename, *args]``: past assignments
     and wrappers (``sudo``, ``env``, ``timeout 5``…), into ``sh -c`` strings, ``eval`` and
-    ``find -exec``. Used to match the ``block`` list, not to classify."""
+    ``find -exec``. Used to match the ``block`` list, not to classify. Raises ``Unparseable``
+    where a nested line cannot be read or the nesting is deeper than ``MAX_DEPTH``."""
     words = list(argv)
     while words and is_assignment(words[0]):
         words.pop(0)
-    if not words or depth > 8:
+    if not words:
         return []
+    if depth > MAX_DEPTH:
+        raise Unparseable(f"commands nested more than {MAX_DEPTH} deep")
     program, args = os.path.basename(words[0]), words[1:]
     found = [[program, *args]]
     syntax = WRAPPER_SYNTAX.get(program)
@@ -107,12 +111,11 @@ def _find_actions(args: Sequence[str]) -> list[list[str]]:
 
 
 def line_commands(line: str, depth: int = 0) -> list[list[str]]:
-    """Every command a shell line runs (see :func:`unwrapped`)."""
-    try:
-        outer, inner = split_substitutions(line)
-        commands, _, _ = simple_commands(outer)
-    except Unparseable:
-        commands, inner = [line.split()], []
+    """Every command a shell line runs (see :func:`unwrapped`). Raises ``Unparseable`` for
+    a line, or a line nested in it, that cannot be read: the shell still runs what comes
+    before a syntax error (``ls\nrm -rf /\n'``), so no guess at its commands is safe."""
+    outer, inner = split_substitutions(line)
+    commands, _, _ = simple_commands(outer)
     found = [c for argv in commands for c in unwrapped(argv, depth)]
     for sub in inner:
         found += line_commands(sub, depth + 1)
