@@ -30,10 +30,11 @@ def _seconds(check: Callable[[], object]) -> float:
 
 def _extra_cost(policy: Policy, command: str, args: list[str], *, shell: bool) -> float:
     """How much longer ``policy`` takes than a policy without lists, on the same request: a
-    ratio, so a busy machine slows both sides alike."""
+    ratio of the fastest of 3 runs each, so a busy machine slows both sides alike (a list
+    compared part by part cost 6 times the line)."""
     bare = Policy(level=policy.level)
-    base = min(_seconds(lambda: evaluate(bare, command, args, shell=shell)) for _ in range(2))
-    timed = min(_seconds(lambda: evaluate(policy, command, args, shell=shell)) for _ in range(2))
+    base = min(_seconds(lambda: evaluate(bare, command, args, shell=shell)) for _ in range(3))
+    timed = min(_seconds(lambda: evaluate(policy, command, args, shell=shell)) for _ in range(3))
     return timed / base
 
 
@@ -43,20 +44,21 @@ def test_a_long_line_against_a_long_block_list_costs_about_the_line_alone() -> N
     line alone), on the probe's only event loop."""
     policy = Policy(level="remediate", block=BLOCK_100)
     assert evaluate(policy, "a;" * 32000, shell=True).allowed
-    assert _extra_cost(policy, "a;" * 32000, [], shell=True) < 1.5
+    assert _extra_cost(policy, "a;" * 32000, [], shell=True) < 2.5
 
 
 def test_a_long_line_against_a_long_allow_list_costs_about_the_line_alone() -> None:
     policy = Policy(level="remediate", allow=("a", *BLOCK_100))
     assert evaluate(policy, "a;" * 32000, shell=True).allowed
-    assert _extra_cost(policy, "a;" * 32000, [], shell=True) < 1.5
+    assert _extra_cost(policy, "a;" * 32000, [], shell=True) < 2.5
 
 
 def test_many_find_exec_words_are_read_once() -> None:
     """Each ``-exec`` read the rest of the arguments up to a ``;``: with none, 20,000 of them
     were 200 million steps (about 15 s here)."""
-    took = _seconds(lambda: evaluate(Policy(level="remediate"), "find", ["-exec"] * 20000))
-    assert took < 1.0
+    policy, words = Policy(level="remediate"), ["-exec"] * 20000
+    # The fastest of three: a stall of the machine during one is not the check's.
+    assert min(_seconds(lambda: evaluate(policy, "find", words)) for _ in range(3)) < 1.0
 
 
 def test_a_request_longer_than_the_kernel_takes_is_refused_unread() -> None:

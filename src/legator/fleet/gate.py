@@ -17,7 +17,14 @@ from legator.core.auth.principal import Principal
 from legator.core.context import current_request_id
 from legator.fleet.approvals.schemas import ApprovalMode, ApprovalOut
 from legator.fleet.approvals.service import ApprovalService
-from legator.fleet.policy import REMEDIATE, Policy, evaluate, reaches_network, strongest
+from legator.fleet.policy import (
+    REMEDIATE,
+    Decision,
+    Policy,
+    evaluate,
+    reaches_network,
+    strongest,
+)
 from legator.fleet.risk import CRITICAL, HIGH, classify_risk
 
 Outcome = Literal["allow", "queue", "deny"]
@@ -138,15 +145,20 @@ class Gate:
         denied: dict[str, str] = {}
         allowed: list[Target] = []
         levels: list[str] = []
+        # Probes under one policy share its verdict: a fan-out to a tag evaluates the command
+        # once per distinct policy (each evaluation parses the line again), not per probe.
+        verdicts: dict[Policy, Decision] = {}
         for target in targets:
-            verdict = evaluate(
-                target.policy,
-                action.command,
-                action.args,
-                shell=action.shell,
-                requested=action.level,
-                env=env,
-            )
+            verdict = verdicts.get(target.policy)
+            if verdict is None:
+                verdict = verdicts[target.policy] = evaluate(
+                    target.policy,
+                    action.command,
+                    action.args,
+                    shell=action.shell,
+                    requested=action.level,
+                    env=env,
+                )
             levels.append(verdict.required)
             if verdict.allowed:
                 allowed.append(target)

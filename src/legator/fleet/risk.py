@@ -1,4 +1,3 @@
-# ruff: noqa: S604  (shell=True here classifies a line; nothing is executed)
 """The risk classifier: low / medium / high / critical, shared by the control plane and the
 probe (pure: stdlib and the level classifier only).
 
@@ -16,8 +15,14 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 
-from legator.fleet.policy import DIAGNOSE, OBSERVE, REMEDIATE, classify
-from legator.fleet.policy.lexer import Unparseable, simple_commands, split_substitutions
+from legator.fleet.policy import DIAGNOSE, OBSERVE, REMEDIATE, classify, strongest
+from legator.fleet.policy.argv import classify_argv
+from legator.fleet.policy.lexer import (
+    MAX_NESTING,
+    Unparseable,
+    simple_commands,
+    split_substitutions,
+)
 from legator.fleet.policy.options import parse
 from legator.fleet.policy.unwrap import WRAPPER_SYNTAX
 
@@ -87,47 +92,68 @@ _SYSTEMCTL_READ = frozenset(
 _FIREWALL_FLUSH = frozenset({"-F", "--flush", "-X", "--delete-chain", "-Z"})
 _FIREWALL_READ = frozenset({"-L", "--list", "-S", "--list-rules", "-C", "--check"})
 _WORD = re.compile(r"[A-Za-z0-9_.+-]+")
+_UNQUOTE = str.maketrans("", "", "'\"\\")
+_FIND_ACTIONS = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
+# Bounds that keep a line's cost linear in its length; no command a person writes comes
+# near them, and past them the answer is the worst the text could mean.
+MAX_COMMANDS = 1024  # simple commands and substitutions in one line
+MAX_WRAPPERS = 16  # ``sudo timeout 5 nice …`` in front of one program
+MAX_FIND_ACTIONS = 16  # ``-exec``/``-ok`` actions of one find
+_COMMAND_STARTS = ";&|\n`({"
+# Substitutions, eval and ``sh -c`` strings inside one another (the lexer allows 32 levels of
+# parentheses; this leaves room for those and stops an ``eval eval …`` chain).
+_MAX_DEPTH = 2 * MAX_NESTING
 
 
 def _program(word: str) -> str:
     return os.path.basename(word.lstrip("\\")).lower()
 
 
-def _unwrap(argv: list[str]) -> list[str]:
-    """Strip wrappers (sudo, env VAR=1, timeout 5, nice -n 5, xargs…) down to the real argv."""
-    while argv and _program(argv[0]) in _WRAPPERS:
+def _unwrap(argv: list[str]) -> list[str] | None:
+    """Strip wrappers (sudo, env VAR=1, timeout 5, nice -n 5, xargs…) down to the real argv;
+    None past :data:`MAX_WRAPPERS` of them (each costs a pass over the rest of the line)."""
+    for _ in range(MAX_WRAPPERS + 1):
+        if not argv or _program(argv[0]) not in _WRAPPERS:
+            return argv
         wrapper = _program(argv[0])
         rest = argv[1:]
         syntax = WRAPPER_SYNTAX.get(wrapper)
         if syntax is not None:  # its own option syntax: ``time -o ls rm`` runs rm, not ls
             rest = parse(rest, syntax).words
-        while rest and (rest[0].startswith("-") or "=" in rest[0]):
-            option = rest.pop(0)
+        start = 0
+        while start < len(rest) and (rest[start].startswith("-") or "=" in rest[start]):
+            option = rest[start]
+            start += 1
             takes_value = option in ("-n", "-u", "-g", "-c", "-s", "-k", "-p", "-I", "-d", "-C")
-            if takes_value and rest:
-                rest.pop(0)
+            if takes_value and start < len(rest):
+                start += 1
+        rest = rest[start:]
         if wrapper == "timeout" and rest and rest[0][:1].isdigit():
-            rest.pop(0)
+            rest = rest[1:]
         if wrapper == "watch" and rest:
             return ["sh", "-c", " ".join(rest)]  # watch runs its words as a sh -c line
         argv = rest
-    return argv
+    return None
 
 
-def _argv_risk(argv: list[str]) -> str:
-    argv = _unwrap(list(argv))
-    if not argv:
+def _argv_risk(argv: list[str], depth: int = 0) -> str:
+    unwrapped = _unwrap(list(argv))
+    if unwrapped is None or depth > _MAX_DEPTH:
+        return CRITICAL  # past what a person writes: judged as the worst it could be
+    if not unwrapped:
         return LOW
-    program, args = _program(argv[0]), argv[1:]
+    program, args = _program(unwrapped[0]), unwrapped[1:]
     if program == "eval":
-        return highest([HIGH, shell_risk(" ".join(args))])
+        return highest([HIGH, _line_risk(" ".join(args), depth + 1)[1]])
     if program in _SHELLS:
         for index, arg in enumerate(args):
             if arg.startswith("-") and "c" in arg[1:] and index + 1 < len(args):
-                return shell_risk(args[index + 1])
+                return _line_risk(args[index + 1], depth + 1)[1]
         return HIGH  # an interactive or script shell: whatever it runs
     if program.startswith("mkfs") or program in CRITICAL_PROGRAMS:
         return CRITICAL
+    if program == "find":
+        return _find(args, depth)
     special = _SPECIAL.get(program)
     if special is not None:
         return special(args)
@@ -167,15 +193,15 @@ def _nft(args: Sequence[str]) -> str:
     return MEDIUM if words[:1] == ["list"] else HIGH
 
 
-def _find(args: Sequence[str]) -> str:
-    risk = MEDIUM
-    if "-delete" in args:
-        risk = CRITICAL
-    for index, arg in enumerate(args):
-        if arg in ("-exec", "-execdir", "-ok", "-okdir"):
-            inner = [a for a in args[index + 1 :] if a not in (";", "\\;", "+")]
-            end = next((i for i, a in enumerate(inner) if a in ("-exec", "-execdir")), len(inner))
-            risk = highest([risk, _argv_risk(inner[:end]), HIGH])
+def _find(args: Sequence[str], depth: int = 0) -> str:
+    risk = CRITICAL if "-delete" in args else MEDIUM
+    actions = [i for i, arg in enumerate(args) if arg in _FIND_ACTIONS]
+    if len(actions) > MAX_FIND_ACTIONS:
+        return CRITICAL  # each one is read to the next -exec: too many to read cheaply
+    for index in actions:
+        inner = [a for a in args[index + 1 :] if a not in (";", "\\;", "+")]
+        end = next((i for i, a in enumerate(inner) if a in ("-exec", "-execdir")), len(inner))
+        risk = highest([risk, _argv_risk(inner[:end], depth + 1), HIGH])
     return risk
 
 
@@ -220,7 +246,6 @@ _SPECIAL = {
     "iptables": _iptables,
     "ip6tables": _iptables,
     "nft": _nft,
-    "find": _find,
     "kill": _kill,
     "crontab": _crontab,
     "sed": _sed,
@@ -232,28 +257,54 @@ _SPECIAL = {
 
 
 def _every_word_risk(line: str) -> str:
-    """For text that does not parse: any word that names a program counts."""
-    words = _WORD.findall(line)
-    risks = [_argv_risk([word]) for word in words]
+    """For text that is not parsed: any word that names a program counts, also once quotes
+    and backslashes are taken out (``r''m`` is ``rm`` to the shell)."""
+    lowered = line.lower()
+    words = set(_WORD.findall(lowered))
+    bare = lowered.translate(_UNQUOTE)
+    if bare != lowered:
+        words.update(_WORD.findall(bare))
     # A program that is critical only with some arguments (init 0, iptables -F…) counts as
     # critical here: we cannot tell which arguments are its own.
-    if any(_program(w) in _SPECIAL for w in words):
-        risks.append(CRITICAL)
-    return highest([HIGH, *risks])
+    critical = words & (CRITICAL_PROGRAMS | _SPECIAL.keys() | {"find"})
+    if critical or any(word.startswith("mkfs") for word in words):
+        return CRITICAL
+    return HIGH  # no other program is rated above high
+
+
+def _too_many_commands(line: str) -> bool:
+    """Whether the line may hold more than :data:`MAX_COMMANDS` simple commands and
+    substitutions (counted from the characters that can start one, quoted or not)."""
+    return sum(line.count(ch) for ch in _COMMAND_STARTS) > MAX_COMMANDS
+
+
+def _line_risk(line: str, depth: int = 0) -> tuple[str, str]:
+    """The level and the risk of a shell line, from one parse of it."""
+    if depth > _MAX_DEPTH:
+        return REMEDIATE, CRITICAL
+    try:
+        outer, inner = split_substitutions(line)
+        commands, writes, opaque = simple_commands(outer)
+    except Unparseable:
+        return REMEDIATE, _every_word_risk(line)
+    subs = [_line_risk(sub, depth + 1) for sub in inner]
+    if opaque or writes:
+        level = REMEDIATE
+    else:
+        level = strongest([classify_argv(argv) for argv in commands] + [s[0] for s in subs])
+    risks = [_LEVEL_FLOOR[level]]
+    risks += [_argv_risk(argv, depth) for argv in commands]
+    risks += [s[1] for s in subs]
+    return level, highest(risks)
 
 
 def shell_risk(line: str) -> str:
     """The risk of a ``/bin/sh -c`` command line: each simple command, as the words the shell
-    gives it (a quoted ``sh -c 'ls; rm -rf /'`` stays one word), and each substitution."""
-    try:
-        outer, inner = split_substitutions(line)
-        commands, _, _ = simple_commands(outer)
-    except Unparseable:
+    gives it (a quoted ``sh -c 'ls; rm -rf /'`` stays one word), and each substitution. A line
+    of more than :data:`MAX_COMMANDS` commands is judged by its words alone (at least high)."""
+    if _too_many_commands(line):
         return _every_word_risk(line)
-    risks = [_LEVEL_FLOOR[classify(line, shell=True)]]
-    risks += [_argv_risk(argv) for argv in commands]
-    risks += [shell_risk(sub) for sub in inner]
-    return highest(risks)
+    return _line_risk(line)[1]
 
 
 def classify_risk(command: str, args: Sequence[str] = (), *, shell: bool = False) -> str:

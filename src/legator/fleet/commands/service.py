@@ -34,8 +34,8 @@ from legator.fleet.hub import Hub, ProbeNotConnected
 from legator.fleet.metrics import FleetMetrics
 from legator.fleet.models import Command, CommandChunk, Probe
 from legator.fleet.policies import PolicyService
+from legator.fleet.policy import Decision, evaluate, weakest
 from legator.fleet.policy import Policy as LevelPolicy
-from legator.fleet.policy import evaluate, weakest
 from legator.fleet.protocol import (
     OUTPUT_CAP,
     T_COMMAND,
@@ -284,25 +284,31 @@ class CommandService:
         mode: CommandMode,
         probe: Probe | None = None,
         decision_audit: dict[str, Any] | None = None,
+        checked: dict[LevelPolicy, Decision] | None = None,
     ) -> Command:
         """Record and send (only after the gate). ``wait`` returns once the result is in (or
         the command's timeout passed); the other modes return at once. The policy is checked
         again here: an approval may be decided after the probe's policy was tightened.
         ``decision_audit``, the gate's unwritten "allow", is recorded with the dispatch (or
-        on its own when the dispatch does not happen)."""
+        on its own when the dispatch does not happen). ``checked`` holds the decisions already
+        taken on this request by policy, for the probes of one fan-out that share one."""
         pending_audit = [decision_audit] if decision_audit else []
         request_id = current_request_id()  # the group commit runs in another task
         if probe is None or probe.id != probe_id:  # callers may pass the row they hold
             probe = await self._probe(probe_id)
         policy, policy_name = await self.effective_policy(probe)
-        decision = evaluate(
-            policy,
-            request.command,
-            request.args,
-            shell=request.shell,
-            requested=request.level,
-            env=request.env,
-        )
+        decision = checked.get(policy) if checked is not None else None
+        if decision is None:
+            decision = evaluate(
+                policy,
+                request.command,
+                request.args,
+                shell=request.shell,
+                requested=request.level,
+                env=request.env,
+            )
+            if checked is not None:
+                checked[policy] = decision
         details = {
             "command": request.command,
             "args": request.args,
@@ -453,6 +459,7 @@ class CommandService:
         if verdict.decision != "allow":
             return verdict, outcome
         allowed = [by_id[probe_id] for probe_id in verdict.allowed_targets]
+        checked: dict[LevelPolicy, Decision] = {}  # one evaluation per distinct policy
 
         async def one(probe: Probe) -> FanOutItem:
             try:
@@ -462,6 +469,7 @@ class CommandService:
                     request=request,
                     mode="wait",
                     probe=probe,
+                    checked=checked,
                 )
             except AppError as exc:
                 return FanOutItem(

@@ -35,23 +35,36 @@ def _program(argv: Sequence[str]) -> tuple[str, list[str], list[str]]:
     return os.path.basename(program), words[1:], assigned
 
 
+# Wrappers in front of one program (``sudo timeout 5 nice …``): past this many the command
+# is ``remediate`` without reading further (each one costs a pass over the rest of it).
+MAX_WRAPPERS = 16
+
+
 def classify_argv(argv: Sequence[str]) -> str:
     """The level of one program invocation (no shell interpretation)."""
-    prog, args, assigned = _program(argv)
-    if classify_env(assigned) == REMEDIATE:
-        return REMEDIATE  # PATH=…, LD_PRELOAD=…, LESSOPEN=… change what runs
-    if not prog:
-        return OBSERVE
-    if prog in SHELLS or prog.startswith("$") or prog == "__subst__":
-        return REMEDIATE
-    if prog in WRAPPERS:
+    levels: list[str] = []
+    for _ in range(MAX_WRAPPERS + 1):
+        prog, args, assigned = _program(argv)
+        if classify_env(assigned) == REMEDIATE:
+            return REMEDIATE  # PATH=…, LD_PRELOAD=…, LESSOPEN=… change what runs
+        if prog not in WRAPPERS:
+            return strongest([*levels, _classify_program(prog, args)])
         # Read the wrapper's options as it does: ``time -o ls rm …`` writes ./ls and runs rm.
         parsed = parse(args, WRAPPER_SYNTAX[prog])
         writes = prog == "time" and parsed.has("-o", "--output")
         if writes or not all(o.sure for o in parsed.options):
             return REMEDIATE  # time -o writes a file; an abbreviation may have taken a value
-        rest = parsed.words[1:] if prog == "timeout" else parsed.words  # past the duration
-        return strongest([DIAGNOSE if prog in {"ionice", "nice"} else OBSERVE, classify_argv(rest)])
+        levels.append(DIAGNOSE if prog in {"ionice", "nice"} else OBSERVE)
+        argv = parsed.words[1:] if prog == "timeout" else parsed.words  # past the duration
+    return REMEDIATE
+
+
+def _classify_program(prog: str, args: list[str]) -> str:
+    """The level of a program that is not a wrapper."""
+    if not prog:
+        return OBSERVE
+    if prog in SHELLS or prog.startswith("$") or prog == "__subst__":
+        return REMEDIATE
     special = SPECIAL.get(prog)
     if special is not None:
         return special(args)
