@@ -25,6 +25,8 @@ INSTALL_SH = Path(__file__).with_name("install.sh")
 PROBE_FILES = (
     "__init__.py",
     "core/canonical.py",
+    "core/audit/__init__.py",
+    "core/audit/sanitiser.py",  # stdlib only: what the probe reports is sanitised
     "fleet/protocol.py",
     "cli/probe.py",
 )

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import random
+import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import legator.fleet.protocol as p
+from legator.core.audit.sanitiser import clip_for_log
 from legator.fleet.policy import Policy, evaluate, policy_problem, weakest
 from legator.probe import config as config_mod
 from legator.probe import fileops, inventory, updater
@@ -29,6 +31,8 @@ from legator.probe.outbox import Outbox
 from legator.probe.version import PROBE_VERSION
 
 BACKOFF_START, BACKOFF_MAX, AUTH_BACKOFF = 1.0, 300.0, 30.0
+# What a rejection quotes of why a message did not validate: sanitised, then cut and marked.
+MAX_REASON_CHARS = 300
 
 
 def log(message: str, **fields: Any) -> None:
@@ -42,7 +46,7 @@ class Agent:
         self.config = config
         self.config_path = config_path
         self.verifier = p.Verifier(config.signing_key)
-        self.executor = Executor(config.max_concurrent, config.work_dir)
+        self.executor = Executor(config.max_concurrent, config.work_dir, watchdog=True)
         self.files = FilePool()
         self.checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-check")
         self.policy = Policy(level=config.policy_level)
@@ -62,6 +66,37 @@ class Agent:
     # ---- connection --------------------------------------------------------------------
 
     async def run_forever(self) -> None:
+        """Serve until stopped: SIGTERM or SIGINT kills the commands under way (each in a
+        session of its own, which the signal does not reach) and returns."""
+        main = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        stopping: list[str] = []
+
+        def stop(signum: int) -> None:
+            if not stopping and main is not None:
+                stopping.append(signal.Signals(signum).name)
+                killed = self.executor.kill_all()
+                log("stopping", signal=stopping[0], commands_killed=killed)
+                main.cancel()
+
+        handled = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):  # only the main thread may
+                loop.add_signal_handler(signum, stop, signum)
+                handled.append(signum)
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            if not stopping:
+                raise
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+            if stopping:
+                await self._end_tasks()
+            self.executor.close()
+
+    async def _serve(self) -> None:
         backoff = BACKOFF_START
         while not self.restart_requested:
             headers = {"Authorization": f"Bearer {self.config.api_key}"}
@@ -164,7 +199,8 @@ class Agent:
         except (ValueError, ValidationError, RecursionError) as exc:
             # RecursionError: JSON nested deeper than the parser goes, which would end the
             # probe's loop, and the probe, before any signature is looked at.
-            await self._reject(None, "malformed", f"unreadable message: {str(exc)[:200]}")
+            why = clip_for_log(str(exc), MAX_REASON_CHARS)  # pydantic quotes the input
+            await self._reject(None, "malformed", f"unreadable message: {why}")
             return
         request_id = envelope.payload.get("request_id")
         request_id = request_id if isinstance(request_id, str) else None
@@ -182,7 +218,8 @@ class Agent:
         try:
             await self._dispatch(envelope)
         except ValidationError as exc:
-            await self._reject(request_id, "invalid_payload", str(exc)[:300])
+            why = clip_for_log(str(exc), MAX_REASON_CHARS)
+            await self._reject(request_id, "invalid_payload", why)
 
     async def _reject(self, request_id: str | None, reason: str, error: str) -> None:
         result = p.CommandResult(

@@ -10,6 +10,8 @@ import contextlib
 import os
 import shlex
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -47,13 +49,94 @@ def command_env(extra: Mapping[str, str]) -> dict[str, str]:
     return {**inherited, **extra}
 
 
+# The watchdog: a separate small process that holds the reading end of a pipe from the
+# probe, told each command's process group as it starts ("+pgid") and ends ("-pgid"). When
+# the probe dies, however it dies (SIGKILL, the OOM killer), the pipe reads end-of-file and
+# the watchdog kills the groups still listed. Its own session keeps a terminal's Ctrl-C
+# away from it; stdlib only, so that it runs from the zipapp's interpreter as it is.
+_WATCHDOG = """
+import os, signal, sys
+groups = set()
+for line in sys.stdin.buffer:
+    pgid = int(line[1:])
+    if line.startswith(b"+"):
+        groups.add(pgid)
+    else:
+        groups.discard(pgid)
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class GroupWatch:
+    """The probe's side of the watchdog (see :data:`_WATCHDOG`). Without one (it could not
+    start) commands still run; they are only not killed should the probe be killed."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env={},
+            )
+        except OSError as exc:
+            sys.stderr.write(f"command watchdog not started: {exc}\n")
+
+    def tell(self, line: str) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        try:
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+        except (OSError, ValueError):  # it died: commands go on without it
+            self._proc = None
+
+    def close(self) -> None:
+        """End the watchdog (what is still listed is killed by it)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(REAP_GRACE_S)
+
+
 class Executor:
-    def __init__(self, max_concurrent: int = 4, work_dir: str | None = None) -> None:
+    def __init__(
+        self, max_concurrent: int = 4, work_dir: str | None = None, *, watchdog: bool = False
+    ) -> None:
         self.max_concurrent = max_concurrent
         self._slots = asyncio.Semaphore(max_concurrent)
         self.work_dir = work_dir
         self.running: set[str] = set()
         self._waiting = 0
+        self._groups: set[int] = set()  # the process group of each command running
+        self._watch = GroupWatch()
+        self._watchdog = watchdog  # started with the first command
+
+    def kill_all(self) -> int:
+        """Kill the process group of every command running; how many there were. For the
+        probe's own shutdown: each command's task then ends as a killed command does."""
+        groups = list(self._groups)
+        for pgid in groups:
+            _kill_group(pgid)
+        return len(groups)
+
+    def close(self) -> None:
+        self.kill_all()
+        self._watch.close()
 
     async def run(self, spec: CommandSpec, emit: Emit | None = None) -> CommandResult:
         """Run ``spec`` once a slot is free. Its timeout counts from now, waiting included:
@@ -103,6 +186,8 @@ class Executor:
             else [spec.command, *spec.args]
         )
         env = command_env(spec.env)
+        if self._watchdog and not self._watch.started:
+            self._watch.start()
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -124,6 +209,22 @@ class Executor:
                 exit_code=127,
                 error=f"cannot start {argv[0]!r}: {why}",
             )
+        self._groups.add(proc.pid)
+        self._watch.tell(f"+{proc.pid}")
+        try:
+            return await self._collect(spec, emit, timeout_s, proc, started)
+        finally:
+            self._groups.discard(proc.pid)
+            self._watch.tell(f"-{proc.pid}")
+
+    async def _collect(
+        self,
+        spec: CommandSpec,
+        emit: Emit | None,
+        timeout_s: float,
+        proc: asyncio.subprocess.Process,
+        started: float,
+    ) -> CommandResult:
         seq = [0]
         out, err = _Capture(), _Capture()
 
