@@ -44,6 +44,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic_core import to_jsonable_python
 
+from legator.core.audit.sanitiser import clip_for_log
 from legator.core.errors import ServiceUnavailable
 from legator.core.logging import get_logger
 
@@ -397,7 +398,9 @@ class ClusterLink:
         now = time.monotonic()
         if now - self._last_error_log >= 30:
             self._last_error_log = now
-            log.warning("NATS connection error", nats=self.safe_url, error=str(exc)[:200])
+            log.warning(
+                "NATS connection error", nats=self.safe_url, error=clip_for_log(str(exc), 200)
+            )
 
     async def _on_disconnected(self) -> None:
         if self._up:
@@ -484,7 +487,9 @@ class ClusterLink:
                 except Exception as exc:
                     self._drop("error")
                     log.warning(
-                        "a cluster message could not be sent", subject=subject, error=str(exc)[:200]
+                        "a cluster message could not be sent",
+                        subject=subject,
+                        error=clip_for_log(str(exc), 200),
                     )
                 sent += 1
                 if sent % 256 == 0:
@@ -562,7 +567,7 @@ class ClusterLink:
         try:
             await nc.publish(message.reply, self._sealer.seal(message.reply, self.replica_id, body))
         except Exception as exc:
-            log.warning("could not answer a cluster request", error=str(exc)[:200])
+            log.warning("could not answer a cluster request", error=clip_for_log(str(exc), 200))
 
     def _drop(self, reason: str) -> None:
         self.dropped.labels(reason).inc()

@@ -10,6 +10,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from legator.core.audit.sanitiser import clip_for_log
 from legator.core.auth.permissions import Permission
 from legator.core.http.deps import bearer_credential, require
 from legator.core.logging import get_logger
@@ -95,7 +96,7 @@ async def _handle(fleet: Fleet, probe_id: str, text: str, pusher: _PolicyPusher)
     try:
         envelope = Envelope.model_validate(json.loads(text))
     except (ValueError, ValidationError) as exc:
-        log.warning("malformed probe message", probe_id=probe_id, error=str(exc)[:200])
+        log.warning("malformed probe message", probe_id=probe_id, error=clip_for_log(str(exc), 200))
         return
     fleet.registry.touch(probe_id)
     payload = envelope.payload
@@ -123,7 +124,10 @@ async def _handle(fleet: Fleet, probe_id: str, text: str, pusher: _PolicyPusher)
                 log.warning("unknown probe message type", probe_id=probe_id, type=envelope.type)
     except ValidationError as exc:
         log.warning(
-            "invalid probe payload", probe_id=probe_id, type=envelope.type, error=str(exc)[:300]
+            "invalid probe payload",
+            probe_id=probe_id,
+            type=envelope.type,
+            error=clip_for_log(str(exc), 300),
         )
     except Exception:
         # One bad message must not take the probe's socket down with it.
@@ -137,4 +141,4 @@ async def _quiet(coro: Awaitable[object]) -> None:
     try:
         await coro
     except Exception as exc:
-        log.warning("policy push on connect failed", error=str(exc)[:200])
+        log.warning("policy push on connect failed", error=clip_for_log(str(exc), 200))

@@ -1,10 +1,14 @@
 """Redacts secrets from anything bound for the audit log or the process log.
 
 Three layers: values under a key that names a secret are replaced whole; every string (dict
-keys too) is scanned for secret-shaped substrings (bearer tokens, Legator keys, JWTs, cloud and
-forge tokens, passwords in key=value pairs and URLs, PEM private keys, cookies); and command
-lines, as text or as argument lists, lose the values of the options that well-known programs
-take a password in (``mysql -pX``, ``curl -u user:X``, ``sshpass -p X``…).
+keys too, and bytes, decoded) is scanned for secret-shaped substrings (bearer tokens, Legator
+keys, JWTs, cloud and forge tokens, bare AWS secret keys, passwords in key=value pairs and URLs,
+tokens as a URL's userinfo, chat webhook URLs, PEM private keys, cookies); and command lines, as
+text or as argument lists, lose the values of the options that well-known programs take a
+password in (``mysql -pX``, ``curl -u user:X``, ``sshpass -p X``, ``htpasswd -b f user X``…).
+
+``clip_for_log(text, limit)`` is the way to shorten a text bound for a log line or the audit
+log: it finds the secrets before it cuts.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import functools
 import itertools
 import os.path
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,6 +58,7 @@ _SPLIT_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SPLIT_WORDS = re.compile(r"[^a-z0-9]+")
 
 Redactor = Callable[[str], str]
+MatchRedactor = Callable[[re.Match[str]], str]
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,48 @@ def _redact_command(match: re.Match[str]) -> str:
     return match[0][: match.start(2) - match.start()] + _COMMAND_REDACTORS[program](match[2])
 
 
+# htpasswd takes its password as an argument, not an option's value: with -b (batch), it is
+# the third word after the options (file, user, password), or the second with -n (no file).
+_HTPASSWD_VALUED = "Cr"  # -C cost, -r rounds
+_HTPASSWD = re.compile(
+    r"(?<![\w.-])htpasswd(?:\.exe)?(?![\w.:/-])((?:'[^'\n]*'|\"[^\"\n]*\"|[^\n;&|'\"]|['\"])*+)"
+)
+_WORD = re.compile(_SHELL_WORD)
+
+
+def _htpasswd_password(arguments: Sequence[object], start: int = 0) -> int | None:
+    """Where among htpasswd's ``arguments`` (from ``start``) its password is, if they give
+    one."""
+    flags = ""
+    index = start
+    while index < len(arguments):
+        word = arguments[index]
+        if not isinstance(word, str) or not word.startswith("-") or word == "-":
+            break
+        index += 1
+        if word == "--":
+            break
+        for at, flag in enumerate(word[1:], start=1):
+            flags += flag
+            if flag in _HTPASSWD_VALUED:
+                if at == len(word) - 1:
+                    index += 1  # -C 12: the value is the next word, not -C12's rest
+                break
+    if "b" not in flags:
+        return None  # htpasswd asks for the password
+    password = index + (1 if "n" in flags else 2)
+    return password if password < len(arguments) else None
+
+
+def _redact_htpasswd(match: re.Match[str]) -> str:
+    words = list(_WORD.finditer(match[1]))
+    at = _htpasswd_password([word[0] for word in words])
+    if at is None:
+        return match[0]
+    start, end = (offset + match.start(1) - match.start() for offset in words[at].span())
+    return match[0][:start] + REDACTED + match[0][end:]
+
+
 # A name holding one of these words names a secret. Each name pattern below is a lookahead
 # from the start of the whole name, then the name taken possessively, so that a long run of
 # name characters is read once rather than once per position (which made 20 kB take seconds).
@@ -250,7 +297,42 @@ class _Rule(NamedTuple):
 
     words: tuple[str, ...]
     pattern: re.Pattern[str]
-    replacement: str | Redactor
+    replacement: str | MatchRedactor
+
+
+_TOKEN_PREFIXES = (
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "xoxb-",
+    "xoxp-",
+    "sk-",
+    "hf_",
+    "npm_",
+    "lgk_",
+    "prb_",
+    "lpk_",
+)
+
+
+def _is_token(userinfo: str) -> bool:
+    """Whether a URL's userinfo without a password is a token rather than a user's name:
+    a known token's prefix, or long and mixing letters with digits, or very long."""
+    if userinfo.startswith(_TOKEN_PREFIXES) or len(userinfo) >= 32:
+        return True
+    return (
+        len(userinfo) >= 20
+        and any(c.isdigit() for c in userinfo)
+        and any(c.isalpha() for c in userinfo)
+    )
+
+
+def _redact_token_userinfo(match: re.Match[str]) -> str:
+    return match[1] + REDACTED + "@" if _is_token(match[2]) else match[0]
 
 
 _NAMING_A_SECRET = (
@@ -266,7 +348,7 @@ _NAMING_A_SECRET = (
 )
 
 
-def _rule(words: str | tuple[str, ...], pattern: str, replacement: str | Redactor) -> _Rule:
+def _rule(words: str | tuple[str, ...], pattern: str, replacement: str | MatchRedactor) -> _Rule:
     return _Rule((words,) if isinstance(words, str) else words, re.compile(pattern), replacement)
 
 
@@ -278,6 +360,7 @@ _RULES: list[_Rule] = [
         REDACTED,
     ),
     _Rule(_PROGRAM_WORDS, _COMMAND, _redact_command),
+    _Rule(("htpasswd",), _HTPASSWD, _redact_htpasswd),
     # The Authorization header's value, whatever its scheme (Token, Bot, ApiKey…), or none;
     # first, so that Bearer and Basic below leave it as it is.
     _rule(
@@ -328,6 +411,24 @@ _RULES: list[_Rule] = [
         r"(?!\d*(?:[/?#\s]|\Z))(?:[^\s/?#]*|[^\s?#@:]+)@",
         r"\1" + REDACTED + "@",
     ),
+    # A token alone as the userinfo (https://TOKEN@host/), as git and CI hand it around.
+    _rule(
+        "://",
+        r"((?<![a-zA-Z0-9+.-])[a-zA-Z][a-zA-Z0-9+.-]*+://)([\w~+=-]++)@",
+        _redact_token_userinfo,
+    ),
+    # A chat webhook's URL is its credential: its last part is the secret.
+    _rule(
+        "hooks.slack.com",
+        r"(\bhooks\.slack\.com/(?:services/[\w-]+/[\w-]+|triggers/[\w-]+/[\w-]+"
+        r"|workflows/[\w-]+/[\w-]+/[\w-]+)/)[\w-]+",
+        r"\1" + REDACTED,
+    ),
+    _rule(
+        "discord",
+        r"(\bdiscord(?:app)?\.com/api/(?:v\d+/)?webhooks/\d+/)[\w-]+",
+        r"\1" + REDACTED,
+    ),
     _rule(
         _NAMING_A_SECRET,
         r"(?i)(" + _NAME + r")"
@@ -354,13 +455,26 @@ _RULES: list[_Rule] = [
 ]
 
 
+# An AWS secret access key needs no name before it to be one: 40 characters of its alphabet
+# mixing upper and lower case with a digit, '/' or '+'. A hex hash (a git SHA-1) mixes no case.
+_BARE_AWS_SECRET = re.compile(
+    r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=]))"
+    r"(?=[a-z0-9/+]{0,39}[A-Z])(?=[A-Z0-9/+]{0,39}[a-z])(?=[A-Za-z]{0,39}[0-9/+])"
+    r"[A-Za-z0-9/+]{40}"
+)
+_AWS_SECRET_LENGTH = 40
+
 _RULE_WORDS = frozenset(word for rule in _RULES for word in rule.words)
 _ANY_RULE_WORD = re.compile("|".join(re.escape(word) for word in sorted(_RULE_WORDS)))
 
 _SECRET_OPTION = re.compile(r"(?i)--?(?=[\w.-]*?" + _NAME_WORDS + r")[\w.-]++\Z")
 
-# What a clipped string ends with (the audit log's details, the fleet protocol's text).
-_CLIP_MARKS = ("…[clipped]", " …[truncated]")
+# What a clipped string ends with (the audit log's details and log lines, the fleet
+# protocol's text).
+CLIP_MARK = "…[clipped]"
+_CLIP_MARKS = (CLIP_MARK, " …[truncated]")
+# How far past a cut clip_for_log scans: a secret straddling the cut is seen whole.
+_CLIP_MARGIN = 4096
 _UP_TO_LAST_SPACE = re.compile(r"(?s).*\s")
 # Long enough for any token's least length, with a JWT's parts and a URL password's end.
 _COMPLETION = "0" * 48 + ".000000.000000@x"
@@ -389,12 +503,18 @@ def _sanitise_whole(text: str) -> str:
     # Most text holds none of the words: a short one is cleared by one search, a long one by
     # a substring search per word (the search tries every word at every position).
     if len(folded) < 1024 and not _ANY_RULE_WORD.search(folded):
-        return text
+        return _redact_bare_keys(text)
     present = {word for word in _RULE_WORDS if word in folded}
     for rule in _RULES:
         if not present.isdisjoint(rule.words):
             text = rule.pattern.sub(rule.replacement, text)
-    return text
+    return _redact_bare_keys(text)
+
+
+def _redact_bare_keys(text: str) -> str:
+    if len(text) < _AWS_SECRET_LENGTH:
+        return text
+    return _BARE_AWS_SECRET.sub(REDACTED, text)
 
 
 def sanitise_text(text: str) -> str:
@@ -413,9 +533,28 @@ def _sanitise_clipped(text: str) -> str:
     cut = space.end() if space else 0
     if cut == len(text) or text.endswith(REDACTED):
         return text
-    if _sanitise_whole(text + _COMPLETION).startswith(text):
+    if _sanitise_whole(text + _COMPLETION).startswith(text) and not _is_cut_key(text[cut:]):
         return text
     return text[:cut] + REDACTED
+
+
+# The start of an AWS key id, or of a bare secret key (ten characters or more, mixing case):
+# no completion makes these whole, for their patterns need the key to end where it does.
+_CUT_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{0,15}\Z")
+_CUT_SECRET_KEY = re.compile(r"(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{10,39}\Z")
+_LOWER_THEN_UPPER = re.compile(r"[a-z].*[A-Z]")
+
+
+def _is_cut_key(word: str) -> bool:
+    """Whether a clipped text's last word may end in an AWS key cut short."""
+    if _CUT_KEY_ID.search(word):
+        return True
+    cut = _CUT_SECRET_KEY.search(word)
+    return cut is not None and _LOWER_THEN_UPPER.search(cut[0]) is not None
+
+
+def _program_name(word: str) -> str:
+    return os.path.basename(word).lower().removesuffix(".exe")
 
 
 def _program_at(items: list[Any] | tuple[Any, ...], index: int) -> tuple[_SecretOption, ...]:
@@ -423,7 +562,7 @@ def _program_at(items: list[Any] | tuple[Any, ...], index: int) -> tuple[_Secret
     name = items[index]
     if not isinstance(name, str) or name.startswith("-"):
         return ()
-    base = os.path.basename(name).lower().removesuffix(".exe")
+    base = _program_name(name)
     following = items[index + 1] if index + 1 < len(items) else None
     if isinstance(following, str) and f"{base} {following}" in _PROGRAM_OPTIONS:
         return _PROGRAM_OPTIONS[f"{base} {following}"]
@@ -434,12 +573,28 @@ def _redact_whole(_value: str) -> str:
     return REDACTED
 
 
+def _htpasswd_passwords(items: Sequence[Any]) -> set[int]:
+    """Where htpasswd's password is in an argument list, if it names htpasswd and gives one."""
+    found: set[int] = set()
+    for index, item in enumerate(items):
+        if isinstance(item, str) and "htpasswd" in item and _program_name(item) == "htpasswd":
+            at = _htpasswd_password(items, index + 1)
+            if at is not None:
+                found.add(at)
+    return found
+
+
 def _sanitise_arguments(items: list[Any] | tuple[Any, ...], depth: int) -> Iterator[Any]:
     """An argument list's items: the value of an option naming a secret (--password x), or
     of a known program's password option (mysql -pX, curl -u user:x), is that secret."""
     options: tuple[_SecretOption, ...] = ()
     pending: Redactor | None = None
+    passwords = _htpasswd_passwords(items)
     for index, item in enumerate(items):
+        if index in passwords:
+            pending = None
+            yield REDACTED
+            continue
         if not isinstance(item, str):
             pending = None
             yield sanitise(item, _depth=depth + 1)
@@ -460,6 +615,8 @@ def _sanitise_key(key: str) -> str:
 def _sanitise_mapping(value: dict[Any, Any], depth: int) -> dict[Any, Any]:
     clean: dict[Any, Any] = {}
     for key, item in value.items():
+        if isinstance(key, bytes):
+            key = _decoded(key)
         if not isinstance(key, str):
             clean[key] = sanitise(item, _depth=depth + 1)
             continue
@@ -475,8 +632,13 @@ def _sanitise_mapping(value: dict[Any, Any], depth: int) -> dict[Any, Any]:
     return clean
 
 
+def _decoded(raw: bytes | bytearray | memoryview) -> str:
+    return bytes(raw).decode("utf-8", errors="replace")
+
+
 def sanitise(value: Any, *, _depth: int = 0) -> Any:
-    """A redacted copy of ``value`` (dicts, lists, strings; other scalars unchanged)."""
+    """A redacted copy of ``value``, JSON-able where ``value`` is: dicts, and lists, tuples,
+    sets (as lists), strings and bytes (as text); other scalars unchanged."""
     if _depth > 32:
         return REDACTED
     if isinstance(value, str):
@@ -485,4 +647,29 @@ def sanitise(value: Any, *, _depth: int = 0) -> Any:
         return _sanitise_mapping(value, _depth)
     if isinstance(value, list | tuple):
         return list(_sanitise_arguments(value, _depth))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return sanitise_text(_decoded(value))
+    if isinstance(value, set | frozenset):
+        # Sorted: the same set gives the same list (and audit hash) in every process.
+        return sorted((sanitise(item, _depth=_depth + 1) for item in value), key=repr)
     return value
+
+
+def clip_for_log(text: str, limit: int) -> str:
+    """``text`` sanitised, then, if longer than ``limit`` characters, cut to at most ``limit``
+    with CLIP_MARK after: a cut made first could leave the start of a secret too short for its
+    pattern. Only the first ``limit`` characters and a margin are scanned, so a huge text
+    costs no more than a short one."""
+    if len(text) <= limit:
+        return sanitise_text(text)
+    if len(text) > limit + _CLIP_MARGIN:
+        scanned = text[: limit + _CLIP_MARGIN] + CLIP_MARK
+        clean = sanitise_text(scanned).removesuffix(CLIP_MARK)
+    else:
+        clean = sanitise_text(text)
+    clean = clean[:limit]
+    # Not half a redaction mark: "[REDA" would read as if something else were there.
+    mark_at = clean.rfind("[", max(0, limit - len(REDACTED) + 1))
+    if mark_at >= 0 and REDACTED.startswith(clean[mark_at:]):
+        clean = clean[:mark_at]
+    return clean + CLIP_MARK

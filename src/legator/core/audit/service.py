@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, Select, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.core.audit.models import AuditEvent
-from legator.core.audit.sanitiser import sanitise, sanitise_text
+from legator.core.audit.sanitiser import CLIP_MARK, clip_for_log, sanitise, sanitise_text
 from legator.core.audit.schemas import AuditEventOut, ChainReport
 from legator.core.canonical import canonical_json
 from legator.core.config import ConfigError
@@ -39,7 +39,7 @@ CSV_FIELDS = ("id", "ts", "actor", "action", "target", "outcome", "request_id", 
 
 # Longest string kept in an event's details; the rest is cut and marked.
 MAX_DETAIL_TEXT = 8192
-CLIPPED = "…[clipped]"
+CLIPPED = CLIP_MARK
 
 
 @dataclass(frozen=True)
@@ -568,9 +568,10 @@ def _write_bundle(target: BinaryIO, events: BinaryIO, report: bytes, count: int)
 
 def _clipped(value: Any, *, _depth: int = 0) -> Any:
     """``value`` with every string (keys too) cut at MAX_DETAIL_TEXT: details can carry what a
-    client sent (a User-Agent, a name), and a row must not grow by megabytes each time."""
+    client sent (a User-Agent, a name), and a row must not grow by megabytes each time. A long
+    string is sanitised before its cut, which could leave a secret's start unrecognisable."""
     if isinstance(value, str):
-        return value if len(value) <= MAX_DETAIL_TEXT else value[:MAX_DETAIL_TEXT] + CLIPPED
+        return value if len(value) <= MAX_DETAIL_TEXT else clip_for_log(value, MAX_DETAIL_TEXT)
     if _depth > 32:
         return value  # sanitise() redacts what is deeper
     if isinstance(value, dict):
