@@ -1,11 +1,16 @@
-"""The per-client attempt limiter behind single sign-on."""
+"""The per-client attempt limiter behind single sign-on, and the sign-in throttle."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from legator.core.auth import attempts
 from legator.core.auth.attempts import AttemptLimiter, SignInThrottle, client_key
+from legator.core.db import Database
+from legator.core.db.migrate import upgrade
 
 
 class _Clock:
@@ -54,29 +59,44 @@ def test_ipv6_clients_are_counted_by_their_64() -> None:
     assert client_key("not an address") == "not an address"
 
 
-def test_sign_ins_are_limited_per_account_and_per_address(clock: _Clock) -> None:
-    throttle = SignInThrottle(per_account=3, per_address=5, window_s=60)
-    assert [throttle.admit("192.0.2.1", "alice") for _ in range(4)] == [True, True, True, False]
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path}/legator.db")
+    await upgrade(database)
+    yield database
+    await database.dispose()
+
+
+def _throttle(db: Database, clock: _Clock, **limits: int) -> SignInThrottle:
+    return SignInThrottle(db, b"k" * 32, window_s=60, clock=clock, **limits)
+
+
+async def test_sign_ins_are_limited_per_account_and_per_address(db: Database) -> None:
+    clock = _Clock()
+    throttle = _throttle(db, clock, per_account=3, per_address=5)
+    assert [await throttle.admit("192.0.2.1", "alice") for _ in range(4)] == [True] * 3 + [False]
     # The refused fourth did not use the address's allowance: two more accounts fit.
-    assert throttle.admit("192.0.2.1", "bob")
-    assert throttle.admit("192.0.2.1", "carol")
-    assert not throttle.admit("192.0.2.1", "dave")  # five from this address
-    assert throttle.admit("192.0.2.2", "alice")  # another address is not affected
+    assert await throttle.admit("192.0.2.1", "bob")
+    assert await throttle.admit("192.0.2.1", "carol")
+    assert not await throttle.admit("192.0.2.1", "dave")  # five from this address
+    assert await throttle.admit("192.0.2.2", "alice")  # another address is not affected
     clock.now += 61
-    assert throttle.admit("192.0.2.1", "dave")
+    assert await throttle.admit("192.0.2.1", "dave")
 
 
-def test_a_correct_password_forgives_the_account_and_refunds_the_address(clock: _Clock) -> None:
-    throttle = SignInThrottle(per_account=3, per_address=4, window_s=60)
+async def test_a_correct_password_forgives_the_account_and_refunds_the_address(
+    db: Database,
+) -> None:
+    throttle = _throttle(db, _Clock(), per_account=3, per_address=4)
     for _ in range(3):
-        assert throttle.admit("192.0.2.1", "alice")
-    throttle.succeeded("192.0.2.1", "alice")  # the third was right
-    assert throttle.admit("192.0.2.1", "alice")  # alice's failures are forgiven
-    assert throttle.admit("192.0.2.1", "bob")  # the address: two failures, one refund, two
-    assert not throttle.admit("192.0.2.1", "carol")  # and now four
+        assert await throttle.admit("192.0.2.1", "alice")
+    await throttle.succeeded("192.0.2.1", "alice")  # the third was right
+    assert await throttle.admit("192.0.2.1", "alice")  # alice's failures are forgiven
+    assert await throttle.admit("192.0.2.1", "bob")  # the address: two failures, one refund, two
+    assert not await throttle.admit("192.0.2.1", "carol")  # and now four
 
 
-def test_sign_ins_count_an_ipv6_client_by_its_64(clock: _Clock) -> None:
-    throttle = SignInThrottle(per_account=1, per_address=10, window_s=60)
-    assert throttle.admit("2001:db8::1", "alice")
-    assert not throttle.admit("2001:db8::2", "alice")
+async def test_sign_ins_count_an_ipv6_client_by_its_64(db: Database) -> None:
+    throttle = _throttle(db, _Clock(), per_account=1, per_address=10)
+    assert await throttle.admit("2001:db8::1", "alice")
+    assert not await throttle.admit("2001:db8::2", "alice")

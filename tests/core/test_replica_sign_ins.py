@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from legator.core.auth.attempts import client_key
 from tests.support import LiveServer, cluster_settings, replica_pair
 
 pytestmark = pytest.mark.postgres
@@ -23,8 +22,8 @@ def _guess(server: LiveServer) -> httpx.Response:
 
 def _attempts_seen(server: LiveServer) -> int:
     assert server.core is not None
-    throttle = server.core.auth._sign_ins  # what the replica has heard
-    return throttle._accounts.used(f"{client_key('127.0.0.1')}|admin")
+    throttle = server.core.auth._sign_ins  # what the replica finds counted
+    return server.call(throttle.account_attempts("127.0.0.1", "admin"))
 
 
 def test_guesses_through_one_replica_count_on_the_other(pg_url: str, tmp_path: Path) -> None:

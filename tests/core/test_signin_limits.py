@@ -3,11 +3,15 @@ letting the guessing keep the account's owner out."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import httpx
 import pytest
 
-from legator.core.auth import attempts
 from legator.core.auth.attempts import SignInThrottle
+from legator.core.db import Database
+from legator.core.db.migrate import upgrade
 from tests.support import LiveServer
 
 PASSWORD = "correct horse battery"
@@ -22,62 +26,68 @@ class _Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
-    fake = _Clock()
-    monkeypatch.setattr(attempts.time, "monotonic", fake)
-    return fake
+def clock() -> _Clock:
+    return _Clock()
 
 
-def _throttle() -> SignInThrottle:
-    return SignInThrottle(
+@pytest.fixture
+async def throttle(tmp_path: Path, clock: _Clock) -> AsyncIterator[SignInThrottle]:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/legator.db")
+    await upgrade(db)
+    yield SignInThrottle(
+        db,
+        b"k" * 32,
         per_account=3,
         per_address=100,
         window_s=60,
         per_username=5,
         username_window_s=600,
         known_for_s=3600,
+        clock=clock,
     )
+    await db.dispose()
 
 
-def test_guesses_from_rotating_addresses_are_limited_per_username(clock: _Clock) -> None:
-    throttle = _throttle()
-    admitted = [throttle.admit(f"198.51.100.{i}", "alice") for i in range(8)]
+async def test_guesses_from_rotating_addresses_are_limited_per_username(
+    throttle: SignInThrottle, clock: _Clock
+) -> None:
+    admitted = [await throttle.admit(f"198.51.100.{i}", "alice") for i in range(8)]
     assert admitted == [True] * 5 + [False] * 3
-    refused = throttle.refusal("198.51.100.200", "alice")
+    refused = await throttle.refusal("198.51.100.200", "alice")
     assert refused is not None and (refused.whose, refused.retry_after_s) == ("this account", 600)
-    assert throttle.admit("198.51.100.1", "bob")  # other accounts are not affected
+    assert await throttle.admit("198.51.100.1", "bob")  # other accounts are not affected
     clock.now += 61  # the per-address window is over, the username's is not
-    assert not throttle.admit("198.51.100.201", "alice")
+    assert not await throttle.admit("198.51.100.201", "alice")
     clock.now += 540  # and now that one is: refusals end, no lock to lift
-    assert throttle.admit("198.51.100.202", "alice")
+    assert await throttle.admit("198.51.100.202", "alice")
 
 
-def test_an_address_that_signed_in_before_is_not_kept_out(clock: _Clock) -> None:
-    throttle = _throttle()
-    assert throttle.admit("192.0.2.10", "alice")
-    throttle.succeeded("192.0.2.10", "alice")  # the owner, from home
+async def test_an_address_that_signed_in_before_is_not_kept_out(
+    throttle: SignInThrottle, clock: _Clock
+) -> None:
+    assert await throttle.admit("192.0.2.10", "alice")
+    await throttle.succeeded("192.0.2.10", "alice")  # the owner, from home
     for i in range(10):
-        throttle.admit(f"198.51.100.{i}", "alice")
-    assert not throttle.admit("198.51.100.99", "alice")  # a new address waits
+        await throttle.admit(f"198.51.100.{i}", "alice")
+    assert not await throttle.admit("198.51.100.99", "alice")  # a new address waits
     # The owner's address has its own per-account limit only.
-    assert [throttle.admit("192.0.2.10", "alice") for _ in range(4)] == [True] * 3 + [False]
+    assert [await throttle.admit("192.0.2.10", "alice") for _ in range(4)] == [True] * 3 + [False]
     # The owner's success refunded only its own attempt: the guesser's count stands.
-    throttle.succeeded("192.0.2.10", "alice")
-    assert not throttle.admit("198.51.100.98", "alice")
+    await throttle.succeeded("192.0.2.10", "alice")
+    assert not await throttle.admit("198.51.100.98", "alice")
     clock.now += 3601  # a known address is forgotten after a while, and counts like any
     for i in range(5):
-        assert throttle.admit(f"198.51.100.{100 + i}", "alice")
-    assert not throttle.admit("192.0.2.10", "alice")
+        assert await throttle.admit(f"198.51.100.{100 + i}", "alice")
+    assert not await throttle.admit("192.0.2.10", "alice")
 
 
-def test_a_sign_in_from_a_new_address_refunds_its_attempt(clock: _Clock) -> None:
-    throttle = _throttle()
+async def test_a_sign_in_from_a_new_address_refunds_its_attempt(throttle: SignInThrottle) -> None:
     for i in range(4):
-        assert throttle.admit(f"198.51.100.{i}", "alice")
-    assert throttle.admit("192.0.2.10", "alice")  # the fifth: the owner, right password
-    throttle.succeeded("192.0.2.10", "alice")
-    assert throttle.admit("198.51.100.50", "alice")  # the owner's attempt was given back
-    assert not throttle.admit("198.51.100.51", "alice")
+        assert await throttle.admit(f"198.51.100.{i}", "alice")
+    assert await throttle.admit("192.0.2.10", "alice")  # the fifth: the owner, right password
+    await throttle.succeeded("192.0.2.10", "alice")
+    assert await throttle.admit("198.51.100.50", "alice")  # the owner's attempt was given back
+    assert not await throttle.admit("198.51.100.51", "alice")
 
 
 def _sign_in(server: LiveServer, address: str, password: str) -> httpx.Response:

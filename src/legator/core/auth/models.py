@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from legator.core.db.base import Base, UTCDateTime, new_id, utcnow
@@ -94,4 +103,22 @@ class OidcPending(Base):
     next_path: Mapped[str] = mapped_column(String(2048))
     user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class SignInCount(Base):
+    """One password sign-in attempt counted against one of its limits (an address, an address
+    and a name, a name), or one address known to have signed in as a name: kept until
+    ``expires_at``, the end of its limit's window. ``key`` is a keyed hash
+    (SignInThrottle): neither the submitted name, which may be a mistyped password, nor the
+    address is stored."""
+
+    __tablename__ = "sign_in_counts"
+    __table_args__ = (Index("ix_sign_in_counts_key_expires", "key", "expires_at"),)
+
+    # SQLite's INTEGER PRIMARY KEY is its rowid; 64-bit on PostgreSQL, one row per count.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    key: Mapped[str] = mapped_column(String(32))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

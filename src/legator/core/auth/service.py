@@ -119,20 +119,22 @@ class AuthService:
         *,
         session_ttl_hours: int = 24,
         cluster: ClusterLink | None = None,
+        signing_key: bytes | None = None,
     ) -> None:
         self.db = db
         self.audit = audit
         self.session_ttl = timedelta(hours=session_ttl_hours)
         self._last_used = _LastUsed()
         self._passwords = PasswordWorker()
+        # Counted in the database, under the signing key: kept over restarts and shared by
+        # replicas with that key. Without one (offline CLI: no sign-ins) a key of this process.
         self._sign_ins = SignInThrottle(
+            db,
+            signing_key or secrets.token_bytes(32),
             per_account=SIGN_INS_PER_ACCOUNT,
             per_address=SIGN_INS_PER_ADDRESS,
             window_s=SIGN_IN_WINDOW_S,
         )
-        if cluster is not None:
-            # Else a guesser behind a balancer gets the limits once per replica.
-            self._sign_ins.share(cluster)
         self._cache = _CredentialCache()
         self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
         self._cluster = cluster
@@ -497,7 +499,7 @@ class AuthService:
         TooManyRequests once the address or the account has used up its sign-ins
         (SignInThrottle)."""
         username = username.strip().lower()
-        refused = self._sign_ins.refusal(client_ip, username)
+        refused = await self._sign_ins.refusal(client_ip, username)
         if refused is not None:
             raise TooManyRequests(
                 f"too many sign-in attempts for {refused.whose}; try again in a few minutes",
@@ -520,7 +522,7 @@ class AuthService:
                 },
             )
             return None
-        self._sign_ins.succeeded(client_ip, username)
+        await self._sign_ins.succeeded(client_ip, username)
         token = await self.open_session(
             user, user_agent=user_agent, client_ip=client_ip, details={"method": "password"}
         )
@@ -636,6 +638,10 @@ class AuthService:
                 await self.flush_last_used()
             except Exception:
                 log.exception("could not record key and session use")
+            try:
+                await self._sign_ins.prune()
+            except Exception:
+                log.exception("could not delete old sign-in counts")
 
 
 def _new_key_row(
