@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +28,7 @@ from legator.gateway.relay import (
     sse_batches,
     stream_response,
 )
-from legator.gateway.service import Admission
+from legator.gateway.service import CANCELLED, Admission
 from legator.gateway.translate import (
     StreamTranslator,
     UnexpectedAnswer,
@@ -72,6 +73,9 @@ async def create_message(
             raise
         except ClientGone:
             return Response(status_code=499)
+        except asyncio.CancelledError:
+            status = CANCELLED
+            raise
         finally:
             adm.finish(status, tokens_in, tokens_out)
     try:
@@ -82,6 +86,9 @@ async def create_message(
     except ClientGone:
         adm.finish(499)
         return Response(status_code=499)
+    except asyncio.CancelledError:
+        adm.finish(CANCELLED)
+        raise
     except BaseException:
         adm.finish(499)
         raise

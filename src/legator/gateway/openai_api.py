@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -22,7 +23,7 @@ from legator.gateway.relay import (
     openai_events,
     stream_response,
 )
-from legator.gateway.service import Admission, Gateway
+from legator.gateway.service import CANCELLED, Admission, Gateway
 
 router = APIRouter(prefix="/v1", tags=["inference (OpenAI)"])
 INFER = require(Permission.GATEWAY_INFER)
@@ -103,6 +104,9 @@ async def relay_openai(
     except ClientGone:
         adm.finish(499)
         return Response(status_code=499)
+    except asyncio.CancelledError:
+        adm.finish(CANCELLED)
+        raise
     except BaseException:
         adm.finish(499)
         raise
@@ -124,6 +128,9 @@ async def _one_shot(adm: Admission, request: Request, path: str, body: dict[str,
         raise
     except ClientGone:
         return Response(status_code=499)
+    except asyncio.CancelledError:
+        status = CANCELLED
+        raise
     finally:
         adm.finish(status, tokens_in, tokens_out)
 

@@ -17,12 +17,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from legator.core.audit.sanitiser import clip_for_log
 from legator.core.http.disconnect import unless_gone
 from legator.core.http.protocol import ABORT_EXTENSION
 from legator.core.logging import get_logger
 from legator.gateway.counts import usage_counts
 from legator.gateway.errors import UpstreamError
-from legator.gateway.service import Admission
+from legator.gateway.service import CANCELLED, Admission
 
 log = get_logger("legator.gateway.relay")
 T = TypeVar("T")
@@ -35,6 +36,10 @@ USAGE = b'"usage"'
 ERROR = b'"error"'
 # Of an error answer, enough for its message: the rest is not read.
 ERROR_BODY_BYTES = 64 * 1024
+# Of a backend's error message, what a client is shown; of a body that is not JSON (an HTML
+# page from a proxy, say), less.
+ERROR_TEXT_CHARS = 500
+ERROR_PAGE_CHARS = 200
 
 
 class OversizedAnswer(Exception):
@@ -78,26 +83,42 @@ def reported(adm: Admission, data: Any) -> str | None:
         return None
     error = data["error"]
     message = error.get("message") if isinstance(error, dict) else error
-    return f"the backend of model {adm.model.id!r} failed mid-stream: {str(message)[:500]}"
+    return f"the backend of model {adm.model.id!r} failed mid-stream: {clipped(str(message))}"
+
+
+def masked_error(data: dict[str, Any]) -> bytes:
+    """A backend's error event as passed on to a client: its message masked and cut."""
+    error = data["error"]
+    if isinstance(error, dict):
+        error = {**error, "message": clipped(str(error.get("message", "")))}
+    else:
+        error = clipped(str(error))
+    return b"data: " + json.dumps({**data, "error": error}).encode()
 
 
 def upstream_body(adm: Admission, body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "model": adm.model.upstream_model or adm.model.id}
 
 
+def clipped(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
+    """A backend's error text fit for a client and the logs: secrets masked (it may echo a
+    request's Authorization header), then cut to ``limit`` characters, marked where cut."""
+    return clip_for_log(text, limit)
+
+
 def _upstream_message(raw: bytes, reason: str) -> str:
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
-        return raw[:200].decode(errors="replace") or reason
+        return clipped(raw.decode(errors="replace"), ERROR_PAGE_CHARS) or reason
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
-        return str(error.get("message") or error)[:500]
+        return clipped(str(error.get("message") or error))
     if isinstance(error, str):
-        return error[:500]
+        return clipped(error)
     if isinstance(data, dict):
-        return str(data.get("detail") or data)[:500]
-    return str(data)[:500]
+        return clipped(str(data.get("detail") or data))
+    return clipped(str(data))
 
 
 def _retry_after(value: str | None) -> str:
@@ -236,8 +257,10 @@ async def sse_blocks(response: aiohttp.ClientResponse, limit: int) -> AsyncItera
             buffer += tail
         end = buffer.rfind(b"\n\n", start)
         if end >= 0:
-            yield bytes(buffer[: end + 2])
+            with memoryview(buffer) as view:  # one copy of the events, where a slice is two
+                block = bytes(view[: end + 2])
             del buffer[: end + 2]
+            yield block
         elif len(buffer) > limit:
             raise OversizedAnswer(limit)
     if buffer.strip():
@@ -310,6 +333,7 @@ class StreamState:
         self.error: str | None = None
         self.client_gone = False
         self.stalled = False  # the client stopped reading and the relay was ended
+        self.cancelled = False  # the server cancelled the relay: it is shutting down
         # Set by the relayed generator just before it yields its final block, which then
         # ends the response body in the same write.
         self.last = False
@@ -323,6 +347,8 @@ class StreamState:
     def status(self) -> int:
         if self.stalled:
             return STALLED
+        if self.cancelled and not self.client_gone:
+            return CANCELLED
         if self.client_gone or not (self.done or self.error):
             return 499  # the client went away mid-stream
         return 502 if self.error else 200
@@ -349,16 +375,18 @@ async def openai_events(
                 continue
             # A stream's last read usually holds all of it: only its tail is looked into.
             state.chunks += block.count(b"\n\n", 0, start)
-            out = bytearray(block[:start])
+            # Joined once at the end: a big event is copied once, not at each step.
+            out: list[bytes | memoryview] = [memoryview(block)[:start]]
             for event in block[start:].split(b"\n\n"):
                 if not event:
                     continue
                 if is_done(event):
                     state.done = True
-                    out += DONE + b"\n\n"
+                    out.append(DONE + b"\n\n")
                     break
-                if ERROR in event and (failure := reported(adm, event_json(event))):
-                    state.error = failure  # passed on as sent; the stream counts as failed
+                if ERROR in event and (failure := reported(adm, data := event_json(event))):
+                    state.error = failure  # passed on, masked; the stream counts as failed
+                    event = masked_error(data)
                 if has_usage(event):
                     data = event_json(event)
                     state.take_usage(data)
@@ -369,13 +397,14 @@ async def openai_events(
                     ):
                         continue
                 state.chunks += 1
-                out += event + b"\n\n"
+                out += (event, b"\n\n")
+            joined = b"".join(out)
             if state.done:
                 state.last = True
-                yield bytes(out)
+                yield joined
                 return
-            if out:
-                yield bytes(out)
+            if joined:
+                yield joined
     except UPSTREAM_ERRORS as exc:
         state.error = died(adm, exc)
     if not state.done:
@@ -495,6 +524,7 @@ class RelayResponse(Response):
         except asyncio.CancelledError:
             # Ours (see check_stall) unless the task was cancelled by someone else as well.
             if not self.state.stalled or self._task.uncancel() > self._cancelling:
+                self.state.cancelled = True
                 raise
             # Returning with the response unfinished makes the server close the connection.
         finally:

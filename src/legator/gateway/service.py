@@ -58,6 +58,9 @@ FORWARDED = "x-legator-forwarded"
 SETTINGS_KEY = "scheduler"
 RATE_WINDOW_S = 10.0
 REACH_TIMEOUT_S = 3.0  # for another replica's /healthz, before forwarding anything there
+# The usage status of a request the server cancelled (its graceful shutdown period ran out):
+# not the client's doing, which 499 would say.
+CANCELLED = 503
 
 
 class ForwardToReplica(Exception):
@@ -358,6 +361,9 @@ class Gateway:
                 raise TooManyRequests(str(exc), headers=headers) from None
             except ClientGone:
                 self._refused(usage, 499, started)
+                raise
+            except asyncio.CancelledError:
+                self._refused(usage, CANCELLED, started)
                 raise
             except PoolClosed as exc:
                 unserved = ServiceUnavailable(str(exc))
