@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,6 @@ from legator.deploy.state import now
 
 META = "backup.json"
 DEFAULT_KEEP_BACKUPS = 10
-# A temporary tree of ``create`` this old belongs to no live process: ``backup create`` runs
-# without the state lock, so age is what tells a killed one from one still being written.
-STALE_SECONDS = 3600
 
 
 class BackupError(RuntimeError):
@@ -43,6 +41,9 @@ class BackupInfo(BaseModel):
 
 @dataclass(frozen=True)
 class Backups:
+    """The backups folder. ``create`` and ``prune`` are called holding leger's state lock
+    (every caller does): a temporary tree found there then belongs to no live process."""
+
     root: Path
     podman: Podman
 
@@ -57,6 +58,7 @@ class Backups:
         automatic: bool,
     ) -> BackupInfo:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._clear_leftovers()
         backup_id = "bk_" + random_hex(8)
         tmp = Path(tempfile.mkdtemp(prefix=f".{backup_id}.", dir=self.root))
         try:
@@ -118,11 +120,17 @@ class Backups:
             self.podman.volume_import(volume, self.root / backup_id / "volumes" / f"{volume}.tar")
         return info.volumes
 
-    def prune(self, deployment: str, keep: int, *, protect: set[int]) -> list[str]:
-        """Delete the automatic backups of ``deployment`` past the newest ``keep`` (0 keeps
-        all), except the newest one of each version in ``protect``: the only copy of that
-        version's files and volumes. Manual backups are never pruned. Returns the ids."""
-        self._clear_leftovers()
+    def way_back(self, deployment: str, recorded: int | None) -> set[int]:
+        """The versions whose newest automatic backup a prune outside an apply keeps: the
+        recorded one, and the one the last apply replaced (held by the newest automatic
+        backup, the one taken before that apply)."""
+        newest = next((b for b in self.list(deployment) if b.automatic), None)
+        return {v for v in (recorded, newest.version if newest else None) if v is not None}
+
+    def doomed(self, deployment: str, keep: int, *, protect: set[int]) -> list[BackupInfo]:
+        """The automatic backups of ``deployment`` past the newest ``keep`` (0 keeps all),
+        except the newest one of each version in ``protect``: the only copy of that
+        version's files and volumes. Manual backups are never among them. Newest first."""
         if keep <= 0:
             return []
         automatic = [b for b in self.list(deployment) if b.automatic]
@@ -131,10 +139,26 @@ class Backups:
             newest = next((b for b in automatic if b.version == version), None)
             if newest is not None:
                 kept.add(newest.id)
-        doomed = [b.id for b in automatic if b.id not in kept]
-        for backup_id in doomed:
-            self._delete(backup_id)
-        return doomed
+        return [b for b in automatic if b.id not in kept]
+
+    def prune(
+        self,
+        deployment: str,
+        keep: int,
+        *,
+        protect: set[int],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> list[BackupInfo]:
+        """Delete the ``doomed`` backups, newest first; returns those deleted. ``stop`` is
+        asked before each: true, the rest are kept for a later prune."""
+        self._clear_leftovers()
+        deleted = []
+        for info in self.doomed(deployment, keep, protect=protect):
+            if stop():
+                break
+            self._delete(info.id)
+            deleted.append(info)
+        return deleted
 
     def _delete(self, backup_id: str) -> None:
         """Rename first, so that ``list`` never shows a backup half deleted; a deletion cut
@@ -144,11 +168,10 @@ class Backups:
         shutil.rmtree(doomed)
 
     def _clear_leftovers(self) -> None:
+        """Remove what a ``create`` or a deletion killed half-way left (``.bk_…``): every
+        writer holds the state lock, so none of them is still being written."""
         if not self.root.exists():
             return
-        stale = time.time() - STALE_SECONDS
         for path in self.root.iterdir():
-            if not path.name.startswith(".bk_") or path.is_symlink() or not path.is_dir():
-                continue
-            if path.name.endswith(".deleting") or path.stat().st_mtime < stale:
+            if path.name.startswith(".bk_") and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

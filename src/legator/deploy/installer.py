@@ -181,6 +181,40 @@ def _signals_interrupt_once() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+class _Deferred:
+    """The first stop signal that arrived once an apply had succeeded, if any."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def message(self) -> str:
+        verb = _VERBS.get(signal.Signals(self.signum or signal.SIGINT), "interrupted")
+        return f"{verb} by signal {self.signum}"
+
+
+def _defer_signals() -> _Deferred:
+    """From the moment an apply has succeeded until the lock is released (``hold_lock`` puts
+    the handlers back), SIGTERM, SIGINT and SIGHUP no longer interrupt: there is nothing left
+    to roll back, and recording the new version must not be cut short. The first one is
+    noted instead, so that the prune stops early and the apply still ends as applied."""
+    deferred = _Deferred()
+    if threading.current_thread() is not threading.main_thread():
+        return deferred
+
+    def note(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            _let_go_of_a_lost_terminal()
+        if deferred.signum is None:
+            deferred.signum = signum
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, note)
+    return deferred
+
+
 def _units(files: dict[str, bytes]) -> list[Unit]:
     return [parse_unit(name, data.decode()) for name, data in sorted(files.items())]
 
@@ -455,6 +489,7 @@ class Deployer:
                 if unhealthy:
                     detail = ", ".join(f"{u} is {s}" for u, s in unhealthy.items())
                     raise SystemdError(f"health check failed: {detail}")
+            deferred = _defer_signals()  # applied: a signal from here on no longer rolls back
         except (SystemdError, PodmanError, OSError, KeyboardInterrupt) as exc:
             _hold_off_signals()
             self.progress("rolling back")
@@ -496,17 +531,26 @@ class Deployer:
         )
         self._applying(name).unlink(missing_ok=True)
         versions = {manifest.version, backup.version}
-        pruned = self._prune_backups(name, opts.keep_backups, versions, plan)
+        pruned = self._prune_backups(name, opts.keep_backups, versions, plan, deferred)
         return Result(plan, backup, states, applied=True, pruned=pruned)
 
-    def _prune_backups(self, name: str, keep: int, versions: set[int], plan: Plan) -> list[str]:
-        """The apply has succeeded and is recorded: a failure to prune only warns."""
+    def _prune_backups(
+        self, name: str, keep: int, versions: set[int], plan: Plan, deferred: _Deferred
+    ) -> list[str]:
+        """The apply has succeeded and is recorded: a failure to prune only warns, and so
+        does a stop signal, which ends the prune after the backup being deleted."""
         self.progress("pruning old backups")
         try:
-            return self.backups.prune(name, keep, protect=versions)
+            pruned = [b.id for b in self.backups.prune(name, keep, protect=versions, stop=deferred)]
         except OSError as exc:
             plan.warnings.append(f"old backups were not pruned: {exc}")
             return []
+        if deferred():
+            plan.warnings.append(
+                f"{deferred.message()} while pruning old backups: the apply stands; the "
+                f"next apply or `leger backup prune {name}` prunes the rest"
+            )
+        return pruned
 
     def clear_leftovers(self) -> None:
         """Remove the temporary trees of a ``staged stage`` or ``install`` killed half-way.
