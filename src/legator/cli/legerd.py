@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import typer
 
-from legator.cli.common import EXIT_USAGE, fail
+from legator.cli.common import EXIT_NOT_FOUND, EXIT_USAGE, fail, one_line
 from legator.core.logging import configure_logging
 from legator.secrets.acl import AclError
 from legator.secrets.crypto import Kek, generate_key, load_kek, load_key_file, write_key_file
-from legator.secrets.errors import SecretsError
+from legator.secrets.errors import NotAStore, SecretsError
+from legator.secrets.pgstore import recount_pg_usage
+from legator.secrets.quota import ENV_PREFIX, Quota, UsageChange
+from legator.secrets.ratelimit import BURST_ENV, RATE_ENV, RateLimit
 from legator.secrets.server import (
     DEFAULT_ACL,
     DEFAULT_SOCKET,
@@ -22,7 +30,7 @@ from legator.secrets.server import (
     rotation_lock,
     serve,
 )
-from legator.secrets.store import SecretStore
+from legator.secrets.store import SecretStore, recount_sqlite_usage
 
 app = typer.Typer(
     name="legerd",
@@ -37,6 +45,46 @@ app = typer.Typer(
 StateDir = typer.Option(
     DEFAULT_STATE_DIR, "--state-dir", envvar="LEGERD_STATE_DIR", help="Database, key, audit log."
 )
+
+# Each limit flag and the environment variable it overrides.
+LIMIT_FLAGS = {
+    "--max-versions-per-secret": ENV_PREFIX + "MAX_VERSIONS_PER_SECRET",
+    "--max-secrets-per-writer": ENV_PREFIX + "MAX_SECRETS_PER_WRITER",
+    "--max-bytes-per-writer": ENV_PREFIX + "MAX_BYTES_PER_WRITER",
+    "--max-total-bytes": ENV_PREFIX + "MAX_TOTAL_BYTES",
+    "--rate-limit": RATE_ENV,
+    "--rate-burst": BURST_ENV,
+}
+
+
+def _limit(flag: str, default: str, *, minimum: int = 0) -> Any:
+    """A limit flag: unset, its variable (or the default) decides."""
+    return typer.Option(
+        None,
+        flag,
+        min=minimum,
+        show_default=False,
+        help=f"Overrides ${LIMIT_FLAGS[flag]}; default {default}.",
+    )
+
+
+def limits_from_flags(
+    given: dict[str, float | None], *, dev: bool
+) -> tuple[Quota | None, RateLimit | None]:
+    """The quotas and rate limit with the flags given laid over the environment; (None,
+    None) when none was given (the server reads the environment itself)."""
+    overrides = {LIMIT_FLAGS[flag]: str(v) for flag, v in given.items() if v is not None}
+    if not overrides:
+        return None, None
+    env = {**os.environ, **overrides}
+    try:
+        return Quota.from_env(env), RateLimit.from_env(env, dev=dev)
+    except ValueError as exc:
+        message = str(exc)
+        for flag, name in LIMIT_FLAGS.items():
+            if name in overrides:  # the bad value is the flag's, not the variable's
+                message = message.replace(name, flag)
+        fail(message, EXIT_USAGE)
 
 
 @app.command("serve")
@@ -79,18 +127,34 @@ def serve_command(
     log_level: str = typer.Option(
         "warning", "--log-level", help="debug, info, warning or error.", envvar="LEGERD_LOG_LEVEL"
     ),
+    max_versions_per_secret: int | None = _limit("--max-versions-per-secret", "1000"),
+    max_secrets_per_writer: int | None = _limit("--max-secrets-per-writer", "10000"),
+    max_bytes_per_writer: int | None = _limit("--max-bytes-per-writer", "256 MiB"),
+    max_total_bytes: int | None = _limit("--max-total-bytes", "2 GiB"),
+    rate_limit: float | None = _limit("--rate-limit", "50 a second per source; none with --dev"),
+    rate_burst: int | None = _limit("--rate-burst", "1000", minimum=1),
 ) -> None:
     """Serve the setec API on --listen and/or --socket.
 
-    Limits come from the environment (0 turns one off): \
-LEGERD_MAX_VERSIONS_PER_SECRET (1000), LEGERD_MAX_SECRETS_PER_WRITER (10000), \
-LEGERD_MAX_BYTES_PER_WRITER (256 MiB), LEGERD_MAX_TOTAL_BYTES (2 GiB), LEGERD_RATE_LIMIT \
-calls a second per source (50, after a burst of LEGERD_RATE_BURST, 1000; none with --dev). \
+    Limits (0 turns one off) come from the --max-* and --rate-* flags, else from the \
+environment variables they name: versions kept per secret, secrets and bytes per writer, \
+bytes in all, and calls a second per source after a burst. \
 The audit log is rotated at LEGERD_AUDIT_MAX_BYTES (100 MiB; 0: never, for an external \
 logrotate), keeping LEGERD_AUDIT_KEEP files (10); SIGHUP reloads the policy and reopens \
 audit.log. See docs/secrets.md."""
     if log_level not in ("debug", "info", "warning", "error"):
         fail(f"--log-level {log_level!r}: expected debug, info, warning or error", EXIT_USAGE)
+    quota, limit = limits_from_flags(
+        {
+            "--max-versions-per-secret": max_versions_per_secret,
+            "--max-secrets-per-writer": max_secrets_per_writer,
+            "--max-bytes-per-writer": max_bytes_per_writer,
+            "--max-total-bytes": max_total_bytes,
+            "--rate-limit": rate_limit,
+            "--rate-burst": rate_burst,
+        },
+        dev=dev,
+    )
     configure_logging(log_level, "auto")
     if acl is None and DEFAULT_ACL.exists():
         acl = DEFAULT_ACL
@@ -102,6 +166,8 @@ audit.log. See docs/secrets.md."""
         acl_path=acl,
         tailscale_socket=tailscale_socket,
         allowed_hosts=tuple(name.strip() for name in allowed_hosts.split(",") if name.strip()),
+        quota=quota,
+        rate_limit=limit,
     )
     try:
         serve(config, log_level=log_level)
@@ -176,6 +242,58 @@ def rotate_kek(
     typer.echo(
         f"data key re-wrapped under key {new.key_id} ({where}); {checked} stored value(s) verified"
     )
+
+
+@app.command("recount")
+def recount(
+    state_dir: Path = StateDir,
+    database_url: str | None = typer.Option(
+        None,
+        "--database-url",
+        help="Recount the control plane's store in this PostgreSQL database (its "
+        "LEGATOR_DATABASE_URL) instead of the SQLite store in --state-dir.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print what changed as JSON."),
+) -> None:
+    """Recount the per-writer usage totals (used by the quotas) from the stored rows.
+
+    The totals are counters kept with every write; a writer that does not keep them (a
+    replica from before quotas, writing beside a newer one) or rows changed by hand make
+    them drift. One transaction, as a writer: legerd or the replicas may keep serving, their
+    writes wait for it. Needs no key. Prints each writer whose totals changed.
+    """
+    try:
+        if database_url is None:
+            where = str(state_dir / "secrets.db")
+            changes = recount_sqlite_usage(state_dir / "secrets.db")
+        elif database_url.startswith("sqlite"):
+            fail("--database-url: for a SQLite store give --state-dir <its directory>", EXIT_USAGE)
+        else:
+            where = "the PostgreSQL database"
+            changes = recount_pg_usage(database_url)
+    except NotAStore as exc:
+        fail(exc.message, EXIT_NOT_FOUND)
+    except (sqlite3.Error, psycopg.Error) as exc:
+        fail(f"database: {one_line(exc)}")
+    except ValueError as exc:  # an unreadable URL
+        fail(f"--database-url: {one_line(exc)}", EXIT_USAGE)
+    if as_json:
+        typer.echo(json.dumps({"store": where, "changed": [c.as_json() for c in changes]}))
+        return
+    typer.echo(_recount_summary(where, changes))
+
+
+def _recount_summary(where: str, changes: list[UsageChange]) -> str:
+    if not changes:
+        return f"usage totals in {where} match its rows: nothing changed"
+    lines = [f"usage totals in {where} recounted; {len(changes)} writer(s) changed:"]
+    for change in changes:
+        writer = change.writer or "(no writer: stored before quotas, or imported)"
+        lines.append(
+            f"  {writer}: bytes {change.bytes_before} -> {change.bytes_after}, "
+            f"secrets {change.secrets_before} -> {change.secrets_after}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:

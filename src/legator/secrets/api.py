@@ -7,11 +7,13 @@ well under a millisecond.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -28,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from legator.core.auth.tailscale import WhoIs
+from legator.core.auth.tailscale import WhoIs, cache_key
 from legator.core.logging import get_logger
 from legator.secrets.acl import Policy
 from legator.secrets.errors import SecretsError
@@ -146,12 +148,18 @@ def source_of(request: Request) -> str:
     return unmapped(client[0]) if client else "unknown"
 
 
-def throttled(limiter: Limiter, wait: float) -> Response:
-    response = text_error(
-        429,
-        f"rate limit exceeded: at most {limiter.limit.per_second:g} calls a second from one "
-        f"caller after a burst of {limiter.limit.burst}; retry in {math.ceil(wait)} s",
-    )
+def throttled(limiter: Limiter, source: str, wait: float) -> Response:
+    if limiter.tracks(source):
+        message = (
+            f"rate limit exceeded: at most {limiter.limit.per_second:g} calls a second from one "
+            f"caller after a burst of {limiter.limit.burst}; retry in {math.ceil(wait)} s"
+        )
+    else:  # every bucket is in use by another source
+        message = (
+            f"rate limit exceeded: calls from {limiter.limit.max_sources} other callers are being "
+            f"counted, the most legerd counts at once; retry in {math.ceil(wait)} s"
+        )
+    response = text_error(429, message)
     response.headers["Retry-After"] = str(math.ceil(wait))
     return response
 
@@ -164,18 +172,51 @@ class ThrottleLog:
         self.every = every
         self._last: dict[str, float] = {}
 
-    def note(self, source: str) -> None:
+    def note(self, source: str, *, crowded: bool = False) -> None:
+        """``crowded``: refused as a new source while every bucket is in use; one line a
+        minute for all of them, however many addresses they come from."""
+        key = "" if crowded else source
         now = time.monotonic()
-        if now - self._last.get(source, -self.every) < self.every:
+        if now - self._last.get(key, -self.every) < self.every:
             return
         if len(self._last) > 10_000:
             self._last.clear()
-        self._last[source] = now
-        log.warning("caller rate-limited", source=source)
+        self._last[key] = now
+        if crowded:
+            log.warning("new caller refused: the rate limit counts too many callers", source=source)
+        else:
+            log.warning("caller rate-limited", source=source)
 
 
 BROWSER_REFUSED = "access denied: legerd does not answer browsers (Origin or Sec-Fetch-* header)"
 HOST_REFUSED = "access denied: legerd does not answer to this Host name (see allowed hosts)"
+
+
+class SharedWhois:
+    """One ``whois`` in flight per node (``cache_key``): the connections a new node opens at
+    once (a host starting its services) wait for the same answer instead of each asking
+    tailscaled. A failure is not kept: the next caller after it asks again. Only used from
+    the event loop's thread."""
+
+    def __init__(self, whois: WhoIs) -> None:
+        self.whois = whois
+        self._pending: dict[str, asyncio.Task[dict[str, Any]]] = {}
+
+    async def lookup(self, addr: str) -> dict[str, Any]:
+        key = cache_key(addr)
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self.whois.whois(addr))
+            self._pending[key] = task
+            task.add_done_callback(partial(self._finished, key))
+        # Shielded: a caller that hangs up cancels its own wait, not the others' lookup.
+        return await asyncio.shield(task)
+
+    def _finished(self, key: str, task: asyncio.Task[dict[str, Any]]) -> None:
+        if self._pending.get(key) is task:
+            del self._pending[key]
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every waiter hung up meanwhile
 
 
 class Identifier:
@@ -183,6 +224,7 @@ class Identifier:
         self.policy = policy
         self.whois = whois
         self.dev = dev
+        self._shared = SharedWhois(whois) if whois is not None else None
 
     async def identify(self, request: Request) -> Caller:
         peer: PeerCred | None = request.scope.get("state", {}).get(PEER_STATE_KEY)
@@ -194,7 +236,7 @@ class Identifier:
         host, port = unmapped(client[0]), client[1]
         if self.dev and is_loopback(host):
             return DEV_CALLER
-        if self.whois is None:
+        if self._shared is None:
             raise IdentityError("no Tailscale LocalAPI socket is configured")
         server = request.scope.get("server")
         if from_this_host(host, unmapped(server[0]) if server else None):
@@ -203,7 +245,7 @@ class Identifier:
                 "host rather than its user: local callers use the unix socket"
             )
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return caller_from_whois(await self.whois.whois(addr), self.policy)
+        return caller_from_whois(await self._shared.lookup(addr), self.policy)
 
 
 Handler = Callable[[SecretsService, Caller, dict[str, Any]], Awaitable[Response]]
@@ -309,8 +351,8 @@ def create_legerd_app(
         if not host_allowed(request, allowed_hosts):
             return text_error(403, HOST_REFUSED)
         if limiter is not None and (wait := limiter.wait(source := source_of(request))):
-            throttle_log.note(source)
-            return throttled(limiter, wait)
+            throttle_log.note(source, crowded=not limiter.tracks(source))
+            return throttled(limiter, source, wait)
         if browsers_too and from_a_browser(request):
             return text_error(403, BROWSER_REFUSED)
         return None

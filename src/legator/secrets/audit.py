@@ -1,5 +1,7 @@
 """The audit log: one JSON line per access (time, principal, action, secret, version,
-authorized), appended to a 0600 file.
+authorized), appended to a file created 0600. An existing file keeps the mode its admin gave
+it (e.g. 0640 for a log shipper's group), unless others may read or write it: start-up then
+takes those bits away, and logs so.
 
 Every record is written to the file before the request is answered, so it survives the
 process being killed. Records of changes are also fsynced before the change commits. Records
@@ -27,6 +29,9 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, Protocol
 
+from legator.core.logging import get_logger
+
+log = get_logger("legerd")
 MAX_BYTES_ENV, KEEP_ENV = "LEGERD_AUDIT_MAX_BYTES", "LEGERD_AUDIT_KEEP"
 
 
@@ -128,6 +133,20 @@ class _AuditFile(RotatingFileHandler):
         self.stream.close()
 
 
+def keep_from_others(fd: int, path: Path) -> None:
+    """Take away the access of users outside the file's owner and group: the lines name every
+    caller and secret. The owner's and group's bits are the admin's choice and are kept."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & stat.S_IRWXO:
+        os.fchmod(fd, mode & ~stat.S_IRWXO)
+        log.warning(
+            "audit log was open to other users; their access removed",
+            path=str(path),
+            mode=f"{mode:04o}",
+            new_mode=f"{mode & ~stat.S_IRWXO:04o}",
+        )
+
+
 def _sync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -146,7 +165,7 @@ class AuditLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = _AuditFile(path, rotation or AuditRotation())
-        os.fchmod(self._file.fd, 0o600)
+        keep_from_others(self._file.fd, path)
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._closed = False

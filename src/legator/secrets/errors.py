@@ -56,3 +56,7 @@ class StoreCorrupted(SecretsError):
 
 class KekError(SecretsError):
     """The key-encryption key is missing, malformed or does not open this store."""
+
+
+class NotAStore(SecretsError):
+    """The database named holds no secrets store (or one from before quotas, for a recount)."""

@@ -27,8 +27,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from legator.secrets.crypto import Kek, Sealer
-from legator.secrets.quota import row_weight
-from legator.secrets.store import SourceSecret, SqlStore
+from legator.secrets.errors import NotAStore
+from legator.secrets.quota import UsageChange, recount_usage, row_weight
+from legator.secrets.store import NO_USAGE_TABLE, SourceSecret, SqlStore
 
 SCHEMA = "legator_secrets"
 _LOCK_ID = 0x6C6567736563  # "legsec": the advisory lock every writer takes
@@ -94,6 +95,33 @@ class _Conn:
         return self.conn.execute(translate_sql(sql), params)  # type: ignore[arg-type]
 
 
+def _schema_tables(conn: Any) -> set[str]:
+    rows = conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", (SCHEMA,)
+    )
+    return {row[0] for row in rows.fetchall()}
+
+
+def recount_pg_usage(url: str) -> list[UsageChange]:
+    """``recount_usage`` on the store in the PostgreSQL database at ``url`` (the control
+    plane's), in one transaction under the writers' advisory lock: the replicas' writes wait
+    for it and none is counted twice or missed. Needs no key."""
+    with (
+        psycopg.connect(
+            libpq_url(url), autocommit=True, options=f"-c search_path={SCHEMA}", connect_timeout=10
+        ) as raw,
+        raw.transaction(),
+    ):
+        raw.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+        conn = _Conn(raw)
+        tables = _schema_tables(conn)
+        if not tables:
+            raise NotAStore(f"no secrets store (schema {SCHEMA}) in that database")
+        if "writer_usage" not in tables:
+            raise NotAStore(f"the store in schema {SCHEMA} {NO_USAGE_TABLE}")
+        return recount_usage(conn)
+
+
 class PgSecretStore(SqlStore):
     """One writer connection behind a lock and one shared autocommit reader (psycopg
     serialises its operations); both reconnect after the server restarts."""
@@ -142,10 +170,7 @@ class PgSecretStore(SqlStore):
         return {row[0] for row in rows.fetchall()}
 
     def _tables(self, conn: Any) -> set[str]:
-        rows = conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", (SCHEMA,)
-        )
-        return {row[0] for row in rows.fetchall()}
+        return _schema_tables(conn)
 
     async def import_secret_in(self, session: AsyncSession, secret: SourceSecret) -> bool:
         """``import_secret`` inside the caller's transaction on the control plane's database

@@ -182,3 +182,59 @@ def _total_bytes(conn: Any, limit: int, write: Write) -> None:
             f"quota exceeded: all secrets together take {used} bytes; {write.weight} more "
             f"would pass the {limit} bytes this server stores"
         )
+
+
+@dataclass(frozen=True)
+class UsageChange:
+    """One writer's totals in ``writer_usage`` before and after a recount."""
+
+    writer: str  # '' for the rows no caller wrote (before quotas, or imported)
+    bytes_before: int
+    bytes_after: int
+    secrets_before: int
+    secrets_after: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "writer": self.writer,
+            "bytes": {"before": self.bytes_before, "after": self.bytes_after},
+            "secrets": {"before": self.secrets_before, "after": self.secrets_after},
+        }
+
+
+_BYTES_BY_WRITER = (
+    "SELECT COALESCE(writer, ''), SUM(LENGTH(name) + COALESCE(LENGTH(sealed), 0)) "
+    "FROM versions GROUP BY COALESCE(writer, '')"
+)
+_SECRETS_BY_CREATOR = (
+    "SELECT COALESCE(creator, ''), COUNT(*) FROM secrets GROUP BY COALESCE(creator, '')"
+)
+_SET_USAGE = (
+    "INSERT INTO writer_usage (writer, bytes, secrets) VALUES (?, ?, ?) "
+    "ON CONFLICT (writer) DO UPDATE SET bytes = excluded.bytes, secrets = excluded.secrets"
+)
+
+
+def recount_usage(conn: Any) -> list[UsageChange]:
+    """Set ``writer_usage`` to what the rows add up to, and answer the totals that changed.
+    Runs inside a writer-exclusive transaction: no write counts meanwhile. Counters drift when
+    a writer that does not keep them (a replica from before quotas) writes beside one that
+    does, or when rows are changed by hand."""
+    counted: dict[str, tuple[int, int]] = {}
+    for writer, weight in conn.execute(_BYTES_BY_WRITER).fetchall():
+        counted[writer] = (int(weight or 0), 0)
+    for creator, created in conn.execute(_SECRETS_BY_CREATOR).fetchall():
+        counted[creator] = (counted.get(creator, (0, 0))[0], int(created))
+    rows = conn.execute("SELECT writer, bytes, secrets FROM writer_usage").fetchall()
+    stored = {writer: (int(used), int(held)) for writer, used, held in rows}
+    changes = []
+    for writer in sorted(counted.keys() | stored.keys()):
+        before, after = stored.get(writer, (0, 0)), counted.get(writer, (0, 0))
+        if before == after:
+            continue
+        changes.append(UsageChange(writer, before[0], after[0], before[1], after[1]))
+        if after == (0, 0):
+            conn.execute("DELETE FROM writer_usage WHERE writer = ?", (writer,))
+        else:
+            conn.execute(_SET_USAGE, (writer, *after))
+    return changes

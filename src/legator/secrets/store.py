@@ -26,16 +26,19 @@ from legator.secrets.crypto import Kek, Sealer, generate_key, unwrap_dek, wrap_d
 from legator.secrets.errors import (
     InvalidRequest,
     KekError,
+    NotAStore,
     SecretNotFound,
     VersionClaimed,
 )
 from legator.secrets.quota import (
     WEIGHT_BY_WRITER,
     Quota,
+    UsageChange,
     Write,
     add_usage,
     create_usage,
     enforce,
+    recount_usage,
     row_weight,
 )
 
@@ -520,6 +523,37 @@ def refuse_if_values_are_sealed(conn: Any) -> None:
             f"the store holds {sealed} sealed value(s) but no data key to open them; "
             "restore the data_keys table from a backup"
         )
+
+
+NO_USAGE_TABLE = (
+    "has no writer_usage table yet (a store from before quotas): the next `legerd serve` or "
+    "control plane to open it counts the totals from the rows"
+)
+
+
+def recount_sqlite_usage(path: Path) -> list[UsageChange]:
+    """``recount_usage`` on the SQLite store at ``path`` in one writer transaction (a legerd
+    serving it meanwhile waits, as for any other writer). Needs no key: values are counted,
+    never opened."""
+    if not path.is_file():
+        raise NotAStore(f"no secrets store at {path}")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            if "writer_usage" not in tables:
+                raise NotAStore(f"{path} {NO_USAGE_TABLE}")
+            changes = recount_usage(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return changes
+    finally:
+        conn.close()
 
 
 def make_private(path: Path) -> None:
