@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -231,6 +232,45 @@ def _split_userinfo(base_url: str | None) -> tuple[str | None, httpx2.BasicAuth 
     return str(url.copy_with(userinfo=b"")), httpx2.BasicAuth(url.username, url.password)
 
 
+# The loggers through which the SDKs and their HTTP clients write a request's URL: at INFO
+# (``HTTP Request: POST https://…``, ``Retrying request to …``) and at DEBUG.
+URL_LOGGERS = ("httpx", "httpx2", "openai._base_client", "anthropic._base_client")
+HIDDEN = "***"
+
+
+def _hide_query(value: Any) -> Any:
+    """``value`` with its query's values hidden, where it is a URL with a query."""
+    if isinstance(value, (httpx.URL, httpx2.URL)):
+        url = str(value)
+    elif isinstance(value, str) and "://" in value:
+        url = value
+    else:
+        return value
+    head, sep, query = url.partition("?")
+    if not sep:
+        return value
+    names = (pair.partition("=")[0] for pair in query.split("&"))
+    return f"{head}?" + "&".join(f"{name}={HIDDEN}" for name in names)
+
+
+class QueryHidingFilter(logging.Filter):
+    """Hides the values of the query of each URL a record's arguments hold: a provider URL
+    may carry its key there (``?key=``), and the HTTP clients log each request's URL whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_hide_query(arg) for arg in record.args)
+        return True
+
+
+def hide_url_queries() -> None:
+    """Put a ``QueryHidingFilter`` on each of ``URL_LOGGERS`` (once)."""
+    for name in URL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QueryHidingFilter) for f in logger.filters):
+            logger.addFilter(QueryHidingFilter())
+
+
 def parse_arguments(raw: str | None) -> dict[str, Any]:
     """A tool call's JSON arguments; what is not a JSON object is kept for the model to see."""
     try:
@@ -260,6 +300,7 @@ class _SdkProvider:
         """A new SDK client: an httpx client with its own connection pool and SSL context,
         whose CA bundle alone costs tens of milliseconds of CPU to load. Share it
         (``ProviderPool``) rather than build one a call."""
+        hide_url_queries()
         base_url, auth = _split_userinfo(config.base_url)
         return cls.sdk(
             api_key=config.api_key or "none",

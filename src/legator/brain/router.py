@@ -39,7 +39,8 @@ INBOX_MAX = 16
 # (``ChatIn.message``, escaped). One past it is not kept, and ends the socket.
 MESSAGE_MAX_CHARS = 256 * 1024
 # Chat sessions one list answers by default, the newest first: each message sent without a
-# session starts one, each with its history, and none is ever deleted.
+# session starts one, each with its history, kept until deleted (by its owner or an admin)
+# or idle past ``brain_session_retention_days``.
 SESSIONS_LISTED = 50
 POLICY_VIOLATION = 1008  # WebSocket close codes
 MESSAGE_TOO_BIG = 1009
@@ -128,6 +129,16 @@ async def probe_chat_sessions(
         }
         for row in rows
     ]
+
+
+@router.delete("/brain/sessions/{session_id}", status_code=204)
+async def delete_chat_session(
+    session_id: str, request: Request, principal: Principal = require(P.FLEET_READ)
+) -> Response:
+    """Delete one of the caller's chat sessions (an admin, ``fleet:admin``, anyone's); 404
+    for another's."""
+    await brain_of(request).delete_session(principal, session_id)
+    return Response(status_code=204)
 
 
 @router.post("/fleet/chat", response_model=None)

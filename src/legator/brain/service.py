@@ -27,6 +27,7 @@ from legator.core.audit.service import AuditFilter
 from legator.core.auth.models import Session
 from legator.core.auth.permissions import Permission
 from legator.core.auth.principal import Principal
+from legator.core.db import Database, retention
 from legator.core.db.base import utcnow
 from legator.core.errors import (
     AppError,
@@ -480,6 +481,24 @@ class BrainService:
             on_token=on_token,
         )
 
+    async def delete_session(self, principal: Principal, session_id: str) -> None:
+        """Delete a chat session: the owner's own, or any with ``fleet:admin``. Anyone else's
+        is not found (whether it exists is not theirs to know); one answering a message is
+        left to end first, as its answer would write it back."""
+        async with self.core.db.write() as session:
+            row = await session.get(ChatSession, session_id)
+            if row is None or not (
+                row.owner == principal.actor or principal.can(Permission.FLEET_ADMIN)
+            ):
+                raise NotFound(f"no chat session {session_id}")
+            if session_id in self.answering:
+                raise Conflict(
+                    f"chat session {session_id} is answering a message; delete it when it has ended"
+                )
+            details = {"owner": row.owner, "target": row.target}
+            await session.delete(row)
+        await self._audit(principal, "brain.session.delete", session_id, details)
+
     async def sessions(self, principal: Principal, target: str, limit: int) -> list[ChatSession]:
         async with self.core.db.session() as session:
             rows = await session.scalars(
@@ -489,3 +508,8 @@ class BrainService:
                 .limit(limit)
             )
             return list(rows)
+
+
+async def prune_sessions(db: Database, before: datetime) -> int:
+    """Delete the chat sessions not updated since ``before``; returns how many went."""
+    return await retention.prune(db, ChatSession.id, ChatSession.updated_at, before)

@@ -145,6 +145,16 @@ MAX_LISTED_PROBES = 100
 # The least of each stream a fan-out shows of one probe, however many probes share its result.
 FAN_OUT_MIN_STREAM_CHARS = 200
 FAN_OUT_FIELDS_CHARS = 200  # room for one probe's fields other than its streams, and the summary
+# What the transcript and the ``command_result`` event keep of one fan-out (at least two
+# results' room, where an operator asks for longer outputs), and of all the fan-outs of one
+# conversation: past these, probes are counted but not recorded. The fleet's command records
+# keep each probe's whole output.
+FAN_OUT_RECORD_CHARS = 64_000
+CONVERSATION_RECORD_CHARS = 1_000_000
+WHOLE_OUTPUT = (
+    "each probe's whole output: GET /api/v1/commands/{request_id}; the request ids of probes "
+    "not recorded are in the audit log's fleet.command.dispatch events (target: the probe)"
+)
 
 
 def result_chars(output_chars: int) -> int:
@@ -157,6 +167,61 @@ def truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return text[:limit] + f"\n…[truncated: {len(text) - limit} more characters]"
+
+
+def command_view(row: Any, limit: int) -> dict[str, Any]:
+    """A command's result with each stream cut at ``limit``."""
+    return {
+        "request_id": row.id,
+        "status": row.status,
+        "exit_code": row.exit_code,
+        "stdout": truncate(row.stdout or "", limit),
+        "stderr": truncate(row.stderr or "", limit),
+        "error": row.error,
+    }
+
+
+def probe_view(ended: Any, limit: int) -> dict[str, Any]:
+    """One probe of a fan-out: its command's result, or (a dict) why it has none."""
+    return ended if isinstance(ended, dict) else command_view(ended, limit)
+
+
+def _stream_chars(ended: Any, limit: int | None = None) -> int:
+    """The characters of a probe's two streams, each at most ``limit`` (None: whole)."""
+    if isinstance(ended, dict):
+        return 0
+    sizes = (len(ended.stdout or ""), len(ended.stderr or ""))
+    return sum(sizes if limit is None else (min(size, limit) for size in sizes))
+
+
+def fan_out_record(ended: dict[str, Any], output_chars: int, room: int) -> dict[str, Any]:
+    """What the transcript keeps of a fan-out, in about ``room`` characters: a count of
+    outcomes, then each probe's result (its streams cut to an equal share of the room, at
+    most ``output_chars``), those that did not end well first, as many as fit; and, where
+    any output was left out, how many probes and characters, and where to read them whole."""
+    count = max(1, len(ended))
+    share = max(FAN_OUT_MIN_STREAM_CHARS, min(output_chars, room // (2 * count)))
+    views = {probe: probe_view(value, share) for probe, value in ended.items()}
+    outcomes = Counter(_outcome(view) for view in views.values())
+    results: dict[str, Any] = {}
+    used = 0
+    for probe in sorted(views, key=lambda p: _outcome(views[p]) == "completed, exit 0"):
+        size = len(json.dumps({probe: views[probe]}))
+        if used + size > room:
+            break
+        results[probe] = views[probe]
+        used += size
+    record: dict[str, Any] = {"probes": len(ended), "outcomes": dict(outcomes)}
+    record["results"] = results
+    whole = sum(_stream_chars(value) for value in ended.values())
+    kept = sum(_stream_chars(ended[probe], share) for probe in results)
+    if len(results) < len(ended) or kept < whole:
+        record["not_recorded"] = {
+            "probes": len(ended) - len(results),
+            "characters": whole - kept,
+            "where": WHOLE_OUTPUT,
+        }
+    return record
 
 
 class OpenApprovals:
@@ -242,6 +307,7 @@ class Toolbox:
         self.allowed_probes = allowed_probes
         self.emit = emit
         self.deadline: float | None = None  # monotonic; the conversation's time limit
+        self.record_left = CONVERSATION_RECORD_CHARS  # for fan-outs' results in the transcript
         self.tools = [*TOOLS, FLEET_TOOL] if fleet_tags else list(TOOLS)
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
@@ -280,21 +346,15 @@ class Toolbox:
 
     # ---- commands ------------------------------------------------------------------------
 
-    def _command_view(self, row: Any, limit: int | None = None) -> dict[str, Any]:
-        """A command's result with each stream cut at ``limit`` (else ``output_chars``)."""
-        limit = self.output_chars if limit is None else limit
-        return {
-            "request_id": row.id,
-            "status": row.status,
-            "exit_code": row.exit_code,
-            "stdout": truncate(row.stdout or "", limit),
-            "stderr": truncate(row.stderr or "", limit),
-            "error": row.error,
-        }
+    def _command_view(self, row: Any) -> dict[str, Any]:
+        return command_view(row, self.output_chars)
 
-    def _probe_view(self, ended: Any, limit: int) -> dict[str, Any]:
-        """One probe of a fan-out: its command's result, or (a dict) why it has none."""
-        return ended if isinstance(ended, dict) else self._command_view(ended, limit)
+    def _record_fan_out(self, ended: dict[str, Any]) -> dict[str, Any]:
+        """``fan_out_record`` within what is left of the conversation's room for them."""
+        room = min(max(FAN_OUT_RECORD_CHARS, 2 * self.result_chars), self.record_left)
+        record = fan_out_record(ended, self.output_chars, room)
+        self.record_left -= min(self.record_left, len(json.dumps(record["results"])))
+        return record
 
     def _fan_out_text(self, decision: str, approval: dict[str, Any], ended: dict[str, Any]) -> str:
         """What the model is shown of a fan-out: a count of outcomes first, then every probe
@@ -303,7 +363,7 @@ class Toolbox:
         count = max(1, len(ended))  # none where an approval ended undispatched
         room = self.result_chars - FAN_OUT_FIELDS_CHARS * (count + 1)
         share = max(FAN_OUT_MIN_STREAM_CHARS, min(self.output_chars, room // (2 * count)))
-        results = {probe: self._probe_view(value, share) for probe, value in ended.items()}
+        results = {probe: probe_view(value, share) for probe, value in ended.items()}
         outcomes = Counter(_outcome(view) for view in results.values())
         shown = {"decision": decision, **approval, "probes": len(results)}
         return json.dumps({**shown, "outcomes": dict(outcomes), "results": results})
@@ -442,9 +502,7 @@ class Toolbox:
                     )
                 for probe_id, error in (decided.result or {}).get("errors", {}).items():
                     ended[probe_id] = {"error": error}
-        record["results"] = {
-            probe: self._probe_view(value, self.output_chars) for probe, value in ended.items()
-        }
+        record.update(self._record_fan_out(ended))
         await self._emit("command_result", record)
         text = self._fan_out_text(verdict.decision, record.get("approval", {}), ended)
         return ToolOutcome(text, record)

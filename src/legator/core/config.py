@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     brain_output_chars: int = Field(
         4000, ge=200, le=1_000_000, description="Command output kept per stream for the model."
     )
+    brain_session_retention_days: int = Field(
+        90,
+        ge=0,
+        le=36500,
+        description="Chat sessions idle longer than this are deleted; 0 keeps all.",
+    )
 
     oidc_issuer: str | None = Field(
         None, description="Identity provider's issuer URL; set (with the next two) to enable SSO."
