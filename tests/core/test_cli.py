@@ -173,4 +173,5 @@ def test_open_event_streams_do_not_hold_up_a_shutdown(tmp_path: Path) -> None:
     opened.wait(10)
     started = time.monotonic()
     server.stop()
-    assert time.monotonic() - started < 5, "open streams held up the shutdown"
+    # Held up, it takes uvicorn's 10 s; the margin is for a slow or stalled machine.
+    assert time.monotonic() - started < 9, "open streams held up the shutdown"

@@ -5,6 +5,7 @@ text that took seconds to scan."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -258,6 +259,18 @@ def test_key_words_for_run_together_pwd() -> None:
     ],
 )
 def test_adversarial_text_is_scanned_quickly(text: str) -> None:
-    started = time.perf_counter()
-    sanitise_text(text)
-    assert time.perf_counter() - started < 2.0
+    assert _best_of_three_s(lambda: sanitise_text(text), under=2.0) < 2.0
+
+
+def _best_of_three_s(call: Callable[[], object], *, under: float) -> float:
+    """The fastest of up to three runs of ``call``, stopping at the first under ``under``
+    seconds: a machine that stalls during one run does not fail it, a slow scan every time
+    does."""
+    fastest = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        call()
+        fastest = min(fastest, time.perf_counter() - started)
+        if fastest < under:
+            break
+    return fastest

@@ -13,7 +13,7 @@ import pytest
 
 from legator.deploy.quadlet.generator import find_generator
 from tests.deploy import fakesystemd
-from tests.deploy.helpers import podman
+from tests.deploy.helpers import bare_leger_env, podman
 
 IMAGE = "localhost/leger-test:1"
 # Podman 4.3 here needs runc, cgroupfs and explicit ulimits (see MACHINE-NOTES).
@@ -64,6 +64,12 @@ def generator() -> str:
     found = find_generator()
     assert found, "the quadlet generator is needed: run scripts/install-quadlet.sh"
     return found
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """leger's directories in a temp HOME, without Podman or systemd."""
+    return bare_leger_env(tmp_path)
 
 
 @pytest.fixture

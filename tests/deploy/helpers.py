@@ -24,3 +24,17 @@ def calls(env: dict[str, str]) -> list[list[str]]:
     if not path.exists():
         return []
     return [json.loads(line)["argv"] for line in path.read_text().splitlines()]
+
+
+def bare_leger_env(tmp_path: Path) -> dict[str, str]:
+    """leger's home, configuration, state and quadlet directories under ``tmp_path``: for
+    runs that need neither Podman nor the systemd stand-in (see ``leger_env``)."""
+    home = tmp_path / "home"
+    return {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local/share"),
+        "LEGER_CONFIG_DIR": str(tmp_path / "config"),
+        "LEGER_STATE_DIR": str(tmp_path / "state"),
+        "LEGER_QUADLET_DIR": str(tmp_path / "quadlets"),
+    }

@@ -107,9 +107,10 @@ def _handler(plan: Plan) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def hostile_plane(plan: Plan) -> Iterator[str]:
-    """The running stand-in; yields its URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _handler(plan))
+def hostile_plane(plan: Plan, handler: type[BaseHTTPRequestHandler] | None = None) -> Iterator[str]:
+    """The running stand-in, answering with ``handler`` (the Deploy API's by default); yields
+    its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler or _handler(plan))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -14,19 +14,6 @@ from tests.fake_proxy import closed_url, fake_proxy
 from tests.support import LiveServer, live_server, one_line_error, run_cli
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "home"
-    return {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_DATA_HOME": str(home / ".local/share"),
-        "LEGER_CONFIG_DIR": str(tmp_path / "config"),
-        "LEGER_STATE_DIR": str(tmp_path / "state"),
-        "LEGER_QUADLET_DIR": str(tmp_path / "quadlets"),
-    }
-
-
 def log_in(env: dict[str, str], server: str, token: str = "lgk_" + "0" * 64) -> None:
     """What `leger auth login` stores."""
     login = Login(

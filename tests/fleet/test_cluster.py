@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from legator.core.cluster import ClusterLink
-from legator.fleet.cluster import FleetCluster
+from legator.fleet.cluster import MOVE_WAIT_S, FleetCluster
 from legator.fleet.hub import Hub, ProbeNotConnected
 from legator.fleet.protocol import (
     T_COMMAND,
@@ -89,7 +89,7 @@ async def test_presence_follows_announcements_beats_and_silence(
     assert a.cluster.holder("prb-2") == "b"
 
     # B's beats list no probe, so its announced one expires after three intervals.
-    await until(lambda: a.cluster.holder("prb-2") is None, timeout=2)
+    await until(lambda: a.cluster.holder("prb-2") is None)
     assert "b" in [r["replica"] for r in a.cluster.status()["replicas"]]
 
     b.cluster.announce("prb-3", up=True, since=time.time())
@@ -117,10 +117,26 @@ async def test_routing_errors_are_clear(replicas: tuple[Replica, Replica]) -> No
     # B is said to hold it but has no socket for it (it just left): one wait, then the truth.
     b.cluster.announce("prb-9", up=True, since=time.time())
     await until(lambda: a.cluster.holder("prb-9") == "b")
+    asked, waits = _spy(a.cluster, "_ask"), _spy(a.cluster, "_await_holder")
     started = time.monotonic()
     with pytest.raises(ProbeNotConnected, match="not connected to any replica"):
         await a.hub.send("prb-9", T_PING, {})
-    assert 0.9 < time.monotonic() - started < 3
+    assert time.monotonic() - started >= MOVE_WAIT_S * 0.9  # the wait was really waited
+    assert [holder for holder, *_ in asked] == ["b"]
+    assert waits == [("prb-9", MOVE_WAIT_S)]
+
+
+def _spy(cluster: FleetCluster, name: str) -> list[tuple[Any, ...]]:
+    """Record each call of ``cluster.name`` (its positional arguments) and let it run."""
+    calls: list[tuple[Any, ...]] = []
+    real = getattr(cluster, name)
+
+    async def spied(*args: Any) -> Any:
+        calls.append(args)
+        return await real(*args)
+
+    setattr(cluster, name, spied)
+    return calls
 
 
 async def test_replies_go_back_to_the_replica_that_asked(

@@ -262,9 +262,9 @@ def test_a_call_to_a_probe_that_stops_reading_gives_up_within_its_timeout() -> N
     async def go() -> None:
         hub = _stuck_hub()
         started = time.monotonic()
-        with pytest.raises(ServiceUnavailable, match="within"):
-            await asyncio.wait_for(hub.call("p1", T_PING, {}, wait_s=0.3), 5)
-        assert time.monotonic() - started < 2
+        with pytest.raises(ServiceUnavailable, match="within"):  # not wait_for's TimeoutError
+            await asyncio.wait_for(hub.call("p1", T_PING, {}, wait_s=0.3), 30)
+        assert time.monotonic() - started < 15  # its 0.3 s, with room for a stalled machine
         assert not hub._waiters
 
     asyncio.run(go())

