@@ -333,3 +333,14 @@ class NatsServer:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+
+class FakeClock:
+    """A clock a test moves by hand (``clock.now += 60``), for code that takes a
+    ``clock: Callable[[], float]``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

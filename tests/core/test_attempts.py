@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from legator.core.auth import attempts
 from legator.core.auth.attempts import AttemptLimiter, SignInThrottle, client_key
 from legator.core.db import Database
-from legator.core.db.migrate import upgrade
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
-    fake = _Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
     monkeypatch.setattr(attempts.time, "monotonic", fake)
     return fake
 
 
-def test_a_client_gets_its_limit_per_sliding_window(clock: _Clock) -> None:
+def test_a_client_gets_its_limit_per_sliding_window(clock: FakeClock) -> None:
     limiter = AttemptLimiter(3, 60)
     assert [limiter.count("a") for _ in range(4)] == [True, True, True, False]
     assert limiter.over("a") and not limiter.over("b")
@@ -41,7 +30,7 @@ def test_a_client_gets_its_limit_per_sliding_window(clock: _Clock) -> None:
 
 
 def test_a_full_table_forgets_the_oldest_client_instead_of_refusing_new_ones(
-    clock: _Clock,
+    clock: FakeClock,
 ) -> None:
     limiter = AttemptLimiter(2, 60, max_clients=3)
     for client in ("a", "a", "b", "c"):
@@ -59,20 +48,12 @@ def test_ipv6_clients_are_counted_by_their_64() -> None:
     assert client_key("not an address") == "not an address"
 
 
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path}/legator.db")
-    await upgrade(database)
-    yield database
-    await database.dispose()
-
-
-def _throttle(db: Database, clock: _Clock, **limits: int) -> SignInThrottle:
+def _throttle(db: Database, clock: FakeClock, **limits: int) -> SignInThrottle:
     return SignInThrottle(db, b"k" * 32, window_s=60, clock=clock, **limits)
 
 
 async def test_sign_ins_are_limited_per_account_and_per_address(db: Database) -> None:
-    clock = _Clock()
+    clock = FakeClock()
     throttle = _throttle(db, clock, per_account=3, per_address=5)
     assert [await throttle.admit("192.0.2.1", "alice") for _ in range(4)] == [True] * 3 + [False]
     # The refused fourth did not use the address's allowance: two more accounts fit.
@@ -87,7 +68,7 @@ async def test_sign_ins_are_limited_per_account_and_per_address(db: Database) ->
 async def test_a_correct_password_forgives_the_account_and_refunds_the_address(
     db: Database,
 ) -> None:
-    throttle = _throttle(db, _Clock(), per_account=3, per_address=4)
+    throttle = _throttle(db, FakeClock(), per_account=3, per_address=4)
     for _ in range(3):
         assert await throttle.admit("192.0.2.1", "alice")
     await throttle.succeeded("192.0.2.1", "alice")  # the third was right
@@ -97,6 +78,6 @@ async def test_a_correct_password_forgives_the_account_and_refunds_the_address(
 
 
 async def test_sign_ins_count_an_ipv6_client_by_its_64(db: Database) -> None:
-    throttle = _throttle(db, _Clock(), per_account=1, per_address=10)
+    throttle = _throttle(db, FakeClock(), per_account=1, per_address=10)
     assert await throttle.admit("2001:db8::1", "alice")
     assert not await throttle.admit("2001:db8::2", "alice")

@@ -12,26 +12,18 @@ import pytest
 from legator.core.auth.attempts import SignInThrottle
 from legator.core.db import Database
 from legator.core.db.migrate import upgrade
-from tests.support import LiveServer
+from tests.support import FakeClock, LiveServer
 
 PASSWORD = "correct horse battery"
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> _Clock:
-    return _Clock()
-
-
-@pytest.fixture
-async def throttle(tmp_path: Path, clock: _Clock) -> AsyncIterator[SignInThrottle]:
+async def throttle(tmp_path: Path, clock: FakeClock) -> AsyncIterator[SignInThrottle]:
     db = Database(f"sqlite+aiosqlite:///{tmp_path}/legator.db")
     await upgrade(db)
     yield SignInThrottle(
@@ -49,7 +41,7 @@ async def throttle(tmp_path: Path, clock: _Clock) -> AsyncIterator[SignInThrottl
 
 
 async def test_guesses_from_rotating_addresses_are_limited_per_username(
-    throttle: SignInThrottle, clock: _Clock
+    throttle: SignInThrottle, clock: FakeClock
 ) -> None:
     admitted = [await throttle.admit(f"198.51.100.{i}", "alice") for i in range(8)]
     assert admitted == [True] * 5 + [False] * 3
@@ -63,7 +55,7 @@ async def test_guesses_from_rotating_addresses_are_limited_per_username(
 
 
 async def test_an_address_that_signed_in_before_is_not_kept_out(
-    throttle: SignInThrottle, clock: _Clock
+    throttle: SignInThrottle, clock: FakeClock
 ) -> None:
     assert await throttle.admit("192.0.2.10", "alice")
     await throttle.succeeded("192.0.2.10", "alice")  # the owner, from home

@@ -7,7 +7,6 @@ import asyncio
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,29 +20,13 @@ from legator.core.auth.models import SignInCount
 from legator.core.auth.service import AuthService
 from legator.core.db import Database
 from legator.core.db.migrate import upgrade
-from tests.support import LiveServer, live_server, replica_pair
+from tests.support import FakeClock, LiveServer, live_server, replica_pair
 
 PASSWORD = "correct horse battery"
 KEY = bytes(range(32))
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path}/legator.db")
-    await upgrade(database)
-    yield database
-    await database.dispose()
-
-
-def _throttle(db: Database, clock: _Clock) -> SignInThrottle:
+def _throttle(db: Database, clock: FakeClock) -> SignInThrottle:
     return SignInThrottle(
         db,
         KEY,
@@ -109,7 +92,7 @@ def test_replicas_on_one_database_share_the_counts_without_a_bus(
 
 
 async def test_rows_older_than_their_window_are_pruned(db: Database) -> None:
-    clock = _Clock()
+    clock = FakeClock(1_800_000_000.0)
     throttle = _throttle(db, clock)
     assert await throttle.admit("192.0.2.10", "alice")
     await throttle.succeeded("192.0.2.10", "alice")  # leaves one row: the known address
@@ -145,7 +128,7 @@ async def test_the_housekeeping_loop_deletes_rows_past_their_window(db: Database
 
 
 async def test_no_submitted_name_or_address_is_stored(db: Database, tmp_path: Path) -> None:
-    throttle = _throttle(db, _Clock())
+    throttle = _throttle(db, FakeClock(1_800_000_000.0))
     name = "hunter2-typed-in-the-name-field"
     assert await throttle.admit("192.0.2.77", name)
     await throttle.succeeded("192.0.2.77", name)
@@ -161,7 +144,7 @@ async def test_no_submitted_name_or_address_is_stored(db: Database, tmp_path: Pa
 async def test_a_different_key_counts_apart(db: Database) -> None:
     """The names are keyed hashes: a copy of the database alone cannot test guesses at them,
     and replicas must share the signing key to share counts."""
-    clock = _Clock()
+    clock = FakeClock(1_800_000_000.0)
     ours, theirs = (
         _throttle(db, clock),
         SignInThrottle(db, b"\x01" * 32, per_account=3, per_address=100, window_s=60, clock=clock),
@@ -175,7 +158,7 @@ async def test_a_different_key_counts_apart(db: Database) -> None:
 async def test_every_statement_of_an_attempt_uses_an_index(db: Database, tmp_path: Path) -> None:
     """The sign-in path stays fast however many rows an attack leaves: no statement of an
     attempt or a success scans the table (SQLite's own query plans say)."""
-    throttle = _throttle(db, _Clock())
+    throttle = _throttle(db, FakeClock(1_800_000_000.0))
     statements: list[tuple[str, Any]] = []
 
     def seen(_c: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -218,7 +201,7 @@ async def test_concurrent_guesses_cannot_pass_the_limit_together(db_url: str) ->
     first, second = Database(db_url), Database(db_url)
     try:
         await upgrade(first)
-        clock = _Clock()
+        clock = FakeClock(1_800_000_000.0)
         throttles = [_throttle(first, clock), _throttle(second, clock)]
         guesses = [throttles[i % 2].admit(f"198.51.100.{i}", "alice") for i in range(20)]
         admitted = await asyncio.gather(*guesses)
@@ -235,7 +218,7 @@ async def test_concurrent_guesses_cannot_pass_the_limit_together(db_url: str) ->
 async def test_an_attempt_already_refused_does_not_wait_for_the_writer(db: Database) -> None:
     """A flood of refused guesses must not queue for SQLite's one writer: past a limit, an
     attempt is answered from a read alone."""
-    throttle = _throttle(db, _Clock())
+    throttle = _throttle(db, FakeClock(1_800_000_000.0))
     for _ in range(3):
         assert await throttle.admit("192.0.2.1", "alice")
     writes: list[str] = []

@@ -10,16 +10,9 @@ import pytest
 
 from legator.secrets.ratelimit import MAX_SOURCES, Limiter, RateLimit
 from tests.secrets.conftest import LegerdThread, make_config
+from tests.support import FakeClock
 
 SOURCES = 50_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_fifty_thousand_active_sources_keep_the_table_within_its_bound() -> None:
@@ -27,7 +20,7 @@ def test_fifty_thousand_active_sources_keep_the_table_within_its_bound() -> None
     with the number of sources (20,000 buckets, 3.6 MB traced, for 20,000 sources), and
     each call past 10,000 scanned the whole table (20,000 sources took 135 s; 50,000 did not
     finish in 15 minutes). Now 10,000 buckets, 2.1 MB, and under a second."""
-    clock = Clock()
+    clock = FakeClock()
     limiter = Limiter(RateLimit(), clock)  # the defaults: 50 a second, a burst of 1000
     tracemalloc.start()
     try:
@@ -45,7 +38,7 @@ def test_fifty_thousand_active_sources_keep_the_table_within_its_bound() -> None
 
 
 def test_a_refused_new_source_is_told_when_the_oldest_bucket_refills() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limit = RateLimit(per_second=10.0, burst=100, max_sources=3)  # refills in 10 s
     limiter = Limiter(limit, clock)
     for n in range(3):
@@ -60,7 +53,7 @@ def test_a_refused_new_source_is_told_when_the_oldest_bucket_refills() -> None:
 
 
 def test_idle_buckets_are_dropped_before_new_sources_are_refused() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = Limiter(RateLimit(per_second=50.0, burst=1000), clock)  # refills in 20 s
     for n in range(MAX_SOURCES):
         limiter.wait(f"old{n}")
@@ -74,7 +67,7 @@ def test_idle_buckets_are_dropped_before_new_sources_are_refused() -> None:
 def test_a_dropped_bucket_is_the_same_as_a_full_one() -> None:
     """Dropping is safe only once a bucket has refilled: a throttled source is not let off
     by being dropped."""
-    clock = Clock()
+    clock = FakeClock()
     limiter = Limiter(RateLimit(per_second=1.0, burst=2, max_sources=2), clock)
     assert limiter.wait("a") == 0.0 and limiter.wait("a") == 0.0
     assert limiter.wait("a") == pytest.approx(1.0)  # throttled
